@@ -1,0 +1,63 @@
+// The training-stream generator and validation reader of SPEC §1.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/shard.h"
+
+namespace speedrun {
+
+// Where the stream stands: the shard it reads and the position in it. Saved in
+// checkpoints so that a resumed run reads exactly the tokens it would have read.
+struct StreamPosition {
+  size_t shard_index = 0;
+  size_t pos = 0;
+  bool operator==(const StreamPosition&) const = default;
+};
+
+// One step's tokens for a contiguous range of ranks [first_rank, first_rank + num_ranks):
+// rank r's inputs are inputs[(r - first_rank) * seq_len ...], targets likewise.
+struct TokenBatch {
+  int seq_len = 0;
+  int first_rank = 0;
+  int num_ranks = 0;
+  std::vector<int32_t> inputs;
+  std::vector<int32_t> targets;
+  StreamPosition position_after;  // the stream's position once this batch was read
+};
+
+// Reads windows of B = world_size * seq_len tokens from shards in sorted filename order,
+// exactly as SPEC §1: before each read, if pos + B + 1 >= N move to the next shard
+// (pos = 0); rank r reads [pos + r*seq_len, pos + (r+1)*seq_len + 1); then pos += B.
+// Running out of shards throws speedrun::Error; so does a token id >= vocab_size.
+class TokenStream {
+ public:
+  // shard_paths are sorted by filename here; an empty list is an error.
+  TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size);
+  ~TokenStream();
+  TokenStream(TokenStream&&) noexcept;
+  TokenStream& operator=(TokenStream&&) noexcept;
+
+  // Reads the next window and returns ranks [first_rank, first_rank + num_ranks) of it.
+  TokenBatch next(int first_rank, int num_ranks);
+  StreamPosition position() const;
+  void seek(const StreamPosition& position);  // validated against the shards
+  int world_size() const;
+  int seq_len() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Expands a glob pattern into sorted paths; no match is an error naming the pattern.
+std::vector<std::string> expand_glob(const std::string& pattern);
+
+// Number of validation windows: val_tokens / (world_size * val_seq_len); throws a
+// UsageError naming the three values when val_tokens does not divide.
+size_t validation_windows(size_t val_tokens, int world_size, int val_seq_len);
+
+}  // namespace speedrun

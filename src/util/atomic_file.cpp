@@ -1,0 +1,81 @@
+#include "util/atomic_file.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "util/error.h"
+
+namespace speedrun {
+namespace {
+
+std::atomic<long long> g_write_budget{-1};
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+bool consume_budget(size_t bytes) {
+  long long budget = g_write_budget.load();
+  if (budget < 0) return true;
+  if (static_cast<long long>(bytes) > budget) {
+    g_write_budget.store(0);
+    return false;
+  }
+  g_write_budget.store(budget - static_cast<long long>(bytes));
+  return true;
+}
+
+}  // namespace
+
+void set_write_budget_for_testing(long long bytes) { g_write_budget.store(bytes); }
+
+AtomicFileWriter::AtomicFileWriter(std::string target_path) : target_(std::move(target_path)) {
+  temp_ = target_ + ".tmp." + std::to_string(::getpid());
+  file_ = std::fopen(temp_.c_str(), "wb");
+  if (!file_) {
+    throw Error("cannot write '" + target_ + "': " + errno_text(errno));
+  }
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (file_) std::fclose(file_);
+  if (!committed_) std::remove(temp_.c_str());
+}
+
+void AtomicFileWriter::write(const void* data, size_t bytes) {
+  if (!consume_budget(bytes)) {
+    throw Error("cannot write '" + target_ + "': " + errno_text(ENOSPC));
+  }
+  if (bytes > 0 && std::fwrite(data, 1, bytes, file_) != bytes) {
+    throw Error("cannot write '" + target_ + "': " + errno_text(errno));
+  }
+}
+
+void AtomicFileWriter::commit() {
+  if (std::fflush(file_) != 0 || ::fsync(::fileno(file_)) != 0) {
+    throw Error("cannot write '" + target_ + "': " + errno_text(errno));
+  }
+  std::FILE* f = file_;
+  file_ = nullptr;
+  if (std::fclose(f) != 0) {
+    throw Error("cannot write '" + target_ + "': " + errno_text(errno));
+  }
+  std::error_code ec;
+  std::filesystem::rename(temp_, target_, ec);
+  if (ec) throw Error("cannot rename '" + temp_ + "' to '" + target_ + "': " + ec.message());
+  committed_ = true;
+}
+
+void write_file_atomically(const std::string& path, const void* data, size_t bytes) {
+  AtomicFileWriter writer(path);
+  writer.write(data, bytes);
+  writer.commit();
+}
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  write_file_atomically(path, text.data(), text.size());
+}
+
+}  // namespace speedrun

@@ -1,0 +1,40 @@
+// Whole-file writes that never leave a half-written file behind: the bytes go to
+// a temporary file beside the target, are flushed to disk, then renamed over it.
+#pragma once
+
+#include <cstddef>
+#include <cstdio>
+#include <functional>
+#include <string>
+
+namespace speedrun {
+
+// Streams bytes into a temporary file; commit() makes it the target, otherwise
+// the destructor removes it. Throws speedrun::Error naming the path on failure.
+class AtomicFileWriter {
+ public:
+  explicit AtomicFileWriter(std::string target_path);
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  void write(const void* data, size_t bytes);
+  void commit();
+  const std::string& target_path() const { return target_; }
+
+ private:
+  std::string target_;
+  std::string temp_;
+  std::FILE* file_ = nullptr;
+  bool committed_ = false;
+};
+
+// Convenience: writes a whole buffer atomically.
+void write_file_atomically(const std::string& path, const void* data, size_t bytes);
+void write_file_atomically(const std::string& path, const std::string& text);
+
+// Test hook: when set, write() fails with ENOSPC once this many bytes have been
+// written through AtomicFileWriter in the process (simulates a full disk).
+void set_write_budget_for_testing(long long bytes);  // negative: unlimited
+
+}  // namespace speedrun

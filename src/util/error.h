@@ -1,0 +1,31 @@
+// Errors the user can act on. Every failure that reaches main() is one of these:
+// a message naming the file, field or value and what was expected, and an exit code.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace speedrun {
+
+enum class ExitCode : int {
+  kRuntime = 1,  // bad data, I/O failure, numerical fault
+  kUsage = 2,    // bad command-line arguments or configuration values
+};
+
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& message, ExitCode code = ExitCode::kRuntime)
+      : std::runtime_error(message), code_(code) {}
+  ExitCode code() const { return code_; }
+
+ private:
+  ExitCode code_;
+};
+
+// A usage error: the user asked for something that cannot be done as asked.
+class UsageError : public Error {
+ public:
+  explicit UsageError(const std::string& message) : Error(message, ExitCode::kUsage) {}
+};
+
+}  // namespace speedrun

@@ -1,0 +1,61 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "util/atomic_file.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string read_all(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+fs::path fresh_dir(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+TEST(AtomicFile, WritesWholeFile) {
+  fs::path dir = fresh_dir("atomic_ok");
+  speedrun::write_file_atomically((dir / "a.txt").string(), std::string("hello"));
+  EXPECT_EQ(read_all(dir / "a.txt"), "hello");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1);
+}
+
+TEST(AtomicFile, FullDiskKeepsOldFileAndLeavesNoTemporary) {
+  fs::path dir = fresh_dir("atomic_enospc");
+  std::string path = (dir / "ckpt.bin").string();
+  speedrun::write_file_atomically(path, std::string("old contents"));
+  speedrun::set_write_budget_for_testing(4);
+  try {
+    speedrun::write_file_atomically(path, std::string("new contents that do not fit"));
+    FAIL() << "expected an error";
+  } catch (const speedrun::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("No space left"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ckpt.bin"), std::string::npos) << e.what();
+  }
+  speedrun::set_write_budget_for_testing(-1);
+  EXPECT_EQ(read_all(path), "old contents");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1);
+}
+
+TEST(AtomicFile, UnwritableDirectoryIsAnErrorNamingThePath) {
+  try {
+    speedrun::write_file_atomically("/nonexistent_dir_xyz/file.bin", std::string("x"));
+    FAIL() << "expected an error";
+  } catch (const speedrun::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent_dir_xyz/file.bin"), std::string::npos);
+  }
+}
+
+}  // namespace
