@@ -1,0 +1,330 @@
+// The CPU backend: float32 everywhere, OpenBLAS for matrix products (called only
+// outside OpenMP regions, so its own threads are not oversubscribed), OpenMP for the
+// rest. Every reduction has a fixed order, so results are bit-identical run to run.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "backends/backend.h"
+#include "backends/cpu/cpu_kernels.h"
+#include "util/error.h"
+
+namespace speedrun {
+namespace cpu {
+
+constexpr size_t kReductionChunk = 4096;
+
+double deterministic_dot(const float* a, const float* b, size_t n) {
+  const size_t chunks = (n + kReductionChunk - 1) / kReductionChunk;
+  std::vector<double> partial(chunks);
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t end = std::min(n, (c + 1) * kReductionChunk);
+    double acc = 0.0;
+    for (size_t i = c * kReductionChunk; i < end; ++i) acc += static_cast<double>(a[i]) * b[i];
+    partial[c] = acc;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+double deterministic_sum(const float* x, size_t n) {
+  const size_t chunks = (n + kReductionChunk - 1) / kReductionChunk;
+  std::vector<double> partial(chunks);
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t end = std::min(n, (c + 1) * kReductionChunk);
+    double acc = 0.0;
+    for (size_t i = c * kReductionChunk; i < end; ++i) acc += x[i];
+    partial[c] = acc;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  float* alloc(size_t count) override { return static_cast<float*>(zeroed(count * sizeof(float))); }
+  int32_t* alloc_i32(size_t count) override { return static_cast<int32_t*>(zeroed(count * sizeof(int32_t))); }
+  void release(void* pointer) override { std::free(pointer); }
+  void upload(float* dst, const float* host, size_t count) override { std::memcpy(dst, host, count * sizeof(float)); }
+  void download(float* host, const float* src, size_t count) override {
+    std::memcpy(host, src, count * sizeof(float));
+  }
+  void upload_i32(int32_t* dst, const int32_t* host, size_t count) override {
+    std::memcpy(dst, host, count * sizeof(int32_t));
+  }
+  void zero(float* dst, size_t count) override { std::memset(dst, 0, count * sizeof(float)); }
+  void copy(float* dst, const float* src, size_t count) override { std::memmove(dst, src, count * sizeof(float)); }
+
+  void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+            float beta, float* C, int ldc) override {
+    if (M == 0 || N == 0) return;
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
+                lda, B, ldb, beta, C, ldc);
+  }
+
+  void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
+                    const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
+                    int batch) override {
+    for (int i = 0; i < batch; ++i) {
+      gemm(ta, tb, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, ldc);
+    }
+  }
+
+  void embedding_forward(float* out, const float* table, const int32_t* tokens, int T, int dim) override {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      std::memcpy(out + static_cast<size_t>(t) * dim, table + static_cast<size_t>(tokens[t]) * dim,
+                  dim * sizeof(float));
+    }
+  }
+
+  void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) override {
+    // Threads own column ranges, tokens go in order: deterministic for any thread count.
+    constexpr int kColumns = 16;
+    const int column_blocks = (dim + kColumns - 1) / kColumns;
+#pragma omp parallel for schedule(static)
+    for (int cb = 0; cb < column_blocks; ++cb) {
+      const int c0 = cb * kColumns;
+      const int c1 = std::min(dim, c0 + kColumns);
+      for (int t = 0; t < T; ++t) {
+        float* dst = dtable + static_cast<size_t>(tokens[t]) * dim;
+        const float* src = dout + static_cast<size_t>(t) * dim;
+        for (int c = c0; c < c1; ++c) dst[c] += src[c];
+      }
+    }
+  }
+
+  void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+      const float* xr = x + static_cast<size_t>(r) * dim;
+      float* yr = out + static_cast<size_t>(r) * dim;
+      float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+      for (int i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
+      const float s = 1.f / std::sqrt(sum_sq / dim + eps);
+      for (int i = 0; i < dim; ++i) yr[i] = xr[i] * s;
+      rstd[r] = s;
+    }
+  }
+
+  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
+                        bool accumulate) override {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+      const size_t off = static_cast<size_t>(r) * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < dim; ++i) dot += dout[off + i] * out[off + i];
+      const float mean = dot / dim;
+      for (int i = 0; i < dim; ++i) {
+        const float g = rstd[r] * (dout[off + i] - out[off + i] * mean);
+        dx[off + i] = accumulate ? dx[off + i] + g : g;
+      }
+    }
+  }
+
+  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
+    const int half = D / 2;
+    const int quarter = D / 4;
+    std::vector<float> freq(half, 0.f);  // D/4 frequencies then D/4 zeros
+    for (int i = 0; i < quarter; ++i) {
+      const double exponent = quarter > 1 ? static_cast<double>(i) / (quarter - 1) : 0.0;
+      freq[i] = static_cast<float>(std::pow(1.0 / base, exponent));
+    }
+    const float sign = inverse ? -1.f : 1.f;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      for (int i = 0; i < half; ++i) {
+        const float theta = static_cast<float>(t) * freq[i];
+        const float c = std::cos(theta);
+        const float s = sign * std::sin(theta);
+        for (int h = 0; h < H; ++h) {
+          float* row = x + (static_cast<size_t>(t) * H + h) * D;
+          const float x1 = row[i];
+          const float x2 = row[i + half];
+          row[i] = x1 * c + x2 * s;
+          row[i + half] = -x1 * s + x2 * c;
+        }
+      }
+    }
+  }
+
+  void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) override {
+    const float c0 = coef[0];
+    if (b) {
+      const float c1 = coef[1];
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < n; ++i) out[i] = c0 * a[i] + c1 * b[i];
+    } else {
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < n; ++i) out[i] = c0 * a[i];
+    }
+  }
+
+  void mix_backward(float* da, bool accumulate_da, float* db, float* dcoef, const float* dout, const float* a,
+                    const float* b, const float* coef, size_t n) override {
+    // Coefficient gradients first: da may alias dout.
+    dcoef[0] += static_cast<float>(deterministic_dot(dout, a, n));
+    if (b) dcoef[1] += static_cast<float>(deterministic_dot(dout, b, n));
+    const float c0 = coef[0];
+    const float c1 = b ? coef[1] : 0.f;
+    if (db) {
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < n; ++i) db[i] += c1 * dout[i];
+    }
+    if (accumulate_da) {
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < n; ++i) da[i] += c0 * dout[i];
+    } else {
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < n; ++i) da[i] = c0 * dout[i];
+    }
+  }
+
+  void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {
+    const float w = weight[0];
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) out[i] += w * y[i];
+  }
+
+  void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y, const float* weight,
+                           size_t n) override {
+    dweight[0] += static_cast<float>(deterministic_dot(dout, y, n));
+    const float w = weight[0];
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) dy[i] += w * dout[i];
+  }
+
+  void add(float* out, const float* x, size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) out[i] += x[i];
+  }
+
+  void relu2_forward(float* out, const float* x, size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float r = x[i] > 0.f ? x[i] : 0.f;
+      out[i] = r * r;
+    }
+  }
+
+  void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? 2.f * x[i] * dout[i] : 0.f;
+  }
+
+  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
+                         const AttentionShape& shape) override {
+    cpu::attention_forward(y, lse, q, k, v, doc, shape);
+  }
+
+  void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
+                          const float* q, const float* k, const float* v, const int32_t* doc,
+                          const AttentionShape& shape) override {
+    cpu::attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+  }
+
+  void softcap_cross_entropy(float* logits, float* row_loss, const int32_t* targets, int rows, int V, float softcap,
+                             float grad_scale) override {
+    const float two_c = 2.f * softcap;
+    const float inv_half_c = 2.f / softcap;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+      float* z = logits + static_cast<size_t>(r) * V;
+      float max_y = -INFINITY;
+      for (int j = 0; j < V; ++j) {
+        z[j] = two_c / (1.f + std::exp(-z[j] * inv_half_c));  // z becomes y
+        max_y = std::max(max_y, z[j]);
+      }
+      double total = 0.0;
+      for (int j = 0; j < V; ++j) total += std::exp(static_cast<double>(z[j] - max_y));
+      const float lse = max_y + static_cast<float>(std::log(total));
+      const int target = targets[r];
+      row_loss[r] = lse - z[target];
+      if (grad_scale == 0.f) continue;
+      for (int j = 0; j < V; ++j) {
+        const float y = z[j];
+        const float sig = y / two_c;
+        const float dy = std::exp(y - lse) - (j == target ? 1.f : 0.f);
+        z[j] = grad_scale * dy * 4.f * sig * (1.f - sig);  // dy/dz = 2c s(1-s) / (c/2)
+      }
+    }
+  }
+
+  double sum(const float* x, size_t n) override { return deterministic_sum(x, n); }
+
+  void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                   float eps, int step) override {
+    const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
+    const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
+    const float step_size = static_cast<float>(lr / bias1);
+    const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      m[i] = beta1 * m[i] + (1.f - beta1) * grad[i];
+      v[i] = beta2 * v[i] + (1.f - beta2) * grad[i] * grad[i];
+      param[i] -= step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bias2 + eps);
+    }
+  }
+
+  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum) override {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float g = grad[i];
+      buf[i] = momentum * buf[i] + (1.f - momentum) * g;
+      out[i] = (1.f - momentum) * g + momentum * buf[i];
+    }
+  }
+
+  void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
+    for (int b = 0; b < batch; ++b) {
+      float* xb = x + b * count;
+      const float scale = static_cast<float>(1.0 / (std::sqrt(deterministic_dot(xb, xb, count)) + eps));
+#pragma omp parallel for simd schedule(static)
+      for (size_t i = 0; i < count; ++i) xb[i] *= scale;
+    }
+  }
+
+  void apply_update(float* param, const float* update, size_t n, float scale) override {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) param[i] -= scale * update[i];
+  }
+
+  void transpose(float* out, const float* x, int rows, int cols, int batch) override {
+    for (int b = 0; b < batch; ++b) {
+      const float* xb = x + static_cast<size_t>(b) * rows * cols;
+      float* ob = out + static_cast<size_t>(b) * rows * cols;
+#pragma omp parallel for schedule(static)
+      for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) ob[static_cast<size_t>(c) * rows + r] = xb[static_cast<size_t>(r) * cols + c];
+      }
+    }
+  }
+
+ private:
+  static void* zeroed(size_t bytes) {
+    void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
+    if (!p) throw Error("out of host memory allocating " + std::to_string(bytes) + " bytes");
+    return p;
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<cpu::CpuBackend>(); }
+
+}  // namespace speedrun

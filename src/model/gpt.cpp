@@ -1,0 +1,343 @@
+#include "model/gpt.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "data/tokenizer.h"
+#include "model/attention_mask.h"
+#include "util/error.h"
+
+namespace speedrun {
+
+// What one block saves in its forward pass for its backward pass.
+struct GPT::LayerActivations {
+  float* x_in = nullptr;     // a decoder layer's input (after the skip add) [T, d]
+  float* xm = nullptr;       // lambda mix of x and x0 [T, d]
+  float* x1 = nullptr;       // after the attention residual [T, d]
+  float* attn_norm = nullptr;  // rmsnorm(xm) [T, d]
+  float* attn_rstd = nullptr;  // [T]
+  float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd]
+  float* kn = nullptr;
+  float* q_rstd = nullptr;   // [T * H]
+  float* k_rstd = nullptr;
+  float* q_rot = nullptr;    // rotary(qn) [T, hd]
+  float* k_rot = nullptr;
+  float* v_raw = nullptr;    // v before the value-embedding mix [T, hd]
+  float* v = nullptr;        // attention's v [T, hd]
+  float* y = nullptr;        // attention output [T, hd]
+  float* lse = nullptr;      // [H, T]
+  float* mlp_norm = nullptr;   // rmsnorm(x1) [T, d]
+  float* mlp_rstd = nullptr;   // [T]
+  float* h = nullptr;        // c_fc output [T, mlp]
+  float* g = nullptr;        // relu(h)^2 [T, mlp]
+};
+
+namespace {
+constexpr int kHeadChunkRows = 256;  // rows of logits materialised at once
+}
+
+GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T)
+    : config_(config), backend_(backend), layout_(config), max_train_T_(max_train_T), max_eval_T_(max_eval_T) {
+  config_.validate();
+  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
+  const size_t T_all = std::max(max_train_T, max_eval_T);
+  const size_t T_train = max_train_T;
+  auto f = [&](size_t n) {
+    float* p = backend_.alloc(n);
+    allocations_.push_back(p);
+    return p;
+  };
+  auto i32 = [&](size_t n) {
+    int32_t* p = backend_.alloc_i32(n);
+    allocations_.push_back(p);
+    return p;
+  };
+  params_ = f(layout_.total());
+  grads_ = f(layout_.total());
+  inputs_ = i32(T_all);
+  targets_ = i32(T_all);
+  doc_ = i32(T_all);
+  emb_ = f(T_all * d);
+  x0_ = f(T_all * d);
+  x0_rstd_ = f(T_all);
+  for (int j = 0; j < config_.num_value_embeds; ++j) ve_.push_back(f(T_all * d));
+  for (int i = 0; i < config_.num_encoder_layers(); ++i) skip_in_.push_back(f(T_all * d));
+  final_x_ = f(T_all * d);
+  final_norm_ = f(T_all * d);
+  final_rstd_ = f(T_all);
+  row_loss_ = f(T_all);
+  head_chunk_ = kHeadChunkRows;
+  logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
+  dx_ = f(T_train * d);
+  dx0_ = f(T_train * d);
+  dtmp_ = f(T_train * d);
+  dwide_ = f(T_train * mlp);
+  dq_ = f(T_train * hd);
+  dk_ = f(T_train * hd);
+  dv_ = f(T_train * hd);
+  dy_ = f(T_train * hd);
+  for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(f(T_train * d));
+  for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(f(T_train * d));
+  for (int i = 0; i < config_.num_layers; ++i) {
+    // Slot 0 also serves every layer of a forward-only pass, so it holds the longest T.
+    const size_t T = i == 0 ? T_all : T_train;
+    auto a = std::make_unique<LayerActivations>();
+    a->x_in = f(T * d);
+    a->xm = f(T * d);
+    a->x1 = f(T * d);
+    if (config_.layer_has_attention(i) || i == 0) {
+      a->attn_norm = f(T * d);
+      a->attn_rstd = f(T);
+      a->qn = f(T * hd);
+      a->kn = f(T * hd);
+      a->q_rstd = f(T * H);
+      a->k_rstd = f(T * H);
+      a->q_rot = f(T * hd);
+      a->k_rot = f(T * hd);
+      a->v_raw = f(T * hd);
+      a->v = f(T * hd);
+      a->y = f(T * hd);
+      a->lse = f(T * H);
+    }
+    a->mlp_norm = f(T * d);
+    a->mlp_rstd = f(T);
+    a->h = f(T * mlp);
+    a->g = f(T * mlp);
+    layers_.push_back(std::move(a));
+  }
+  std::vector<float> host;
+  initialize_parameters(config_, layout_, host);
+  load_parameters(host);
+}
+
+GPT::~GPT() {
+  for (void* p : allocations_) backend_.release(p);
+}
+
+void GPT::load_parameters(std::span<const float> host) {
+  if (host.size() != layout_.total()) {
+    throw Error("parameter count mismatch: got " + std::to_string(host.size()) + ", the model has " +
+                std::to_string(layout_.total()));
+  }
+  backend_.upload(params_, host.data(), host.size());
+}
+
+std::vector<float> GPT::parameters_to_host() {
+  std::vector<float> host(layout_.total());
+  backend_.download(host.data(), params_, host.size());
+  return host;
+}
+
+std::vector<float> GPT::gradients_to_host() {
+  std::vector<float> host(layout_.total());
+  backend_.download(host.data(), grads_, host.size());
+  return host;
+}
+
+void GPT::zero_grad() { backend_.zero(grads_, layout_.total()); }
+
+int GPT::layer_window(int layer, int long_window) const {
+  return config_.layer_uses_long_window(layer) ? long_window : short_window_blocks(long_window);
+}
+
+void GPT::linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim) {
+  // out [T, out] = x [T, in] @ W^T, W stored [out, in].
+  backend_.gemm(false, true, T, out_dim, in_dim, 1.f, x, in_dim, weight, in_dim, 0.f, out, out_dim);
+}
+
+void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
+                          const float* weight, int T, int out_dim, int in_dim) {
+  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W.
+  backend_.gemm(true, false, out_dim, in_dim, T, 1.f, dout, out_dim, x, in_dim, 1.f, dweight, in_dim);
+  backend_.gemm(false, false, T, in_dim, out_dim, 1.f, dout, out_dim, weight, in_dim, accumulate_dx ? 1.f : 0.f,
+                dx, in_dim);
+}
+
+double GPT::forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
+                             float grad_scale) {
+  const bool training = grad_scale != 0.f;
+  const int T = static_cast<int>(inputs.size());
+  const int max_T = training ? max_train_T_ : std::max(max_train_T_, max_eval_T_);
+  if (targets.size() != inputs.size() || T <= 0 || T > max_T || T % config_.attn_block_size != 0) {
+    throw Error("sequence of " + std::to_string(T) + " tokens does not fit the model (max " +
+                std::to_string(max_T) + ", a multiple of attn_block_size " +
+                std::to_string(config_.attn_block_size) + ")");
+  }
+  for (size_t t = 0; t < inputs.size(); ++t) {
+    if (inputs[t] < 0 || inputs[t] >= config_.vocab_size || targets[t] < 0 || targets[t] >= config_.vocab_size) {
+      throw Error("token id out of range at position " + std::to_string(t) + " (vocab_size " +
+                  std::to_string(config_.vocab_size) + ")");
+    }
+  }
+  backend_.upload_i32(inputs_, inputs.data(), T);
+  backend_.upload_i32(targets_, targets.data(), T);
+  const std::vector<int32_t> doc = document_ids(inputs, static_cast<int32_t>(Tokenizer::kEndOfText));
+  backend_.upload_i32(doc_, doc.data(), T);
+
+  run_forward(T, long_window, training);
+  const double loss = run_head(T, grad_scale);
+  if (training) run_backward(T, long_window);
+  return loss;
+}
+
+void GPT::run_forward(int T, int long_window, bool training) {
+  const int d = config_.model_dim;
+  const size_t n = static_cast<size_t>(T) * d;
+  const float eps = static_cast<float>(config_.rmsnorm_eps);
+  backend_.embedding_forward(emb_, param("embed.weight"), inputs_, T, d);
+  backend_.rmsnorm_forward(x0_, x0_rstd_, emb_, T, d, eps);
+  for (int j = 0; j < config_.num_value_embeds; ++j) {
+    backend_.embedding_forward(ve_[j], param("value_embeds.embed." + std::to_string(j) + ".weight"), inputs_, T, d);
+  }
+  const int L = config_.num_layers;
+  const int half = config_.num_encoder_layers();
+  const float* skip = param("skip_weights");
+  layer_input_.assign(L, nullptr);
+  const float* x = x0_;
+  for (int i = 0; i < L; ++i) {
+    LayerActivations& a = slot(i, training);
+    if (i >= half) {  // decoder: x = x + skip_weights[j] * pop()
+      const int j = i - half;
+      backend_.copy(a.x_in, x, n);
+      backend_.scaled_add_forward(a.x_in, skip_in_[half - 1 - j], skip + j, n);
+      x = a.x_in;
+    }
+    layer_input_[i] = x;
+    // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
+    // (which may be this very buffer in a forward-only pass: block_forward allows that).
+    float* out = i < half ? skip_in_[i] : (i == L - 1 ? final_x_ : slot(i + 1, training).x_in);
+    block_forward(i, T, layer_window(i, long_window), a, x, out);
+    x = out;
+  }
+}
+
+void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out) {
+  const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
+  const int mlp = config_.mlp_dim();
+  const size_t n = static_cast<size_t>(T) * d;
+  const float eps = static_cast<float>(config_.rmsnorm_eps);
+  const std::string block = "blocks." + std::to_string(layer) + ".";
+  // x_in is read only here, so x_out may alias it.
+  backend_.mix_forward(a.xm, x_in, x0_, param(block + "lambdas"), n);
+  const float* x1 = a.xm;
+  if (config_.layer_has_attention(layer)) {
+    const float* qkv = param(block + "attn.qkv_w");
+    const size_t w = static_cast<size_t>(hd) * d;
+    backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, d, eps);
+    linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
+    linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
+    linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.rmsnorm_forward(a.qn, a.q_rstd, a.qn, T * H, D, eps);
+    backend_.rmsnorm_forward(a.kn, a.k_rstd, a.kn, T * H, D, eps);
+    backend_.copy(a.q_rot, a.qn, static_cast<size_t>(T) * hd);
+    backend_.copy(a.k_rot, a.kn, static_cast<size_t>(T) * hd);
+    backend_.rotary(a.q_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
+    backend_.rotary(a.k_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
+    const int ve = config_.value_embed_of_layer(layer);
+    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? ve_[ve] : nullptr, param(block + "attn.lambdas"),
+                         static_cast<size_t>(T) * hd);
+    const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
+    backend_.attention_forward(a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
+    linear_forward(a.x1, a.y, param(block + "attn.c_proj.weight"), T, d, hd);
+    backend_.add(a.x1, a.xm, n);
+    x1 = a.x1;
+  }
+  backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, d, eps);
+  linear_forward(a.h, a.mlp_norm, param(block + "mlp.c_fc.weight"), T, mlp, d);
+  backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * mlp);
+  linear_forward(x_out, a.g, param(block + "mlp.c_proj.weight"), T, d, mlp);
+  backend_.add(x_out, x1, n);
+}
+
+double GPT::run_head(int T, float grad_scale) {
+  const int d = config_.model_dim, V = config_.padded_vocab();
+  const float* W = param("lm_head.weight");
+  float* dW = grad("lm_head.weight");
+  const bool training = grad_scale != 0.f;
+  backend_.rmsnorm_forward(final_norm_, final_rstd_, final_x_, T, d, static_cast<float>(config_.rmsnorm_eps));
+  // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
+  // as soon as its logits are (the loss is the last operation), so the head's backward
+  // runs chunk by chunk too.
+  for (int r0 = 0; r0 < T; r0 += head_chunk_) {
+    const int rows = std::min(head_chunk_, T - r0);
+    const float* xr = final_norm_ + static_cast<size_t>(r0) * d;
+    backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
+    backend_.softcap_cross_entropy(logits_, row_loss_ + r0, targets_ + r0, rows, V,
+                                   static_cast<float>(config_.logit_softcap), grad_scale / T);
+    if (!training) continue;
+    backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
+    backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, dtmp_ + static_cast<size_t>(r0) * d, d);
+  }
+  if (training) backend_.rmsnorm_backward(dx_, dtmp_, final_norm_, final_rstd_, T, d, false);
+  return backend_.sum(row_loss_, T) / T;
+}
+
+void GPT::run_backward(int T, int long_window) {
+  const int d = config_.model_dim;
+  const size_t n = static_cast<size_t>(T) * d;
+  const int L = config_.num_layers;
+  const int half = config_.num_encoder_layers();
+  const float* skip = param("skip_weights");
+  backend_.zero(dx0_, n);
+  for (float* p : dve_) backend_.zero(p, n);
+  for (float* p : dskip_in_) backend_.zero(p, n);
+  for (int i = L - 1; i >= 0; --i) {
+    if (i < half) backend_.add(dx_, dskip_in_[i], n);  // the stack's share of this output's gradient
+    block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
+    if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
+      const int j = i - half;
+      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grad("skip_weights") + j, dx_, skip_in_[half - 1 - j],
+                                   skip + j, n);
+    }
+  }
+  // Layer 0's input is x0 itself.
+  backend_.add(dx0_, dx_, n);
+  backend_.rmsnorm_backward(dtmp_, dx0_, x0_, x0_rstd_, T, d, false);
+  backend_.embedding_backward(grad("embed.weight"), dtmp_, inputs_, T, d);
+  for (int j = 0; j < config_.num_value_embeds; ++j) {
+    backend_.embedding_backward(grad("value_embeds.embed." + std::to_string(j) + ".weight"), dve_[j], inputs_, T, d);
+  }
+}
+
+void GPT::block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in) {
+  const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
+  const int mlp = config_.mlp_dim();
+  const size_t n = static_cast<size_t>(T) * d;
+  const std::string block = "blocks." + std::to_string(layer) + ".";
+  const bool has_attention = config_.layer_has_attention(layer);
+  const float* x1 = has_attention ? a.x1 : a.xm;
+  // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
+  linear_backward(dwide_, false, grad(block + "mlp.c_proj.weight"), dx_, a.g, param(block + "mlp.c_proj.weight"), T,
+                  d, mlp);
+  backend_.relu2_backward(dwide_, dwide_, a.h, static_cast<size_t>(T) * mlp);
+  linear_backward(dtmp_, false, grad(block + "mlp.c_fc.weight"), dwide_, a.mlp_norm, param(block + "mlp.c_fc.weight"),
+                  T, mlp, d);
+  backend_.rmsnorm_backward(dx_, dtmp_, a.mlp_norm, a.mlp_rstd, T, d, true);
+  (void)x1;
+  if (has_attention) {
+    // Attention: x1 = xm + c_proj(attn(...)); dx_ becomes d xm.
+    const float* qkv = param(block + "attn.qkv_w");
+    float* dqkv = grad(block + "attn.qkv_w");
+    const size_t w = static_cast<size_t>(hd) * d;
+    const size_t nh = static_cast<size_t>(T) * hd;
+    linear_backward(dy_, false, grad(block + "attn.c_proj.weight"), dx_, a.y, param(block + "attn.c_proj.weight"), T,
+                    d, hd);
+    const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
+    backend_.attention_backward(dq_, dk_, dv_, dy_, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
+    backend_.rotary(dq_, T, H, D, static_cast<float>(config_.rotary_base), true);
+    backend_.rotary(dk_, T, H, D, static_cast<float>(config_.rotary_base), true);
+    backend_.rmsnorm_backward(dq_, dq_, a.qn, a.q_rstd, T * H, D, false);
+    backend_.rmsnorm_backward(dk_, dk_, a.kn, a.k_rstd, T * H, D, false);
+    const int ve = config_.value_embed_of_layer(layer);
+    backend_.mix_backward(dv_, false, ve >= 0 ? dve_[ve] : nullptr, grad(block + "attn.lambdas"), dv_, a.v_raw,
+                          ve >= 0 ? ve_[ve] : nullptr, param(block + "attn.lambdas"), nh);
+    linear_backward(dtmp_, false, dqkv, dq_, a.attn_norm, qkv, T, hd, d);
+    linear_backward(dtmp_, true, dqkv + w, dk_, a.attn_norm, qkv + w, T, hd, d);
+    linear_backward(dtmp_, true, dqkv + 2 * w, dv_, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.rmsnorm_backward(dx_, dtmp_, a.attn_norm, a.attn_rstd, T, d, true);
+  }
+  // xm = lambdas[0] * x_in + lambdas[1] * x0; dx_ becomes d x_in.
+  backend_.mix_backward(dx_, false, dx0_, grad(block + "lambdas"), dx_, x_in, x0_, param(block + "lambdas"), n);
+}
+
+}  // namespace speedrun

@@ -1,0 +1,103 @@
+// The GPT of SPEC §2: explicit forward and backward passes written once over the
+// Backend interface, with activations preallocated for sequences of up to max_T tokens.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "backends/backend.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace speedrun {
+
+class GPT {
+ public:
+  // Allocates parameters, gradients and activations in the backend's memory for
+  // training sequences of up to max_train_T tokens and forward-only ones of up to
+  // max_eval_T (a forward-only pass reuses one layer's activation slot for all layers).
+  GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T);
+  ~GPT();
+  GPT(const GPT&) = delete;
+  GPT& operator=(const GPT&) = delete;
+
+  const Config& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  Backend& backend() { return backend_; }
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+  float* param(const std::string& name) { return params_ + layout_.at(name).offset; }
+  float* grad(const std::string& name) { return grads_ + layout_.at(name).offset; }
+
+  void load_parameters(std::span<const float> host);  // layout_.total() floats
+  std::vector<float> parameters_to_host();
+  std::vector<float> gradients_to_host();
+  void zero_grad();
+
+  // Mean cross-entropy of one packed sequence (host tokens, T a multiple of the block
+  // size, T <= max_train_T, or <= max_eval_T when grad_scale == 0) with the given long window (blocks). When grad_scale != 0, also
+  // adds grad_scale * d(mean loss)/d(params) to the gradients.
+  double forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
+                          float grad_scale);
+  double forward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window) {
+    return forward_backward(inputs, targets, long_window, 0.f);
+  }
+
+ private:
+  struct LayerActivations;
+  void run_forward(int T, int long_window, bool training);
+  double run_head(int T, float grad_scale);
+  void run_backward(int T, int long_window);
+  LayerActivations& slot(int layer, bool training) { return *layers_[training ? layer : 0]; }
+  void block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out);
+  // On entry dx_ holds d(block output); on return d(block input). Adds parameter,
+  // x0 and value-embedding gradients.
+  void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
+  void linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim);
+  void linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
+                       const float* weight, int T, int out_dim, int in_dim);
+  int layer_window(int layer, int long_window) const;
+
+  Config config_;
+  Backend& backend_;
+  ParamLayout layout_;
+  int max_train_T_;
+  int max_eval_T_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  std::vector<void*> allocations_;
+
+  // Sequence inputs.
+  int32_t* inputs_ = nullptr;
+  int32_t* targets_ = nullptr;
+  int32_t* doc_ = nullptr;
+  // Whole-model activations.
+  float* emb_ = nullptr;          // embed[tok] [T, d]
+  float* x0_ = nullptr;           // rmsnorm(emb) [T, d]
+  float* x0_rstd_ = nullptr;      // [T]
+  std::vector<float*> ve_;        // value embeddings [T, d] each
+  std::vector<float*> skip_in_;   // encoder outputs pushed on the U-net stack [T, d]
+  float* final_x_ = nullptr;      // last block's output [T, d]
+  float* final_norm_ = nullptr;   // rmsnorm(final_x) [T, d]
+  float* final_rstd_ = nullptr;   // [T]
+  float* row_loss_ = nullptr;     // [T]
+  float* logits_ = nullptr;       // [head_chunk, padded_vocab]
+  // Gradient scratch.
+  float* dx_ = nullptr;           // [T, d]
+  float* dx0_ = nullptr;          // [T, d]
+  float* dtmp_ = nullptr;         // [T, d]
+  float* dwide_ = nullptr;        // [T, mlp_dim]
+  float* dq_ = nullptr;           // [T, hd]
+  float* dk_ = nullptr;
+  float* dv_ = nullptr;
+  float* dy_ = nullptr;
+  std::vector<float*> dve_;       // [T, d] per value-embedding table
+  std::vector<float*> dskip_in_;  // [T, d] per encoder output
+  std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
+  std::vector<std::unique_ptr<LayerActivations>> layers_;
+  int head_chunk_ = 0;
+};
+
+}  // namespace speedrun

@@ -1,0 +1,258 @@
+// Each CPU backend op's backward against central finite differences of its forward,
+// and the forwards against direct formulas of SPEC §2.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "backends/backend.h"
+#include "model/attention_mask.h"
+#include "support/finite_difference.h"
+
+namespace speedrun {
+namespace {
+
+using testing::dot;
+using testing::numerical_gradient;
+using testing::random_vector;
+using testing::worst_error_ratio;
+
+class CpuOps : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend();
+};
+
+// loss = <R, f(x)>: its gradient is the op's backward applied to R.
+TEST_F(CpuOps, RmsnormBackwardMatchesFiniteDifferences) {
+  const int rows = 3, dim = 16;
+  const auto x = random_vector(rows * dim, 1);
+  const auto R = random_vector(rows * dim, 2);
+  auto loss = [&](const std::vector<float>& in) {
+    std::vector<float> out(in.size()), rstd(rows);
+    be->rmsnorm_forward(out.data(), rstd.data(), in.data(), rows, dim, 1.1920929e-07f);
+    return dot(out, R);
+  };
+  std::vector<float> out(x.size()), rstd(rows), dx(x.size());
+  be->rmsnorm_forward(out.data(), rstd.data(), x.data(), rows, dim, 1.1920929e-07f);
+  be->rmsnorm_backward(dx.data(), R.data(), out.data(), rstd.data(), rows, dim, false);
+  EXPECT_LE(worst_error_ratio(dx, numerical_gradient(loss, x, 1e-2), 2e-3, 2e-2), 1.0);
+}
+
+TEST_F(CpuOps, RmsnormForwardHasNoScaleAndFloatEpsilon) {
+  std::vector<float> x = {3.f, 4.f}, out(2), rstd(1);
+  be->rmsnorm_forward(out.data(), rstd.data(), x.data(), 1, 2, 1.1920929e-07f);
+  const float expected = 1.f / std::sqrt(12.5f + 1.1920929e-07f);
+  EXPECT_FLOAT_EQ(rstd[0], expected);
+  EXPECT_FLOAT_EQ(out[0], 3.f * expected);
+}
+
+TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {
+  const int T = 300, H = 2, D = 16;
+  const auto x = random_vector(T * H * D, 3);
+  std::vector<float> y(x);
+  be->rotary(y.data(), T, H, D, 1024.f, false);
+  for (int t : {0, 1, 7, 299}) {
+    for (int h = 0; h < H; ++h) {
+      for (int i = 0; i < D / 2; ++i) {
+        const float f = i < D / 4 ? static_cast<float>(std::pow(1.0 / 1024, static_cast<double>(i) / (D / 4 - 1))) : 0.f;
+        const float theta = static_cast<float>(t) * f;
+        const float* xr = &x[(t * H + h) * D];
+        const float y1 = xr[i] * std::cos(theta) + xr[i + D / 2] * std::sin(theta);
+        const float y2 = -xr[i] * std::sin(theta) + xr[i + D / 2] * std::cos(theta);
+        EXPECT_NEAR(y[(t * H + h) * D + i], y1, 1e-5);
+        EXPECT_NEAR(y[(t * H + h) * D + i + D / 2], y2, 1e-5);
+      }
+    }
+  }
+  // The second half of the frequencies are zero: those pairs are untouched.
+  EXPECT_EQ(y[(5 * H + 1) * D + D / 4], x[(5 * H + 1) * D + D / 4]);
+  be->rotary(y.data(), T, H, D, 1024.f, true);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(y[i], x[i], 1e-5);
+}
+
+TEST_F(CpuOps, MixBackwardMatchesFiniteDifferences) {
+  const size_t n = 40;
+  const auto a = random_vector(n, 4), b = random_vector(n, 5), R = random_vector(n, 6);
+  const std::vector<float> coef = {0.7f, -0.3f};
+  auto loss_coef = [&](const std::vector<float>& c) {
+    std::vector<float> out(n);
+    be->mix_forward(out.data(), a.data(), b.data(), c.data(), n);
+    return dot(out, R);
+  };
+  auto loss_a = [&](const std::vector<float>& in) {
+    std::vector<float> out(n);
+    be->mix_forward(out.data(), in.data(), b.data(), coef.data(), n);
+    return dot(out, R);
+  };
+  std::vector<float> da(n), db(n, 0.f), dcoef(2, 0.f);
+  be->mix_backward(da.data(), false, db.data(), dcoef.data(), R.data(), a.data(), b.data(), coef.data(), n);
+  EXPECT_LE(worst_error_ratio(dcoef, numerical_gradient(loss_coef, coef, 1e-2), 1e-3, 1e-3), 1.0);
+  EXPECT_LE(worst_error_ratio(da, numerical_gradient(loss_a, a, 1e-2), 1e-3, 1e-3), 1.0);
+  for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(db[i], -0.3f * R[i]);
+}
+
+TEST_F(CpuOps, ScaledAddBackwardMatchesFiniteDifferences) {
+  const size_t n = 30;
+  const auto base = random_vector(n, 7), y = random_vector(n, 8), R = random_vector(n, 9);
+  const std::vector<float> w = {1.3f};
+  auto loss_w = [&](const std::vector<float>& weight) {
+    std::vector<float> out(base);
+    be->scaled_add_forward(out.data(), y.data(), weight.data(), n);
+    return dot(out, R);
+  };
+  std::vector<float> dy(n, 0.f), dw(1, 0.f);
+  be->scaled_add_backward(dy.data(), dw.data(), R.data(), y.data(), w.data(), n);
+  EXPECT_LE(worst_error_ratio(dw, numerical_gradient(loss_w, w, 1e-2), 1e-3, 1e-3), 1.0);
+  for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(dy[i], 1.3f * R[i]);
+}
+
+TEST_F(CpuOps, Relu2BackwardMatchesFiniteDifferences) {
+  const size_t n = 50;
+  auto x = random_vector(n, 10);
+  for (float& v : x) v += (v > 0 ? 0.1f : -0.1f);  // keep away from the kink
+  const auto R = random_vector(n, 11);
+  auto loss = [&](const std::vector<float>& in) {
+    std::vector<float> out(n);
+    be->relu2_forward(out.data(), in.data(), n);
+    return dot(out, R);
+  };
+  std::vector<float> dx(n);
+  be->relu2_backward(dx.data(), R.data(), x.data(), n);
+  EXPECT_LE(worst_error_ratio(dx, numerical_gradient(loss, x, 1e-3), 1e-3, 1e-2), 1.0);
+}
+
+TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {
+  const int V = 5, dim = 3;
+  std::vector<int32_t> tokens = {1, 3, 1};
+  std::vector<float> dout = {1, 2, 3, 4, 5, 6, 7, 8, 9}, dtable(V * dim, 0.f);
+  be->embedding_backward(dtable.data(), dout.data(), tokens.data(), 3, dim);
+  EXPECT_EQ(dtable, (std::vector<float>{0, 0, 0, 8, 10, 12, 0, 0, 0, 4, 5, 6, 0, 0, 0}));
+  std::vector<float> table = random_vector(V * dim, 12), out(9);
+  be->embedding_forward(out.data(), table.data(), tokens.data(), 3, dim);
+  EXPECT_EQ(out[3], table[3 * dim]);
+}
+
+// Softcap cross-entropy: value against a direct double computation, gradient against FD.
+TEST_F(CpuOps, SoftcapCrossEntropyValueAndGradient) {
+  const int rows = 3, V = 11;
+  const auto z = random_vector(rows * V, 13, 8.f);
+  const std::vector<int32_t> targets = {0, 5, 10};
+  auto loss = [&](const std::vector<float>& in) {
+    std::vector<float> logits(in), row_loss(rows);
+    be->softcap_cross_entropy(logits.data(), row_loss.data(), targets.data(), rows, V, 15.f, 0.f);
+    double s = 0;
+    for (float l : row_loss) s += l;
+    return s;
+  };
+  for (int r = 0; r < rows; ++r) {
+    double total = 0, target_y = 0;
+    for (int j = 0; j < V; ++j) {
+      const double y = 30.0 / (1.0 + std::exp(-z[r * V + j] / 7.5));
+      total += std::exp(y);
+      if (j == targets[r]) target_y = y;
+    }
+    std::vector<float> logits(z), row_loss(rows);
+    be->softcap_cross_entropy(logits.data(), row_loss.data(), targets.data(), rows, V, 15.f, 0.f);
+    EXPECT_NEAR(row_loss[r], std::log(total) - target_y, 1e-4);
+  }
+  std::vector<float> grad(z), row_loss(rows);
+  be->softcap_cross_entropy(grad.data(), row_loss.data(), targets.data(), rows, V, 15.f, 1.f);
+  EXPECT_LE(worst_error_ratio(grad, numerical_gradient(loss, z, 1e-2), 1e-3, 1e-2), 1.0);
+}
+
+TEST_F(CpuOps, ZeroHeadGivesLogOfPaddedVocabulary) {
+  const int V = 50304;
+  std::vector<float> logits(V, 0.f), row_loss(1);
+  std::vector<int32_t> target = {123};
+  be->softcap_cross_entropy(logits.data(), row_loss.data(), target.data(), 1, V, 15.f, 0.f);
+  EXPECT_NEAR(row_loss[0], std::log(50304.0), 4 * 1e-6);
+}
+
+// Attention: forward against a dense softmax with the element rule; backward against FD.
+struct AttentionCase {
+  int T, H, D, block, window;
+  std::vector<int32_t> tokens;
+};
+
+std::vector<float> dense_attention(const AttentionCase& c, const std::vector<float>& q, const std::vector<float>& k,
+                                   const std::vector<float>& v, float scale) {
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  std::vector<float> y(q.size(), 0.f);
+  const int row = c.H * c.D;
+  for (int h = 0; h < c.H; ++h) {
+    for (int t = 0; t < c.T; ++t) {
+      std::vector<double> p(c.T, 0.0);
+      double m = -1e300, total = 0;
+      for (int s = 0; s < c.T; ++s) {
+        if (!key_visible(doc.data(), t, s, c.block, c.window)) continue;
+        double sc = 0;
+        for (int i = 0; i < c.D; ++i) sc += static_cast<double>(q[t * row + h * c.D + i]) * k[s * row + h * c.D + i];
+        p[s] = scale * sc;
+        m = std::max(m, p[s]);
+      }
+      for (int s = 0; s < c.T; ++s) {
+        if (!key_visible(doc.data(), t, s, c.block, c.window)) { p[s] = 0; continue; }
+        p[s] = std::exp(p[s] - m);
+        total += p[s];
+      }
+      for (int s = 0; s < c.T; ++s) {
+        for (int i = 0; i < c.D; ++i) y[t * row + h * c.D + i] += static_cast<float>(p[s] / total * v[s * row + h * c.D + i]);
+      }
+    }
+  }
+  return y;
+}
+
+AttentionCase make_case(int T, int H, int D, int block, int window, uint64_t seed) {
+  AttentionCase c{T, H, D, block, window, std::vector<int32_t>(T, 5)};
+  std::mt19937_64 rng(seed);
+  for (int32_t& t : c.tokens) t = (rng() % 9 == 0) ? 50256 : 5;
+  return c;
+}
+
+TEST_F(CpuOps, AttentionForwardMatchesDenseMaskedSoftmax) {
+  for (int window : {0, 1, 2, 3, 5}) {
+    AttentionCase c = make_case(48, 2, 8, 8, window, 100 + window);
+    const int n = c.T * c.H * c.D;
+    const auto q = random_vector(n, 14, 2.f), k = random_vector(n, 15, 2.f), v = random_vector(n, 16);
+    const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+    std::vector<float> y(n), lse(c.H * c.T);
+    be->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(),
+                          AttentionShape{c.T, c.H, c.D, c.block, c.window, 0.12f});
+    const auto expected = dense_attention(c, q, k, v, 0.12f);
+    for (int i = 0; i < n; ++i) ASSERT_NEAR(y[i], expected[i], 2e-5) << "window " << window << " index " << i;
+  }
+}
+
+TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
+  AttentionCase c = make_case(32, 2, 8, 8, 2, 77);
+  const int n = c.T * c.H * c.D;
+  const auto q = random_vector(n, 17, 2.f), k = random_vector(n, 18, 2.f), v = random_vector(n, 19);
+  const auto R = random_vector(n, 20);
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  auto run = [&](const std::vector<float>& qq, const std::vector<float>& kk, const std::vector<float>& vv) {
+    std::vector<float> y(n), lse(c.H * c.T);
+    be->attention_forward(y.data(), lse.data(), qq.data(), kk.data(), vv.data(), doc.data(), shape);
+    return dot(y, R);
+  };
+  std::vector<float> y(n), lse(c.H * c.T), dq(n), dk(n), dv(n);
+  be->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  be->attention_backward(dq.data(), dk.data(), dv.data(), R.data(), y.data(), lse.data(), q.data(), k.data(),
+                         v.data(), doc.data(), shape);
+  auto numeric_q = numerical_gradient([&](const std::vector<float>& x) { return run(x, k, v); }, q, 1e-2);
+  auto numeric_k = numerical_gradient([&](const std::vector<float>& x) { return run(q, x, v); }, k, 1e-2);
+  auto numeric_v = numerical_gradient([&](const std::vector<float>& x) { return run(q, k, x); }, v, 1e-2);
+  EXPECT_LE(worst_error_ratio(dq, numeric_q, 1e-3, 2e-2), 1.0);
+  EXPECT_LE(worst_error_ratio(dk, numeric_k, 1e-3, 2e-2), 1.0);
+  EXPECT_LE(worst_error_ratio(dv, numeric_v, 1e-3, 2e-2), 1.0);
+}
+
+TEST_F(CpuOps, GemmFollowsRowMajorConventions) {
+  // C[2,2] = A[2,3] @ B^T with B stored [2,3].
+  std::vector<float> A = {1, 2, 3, 4, 5, 6}, B = {1, 0, 1, 0, 1, 0}, C(4, 0.f);
+  be->gemm(false, true, 2, 2, 3, 1.f, A.data(), 3, B.data(), 3, 0.f, C.data(), 2);
+  EXPECT_EQ(C, (std::vector<float>{4, 2, 10, 5}));
+}
+
+}  // namespace
+}  // namespace speedrun

@@ -1,0 +1,194 @@
+// The whole model on the CPU backend: initial loss, gradient against finite
+// differences, determinism and forward-only consistency.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "model/gpt.h"
+#include "support/finite_difference.h"
+#include "util/error.h"
+
+namespace speedrun {
+namespace {
+
+using testing::dot;
+using testing::random_vector;
+
+std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed, int end_of_text_every = 0) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(n);
+  for (int32_t& x : t) x = static_cast<int32_t>(rng() % vocab);
+  if (end_of_text_every > 0) {
+    for (int i = 0; i < n; i += end_of_text_every) t[i] = 50256 % vocab;
+  }
+  return t;
+}
+
+TEST(GPT, InitialLossIsLogOfPaddedVocabulary) {
+  auto be = make_cpu_backend();
+  Config c = Config::preset("tiny");
+  GPT model(c, *be, 128, 128);
+  const auto inputs = random_tokens(128, 50257, 1), targets = random_tokens(128, 50257, 2);
+  const double loss = model.forward(inputs, targets, 1);
+  EXPECT_EQ(c.padded_vocab(), 50304);
+  EXPECT_NEAR(loss, std::log(50304.0), 4 * 9.5e-7) << "loss " << loss;
+}
+
+TEST(GPT, ParameterShapesFollowTheSpecStateDict) {
+  const ParamLayout layout(Config::preset("speedrun-124m"));
+  EXPECT_EQ(layout.at("embed.weight").shape, (std::vector<int64_t>{50257, 768}));
+  EXPECT_EQ(layout.at("value_embeds.embed.2.weight").shape, (std::vector<int64_t>{50257, 768}));
+  EXPECT_EQ(layout.at("blocks.0.attn.qkv_w").shape, (std::vector<int64_t>{3, 768, 768}));
+  EXPECT_EQ(layout.at("blocks.11.mlp.c_fc.weight").shape, (std::vector<int64_t>{3072, 768}));
+  EXPECT_EQ(layout.at("blocks.11.mlp.c_proj.weight").shape, (std::vector<int64_t>{768, 3072}));
+  EXPECT_EQ(layout.at("skip_weights").shape, (std::vector<int64_t>{6}));
+  EXPECT_EQ(layout.at("lm_head.weight").shape, (std::vector<int64_t>{50304, 768}));
+  EXPECT_FALSE(layout.contains("blocks.7.attn.qkv_w"));
+  EXPECT_FALSE(layout.contains("blocks.7.attn.lambdas"));
+  EXPECT_TRUE(layout.contains("blocks.7.lambdas"));
+  // Matrix parameters of the blocks: 12 MLPs + 11 attentions.
+  size_t matrix_params = 0;
+  for (const ParamSpec& s : layout.specs()) {
+    if (s.group == ParamGroup::kMuon) matrix_params += s.count;
+  }
+  EXPECT_EQ(matrix_params, 12u * 2 * 768 * 3072 + 11u * 4 * 768 * 768);
+}
+
+TEST(GPT, InitialisationFollowsSpec) {
+  Config c = Config::preset("micro");
+  const ParamLayout layout(c);
+  std::vector<float> p;
+  initialize_parameters(c, layout, p);
+  const ParamSpec& qkv = layout.at("blocks.0.attn.qkv_w");
+  const double bound = std::sqrt(3.0) * 0.5 / std::sqrt(16.0);
+  double mean = 0;
+  for (size_t i = 0; i < qkv.count; ++i) {
+    ASSERT_LE(std::abs(p[qkv.offset + i]), bound);
+    mean += p[qkv.offset + i];
+  }
+  EXPECT_NEAR(mean / qkv.count, 0.0, 0.05);
+  const ParamSpec& emb = layout.at("embed.weight");
+  double sq = 0;
+  for (size_t i = 0; i < emb.count; ++i) sq += p[emb.offset + i] * p[emb.offset + i];
+  EXPECT_NEAR(sq / emb.count, 1.0, 0.05);
+  EXPECT_EQ(p[layout.at("blocks.1.lambdas").offset], 1.f);
+  EXPECT_EQ(p[layout.at("blocks.1.lambdas").offset + 1], 0.f);
+  EXPECT_EQ(p[layout.at("blocks.1.attn.lambdas").offset], 0.5f);
+  EXPECT_EQ(p[layout.at("skip_weights").offset + 1], 1.f);
+  EXPECT_EQ(p[layout.at("lm_head.weight").offset + 5], 0.f);
+  EXPECT_EQ(p[layout.at("blocks.3.mlp.c_proj.weight").offset], 0.f);
+  std::vector<float> again;
+  initialize_parameters(c, layout, again);
+  EXPECT_EQ(p, again);
+  c.seed = 1;
+  initialize_parameters(c, layout, again);
+  EXPECT_NE(p, again);
+}
+
+// A model whose every parameter is random (no zero head or projections), so every
+// gradient path carries signal.
+struct RandomModel {
+  std::unique_ptr<Backend> be = make_cpu_backend();
+  Config config = Config::preset("micro");
+  std::unique_ptr<GPT> model;
+  std::vector<float> params;
+  std::vector<int32_t> inputs, targets;
+  int window = 2;
+
+  RandomModel() {
+    model = std::make_unique<GPT>(config, *be, 64, 64);
+    params = random_vector(model->layout().total(), 42, 0.5f);
+    for (const ParamSpec& s : model->layout().specs()) {
+      if (s.name.find("lambdas") != std::string::npos || s.name == "skip_weights") {
+        for (size_t i = 0; i < s.count; ++i) params[s.offset + i] = 0.6f + 0.3f * params[s.offset + i];
+      }
+    }
+    inputs = random_tokens(64, config.vocab_size, 3, 11);
+    inputs[5] = 50256 % config.vocab_size;
+    targets = random_tokens(64, config.vocab_size, 4);
+  }
+  double loss(const std::vector<float>& p) {
+    model->load_parameters(p);
+    return model->forward(inputs, targets, window);
+  }
+};
+
+TEST(GPT, GradientMatchesFiniteDifferencesForEveryTensor) {
+  RandomModel m;
+  m.model->load_parameters(m.params);
+  m.model->zero_grad();
+  const double loss = m.model->forward_backward(m.inputs, m.targets, m.window, 1.f);
+  EXPECT_NEAR(loss, m.loss(m.params), 1e-6);
+  m.model->load_parameters(m.params);
+  m.model->zero_grad();
+  m.model->forward_backward(m.inputs, m.targets, m.window, 1.f);
+  const std::vector<float> grad = m.model->gradients_to_host();
+  int checked = 0;
+  for (const ParamSpec& spec : m.model->layout().specs()) {
+    // Direction: the tensor's own gradient plus noise, unit norm: a wrong gradient of any
+    // element changes the directional derivative.
+    std::vector<float> u(m.params.size(), 0.f);
+    const auto noise = random_vector(spec.count, 1000 + checked);
+    double g_norm = 0, n_norm = 0;
+    for (size_t i = 0; i < spec.count; ++i) {
+      g_norm += grad[spec.offset + i] * grad[spec.offset + i];
+      n_norm += noise[i] * noise[i];
+    }
+    g_norm = std::sqrt(g_norm);
+    n_norm = std::sqrt(n_norm);
+    ASSERT_GT(g_norm, 1e-6) << spec.name << " has no gradient";
+    double norm = 0;
+    for (size_t i = 0; i < spec.count; ++i) {
+      u[spec.offset + i] = static_cast<float>(grad[spec.offset + i] / g_norm + 0.5 * noise[i] / n_norm);
+      norm += u[spec.offset + i] * u[spec.offset + i];
+    }
+    for (float& x : u) x = static_cast<float>(x / std::sqrt(norm));
+    const double analytic = dot(grad, u);
+    const double numeric =
+        testing::directional_derivative([&](const std::vector<float>& p) { return m.loss(p); }, m.params, u, 1e-2);
+    EXPECT_NEAR(analytic, numeric, 1e-3 + 1e-2 * std::abs(numeric)) << spec.name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, static_cast<int>(m.model->layout().specs().size()));
+}
+
+TEST(GPT, GradientAccumulatesScaledOverSequences) {
+  RandomModel m;
+  m.model->load_parameters(m.params);
+  m.model->zero_grad();
+  m.model->forward_backward(m.inputs, m.targets, m.window, 1.f);
+  const auto once = m.model->gradients_to_host();
+  m.model->zero_grad();
+  m.model->forward_backward(m.inputs, m.targets, m.window, 0.5f);
+  m.model->forward_backward(m.inputs, m.targets, m.window, 0.5f);
+  const auto twice_half = m.model->gradients_to_host();
+  for (size_t i = 0; i < once.size(); i += 7) ASSERT_NEAR(once[i], twice_half[i], 1e-5 + 1e-4 * std::abs(once[i]));
+}
+
+TEST(GPT, ForwardIsDeterministicAndIndependentOfTrainingMode) {
+  RandomModel m;
+  m.model->load_parameters(m.params);
+  const double a = m.model->forward(m.inputs, m.targets, m.window);
+  m.model->zero_grad();
+  const double b = m.model->forward_backward(m.inputs, m.targets, m.window, 1.f);
+  const double c = m.model->forward(m.inputs, m.targets, m.window);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a, c);
+}
+
+TEST(GPT, RejectsSequencesThatDoNotFit) {
+  auto be = make_cpu_backend();
+  GPT model(Config::preset("micro"), *be, 64, 128);
+  std::vector<int32_t> t(60, 1);
+  EXPECT_THROW(model.forward(t, t, 1), Error);
+  std::vector<int32_t> big(128, 1);
+  EXPECT_NO_THROW(model.forward(big, big, 1));
+  EXPECT_THROW(model.forward_backward(big, big, 1, 1.f), Error);
+  std::vector<int32_t> bad(64, 1);
+  bad[3] = 300;
+  EXPECT_THROW(model.forward(bad, bad, 1), Error);
+}
+
+}  // namespace
+}  // namespace speedrun
