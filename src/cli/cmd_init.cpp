@@ -1,11 +1,32 @@
+// speedrun init: writes a freshly initialised model checkpoint (SPEC §2's init).
 #include "cli/commands.h"
-#include "util/error.h"
+#include "cli/config_options.h"
+#include "model/gpt.h"
+#include "train/checkpoint.h"
 
 namespace speedrun::cli {
 
 void register_init_command(CLI::App& app) {
-  CLI::App* cmd = app.add_subcommand("init", "(not implemented yet)");
-  cmd->callback([] { throw Error("'init' is not implemented yet"); });
+  struct Options {
+    ConfigOptions config;
+    int64_t seed = 0;
+    std::string out;
+  };
+  auto opts = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("init", "write an initialised model as safetensors (PyTorch state-dict names)");
+  opts->config.add_to(cmd, "tiny");
+  cmd->add_option("--seed", opts->seed, "initialisation seed")->capture_default_str();
+  cmd->add_option("--out", opts->out, "output FILE.safetensors")->required();
+  cmd->callback([opts] {
+    Config config = opts->config.build();
+    config.seed = opts->seed;
+    auto backend = make_cpu_backend();
+    const int block = config.attn_block_size;
+    GPT model(config, *backend, block, block);  // no activations needed beyond one block
+    save_model(opts->out, model, 0);
+    std::printf("wrote %s (%zu parameters, seed %lld)\n", opts->out.c_str(), model.layout().total(),
+                static_cast<long long>(config.seed));
+  });
 }
 
 }  // namespace speedrun::cli

@@ -1,11 +1,124 @@
+// `speedrun inspect`: validates token shards and shows their size, document count
+// and the start of their first document.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+
 #include "cli/commands.h"
+#include "data/shard.h"
+#include "data/tokenizer.h"
 #include "util/error.h"
 
 namespace speedrun::cli {
+namespace {
+
+constexpr size_t kPreviewChars = 200;
+constexpr size_t kPreviewTokens = 256;  // plenty for 200 characters
+
+// A directory stands for the .bin files in it, sorted.
+std::vector<std::string> shard_paths(const std::vector<std::string>& arguments) {
+  std::vector<std::string> paths;
+  for (const std::string& argument : arguments) {
+    if (!std::filesystem::is_directory(argument)) {
+      paths.push_back(argument);
+      continue;
+    }
+    std::vector<std::string> inside;
+    for (const auto& entry : std::filesystem::directory_iterator(argument)) {
+      if (entry.path().extension() == ".bin") inside.push_back(entry.path().string());
+    }
+    if (inside.empty()) throw UsageError("directory '" + argument + "' holds no .bin shards");
+    std::sort(inside.begin(), inside.end());
+    paths.insert(paths.end(), inside.begin(), inside.end());
+  }
+  return paths;
+}
+
+// Cuts text to at most max_chars UTF-8 characters on one line, control characters escaped.
+std::string one_line_preview(const std::string& text, size_t max_chars) {
+  std::string out;
+  size_t chars = 0;
+  for (size_t i = 0; i < text.size() && chars < max_chars;) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    size_t length = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+    if (i + length > text.size()) break;  // a character cut by the token limit
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7F) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof(escaped), "\\x%02x", c);
+      out += escaped;
+    } else {
+      out.append(text, i, length);
+    }
+    i += length;
+    ++chars;
+  }
+  if (chars == max_chars) out += "...";
+  return out;
+}
+
+// The first document that starts in the shard: a shard may begin with the tail of a
+// document cut at the previous shard's end (FineWeb's are), which is not shown.
+std::string first_document_preview(const ShardReader& shard, const Tokenizer& tokenizer) {
+  std::span<const uint16_t> tokens = shard.tokens();
+  const uint16_t* separator = std::find(tokens.data(), tokens.data() + tokens.size(), Tokenizer::kEndOfText);
+  if (separator == tokens.data() + tokens.size()) return "(no document starts in this shard)";
+  size_t begin = static_cast<size_t>(separator - tokens.data()) + 1;
+  std::vector<uint32_t> ids;
+  for (size_t i = begin; i < tokens.size() && ids.size() < kPreviewTokens; ++i) {
+    if (tokens[i] == Tokenizer::kEndOfText) break;
+    if (tokens[i] >= tokenizer.vocab_size()) {
+      return "(token id " + std::to_string(tokens[i]) + " at offset " + std::to_string(i) +
+             " is outside the GPT-2 vocabulary)";
+    }
+    ids.push_back(tokens[i]);
+  }
+  std::string preview = "\"" + one_line_preview(tokenizer.decode(ids), kPreviewChars) + "\"";
+  if (begin > 1) preview += " (after " + std::to_string(begin - 1) + " tokens continuing an earlier document)";
+  return preview;
+}
+
+void run_inspect(const std::vector<std::string>& arguments) {
+  std::vector<std::string> paths = shard_paths(arguments);
+  std::optional<Tokenizer> tokenizer;
+  std::vector<std::string> failures;
+  for (const std::string& path : paths) {
+    std::optional<ShardReader> shard;
+    try {
+      shard.emplace(path);
+    } catch (const Error& e) {
+      std::printf("%s: INVALID (see below)\n", path.c_str());
+      failures.push_back(e.what());
+      continue;
+    }
+    if (!tokenizer) tokenizer.emplace(Tokenizer::load_default());
+    size_t documents = std::count(shard->tokens().begin(), shard->tokens().end(), Tokenizer::kEndOfText);
+    std::printf("%s: %zu tokens, %zu documents\n", path.c_str(), shard->num_tokens(), documents);
+    std::printf("  first document: %s\n", first_document_preview(*shard, *tokenizer).c_str());
+  }
+  if (failures.size() == 1) throw Error(failures.front());
+  if (!failures.empty()) {
+    std::string message = std::to_string(failures.size()) + " of " + std::to_string(paths.size()) +
+                          " shards are invalid:";
+    for (const std::string& failure : failures) message += "\n  " + failure;
+    throw Error(message);
+  }
+}
+
+}  // namespace
 
 void register_inspect_command(CLI::App& app) {
-  CLI::App* cmd = app.add_subcommand("inspect", "(not implemented yet)");
-  cmd->callback([] { throw Error("'inspect' is not implemented yet"); });
+  auto paths = std::make_shared<std::vector<std::string>>();
+  CLI::App* cmd = app.add_subcommand(
+      "inspect",
+      "Validate token shards and show each one's token count, number of documents (tokens 50256)\n"
+      "and the beginning of its first document. A directory means the .bin files in it.");
+  cmd->add_option("paths", *paths, "Shard files (.bin) or directories of them")->required()->expected(1, -1);
+  cmd->callback([paths] { run_inspect(*paths); });
 }
 
 }  // namespace speedrun::cli

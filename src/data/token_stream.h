@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "data/host_buffer.h"
 #include "data/shard.h"
 
 namespace speedrun {
@@ -18,14 +19,21 @@ struct StreamPosition {
   bool operator==(const StreamPosition&) const = default;
 };
 
+// Host buffer of token ids. A plain std::vector for now (consumers may take it as
+// const std::vector<int32_t>&). The pinned-memory hook is data/host_buffer.h:
+// switching this alias to HostVector<int32_t> routes every batch allocation through
+// the registrable HostMemoryResource; consumers that read batches through
+// .data()/.size() or std::span need no change then.
+using TokenBuffer = std::vector<int32_t>;
+
 // One step's tokens for a contiguous range of ranks [first_rank, first_rank + num_ranks):
 // rank r's inputs are inputs[(r - first_rank) * seq_len ...], targets likewise.
 struct TokenBatch {
   int seq_len = 0;
   int first_rank = 0;
   int num_ranks = 0;
-  std::vector<int32_t> inputs;
-  std::vector<int32_t> targets;
+  TokenBuffer inputs;
+  TokenBuffer targets;
   StreamPosition position_after;  // the stream's position once this batch was read
 };
 
@@ -35,18 +43,23 @@ struct TokenBatch {
 // Running out of shards throws speedrun::Error; so does a token id >= vocab_size.
 class TokenStream {
  public:
-  // shard_paths are sorted by filename here; an empty list is an error.
+  // shard_paths are sorted by filename here; an empty list is an error. Shards are
+  // opened (and validated) when the stream first reads from them.
   TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size);
   ~TokenStream();
   TokenStream(TokenStream&&) noexcept;
   TokenStream& operator=(TokenStream&&) noexcept;
 
   // Reads the next window and returns ranks [first_rank, first_rank + num_ranks) of it.
+  // A UsageError when the rank range is not inside [0, world_size).
   TokenBatch next(int first_rank, int num_ranks);
   StreamPosition position() const;
-  void seek(const StreamPosition& position);  // validated against the shards
+  // Validated against the shards: shard_index must name a shard and pos be at most
+  // its token count (a pos past the last window just moves on at the next read).
+  void seek(const StreamPosition& position);
   int world_size() const;
   int seq_len() const;
+  const std::vector<std::string>& shard_paths() const;  // in reading order
 
  private:
   struct Impl;

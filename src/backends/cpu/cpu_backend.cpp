@@ -11,6 +11,7 @@
 
 #include "backends/backend.h"
 #include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/vector_math.h"
 #include "util/error.h"
 
 namespace speedrun {
@@ -240,27 +241,40 @@ class CpuBackend final : public Backend {
   void softcap_cross_entropy(float* logits, float* row_loss, const int32_t* targets, int rows, int V, float softcap,
                              float grad_scale) override {
     const float two_c = 2.f * softcap;
-    const float inv_half_c = 2.f / softcap;
+    const float inv_two_c = 1.f / two_c;
+    const float neg_inv_half_c = -2.f / softcap;
+    constexpr int kChunk = 256;  // exp sums in float per chunk, chunks summed in double
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; ++r) {
       float* z = logits + static_cast<size_t>(r) * V;
       float max_y = -INFINITY;
+#pragma omp simd reduction(max : max_y)
       for (int j = 0; j < V; ++j) {
-        z[j] = two_c / (1.f + std::exp(-z[j] * inv_half_c));  // z becomes y
-        max_y = std::max(max_y, z[j]);
+        const float y = two_c / (1.f + exp_approx(z[j] * neg_inv_half_c));  // y = 2c sigmoid(z / (c/2))
+        z[j] = y;
+        max_y = max_y > y ? max_y : y;  // not std::max: its reference result blocks vectorisation
       }
       double total = 0.0;
-      for (int j = 0; j < V; ++j) total += std::exp(static_cast<double>(z[j] - max_y));
+      for (int j0 = 0; j0 < V; j0 += kChunk) {
+        const int j1 = std::min(V, j0 + kChunk);
+        float chunk = 0.f;
+#pragma omp simd reduction(+ : chunk)
+        for (int j = j0; j < j1; ++j) chunk += exp_approx(z[j] - max_y);
+        total += chunk;
+      }
       const float lse = max_y + static_cast<float>(std::log(total));
       const int target = targets[r];
       row_loss[r] = lse - z[target];
       if (grad_scale == 0.f) continue;
+      const float target_y = z[target];
+#pragma omp simd
       for (int j = 0; j < V; ++j) {
-        const float y = z[j];
-        const float sig = y / two_c;
-        const float dy = std::exp(y - lse) - (j == target ? 1.f : 0.f);
-        z[j] = grad_scale * dy * 4.f * sig * (1.f - sig);  // dy/dz = 2c s(1-s) / (c/2)
+        const float sig = z[j] * inv_two_c;
+        // dloss/dz = (softmax - onehot) * dy/dz, dy/dz = 2c s(1-s) / (c/2) = 4 s (1-s)
+        z[j] = grad_scale * exp_approx(z[j] - lse) * 4.f * sig * (1.f - sig);
       }
+      const float target_sig = target_y * inv_two_c;
+      z[target] -= grad_scale * 4.f * target_sig * (1.f - target_sig);
     }
   }
 

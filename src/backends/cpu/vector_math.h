@@ -1,0 +1,28 @@
+// Vectorisable float exp for the CPU backend's hot loops (softmax, softcap).
+// Cody-Waite range reduction x = n ln2 + r and Cephes' degree-6 polynomial for e^r:
+// within 2 ulp of std::exp over [-87, 88]; inputs are clamped to that range.
+#pragma once
+
+#include <cstdint>
+#include <bit>
+
+namespace speedrun::cpu {
+
+
+inline float exp_approx(float x) {
+  x = x > -87.0f ? x : -87.0f;  // ternaries, not fmaxf/fminf: those are library calls here
+  x = x < 88.0f ? x : 88.0f;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return e * std::bit_cast<float>(bits);
+}
+
+}  // namespace speedrun::cpu

@@ -1,0 +1,127 @@
+#include "backends/profiling_backend.h"
+
+#include <chrono>
+
+namespace speedrun {
+namespace {
+
+class ProfilingBackend final : public Backend {
+ public:
+  ProfilingBackend(Backend& inner, std::map<std::string, OpStats>& stats) : inner_(inner), stats_(stats) {}
+
+  std::string name() const override { return inner_.name() + "+profile"; }
+  float* alloc(size_t n) override { return inner_.alloc(n); }
+  int32_t* alloc_i32(size_t n) override { return inner_.alloc_i32(n); }
+  void release(void* p) override { inner_.release(p); }
+  void upload(float* d, const float* h, size_t n) override { timed("upload", 0, [&] { inner_.upload(d, h, n); }); }
+  void download(float* h, const float* s, size_t n) override { timed("download", 0, [&] { inner_.download(h, s, n); }); }
+  void upload_i32(int32_t* d, const int32_t* h, size_t n) override {
+    timed("upload", 0, [&] { inner_.upload_i32(d, h, n); });
+  }
+  void zero(float* d, size_t n) override { timed("zero/copy", 0, [&] { inner_.zero(d, n); }); }
+  void copy(float* d, const float* s, size_t n) override { timed("zero/copy", 0, [&] { inner_.copy(d, s, n); }); }
+  void synchronize() override { inner_.synchronize(); }
+
+  void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+            float beta, float* C, int ldc) override {
+    timed("matmul", 2.0 * M * N * K, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
+  }
+  void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
+                    const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
+    timed("matmul (Newton-Schulz)", 2.0 * M * N * K * batch,
+          [&] { inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch); });
+  }
+  void embedding_forward(float* o, const float* t, const int32_t* tok, int T, int d) override {
+    timed("embedding", 0, [&] { inner_.embedding_forward(o, t, tok, T, d); });
+  }
+  void embedding_backward(float* dt, const float* dout, const int32_t* tok, int T, int d) override {
+    timed("embedding", 0, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
+  }
+  void rmsnorm_forward(float* o, float* r, const float* x, int rows, int dim, float eps) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward(o, r, x, rows, dim, eps); });
+  }
+  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
+                        bool acc) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dout, out, rstd, rows, dim, acc); });
+  }
+  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
+    timed("rotary", 0, [&] { inner_.rotary(x, T, H, D, base, inverse); });
+  }
+  void mix_forward(float* o, const float* a, const float* b, const float* c, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.mix_forward(o, a, b, c, n); });
+  }
+  void mix_backward(float* da, bool acc, float* db, float* dc, const float* dout, const float* a, const float* b,
+                    const float* c, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.mix_backward(da, acc, db, dc, dout, a, b, c, n); });
+  }
+  void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.scaled_add_forward(o, y, w, n); });
+  }
+  void scaled_add_backward(float* dy, float* dw, const float* dout, const float* y, const float* w, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
+  }
+  void add(float* o, const float* x, size_t n) override { timed("mix/residual", 0, [&] { inner_.add(o, x, n); }); }
+  void relu2_forward(float* o, const float* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_forward(o, x, n); });
+  }
+  void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_backward(dx, dout, x, n); });
+  }
+  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
+                         const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_forward(y, lse, q, k, v, doc, s); });
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
+                          const float* q, const float* k, const float* v, const int32_t* doc,
+                          const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, s); });
+  }
+  void softcap_cross_entropy(float* logits, float* loss, const int32_t* t, int rows, int V, float c,
+                             float g) override {
+    timed("softcap cross-entropy", 0, [&] { inner_.softcap_cross_entropy(logits, loss, t, rows, V, c, g); });
+  }
+  double sum(const float* x, size_t n) override {
+    double r = 0;
+    timed("sum", 0, [&] { r = inner_.sum(x, n); });
+    return r;
+  }
+  void adam_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps,
+                   int step) override {
+    timed("adam", 0, [&] { inner_.adam_update(p, g, m, v, n, lr, b1, b2, eps, step); });
+  }
+  void muon_momentum(float* o, float* buf, const float* g, size_t n, float m) override {
+    timed("muon (elementwise)", 0, [&] { inner_.muon_momentum(o, buf, g, n, m); });
+  }
+  void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
+    timed("muon (elementwise)", 0, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
+  }
+  void apply_update(float* p, const float* u, size_t n, float s) override {
+    timed("muon (elementwise)", 0, [&] { inner_.apply_update(p, u, n, s); });
+  }
+  void transpose(float* o, const float* x, int rows, int cols, int batch) override {
+    timed("muon (elementwise)", 0, [&] { inner_.transpose(o, x, rows, cols, batch); });
+  }
+
+ private:
+  template <typename F>
+  void timed(const char* op, double flops, F&& f) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    inner_.synchronize();
+    OpStats& s = stats_[op];
+    s.calls += 1;
+    s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    s.flops += flops;
+  }
+
+  Backend& inner_;
+  std::map<std::string, OpStats>& stats_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats) {
+  return std::make_unique<ProfilingBackend>(inner, stats);
+}
+
+}  // namespace speedrun

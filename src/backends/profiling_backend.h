@@ -1,0 +1,21 @@
+// A Backend decorator that times every op (synchronising the wrapped backend around
+// each call) and counts matmul FLOPs: what `speedrun bench` reports per op.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "backends/backend.h"
+
+namespace speedrun {
+
+struct OpStats {
+  long long calls = 0;
+  double seconds = 0;
+  double flops = 0;  // counted for gemm and attention
+};
+
+std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats);
+
+}  // namespace speedrun
