@@ -18,9 +18,9 @@ DATA="$ROOT/data/default"
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
-DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git nodejs npm
+DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git nodejs npm libopenblas0-openmp
   libopenblas-dev libpcre2-dev nlohmann-json3-dev libcli11-dev
-  libopenmpi-dev openmpi-bin libgtest-dev libgmock-dev libbenchmark-dev)
+  libopenmpi-dev openmpi-bin libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev)
 
 install_debian_packages() {
   [[ "${SPEEDRUN_SKIP_APT:-0}" == 1 ]] && return

@@ -49,27 +49,36 @@ float Optimizer::adam_lr(const ParamSpec& spec) const {
   return 0.f;
 }
 
-void Optimizer::step(float* params, const float* grads, int step) {
+void Optimizer::step(float* params, const float* grads, int step, Communicator* comm) {
   const double mult = lr_multiplier(config_, step);
   const float momentum = static_cast<float>(muon_momentum(config_, step));
   const auto& specs = layout_.specs();
+  const int processes = comm ? comm->size() : 1;
+  int muon_index = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     const ParamSpec& spec = specs[i];
     float* p = params + spec.offset;
     const float* g = grads + spec.offset;
     if (spec.group == ParamGroup::kMuon) {
-      muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum);
+      const int owner = muon_index++ % processes;
+      const bool mine = processes == 1 || comm->rank() == owner;
+      muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum, mine);
+      if (processes > 1) comm->broadcast_async(p, spec.count, owner);
     } else {
       backend_.adam_update(p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult),
                            static_cast<float>(config_.adam_beta1), static_cast<float>(config_.adam_beta2),
                            static_cast<float>(config_.adam_eps), step + 1);
     }
   }
+  if (comm) comm->wait_all();
 }
 
 void Optimizer::muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr,
-                            float momentum) {
+                            float momentum, bool owner) {
+  // Every process keeps the momentum buffers (they are checkpointed); only the owner
+  // orthogonalises and applies, the others receive the result.
   backend_.muon_momentum(update_, buf, grad, spec.count, momentum);
+  if (!owner) return;
   orthogonalize(update_, spec.matrices, spec.rows, spec.cols);
   const float shape_scale = std::sqrt(std::max(1.f, static_cast<float>(spec.rows) / static_cast<float>(spec.cols)));
   backend_.apply_update(param, update_, spec.count, lr * shape_scale);

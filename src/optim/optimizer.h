@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backends/backend.h"
+#include "comm/communicator.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -19,8 +20,12 @@ class Optimizer {
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
-  // Applies the update of step s (0-based) to params from grads.
-  void step(float* params, const float* grads, int step);
+  // Applies the update of step s (0-based) to params from grads. With a communicator of
+  // P > 1 processes (all holding the same grads), Muon is sharded as in the record: the
+  // i-th Muon matrix tensor is orthogonalised by process i % P and broadcast
+  // asynchronously while the next is computed; Adam runs replicated (its cost is a few
+  // elementwise passes, so sharding its state would save memory, not time).
+  void step(float* params, const float* grads, int step, Communicator* comm = nullptr);
 
   // Newton-Schulz orthogonalisation of `batch` matrices of rows x cols in place (x is
   // scratch-sized by the caller's layout). Exposed for tests and benchmarks.
@@ -37,7 +42,8 @@ class Optimizer {
 
  private:
   float adam_lr(const ParamSpec& spec) const;
-  void muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr, float momentum);
+  void muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr, float momentum,
+                   bool owner);
 
   const Config config_;
   const ParamLayout& layout_;
