@@ -116,4 +116,11 @@ class Backend {
 // The CPU backend (float32, OpenMP + OpenBLAS): the reference all others are tested against.
 std::unique_ptr<Backend> make_cpu_backend();
 
+// The CUDA backend (float32, cuBLASLt + own kernels) on the given device. Throws
+// speedrun::Error when the build has no CUDA backend or the device cannot be used.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// "cpu" or "cuda" (GPU `device_index`, e.g. the process's local rank); UsageError otherwise.
+std::unique_ptr<Backend> make_backend(const std::string& device, int device_index = 0);
+
 }  // namespace speedrun

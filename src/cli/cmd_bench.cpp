@@ -16,6 +16,8 @@
 #include "backends/profiling_backend.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
+#include "comm/communicator.h"
+#include "train/data_parallel.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
 #include "train/trainer.h"
@@ -82,17 +84,20 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
   cmd->add_option("--json", opts->json_path, "also write the results to this JSON file");
   cmd->callback([opts] {
-    if (opts->device != "cpu") throw UsageError("--device cuda: the CUDA training path is not available yet");
     Config config = opts->config.build();
-    auto cpu = make_cpu_backend();
+    // Under mpirun every process times its share; rank 0 reports.
+    std::unique_ptr<Communicator> comm = make_process_communicator();
+    auto device = make_backend(opts->device, comm->local_rank());
     std::map<std::string, OpStats> stats;
-    auto backend = make_profiling_backend(*cpu, stats);
+    auto backend = make_profiling_backend(*device, stats);
     const auto launch = Clock::now();
     GPT model(config, *backend, config.seq_len, config.seq_len);
     Optimizer optimizer(config, model.layout(), *backend);
+    DataParallel dp(*comm, model);
     const size_t tokens = static_cast<size_t>(config.world_size) * config.seq_len;
-    const std::vector<int32_t> inputs = synthetic_tokens(tokens, config.vocab_size, 1);
-    const std::vector<int32_t> targets = synthetic_tokens(tokens, config.vocab_size, 2);
+    const size_t local_tokens = static_cast<size_t>(dp.local_ranks()) * config.seq_len;
+    const std::vector<int32_t> inputs = synthetic_tokens(local_tokens, config.vocab_size, 1 + comm->rank());
+    const std::vector<int32_t> targets = synthetic_tokens(local_tokens, config.vocab_size, 100 + comm->rank());
     // The step index picks the window: the last step's unless --window says otherwise.
     int step = config.num_iterations - 1;
     if (opts->window >= 0) {
@@ -101,18 +106,23 @@ void register_bench_command(CLI::App& app) {
     const int window = long_window_blocks(config, step);
     double first_step_seconds = 0;
     for (int i = 0; i < opts->warmup; ++i) {
-      run_training_step(model, optimizer, inputs, targets, step);
+      run_training_step(dp, optimizer, inputs, targets, step);
       if (i == 0) first_step_seconds = std::chrono::duration<double>(Clock::now() - launch).count();
     }
     stats.clear();
+    const double communication_before = dp.communication_seconds();
     const auto start = Clock::now();
-    for (int i = 0; i < opts->steps; ++i) run_training_step(model, optimizer, inputs, targets, step);
+    for (int i = 0; i < opts->steps; ++i) run_training_step(dp, optimizer, inputs, targets, step);
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     const double step_ms = 1000 * seconds / opts->steps;
     const double tokens_per_second = tokens * opts->steps / seconds;
+    const double communication_ms = 1000 * (dp.communication_seconds() - communication_before) / opts->steps;
+    if (comm->rank() != 0) return;
 
-    std::printf("speedrun bench: device cpu (%d threads), %zu parameters, %d x %d tokens per step, window %d blocks\n",
-                thread_count(), model.layout().total(), config.world_size, config.seq_len, window);
+    std::printf("speedrun bench: device %s (%d threads), %d process(es), %zu parameters, %d x %d tokens per step, "
+                "window %d blocks\n",
+                opts->device.c_str(), thread_count(), comm->size(), model.layout().total(), config.world_size,
+                config.seq_len, window);
     std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
     std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
     std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
@@ -135,8 +145,11 @@ void register_bench_command(CLI::App& app) {
     std::printf("step: %.1f ms | %.0f tokens/s | matmuls %.1f GFLOP/s = %.0f%% of plain sgemm (%.1f GFLOP/s, 1024^3)\n",
                 step_ms, tokens_per_second, model_gflops, 100 * model_gflops / sgemm_gflops, sgemm_gflops);
     std::printf("launch to end of first step: %.2f s\n", first_step_seconds);
+    if (comm->size() > 1) std::printf("communication: %.1f ms per step (gradient gather)\n", communication_ms);
     if (!opts->json_path.empty()) {
-      nlohmann::json out = {{"device", "cpu"},
+      nlohmann::json out = {{"device", opts->device},
+                            {"processes", comm->size()},
+                            {"communication_ms_per_step", communication_ms},
                             {"threads", thread_count()},
                             {"hardware_threads", std::thread::hardware_concurrency()},
                             {"config", config.to_json()},

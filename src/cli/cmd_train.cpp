@@ -1,18 +1,33 @@
 // speedrun train: the training loop (SPEC §4). With no arguments it trains the `tiny`
-// preset on the default corpus prepared by scripts/setup.sh.
-#include <chrono>
+// preset on the default corpus prepared by scripts/setup.sh. Ctrl-C or SIGTERM stops
+// at the next step with a checkpoint and prints the command that resumes it.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <filesystem>
 
 #include "backends/backend.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
+#include "comm/communicator.h"
 #include "train/checkpoint.h"
+#include "train/interrupt.h"
 #include "train/trainer.h"
 #include "util/error.h"
 #include "util/paths.h"
 
 namespace speedrun::cli {
 namespace {
+
+struct Options {
+  ConfigOptions config;
+  std::string device = "cpu";
+  TrainOptions train;
+  // Given on the command line (not defaulted), so the resume command repeats them.
+  bool explicit_train = false, explicit_val = false, explicit_metrics = false, explicit_steps = false;
+};
 
 std::string timestamped_run_dir() {
   const std::time_t now = std::time(nullptr);
@@ -21,50 +36,117 @@ std::string timestamped_run_dir() {
   return name;
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
-  throw UsageError("--device " + device + ": the CUDA training path is not available yet; use --device cpu");
+// Every process must write into rank 0's directory (a timestamp could differ).
+void share_out_dir(Communicator& comm, std::string& out_dir) {
+  if (comm.size() == 1) return;
+  uint64_t length = out_dir.size();
+  comm.broadcast(&length, sizeof length, 0);
+  out_dir.resize(length);
+  comm.broadcast(out_dir.data(), length, 0);
+}
+
+// Quotes a word for a POSIX shell only when it needs it, so the common case reads plainly.
+std::string shell_word(const std::string& word) {
+  const bool plain = !word.empty() && word.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                             "0123456789_-./=:,+@%") == std::string::npos;
+  if (plain) return word;
+  std::string quoted = "'";
+  for (char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+std::string resume_command(const Options& opts, const TrainOptions& train, const std::string& checkpoint) {
+  std::string command = "speedrun train --resume " + shell_word(checkpoint);
+  if (opts.explicit_train) command += " --train " + shell_word(train.train_glob);
+  if (opts.explicit_val) command += " --val " + shell_word(train.val_glob);
+  if (opts.explicit_metrics) command += " --metrics " + shell_word(train.metrics_path);
+  if (opts.explicit_steps) command += " --steps " + std::to_string(train.steps);
+  if (opts.device != "cpu") command += " --device " + opts.device;
+  return command;
+}
+
+TrainOptions resolve(const Options& opts) {
+  TrainOptions train = opts.train;
+  if (!train.resume_path.empty() && !train.init_path.empty()) throw UsageError("--init and --resume exclude each other");
+  if (!train.resume_path.empty()) {
+    // A resumed run continues with its own config; --set may still change e.g. val_every.
+    train.config = opts.config.apply_assignments(read_checkpoint_config(train.resume_path));
+    // ...and, unless told otherwise, in its own directory, appending to its metrics.
+    if (train.out_dir.empty()) train.out_dir = std::filesystem::path(train.resume_path).parent_path().string();
+    if (train.out_dir.empty()) train.out_dir = ".";
+  } else {
+    train.config = opts.config.build();
+  }
+  if (train.train_glob.empty()) train.train_glob = default_data_dir() + "/train_*.bin";
+  if (train.val_glob.empty()) train.val_glob = default_data_dir() + "/val_*.bin";
+  if (train.out_dir.empty()) train.out_dir = timestamped_run_dir();
+  train.live_progress = ::isatty(::fileno(stdout)) == 1;
+  return train;
+}
+
+void run(const Options& opts, Communicator& comm) {
+  TrainOptions train = resolve(opts);
+  share_out_dir(comm, train.out_dir);
+  train.comm = &comm;
+  auto backend = make_backend(opts.device, comm.local_rank());
+  InterruptGuard guard;
+  clear_interrupt();
+  train.stop_requested = pending_interrupt;
+  const TrainResult result = speedrun::train(train, *backend);
+  if (!result.stopped_by_signal) return;
+  std::fflush(stdout);
+  if (comm.rank() != 0) std::exit(exit_status_for_signal(result.stopped_by_signal));
+  std::fprintf(stderr,
+               "speedrun: stopped by %s after step %d of %d; checkpoint saved.\n"
+               "resume with: %s\n",
+               signal_name(result.stopped_by_signal), result.last_step, train.config.num_iterations,
+               resume_command(opts, train, result.checkpoint_path).c_str());
+  std::fflush(stderr);
+  std::exit(exit_status_for_signal(result.stopped_by_signal));
 }
 
 }  // namespace
 
 void register_train_command(CLI::App& app) {
-  struct Options {
-    ConfigOptions config;
-    std::string device = "cpu";
-    TrainOptions train;
-  };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("train", "train a model (default: the tiny preset on the default corpus)");
   opts->config.add_to(cmd, "tiny");
+  TrainOptions& t = opts->train;
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  cmd->add_option("--init", opts->train.init_path, "start from this model checkpoint (fresh optimiser)");
-  cmd->add_option("--resume", opts->train.resume_path, "resume a run exactly from a checkpoint written by train");
-  cmd->add_option("--train", opts->train.train_glob, "glob of training shards (default: the default corpus)");
-  cmd->add_option("--val", opts->train.val_glob, "glob of validation shards (default: the default corpus)");
-  cmd->add_option("--steps", opts->train.steps, "stop after this many steps (the schedules still follow num_iterations)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--metrics", opts->train.metrics_path, "metrics JSONL file (default: OUT_DIR/metrics.jsonl)");
-  cmd->add_option("--out-dir", opts->train.out_dir, "run directory for config, metrics and checkpoints (default: runs/DATE-TIME)");
-  cmd->add_option("--log-every", opts->train.log_every, "print a line every N steps")->check(CLI::PositiveNumber);
-  cmd->add_flag("--quiet", opts->train.quiet, "print nothing but errors");
-  cmd->callback([opts] {
-    TrainOptions train = opts->train;
-    if (!train.resume_path.empty() && !train.init_path.empty()) throw UsageError("--init and --resume exclude each other");
-    if (!train.resume_path.empty()) {
-      // A resumed run continues with its own config; --set may still change e.g. val_every.
-      train.config = opts->config.apply_assignments(read_checkpoint_config(train.resume_path));
-    } else {
-      train.config = opts->config.build();
-    }
-    if (train.train_glob.empty()) train.train_glob = default_data_dir() + "/train_*.bin";
-    if (train.val_glob.empty()) train.val_glob = default_data_dir() + "/val_*.bin";
-    if (train.out_dir.empty()) train.out_dir = timestamped_run_dir();
-    auto backend = make_backend(opts->device);
-    const TrainResult result = speedrun::train(train, *backend);
-    if (!train.quiet && !result.val_losses.empty()) {
-      std::printf("final val loss %.4f after %d steps (%.1f s training)\n", result.val_losses.back().second,
-                  result.last_step, result.seconds);
+  cmd->add_option("--init", t.init_path, "start from this model checkpoint (fresh optimiser)");
+  cmd->add_option("--resume", t.resume_path,
+                  "resume a run exactly from a checkpoint written by train (default out-dir: the checkpoint's)");
+  auto* train_glob = cmd->add_option("--train", t.train_glob, "glob of training shards (default: the default corpus)");
+  auto* val_glob = cmd->add_option("--val", t.val_glob, "glob of validation shards (default: the default corpus)");
+  auto* steps = cmd->add_option("--steps", t.steps, "stop after this many steps (the schedules still follow num_iterations)")
+                    ->check(CLI::NonNegativeNumber);
+  auto* metrics = cmd->add_option("--metrics", t.metrics_path, "metrics JSONL file (default: OUT_DIR/metrics.jsonl)");
+  cmd->add_option("--out-dir", t.out_dir, "run directory for config, metrics, checkpoints and plots (default: runs/DATE-TIME)");
+  cmd->add_option("--log-every", t.log_every, "without a terminal, print a line every N steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--save-every", t.save_every, "also save a checkpoint every N steps (0: only at the end)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--keep", t.keep, "checkpoints of this run kept on disk, newest first (the final one always)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_flag("--quiet", t.quiet, "print nothing but errors");
+  cmd->callback([opts, train_glob, val_glob, steps, metrics] {
+    opts->explicit_train = train_glob->count() > 0;
+    opts->explicit_val = val_glob->count() > 0;
+    opts->explicit_steps = steps->count() > 0;
+    opts->explicit_metrics = metrics->count() > 0;
+    // Under mpirun each process trains world_size / P of the logical ranks; when one
+    // fails, all stop with its message.
+    std::unique_ptr<Communicator> comm = make_process_communicator();
+    if (comm->size() == 1) return run(*opts, *comm);
+    try {
+      run(*opts, *comm);
+    } catch (const Error& e) {
+      comm->abort(e.what(), static_cast<int>(e.code()));
+    } catch (const std::exception& e) {
+      comm->abort(std::string("internal error: ") + e.what(), 1);
     }
   });
 }

@@ -15,28 +15,32 @@ namespace {
 
 using nlohmann::json;
 
+// A JSON value for an error message; invalid UTF-8 in strings is shown replaced rather
+// than thrown over.
+std::string show(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 // Strict JSON -> field conversions: a wrong type is an error naming the key.
 void read_field(const json& v, int& out, const std::string& key, const std::string& origin) {
-  if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + v.dump());
+  if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + show(v));
   int64_t x = v.get<int64_t>();
-  if (x < INT32_MIN || x > INT32_MAX) throw UsageError(origin + ": '" + key + "' is out of range: " + v.dump());
+  if (x < INT32_MIN || x > INT32_MAX) throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
   out = static_cast<int>(x);
 }
 void read_field(const json& v, int64_t& out, const std::string& key, const std::string& origin) {
-  if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + v.dump());
+  if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + show(v));
   out = v.get<int64_t>();
 }
 void read_field(const json& v, double& out, const std::string& key, const std::string& origin) {
-  if (!v.is_number()) throw UsageError(origin + ": '" + key + "' must be a number, got " + v.dump());
+  if (!v.is_number()) throw UsageError(origin + ": '" + key + "' must be a number, got " + show(v));
   out = v.get<double>();
   if (!std::isfinite(out)) throw UsageError(origin + ": '" + key + "' must be finite");
 }
 void read_field(const json& v, std::string& out, const std::string& key, const std::string& origin) {
-  if (!v.is_string()) throw UsageError(origin + ": '" + key + "' must be a string, got " + v.dump());
+  if (!v.is_string()) throw UsageError(origin + ": '" + key + "' must be a string, got " + show(v));
   out = v.get<std::string>();
 }
 void read_field(const json& v, std::vector<int>& out, const std::string& key, const std::string& origin) {
-  if (!v.is_array()) throw UsageError(origin + ": '" + key + "' must be a list of integers, got " + v.dump());
+  if (!v.is_array()) throw UsageError(origin + ": '" + key + "' must be a list of integers, got " + show(v));
   std::vector<int> values;
   for (const json& item : v) {
     int x = 0;
@@ -120,20 +124,24 @@ bool Config::layer_uses_long_window(int layer) const {
 
 void Config::validate() const {
   require(vocab_size >= 1 && vocab_size <= 65536, "vocab_size must be in [1, 65536] (tokens are uint16), got " + str(vocab_size));
-  require(vocab_pad_multiple >= 1, "vocab_pad_multiple must be >= 1, got " + str(vocab_pad_multiple));
+  require(vocab_pad_multiple >= 1 && vocab_pad_multiple <= 65536,
+          "vocab_pad_multiple must be in [1, 65536], got " + str(vocab_pad_multiple));
   require(num_layers >= 2 && num_layers % 2 == 0, "num_layers must be even and >= 2, got " + str(num_layers));
   require(model_dim >= 1, "model_dim must be >= 1, got " + str(model_dim));
-  require(num_heads >= 1 && head_dim >= 4, "num_heads must be >= 1 and head_dim >= 4");
+  // Bounds that keep every derived size (products of these) far inside int.
+  require(model_dim >= 1 && model_dim <= 65536, "model_dim must be in [1, 65536], got " + str(model_dim));
+  require(num_heads >= 1 && num_heads <= 65536, "num_heads must be in [1, 65536], got " + str(num_heads));
+  require(head_dim >= 4 && head_dim <= 65536, "head_dim must be in [4, 65536], got " + str(head_dim));
   require(head_dim % 4 == 0, "head_dim must be divisible by 4, got " + str(head_dim));
-  require(num_heads * head_dim == model_dim,
+  require(static_cast<int64_t>(num_heads) * head_dim == model_dim,
           "num_heads * head_dim must equal model_dim (value embeddings are added to v), got " + str(num_heads) +
               " * " + str(head_dim) + " != " + str(model_dim));
-  require(mlp_ratio >= 1, "mlp_ratio must be >= 1");
+  require(mlp_ratio >= 1 && mlp_ratio <= 64, "mlp_ratio must be in [1, 64], got " + str(mlp_ratio));
   for (int layer : no_attn_layers) {
     require(layer >= 0 && layer < num_layers,
             "no_attn_layers holds layer " + str(layer) + ", outside 0.." + str(num_layers - 1));
   }
-  require(num_value_embeds >= 0 && 2 * num_value_embeds <= num_layers,
+  require(num_value_embeds >= 0 && 2 * static_cast<int64_t>(num_value_embeds) <= num_layers,
           "num_value_embeds must be in [0, num_layers/2], got " + str(num_value_embeds));
   require(static_cast<int>(encoder_windows.size()) == num_encoder_layers(),
           "encoder_windows must have num_layers/2 = " + str(num_encoder_layers()) + " letters, got '" +

@@ -38,6 +38,7 @@ namespace speedrun {
   X(int64_t, val_tokens, 10485760, "validation tokens (divisible by world_size * val_seq_len)")   \
   X(int, num_iterations, 1770, "training steps; the schedules follow it")                         \
   X(int, val_every, 125, "validate every this many steps (and at the end)")                       \
+  X(double, target_val_loss, 3.28, "validation loss the run aims for (SPEC §5; reported, not enforced)") \
   X(int, window_final_tokens, 1728, "long window at the last step, in tokens (SPEC §3)")          \
   /* optimisation (SPEC §4) */                                                                    \
   X(double, lr_lm_head, 0.008, "Adam lr of lm_head.weight")                                       \

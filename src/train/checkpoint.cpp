@@ -121,10 +121,11 @@ void require_same_model(const Config& expected, const Config& stored, const std:
 int load_model(const std::string& path, GPT& model) {
   const SafetensorsFile file = SafetensorsFile::open(path);
   require_same_model(model.config(), config_from_metadata(file), path);
+  const int step = static_cast<int>(parse_int_metadata(file, "step"));  // before the model changes
   std::vector<float> params;
   read_tensors_into(file, model.layout(), "", params);
   model.load_parameters(params);
-  return static_cast<int>(parse_int_metadata(file, "step"));
+  return step;
 }
 
 TrainingState load_checkpoint(const std::string& path, GPT& model, Optimizer& optimizer) {

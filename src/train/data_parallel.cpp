@@ -60,11 +60,17 @@ double DataParallel::compute_gradients(std::span<const int32_t> inputs, std::spa
   return mean_over_ranks(losses);
 }
 
-double DataParallel::mean_over_ranks(const std::vector<double>& local_losses) {
-  std::vector<double> all(local_losses.size() * comm_.size());
+double DataParallel::mean_over_ranks(const std::vector<double>& local_losses, int windows) {
+  const int processes = comm_.size();
+  std::vector<double> all(local_losses.size() * processes);
   comm_.all_gather(local_losses.data(), all.data(), local_losses.size());
+  // all is [process][window][local rank]; sum as [window][process][local rank].
   double total = 0;
-  for (double loss : all) total += loss;
+  for (int w = 0; w < windows; ++w) {
+    for (int p = 0; p < processes; ++p) {
+      for (int r = 0; r < local_ranks_; ++r) total += all[(static_cast<size_t>(p) * windows + w) * local_ranks_ + r];
+    }
+  }
   return total / static_cast<double>(all.size());
 }
 

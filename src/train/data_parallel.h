@@ -23,13 +23,16 @@ class DataParallel {
   int first_rank() const { return first_rank_; }
   int local_ranks() const { return local_ranks_; }
   Communicator& comm() { return comm_; }
+  GPT& model() { return model_; }
 
   // Forward and backward of this process's sequences (laid out one after another),
   // then every process gets the mean gradient over all world_size sequences in
   // model.grads(). Returns the step's train loss (mean over all sequences).
   double compute_gradients(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window);
-  // Mean over every process's per-sequence losses, in logical-rank order.
-  double mean_over_ranks(const std::vector<double>& local_losses);
+  // Mean over every process's per-sequence losses. `local_losses` holds `windows` groups
+  // of local_ranks() losses; they are summed window by window in logical-rank order,
+  // the order of one process.
+  double mean_over_ranks(const std::vector<double>& local_losses, int windows = 1);
   double communication_seconds() const { return communication_seconds_; }
 
  private:

@@ -1,15 +1,23 @@
+// The training loop: one TrainingRun object owns the model, optimiser, data, metrics,
+// progress and checkpoints of a run; train() builds it and runs it.
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
 #include "data/prefetcher.h"
 #include "data/token_stream.h"
 #include "optim/optimizer.h"
+#include "plot/loss_plot.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "util/atomic_file.h"
@@ -18,6 +26,7 @@
 namespace speedrun {
 namespace {
 
+namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
@@ -35,129 +44,331 @@ void require_finite(double loss, const char* what, int step) {
   }
 }
 
-std::string checkpoint_name(const std::string& out_dir, int step) {
-  char name[64];
-  std::snprintf(name, sizeof name, "step_%06d.safetensors", step);
-  return (std::filesystem::path(out_dir) / name).string();
-}
-
 void prepare_out_dir(const std::string& out_dir) {
   std::error_code ec;
-  std::filesystem::create_directories(out_dir, ec);
-  if (ec || !std::filesystem::is_directory(out_dir)) {
+  fs::create_directories(out_dir, ec);
+  if (ec || !fs::is_directory(out_dir)) {
     throw Error("cannot create output directory '" + out_dir + "'" + (ec ? ": " + ec.message() : ""));
   }
 }
 
+// What the metrics file already records of a run being resumed: its clocks continue
+// from there, and a target reached before the interruption stays reached.
+struct PriorRun {
+  double elapsed_s = 0;
+  double train_time_s = 0;
+  std::optional<int> target_step;
+  std::optional<double> target_train_seconds;
+};
+
+PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double target) {
+  PriorRun prior;
+  std::ifstream in(metrics_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
+    if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
+    if (record["step"].get<int>() > resume_step) continue;
+    prior.elapsed_s = std::max(prior.elapsed_s, record.value("elapsed_s", 0.0));
+    prior.train_time_s = std::max(prior.train_time_s, record.value("train_time_s", 0.0));
+    if (!prior.target_step && record.contains("val_loss") && record["val_loss"].get<double>() <= target) {
+      prior.target_step = record["step"].get<int>();
+      prior.target_train_seconds = record.value("train_time_s", 0.0);
+    }
+  }
+  return prior;
+}
+
+// This run's checkpoints on disk: only the `keep` newest stay (model and state files).
+class CheckpointRotation {
+ public:
+  explicit CheckpointRotation(int keep) : keep_(std::max(keep, 1)) {}
+  void saved(const std::string& path) {
+    kept_.push_back(path);
+    while (static_cast<int>(kept_.size()) > keep_) {
+      std::error_code ec;  // a file the user already removed is no reason to stop training
+      fs::remove(optimizer_state_path(kept_.front()), ec);
+      fs::remove(kept_.front(), ec);
+      kept_.pop_front();
+    }
+  }
+  std::vector<std::string> kept() const { return {kept_.begin(), kept_.end()}; }
+
+ private:
+  int keep_;
+  std::deque<std::string> kept_;
+};
+
+int end_step_of(const TrainOptions& options) {
+  const int n = options.config.num_iterations;
+  return options.steps < 0 ? n : std::min(options.steps, n);
+}
+
+double tokens_per_step(const Config& config) { return static_cast<double>(config.world_size) * config.seq_len; }
+
+ProgressOptions progress_options(const TrainOptions& options, bool leader) {
+  ProgressOptions progress;
+  progress.mode = options.quiet || !leader ? ProgressMode::kQuiet
+                  : options.live_progress ? ProgressMode::kLive
+                                          : ProgressMode::kLines;
+  progress.log_every = options.log_every;
+  progress.total_steps = options.config.num_iterations;
+  progress.end_step = end_step_of(options);
+  progress.tokens_per_step = tokens_per_step(options.config);
+  return progress;
+}
+
+std::vector<std::string> directory_listing(const std::string& dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+class TrainingRun {
+ public:
+  TrainingRun(const TrainOptions& options, Backend& backend);
+  TrainResult run();
+
+ private:
+  int end_step() const;
+  bool stop_requested();
+  void validate(int step);
+  void train_one_step(int step);
+  void save_checkpoint_at_step();
+  void write_plots();
+  void finish_summary();
+
+  const TrainOptions& options_;
+  const Config& config_;
+  const Clock::time_point launch_ = Clock::now();
+  std::vector<std::string> val_files_;
+  std::string metrics_path_;
+  GPT model_;
+  Optimizer optimizer_;
+  std::unique_ptr<Communicator> own_comm_;  // when options.comm is null
+  Communicator& comm_;
+  DataParallel dp_;
+  bool leader_;  // rank 0: prints, writes metrics, plots and checkpoints
+  TrainingState state_;
+  PriorRun prior_;
+  std::optional<MetricsWriter> metrics_;
+  std::optional<Prefetcher> prefetcher_;
+  ProgressReporter progress_;
+  CheckpointRotation rotation_;
+  TrainResult result_;
+  double tokens_per_step_ = 0;
+};
+
+TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
+    : options_(options),
+      config_(options.config),
+      val_files_(expand_glob(options.val_glob)),
+      metrics_path_(options.metrics_path.empty() ? (fs::path(options.out_dir) / "metrics.jsonl").string()
+                                                 : options.metrics_path),
+      model_(config_, backend, config_.seq_len, config_.val_seq_len),
+      optimizer_(config_, model_.layout(), backend),
+      own_comm_(options.comm ? nullptr : make_single_process_communicator()),
+      comm_(options.comm ? *options.comm : *own_comm_),
+      dp_(comm_, model_),
+      leader_(comm_.rank() == 0),
+      progress_(options.progress_stream ? *options.progress_stream : std::cout, progress_options(options, leader_)),
+      rotation_(options.keep) {
+  const std::vector<std::string> train_files = expand_glob(options.train_glob);
+  if (!options.resume_path.empty()) {
+    state_ = load_checkpoint(options.resume_path, model_, optimizer_);
+    prior_ = read_prior_run(metrics_path_, state_.step, config_.target_val_loss);
+  } else if (!options.init_path.empty()) {
+    load_model(options.init_path, model_);
+  }
+  if (leader_) {
+    write_file_atomically((fs::path(options.out_dir) / "config.json").string(), config_.to_json().dump(2) + "\n");
+  }
+  metrics_.emplace(leader_ ? metrics_path_ : std::string());
+  TokenStream train_stream(train_files, config_.world_size, config_.seq_len,
+                           static_cast<uint32_t>(config_.vocab_size));
+  train_stream.seek(state_.data_position);
+  prefetcher_.emplace(std::move(train_stream), dp_.first_rank(), dp_.local_ranks());
+
+  tokens_per_step_ = tokens_per_step(config_);
+  result_.first_step = state_.step;
+  if (prior_.target_step) {
+    result_.summary.target_step = prior_.target_step;
+    result_.summary.target_train_seconds = prior_.target_train_seconds;
+  }
+}
+
+int TrainingRun::end_step() const { return end_step_of(options_); }
+
+bool TrainingRun::stop_requested() {
+  if (result_.stopped_by_signal) return true;
+  const int local = options_.stop_requested ? options_.stop_requested() : 0;
+  if (comm_.size() == 1) {
+    result_.stopped_by_signal = local;
+  } else {
+    // All processes stop at the same step, whichever of them was signalled.
+    const double mine = local;
+    std::vector<double> all(comm_.size());
+    comm_.all_gather(&mine, all.data(), 1);
+    for (double signal : all) result_.stopped_by_signal = std::max(result_.stopped_by_signal, static_cast<int>(signal));
+  }
+  return result_.stopped_by_signal != 0;
+}
+
+void TrainingRun::validate(int step) {
+  const auto start = Clock::now();
+  const double loss = evaluate(model_, val_files_, config_, step, &dp_);
+  require_finite(loss, "validation loss", step);
+  const double seconds = seconds_since(start);
+  result_.val_losses.emplace_back(step, loss);
+  const double train_time = prior_.train_time_s + result_.seconds;
+  if (!result_.summary.target_step && loss <= config_.target_val_loss) {
+    result_.summary.target_step = step;
+    result_.summary.target_train_seconds = train_time;
+  }
+  metrics_->write({{"step", step}, {"val_loss", loss}, {"window_blocks", long_window_blocks(config_, step)},
+                   {"elapsed_s", prior_.elapsed_s + seconds_since(launch_)}, {"train_time_s", train_time},
+                   {"val_seconds", seconds}});
+  progress_.validation(step, loss, seconds);
+}
+
+void TrainingRun::train_one_step(int step) {
+  const auto start = Clock::now();
+  TokenBatch batch = prefetcher_->next();
+  const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step);
+  state_.step = step + 1;
+  state_.data_position = batch.position_after;
+  const double step_seconds = seconds_since(start);
+  result_.seconds += step_seconds;
+  result_.train_losses.push_back(loss);
+  metrics_->write({{"step", step},
+                   {"train_loss", loss},
+                   {"lr_mult", lr_multiplier(config_, step)},
+                   {"window_blocks", long_window_blocks(config_, step)},
+                   {"step_seconds", step_seconds},
+                   {"tokens_per_second", tokens_per_step_ / step_seconds},
+                   {"elapsed_s", prior_.elapsed_s + seconds_since(launch_)},
+                   {"train_time_s", prior_.train_time_s + result_.seconds}});
+  progress_.step_done(step, loss, step_seconds);
+}
+
+void TrainingRun::save_checkpoint_at_step() {
+  const std::string path = checkpoint_name(options_.out_dir, state_.step);
+  if (path == result_.checkpoint_path) return;  // e.g. interrupted right after a periodic save
+  result_.checkpoint_path = path;
+  if (!leader_) return;
+  save_checkpoint(result_.checkpoint_path, model_, optimizer_, state_);
+  rotation_.saved(result_.checkpoint_path);
+  progress_.note("saved " + result_.checkpoint_path);
+}
+
+void TrainingRun::write_plots() {
+  if (!options_.write_plots || !leader_) return;
+  for (const char* name : {"loss.svg", "loss.png"}) {
+    const std::string path = (fs::path(options_.out_dir) / name).string();
+    try {
+      plot::write_loss_plot({metrics_path_}, path);
+    } catch (const Error& e) {
+      // The run's real products (checkpoint, metrics) are safe; a plot is a convenience.
+      progress_.note(std::string("warning: no plot: ") + e.what());
+    }
+  }
+}
+
+void TrainingRun::finish_summary() {
+  RunSummary& s = result_.summary;
+  s.steps_completed = state_.step;
+  s.steps_this_run = state_.step - result_.first_step;
+  if (!result_.val_losses.empty()) s.final_val_loss = result_.val_losses.back().second;
+  s.target_val_loss = config_.target_val_loss;
+  s.tokens_seen = tokens_per_step_ * s.steps_this_run;
+  s.training_seconds = result_.seconds;
+  s.wall_seconds = seconds_since(launch_);
+  s.peak_rss_bytes = peak_rss_bytes();
+  s.out_dir = options_.out_dir;
+  s.files = directory_listing(options_.out_dir);
+}
+
+TrainResult TrainingRun::run() {
+  progress_.begin(state_.step);
+  const int last = end_step();
+  for (int step = state_.step; step < last && !stop_requested(); ++step) {
+    if (step % config_.val_every == 0) validate(step);
+    train_one_step(step);
+    const bool periodic = options_.save_every > 0 && state_.step % options_.save_every == 0;
+    if (periodic && state_.step != last) save_checkpoint_at_step();
+  }
+  // SPEC §4: after the last step, validate once more with window(num_iterations). A run
+  // stopped early by --steps validates too, with the window of the step it stopped at.
+  // An interrupted run does not: its resumption validates exactly where this one would have.
+  const bool interrupted = stop_requested();
+  const bool validated_here = !result_.val_losses.empty() && result_.val_losses.back().first == state_.step;
+  if (!interrupted && !validated_here) validate(state_.step);
+  save_checkpoint_at_step();
+  progress_.end();
+  result_.last_step = state_.step;
+  result_.checkpoints_kept = rotation_.kept();
+  write_plots();
+  finish_summary();
+  if (!interrupted && !options_.quiet && leader_) {
+    std::ostream& out = options_.progress_stream ? *options_.progress_stream : std::cout;
+    out << format_summary(result_.summary);
+    out.flush();
+  }
+  return result_;
+}
+
 }  // namespace
 
-double run_training_step(GPT& model, Optimizer& optimizer, std::span<const int32_t> inputs,
+std::string checkpoint_name(const std::string& out_dir, int step) {
+  char name[64];
+  std::snprintf(name, sizeof name, "step_%06d.safetensors", step);
+  return (fs::path(out_dir) / name).string();
+}
+
+double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
                          std::span<const int32_t> targets, int step) {
-  const Config& config = model.config();
-  const int window = long_window_blocks(config, step);
-  const size_t seq = static_cast<size_t>(config.seq_len);
-  model.zero_grad();
-  double loss = 0;
-  const float grad_scale = 1.f / static_cast<float>(config.world_size);
-  for (int r = 0; r < config.world_size; ++r) {
-    loss += model.forward_backward(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), window, grad_scale);
-  }
-  loss /= config.world_size;
+  GPT& model = dp.model();
+  const double loss = dp.compute_gradients(inputs, targets, long_window_blocks(model.config(), step));
   require_finite(loss, "training loss", step);
-  optimizer.step(model.params(), model.grads(), step);
+  optimizer.step(model.params(), model.grads(), step, dp.comm().size() > 1 ? &dp.comm() : nullptr);
   return loss;
 }
 
-double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step) {
+double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,
+                DataParallel* dp) {
   const size_t windows = validation_windows(static_cast<size_t>(config.val_tokens), config.world_size,
                                             config.val_seq_len);
   TokenStream stream(val_files, config.world_size, config.val_seq_len, static_cast<uint32_t>(config.vocab_size));
   const int window = long_window_blocks(config, step);
-  double total = 0;
+  const int first_rank = dp ? dp->first_rank() : 0;
+  const int ranks = dp ? dp->local_ranks() : config.world_size;
+  std::vector<double> losses;
   for (size_t w = 0; w < windows; ++w) {
-    TokenBatch batch = stream.next(0, config.world_size);
-    for (int r = 0; r < config.world_size; ++r) {
-      total += model.forward(sequence(batch.inputs, r, config.val_seq_len), sequence(batch.targets, r, config.val_seq_len),
-                             window);
+    TokenBatch batch = stream.next(first_rank, ranks);
+    for (int r = 0; r < ranks; ++r) {
+      losses.push_back(model.forward(sequence(batch.inputs, r, config.val_seq_len),
+                                     sequence(batch.targets, r, config.val_seq_len), window));
     }
   }
-  return total / (static_cast<double>(windows) * config.world_size);
+  if (dp) return dp->mean_over_ranks(losses, static_cast<int>(windows));
+  double total = 0;
+  for (double loss : losses) total += loss;
+  return total / static_cast<double>(losses.size());
 }
 
 TrainResult train(const TrainOptions& options, Backend& backend) {
-  const auto launch = Clock::now();
-  const Config& config = options.config;
-  config.validate();
-  const int end_step = options.steps < 0 ? config.num_iterations : std::min(options.steps, config.num_iterations);
+  options.config.validate();
   if (options.steps < -1) throw UsageError("--steps must be >= 0, got " + std::to_string(options.steps));
-
-  const std::vector<std::string> train_files = expand_glob(options.train_glob);
-  const std::vector<std::string> val_files = expand_glob(options.val_glob);
+  if (options.save_every < 0) throw UsageError("--save-every must be >= 0, got " + std::to_string(options.save_every));
+  if (options.keep < 1) throw UsageError("--keep must be >= 1, got " + std::to_string(options.keep));
   // Fail on indivisible val_tokens before spending any time training.
-  validation_windows(static_cast<size_t>(config.val_tokens), config.world_size, config.val_seq_len);
-
+  validation_windows(static_cast<size_t>(options.config.val_tokens), options.config.world_size,
+                     options.config.val_seq_len);
   prepare_out_dir(options.out_dir);
-  GPT model(config, backend, config.seq_len, config.val_seq_len);
-  Optimizer optimizer(config, model.layout(), backend);
-  TrainingState state;
-  if (!options.resume_path.empty()) {
-    state = load_checkpoint(options.resume_path, model, optimizer);
-  } else if (!options.init_path.empty()) {
-    load_model(options.init_path, model);
-  }
-  write_file_atomically((std::filesystem::path(options.out_dir) / "config.json").string(), config.to_json().dump(2) + "\n");
-  MetricsWriter metrics(options.metrics_path.empty() ? (std::filesystem::path(options.out_dir) / "metrics.jsonl").string()
-                                                     : options.metrics_path);
-
-  TokenStream train_stream(train_files, config.world_size, config.seq_len, static_cast<uint32_t>(config.vocab_size));
-  train_stream.seek(state.data_position);
-  Prefetcher prefetcher(std::move(train_stream), 0, config.world_size);
-
-  TrainResult result;
-  result.first_step = state.step;
-  const double tokens_per_step = static_cast<double>(config.world_size) * config.seq_len;
-  auto validate = [&](int step) {
-    const auto start = Clock::now();
-    const double loss = evaluate(model, val_files, config, step);
-    require_finite(loss, "validation loss", step);
-    result.val_losses.emplace_back(step, loss);
-    metrics.write({{"step", step}, {"val_loss", loss}, {"window_blocks", long_window_blocks(config, step)},
-                   {"elapsed_s", seconds_since(launch)}, {"val_seconds", seconds_since(start)}});
-    if (!options.quiet) std::printf("step %d/%d | val loss %.4f\n", step, config.num_iterations, loss), std::fflush(stdout);
-  };
-
-  double training_seconds = 0;
-  for (int step = state.step; step < end_step; ++step) {
-    if (step % config.val_every == 0) validate(step);
-    const auto start = Clock::now();
-    TokenBatch batch = prefetcher.next();
-    const double loss = run_training_step(model, optimizer, batch.inputs, batch.targets, step);
-    state.step = step + 1;
-    state.data_position = batch.position_after;
-    const double step_seconds = seconds_since(start);
-    training_seconds += step_seconds;
-    result.train_losses.push_back(loss);
-    metrics.write({{"step", step}, {"train_loss", loss}, {"lr_mult", lr_multiplier(config, step)},
-                   {"window_blocks", long_window_blocks(config, step)}, {"step_seconds", step_seconds},
-                   {"tokens_per_second", tokens_per_step / step_seconds}, {"elapsed_s", seconds_since(launch)}});
-    if (!options.quiet && (step % options.log_every == 0 || step + 1 == end_step)) {
-      std::printf("step %d/%d | train loss %.4f | %.0f tok/s | %.0f ms/step\n", step + 1, config.num_iterations, loss,
-                  tokens_per_step / step_seconds, 1000 * step_seconds);
-      std::fflush(stdout);
-    }
-  }
-  // SPEC §4: after the last step, validate once more with window(num_iterations). A run
-  // stopped early by --steps validates too, with the window of the step it stopped at.
-  if (result.val_losses.empty() || result.val_losses.back().first != state.step) validate(state.step);
-  result.checkpoint_path = checkpoint_name(options.out_dir, state.step);
-  save_checkpoint(result.checkpoint_path, model, optimizer, state);
-  result.last_step = state.step;
-  result.seconds = training_seconds;
-  if (!options.quiet) {
-    std::printf("saved %s\n", result.checkpoint_path.c_str());
-    std::fflush(stdout);
-  }
-  return result;
+  TrainingRun run(options, backend);
+  return run.run();
 }
 
 }  // namespace speedrun

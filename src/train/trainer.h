@@ -1,7 +1,10 @@
 // The training loop of SPEC §4: validation every val_every steps and at the end,
-// world_size sequences accumulated per step, both optimisers, checkpoints, metrics.
+// world_size sequences accumulated per step, both optimisers, checkpoints (final,
+// periodic with rotation, and on interrupt), metrics, progress, plots and summary.
 #pragma once
 
+#include <functional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -9,6 +12,8 @@
 #include "model/config.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
+#include "train/data_parallel.h"
+#include "train/progress.h"
 
 namespace speedrun {
 
@@ -19,10 +24,20 @@ struct TrainOptions {
   int steps = -1;            // stop after this step count (schedules follow num_iterations); -1: all
   std::string init_path;     // start from these parameters (fresh optimiser, step 0)
   std::string resume_path;   // continue a run exactly (parameters, optimiser, step, data)
-  std::string out_dir;       // config.json, metrics.jsonl and checkpoints
+  std::string out_dir;       // config.json, metrics.jsonl, checkpoints and plots
   std::string metrics_path;  // default: out_dir/metrics.jsonl
   int log_every = 1;
   bool quiet = false;
+  bool live_progress = false;      // rewrite one status line ('\r'): for terminals
+  std::ostream* progress_stream = nullptr;  // default std::cout
+  int save_every = 0;              // also save every N steps (0: only at the end)
+  int keep = 2;                    // checkpoints of this run kept on disk, newest first
+  bool write_plots = true;         // loss.svg and loss.png in out_dir at the end
+  // Polled after every step: a signal number stops the run there with a checkpoint.
+  std::function<int()> stop_requested;
+  // The run's processes (mpirun): null means this process alone. Only rank 0 prints,
+  // writes metrics, plots and checkpoints.
+  Communicator* comm = nullptr;
 };
 
 struct TrainResult {
@@ -30,19 +45,28 @@ struct TrainResult {
   int last_step = 0;                 // steps completed at the end
   std::vector<double> train_losses;  // per step run
   std::vector<std::pair<int, double>> val_losses;
-  std::string checkpoint_path;
-  double seconds = 0;
+  std::string checkpoint_path;       // the last checkpoint saved
+  std::vector<std::string> checkpoints_kept;  // this run's checkpoints still on disk, oldest first
+  double seconds = 0;                // training time, validation excluded
+  int stopped_by_signal = 0;         // the signal that stopped the run early, or 0
+  RunSummary summary;
 };
 
 TrainResult train(const TrainOptions& options, Backend& backend);
 
-// One training step of SPEC §4 on world_size sequences laid out one after another in
-// inputs/targets: gradients accumulated with weight 1/world_size, then both optimisers.
-// Returns the step's train loss (mean over the sequences, before the update).
-double run_training_step(GPT& model, Optimizer& optimizer, std::span<const int32_t> inputs,
+// One training step of SPEC §4: this process's sequences (dp.local_ranks() of them,
+// one after another in inputs/targets), gradients averaged over all world_size
+// sequences of every process, then both optimisers. Returns the step's train loss
+// (mean over all sequences, before the update).
+double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
                          std::span<const int32_t> targets, int step);
 
 // Mean validation loss over val_tokens (SPEC §1) with the window of `step`.
-double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step);
+// With dp, each process evaluates its own ranks' sequences of every window.
+double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,
+                DataParallel* dp = nullptr);
+
+// The checkpoint file name of a step inside a run directory: DIR/step_NNNNNN.safetensors.
+std::string checkpoint_name(const std::string& out_dir, int step);
 
 }  // namespace speedrun

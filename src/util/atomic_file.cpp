@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -12,7 +13,17 @@
 namespace speedrun {
 namespace {
 
-std::atomic<long long> g_write_budget{-1};
+// The budget starts from $SPEEDRUN_TEST_WRITE_BUDGET (bytes; read once, at start-up) so
+// that end-to-end tests can simulate a full disk in the speedrun binary.
+long long initial_write_budget() {
+  const char* text = std::getenv("SPEEDRUN_TEST_WRITE_BUDGET");
+  if (!text || !*text) return -1;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(text, &end, 10);
+  return *end == '\0' ? bytes : -1;
+}
+
+std::atomic<long long> g_write_budget{initial_write_budget()};
 
 std::string errno_text(int err) { return std::strerror(err); }
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU: checks the CUDA backend there and brings back logs.
+#
+# The device machine (see /work/.library/device/README.md) is bare and offline: it has
+# nvcc, CUDA 13, cuBLASLt, compute-sanitizer and cuobjdump, but none of the Debian -dev
+# packages this project builds against (OpenBLAS, PCRE2, nlohmann-json, GoogleTest). So we
+# build HERE and carry the binaries with the shared libraries they need:
+#
+#   1. here:  scripts/gpu_check.sh --prepare-carry build-cuda/carry
+#        configures and builds build-cuda (sm_90, -j1), then packs test_cuda_backend,
+#        speedrun and their non-system libraries into build-cuda/carry/payload.tar.gz
+#        (build-cuda/ is git-ignored, so the run tool must be told to carry it).
+#   2. there: run tool, carry ["build-cuda/carry"], command
+#        scripts/gpu_check.sh build-cuda/carry [STAGES]
+#        STAGES (comma-separated, default tests,sanitize; each call must end within the run
+#        tool's 10 minutes, so bench goes in a second call): tests = every GPU test;
+#        sanitize = compute-sanitizer memcheck and racecheck on the op tests; bench =
+#        `speedrun bench --device cuda` on the presets once the training path takes cuda;
+#        logs go to $OUT (at most 8 files; a summary is printed last).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+prepare_carry() {
+  local dir=$1 build=$ROOT/build-cuda
+  set -e
+  cmake -S "$ROOT" -B "$build" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 -DSPEEDRUN_BENCHMARKS=OFF -DSPEEDRUN_TESTS=ON
+  ninja -C "$build" -j1 test_cuda_backend speedrun  # nvcc is slow and the cores are shared: -j1
+  rm -rf "$dir" && mkdir -p "$dir/stage/bin" "$dir/stage/lib" "$dir/stage/fallback"
+  cp "$build/tests/test_cuda_backend" "$build/speedrun" "$dir/stage/bin/"
+  # Every library the binaries load, except glibc's (the device's is newer) and CUDA's
+  # (the device has its own CUDA 13). libstdc++/libgcc_s go to fallback/: used there only
+  # if the device's own are older than this machine's.
+  local lib
+  for lib in $(ldd "$dir"/stage/bin/* | awk '/=> \// {print $3}' | sort -u); do
+    case $(basename "$lib") in
+      libc.so* | libm.so* | libpthread* | libdl.so* | librt.so* | ld-linux* | libcuda* | libcublas*) ;;
+      libstdc++* | libgcc_s*) cp -L "$lib" "$dir/stage/fallback/" ;;
+      *) cp -L "$lib" "$dir/stage/lib/" ;;
+    esac
+  done
+  tar -C "$dir/stage" -czf "$dir/payload.tar.gz" bin lib fallback
+  rm -rf "$dir/stage"
+  du -sh "$dir/payload.tar.gz"
+  echo "carry '${dir#"$ROOT"/}' and run: scripts/gpu_check.sh ${dir#"$ROOT"/}"
+}
+
+# Directory holding libcublasLt.so.13 on the device: the toolkit's, else a Python wheel's.
+find_cublas_dir() {
+  local d
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/lib; do
+    [ -e "$d/libcublasLt.so.13" ] && { echo "$d"; return; }
+  done
+  d=$(find / -name 'libcublasLt.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)
+  [ -n "$d" ] && dirname "$d"
+}
+
+run_checks() {
+  local stages=$2 dir out=${OUT:-/tmp/gpu_check_out} work=/tmp/speedrun_gpu rc
+  dir=$(realpath -m "$1")
+  mkdir -p "$out" "$work"
+  tar -xzf "$dir/payload.tar.gz" -C "$work" || { echo "no payload in $dir: run --prepare-carry here first"; exit 2; }
+  export PATH=/usr/local/cuda/bin:$PATH
+  export LD_LIBRARY_PATH="$work/lib:$(find_cublas_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local test=$work/bin/test_cuda_backend speedrun=$work/bin/speedrun
+  if ! "$test" --gtest_list_tests >/dev/null 2>&1; then
+    export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$work/fallback"  # the device's libstdc++ is too old
+  fi
+  {
+    nvidia-smi
+    ldd --version | head -1
+    ldd "$test"
+    cuobjdump --list-elf "$test"  # expect sm_90 cubins
+  } >"$out/env.log" 2>&1
+
+  local summary=()
+  record() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+  # 1. Every GPU test (the gpu label's ctest runs exactly this binary; ctest's files
+  #    hold this machine's absolute paths, so the binary is run directly).
+  if [[ $stages == *tests* ]]; then
+    timeout 300 "$test" >"$out/tests.log" 2>&1
+    rc=$?
+    record "test_cuda_backend" "rc=$rc ($(grep -c '^\[       OK .* ms)$' "$out/tests.log") ok, $(grep -c '^\[  FAILED  \] .* ms)$' "$out/tests.log") failed, $(grep -c '^\[  SKIPPED \] .* ms)$' "$out/tests.log") skipped)"
+  fi
+
+  # 2. compute-sanitizer on the op tests (the model tests are too slow under it; racecheck,
+  #    slow on shared-memory loops, gets the small attention shapes only).
+  local memcheck_tests='CudaBackendTest.*:GemmTest.StridedBatchesUseEveryMatrix:AttentionTest.EveryWindowOnSmallHeads:AttentionTest.OddShapesAndWideHeads'
+  local racecheck_tests='CudaBackendTest.*:AttentionTest.EveryWindowOnSmallHeads'
+  local tool filter
+  for tool in memcheck racecheck; do
+    [[ $stages == *sanitize* ]] || continue
+    filter=${tool}_tests
+    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 "$test" --gtest_filter="${!filter}" \
+      >"$out/sanitizer_$tool.log" 2>&1
+    rc=$?
+    truncate -s '<8M' "$out/sanitizer_$tool.log"
+    record "compute-sanitizer $tool" "rc=$rc ($(grep -E -m1 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log"))"
+  done
+
+  # 3. Training-step benchmarks, once `bench --device cuda` is wired (it says so otherwise).
+  local preset limit
+  for preset in micro tiny speedrun-124m; do
+    [[ $stages == *bench* ]] || continue
+    limit=120
+    [ "$preset" = speedrun-124m ] && limit=300
+    echo "=== bench --device cuda --preset $preset" >>"$out/bench.log"
+    timeout "$limit" "$speedrun" bench --device cuda --preset "$preset" --steps 2 --warmup 1 \
+      --json "$out/bench_$preset.json" >"$work/bench.tmp" 2>&1
+    rc=$?
+    cat "$work/bench.tmp" >>"$out/bench.log"
+    record "bench --device cuda $preset" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
+  done
+  rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
+
+  echo "--- failures (first 40 lines) ---"
+  [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -40
+  echo "--- summary (logs in \$OUT) ---"
+  printf '%s\n' "${summary[@]}"
+}
+
+case "${1:-}" in
+  --prepare-carry) prepare_carry "$(realpath -m "${2:-$ROOT/build-cuda/carry}")" ;;
+  -h | --help) sed -n '2,20p' "$0" ;;
+  *) run_checks "${1:-build-cuda/carry}" "${2:-tests,sanitize}" ;;
+esac

@@ -1,0 +1,257 @@
+// The CUDA backend: float32 on one device and one stream, computing the same functions
+// as the CPU backend (cuBLASLt for products, own kernels for the rest). Every CUDA and
+// cuBLASLt call is checked; reductions and gradients are deterministic run to run.
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backends/backend.h"
+#include "backends/cuda/cuda_gemm.cuh"
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace speedrun {
+namespace cuda {
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) {
+    int count = 0;
+    SPEEDRUN_CUDA_CHECK(cudaGetDeviceCount(&count));
+    if (device < 0 || device >= count) {
+      throw Error("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) +
+                  " device(s) visible)");
+    }
+    SPEEDRUN_CUDA_CHECK(cudaSetDevice(device));
+    SPEEDRUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    gemm_ = std::make_unique<LtGemm>(stream_);
+    reduce_scratch_ = std::make_unique<Scratch>(stream_);
+    result_scratch_ = std::make_unique<Scratch>(stream_);
+    op_scratch_ = std::make_unique<Scratch>(stream_);
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (auto& [key, freq] : rotary_freqs_) cudaFree(freq);
+    op_scratch_.reset();
+    result_scratch_.reset();
+    reduce_scratch_.reset();
+    gemm_.reset();
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+
+  // --- memory ---------------------------------------------------------------------------
+  float* alloc(size_t count) override { return static_cast<float*>(allocate_zeroed(count * sizeof(float))); }
+  int32_t* alloc_i32(size_t count) override {
+    return static_cast<int32_t*>(allocate_zeroed(count * sizeof(int32_t)));
+  }
+  void release(void* pointer) override {
+    if (!pointer) return;
+    // Called from destructors, so it reports instead of throwing; a failure here is an
+    // earlier asynchronous error, which the next checked call reports as well.
+    const cudaError_t sync = cudaStreamSynchronize(stream_);
+    const cudaError_t status = sync != cudaSuccess ? sync : cudaFree(pointer);
+    if (status != cudaSuccess) {
+      std::fprintf(stderr, "speedrun: warning: CUDA release failed: %s\n", cudaGetErrorString(status));
+    }
+  }
+  void upload(float* dst, const float* host, size_t count) override { upload_bytes(dst, host, count * sizeof(float)); }
+  void download(float* host, const float* src, size_t count) override {
+    download_bytes(host, src, count * sizeof(float));
+  }
+  void upload_i32(int32_t* dst, const int32_t* host, size_t count) override {
+    upload_bytes(dst, host, count * sizeof(int32_t));
+  }
+  void zero(float* dst, size_t count) override {
+    if (count == 0) return;
+    SPEEDRUN_CUDA_CHECK(cudaMemsetAsync(dst, 0, count * sizeof(float), stream_));
+  }
+  void copy(float* dst, const float* src, size_t count) override {
+    if (count == 0 || dst == src) return;
+    const bool overlap = dst < src + count && src < dst + count;
+    if (!overlap) {
+      SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+      return;
+    }
+    // memmove semantics (as the CPU backend) through a temporary.
+    float* temp = static_cast<float*>(op_scratch_->get(count * sizeof(float)));
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(temp, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, temp, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  }
+  void synchronize() override { SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  // --- dense linear algebra ---------------------------------------------------------------
+  void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+            float beta, float* C, int ldc) override {
+    gemm_batched(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+
+  void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
+                    const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
+                    int batch) override {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+    if (K <= 0) {  // the product is empty: C = beta C
+      cuda::scale_matrix(stream_, C, M, N, ldc, stride_c, batch, beta);
+      return;
+    }
+    gemm_->run(ta, tb, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
+  }
+
+  // --- embeddings ---------------------------------------------------------------------------
+  void embedding_forward(float* out, const float* table, const int32_t* tokens, int T, int dim) override {
+    cuda::embedding_forward(stream_, out, table, tokens, T, dim);
+  }
+  void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) override {
+    cuda::embedding_backward(stream_, *op_scratch_, dtable, dout, tokens, T, dim);
+  }
+
+  // --- normalisation and position -------------------------------------------------------
+  void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) override {
+    cuda::rmsnorm_forward(stream_, out, rstd, x, rows, dim, eps);
+  }
+  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
+                        bool accumulate) override {
+    cuda::rmsnorm_backward(stream_, dx, dout, out, rstd, rows, dim, accumulate);
+  }
+  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
+    cuda::rotary(stream_, x, T, H, D, rotary_frequencies(D, base), inverse);
+  }
+
+  // --- elementwise --------------------------------------------------------------------------
+  void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) override {
+    cuda::mix_forward(stream_, out, a, b, coef, n);
+  }
+  void mix_backward(float* da, bool accumulate_da, float* db, float* dcoef, const float* dout, const float* a,
+                    const float* b, const float* coef, size_t n) override {
+    // Coefficient gradients first: da may alias dout (stream order keeps them before).
+    dot_reduce(stream_, *reduce_scratch_, dout, a, n, 0, 1, DotResult::kAccumulateFloat, dcoef);
+    if (b) dot_reduce(stream_, *reduce_scratch_, dout, b, n, 0, 1, DotResult::kAccumulateFloat, dcoef + 1);
+    cuda::mix_backward_elementwise(stream_, da, accumulate_da, db, dout, coef, b != nullptr, n);
+  }
+  void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {
+    cuda::scaled_add_forward(stream_, out, y, weight, n);
+  }
+  void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y, const float* weight,
+                           size_t n) override {
+    dot_reduce(stream_, *reduce_scratch_, dout, y, n, 0, 1, DotResult::kAccumulateFloat, dweight);
+    cuda::scaled_add_backward_elementwise(stream_, dy, dout, weight, n);
+  }
+  void add(float* out, const float* x, size_t n) override { cuda::add(stream_, out, x, n); }
+  void relu2_forward(float* out, const float* x, size_t n) override { cuda::relu2_forward(stream_, out, x, n); }
+  void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
+    cuda::relu2_backward(stream_, dx, dout, x, n);
+  }
+
+  // --- attention ------------------------------------------------------------------------------
+  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
+                         const AttentionShape& shape) override {
+    cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
+                          const float* q, const float* k, const float* v, const int32_t* doc,
+                          const AttentionShape& shape) override {
+    cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+  }
+
+  // --- head -------------------------------------------------------------------------------------
+  void softcap_cross_entropy(float* logits, float* row_loss, const int32_t* targets, int rows, int V, float softcap,
+                             float grad_scale) override {
+    cuda::softcap_cross_entropy(stream_, logits, row_loss, targets, rows, V, softcap, grad_scale);
+  }
+  double sum(const float* x, size_t n) override {
+    double* total = static_cast<double*>(result_scratch_->get(sizeof(double)));
+    dot_reduce(stream_, *reduce_scratch_, x, nullptr, n, 0, 1, DotResult::kStoreDouble, total);
+    double host = 0.0;
+    download_bytes(&host, total, sizeof(double));
+    return host;
+  }
+
+  // --- optimisers ----------------------------------------------------------------------------
+  void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                   float eps, int step) override {
+    // The bias corrections exactly as the CPU backend computes them.
+    const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
+    const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
+    const float step_size = static_cast<float>(lr / bias1);
+    const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
+    cuda::adam_update(stream_, param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+  }
+  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum) override {
+    cuda::muon_momentum(stream_, out, buf, grad, n, momentum);
+  }
+  void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
+    if (batch <= 0) return;
+    float* scales = static_cast<float*>(result_scratch_->get(sizeof(float) * batch));
+    dot_reduce(stream_, *reduce_scratch_, x, x, count, count, batch, DotResult::kInverseNorm, scales, eps);
+    cuda::scale_batches(stream_, x, scales, count, batch);
+  }
+  void apply_update(float* param, const float* update, size_t n, float scale) override {
+    cuda::apply_update(stream_, param, update, n, scale);
+  }
+  void transpose(float* out, const float* x, int rows, int cols, int batch) override {
+    cuda::transpose(stream_, out, x, rows, cols, batch);
+  }
+
+ private:
+  void* allocate_zeroed(size_t bytes) {
+    void* pointer = nullptr;
+    const size_t size = std::max<size_t>(bytes, 256);
+    check_cuda(cudaMalloc(&pointer, size), ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
+    const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
+    if (status != cudaSuccess) {
+      cudaFree(pointer);
+      check_cuda(status, "cudaMemsetAsync (zero-fill of a new allocation)");
+    }
+    return pointer;
+  }
+
+  // Synchronous on return, so the host buffer (pageable or pinned) may be reused at once.
+  void upload_bytes(void* dst, const void* host, size_t bytes) {
+    if (bytes == 0) return;
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_));
+    SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void download_bytes(void* host, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  // The D/2 rotary frequencies computed on the host exactly as the CPU backend does
+  // (float of a double pow), uploaded once per (D, base).
+  const float* rotary_frequencies(int D, float base) {
+    const auto key = std::make_pair(D, base);
+    auto found = rotary_freqs_.find(key);
+    if (found != rotary_freqs_.end()) return found->second;
+    const int half = D / 2, quarter = D / 4;
+    std::vector<float> freq(std::max(half, 1), 0.f);
+    for (int i = 0; i < quarter; ++i) {
+      const double exponent = quarter > 1 ? static_cast<double>(i) / (quarter - 1) : 0.0;
+      freq[i] = static_cast<float>(std::pow(1.0 / base, exponent));
+    }
+    float* device = static_cast<float*>(allocate_zeroed(freq.size() * sizeof(float)));
+    rotary_freqs_.emplace(key, device);
+    upload_bytes(device, freq.data(), freq.size() * sizeof(float));
+    return device;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<LtGemm> gemm_;
+  std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
+  std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
+  std::unique_ptr<Scratch> op_scratch_;      // temporaries of one operation (sort, scans, copies)
+  std::map<std::pair<int, float>, float*> rotary_freqs_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<cuda::CudaBackend>(device); }
+
+}  // namespace speedrun

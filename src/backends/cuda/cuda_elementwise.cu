@@ -1,0 +1,306 @@
+// The CUDA backend's elementwise, row-normalisation, rotary, optimiser and transpose
+// kernels. Each mirrors the CPU backend's loop of the same name (same operation order
+// where it matters); "traffic" is the floor of device-memory bytes a call must move.
+#include "backends/cuda/cuda_kernels.cuh"
+
+namespace speedrun::cuda {
+namespace {
+
+constexpr int kRowWarps = 8;  // rows per block in the warp-per-row kernels
+
+// out[t, c] = table[tokens[t], c]. Traffic: 8 T dim bytes (+ 4 T for the ids).
+__global__ void embedding_forward_kernel(float* out, const float* table, const int32_t* tokens, int T, int dim) {
+  const size_t n = static_cast<size_t>(T) * dim;
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const size_t t = i / dim, c = i % dim;
+    out[i] = table[static_cast<size_t>(tokens[t]) * dim + c];
+  }
+}
+
+// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s, rstd = s. out may alias x
+// (each lane rereads only its own elements). Traffic: 8 rows dim bytes.
+__global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, int rows, int dim, float eps) {
+  const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* xr = x + static_cast<size_t>(row) * dim;
+  float* yr = out + static_cast<size_t>(row) * dim;
+  float sum_sq = 0.f;
+  for (int i = lane; i < dim; i += 32) sum_sq += xr[i] * xr[i];
+  sum_sq = warp_reduce(sum_sq, SumOp{});
+  const float s = 1.f / sqrtf(sum_sq / dim + eps);
+  for (int i = lane; i < dim; i += 32) yr[i] = xr[i] * s;
+  if (lane == 0) rstd[row] = s;
+}
+
+// One warp per row: dx (+)= rstd (dout - out mean(dout out)). dx may alias dout (each lane
+// reads an element before writing it). Traffic: 12 (16 accumulating) rows dim bytes.
+__global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const float* out, const float* rstd, int rows,
+                                        int dim, bool accumulate) {
+  const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const size_t off = static_cast<size_t>(row) * dim;
+  float dot = 0.f;
+  for (int i = lane; i < dim; i += 32) dot += dout[off + i] * out[off + i];
+  dot = warp_reduce(dot, SumOp{});
+  const float mean = dot / dim;
+  const float r = rstd[row];
+  for (int i = lane; i < dim; i += 32) {
+    const float g = r * (dout[off + i] - out[off + i] * mean);
+    dx[off + i] = accumulate ? dx[off + i] + g : g;
+  }
+}
+
+// x [T, H, D] in place: with theta = fl32(t freq[i]), i < D/2, (x1, x2) = (x[i], x[i + D/2])
+// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse. Traffic: 8 T H D bytes.
+__global__ void rotary_kernel(float* x, int T, int H, int D, const float* freq, float sign) {
+  const int half = D / 2;
+  const size_t n = static_cast<size_t>(T) * H * half;
+  SPEEDRUN_GRID_STRIDE(idx, n) {
+    const int i = static_cast<int>(idx % half);
+    const size_t token_head = idx / half;
+    const int t = static_cast<int>(token_head / H);
+    const float theta = static_cast<float>(t) * freq[i];
+    const float c = cosf(theta);
+    const float s = sign * sinf(theta);
+    float* row = x + token_head * D;
+    const float x1 = row[i];
+    const float x2 = row[i + half];
+    row[i] = x1 * c + x2 * s;
+    row[i + half] = -x1 * s + x2 * c;
+  }
+}
+
+// out = coef[0] a + coef[1] b (or coef[0] a). out may alias a. Traffic: 12 n bytes (8 n without b).
+__global__ void mix_forward_kernel(float* out, const float* a, const float* b, const float* coef, size_t n) {
+  const float c0 = coef[0];
+  if (b) {
+    const float c1 = coef[1];
+    SPEEDRUN_GRID_STRIDE(i, n) out[i] = c0 * a[i] + c1 * b[i];
+  } else {
+    SPEEDRUN_GRID_STRIDE(i, n) out[i] = c0 * a[i];
+  }
+}
+
+// db += coef[1] dout (when db); da (+)= coef[0] dout. da may alias dout. Traffic: up to 20 n bytes.
+__global__ void mix_backward_kernel(float* da, bool accumulate_da, float* db, const float* dout, const float* coef,
+                                    bool has_b, size_t n) {
+  const float c0 = coef[0];
+  const float c1 = has_b ? coef[1] : 0.f;
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float g = dout[i];
+    if (db) db[i] += c1 * g;
+    da[i] = accumulate_da ? da[i] + c0 * g : c0 * g;
+  }
+}
+
+// out += weight[0] y. Traffic: 12 n bytes.
+__global__ void scaled_add_kernel(float* out, const float* y, const float* weight, size_t n) {
+  const float w = weight[0];
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] += w * y[i];
+}
+
+// out += x. Traffic: 12 n bytes.
+__global__ void add_kernel(float* out, const float* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] += x[i];
+}
+
+// out = relu(x)^2. Traffic: 8 n bytes.
+__global__ void relu2_forward_kernel(float* out, const float* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float r = x[i] > 0.f ? x[i] : 0.f;
+    out[i] = r * r;
+  }
+}
+
+// dx = x > 0 ? 2 x dout : 0. dx may alias dout. Traffic: 12 n bytes.
+__global__ void relu2_backward_kernel(float* dx, const float* dout, const float* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float xi = x[i];
+    dx[i] = xi > 0.f ? 2.f * xi * dout[i] : 0.f;
+  }
+}
+
+// Adam (PyTorch's form, bias corrections folded into step_size and inv_sqrt_bias2 on the
+// host exactly as the CPU backend does). Traffic: 28 n bytes.
+__global__ void adam_kernel(float* param, const float* grad, float* m, float* v, size_t n, float beta1, float beta2,
+                            float eps, float step_size, float inv_sqrt_bias2) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float g = grad[i];
+    const float mi = beta1 * m[i] + (1.f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] -= step_size * mi / (sqrtf(vi) * inv_sqrt_bias2 + eps);
+  }
+}
+
+// buf = m buf + (1-m) g; out = (1-m) g + m buf. out may alias grad. Traffic: 16 n bytes.
+__global__ void muon_momentum_kernel(float* out, float* buf, const float* grad, size_t n, float momentum) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float g = grad[i];
+    const float b = momentum * buf[i] + (1.f - momentum) * g;
+    buf[i] = b;
+    out[i] = (1.f - momentum) * g + momentum * b;
+  }
+}
+
+// param -= scale update. Traffic: 12 n bytes.
+__global__ void apply_update_kernel(float* param, const float* update, size_t n, float scale) {
+  SPEEDRUN_GRID_STRIDE(i, n) param[i] -= scale * update[i];
+}
+
+// x[b, i] *= scale[b] over batch rows of count (grid.y = batch). Traffic: 8 batch count bytes.
+__global__ void scale_batches_kernel(float* x, const float* scale, size_t count) {
+  float* xb = x + blockIdx.y * count;
+  const float s = scale[blockIdx.y];
+  SPEEDRUN_GRID_STRIDE(i, count) xb[i] *= s;
+}
+
+// C = beta C (0 when beta == 0, never reading C) per matrix (grid.y = batch). Traffic: 8 M N bytes.
+__global__ void scale_matrix_kernel(float* C, int M, int N, int ldc, size_t stride_c, float beta) {
+  float* Cb = C + blockIdx.y * stride_c;
+  const size_t n = static_cast<size_t>(M) * N;
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    float& c = Cb[(i / N) * ldc + i % N];
+    c = beta == 0.f ? 0.f : beta * c;
+  }
+}
+
+// out[b] (cols x rows) = x[b]^T through a padded 32x32 shared tile (grid.z = batch).
+// Traffic: 8 batch rows cols bytes.
+__global__ void transpose_kernel(float* out, const float* x, int rows, int cols) {
+  __shared__ float tile[32][33];
+  const size_t offset = static_cast<size_t>(blockIdx.z) * rows * cols;
+  x += offset;
+  out += offset;
+  const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int r = r0 + j, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[j][threadIdx.x] = x[static_cast<size_t>(r) * cols + c];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int c = c0 + j, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) out[static_cast<size_t>(c) * rows + r] = tile[threadIdx.x][j];
+  }
+}
+
+unsigned row_blocks(int rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
+
+}  // namespace
+
+void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim) {
+  const size_t n = static_cast<size_t>(T) * dim;
+  if (n == 0) return;
+  embedding_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, table, tokens, T, dim);
+  check_launch("embedding_forward_kernel");
+}
+
+void rmsnorm_forward(cudaStream_t s, float* out, float* rstd, const float* x, int rows, int dim, float eps) {
+  if (rows <= 0) return;
+  rmsnorm_forward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, rstd, x, rows, dim, eps);
+  check_launch("rmsnorm_forward_kernel");
+}
+
+void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
+                      int dim, bool accumulate) {
+  if (rows <= 0) return;
+  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dout, out, rstd, rows, dim, accumulate);
+  check_launch("rmsnorm_backward_kernel");
+}
+
+void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse) {
+  const size_t n = static_cast<size_t>(T) * H * (D / 2);
+  if (n == 0) return;
+  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, T, H, D, freq, inverse ? -1.f : 1.f);
+  check_launch("rotary_kernel");
+}
+
+void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, const float* coef, size_t n) {
+  if (n == 0) return;
+  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, a, b, coef, n);
+  check_launch("mix_forward_kernel");
+}
+
+void mix_backward_elementwise(cudaStream_t s, float* da, bool accumulate_da, float* db, const float* dout,
+                              const float* coef, bool has_b, size_t n) {
+  if (n == 0) return;
+  mix_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(da, accumulate_da, db, dout, coef, has_b, n);
+  check_launch("mix_backward_kernel");
+}
+
+void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n) {
+  if (n == 0) return;
+  scaled_add_kernel<<<grid_for(n), kThreads, 0, s>>>(out, y, weight, n);
+  check_launch("scaled_add_kernel");
+}
+
+void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n) {
+  scaled_add_forward(s, dy, dout, weight, n);  // dy += weight[0] dout
+}
+
+void add(cudaStream_t s, float* out, const float* x, size_t n) {
+  if (n == 0) return;
+  add_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  check_launch("add_kernel");
+}
+
+void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n) {
+  if (n == 0) return;
+  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  check_launch("relu2_forward_kernel");
+}
+
+void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n) {
+  if (n == 0) return;
+  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dout, x, n);
+  check_launch("relu2_backward_kernel");
+}
+
+void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
+                 float beta2, float eps, float step_size, float inv_sqrt_bias2) {
+  if (n == 0) return;
+  adam_kernel<<<grid_for(n), kThreads, 0, s>>>(param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+  check_launch("adam_kernel");
+}
+
+void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum) {
+  if (n == 0) return;
+  muon_momentum_kernel<<<grid_for(n), kThreads, 0, s>>>(out, buf, grad, n, momentum);
+  check_launch("muon_momentum_kernel");
+}
+
+void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale) {
+  if (n == 0) return;
+  apply_update_kernel<<<grid_for(n), kThreads, 0, s>>>(param, update, n, scale);
+  check_launch("apply_update_kernel");
+}
+
+void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, int batch) {
+  if (count == 0 || batch <= 0) return;
+  const dim3 grid(std::min(grid_for(count), 4096u), static_cast<unsigned>(batch));
+  scale_batches_kernel<<<grid, kThreads, 0, s>>>(x, scale, count);
+  check_launch("scale_batches_kernel");
+}
+
+void scale_matrix(cudaStream_t s, float* C, int M, int N, int ldc, size_t stride_c, int batch, float beta) {
+  const size_t n = static_cast<size_t>(M) * N;
+  if (n == 0 || batch <= 0) return;
+  const dim3 grid(std::min(grid_for(n), 4096u), static_cast<unsigned>(batch));
+  scale_matrix_kernel<<<grid, kThreads, 0, s>>>(C, M, N, ldc, stride_c, beta);
+  check_launch("scale_matrix_kernel");
+}
+
+void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, int batch) {
+  if (rows <= 0 || cols <= 0 || batch <= 0) return;
+  const dim3 block(32, 8);
+  const dim3 grid((cols + 31) / 32, (rows + 31) / 32, batch);
+  if (grid.y > 65535u || grid.z > 65535u) {
+    throw Error("transpose: " + std::to_string(rows) + " rows x " + std::to_string(batch) +
+                " matrices exceed the CUDA grid (at most 65535 row tiles and 65535 matrices)");
+  }
+  transpose_kernel<<<grid, block, 0, s>>>(out, x, rows, cols);
+  check_launch("transpose_kernel");
+}
+
+}  // namespace speedrun::cuda

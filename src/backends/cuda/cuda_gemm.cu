@@ -1,0 +1,131 @@
+// cuBLASLt matrix products for the CUDA backend. cuBLASLt is column-major: a row-major
+// matrix with leading dimension ld is the column-major transpose with the same ld, so the
+// row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T: cuBLAS's
+// first operand is our B (op = transpose_b), its second our A (op = transpose_a).
+#include "backends/cuda/cuda_gemm.cuh"
+
+#include <algorithm>
+#include <string>
+
+#include "backends/cuda/cuda_check.cuh"
+
+namespace speedrun::cuda {
+namespace {
+
+// The largest power of two (<= 256) dividing every matrix's address in bytes.
+int64_t alignment_bytes(const void* pointer, size_t stride_elements, int batch) {
+  uint64_t bits = reinterpret_cast<uint64_t>(pointer);
+  if (batch > 1) bits |= stride_elements * sizeof(float);
+  bits |= 256;
+  return static_cast<int64_t>(bits & (~bits + 1));
+}
+
+cublasLtMatrixLayout_t make_layout(uint64_t rows, uint64_t cols, int64_t ld, int batch, int64_t stride) {
+  cublasLtMatrixLayout_t layout = nullptr;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_32F, rows, cols, ld));
+  const int32_t count = batch;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                         sizeof(count)));
+  // Set on every layout: the offset defaults to 0, which would silently reuse matrix 0.
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                         &stride, sizeof(stride)));
+  return layout;
+}
+
+}  // namespace
+
+LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
+  SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
+  check_cuda(cudaMalloc(&workspace_, kWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
+}
+
+LtGemm::~LtGemm() {
+  for (auto& [key, plan] : plans_) {
+    cublasLtMatrixLayoutDestroy(plan.a);
+    cublasLtMatrixLayoutDestroy(plan.b);
+    cublasLtMatrixLayoutDestroy(plan.c);
+    cublasLtMatmulDescDestroy(plan.desc);
+  }
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
+  auto found = plans_.find(key);
+  if (found != plans_.end()) return found->second;
+  const bool ta = key[0], tb = key[1];
+  const int64_t M = key[2], N = key[3], K = key[4], lda = key[5], ldb = key[6], ldc = key[7];
+  const int64_t stride_a = key[8], stride_b = key[9], stride_c = key[10];
+  const int batch = static_cast<int>(key[11]);
+  Plan plan;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;   // applied to our B
+  const cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // applied to our A
+  SPEEDRUN_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
+  SPEEDRUN_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
+  // Stored (pre-op) column-major shapes: our B is [K,N] row-major (or [N,K] transposed),
+  // i.e. column-major N x K (or K x N); likewise our A; C^T is N x M.
+  plan.a = make_layout(tb ? K : N, tb ? N : K, ldb, batch, stride_b);
+  plan.b = make_layout(ta ? M : K, ta ? K : M, lda, batch, stride_a);
+  plan.c = make_layout(N, M, ldc, batch, stride_c);
+
+  cublasLtMatmulPreference_t preference = nullptr;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+  const uint64_t workspace = kWorkspaceBytes;
+  const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
+  const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
+  const uint32_t align_c = static_cast<uint32_t>(key[14]);
+  cublasLtMatmulHeuristicResult_t result{};
+  int returned = 0;
+  try {
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                               &workspace, sizeof(workspace)));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(align_first)));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second)));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                               &align_c, sizeof(align_c)));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                               &align_c, sizeof(align_c)));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c,
+                                                         preference, 1, &result, &returned));
+  } catch (...) {
+    cublasLtMatmulPreferenceDestroy(preference);
+    throw;
+  }
+  cublasLtMatmulPreferenceDestroy(preference);
+  if (returned < 1) {
+    throw Error("cuBLASLt found no float32 algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
+                " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
+  }
+  plan.algo = result.algo;
+  return plans_.emplace(key, plan).first->second;
+}
+
+void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
+                 const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c, int batch) {
+  const Key key{ta,
+                tb,
+                M,
+                N,
+                K,
+                lda,
+                ldb,
+                ldc,
+                static_cast<int64_t>(stride_a),
+                static_cast<int64_t>(stride_b),
+                static_cast<int64_t>(stride_c),
+                batch,
+                alignment_bytes(A, stride_a, batch),
+                alignment_bytes(B, stride_b, batch),
+                alignment_bytes(C, stride_c, batch)};
+  const Plan& plan = plan_for(key);
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+                                       &plan.algo, workspace_, kWorkspaceBytes, stream_));
+}
+
+}  // namespace speedrun::cuda

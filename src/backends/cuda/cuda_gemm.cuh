@@ -1,0 +1,45 @@
+// Row-major float32 matrix products through cuBLASLt (FP32 compute, no TF32), with the
+// matmul descriptors and the chosen algorithm cached per shape, strides and alignment.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+
+namespace speedrun::cuda {
+
+class LtGemm {
+ public:
+  explicit LtGemm(cudaStream_t stream);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+
+  // The Backend::gemm_batched contract: C[i] = alpha op(A[i]) op(B[i]) + beta C[i], row-major,
+  // matrix i at pointer + i * stride. Requires K > 0 (the caller scales C when K == 0).
+  void run(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A, int lda,
+           size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
+           int batch);
+
+  static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+
+ private:
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's (column-major) operands
+    cublasLtMatmulAlgo_t algo{};
+  };
+  using Key = std::array<int64_t, 15>;
+  const Plan& plan_for(const Key& key);
+
+  cudaStream_t stream_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  std::map<Key, Plan> plans_;
+};
+
+}  // namespace speedrun::cuda

@@ -1,0 +1,67 @@
+// Host-side launchers of the CUDA backend's kernels. Every launcher enqueues on the given
+// stream, checks the launch, and computes the same function as the CPU backend's operation
+// of the same name (src/backends/cpu/cpu_backend.cpp); see each kernel for its formula.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backends/backend.h"
+#include "backends/cuda/cuda_common.cuh"
+
+namespace speedrun::cuda {
+
+// --- elementwise, normalisation, position, optimisers (cuda_elementwise.cu) -------------
+void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim);
+void rmsnorm_forward(cudaStream_t s, float* out, float* rstd, const float* x, int rows, int dim, float eps);
+void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
+                      int dim, bool accumulate);
+// freq: device array of D/2 angular frequencies (D/4 of them then zeros).
+void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse);
+void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, const float* coef, size_t n);
+// The elementwise half of mix_backward (its dot products go through dot_reduce first).
+void mix_backward_elementwise(cudaStream_t s, float* da, bool accumulate_da, float* db, const float* dout,
+                              const float* coef, bool has_b, size_t n);
+void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n);
+void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n);
+void add(cudaStream_t s, float* out, const float* x, size_t n);
+void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n);
+void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n);
+void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
+                 float beta2, float eps, float step_size, float inv_sqrt_bias2);
+void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum);
+void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale);
+// x[b * count + i] *= scale[b] (scale on the device).
+void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, int batch);
+// C[M, N] (row-major, leading dimension ldc, `batch` matrices stride_c apart) = beta * C,
+// or 0 when beta == 0: a product with K == 0.
+void scale_matrix(cudaStream_t s, float* C, int M, int N, int ldc, size_t stride_c, int batch, float beta);
+void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, int batch);
+
+// --- reductions and the head (cuda_reduce.cu) ---------------------------------------------
+enum class DotResult {
+  kAccumulateFloat,  // out (float*)[b] += float(total)
+  kStoreDouble,      // out (double*)[b] = total
+  kInverseNorm,      // out (float*)[b] = float(1 / (sqrt(total) + eps))
+};
+// total[b] = sum_i a[b*stride + i] * b[b*stride + i] over i < n (or sum of a when b is null),
+// in float64, in a fixed order that depends only on n. scratch: partial sums.
+void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b, size_t n, size_t stride, int batch,
+                DotResult result, void* out, float eps = 0.f);
+void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
+                           float softcap, float grad_scale);
+
+// --- embedding backward (cuda_embedding.cu) -------------------------------------------
+void embedding_backward(cudaStream_t s, Scratch& scratch, float* dtable, const float* dout, const int32_t* tokens,
+                        int T, int dim);
+
+// --- attention (cuda_attention.cu) ------------------------------------------------------
+void attention_forward(cudaStream_t s, Scratch& scratch, float* y, float* lse, const float* q, const float* k,
+                       const float* v, const int32_t* doc, const AttentionShape& shape);
+void attention_backward(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,
+                        const float* y, const float* lse, const float* q, const float* k, const float* v,
+                        const int32_t* doc, const AttentionShape& shape);
+
+}  // namespace speedrun::cuda

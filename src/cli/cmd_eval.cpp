@@ -1,0 +1,61 @@
+// speedrun eval: the validation loss of a checkpoint (SPEC §1), with the window of the
+// checkpoint's step (SPEC §3) — so it reproduces the run's own validation exactly.
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "model/gpt.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+#include "util/paths.h"
+
+namespace speedrun::cli {
+
+void register_eval_command(CLI::App& app) {
+  struct Options {
+    std::string checkpoint;
+    std::string val_glob;
+    int val_seq_len = 0;
+    int64_t val_tokens = 0;
+    int step = -1;
+    bool json = false;
+  };
+  auto opts = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("eval", "validation loss of a checkpoint");
+  cmd->add_option("--ckpt", opts->checkpoint, "model checkpoint (FILE.safetensors)")->required();
+  cmd->add_option("--val", opts->val_glob, "glob of validation shards (default: the default corpus)");
+  cmd->add_option("--val-seq-len", opts->val_seq_len, "tokens per validation sequence (default: the checkpoint's)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--val-tokens", opts->val_tokens, "validation tokens (default: the checkpoint's)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--step", opts->step, "use the attention window of this step (default: the checkpoint's step)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--json", opts->json, "print {\"val_loss\", \"step\", ...} as one JSON line");
+  cmd->callback([opts] {
+    Config config = read_checkpoint_config(opts->checkpoint);
+    if (opts->val_seq_len > 0) config.val_seq_len = opts->val_seq_len;
+    if (opts->val_tokens > 0) config.val_tokens = opts->val_tokens;
+    config.validate();
+    const std::string val_glob = opts->val_glob.empty() ? default_data_dir() + "/val_*.bin" : opts->val_glob;
+    const std::vector<std::string> val_files = expand_glob(val_glob);
+    auto backend = make_cpu_backend();
+    // Forward passes only: no training activations beyond one block.
+    GPT model(config, *backend, config.attn_block_size, config.val_seq_len);
+    const int checkpoint_step = load_model(opts->checkpoint, model);
+    const int step = opts->step >= 0 ? opts->step : checkpoint_step;
+    const double loss = evaluate(model, val_files, config, step);
+    const int window = long_window_blocks(config, step);
+    if (opts->json) {
+      const nlohmann::json record = {{"val_loss", loss},         {"step", step},
+                                     {"window_blocks", window},  {"val_tokens", config.val_tokens},
+                                     {"val_seq_len", config.val_seq_len}, {"checkpoint", opts->checkpoint}};
+      std::printf("%s\n", record.dump().c_str());
+    } else {
+      std::printf("val loss %.6f | step %d | window %d blocks | %lld tokens in sequences of %d\n", loss, step, window,
+                  static_cast<long long>(config.val_tokens), config.val_seq_len);
+    }
+  });
+}
+
+}  // namespace speedrun::cli

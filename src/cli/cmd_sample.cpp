@@ -1,0 +1,55 @@
+// speedrun sample: text from a checkpoint, generated token by token on the CPU with the
+// model's own attention mask (window of the checkpoint's step, documents).
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "data/tokenizer.h"
+#include "model/gpt.h"
+#include "model/sampler.h"
+#include "train/checkpoint.h"
+
+namespace speedrun::cli {
+
+void register_sample_command(CLI::App& app) {
+  struct Options {
+    std::string checkpoint;
+    std::string prompt;
+    int max_new_tokens = 100;
+    SamplingOptions sampling;
+  };
+  auto opts = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("sample", "generate text from a checkpoint");
+  cmd->add_option("--ckpt", opts->checkpoint, "model checkpoint (FILE.safetensors)")->required();
+  cmd->add_option("--prompt", opts->prompt, "text to continue (a new document)")->capture_default_str();
+  cmd->add_option("--max-new-tokens", opts->max_new_tokens, "tokens to generate")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--temperature", opts->sampling.temperature, "softmax temperature; 0 picks the likeliest token")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--top-k", opts->sampling.top_k, "sample among the k likeliest tokens (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--seed", opts->sampling.seed, "random seed (same seed, same text)")->capture_default_str();
+  cmd->callback([opts] {
+    const Config config = read_checkpoint_config(opts->checkpoint);
+    const Tokenizer tokenizer = Tokenizer::load_default();
+    auto backend = make_cpu_backend();
+    GPT model(config, *backend, config.attn_block_size, config.attn_block_size);
+    const int step = load_model(opts->checkpoint, model);
+    Sampler sampler(model, long_window_blocks(config, step));
+    TokenChooser chooser(opts->sampling, config.vocab_size);
+    // The prompt is a document of its own: it starts after an end-of-text token.
+    std::vector<int32_t> prompt = {static_cast<int32_t>(Tokenizer::kEndOfText)};
+    for (uint32_t id : tokenizer.encode(opts->prompt)) prompt.push_back(static_cast<int32_t>(id));
+    std::fwrite(opts->prompt.data(), 1, opts->prompt.size(), stdout);
+    generate(sampler, prompt, opts->max_new_tokens, chooser, [&](int32_t token) {
+      const std::string& bytes = tokenizer.token_bytes(static_cast<uint32_t>(token));
+      std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+      std::fflush(stdout);
+    });
+    std::fputc('\n', stdout);
+  });
+}
+
+}  // namespace speedrun::cli

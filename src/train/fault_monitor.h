@@ -1,0 +1,117 @@
+// Numerical faults of a training run: non-finite losses or gradients (policy skip|stop)
+// and loss spikes found by a z-score over the recent losses (policy warn|skip), in the
+// spirit of llm.c's outlier detector. The trainer asks for a verdict before each update.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace speedrun {
+
+class Backend;
+
+enum class NonFinitePolicy { kSkip, kStop };
+enum class SpikePolicy { kWarn, kSkip };
+
+// "skip"/"stop" and "warn"/"skip"; anything else is a UsageError naming the value.
+NonFinitePolicy parse_non_finite_policy(const std::string& name);
+SpikePolicy parse_spike_policy(const std::string& name);
+
+struct FaultMonitorOptions {
+  NonFinitePolicy non_finite = NonFinitePolicy::kStop;
+  SpikePolicy spike = SpikePolicy::kWarn;
+  // Gradients are checked on steps s with s % grad_check_every == 0. The loss is checked
+  // every step: it reaches the host anyway. 1 on the CPU (a cheap pass over the gradient).
+  int grad_check_every = 1;
+  int spike_window = 128;       // losses the running mean and std are taken over
+  double spike_zscore = 5.0;    // a step whose loss has z > this is a spike
+  // Consecutive skipped steps (for any reason) after which the run stops instead: a run
+  // that skips every step trains nothing, and should say so.
+  int max_consecutive_skips = 16;
+};
+
+// Throws UsageError naming the field when an option is out of range.
+void validate(const FaultMonitorOptions& options);
+
+// Rolling z-score of a series over the last `window` values (exact mean and population
+// std recomputed from the ring buffer, so no drift from running sums).
+class SpikeDetector {
+ public:
+  explicit SpikeDetector(int window);
+  // The z-score of `value` against the window of values before it, or nullopt while the
+  // window is not yet full. A window of identical values gives 0 for an equal value and
+  // +-infinity otherwise. Non-finite values are not scored and not added.
+  std::optional<double> score(double value) const;
+  void add(double value);
+  size_t size() const { return filled_; }
+  double mean() const;
+  double stddev() const;
+
+ private:
+  std::vector<double> ring_;
+  size_t next_ = 0;
+  size_t filled_ = 0;
+};
+
+enum class StepAction {
+  kApply,  // apply the step's update
+  kSkip,   // do not apply the update: the step counts, the parameters stay
+  kStop,   // stop the run at this step (the trainer saves the state before the step)
+};
+
+struct StepVerdict {
+  StepAction action = StepAction::kApply;
+  std::string message;  // empty for a clean step; otherwise names the step and the fault
+  std::optional<double> zscore;  // the loss's z-score, once the window is full
+};
+
+// Decides, step by step, whether an update may be applied.
+//
+// GPU design: the verdict must come before the update, so a skip needs to know about
+// the gradient before the optimiser runs. The loss is read back every step anyway (it is
+// logged), so the loss check is free. The gradient check costs a pass over the
+// gradient and a host read; grad_check_every = N amortises it over N steps. On a GPU
+// backend the intended form is: the kernel that already reads the whole gradient (the
+// norm or the all-reduce) ORs "saw a non-finite value" into a 4-byte device flag, and
+// the flag is copied to pinned host memory on the same stream right after the loss, so
+// reading it costs no extra synchronisation; pass the flag as `gradients_finite`.
+// Between checks a non-finite gradient is still caught one step late through the loss
+// (NaN parameters give a NaN loss), but its update has then been applied: with
+// policy skip, use grad_check_every = 1 where faults are expected.
+class FaultMonitor {
+ public:
+  explicit FaultMonitor(FaultMonitorOptions options = {});
+
+  const FaultMonitorOptions& options() const { return options_; }
+  bool should_check_gradients(int step) const { return step % options_.grad_check_every == 0; }
+
+  // True when every value of the buffer is finite. Uses Backend::sum: a float64 sum of
+  // float32 values is finite exactly when all of them are (it cannot overflow below
+  // ~1e270 elements; NaN and +-inf propagate, inf - inf gives NaN).
+  static bool all_finite(Backend& backend, const float* values, size_t count);
+
+  // The verdict for step `step` whose loss (before the update) is `loss`.
+  // gradients_finite: the gradient check's result when this step was checked.
+  StepVerdict check_step(int step, double loss, std::optional<bool> gradients_finite = std::nullopt);
+
+  // Convenience for the trainer: checks the gradient (when should_check_gradients) with
+  // all_finite on the backend, then check_step.
+  StepVerdict check_step(int step, double loss, Backend& backend, const float* grads, size_t grad_count);
+
+  int skipped_steps() const { return skipped_; }
+  int spikes() const { return spikes_; }
+  const SpikeDetector& detector() const { return detector_; }
+
+ private:
+  StepVerdict skip_or_stop(StepVerdict verdict);
+
+  FaultMonitorOptions options_;
+  SpikeDetector detector_;
+  int skipped_ = 0;
+  int consecutive_skips_ = 0;
+  int spikes_ = 0;
+};
+
+}  // namespace speedrun

@@ -1,0 +1,318 @@
+// Runs the built `speedrun` binary into every error path of `train` (issue #7): bad data,
+// bad configs, malformed checkpoints, an unwritable output and a full disk. Each must exit
+// 2 (usage) or 1 (anything else) with a message naming the problem, without a signal or
+// an "internal error", leaving no temporary file and earlier checkpoints byte-identical.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <initializer_list>
+#include <sstream>
+
+#include "data/shard.h"
+#include "train/checkpoint.h"
+#include "train/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct RunResult {
+  int exit_code = -1;  // -1 when the process died of a signal
+  std::string out;
+  std::string err;
+};
+
+std::string read_all(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_all(const fs::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+std::vector<uint16_t> ramp(size_t n) {
+  std::vector<uint16_t> tokens(n);
+  for (size_t i = 0; i < n; ++i) tokens[i] = static_cast<uint16_t>((i * 7) % 300);
+  return tokens;
+}
+
+// Every *.tmp.* file under dir (an interrupted atomic write would leave one).
+std::vector<std::string> temporaries(const fs::path& dir) {
+  std::vector<std::string> found;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (contains(entry.path().filename().string(), ".tmp.")) found.push_back(entry.path().string());
+  }
+  return found;
+}
+
+class ErrorCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("speedrun_err_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "_" +
+            std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "data");
+    speedrun::write_shard((dir_ / "data" / "train_000000.bin").string(), ramp(3000));
+    speedrun::write_shard((dir_ / "data" / "val_000000.bin").string(), ramp(600));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string data(const std::string& name) const { return (dir_ / "data" / name).string(); }
+
+  // `speedrun train` on micro with the test's data; extra arguments appended.
+  RunResult train(const std::string& extra, const std::string& env = "") {
+    return run(env + " " + quote(SPEEDRUN_BINARY) + " train --preset micro --quiet --train " +
+               quote(data("train_*.bin")) + " --val " + quote(data("val_*.bin")) + " " + extra);
+  }
+
+  RunResult run(const std::string& command_line) {
+    const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
+    const std::string command = command_line + " >" + quote(out.string()) + " 2>" + quote(err.string());
+    const int status = std::system(command.c_str());
+    RunResult result;
+    // The shell reports a child killed by signal N as exit status 128 + N.
+    if (WIFEXITED(status) && WEXITSTATUS(status) < 128) result.exit_code = WEXITSTATUS(status);
+    result.out = read_all(out);
+    result.err = read_all(err);
+    return result;
+  }
+
+  // The run failed cleanly with `code` and a message holding every part.
+  void expect_failure(const RunResult& r, int code, std::initializer_list<std::string> parts) {
+    EXPECT_EQ(r.exit_code, code) << "stderr: " << r.err;
+    EXPECT_TRUE(contains(r.err, "speedrun: error: ") || code == 2) << r.err;
+    EXPECT_FALSE(contains(r.err, "internal error")) << r.err;
+    for (const std::string& part : parts) EXPECT_TRUE(contains(r.err, part)) << "'" << part << "' not in: " << r.err;
+    EXPECT_EQ(temporaries(dir_), std::vector<std::string>{});
+  }
+
+  // A one-step run's checkpoint: dir/good/step_000001.safetensors (+ .optim).
+  std::string make_checkpoint() {
+    const RunResult r = train("--steps 1 --out-dir " + quote((dir_ / "good").string()));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return (dir_ / "good" / "step_000001.safetensors").string();
+  }
+
+  std::string out_dir(const std::string& name = "out") const { return quote((dir_ / name).string()); }
+
+  fs::path dir_;
+};
+
+TEST_F(ErrorCli, MissingShardsNameThePattern) {
+  const std::string pattern = data("nothing_*.bin");
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " train --preset micro --train " + quote(pattern) + " --val " +
+                     quote(data("val_*.bin")) + " --out-dir " + out_dir()),
+                 1, {"no file matches the shard pattern", pattern});
+}
+
+TEST_F(ErrorCli, TruncatedShardNamesTheFile) {
+  fs::resize_file(data("train_000000.bin"), fs::file_size(data("train_000000.bin")) - 1);
+  expect_failure(train("--steps 1 --out-dir " + out_dir()), 1, {data("train_000000.bin"), "truncated or corrupt"});
+}
+
+TEST_F(ErrorCli, CorruptShardMagicNamesTheFile) {
+  std::string bytes = read_all(data("val_000000.bin"));
+  bytes[0] = 'X';
+  write_all(data("val_000000.bin"), bytes);
+  expect_failure(train("--steps 1 --out-dir " + out_dir()), 1, {data("val_000000.bin"), "bad magic"});
+}
+
+TEST_F(ErrorCli, TokenIdAtVocabSizeNamesIdAndFile) {
+  std::vector<uint16_t> tokens = ramp(3000);
+  tokens[100] = 300;
+  speedrun::write_shard(data("train_000000.bin"), tokens);
+  expect_failure(train("--steps 2 --out-dir " + out_dir()), 1,
+                 {data("train_000000.bin"), "token id 300 at offset 100", "vocab_size 300"});
+}
+
+TEST_F(ErrorCli, TooLittleDataForTheStepsIsAnError) {
+  speedrun::write_shard(data("train_000000.bin"), ramp(1000));  // 7 windows of 128 (+1)
+  expect_failure(train("--steps 10 --out-dir " + out_dir()), 1, {"out of training data", "serve 7 windows"});
+}
+
+TEST_F(ErrorCli, ValTokensNotDivisibleIsAUsageError) {
+  expect_failure(train("--steps 1 --set val_tokens=100 --out-dir " + out_dir()), 2,
+                 {"val_tokens (100)", "world_size * val_seq_len"});
+  EXPECT_FALSE(fs::exists(dir_ / "out")) << "a usage error must fail before creating the run directory";
+}
+
+struct BadValue {
+  std::string assignment;
+  std::string named;
+};
+
+const std::vector<BadValue>& bad_values() {
+  static const std::vector<BadValue> cases = {
+      {"seq_len=60", "seq_len must be a positive multiple of attn_block_size (8), got 60"},
+      {"num_layers=3", "num_layers must be even and >= 2, got 3"},
+      {"num_layers=0", "num_layers must be even and >= 2, got 0"},
+      {"num_iterations=-5", "num_iterations must be >= 1, got -5"},
+      {"no_such_key=1", "unknown config key 'no_such_key'"},
+      {"seq_len=abc", "'seq_len' must be an integer, got \"abc\""},
+  };
+  return cases;
+}
+
+TEST_F(ErrorCli, BadConfigValuesViaSetAreUsageErrors) {
+  for (const BadValue& bad : bad_values()) {
+    SCOPED_TRACE(bad.assignment);
+    expect_failure(train("--steps 1 --set " + quote(bad.assignment) + " --out-dir " + out_dir()), 2, {bad.named});
+  }
+  expect_failure(train("--steps -1 --out-dir " + out_dir()), 2, {"--steps"});
+}
+
+TEST_F(ErrorCli, BadConfigValuesViaConfigFileAreUsageErrors) {
+  const fs::path file = dir_ / "config.json";
+  for (const BadValue& bad : bad_values()) {
+    SCOPED_TRACE(bad.assignment);
+    const size_t eq = bad.assignment.find('=');
+    std::string value = bad.assignment.substr(eq + 1);
+    if (value == "abc") value = "\"abc\"";
+    write_all(file, "{\"preset\": \"micro\", \"" + bad.assignment.substr(0, eq) + "\": " + value + "}");
+    expect_failure(run(quote(SPEEDRUN_BINARY) + " train --config " + quote(file.string()) + " --train " +
+                       quote(data("train_*.bin")) + " --val " + quote(data("val_*.bin")) + " --out-dir " + out_dir()),
+                   2, {bad.named});
+  }
+  write_all(file, "{\"preset\": \"micro\",");
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " train --config " + quote(file.string())), 2,
+                 {file.string(), "not valid JSON"});
+}
+
+TEST_F(ErrorCli, UnwritableOutDirNamesTheDirectory) {
+  write_all(dir_ / "a_file", "not a directory");
+  const std::string out = (dir_ / "a_file" / "run").string();
+  expect_failure(train("--steps 1 --out-dir " + quote(out)), 1, {"cannot create output directory", out});
+}
+
+// Malformed copies of a good checkpoint, each with the good optimiser state beside it
+// (so that --resume gets as far as the model file).
+class MalformedCheckpoints : public ErrorCli {
+ protected:
+  void SetUp() override {
+    ErrorCli::SetUp();
+    good_ = make_checkpoint();
+    good_bytes_ = read_all(good_);
+    good_state_bytes_ = read_all(speedrun::optimizer_state_path(good_));
+  }
+
+  std::string with_bytes(const std::string& name, const std::string& bytes) {
+    const std::string path = (dir_ / name).string();
+    write_all(path, bytes);
+    write_all(speedrun::optimizer_state_path(path), good_state_bytes_);
+    return path;
+  }
+
+  std::string rewritten(const std::string& name, const std::function<void(std::vector<speedrun::TensorView>&)>& edit) {
+    const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(good_);
+    std::vector<speedrun::TensorView> tensors;
+    for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+    edit(tensors);
+    const std::string path = (dir_ / name).string();
+    speedrun::write_safetensors(path, tensors, file.metadata());
+    write_all(speedrun::optimizer_state_path(path), good_state_bytes_);
+    return path;
+  }
+
+  // Both --init and --resume fail with exit 1 naming the file and `what`.
+  void expect_rejected(const std::string& path, const std::string& what) {
+    for (const char* flag : {"--init", "--resume"}) {
+      SCOPED_TRACE(flag);
+      expect_failure(train(std::string(flag) + " " + quote(path) + " --steps 2 --out-dir " + out_dir()), 1,
+                     {fs::path(path).filename().string(), what});
+      EXPECT_FALSE(fs::exists(dir_ / "out" / "step_000002.safetensors"));
+    }
+    EXPECT_EQ(read_all(good_), good_bytes_);
+  }
+
+  std::string good_, good_bytes_, good_state_bytes_;
+};
+
+TEST_F(MalformedCheckpoints, TheGoodOneResumes) {
+  const RunResult r = train("--resume " + quote(good_) + " --steps 2 --out-dir " + out_dir());
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(dir_ / "out" / "step_000002.safetensors"));
+}
+
+TEST_F(MalformedCheckpoints, Truncated) {
+  expect_rejected(with_bytes("cut.safetensors", good_bytes_.substr(0, good_bytes_.size() / 2)), "data");
+  expect_rejected(with_bytes("stub.safetensors", good_bytes_.substr(0, 4)), "too short");
+}
+
+TEST_F(MalformedCheckpoints, BadHeaderJson) {
+  std::string bytes = good_bytes_;
+  bytes[9] = '}';  // closes the object right after its first character
+  expect_rejected(with_bytes("bad_json.safetensors", bytes), "header is not valid JSON");
+}
+
+TEST_F(MalformedCheckpoints, AbsurdHeaderLength) {
+  std::string bytes = good_bytes_;
+  const uint64_t absurd = ~uint64_t{0};
+  std::memcpy(bytes.data(), &absurd, 8);
+  expect_rejected(with_bytes("absurd.safetensors", bytes), "header length 18446744073709551615 is impossible");
+}
+
+TEST_F(MalformedCheckpoints, WrongShape) {
+  expect_rejected(rewritten("shape.safetensors",
+                            [](auto& tensors) {
+                              for (auto& t : tensors)
+                                if (t.name == "lm_head.weight") t.shape = {16, 384};
+                            }),
+                  "'lm_head.weight' is F32 [16, 384], expected F32 [384, 16]");
+}
+
+TEST_F(MalformedCheckpoints, MissingTensor) {
+  expect_rejected(rewritten("missing.safetensors",
+                            [](auto& tensors) {
+                              std::erase_if(tensors, [](const auto& t) { return t.name == "blocks.1.mlp.c_fc.weight"; });
+                            }),
+                  "missing tensor 'blocks.1.mlp.c_fc.weight'");
+}
+
+TEST_F(MalformedCheckpoints, WrongDtype) {
+  expect_rejected(rewritten("dtype.safetensors",
+                            [](auto& tensors) {
+                              for (auto& t : tensors)
+                                if (t.name == "skip_weights") t.dtype = "I32";
+                            }),
+                  "'skip_weights' is I32 [2], expected F32 [2]");
+}
+
+TEST_F(MalformedCheckpoints, ConfigThatDoesNotMatchIsAUsageError) {
+  for (const char* flag : {"--init", "--resume"}) {
+    SCOPED_TRACE(flag);
+    expect_failure(train(std::string(flag) + " " + quote(good_) + " --set vocab_size=400 --steps 2 --out-dir " + out_dir()),
+                   2, {"step_000001.safetensors", "vocab_size = 300 but the config asks for 400"});
+  }
+  EXPECT_EQ(read_all(good_), good_bytes_);
+}
+
+TEST_F(MalformedCheckpoints, FullDiskWhileCheckpointingKeepsEarlierCheckpoints) {
+  const fs::path run_dir = dir_ / "good";
+  // Enough for config.json, not for the next checkpoint.
+  const RunResult r = train("--resume " + quote(good_) + " --steps 2 --out-dir " + quote(run_dir.string()),
+                            "SPEEDRUN_TEST_WRITE_BUDGET=4000");
+  expect_failure(r, 1, {"step_000002.optim.safetensors", "No space left on device"});
+  EXPECT_FALSE(fs::exists(run_dir / "step_000002.safetensors"));
+  EXPECT_FALSE(fs::exists(run_dir / "step_000002.optim.safetensors"));
+  EXPECT_EQ(read_all(good_), good_bytes_);
+  EXPECT_EQ(read_all(speedrun::optimizer_state_path(good_)), good_state_bytes_);
+}
+
+}  // namespace

@@ -1,0 +1,317 @@
+// Runs the built `speedrun` binary through a training run's user side: output with and
+// without a terminal, --quiet, SIGTERM and exact resume, checkpoint rotation, eval,
+// sample and plot, on the micro preset (GPT-2 vocabulary) over a small prepared corpus.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "backends/backend.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string read_all(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+// Shell command line run with stdout and stderr captured in files of `scratch`.
+RunResult run_shell(const std::string& command_line, const fs::path& scratch) {
+  const fs::path out = scratch / "stdout.txt", err = scratch / "stderr.txt";
+  const std::string command = command_line + " >" + quote(out.string()) + " 2>" + quote(err.string());
+  const int status = std::system(command.c_str());
+  RunResult result;
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  result.out = read_all(out);
+  result.err = read_all(err);
+  return result;
+}
+
+RunResult speedrun(const std::string& arguments, const fs::path& scratch) {
+  return run_shell(quote(SPEEDRUN_BINARY) + " " + arguments, scratch);
+}
+
+struct Metrics {
+  std::vector<double> train_losses;
+  std::vector<std::pair<int, double>> val_losses;
+};
+
+Metrics read_metrics(const fs::path& path) {
+  Metrics m;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    const nlohmann::json record = nlohmann::json::parse(line);
+    if (record.contains("train_loss")) m.train_losses.push_back(record["train_loss"].get<double>());
+    if (record.contains("val_loss")) m.val_losses.emplace_back(record["step"].get<int>(), record["val_loss"].get<double>());
+  }
+  return m;
+}
+
+std::vector<std::string> checkpoint_files(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find(".safetensors") != std::string::npos) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+class TrainCli : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // The micro model gains nothing from threads, and spinning OpenMP workers make a
+    // run crawl when other processes hold the cores.
+    setenv("OMP_NUM_THREADS", "1", 1);
+    root_ = new fs::path(fs::temp_directory_path() / ("speedrun_e2e_train_" + std::to_string(::getpid())));
+    fs::remove_all(*root_);
+    fs::create_directories(*root_);
+    const fs::path corpus = fs::path(SPEEDRUN_SOURCE_DIR) / ".cache/corpus/brown";
+    std::string inputs;
+    for (const char* name : {"ca01.txt", "ca02.txt", "ca03.txt", "ca04.txt"}) inputs += " " + quote((corpus / name).string());
+    const RunResult prepared =
+        speedrun("prepare --input" + inputs + " --out " + quote((*root_ / "data").string()) + " --val-tokens 600", *root_);
+    ASSERT_EQ(prepared.exit_code, 0) << prepared.err;
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*root_);
+    delete root_;
+  }
+  void SetUp() override {
+    dir_ = *root_ / ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::create_directories(dir_);
+  }
+  // micro's model with GPT-2's vocabulary on the prepared shards.
+  static std::string data_args() {
+    return "--train " + quote((*root_ / "data/train_*.bin").string()) + " --val " +
+           quote((*root_ / "data/val_*.bin").string());
+  }
+  std::string train_args(const std::string& run, const std::string& extra = "") const {
+    return "train --preset micro --set vocab_size=50257 " + data_args() + " --out-dir " + quote((dir_ / run).string()) +
+           " " + extra;
+  }
+
+  static fs::path* root_;
+  fs::path dir_;
+};
+
+fs::path* TrainCli::root_ = nullptr;
+
+TEST_F(TrainCli, PlainLinesWithoutATerminalAndAFullRunDirectory) {
+  const RunResult r = speedrun(train_args("run", "--log-every 5"), dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(contains(r.out, "\r")) << r.out;
+  EXPECT_FALSE(contains(r.out, "\033")) << r.out;
+  // Steps 0, 5, 10, 15 (printed as completed counts) and the last one.
+  for (const char* line : {"step 1/20 | loss ", "step 6/20 | loss ", "step 11/20 | loss ", "step 16/20 | loss ",
+                           "step 20/20 | loss "}) {
+    EXPECT_TRUE(contains(r.out, line)) << line << "\n" << r.out;
+  }
+  EXPECT_FALSE(contains(r.out, "step 2/20 | loss ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "step 0/20 | val loss 10.8258")) << r.out;
+  EXPECT_TRUE(contains(r.out, "step 10/20 | val loss ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "step 20/20 | val loss ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "run finished: 20 steps")) << r.out;
+  EXPECT_TRUE(contains(r.out, "target 3.28       not reached")) << r.out;
+  EXPECT_TRUE(contains(r.out, "tokens seen       2.6k in this run")) << r.out;  // 20 steps x 2 x 64
+  EXPECT_TRUE(contains(r.out, "peak memory ")) << r.out;
+  EXPECT_EQ(r.err, "");
+  for (const char* file : {"config.json", "metrics.jsonl", "step_000020.safetensors", "step_000020.optim.safetensors",
+                           "loss.svg", "loss.png"}) {
+    EXPECT_TRUE(fs::exists(dir_ / "run" / file)) << file;
+  }
+  EXPECT_EQ(read_metrics(dir_ / "run/metrics.jsonl").train_losses.size(), 20u);
+}
+
+TEST_F(TrainCli, QuietPrintsNothing) {
+  const RunResult r = speedrun(train_args("run", "--quiet --steps 3"), dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(r.err, "");
+  EXPECT_TRUE(fs::exists(dir_ / "run/step_000003.safetensors"));
+}
+
+// Starts the binary with stdout on a pipe, sends SIGTERM once it has reported
+// `after_line`, and returns its exit status with everything it printed.
+RunResult run_and_terminate(const std::string& arguments, const std::string& after_line, const fs::path& scratch) {
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) return {};
+  const fs::path err = scratch / "stderr.txt";
+  const std::string command = "exec " + quote(SPEEDRUN_BINARY) + " " + arguments + " 2>" + quote(err.string());
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(pipe_fds[1], STDOUT_FILENO);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(pipe_fds[1]);
+  RunResult result;
+  bool sent = false;
+  char buffer[4096];
+  for (ssize_t n; (n = read(pipe_fds[0], buffer, sizeof buffer)) > 0;) {
+    result.out.append(buffer, static_cast<size_t>(n));
+    if (!sent && contains(result.out, after_line)) {
+      kill(pid, SIGTERM);
+      sent = true;
+    }
+  }
+  close(pipe_fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  result.err = read_all(err);
+  return result;
+}
+
+TEST_F(TrainCli, SigtermSavesAResumableCheckpointAndTheResumeIsExact) {
+  // 40 steps leave the signal ample time to land mid-run after step 3 is reported.
+  const std::string schedule = "--set num_iterations=40 --set val_every=8 --log-every 1";
+  const RunResult whole = speedrun(train_args("whole", schedule + " --quiet"), dir_);
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+
+  const RunResult stopped = run_and_terminate(train_args("stopped", schedule), "step 3/40 |", dir_);
+  ASSERT_EQ(stopped.exit_code, 143) << stopped.out << stopped.err;
+  const std::string marker = "resume with: ";
+  ASSERT_TRUE(contains(stopped.err, "speedrun: stopped by SIGTERM after step ")) << stopped.err;
+  ASSERT_TRUE(contains(stopped.err, marker)) << stopped.err;
+  std::string resume = stopped.err.substr(stopped.err.find(marker) + marker.size());
+  resume = resume.substr(0, resume.find('\n'));
+  ASSERT_EQ(resume.rfind("speedrun train --resume " + (dir_ / "stopped/step_0000").string(), 0), 0u) << resume;
+  const Metrics partial = read_metrics(dir_ / "stopped/metrics.jsonl");
+  ASSERT_GE(partial.train_losses.size(), 3u);
+  ASSERT_LT(partial.train_losses.size(), 40u) << "the signal came after the run had finished";
+  char expected_checkpoint[64];
+  std::snprintf(expected_checkpoint, sizeof expected_checkpoint, "step_%06zu.safetensors", partial.train_losses.size());
+  EXPECT_TRUE(fs::exists(dir_ / "stopped" / expected_checkpoint)) << expected_checkpoint;
+  EXPECT_TRUE(contains(stopped.out, std::string("saved ") + (dir_ / "stopped" / expected_checkpoint).string()))
+      << stopped.out;
+
+  // The printed command, run as printed (with this build's binary), finishes the run.
+  const RunResult resumed = run_shell(quote(SPEEDRUN_BINARY) + resume.substr(std::string("speedrun").size()) + " --quiet", dir_);
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  const Metrics joined = read_metrics(dir_ / "stopped/metrics.jsonl");
+  const Metrics reference = read_metrics(dir_ / "whole/metrics.jsonl");
+  ASSERT_EQ(reference.train_losses.size(), 40u);
+  EXPECT_EQ(joined.train_losses, reference.train_losses);
+  EXPECT_EQ(joined.val_losses, reference.val_losses);
+  EXPECT_EQ(read_all(dir_ / "stopped/step_000040.safetensors"), read_all(dir_ / "whole/step_000040.safetensors"));
+}
+
+TEST_F(TrainCli, SaveEveryKeepsTheNewestCheckpoints) {
+  ASSERT_EQ(speedrun(train_args("keep2", "--quiet --save-every 3"), dir_).exit_code, 0);
+  EXPECT_EQ(checkpoint_files(dir_ / "keep2"),
+            (std::vector<std::string>{"step_000018.optim.safetensors", "step_000018.safetensors",
+                                      "step_000020.optim.safetensors", "step_000020.safetensors"}));
+  ASSERT_EQ(speedrun(train_args("keep3", "--quiet --save-every 5 --keep 3"), dir_).exit_code, 0);
+  EXPECT_EQ(checkpoint_files(dir_ / "keep3"),
+            (std::vector<std::string>{"step_000010.optim.safetensors", "step_000010.safetensors",
+                                      "step_000015.optim.safetensors", "step_000015.safetensors",
+                                      "step_000020.optim.safetensors", "step_000020.safetensors"}));
+  const RunResult bad = speedrun(train_args("bad", "--keep 0"), dir_);
+  EXPECT_EQ(bad.exit_code, 2);
+}
+
+// The library under the CLI: a stop request right after a periodic save keeps that
+// checkpoint (it is the run's last) even with --keep 1.
+TEST_F(TrainCli, StopRightAfterAPeriodicSaveKeepsThatCheckpoint) {
+  speedrun::TrainOptions options;
+  options.config = speedrun::Config::preset("micro");
+  options.config.vocab_size = 50257;
+  options.train_glob = (*root_ / "data/train_*.bin").string();
+  options.val_glob = (*root_ / "data/val_*.bin").string();
+  options.out_dir = (dir_ / "run").string();
+  options.quiet = true;
+  options.save_every = 3;
+  options.keep = 1;
+  int polls = 0;
+  options.stop_requested = [&polls] { return ++polls == 4 ? SIGTERM : 0; };  // polled before steps 0, 1, 2, 3
+  auto backend = speedrun::make_cpu_backend();
+  const speedrun::TrainResult result = speedrun::train(options, *backend);
+  EXPECT_EQ(result.stopped_by_signal, SIGTERM);
+  EXPECT_EQ(result.last_step, 3);
+  EXPECT_EQ(result.checkpoint_path, (dir_ / "run/step_000003.safetensors").string());
+  EXPECT_EQ(checkpoint_files(dir_ / "run"),
+            (std::vector<std::string>{"step_000003.optim.safetensors", "step_000003.safetensors"}));
+}
+
+TEST_F(TrainCli, EvalReproducesTheRunsLastValidationLossAndSampleIsSeeded) {
+  ASSERT_EQ(speedrun(train_args("run", "--quiet --steps 12"), dir_).exit_code, 0);
+  const std::string checkpoint = (dir_ / "run/step_000012.safetensors").string();
+  const RunResult eval = speedrun("eval --json --ckpt " + quote(checkpoint) + " --val " +
+                                      quote((*root_ / "data/val_*.bin").string()),
+                                  dir_);
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const nlohmann::json result = nlohmann::json::parse(eval.out);
+  const Metrics metrics = read_metrics(dir_ / "run/metrics.jsonl");
+  ASSERT_EQ(metrics.val_losses.back().first, 12);
+  EXPECT_EQ(result["step"], 12);
+  EXPECT_EQ(result["val_loss"].get<double>(), metrics.val_losses.back().second);  // bit-identical
+  const RunResult plain = speedrun("eval --ckpt " + quote(checkpoint) + " --val " +
+                                       quote((*root_ / "data/val_*.bin").string()) + " --val-tokens 128",
+                                   dir_);
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_TRUE(contains(plain.out, "| step 12 | window ")) << plain.out;
+  EXPECT_TRUE(contains(plain.out, "| 128 tokens in sequences of 64")) << plain.out;
+
+  const std::string sample = "sample --ckpt " + quote(checkpoint) + " --prompt 'The jury said' --max-new-tokens 12 ";
+  const RunResult a = speedrun(sample + "--seed 7", dir_);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  const RunResult b = speedrun(sample + "--seed 7", dir_);
+  const RunResult c = speedrun(sample + "--seed 8", dir_);
+  EXPECT_EQ(a.out.rfind("The jury said", 0), 0u) << a.out;
+  EXPECT_GT(a.out.size(), std::string("The jury said\n").size());
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_NE(a.out, c.out);
+  const RunResult g1 = speedrun(sample + "--temperature 0 --seed 1", dir_);
+  const RunResult g2 = speedrun(sample + "--temperature 0 --seed 2", dir_);
+  EXPECT_EQ(g1.out, g2.out);
+}
+
+TEST_F(TrainCli, PlotWritesSvgAndPngOfSeveralRuns) {
+  ASSERT_EQ(speedrun(train_args("first", "--quiet --steps 4"), dir_).exit_code, 0);
+  ASSERT_EQ(speedrun(train_args("second", "--quiet --steps 6"), dir_).exit_code, 0);
+  const std::string runs = quote((dir_ / "first/metrics.jsonl").string()) + " " +
+                           quote((dir_ / "second/metrics.jsonl").string());
+  const RunResult svg = speedrun("plot " + runs + " --out " + quote((dir_ / "cmp.svg").string()), dir_);
+  ASSERT_EQ(svg.exit_code, 0) << svg.err;
+  const std::string text = read_all(dir_ / "cmp.svg");
+  EXPECT_TRUE(contains(text, "data-run=\"first\" data-series=\"train\" data-panel=\"step\""));
+  EXPECT_TRUE(contains(text, "data-run=\"second\" data-series=\"val\" data-panel=\"time\""));
+  const RunResult png = speedrun("plot " + runs + " --x step --out " + quote((dir_ / "cmp.png").string()), dir_);
+  ASSERT_EQ(png.exit_code, 0) << png.err;
+  EXPECT_EQ(read_all(dir_ / "cmp.png").substr(1, 3), "PNG");
+  const RunResult bad = speedrun("plot " + runs + " --out " + quote((dir_ / "cmp.gif").string()), dir_);
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_TRUE(contains(bad.err, "must end in .svg or .png")) << bad.err;
+}
+
+}  // namespace

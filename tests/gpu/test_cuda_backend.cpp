@@ -1,0 +1,775 @@
+// The CUDA backend against the CPU backend (the reference): every operation on fresh
+// random inputs at several shapes, outputs poisoned with NaN before each run, then a whole
+// GPT forward/backward, two optimiser steps and run-to-run determinism. Every test skips
+// when no CUDA device is visible (and in builds without the CUDA backend).
+//
+// Tolerances (float32 against float32, different summation orders and FMA contraction):
+//  - pure data movement (copy, transpose, embeddings, zero): bit-identical;
+//  - elementwise arithmetic: 1e-5 relative, plus 1e-6 of the tensor's largest magnitude
+//    to absorb cancellation where an FMA rounds once instead of twice;
+//  - row reductions (rmsnorm, softmax statistics, the head): 1e-5 relative (a float sum of
+//    a few hundred terms in another order differs by ~sqrt(n) ulp ~ 1e-6);
+//  - matrix products and attention: 1e-4 relative to the sum of absolute products (worst
+//    case K * 6e-8 ~ 2e-5 at these K; TF32 by mistake would miss it by 10x);
+//  - float64 reductions (sum, dot products): 1e-12 relative to the sum of magnitudes;
+//  - whole model: loss 1e-5 relative, each gradient tensor 1e-3 relative L2 (errors of
+//    ~1e-6 per op compound through a dozen layers and the Newton-Schulz polynomial).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/backend.h"
+#include "backends/cuda_devices.h"
+#include "model/gpt.h"
+#include "model/params.h"
+#include "optim/optimizer.h"
+#include "util/error.h"
+
+namespace speedrun {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+bool gpu_available() {
+  static const bool available = !query_cuda_devices().devices.empty();
+  return available;
+}
+
+// ---------------------------------------------------------------------------------------
+// Device memory helpers
+
+struct DeviceFloats {
+  Backend& be;
+  float* ptr;
+  size_t n;
+  DeviceFloats(Backend& b, const std::vector<float>& host) : be(b), ptr(b.alloc(host.size())), n(host.size()) {
+    be.upload(ptr, host.data(), n);
+  }
+  DeviceFloats(Backend& b, size_t count, float fill) : DeviceFloats(b, std::vector<float>(count, fill)) {}
+  ~DeviceFloats() { be.release(ptr); }
+  DeviceFloats(const DeviceFloats&) = delete;
+  std::vector<float> get() const {
+    std::vector<float> host(n);
+    be.download(host.data(), ptr, n);
+    return host;
+  }
+};
+
+struct DeviceInts {
+  Backend& be;
+  int32_t* ptr;
+  DeviceInts(Backend& b, const std::vector<int32_t>& host) : be(b), ptr(b.alloc_i32(host.size())) {
+    be.upload_i32(ptr, host.data(), host.size());
+  }
+  ~DeviceInts() { be.release(ptr); }
+  DeviceInts(const DeviceInts&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------
+// Comparison helpers
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, static_cast<double>(std::abs(x)));
+  return m;
+}
+
+// Every element finite and |got - want| <= atol_frac * max|want| + rtol |want|.
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, double rtol, double atol_frac,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const double atol = atol_frac * max_abs(want);
+  size_t bad = 0, nonfinite = 0, first = got.size();
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      if (std::isfinite(want[i])) ++nonfinite;
+      if (first == got.size()) first = i;
+      continue;
+    }
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    const double tol = atol + rtol * std::abs(want[i]);
+    worst = std::max(worst, err / std::max(tol, 1e-300));
+    if (err > tol) {
+      ++bad;
+      if (first == got.size()) first = i;
+    }
+  }
+  EXPECT_EQ(nonfinite, 0u) << what << ": " << nonfinite << " non-finite outputs (NaN poison not overwritten?)";
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " outside tolerance; worst error/tol "
+                     << worst << "; first at " << first << ": got " << got[first] << " want " << want[first];
+}
+
+void expect_identical(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+      if (bad++ == 0) first = i;
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " elements differ bitwise; first at " << first << ": got "
+                     << (bad ? got[first] : 0.f) << " want " << (bad ? want[first] : 0.f);
+}
+
+double relative_l2(const std::vector<float>& got, const std::vector<float>& want, size_t begin, size_t end) {
+  double diff = 0, ref = 0;
+  for (size_t i = begin; i < end; ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    diff += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    ref += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-30);
+}
+
+// ---------------------------------------------------------------------------------------
+// The fixture: both backends and a fresh random seed per test (printed on failure).
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!gpu_available()) GTEST_SKIP() << "no GPU: " << query_cuda_devices().error;
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    RecordProperty("seed", std::to_string(seed_));
+    gpu_ = make_cuda_backend(0);
+    cpu_ = make_cpu_backend();
+  }
+  std::string trace() const { return "seed " + std::to_string(seed_); }
+
+  std::vector<float> normal(size_t n, float scale = 1.f) {
+    std::normal_distribution<float> dist(0.f, scale);
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng_);
+    return v;
+  }
+  std::vector<int32_t> uniform_ints(size_t n, int32_t bound) {
+    std::uniform_int_distribution<int32_t> dist(0, bound - 1);
+    std::vector<int32_t> v(n);
+    for (int32_t& x : v) x = dist(rng_);
+    return v;
+  }
+  // Document ids (non-decreasing, starting anywhere) with mean length `mean_length`, a
+  // one-token document, and boundaries that fall inside attention blocks.
+  std::vector<int32_t> documents(int T, int mean_length) {
+    std::bernoulli_distribution boundary(1.0 / mean_length);
+    std::vector<int32_t> doc(T);
+    doc[0] = static_cast<int32_t>(rng_() % 5);
+    for (int t = 1; t < T; ++t) doc[t] = doc[t - 1] + (boundary(rng_) ? 1 : 0);
+    if (T > 8) {  // a document of exactly one token in the middle
+      const int t = T / 2 + 3;
+      for (int u = t; u < T; ++u) doc[u] += 1;
+      for (int u = t + 1; u < T; ++u) doc[u] += 1;
+    }
+    return doc;
+  }
+
+  uint32_t seed_ = 0;
+  std::mt19937_64 rng_;
+  std::unique_ptr<Backend> gpu_, cpu_;
+};
+
+// ---------------------------------------------------------------------------------------
+// Memory and data movement
+
+TEST_F(CudaBackendTest, AllocationsAreZeroFilledAndCopiesMoveExactBits) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{100003}}) {
+    float* p = gpu_->alloc(n);
+    std::vector<float> host(n, 1.f);
+    gpu_->download(host.data(), p, n);
+    EXPECT_EQ(std::count(host.begin(), host.end(), 0.f), static_cast<long>(n));
+    gpu_->release(p);
+    const auto x = normal(n);
+    DeviceFloats src(*gpu_, x), dst(*gpu_, n, kNaN);
+    gpu_->copy(dst.ptr, src.ptr, n);
+    expect_identical(dst.get(), x, "copy");
+    gpu_->copy(dst.ptr, dst.ptr, n);  // self-copy is a no-op
+    expect_identical(dst.get(), x, "self copy");
+    gpu_->zero(dst.ptr, n);
+    expect_identical(dst.get(), std::vector<float>(n, 0.f), "zero");
+  }
+  // Overlapping copies behave as memmove, like the CPU backend's.
+  const auto x = normal(5000);
+  for (int shift : {-7, 7}) {
+    std::vector<float> want = x;
+    const size_t dst_off = shift > 0 ? shift : 0, src_off = shift > 0 ? 0 : -shift;
+    std::memmove(want.data() + dst_off, want.data() + src_off, 4000 * sizeof(float));
+    DeviceFloats buffer(*gpu_, x);
+    gpu_->copy(buffer.ptr + dst_off, buffer.ptr + src_off, 4000);
+    expect_identical(buffer.get(), want, "overlapping copy shift " + std::to_string(shift));
+  }
+}
+
+TEST_F(CudaBackendTest, FailuresBecomeErrorsNamingTheCall) {
+  try {
+    gpu_->alloc(size_t{1} << 50);  // 4 PiB
+    FAIL() << "an impossible allocation succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cudaMalloc"), std::string::npos) << e.what();
+  }
+  // The failed allocation leaves the backend usable.
+  const auto x = normal(100);
+  DeviceFloats a(*gpu_, x);
+  EXPECT_EQ(a.get(), x);
+  AttentionShape too_wide{64, 1, 512, 64, 1, 0.12f};
+  DeviceFloats q(*gpu_, 64 * 512, 0.f);
+  DeviceInts doc(*gpu_, std::vector<int32_t>(64, 0));
+  EXPECT_THROW(gpu_->attention_forward(q.ptr, q.ptr, q.ptr, q.ptr, q.ptr, doc.ptr, too_wide), Error);
+}
+
+TEST_F(CudaBackendTest, TransposeIsExact) {
+  SCOPED_TRACE(trace());
+  struct Case { int rows, cols, batch; };
+  for (Case c : {Case{1, 1, 1}, Case{33, 65, 3}, Case{768, 3072, 1}, Case{64, 16, 2}}) {
+    const size_t n = static_cast<size_t>(c.rows) * c.cols * c.batch;
+    const auto x = normal(n);
+    std::vector<float> want(n);
+    cpu_->transpose(want.data(), x.data(), c.rows, c.cols, c.batch);
+    DeviceFloats dx(*gpu_, x), out(*gpu_, n, kNaN);
+    gpu_->transpose(out.ptr, dx.ptr, c.rows, c.cols, c.batch);
+    expect_identical(out.get(), want, "transpose " + std::to_string(c.rows) + "x" + std::to_string(c.cols));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Matrix products
+
+struct GemmCase {
+  bool ta, tb;
+  int M, N, K, pad;
+  float alpha, beta;
+  int batch;
+};
+
+class GemmTest : public CudaBackendTest {
+ protected:
+  void check(const GemmCase& g) {
+    const std::string name = "gemm ta=" + std::to_string(g.ta) + " tb=" + std::to_string(g.tb) + " M=" +
+                             std::to_string(g.M) + " N=" + std::to_string(g.N) + " K=" + std::to_string(g.K) +
+                             " pad=" + std::to_string(g.pad) + " beta=" + std::to_string(g.beta) +
+                             " batch=" + std::to_string(g.batch);
+    SCOPED_TRACE(name);
+    const int a_rows = g.ta ? g.K : g.M, a_cols = g.ta ? g.M : g.K;
+    const int b_rows = g.tb ? g.N : g.K, b_cols = g.tb ? g.K : g.N;
+    const int lda = a_cols + g.pad, ldb = b_cols + g.pad, ldc = g.N + g.pad;
+    // Strides with a gap, so a batch offset of 0 (matrix 0 reused) cannot pass.
+    const size_t sa = static_cast<size_t>(a_rows) * lda + 5, sb = static_cast<size_t>(b_rows) * ldb + 3,
+                 sc = static_cast<size_t>(g.M) * ldc + 7;
+    const auto A = normal(sa * g.batch), B = normal(sb * g.batch);
+    const auto C0 = normal(sc * g.batch);
+    std::vector<float> want = C0;
+    cpu_->gemm_batched(g.ta, g.tb, g.M, g.N, g.K, g.alpha, A.data(), lda, sa, B.data(), ldb, sb, g.beta, want.data(),
+                       ldc, sc, g.batch);
+    // With beta == 0 the written region starts as NaN: C must not be read.
+    std::vector<float> start = C0;
+    if (g.beta == 0.f) {
+      for (int b = 0; b < g.batch; ++b)
+        for (int i = 0; i < g.M; ++i)
+          for (int j = 0; j < g.N; ++j) start[b * sc + static_cast<size_t>(i) * ldc + j] = kNaN;
+    }
+    DeviceFloats dA(*gpu_, A), dB(*gpu_, B), dC(*gpu_, start);
+    if (g.batch == 1) {
+      gpu_->gemm(g.ta, g.tb, g.M, g.N, g.K, g.alpha, dA.ptr, lda, dB.ptr, ldb, g.beta, dC.ptr, ldc);
+    } else {
+      gpu_->gemm_batched(g.ta, g.tb, g.M, g.N, g.K, g.alpha, dA.ptr, lda, sa, dB.ptr, ldb, sb, g.beta, dC.ptr, ldc,
+                         sc, g.batch);
+    }
+    const auto got = dC.get();
+    // Per element: |got - want| <= 1e-4 * (|alpha| sum_k |a||b| + |beta c|); outside the
+    // written region (padding, gaps) the bits are untouched.
+    size_t bad = 0;
+    for (int b = 0; b < g.batch; ++b) {
+      for (int i = 0; i < g.M; ++i) {
+        for (int j = 0; j < g.N; ++j) {
+          double magnitude = 0;
+          for (int k = 0; k < g.K; ++k) {
+            const float a = g.ta ? A[b * sa + static_cast<size_t>(k) * lda + i] : A[b * sa + static_cast<size_t>(i) * lda + k];
+            const float bb = g.tb ? B[b * sb + static_cast<size_t>(j) * ldb + k] : B[b * sb + static_cast<size_t>(k) * ldb + j];
+            magnitude += std::abs(static_cast<double>(a) * bb);
+          }
+          const size_t at = b * sc + static_cast<size_t>(i) * ldc + j;
+          magnitude = std::abs(g.alpha) * magnitude + std::abs(g.beta * C0[at]);
+          const double err = std::abs(static_cast<double>(got[at]) - want[at]);
+          if (!std::isfinite(got[at]) || err > 1e-4 * magnitude + 1e-30) {
+            if (bad++ < 5) ADD_FAILURE() << "C[" << b << "][" << i << "][" << j << "] got " << got[at] << " want " << want[at];
+          }
+        }
+        for (int j = g.N; j < ldc; ++j) {
+          const size_t at = b * sc + static_cast<size_t>(i) * ldc + j;
+          if (std::memcmp(&got[at], &C0[at], sizeof(float)) != 0 && bad++ < 5) ADD_FAILURE() << "padding written";
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0u);
+  }
+};
+
+TEST_F(GemmTest, EveryTransposeShapeAndBetaMatchesCpu) {
+  SCOPED_TRACE(trace());
+  struct Shape { int M, N, K, pad; };
+  for (Shape s : {Shape{1, 1, 1, 0}, Shape{37, 129, 65, 3}, Shape{128, 96, 300, 0}, Shape{5, 700, 33, 1}}) {
+    for (int t = 0; t < 4; ++t) {
+      for (float beta : {0.f, 1.3f}) check({(t & 1) != 0, (t & 2) != 0, s.M, s.N, s.K, s.pad, 0.7f, beta, 1});
+    }
+  }
+}
+
+TEST_F(GemmTest, StridedBatchesUseEveryMatrix) {
+  SCOPED_TRACE(trace());
+  // Newton-Schulz's three products (X X^T; c A A + b A; B X + a X) and odd shapes.
+  check({false, true, 24, 24, 40, 0, 1.f, 0.f, 3});
+  check({false, false, 24, 24, 24, 0, 2.0315f, -4.775f, 3});
+  check({false, false, 24, 40, 24, 0, 1.f, 3.4445f, 3});
+  check({true, false, 17, 9, 31, 2, -0.5f, 1.f, 4});
+  check({true, true, 8, 33, 5, 1, 1.f, 0.f, 2});
+}
+
+TEST_F(GemmTest, ModelShapedProductsMatchCpu) {
+  SCOPED_TRACE(trace());
+  // The head (rows x V x d), its weight gradient (V x d x rows) and a linear layer.
+  const int rows = 128, V = 2048 + 17, d = 96;
+  check({false, true, rows, V, d, 0, 1.f, 0.f, 1});
+  check({true, false, V, d, rows, 0, 1.f, 1.f, 1});
+  check({false, false, rows, d, V, 0, 1.f, 0.f, 1});
+}
+
+// ---------------------------------------------------------------------------------------
+// Embeddings
+
+TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
+  SCOPED_TRACE(trace());
+  struct Case { int V, T, dim; };
+  for (Case c : {Case{300, 64, 16}, Case{50257, 1000, 64}, Case{7, 333, 33}, Case{300, 2048, 768}}) {
+    SCOPED_TRACE("V=" + std::to_string(c.V) + " T=" + std::to_string(c.T) + " dim=" + std::to_string(c.dim));
+    const auto table = normal(static_cast<size_t>(c.V) * c.dim);
+    const auto tokens = uniform_ints(c.T, c.V);
+    const auto dout = normal(static_cast<size_t>(c.T) * c.dim);
+    std::vector<float> out(static_cast<size_t>(c.T) * c.dim), dtable = normal(table.size());
+    const std::vector<float> dtable0 = dtable;
+    cpu_->embedding_forward(out.data(), table.data(), tokens.data(), c.T, c.dim);
+    cpu_->embedding_backward(dtable.data(), dout.data(), tokens.data(), c.T, c.dim);
+    DeviceFloats d_table(*gpu_, table), d_out(*gpu_, out.size(), kNaN), d_dout(*gpu_, dout),
+        d_dtable(*gpu_, dtable0);
+    DeviceInts d_tokens(*gpu_, tokens);
+    gpu_->embedding_forward(d_out.ptr, d_table.ptr, d_tokens.ptr, c.T, c.dim);
+    gpu_->embedding_backward(d_dtable.ptr, d_dout.ptr, d_tokens.ptr, c.T, c.dim);
+    expect_identical(d_out.get(), out, "embedding_forward");
+    // Same additions in the same order (stored value, then tokens by position).
+    expect_identical(d_dtable.get(), dtable, "embedding_backward");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalisation and rotary
+
+TEST_F(CudaBackendTest, RmsnormForwardAndBackwardMatchCpuIncludingInPlace) {
+  SCOPED_TRACE(trace());
+  const float eps = 1.1920929e-07f;
+  struct Case { int rows, dim; };
+  for (Case c : {Case{1, 8}, Case{7, 768}, Case{1000, 128}, Case{33, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(c.rows) + " dim=" + std::to_string(c.dim));
+    const size_t n = static_cast<size_t>(c.rows) * c.dim;
+    const auto x = normal(n, 3.f);
+    std::vector<float> out(n), rstd(c.rows);
+    cpu_->rmsnorm_forward(out.data(), rstd.data(), x.data(), c.rows, c.dim, eps);
+    {
+      DeviceFloats dx(*gpu_, x), dout(*gpu_, n, kNaN), drstd(*gpu_, c.rows, kNaN);
+      gpu_->rmsnorm_forward(dout.ptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);
+      expect_close(dout.get(), out, 1e-5, 1e-6, "rmsnorm_forward out");
+      expect_close(drstd.get(), rstd, 1e-5, 0, "rmsnorm_forward rstd");
+      gpu_->rmsnorm_forward(dx.ptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);  // out == x
+      expect_close(dx.get(), out, 1e-5, 1e-6, "rmsnorm_forward in place");
+    }
+    const auto grad = normal(n), dx0 = normal(n);
+    for (bool accumulate : {false, true}) {
+      std::vector<float> want = dx0;
+      cpu_->rmsnorm_backward(want.data(), grad.data(), out.data(), rstd.data(), c.rows, c.dim, accumulate);
+      DeviceFloats dgrad(*gpu_, grad), dout(*gpu_, out), drstd(*gpu_, rstd);
+      DeviceFloats ddx(*gpu_, accumulate ? dx0 : std::vector<float>(n, kNaN));
+      gpu_->rmsnorm_backward(ddx.ptr, dgrad.ptr, dout.ptr, drstd.ptr, c.rows, c.dim, accumulate);
+      expect_close(ddx.get(), want, 1e-5, 1e-5, accumulate ? "rmsnorm_backward accumulate" : "rmsnorm_backward");
+      if (!accumulate) {  // dx == dout, as GPT calls it for the q/k norms
+        gpu_->rmsnorm_backward(dgrad.ptr, dgrad.ptr, dout.ptr, drstd.ptr, c.rows, c.dim, false);
+        expect_close(dgrad.get(), want, 1e-5, 1e-5, "rmsnorm_backward in place");
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, RotaryMatchesCpuAndInverts) {
+  SCOPED_TRACE(trace());
+  // Same float theta on both; cosf/sinf differ from glibc by <= 2 ulp, so 1e-5 of |x|.
+  struct Case { int T, H, D; };
+  for (Case c : {Case{64, 2, 8}, Case{4096, 6, 128}, Case{262144, 1, 8}, Case{100, 3, 12}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) + " D=" + std::to_string(c.D));
+    const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
+    const auto x = normal(n);
+    for (bool inverse : {false, true}) {
+      std::vector<float> want = x;
+      cpu_->rotary(want.data(), c.T, c.H, c.D, 1024.f, inverse);
+      DeviceFloats dx(*gpu_, x);
+      gpu_->rotary(dx.ptr, c.T, c.H, c.D, 1024.f, inverse);
+      expect_close(dx.get(), want, 1e-5, 1e-5, inverse ? "rotary inverse" : "rotary");
+      gpu_->rotary(dx.ptr, c.T, c.H, c.D, 1024.f, !inverse);
+      expect_close(dx.get(), x, 1e-5, 1e-5, "rotary round trip");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise operations and their coefficient gradients
+
+TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{100003}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const auto a = normal(n), b = normal(n), dout = normal(n), coef = normal(2);
+    auto x = normal(n);
+    for (size_t i = 0; i < n; i += 5) x[i] = 0.f;  // relu's edge
+    DeviceFloats da(*gpu_, a), db(*gpu_, b), ddout(*gpu_, dout), dcoef(*gpu_, coef), dx(*gpu_, x);
+    std::vector<float> want(n);
+    {
+      cpu_->mix_forward(want.data(), a.data(), b.data(), coef.data(), n);
+      DeviceFloats out(*gpu_, n, kNaN);
+      gpu_->mix_forward(out.ptr, da.ptr, db.ptr, dcoef.ptr, n);
+      expect_close(out.get(), want, 1e-5, 1e-6, "mix_forward");
+      cpu_->mix_forward(want.data(), a.data(), nullptr, coef.data(), n);
+      DeviceFloats in_place(*gpu_, a);
+      gpu_->mix_forward(in_place.ptr, in_place.ptr, nullptr, dcoef.ptr, n);  // out == a, no b
+      expect_close(in_place.get(), want, 1e-5, 1e-6, "mix_forward in place without b");
+    }
+    {
+      std::vector<float> acc = a;
+      cpu_->scaled_add_forward(acc.data(), b.data(), coef.data(), n);
+      DeviceFloats out(*gpu_, a);
+      gpu_->scaled_add_forward(out.ptr, db.ptr, dcoef.ptr, n);
+      expect_close(out.get(), acc, 1e-5, 1e-6, "scaled_add_forward");
+      acc = a;
+      cpu_->add(acc.data(), b.data(), n);
+      DeviceFloats sum(*gpu_, a);
+      gpu_->add(sum.ptr, db.ptr, n);
+      expect_close(sum.get(), acc, 1e-6, 0, "add");
+    }
+    {
+      cpu_->relu2_forward(want.data(), x.data(), n);
+      DeviceFloats out(*gpu_, n, kNaN);
+      gpu_->relu2_forward(out.ptr, dx.ptr, n);
+      expect_close(out.get(), want, 1e-6, 0, "relu2_forward");
+      std::vector<float> grad = dout;
+      cpu_->relu2_backward(grad.data(), grad.data(), x.data(), n);
+      DeviceFloats g(*gpu_, dout);
+      gpu_->relu2_backward(g.ptr, g.ptr, dx.ptr, n);  // dx == dout, as GPT calls it
+      expect_close(g.get(), grad, 1e-6, 0, "relu2_backward in place");
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{4097}, size_t{300007}}) {
+    for (int mode = 0; mode < 8; ++mode) {
+      const bool has_b = mode & 1, accumulate = mode & 2, alias = mode & 4;
+      if (alias && accumulate) continue;  // GPT aliases da with dout only when overwriting
+      SCOPED_TRACE("n=" + std::to_string(n) + " b=" + std::to_string(has_b) + " acc=" + std::to_string(accumulate) +
+                   " alias=" + std::to_string(alias));
+      const auto a = normal(n), b = normal(n), dout = normal(n), coef = normal(2), dcoef0 = normal(2);
+      const auto da0 = normal(n), db0 = normal(n);
+      std::vector<float> da = alias ? dout : da0, db = db0, dcoef = dcoef0, grad = dout;
+      cpu_->mix_backward(alias ? grad.data() : da.data(), accumulate, has_b ? db.data() : nullptr, dcoef.data(),
+                         grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
+      if (alias) da = grad;
+      DeviceFloats g_a(*gpu_, a), g_b(*gpu_, b), g_dout(*gpu_, dout), g_coef(*gpu_, coef), g_dcoef(*gpu_, dcoef0),
+          g_db(*gpu_, db0);
+      DeviceFloats g_da(*gpu_, accumulate ? da0 : std::vector<float>(n, kNaN));
+      float* da_ptr = alias ? g_dout.ptr : g_da.ptr;
+      gpu_->mix_backward(da_ptr, accumulate, has_b ? g_db.ptr : nullptr, g_dcoef.ptr, g_dout.ptr, g_a.ptr,
+                         has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
+      expect_close(alias ? g_dout.get() : g_da.get(), da, 1e-5, 1e-6, "mix_backward da");
+      if (has_b) expect_close(g_db.get(), db, 1e-5, 1e-6, "mix_backward db");
+      // dcoef += float(float64 dot): the two float64 sums differ by ~1e-16, so at most 1 ulp.
+      expect_close(g_dcoef.get(), dcoef, 1e-6, 0, "mix_backward dcoef");
+    }
+    const auto y = normal(n), dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
+    std::vector<float> dy = dy0, dweight = dweight0;
+    cpu_->scaled_add_backward(dy.data(), dweight.data(), dout.data(), y.data(), weight.data(), n);
+    DeviceFloats g_dy(*gpu_, dy0), g_dweight(*gpu_, dweight0), g_dout(*gpu_, dout), g_y(*gpu_, y), g_w(*gpu_, weight);
+    gpu_->scaled_add_backward(g_dy.ptr, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
+    expect_close(g_dy.get(), dy, 1e-5, 1e-6, "scaled_add_backward dy");
+    expect_close(g_dweight.get(), dweight, 1e-6, 0, "scaled_add_backward dweight");
+  }
+}
+
+TEST_F(CudaBackendTest, SumIsFloat64AndDeterministic) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{4097}, size_t{1000003}}) {
+    const auto x = normal(n, 10.f);
+    double magnitude = 0;
+    for (float v : x) magnitude += std::abs(v);
+    DeviceFloats dx(*gpu_, x);
+    const double got = gpu_->sum(dx.ptr, n), again = gpu_->sum(dx.ptr, n);
+    EXPECT_NEAR(got, cpu_->sum(x.data(), n), 1e-12 * magnitude) << "n=" << n;
+    EXPECT_EQ(got, again);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+struct AttentionCase {
+  int T, H, D, block;
+  std::vector<int> windows;
+  int mean_document;
+};
+
+class AttentionTest : public CudaBackendTest {
+ protected:
+  void check(const AttentionCase& c) {
+    const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
+    const auto doc = documents(c.T, c.mean_document);
+    for (int window : c.windows) {
+      SCOPED_TRACE("T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) + " D=" + std::to_string(c.D) +
+                   " B=" + std::to_string(c.block) + " N=" + std::to_string(window));
+      const AttentionShape shape{c.T, c.H, c.D, c.block, window, 0.12f};
+      const auto q = normal(n), k = normal(n), v = normal(n), dy = normal(n);
+      std::vector<float> y(n), lse(static_cast<size_t>(c.H) * c.T), dq(n), dk(n), dv(n);
+      cpu_->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+      cpu_->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
+                               v.data(), doc.data(), shape);
+      DeviceFloats g_q(*gpu_, q), g_k(*gpu_, k), g_v(*gpu_, v), g_dy(*gpu_, dy);
+      DeviceInts g_doc(*gpu_, doc);
+      DeviceFloats g_y(*gpu_, n, kNaN), g_lse(*gpu_, lse.size(), kNaN);
+      gpu_->attention_forward(g_y.ptr, g_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr, g_doc.ptr, shape);
+      expect_close(g_y.get(), y, 1e-4, 1e-5, "attention y");
+      expect_close(g_lse.get(), lse, 1e-5, 1e-6, "attention lse");
+      // The backward from the CPU's y and lse, so that only the backward is compared.
+      DeviceFloats c_y(*gpu_, y), c_lse(*gpu_, lse);
+      DeviceFloats g_dq(*gpu_, n, kNaN), g_dk(*gpu_, n, kNaN), g_dv(*gpu_, n, kNaN);
+      gpu_->attention_backward(g_dq.ptr, g_dk.ptr, g_dv.ptr, g_dy.ptr, c_y.ptr, c_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
+                               g_doc.ptr, shape);
+      const auto got_dq = g_dq.get(), got_dk = g_dk.get(), got_dv = g_dv.get();
+      expect_close(got_dq, dq, 1e-4, 1e-4, "attention dq");
+      expect_close(got_dk, dk, 1e-4, 1e-4, "attention dk");
+      expect_close(got_dv, dv, 1e-4, 1e-4, "attention dv");
+      // Deterministic: a second run gives the same bits.
+      gpu_->attention_backward(g_dq.ptr, g_dk.ptr, g_dv.ptr, g_dy.ptr, c_y.ptr, c_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
+                               g_doc.ptr, shape);
+      expect_identical(g_dq.get(), got_dq, "attention dq rerun");
+      expect_identical(g_dk.get(), got_dk, "attention dk rerun");
+      expect_identical(g_dv.get(), got_dv, "attention dv rerun");
+    }
+  }
+};
+
+TEST_F(AttentionTest, EveryWindowOnSmallHeads) {
+  SCOPED_TRACE(trace());
+  std::vector<int> all_windows(15);
+  std::iota(all_windows.begin(), all_windows.end(), 0);
+  check({256, 2, 8, 16, all_windows, 20});
+  check({64, 2, 8, 8, {0, 1, 2, 3, 8}, 11});
+}
+
+TEST_F(AttentionTest, OddShapesAndWideHeads) {
+  SCOPED_TRACE(trace());
+  check({200, 3, 12, 16, {0, 1, 2, 5}, 50});   // T not a multiple of the block
+  check({300, 1, 40, 32, {3}, 60});           // D not a multiple of 32
+  check({512, 1, 256, 64, {2, 9}, 100});      // the widest head supported
+  check({1024, 2, 64, 128, {1, 3, 14}, 300});
+}
+
+TEST_F(AttentionTest, SpeedrunHeadsOverThousandsOfTokens) {
+  SCOPED_TRACE(trace());
+  check({3072, 2, 128, 128, {0, 7, 14}, 1000});
+  check({2048, 1, 128, 128, {14}, 100000});  // (almost) one document: full windows
+}
+
+// ---------------------------------------------------------------------------------------
+// The head
+
+TEST_F(CudaBackendTest, SoftcapCrossEntropyMatchesCpu) {
+  SCOPED_TRACE(trace());
+  struct Case { int rows, V; };
+  for (Case c : {Case{1, 384}, Case{5, 50304}, Case{64, 1000}, Case{3, 50257}}) {
+    for (float grad_scale : {0.f, 1.f / c.rows}) {
+      SCOPED_TRACE("rows=" + std::to_string(c.rows) + " V=" + std::to_string(c.V) +
+                   " grad_scale=" + std::to_string(grad_scale));
+      const auto logits = normal(static_cast<size_t>(c.rows) * c.V, 8.f);
+      const auto targets = uniform_ints(c.rows, c.V);
+      std::vector<float> want = logits, loss(c.rows);
+      cpu_->softcap_cross_entropy(want.data(), loss.data(), targets.data(), c.rows, c.V, 15.f, grad_scale);
+      DeviceFloats g_logits(*gpu_, logits), g_loss(*gpu_, c.rows, kNaN);
+      DeviceInts g_targets(*gpu_, targets);
+      gpu_->softcap_cross_entropy(g_logits.ptr, g_loss.ptr, g_targets.ptr, c.rows, c.V, 15.f, grad_scale);
+      expect_close(g_loss.get(), loss, 1e-5, 0, "row loss");
+      // Softcapped values, or gradients (a softmax probability times 4 s (1-s)).
+      expect_close(g_logits.get(), want, 1e-4, 1e-6, grad_scale == 0.f ? "softcapped logits" : "logit gradients");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Optimiser building blocks
+
+TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
+  SCOPED_TRACE(trace());
+  const size_t n = 100003;
+  const auto param = normal(n), grad = normal(n, 0.1f), m0 = normal(n, 0.05f);
+  auto v0 = normal(n, 0.01f);
+  for (float& x : v0) x = x * x;
+  for (int step : {1, 2, 10}) {
+    std::vector<float> p = param, m = m0, v = v0;
+    cpu_->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.008f, 0.8f, 0.95f, 1e-10f, step);
+    DeviceFloats gp(*gpu_, param), gg(*gpu_, grad), gm(*gpu_, m0), gv(*gpu_, v0);
+    gpu_->adam_update(gp.ptr, gg.ptr, gm.ptr, gv.ptr, n, 0.008f, 0.8f, 0.95f, 1e-10f, step);
+    expect_close(gp.get(), p, 1e-5, 1e-7, "adam param step " + std::to_string(step));
+    expect_close(gm.get(), m, 1e-5, 1e-7, "adam m");
+    expect_close(gv.get(), v, 1e-5, 1e-7, "adam v");
+  }
+  {
+    std::vector<float> out(n), buf = m0;
+    cpu_->muon_momentum(out.data(), buf.data(), grad.data(), n, 0.9f);
+    DeviceFloats g_out(*gpu_, grad), g_buf(*gpu_, m0);
+    gpu_->muon_momentum(g_out.ptr, g_buf.ptr, g_out.ptr, n, 0.9f);  // out == grad
+    expect_close(g_out.get(), out, 1e-5, 1e-7, "muon_momentum out");
+    expect_close(g_buf.get(), buf, 1e-5, 1e-7, "muon_momentum buf");
+    std::vector<float> p = param;
+    cpu_->apply_update(p.data(), out.data(), n, 0.05f);
+    DeviceFloats gp(*gpu_, param);
+    gpu_->apply_update(gp.ptr, g_out.ptr, n, 0.05f);
+    expect_close(gp.get(), p, 1e-5, 1e-7, "apply_update");
+  }
+  struct Norm { size_t count; int batch; };
+  for (Norm c : {Norm{1, 1}, Norm{1000, 3}, Norm{768 * 768, 3}, Norm{5, 7}}) {
+    const auto x = normal(c.count * c.batch, 2.f);
+    std::vector<float> want = x;
+    cpu_->normalize_frobenius(want.data(), c.count, c.batch, 1e-7f);
+    DeviceFloats gx(*gpu_, x);
+    gpu_->normalize_frobenius(gx.ptr, c.count, c.batch, 1e-7f);
+    expect_close(gx.get(), want, 1e-6, 0, "normalize_frobenius count " + std::to_string(c.count));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole model and the optimiser
+
+std::vector<int32_t> tokens_with_documents(std::mt19937_64& rng, int n, int vocab, int end_of_text) {
+  std::vector<int32_t> t(n);
+  for (int32_t& x : t) x = static_cast<int32_t>(rng() % vocab);
+  for (int i = 0; i < n; i += 1 + static_cast<int>(rng() % 97)) t[i] = end_of_text;
+  return t;
+}
+
+// Random parameters everywhere (no zero head or projections) so every gradient path carries
+// signal; lambdas and skip weights near their working range, as in tests/unit/test_gpt.cpp.
+std::vector<float> random_parameters(const ParamLayout& layout, std::mt19937_64& rng) {
+  std::normal_distribution<float> dist(0.f, 0.5f);
+  std::vector<float> p(layout.total());
+  for (float& x : p) x = dist(rng);
+  for (const ParamSpec& s : layout.specs()) {
+    if (s.name.find("lambdas") != std::string::npos || s.name == "skip_weights") {
+      for (size_t i = 0; i < s.count; ++i) p[s.offset + i] = 0.6f + 0.3f * p[s.offset + i];
+    }
+  }
+  return p;
+}
+
+class ModelTest : public CudaBackendTest {
+ protected:
+  void compare_forward_backward(const Config& config, int T, int window) {
+    SCOPED_TRACE("T=" + std::to_string(T) + " window=" + std::to_string(window));
+    GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu_, T, T);
+    const auto params = random_parameters(on_cpu.layout(), rng_);
+    const int eot = 50256 % config.vocab_size;
+    const auto inputs = tokens_with_documents(rng_, T, config.vocab_size, eot);
+    const auto targets = tokens_with_documents(rng_, T, config.vocab_size, eot);
+    on_cpu.load_parameters(params);
+    on_gpu.load_parameters(params);
+    on_cpu.zero_grad();
+    on_gpu.zero_grad();
+    const double cpu_loss = on_cpu.forward_backward(inputs, targets, window, 1.f);
+    const double gpu_loss = on_gpu.forward_backward(inputs, targets, window, 1.f);
+    ASSERT_TRUE(std::isfinite(gpu_loss));
+    EXPECT_NEAR(gpu_loss, cpu_loss, 1e-5 * std::abs(cpu_loss));
+    EXPECT_NEAR(on_gpu.forward(inputs, targets, window), cpu_loss, 1e-5 * std::abs(cpu_loss));
+    const auto cpu_grad = on_cpu.gradients_to_host(), gpu_grad = on_gpu.gradients_to_host();
+    for (const ParamSpec& s : on_cpu.layout().specs()) {
+      EXPECT_LE(relative_l2(gpu_grad, cpu_grad, s.offset, s.offset + s.count), 1e-3) << s.name;
+    }
+    // Determinism: the same step again gives the same bits.
+    on_gpu.zero_grad();
+    const double again = on_gpu.forward_backward(inputs, targets, window, 1.f);
+    EXPECT_EQ(again, gpu_loss);
+    expect_identical(on_gpu.gradients_to_host(), gpu_grad, "GPT gradients rerun");
+  }
+};
+
+TEST_F(ModelTest, MicroForwardBackwardMatchesCpu) {
+  SCOPED_TRACE(trace());
+  const Config config = Config::preset("micro");
+  compare_forward_backward(config, 64, 2);
+  compare_forward_backward(config, 256, 3);
+  compare_forward_backward(config, 256, 0);
+}
+
+TEST_F(ModelTest, TinyForwardBackwardMatchesCpuOverTheFullVocabulary) {
+  SCOPED_TRACE(trace());
+  compare_forward_backward(Config::preset("tiny"), 1024, 8);
+}
+
+TEST_F(ModelTest, TwoOptimizerStepsMatchCpu) {
+  SCOPED_TRACE(trace());
+  for (const char* preset : {"micro", "tiny"}) {
+    SCOPED_TRACE(preset);
+    const Config config = Config::preset(preset);
+    const ParamLayout layout(config);
+    const auto params = random_parameters(layout, rng_);
+    std::vector<float> cpu_params = params;
+    DeviceFloats gpu_params(*gpu_, params);
+    Optimizer cpu_opt(config, layout, *cpu_), gpu_opt(config, layout, *gpu_);
+    for (int step = 0; step < 2; ++step) {
+      const auto grads = normal(layout.total(), 0.1f);
+      DeviceFloats gpu_grads(*gpu_, grads);
+      cpu_opt.step(cpu_params.data(), grads.data(), step);
+      gpu_opt.step(gpu_params.ptr, gpu_grads.ptr, step);
+    }
+    // Compare the updates (new - old): the parameters themselves would hide their errors.
+    // Muon's five Newton-Schulz steps amplify float32 rounding (~10x), hence 1e-3.
+    const auto got = gpu_params.get();
+    std::vector<float> cpu_update(params.size()), gpu_update(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      cpu_update[i] = cpu_params[i] - params[i];
+      gpu_update[i] = got[i] - params[i];
+    }
+    for (const ParamSpec& s : layout.specs()) {
+      const double tolerance = s.group == ParamGroup::kMuon ? 1e-3 : 1e-4;
+      EXPECT_LE(relative_l2(gpu_update, cpu_update, s.offset, s.offset + s.count), tolerance) << s.name;
+    }
+    ASSERT_EQ(cpu_opt.state().size(), gpu_opt.state().size());
+    for (size_t i = 0; i < cpu_opt.state().size(); ++i) {
+      const auto& cs = cpu_opt.state()[i];
+      const auto& gs = gpu_opt.state()[i];
+      std::vector<float> want(cs.data, cs.data + cs.spec->count), got_state(gs.spec->count);
+      gpu_->download(got_state.data(), gs.data, got_state.size());
+      EXPECT_LE(relative_l2(got_state, want, 0, want.size()), 1e-5) << cs.name;
+    }
+  }
+}
+
+}  // namespace
+
+// Without the CUDA backend compiled in, asking for it is a clear error (this one runs on
+// every machine; the others skip there).
+TEST(CudaBackendStub, BuildsWithoutCudaRefuseWithAnError) {
+  if (cuda_compiled_in()) GTEST_SKIP() << "this build has the CUDA backend";
+  EXPECT_THROW(make_cuda_backend(0), Error);
+}
+
+}  // namespace speedrun

@@ -1,0 +1,199 @@
+// Loss plots: the SVG's structure (well-formed, one polyline per run, series and panel,
+// legend names) and the PNG decoded with zlib (chunks, CRCs, size, curve pixels).
+#include <gtest/gtest.h>
+#include <zlib.h>
+
+#include <fstream>
+#include <regex>
+
+#include "plot/loss_plot.h"
+#include "plot/png.h"
+#include "support/temp_dir.h"
+#include "util/error.h"
+
+namespace speedrun::plot {
+namespace {
+
+std::string write_metrics(const testing::TempDir& dir, const std::string& run, double offset) {
+  std::filesystem::create_directories(dir / run);
+  const std::string path = dir / (run + "/metrics.jsonl");
+  std::ofstream out(path);
+  for (int step = 0; step < 40; ++step) {
+    if (step % 10 == 0) {
+      out << "{\"step\":" << step << ",\"val_loss\":" << (offset + 8.0 / (1 + step * 0.2))
+          << ",\"elapsed_s\":" << step * 2.0 + 0.5 << "}\n";
+    }
+    out << "{\"step\":" << step << ",\"train_loss\":" << (offset + 8.2 / (1 + step * 0.2))
+        << ",\"elapsed_s\":" << step * 2.0 + 1 << ",\"lr_mult\":1}\n";
+  }
+  out << "{\"step\":40,\"val_loss\":" << offset + 8.0 / 9.0 << ",\"elapsed_s\":81}\n";
+  return path;
+}
+
+// Every tag closes in order (a small well-formedness check for the SVG we write).
+bool balanced_xml(const std::string& xml, std::string& problem) {
+  std::vector<std::string> open;
+  const std::regex tag(R"re(<(/?)([A-Za-z][\w:-]*)[^>]*?(/?)>)re");
+  for (auto it = std::sregex_iterator(xml.begin(), xml.end(), tag); it != std::sregex_iterator(); ++it) {
+    const std::string name = (*it)[2];
+    if ((*it)[1] == "/") {
+      if (open.empty() || open.back() != name) return problem = "unexpected </" + name + ">", false;
+      open.pop_back();
+    } else if ((*it)[3] != "/") {
+      open.push_back(name);
+    }
+  }
+  if (!open.empty()) return problem = "unclosed <" + open.back() + ">", false;
+  return true;
+}
+
+int count(const std::string& text, const std::string& part) {
+  int n = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
+  return n;
+}
+
+TEST(Plot, ReadsCurvesAndNamesRunsByDirectory) {
+  testing::TempDir dir("plot_read");
+  const RunCurves run = read_run_curves(write_metrics(dir, "run-a", 3.0));
+  EXPECT_EQ(run.name, "run-a");
+  EXPECT_EQ(run.train_step.size(), 40u);
+  EXPECT_EQ(run.val_step.size(), 5u);
+  EXPECT_EQ(run.val_step.back(), 40);
+  EXPECT_EQ(run.val_time.back(), 81);
+  EXPECT_DOUBLE_EQ(run.train_loss[0], 11.2);
+}
+
+TEST(Plot, SvgHasAPolylinePerRunSeriesAndPanelAndALegend) {
+  testing::TempDir dir("plot_svg");
+  const LossChart chart({read_run_curves(write_metrics(dir, "alpha", 3.0)),
+                         read_run_curves(write_metrics(dir, "beta", 3.5))},
+                        XAxis::kBoth);
+  const std::string svg = render_svg(chart);
+  std::string problem;
+  EXPECT_TRUE(balanced_xml(svg, problem)) << problem;
+  EXPECT_EQ(svg.rfind("<?xml", 0), 0u);
+  EXPECT_NE(svg.find("width=\"" + std::to_string(chart.width()) + "\""), std::string::npos);
+  EXPECT_EQ(count(svg, "<polyline class=\"series\""), 8);  // 2 runs x {train, val} x {step, time}
+  for (const char* run : {"alpha", "beta"}) {
+    for (const char* series : {"train", "val"}) {
+      for (const char* panel : {"step", "time"}) {
+        const std::string attrs = std::string("data-run=\"") + run + "\" data-series=\"" + series +
+                                  "\" data-panel=\"" + panel + "\"";
+        EXPECT_EQ(count(svg, attrs), 1) << attrs;
+      }
+    }
+    EXPECT_EQ(count(svg, std::string(">") + run + "</text>"), 1) << run;  // legend entry
+  }
+  // The val polyline of alpha in the step panel has one point per validation.
+  const std::regex points(R"re(data-run="alpha" data-series="val" data-panel="step"[^>]*points="([^"]*)")re");
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(svg, match, points));
+  EXPECT_EQ(count(match[1].str(), ","), 5);
+}
+
+TEST(Plot, XAxisChoiceGivesOnePanel) {
+  testing::TempDir dir("plot_x");
+  const LossChart chart({read_run_curves(write_metrics(dir, "alpha", 3.0))}, XAxis::kTime);
+  const std::string svg = render_svg(chart);
+  EXPECT_EQ(count(svg, "data-panel=\"time\""), 2);
+  EXPECT_EQ(count(svg, "data-panel=\"step\""), 0);
+  EXPECT_THROW(chart.to_pixel(XAxis::kStep, 0, 5), Error);
+}
+
+uint32_t be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
+
+struct DecodedPng {
+  int width = 0, height = 0;
+  std::vector<uint8_t> rgb;
+  uint8_t pixel(int x, int y, int channel) const { return rgb[(static_cast<size_t>(y) * width + x) * 3 + channel]; }
+};
+
+DecodedPng decode(const std::vector<uint8_t>& png) {
+  const uint8_t signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  EXPECT_TRUE(std::equal(signature, signature + 8, png.begin()));
+  DecodedPng image;
+  std::vector<uint8_t> idat;
+  std::vector<std::string> types;
+  for (size_t at = 8; at < png.size();) {
+    const uint32_t length = be32(&png[at]);
+    const std::string type(png.begin() + at + 4, png.begin() + at + 8);
+    types.push_back(type);
+    const uint8_t* data = &png[at + 8];
+    EXPECT_EQ(be32(data + length), crc32(0L, &png[at + 4], length + 4)) << type << " CRC";
+    if (type == "IHDR") {
+      image.width = static_cast<int>(be32(data));
+      image.height = static_cast<int>(be32(data + 4));
+      EXPECT_EQ(data[8], 8);  // bit depth
+      EXPECT_EQ(data[9], 2);  // truecolour
+    }
+    if (type == "IDAT") idat.insert(idat.end(), data, data + length);
+    at += 12 + length;
+  }
+  EXPECT_EQ(types.front(), "IHDR");
+  EXPECT_EQ(types.back(), "IEND");
+  std::vector<uint8_t> raw(static_cast<size_t>(image.width * 3 + 1) * image.height);
+  uLongf raw_size = raw.size();
+  EXPECT_EQ(uncompress(raw.data(), &raw_size, idat.data(), idat.size()), Z_OK);
+  EXPECT_EQ(raw_size, raw.size());
+  for (int y = 0; y < image.height; ++y) {
+    const uint8_t* row = &raw[static_cast<size_t>(y) * (image.width * 3 + 1)];
+    EXPECT_EQ(row[0], 0) << "filter type of row " << y;
+    image.rgb.insert(image.rgb.end(), row + 1, row + 1 + image.width * 3);
+  }
+  return image;
+}
+
+bool is_background(const DecodedPng& image, int x, int y) {
+  return image.pixel(x, y, 0) == 255 && image.pixel(x, y, 1) == 255 && image.pixel(x, y, 2) == 255;
+}
+
+TEST(Plot, PngDecodesToTheChartWithCurvePixelsWhereTheDataIs) {
+  testing::TempDir dir("plot_png");
+  const RunCurves run = read_run_curves(write_metrics(dir, "alpha", 3.0));
+  const LossChart chart({run}, XAxis::kBoth);
+  const DecodedPng image = decode(render_png(chart));
+  ASSERT_EQ(image.width, chart.width());
+  ASSERT_EQ(image.height, chart.height());
+  // Each validation point is a dot of the run's colour (the first palette entry).
+  for (size_t i = 0; i < run.val_step.size(); ++i) {
+    for (XAxis panel : {XAxis::kStep, XAxis::kTime}) {
+      const double x = panel == XAxis::kStep ? run.val_step[i] : run.val_time[i];
+      const Point p = chart.to_pixel(panel, x, run.val_loss[i]);
+      const int px = static_cast<int>(p.x), py = static_cast<int>(p.y);
+      EXPECT_EQ(image.pixel(px, py, 0), 31) << i;
+      EXPECT_EQ(image.pixel(px, py, 1), 119) << i;
+      EXPECT_EQ(image.pixel(px, py, 2), 180) << i;
+    }
+  }
+  // Far from the curve (high loss, late step) the plot area is background.
+  const Point empty = chart.to_pixel(XAxis::kStep, 35, 10.5);
+  EXPECT_TRUE(is_background(image, static_cast<int>(empty.x), static_cast<int>(empty.y)));
+  // Train curve pixels: somewhere on the column of step 25 near its loss, not background.
+  const Point train = chart.to_pixel(XAxis::kStep, 25, run.train_loss[25]);
+  bool found = false;
+  for (int dy = -2; dy <= 2; ++dy) found |= !is_background(image, static_cast<int>(train.x), static_cast<int>(train.y) + dy);
+  EXPECT_TRUE(found);
+}
+
+TEST(Plot, WritesFilesByExtensionAndRejectsOthers) {
+  testing::TempDir dir("plot_files");
+  const std::string metrics = write_metrics(dir, "alpha", 3.0);
+  write_loss_plot({metrics}, dir / "out.svg");
+  write_loss_plot({metrics}, dir / "out.png");
+  EXPECT_TRUE(std::filesystem::file_size(dir / "out.svg") > 1000);
+  EXPECT_TRUE(std::filesystem::file_size(dir / "out.png") > 1000);
+  EXPECT_THROW(write_loss_plot({metrics}, dir / "out.jpg"), UsageError);
+  EXPECT_THROW(write_loss_plot({dir / "missing.jsonl"}, dir / "x.svg"), Error);
+}
+
+TEST(Plot, PngEncoderRejectsAWrongBufferSize) {
+  EXPECT_THROW(encode_png(2, 2, std::vector<uint8_t>(11)), Error);
+  const DecodedPng one = decode(encode_png(1, 1, {1, 2, 3}));
+  EXPECT_EQ(one.width, 1);
+  EXPECT_EQ(one.height, 1);
+  EXPECT_EQ(one.rgb, (std::vector<uint8_t>{1, 2, 3}));
+}
+
+}  // namespace
+}  // namespace speedrun::plot
