@@ -27,6 +27,8 @@ struct Options {
   TrainOptions train;
   // Given on the command line (not defaulted), so the resume command repeats them.
   bool explicit_train = false, explicit_val = false, explicit_metrics = false, explicit_steps = false;
+  std::string on_nonfinite = "stop";
+  std::string on_spike = "warn";
 };
 
 std::string timestamped_run_dir() {
@@ -81,6 +83,9 @@ TrainOptions resolve(const Options& opts) {
   if (train.val_glob.empty()) train.val_glob = default_data_dir() + "/val_*.bin";
   if (train.out_dir.empty()) train.out_dir = timestamped_run_dir();
   train.live_progress = ::isatty(::fileno(stdout)) == 1;
+  train.faults.non_finite = parse_non_finite_policy(opts.on_nonfinite);
+  train.faults.spike = parse_spike_policy(opts.on_spike);
+  validate(train.faults);
   return train;
 }
 
@@ -132,6 +137,17 @@ void register_train_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_flag("--quiet", t.quiet, "print nothing but errors");
+  cmd->add_option("--on-nonfinite", opts->on_nonfinite,
+                  "a non-finite loss or gradient: skip the step's update, or stop with a checkpoint")
+      ->check(CLI::IsMember({"skip", "stop"}))
+      ->capture_default_str();
+  cmd->add_option("--on-loss-spike", opts->on_spike, "a loss spike (z-score over the last 128 losses): warn or skip")
+      ->check(CLI::IsMember({"warn", "skip"}))
+      ->capture_default_str();
+  cmd->add_option("--loss-spike-z", t.faults.spike_zscore, "z-score that flags a loss spike")->capture_default_str();
+  cmd->add_option("--grad-check-every", t.faults.grad_check_every, "check the gradients for non-finite values every N steps")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->callback([opts, train_glob, val_glob, steps, metrics] {
     opts->explicit_train = train_glob->count() > 0;
     opts->explicit_val = val_glob->count() > 0;

@@ -136,6 +136,7 @@ class TrainingRun {
   bool stop_requested();
   void validate(int step);
   void train_one_step(int step);
+  void report_fault(int step, const StepVerdict& verdict);
   void save_checkpoint_at_step();
   void write_plots();
   void finish_summary();
@@ -157,6 +158,7 @@ class TrainingRun {
   std::optional<Prefetcher> prefetcher_;
   ProgressReporter progress_;
   CheckpointRotation rotation_;
+  FaultMonitor monitor_;
   TrainResult result_;
   double tokens_per_step_ = 0;
 };
@@ -174,7 +176,8 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
       dp_(comm_, model_),
       leader_(comm_.rank() == 0),
       progress_(options.progress_stream ? *options.progress_stream : std::cout, progress_options(options, leader_)),
-      rotation_(options.keep) {
+      rotation_(options.keep),
+      monitor_(options.faults) {
   const std::vector<std::string> train_files = expand_glob(options.train_glob);
   if (!options.resume_path.empty()) {
     state_ = load_checkpoint(options.resume_path, model_, optimizer_);
@@ -236,7 +239,9 @@ void TrainingRun::validate(int step) {
 void TrainingRun::train_one_step(int step) {
   const auto start = Clock::now();
   TokenBatch batch = prefetcher_->next();
-  const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step);
+  StepVerdict verdict;
+  const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step, &monitor_, &verdict);
+  report_fault(step, verdict);
   state_.step = step + 1;
   state_.data_position = batch.position_after;
   const double step_seconds = seconds_since(start);
@@ -251,6 +256,18 @@ void TrainingRun::train_one_step(int step) {
                    {"elapsed_s", prior_.elapsed_s + seconds_since(launch_)},
                    {"train_time_s", prior_.train_time_s + result_.seconds}});
   progress_.step_done(step, loss, step_seconds);
+}
+
+void TrainingRun::report_fault(int step, const StepVerdict& verdict) {
+  if (!verdict.message.empty()) {
+    metrics_->write({{"step", step}, {"fault", verdict.message}});
+    progress_.note("warning: " + verdict.message);
+  }
+  if (verdict.action == StepAction::kStop) {
+    save_checkpoint_at_step();  // state_ is still the state before this step
+    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path);
+  }
+  if (verdict.action == StepAction::kSkip) result_.skipped_steps.push_back(step);
 }
 
 void TrainingRun::save_checkpoint_at_step() {
@@ -328,10 +345,16 @@ std::string checkpoint_name(const std::string& out_dir, int step) {
 }
 
 double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
-                         std::span<const int32_t> targets, int step) {
+                         std::span<const int32_t> targets, int step, FaultMonitor* monitor, StepVerdict* verdict) {
   GPT& model = dp.model();
   const double loss = dp.compute_gradients(inputs, targets, long_window_blocks(model.config(), step));
-  require_finite(loss, "training loss", step);
+  // The gradients are already reduced: every process reaches the same verdict.
+  if (monitor) {
+    *verdict = monitor->check_step(step, loss, model.backend(), model.grads(), model.layout().total());
+    if (verdict->action != StepAction::kApply) return loss;
+  } else {
+    require_finite(loss, "training loss", step);
+  }
   optimizer.step(model.params(), model.grads(), step, dp.comm().size() > 1 ? &dp.comm() : nullptr);
   return loss;
 }

@@ -13,6 +13,7 @@
 #include "model/gpt.h"
 #include "optim/optimizer.h"
 #include "train/data_parallel.h"
+#include "train/fault_monitor.h"
 #include "train/progress.h"
 
 namespace speedrun {
@@ -38,6 +39,7 @@ struct TrainOptions {
   // The run's processes (mpirun): null means this process alone. Only rank 0 prints,
   // writes metrics, plots and checkpoints.
   Communicator* comm = nullptr;
+  FaultMonitorOptions faults;      // non-finite losses/gradients and loss spikes
 };
 
 struct TrainResult {
@@ -48,7 +50,8 @@ struct TrainResult {
   std::string checkpoint_path;       // the last checkpoint saved
   std::vector<std::string> checkpoints_kept;  // this run's checkpoints still on disk, oldest first
   double seconds = 0;                // training time, validation excluded
-  int stopped_by_signal = 0;         // the signal that stopped the run early, or 0
+  int stopped_by_signal = 0;
+  std::vector<int> skipped_steps;    // steps whose update a fault policy skipped         // the signal that stopped the run early, or 0
   RunSummary summary;
 };
 
@@ -58,8 +61,10 @@ TrainResult train(const TrainOptions& options, Backend& backend);
 // one after another in inputs/targets), gradients averaged over all world_size
 // sequences of every process, then both optimisers. Returns the step's train loss
 // (mean over all sequences, before the update).
+// With a monitor, a fault verdict other than "apply" leaves the parameters unchanged.
 double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
-                         std::span<const int32_t> targets, int step);
+                         std::span<const int32_t> targets, int step, FaultMonitor* monitor = nullptr,
+                         StepVerdict* verdict = nullptr);
 
 // Mean validation loss over val_tokens (SPEC §1) with the window of `step`.
 // With dp, each process evaluates its own ranks' sequences of every window.

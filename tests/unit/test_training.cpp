@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"
+#include "util/error.h"
 
 namespace speedrun {
 namespace {
@@ -119,6 +120,36 @@ TEST(Training, InitCheckpointStartsFromItsParameters) {
   // Starting from trained parameters, step 0's validation is the trained run's last.
   EXPECT_EQ(r.val_losses.front().first, 0);
   EXPECT_NEAR(r.val_losses.front().second, trained.val_losses.back().second, 0.0);
+}
+
+TEST(Training, NonFiniteGradientStopsWithTheStepAndACheckpoint) {
+  testing::TempDir data("train_nan");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  TrainOptions o = micro_options(data, data / "run", 6);
+  o.config.lr_embed = 1e38;  // the first update overflows the embeddings
+  o.config.lr_lm_head = 1e38;
+  try {
+    train(o, *be);
+    FAIL() << "expected the run to stop";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(std::filesystem::exists(data / "run/step_000001.safetensors"));
+}
+
+TEST(Training, NonFiniteSkipPolicyLeavesParametersUnchanged) {
+  testing::TempDir data("train_nan_skip");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  TrainOptions o = micro_options(data, data / "run", 4);
+  o.config.lr_embed = 1e38;
+  o.config.lr_lm_head = 1e38;
+  o.faults.non_finite = NonFinitePolicy::kSkip;
+  o.faults.max_consecutive_skips = 0;
+  const TrainResult r = train(o, *be);
+  EXPECT_EQ(r.skipped_steps, (std::vector<int>{1, 2, 3}));  // step 0's update made the loss non-finite
 }
 
 }  // namespace
