@@ -92,7 +92,7 @@ bool DocumentReader::next_jsonl_record(std::string& text) {
     nlohmann::json record;
     try {
       record = nlohmann::json::parse(line_);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for huge numbers
       throw Error(where + ": not valid JSON (" + e.what() + ")");
     }
     auto field = record.is_object() ? record.find("text") : record.end();

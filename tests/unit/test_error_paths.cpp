@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backends/backend.h"
+#include "data/document_reader.h"
 #include "data/shard.h"
 #include "data/token_stream.h"
 #include "model/config.h"
@@ -399,6 +400,28 @@ TEST(FuzzRegressions, HugeSizesAreUsageErrorsWithoutOverflow) {
         },
         ExitCode::kUsage, {key});
   }
+}
+
+}  // namespace
+}  // namespace speedrun
+
+namespace speedrun {
+namespace {
+
+// fuzz/regressions/jsonl/number_overflow: a JSONL line whose number overflows a double
+// made nlohmann throw out_of_range (not parse_error), which escaped as "internal error".
+TEST(FuzzRegressions, JsonlNumberOverflowIsAnErrorNamingTheLine) {
+  const std::string path = (std::filesystem::temp_directory_path() / "speedrun_jsonl_overflow.jsonl").string();
+  write_bytes(path, regression_input("jsonl", "number_overflow"));
+  expect_error(
+      [&] {
+        DocumentReader reader({path}, InputFormat::kJsonl);
+        std::string text;
+        while (reader.next(text)) {
+        }
+      },
+      ExitCode::kRuntime, {path, "line 1", "not valid JSON"});
+  std::filesystem::remove(path);
 }
 
 }  // namespace
