@@ -6,7 +6,9 @@
 #   scripts/fuzz.sh [--ci] [--time SECONDS] [TARGET...]
 #     --ci        20 s per target (the default is 120 s)
 #     TARGET      shard safetensors config tokenizer jsonl (default: all)
-# Environment: FUZZ_BUILD_DIR (default build-fuzz), SPEEDRUN_SKIP_APT=1 to skip apt.
+# Environment: FUZZ_BUILD_DIR (default build-fuzz), SPEEDRUN_SKIP_APT=1 to skip apt,
+#   FUZZ_SEED (default 1: a CI run replays the mutation sequence of a local one).
+
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${FUZZ_BUILD_DIR:-$ROOT/build-fuzz}"
@@ -70,7 +72,7 @@ for t in "${targets[@]}"; do
   seeds=("$ROOT/fuzz/corpus/$t")
   [[ -d "$ROOT/fuzz/regressions/$t" ]] && seeds+=("$ROOT/fuzz/regressions/$t")
   log "fuzz_$t: ${SECONDS_EACH}s, max_len $(max_len "$t")"
-  if ! "$BUILD_DIR/fuzz/fuzz_$t" "$work" "${seeds[@]}" -max_total_time="$SECONDS_EACH" -max_len="$(max_len "$t")" \
+  if ! "$BUILD_DIR/fuzz/fuzz_$t" "$work" "${seeds[@]}" -seed="${FUZZ_SEED:-1}" -max_total_time="$SECONDS_EACH" -max_len="$(max_len "$t")" \
        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
        >"$BUILD_DIR/fuzz_$t.log" 2>&1; then
     tail -n 60 "$BUILD_DIR/fuzz_$t.log" >&2
