@@ -305,7 +305,6 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const size_t n = static_cast<size_t>(T) * d;
   const std::string block = "blocks." + std::to_string(layer) + ".";
   const bool has_attention = config_.layer_has_attention(layer);
-  const float* x1 = has_attention ? a.x1 : a.xm;
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
   linear_backward(dwide_, false, grad(block + "mlp.c_proj.weight"), dx_, a.g, param(block + "mlp.c_proj.weight"), T,
                   d, mlp);
@@ -313,7 +312,6 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   linear_backward(dtmp_, false, grad(block + "mlp.c_fc.weight"), dwide_, a.mlp_norm, param(block + "mlp.c_fc.weight"),
                   T, mlp, d);
   backend_.rmsnorm_backward(dx_, dtmp_, a.mlp_norm, a.mlp_rstd, T, d, true);
-  (void)x1;
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); dx_ becomes d xm.
     const float* qkv = param(block + "attn.qkv_w");
