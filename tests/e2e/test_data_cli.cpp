@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "support/files.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 
@@ -22,12 +23,7 @@ struct RunResult {
   std::string err;
 };
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 fs::path fresh_dir(const std::string& name) {
   fs::path dir = fs::temp_directory_path() / ("speedrun_e2e_" + name + "_" + std::to_string(::getpid()));

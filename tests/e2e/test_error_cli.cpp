@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <sstream>
 
+#include "support/files.h"
 #include "data/shard.h"
 #include "train/checkpoint.h"
 #include "train/safetensors.h"
@@ -27,12 +28,7 @@ struct RunResult {
   std::string err;
 };
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 void write_all(const fs::path& p, const std::string& bytes) {
   std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));

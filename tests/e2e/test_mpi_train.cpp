@@ -13,29 +13,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/files.h"
 #include "data/shard.h"
 #include "support/temp_dir.h"
 
 namespace speedrun {
 namespace {
 
-std::vector<uint16_t> rule_tokens(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<uint16_t> tokens(n);
-  uint16_t t = 1;
-  for (auto& x : tokens) {
-    t = (rng() % 10 == 0) ? static_cast<uint16_t>(rng() % 300) : static_cast<uint16_t>((t + 1) % 300);
-    x = t;
-  }
-  return tokens;
-}
+using testing::rule_tokens;
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_bytes(const std::string& path) { return speedrun::testing::read_file_bytes(path); }
 
 struct RunOutput {
   std::vector<double> train_losses;

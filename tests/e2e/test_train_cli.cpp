@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/files.h"
 #include "backends/backend.h"
 #include "train/trainer.h"
 
@@ -26,12 +27,7 @@ struct RunResult {
   std::string err;
 };
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 std::string quote(const std::string& s) {
   std::string q = "'";

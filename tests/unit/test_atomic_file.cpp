@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "support/files.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
 
@@ -11,12 +12,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 fs::path fresh_dir(const std::string& name) {
   fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/files.h"
 #include "backends/backend.h"
 #include "data/document_reader.h"
 #include "data/shard.h"
@@ -36,12 +37,7 @@ namespace {
 namespace fs = std::filesystem;
 using testing::TempDir;
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_bytes(const std::string& path) { return speedrun::testing::read_file_bytes(path); }
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "support/files.h"
 #include "data/prepare.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -38,12 +39,7 @@ std::string write_text(const fs::path& path, const std::string& text) {
   return path.string();
 }
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 // The stream SPEC §1 asks for: 50256 before each document's tokens.
 std::vector<uint16_t> expected_stream(const std::vector<std::string>& documents) {

@@ -1,5 +1,6 @@
 // Tests of the safetensors reader/writer: exact bytes against the spec, round
 // trips, and every kind of corrupt file rejected with an error naming the file.
+#include "support/files.h"
 #include "train/safetensors.h"
 
 #include <gtest/gtest.h>
@@ -27,12 +28,7 @@ fs::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 void write_raw(const fs::path& p, const std::string& bytes) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);

@@ -9,6 +9,7 @@
 #include <functional>
 #include <sstream>
 
+#include "support/files.h"
 #include "data/shard.h"
 #include "util/error.h"
 
@@ -25,12 +26,7 @@ fs::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 void write_raw(const fs::path& p, const std::string& bytes) {
   std::ofstream out(p, std::ios::binary);

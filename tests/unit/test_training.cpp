@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/files.h"
 #include "data/shard.h"
 #include "support/temp_dir.h"
 #include "train/checkpoint.h"
@@ -19,18 +20,7 @@
 namespace speedrun {
 namespace {
 
-// Shards over micro's 300-token vocabulary with a rule to learn: mostly t -> t + 1.
-// (Micro's documents: 50256 is outside its vocabulary, so each sequence is one document.)
-std::vector<uint16_t> rule_tokens(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<uint16_t> tokens(n);
-  uint16_t t = 1;
-  for (auto& x : tokens) {
-    t = (rng() % 10 == 0) ? static_cast<uint16_t>(rng() % 300) : static_cast<uint16_t>((t + 1) % 300);
-    x = t;
-  }
-  return tokens;
-}
+using testing::rule_tokens;
 
 void write_micro_shards(const testing::TempDir& dir) {
   write_shard(dir / "train_000000.bin", rule_tokens(6000, 1));
@@ -49,12 +39,7 @@ TrainOptions micro_options(const testing::TempDir& data, const std::string& out_
   return o;
 }
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_bytes(const std::string& path) { return speedrun::testing::read_file_bytes(path); }
 
 TEST(Training, SameSeedGivesBitIdenticalLossesAndLossFalls) {
   testing::TempDir data("train_det");
