@@ -7,8 +7,9 @@
 # build HERE and carry the binaries with the shared libraries they need:
 #
 #   1. here:  scripts/gpu_check.sh --prepare-carry build-cuda/carry
-#        configures and builds build-cuda (sm_90, -j1), then packs test_cuda_backend,
-#        speedrun and their non-system libraries into build-cuda/carry/payload.tar.gz
+#        configures and builds build-cuda (sm_90, -j1), then packs every GPU test
+#        (tests/gpu/test_*.cpp), speedrun and their non-system libraries into
+#        build-cuda/carry/payload.tar.gz
 #        (build-cuda/ is git-ignored, so the run tool must be told to carry it).
 #   2. there: run tool, carry ["build-cuda/carry"], command
 #        scripts/gpu_check.sh build-cuda/carry [STAGES]
@@ -25,9 +26,14 @@ prepare_carry() {
   local dir=$1 build=$ROOT/build-cuda
   set -e
   cmake -S "$ROOT" -B "$build" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 -DSPEEDRUN_BENCHMARKS=OFF -DSPEEDRUN_TESTS=ON
-  ninja -C "$build" -j1 test_cuda_backend speedrun  # nvcc is slow and the cores are shared: -j1
+  local tests
+  tests=$(gpu_test_names)
+  # shellcheck disable=SC2086
+  ninja -C "$build" -j1 $tests speedrun  # nvcc is slow and the cores are shared: -j1
   rm -rf "$dir" && mkdir -p "$dir/stage/bin" "$dir/stage/lib" "$dir/stage/fallback"
-  cp "$build/tests/test_cuda_backend" "$build/speedrun" "$dir/stage/bin/"
+  local t
+  for t in $tests; do cp "$build/tests/$t" "$dir/stage/bin/"; done
+  cp "$build/speedrun" "$dir/stage/bin/"
   # Every library the binaries load, except glibc's (the device's is newer) and CUDA's
   # (the device has its own CUDA 13). libstdc++/libgcc_s go to fallback/: used there only
   # if the device's own are older than this machine's.
@@ -43,6 +49,12 @@ prepare_carry() {
   rm -rf "$dir/stage"
   du -sh "$dir/payload.tar.gz"
   echo "carry '${dir#"$ROOT"/}' and run: scripts/gpu_check.sh ${dir#"$ROOT"/}"
+}
+
+# The GPU test programs: one per tests/gpu/test_*.cpp.
+gpu_test_names() {
+  local f
+  for f in "$ROOT"/tests/gpu/test_*.cpp; do basename "$f" .cpp; done
 }
 
 # Directory holding libcublasLt.so.13 on the device: the toolkit's, else a Python wheel's.
@@ -62,41 +74,61 @@ run_checks() {
   tar -xzf "$dir/payload.tar.gz" -C "$work" || { echo "no payload in $dir: run --prepare-carry here first"; exit 2; }
   export PATH=/usr/local/cuda/bin:$PATH
   export LD_LIBRARY_PATH="$work/lib:$(find_cublas_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  local test=$work/bin/test_cuda_backend speedrun=$work/bin/speedrun
-  if ! "$test" --gtest_list_tests >/dev/null 2>&1; then
+  local speedrun=$work/bin/speedrun tests=() t
+  for t in "$work"/bin/test_*; do tests+=("$t"); done
+  if ! "${tests[0]}" --gtest_list_tests >/dev/null 2>&1; then
     export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$work/fallback"  # the device's libstdc++ is too old
   fi
   {
     nvidia-smi
     ldd --version | head -1
-    ldd "$test"
-    cuobjdump --list-elf "$test"  # expect sm_90 cubins
+    ldd "$speedrun"
+    cuobjdump --list-elf "$speedrun"  # expect one cubin per architecture built
   } >"$out/env.log" 2>&1
 
   local summary=()
-  record() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+  record() { summary+=("$(printf '%-40s %s' "$1" "$2")"); }
+  count() { grep -c "^\[ *$1 *\] .* ms)\$" "$2"; }
 
-  # 1. Every GPU test (the gpu label's ctest runs exactly this binary; ctest's files
-  #    hold this machine's absolute paths, so the binary is run directly).
+  # 1. Every GPU test program (the gpu label's ctest runs exactly these; ctest's files hold
+  #    this machine's absolute paths, so the programs are run directly), one log.
   if [[ $stages == *tests* ]]; then
-    timeout 300 "$test" >"$out/tests.log" 2>&1
-    rc=$?
-    record "test_cuda_backend" "rc=$rc ($(grep -c '^\[       OK .* ms)$' "$out/tests.log") ok, $(grep -c '^\[  FAILED  \] .* ms)$' "$out/tests.log") failed, $(grep -c '^\[  SKIPPED \] .* ms)$' "$out/tests.log") skipped)"
+    : >"$out/tests.log"
+    for t in "${tests[@]}"; do
+      echo "=== $(basename "$t")" >>"$out/tests.log"
+      timeout 240 "$t" >"$work/test.tmp" 2>&1
+      rc=$?
+      cat "$work/test.tmp" >>"$out/tests.log"
+      record "$(basename "$t")" "rc=$rc ($(count OK "$work/test.tmp") ok, $(count FAILED "$work/test.tmp") failed, $(count SKIPPED "$work/test.tmp") skipped)"
+    done
   fi
 
   # 2. compute-sanitizer on the op tests (the model tests are too slow under it; racecheck,
-  #    slow on shared-memory loops, gets the small attention shapes only).
-  local memcheck_tests='CudaBackendTest.*:GemmTest.StridedBatchesUseEveryMatrix:AttentionTest.EveryWindowOnSmallHeads:AttentionTest.OddShapesAndWideHeads'
-  local racecheck_tests='CudaBackendTest.*:AttentionTest.EveryWindowOnSmallHeads'
-  local tool filter
+  #    slow on shared-memory loops, gets small shapes only). Filters per program; a
+  #    program not listed runs its tests whose names contain "Small" or "Op".
+  declare -A memcheck=(
+    [test_cuda_backend]='CudaBackendTest.*:GemmTest.StridedBatchesUseEveryMatrix:AttentionTest.EveryWindowOnSmallHeads:AttentionTest.OddShapesAndWideHeads'
+    [test_cuda_fp8_head]='*MatchesTheCpuEmulation*:*QuantisedOperandsAreBitExact*'
+  )
+  declare -A racecheck=(
+    [test_cuda_backend]='CudaBackendTest.*:AttentionTest.EveryWindowOnSmallHeads'
+    [test_cuda_fp8_head]='*QuantisedOperandsAreBitExact*'
+  )
+  local tool name filter
   for tool in memcheck racecheck; do
     [[ $stages == *sanitize* ]] || continue
-    filter=${tool}_tests
-    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 "$test" --gtest_filter="${!filter}" \
-      >"$out/sanitizer_$tool.log" 2>&1
-    rc=$?
-    truncate -s '<8M' "$out/sanitizer_$tool.log"
-    record "compute-sanitizer $tool" "rc=$rc ($(grep -E -m1 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log"))"
+    : >"$out/sanitizer_$tool.log"
+    for t in "${tests[@]}"; do
+      name=$(basename "$t")
+      [ "$name" = test_nccl_communicator ] && continue  # NCCL's own kernels are not ours to check
+      if [ "$tool" = memcheck ]; then filter=${memcheck[$name]:-*Small*:*Op*}; else filter=${racecheck[$name]:-*Small*}; fi
+      echo "=== $name --gtest_filter=$filter" >>"$out/sanitizer_$tool.log"
+      timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --gtest_filter="$filter" \
+        >"$work/san.tmp" 2>&1
+      rc=$?
+      head -c 2M "$work/san.tmp" >>"$out/sanitizer_$tool.log"
+      record "$tool $name" "rc=$rc ($(grep -E -m1 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/san.tmp"))"
+    done
   done
 
   # 3. Training-step benchmarks, once `bench --device cuda` is wired (it says so otherwise).
@@ -115,7 +147,7 @@ run_checks() {
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
 
   echo "--- failures (first 40 lines) ---"
-  [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -40
+  [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -60
   echo "--- summary (logs in \$OUT) ---"
   printf '%s\n' "${summary[@]}"
 }

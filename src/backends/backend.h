@@ -32,10 +32,34 @@ class Backend {
   virtual void release(void* pointer) = 0;
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
+  // Uploads may return before the copy is done when `host` is alloc_host memory: keep such
+  // a buffer unchanged until synchronize(). Any other host memory may be reused at once.
   virtual void upload_i32(int32_t* dst, const int32_t* host, size_t count) = 0;
   virtual void zero(float* dst, size_t count) = 0;
   virtual void copy(float* dst, const float* src, size_t count) = 0;
+  virtual void fill_i32(int32_t* dst, int32_t value, size_t count) = 0;
+  // Waits for every queued operation; the only point where asynchronous results
+  // (sum_to_host, download_i32_async, uploads from alloc_host memory) are settled.
   virtual void synchronize() {}
+  // The cudaStream_t all of this backend's work runs on, so that a library with its own
+  // stream (NCCL) can order its work after it; nullptr for host backends.
+  virtual void* native_stream() { return nullptr; }
+
+  // --- host-visible results without synchronisation -------------------------------------
+  // Host memory the backend copies into and out of asynchronously (pinned on CUDA), zero-
+  // filled; never null (throws speedrun::Error).
+  virtual void* alloc_host(size_t bytes) = 0;
+  virtual void release_host(void* pointer) = 0;
+  // *host_out = float64 sum of x[0..n), once the queued work reaches this point: read it
+  // after synchronize(). host_out is alloc_host memory.
+  virtual void sum_to_host(double* host_out, const float* x, size_t n) = 0;
+  // host[0..count) = src[0..count), likewise queued; host is alloc_host memory.
+  virtual void download_i32_async(int32_t* host, const int32_t* src, size_t count) = 0;
+  // flag[0] = 1 when any of x[0..n) is NaN or infinite; flag is left alone otherwise. The
+  // device-side half of the fault monitor: no host round trip.
+  virtual void flag_nonfinite(int32_t* flag, const float* x, size_t n) = 0;
+  // doc[t] = how many `separator` tokens tokens[0..t] holds (SPEC §3's document ids).
+  virtual void document_ids(int32_t* doc, const int32_t* tokens, int T, int32_t separator) = 0;
 
   // --- dense linear algebra --------------------------------------------------------
   // C[M,N] = alpha * op(A) op(B) + beta * C; op(A) is [M,K], op(B) is [K,N].
@@ -91,6 +115,9 @@ class Backend {
                                   const int32_t* doc, const AttentionShape& shape) = 0;
 
   // --- head ----------------------------------------------------------------------------
+  // Rows of logits the model materialises at once: enough to keep the device busy, few
+  // enough that [rows, padded vocab] floats stay small (256 rows = 51 MB at V = 50304).
+  virtual int head_chunk_rows() const { return 256; }
   // In place over logits [rows, V]: z -> y = 2c sigmoid(z / (c/2)); row_loss[r] =
   // logsumexp(y_r) - y_r[target_r]; when grad_scale != 0 the logits are replaced by
   // dloss/dz * grad_scale (the gradient of grad_scale * sum of row losses).
@@ -99,16 +126,36 @@ class Backend {
   // Sum of x[0..n) in float64, returned to the host (a synchronisation point).
   virtual double sum(const float* x, size_t n) = 0;
 
+  // --- FP8 lm_head for training (SPEC §6) ------------------------------------------------
+  // Casts round to nearest even and saturate at the format's largest finite value (NaN
+  // stays NaN); products accumulate in float32 (the forward may use fast accumulation).
+  // logits[rows, V] = bf16((e4m3(2 x) e4m3(2^9 W)^T) / 2^10), x [rows, d], W [V, d].
+  // The backend keeps e4m3(2^9 W) between calls: pass requantize_weight = true whenever W
+  // may have changed since the last call (a step's first chunk); a different W pointer or
+  // shape requantises anyway.
+  virtual void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
+                                bool requantize_weight) = 0;
+  // With g = e5m2(2^19 dlogits) and s = output_scale (applied after the cast, so that the
+  // cast sees the per-sequence gradient as in the reference):
+  // dx[rows, d] = bf16(s (g e4m3(2^9 W)) / 2^28) (overwritten) and
+  // dW[V, d] += s (g^T e4m3(2 x)) / 2^20 in float32. Uses the weight kept by the forward.
+  virtual void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W,
+                                 int rows, int V, int d, float output_scale) = 0;
+
   // --- optimisers (SPEC §4) -------------------------------------------------------------
+  // The operations that change parameters or optimiser state take `skip`: a backend int32
+  // (or nullptr); when *skip != 0 they change nothing. A step found faulty on the device
+  // (flag_nonfinite) is thus skipped without the host waiting for the verdict.
   // Adam with bias correction, PyTorch's form; step = updates so far including this one.
   virtual void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                           float beta2, float eps, int step) = 0;
+                           float beta2, float eps, int step, const int32_t* skip) = 0;
   // buf = m*buf + (1-m)*g; out = (1-m)*g + m*buf (Nesterov). out may alias g.
-  virtual void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum) = 0;
+  virtual void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum,
+                             const int32_t* skip) = 0;
   // x[b] /= (||x[b]||_F + eps) for each of `batch` contiguous matrices of `count` elements.
   virtual void normalize_frobenius(float* x, size_t count, int batch, float eps) = 0;
   // param -= scale * update.
-  virtual void apply_update(float* param, const float* update, size_t n, float scale) = 0;
+  virtual void apply_update(float* param, const float* update, size_t n, float scale, const int32_t* skip) = 0;
   // x[b] (rows x cols) -> out[b] (cols x rows) for `batch` matrices.
   virtual void transpose(float* out, const float* x, int rows, int cols, int batch) = 0;
 };

@@ -20,7 +20,24 @@ class ProfilingBackend final : public Backend {
   }
   void zero(float* d, size_t n) override { timed("zero/copy", 0, [&] { inner_.zero(d, n); }); }
   void copy(float* d, const float* s, size_t n) override { timed("zero/copy", 0, [&] { inner_.copy(d, s, n); }); }
+  void fill_i32(int32_t* d, int32_t value, size_t n) override { inner_.fill_i32(d, value, n); }
   void synchronize() override { inner_.synchronize(); }
+  int head_chunk_rows() const override { return inner_.head_chunk_rows(); }
+  void* native_stream() override { return inner_.native_stream(); }
+  void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
+  void release_host(void* p) override { inner_.release_host(p); }
+  void sum_to_host(double* out, const float* x, size_t n) override {
+    timed("sum", 0, [&] { inner_.sum_to_host(out, x, n); });
+  }
+  void download_i32_async(int32_t* h, const int32_t* s, size_t n) override {
+    timed("download", 0, [&] { inner_.download_i32_async(h, s, n); });
+  }
+  void flag_nonfinite(int32_t* flag, const float* x, size_t n) override {
+    timed("fault check", 0, [&] { inner_.flag_nonfinite(flag, x, n); });
+  }
+  void document_ids(int32_t* doc, const int32_t* tok, int T, int32_t sep) override {
+    timed("embedding", 0, [&] { inner_.document_ids(doc, tok, T, sep); });
+  }
 
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) override {
@@ -85,18 +102,28 @@ class ProfilingBackend final : public Backend {
     timed("sum", 0, [&] { r = inner_.sum(x, n); });
     return r;
   }
-  void adam_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps,
-                   int step) override {
-    timed("adam", 0, [&] { inner_.adam_update(p, g, m, v, n, lr, b1, b2, eps, step); });
+  void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
+                        bool requantize_weight) override {
+    timed("matmul (FP8 head)", 2.0 * rows * V * d,
+          [&] { inner_.fp8_head_forward(logits, x, W, rows, V, d, requantize_weight); });
   }
-  void muon_momentum(float* o, float* buf, const float* g, size_t n, float m) override {
-    timed("muon (elementwise)", 0, [&] { inner_.muon_momentum(o, buf, g, n, m); });
+  void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
+                         int d, float output_scale) override {
+    timed("matmul (FP8 head)", 4.0 * rows * V * d,
+          [&] { inner_.fp8_head_backward(dx, dW, dlogits, x, W, rows, V, d, output_scale); });
+  }
+  void adam_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps,
+                   int step, const int32_t* skip) override {
+    timed("adam", 0, [&] { inner_.adam_update(p, g, m, v, n, lr, b1, b2, eps, step, skip); });
+  }
+  void muon_momentum(float* o, float* buf, const float* g, size_t n, float m, const int32_t* skip) override {
+    timed("muon (elementwise)", 0, [&] { inner_.muon_momentum(o, buf, g, n, m, skip); });
   }
   void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
     timed("muon (elementwise)", 0, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
   }
-  void apply_update(float* p, const float* u, size_t n, float s) override {
-    timed("muon (elementwise)", 0, [&] { inner_.apply_update(p, u, n, s); });
+  void apply_update(float* p, const float* u, size_t n, float s, const int32_t* skip) override {
+    timed("muon (elementwise)", 0, [&] { inner_.apply_update(p, u, n, s, skip); });
   }
   void transpose(float* o, const float* x, int rows, int cols, int batch) override {
     timed("muon (elementwise)", 0, [&] { inner_.transpose(o, x, rows, cols, batch); });

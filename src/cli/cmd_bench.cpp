@@ -16,7 +16,9 @@
 #include "backends/profiling_backend.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
+#include "backends/cuda_devices.h"
 #include "comm/communicator.h"
+#include "comm/nccl_communicator.h"
 #include "train/data_parallel.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
@@ -70,6 +72,7 @@ void register_bench_command(CLI::App& app) {
   struct Options {
     ConfigOptions config;
     std::string device = "cpu";
+    std::string grad_reduce = "auto";
     int steps = 3;
     int warmup = 1;
     int window = -1;
@@ -83,17 +86,27 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
   cmd->add_option("--json", opts->json_path, "also write the results to this JSON file");
+  cmd->add_option("--grad-reduce", opts->grad_reduce, "multi-process gradient reduction (see train --help)")
+      ->check(CLI::IsMember({"auto", "exact", "overlap"}))
+      ->capture_default_str();
   cmd->callback([opts] {
     Config config = opts->config.build();
     // Under mpirun every process times its share; rank 0 reports.
-    std::unique_ptr<Communicator> comm = make_process_communicator();
-    auto device = make_backend(opts->device, comm->local_rank());
+    std::unique_ptr<Communicator> process_comm = make_process_communicator();
+    const int visible_gpus = static_cast<int>(query_cuda_devices().devices.size());
+    auto device = make_backend(opts->device, opts->device == "cuda" && visible_gpus > 0
+                                                 ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)
+                                                 : process_comm->local_rank());
+    // GPU gradients of several processes go through NCCL (bootstrapped over MPI).
+    std::unique_ptr<Communicator> nccl;
+    if (opts->device == "cuda" && process_comm->size() > 1) nccl = make_nccl_communicator(*process_comm, *device);
+    Communicator* comm = nccl ? nccl.get() : process_comm.get();
     std::map<std::string, OpStats> stats;
     auto backend = make_profiling_backend(*device, stats);
     const auto launch = Clock::now();
     GPT model(config, *backend, config.seq_len, config.seq_len);
     Optimizer optimizer(config, model.layout(), *backend);
-    DataParallel dp(*comm, model);
+    DataParallel dp(*comm, model, {parse_grad_reduce(opts->grad_reduce)});
     const size_t tokens = static_cast<size_t>(config.world_size) * config.seq_len;
     const size_t local_tokens = static_cast<size_t>(dp.local_ranks()) * config.seq_len;
     const std::vector<int32_t> inputs = synthetic_tokens(local_tokens, config.vocab_size, 1 + comm->rank());
@@ -145,7 +158,10 @@ void register_bench_command(CLI::App& app) {
     std::printf("step: %.1f ms | %.0f tokens/s | matmuls %.1f GFLOP/s = %.0f%% of plain sgemm (%.1f GFLOP/s, 1024^3)\n",
                 step_ms, tokens_per_second, model_gflops, 100 * model_gflops / sgemm_gflops, sgemm_gflops);
     std::printf("launch to end of first step: %.2f s\n", first_step_seconds);
-    if (comm->size() > 1) std::printf("communication: %.1f ms per step (gradient gather)\n", communication_ms);
+    if (comm->size() > 1) {
+      std::printf("communication: %.1f ms per step (%s gradient reduction over %s, host time in its calls)\n",
+                  communication_ms, grad_reduce_name(dp.mode()).c_str(), comm->name().c_str());
+    }
     if (!opts->json_path.empty()) {
       nlohmann::json out = {{"device", opts->device},
                             {"processes", comm->size()},

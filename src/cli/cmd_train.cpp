@@ -11,7 +11,9 @@
 #include "backends/backend.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
+#include "backends/cuda_devices.h"
 #include "comm/communicator.h"
+#include "comm/nccl_communicator.h"
 #include "train/checkpoint.h"
 #include "train/interrupt.h"
 #include "train/trainer.h"
@@ -29,6 +31,8 @@ struct Options {
   bool explicit_train = false, explicit_val = false, explicit_metrics = false, explicit_steps = false;
   std::string on_nonfinite = "stop";
   std::string on_spike = "warn";
+  std::string grad_reduce = "auto";
+  double grad_bucket_mb = 25;
 };
 
 std::string timestamped_run_dir() {
@@ -64,6 +68,7 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
   if (opts.explicit_metrics) command += " --metrics " + shell_word(train.metrics_path);
   if (opts.explicit_steps) command += " --steps " + std::to_string(train.steps);
   if (opts.device != "cpu") command += " --device " + opts.device;
+  if (opts.grad_reduce != "auto") command += " --grad-reduce " + opts.grad_reduce;
   return command;
 }
 
@@ -86,14 +91,27 @@ TrainOptions resolve(const Options& opts) {
   train.faults.non_finite = parse_non_finite_policy(opts.on_nonfinite);
   train.faults.spike = parse_spike_policy(opts.on_spike);
   validate(train.faults);
+  train.grad_reduce.mode = parse_grad_reduce(opts.grad_reduce);
+  train.grad_reduce.bucket_bytes = static_cast<size_t>(opts.grad_bucket_mb * (1 << 20));
   return train;
+}
+
+// With no GPU visible, make_backend says why (no driver, or a build without CUDA).
+int gpu_of_process(const Communicator& comm) {
+  const auto visible = static_cast<int>(query_cuda_devices().devices.size());
+  return visible == 0 ? comm.local_rank() : gpu_for_local_rank(comm.local_rank(), visible);
 }
 
 void run(const Options& opts, Communicator& comm) {
   TrainOptions train = resolve(opts);
   share_out_dir(comm, train.out_dir);
-  train.comm = &comm;
-  auto backend = make_backend(opts.device, comm.local_rank());
+  // One GPU per process; the GPU buffers of a multi-process run are reduced by NCCL,
+  // bootstrapped over `comm` (MPI), which keeps the host-side collectives.
+  const bool on_gpu = opts.device == "cuda";
+  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0);
+  std::unique_ptr<Communicator> nccl;
+  if (on_gpu && comm.size() > 1) nccl = make_nccl_communicator(comm, *backend);
+  train.comm = nccl ? nccl.get() : &comm;
   InterruptGuard guard;
   clear_interrupt();
   train.stop_requested = pending_interrupt;
@@ -145,6 +163,14 @@ void register_train_command(CLI::App& app) {
       ->check(CLI::IsMember({"warn", "skip"}))
       ->capture_default_str();
   cmd->add_option("--loss-spike-z", t.faults.spike_zscore, "z-score that flags a loss spike")->capture_default_str();
+  cmd->add_option("--grad-reduce", opts->grad_reduce,
+                  "multi-process gradient reduction: exact (bit-identical for any process count), overlap "
+                  "(bucketed all-reduce during the backward), auto (overlap on NCCL, else exact)")
+      ->check(CLI::IsMember({"auto", "exact", "overlap"}))
+      ->capture_default_str();
+  cmd->add_option("--grad-bucket-mb", opts->grad_bucket_mb, "smallest all-reduce of --grad-reduce overlap, in MiB")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--grad-check-every", t.faults.grad_check_every, "check the gradients for non-finite values every N steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

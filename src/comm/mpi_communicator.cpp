@@ -2,6 +2,7 @@
 // bootstrap of every multi-process run (rank, world, local rank).
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 
 #include "comm/communicator.h"
 #include "util/error.h"
@@ -14,6 +15,15 @@ namespace {
 
 void check(int status, const char* what) {
   if (status != MPI_SUCCESS) throw Error(std::string("MPI ") + what + " failed");
+}
+
+// MPI counts are ints: a larger message is an error here, not a silent truncation.
+int mpi_count(size_t count, const char* what) {
+  if (count > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    throw Error(std::string("MPI ") + what + " of " + std::to_string(count) +
+                " elements exceeds MPI's int count limit");
+  }
+  return static_cast<int>(count);
 }
 
 class MpiCommunicator final : public Communicator {
@@ -42,21 +52,30 @@ class MpiCommunicator final : public Communicator {
   int local_rank() const override { return local_rank_; }
 
   void all_gather(const float* local, float* out, size_t count) override {
-    check(MPI_Allgather(local, static_cast<int>(count), MPI_FLOAT, out, static_cast<int>(count), MPI_FLOAT,
-                        MPI_COMM_WORLD),
-          "allgather");
+    const int n = mpi_count(count, "allgather");
+    check(MPI_Allgather(local, n, MPI_FLOAT, out, n, MPI_FLOAT, MPI_COMM_WORLD), "allgather");
   }
   void all_gather(const double* local, double* out, size_t count) override {
-    check(MPI_Allgather(local, static_cast<int>(count), MPI_DOUBLE, out, static_cast<int>(count), MPI_DOUBLE,
-                        MPI_COMM_WORLD),
-          "allgather");
+    const int n = mpi_count(count, "allgather");
+    check(MPI_Allgather(local, n, MPI_DOUBLE, out, n, MPI_DOUBLE, MPI_COMM_WORLD), "allgather");
   }
   void broadcast(void* data, size_t bytes, int root) override {
-    check(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
+    check(MPI_Bcast(data, mpi_count(bytes, "broadcast"), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
   }
   void broadcast_async(float* data, size_t count, int root) override {
     requests_.emplace_back();
-    check(MPI_Ibcast(data, static_cast<int>(count), MPI_FLOAT, root, MPI_COMM_WORLD, &requests_.back()), "ibcast");
+    check(MPI_Ibcast(data, mpi_count(count, "ibcast"), MPI_FLOAT, root, MPI_COMM_WORLD, &requests_.back()),
+          "ibcast");
+  }
+  void all_reduce_sum_async(float* data, size_t count) override {
+    const int n = mpi_count(count, "iallreduce");
+    requests_.emplace_back();
+    check(MPI_Iallreduce(MPI_IN_PLACE, data, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &requests_.back()), "iallreduce");
+    // OpenMPI has no progress thread: a non-blocking collective advances only inside MPI
+    // calls, so each new one also pushes the earlier ones along while the backward runs.
+    int done = 0;
+    check(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE), "testall");
+    if (done) requests_.clear();
   }
   void wait_all() override {
     if (requests_.empty()) return;

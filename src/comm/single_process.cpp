@@ -22,6 +22,7 @@ class SingleProcessCommunicator final : public Communicator {
   }
   void broadcast(void*, size_t, int) override {}
   void broadcast_async(float*, size_t, int) override {}
+  void all_reduce_sum_async(float*, size_t) override {}
   void wait_all() override {}
   void barrier() override {}
   [[noreturn]] void abort(const std::string& message, int exit_code) override {

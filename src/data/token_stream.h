@@ -19,12 +19,10 @@ struct StreamPosition {
   bool operator==(const StreamPosition&) const = default;
 };
 
-// Host buffer of token ids. A plain std::vector for now (consumers may take it as
-// const std::vector<int32_t>&). The pinned-memory hook is data/host_buffer.h:
-// switching this alias to HostVector<int32_t> routes every batch allocation through
-// the registrable HostMemoryResource; consumers that read batches through
-// .data()/.size() or std::span need no change then.
-using TokenBuffer = std::vector<int32_t>;
+// Host buffer of token ids, allocated from the registered HostMemoryResource: the
+// trainer registers a pool of the backend's host memory (pinned on CUDA), so batches
+// upload asynchronously and no step allocates.
+using TokenBuffer = HostVector<int32_t>;
 
 // One step's tokens for a contiguous range of ranks [first_rank, first_rank + num_ranks):
 // rank r's inputs are inputs[(r - first_rank) * seq_len ...], targets likewise.

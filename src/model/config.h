@@ -31,6 +31,7 @@ namespace speedrun {
   X(double, rmsnorm_eps, 1.1920928955078125e-07, "rmsnorm epsilon (float32 machine epsilon)")     \
   X(double, embed_init_std, 1.0, "std of the normal init of embedding tables")                    \
   X(double, matrix_init_scale, 0.5, "block matrices init U(+-sqrt(3)*scale/sqrt(d))")             \
+  X(int, lm_head_fp8, 1, "1: training runs lm_head in FP8 (SPEC §6; evaluation uses the plain head); 0: never") \
   /* data and schedule (SPEC §1, §3, §5) */                                                       \
   X(int, world_size, 8, "logical number of ranks (sequences per step)")                           \
   X(int, seq_len, 49152, "training tokens per rank per step")                                     \

@@ -33,7 +33,6 @@ struct GPT::LayerActivations {
 };
 
 namespace {
-constexpr int kHeadChunkRows = 256;  // rows of logits materialised at once
 }
 
 GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T)
@@ -66,7 +65,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   final_norm_ = f(T_all * d);
   final_rstd_ = f(T_all);
   row_loss_ = f(T_all);
-  head_chunk_ = kHeadChunkRows;
+  head_chunk_ = std::max(1, backend_.head_chunk_rows());
   logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
   dx_ = f(T_train * d);
   dx0_ = f(T_train * d);
@@ -105,12 +104,14 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
     a->g = f(T * mlp);
     layers_.push_back(std::move(a));
   }
+  loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
   load_parameters(host);
 }
 
 GPT::~GPT() {
+  backend_.release_host(loss_sum_host_);
   for (void* p : allocations_) backend_.release(p);
 }
 
@@ -153,9 +154,7 @@ void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const f
                 dx, in_dim);
 }
 
-double GPT::forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
-                             float grad_scale) {
-  const bool training = grad_scale != 0.f;
+void GPT::check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const {
   const int T = static_cast<int>(inputs.size());
   const int max_T = training ? max_train_T_ : std::max(max_train_T_, max_eval_T_);
   if (targets.size() != inputs.size() || T <= 0 || T > max_T || T % config_.attn_block_size != 0) {
@@ -169,15 +168,29 @@ double GPT::forward_backward(std::span<const int32_t> inputs, std::span<const in
                   std::to_string(config_.vocab_size) + ")");
     }
   }
+}
+
+void GPT::forward_backward_async(std::span<const int32_t> inputs, std::span<const int32_t> targets,
+                                 int long_window, float grad_scale, double* loss_sum) {
+  const bool training = grad_scale != 0.f;
+  check_sequence(inputs, targets, training);
+  const int T = static_cast<int>(inputs.size());
   backend_.upload_i32(inputs_, inputs.data(), T);
   backend_.upload_i32(targets_, targets.data(), T);
-  const std::vector<int32_t> doc = document_ids(inputs, static_cast<int32_t>(Tokenizer::kEndOfText));
-  backend_.upload_i32(doc_, doc.data(), T);
-
+  backend_.document_ids(doc_, inputs_, T, static_cast<int32_t>(Tokenizer::kEndOfText));
   run_forward(T, long_window, training);
-  const double loss = run_head(T, grad_scale);
+  run_head(T, grad_scale);
+  // Queued, not awaited: the host learns the loss at the caller's next synchronize().
+  backend_.sum_to_host(loss_sum, row_loss_, T);
+  if (fault_flag_) backend_.flag_nonfinite(fault_flag_, row_loss_, T);
   if (training) run_backward(T, long_window);
-  return loss;
+}
+
+double GPT::forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
+                             float grad_scale) {
+  forward_backward_async(inputs, targets, long_window, grad_scale, loss_sum_host_);
+  backend_.synchronize();
+  return *loss_sum_host_ / static_cast<double>(inputs.size());
 }
 
 void GPT::run_forward(int T, int long_window, bool training) {
@@ -249,11 +262,12 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   backend_.add(x_out, x1, n);
 }
 
-double GPT::run_head(int T, float grad_scale) {
+void GPT::run_head(int T, float grad_scale) {
   const int d = config_.model_dim, V = config_.padded_vocab();
   const float* W = param("lm_head.weight");
   float* dW = grad("lm_head.weight");
   const bool training = grad_scale != 0.f;
+  const bool fp8 = training && config_.lm_head_fp8 != 0;
   backend_.rmsnorm_forward(final_norm_, final_rstd_, final_x_, T, d, static_cast<float>(config_.rmsnorm_eps));
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
   // as soon as its logits are (the loss is the last operation), so the head's backward
@@ -261,15 +275,25 @@ double GPT::run_head(int T, float grad_scale) {
   for (int r0 = 0; r0 < T; r0 += head_chunk_) {
     const int rows = std::min(head_chunk_, T - r0);
     const float* xr = final_norm_ + static_cast<size_t>(r0) * d;
-    backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
+    // SPEC §6: training runs the head in FP8 (lm_head_fp8); evaluation uses the plain head.
+    if (fp8) {
+      backend_.fp8_head_forward(logits_, xr, W, rows, V, d, /*requantize_weight=*/r0 == 0);
+    } else {
+      backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
+    }
+    // The FP8 cast sees the sequence's own mean-loss gradient, as on each of the reference's
+    // ranks (e5m2's range is tuned to it); grad_scale is applied after the cast.
     backend_.softcap_cross_entropy(logits_, row_loss_ + r0, targets_ + r0, rows, V,
-                                   static_cast<float>(config_.logit_softcap), grad_scale / T);
+                                   static_cast<float>(config_.logit_softcap), (fp8 ? 1.f : grad_scale) / T);
     if (!training) continue;
+    if (fp8) {
+      backend_.fp8_head_backward(dtmp_ + static_cast<size_t>(r0) * d, dW, logits_, xr, W, rows, V, d, grad_scale);
+      continue;
+    }
     backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
     backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, dtmp_ + static_cast<size_t>(r0) * d, d);
   }
   if (training) backend_.rmsnorm_backward(dx_, dtmp_, final_norm_, final_rstd_, T, d, false);
-  return backend_.sum(row_loss_, T) / T;
 }
 
 void GPT::run_backward(int T, int long_window) {
@@ -281,6 +305,8 @@ void GPT::run_backward(int T, int long_window) {
   backend_.zero(dx0_, n);
   for (float* p : dve_) backend_.zero(p, n);
   for (float* p : dskip_in_) backend_.zero(p, n);
+  // The head's gradient is final since run_head; each block's after its backward.
+  report_gradients_ready(block_params_begin(L), layout_.total());
   for (int i = L - 1; i >= 0; --i) {
     if (i < half) backend_.add(dx_, dskip_in_[i], n);  // the stack's share of this output's gradient
     block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
@@ -289,6 +315,7 @@ void GPT::run_backward(int T, int long_window) {
       backend_.scaled_add_backward(dskip_in_[half - 1 - j], grad("skip_weights") + j, dx_, skip_in_[half - 1 - j],
                                    skip + j, n);
     }
+    report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
   }
   // Layer 0's input is x0 itself.
   backend_.add(dx0_, dx_, n);
@@ -297,6 +324,18 @@ void GPT::run_backward(int T, int long_window) {
   for (int j = 0; j < config_.num_value_embeds; ++j) {
     backend_.embedding_backward(grad("value_embeds.embed." + std::to_string(j) + ".weight"), dve_[j], inputs_, T, d);
   }
+  report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
+}
+
+// The layout (params.cpp) keeps each block's tensors together, between the embeddings
+// and the lm_head; layer == num_layers gives the lm_head's offset.
+size_t GPT::block_params_begin(int layer) const {
+  if (layer >= config_.num_layers) return layout_.at("lm_head.weight").offset;
+  return layout_.at("blocks." + std::to_string(layer) + ".lambdas").offset;
+}
+
+void GPT::report_gradients_ready(size_t begin, size_t end) {
+  if (gradient_ready_ && end > begin) gradient_ready_(begin, end - begin);
 }
 
 void GPT::block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -35,12 +36,29 @@ class GPT {
   std::vector<float> parameters_to_host();
   std::vector<float> gradients_to_host();
   void zero_grad();
+  // Called during the backward pass with [offset, offset + count) of the flat layout as
+  // soon as those gradients are final for this sequence (queued on the backend, not yet
+  // computed): the lm_head first, then each block's tensors from the last block down,
+  // then the rest (skip weights and embeddings). Every parameter exactly once, adjacent
+  // ranges in descending order. Empty function: no calls. Used to overlap the gradient
+  // all-reduce with the rest of the backward.
+  using GradientReadyHook = std::function<void(size_t offset, size_t count)>;
+  void set_gradient_ready_hook(GradientReadyHook hook) { gradient_ready_ = std::move(hook); }
+  // A backend int32 that every later forward sets to 1 when a token loss is not finite
+  // (nullptr: no check). The caller clears it.
+  void set_fault_flag(int32_t* flag) { fault_flag_ = flag; }
 
   // Mean cross-entropy of one packed sequence (host tokens, T a multiple of the block
   // size, T <= max_train_T, or <= max_eval_T when grad_scale == 0) with the given long window (blocks). When grad_scale != 0, also
   // adds grad_scale * d(mean loss)/d(params) to the gradients.
   double forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
                           float grad_scale);
+  // The same without waiting: queues the work and the float64 sum of the sequence's token
+  // losses into *loss_sum (memory from Backend::alloc_host), valid after the backend's
+  // next synchronize(). `inputs` and `targets` must stay unchanged until then (they may be
+  // pinned memory the upload reads asynchronously).
+  void forward_backward_async(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
+                              float grad_scale, double* loss_sum);
   double forward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window) {
     return forward_backward(inputs, targets, long_window, 0.f);
   }
@@ -48,7 +66,8 @@ class GPT {
  private:
   struct LayerActivations;
   void run_forward(int T, int long_window, bool training);
-  double run_head(int T, float grad_scale);
+  void check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const;
+  void run_head(int T, float grad_scale);
   void run_backward(int T, int long_window);
   LayerActivations& slot(int layer, bool training) { return *layers_[training ? layer : 0]; }
   void block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out);
@@ -98,6 +117,11 @@ class GPT {
   std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
   std::vector<std::unique_ptr<LayerActivations>> layers_;
   int head_chunk_ = 0;
+  GradientReadyHook gradient_ready_;
+  void report_gradients_ready(size_t begin, size_t end);
+  size_t block_params_begin(int layer) const;  // first float of blocks.<layer>.*
+  double* loss_sum_host_ = nullptr;  // Backend::alloc_host: forward_backward's loss
+  int32_t* fault_flag_ = nullptr;
 };
 
 }  // namespace speedrun

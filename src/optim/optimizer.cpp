@@ -49,7 +49,7 @@ float Optimizer::adam_lr(const ParamSpec& spec) const {
   return 0.f;
 }
 
-void Optimizer::step(float* params, const float* grads, int step, Communicator* comm) {
+void Optimizer::step(float* params, const float* grads, int step, Communicator* comm, const int32_t* skip) {
   const double mult = lr_multiplier(config_, step);
   const float momentum = static_cast<float>(muon_momentum(config_, step));
   const auto& specs = layout_.specs();
@@ -62,26 +62,26 @@ void Optimizer::step(float* params, const float* grads, int step, Communicator* 
     if (spec.group == ParamGroup::kMuon) {
       const int owner = muon_index++ % processes;
       const bool mine = processes == 1 || comm->rank() == owner;
-      muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum, mine);
+      muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum, mine, skip);
       if (processes > 1) comm->broadcast_async(p, spec.count, owner);
     } else {
       backend_.adam_update(p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult),
                            static_cast<float>(config_.adam_beta1), static_cast<float>(config_.adam_beta2),
-                           static_cast<float>(config_.adam_eps), step + 1);
+                           static_cast<float>(config_.adam_eps), step + 1, skip);
     }
   }
   if (comm) comm->wait_all();
 }
 
 void Optimizer::muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr,
-                            float momentum, bool owner) {
+                            float momentum, bool owner, const int32_t* skip) {
   // Every process keeps the momentum buffers (they are checkpointed); only the owner
   // orthogonalises and applies, the others receive the result.
-  backend_.muon_momentum(update_, buf, grad, spec.count, momentum);
+  backend_.muon_momentum(update_, buf, grad, spec.count, momentum, skip);
   if (!owner) return;
   orthogonalize(update_, spec.matrices, spec.rows, spec.cols);
   const float shape_scale = std::sqrt(std::max(1.f, static_cast<float>(spec.rows) / static_cast<float>(spec.cols)));
-  backend_.apply_update(param, update_, spec.count, lr * shape_scale);
+  backend_.apply_update(param, update_, spec.count, lr * shape_scale, skip);
 }
 
 void Optimizer::orthogonalize(float* x, int batch, int rows, int cols) {

@@ -25,7 +25,10 @@ class Optimizer {
   // i-th Muon matrix tensor is orthogonalised by process i % P and broadcast
   // asynchronously while the next is computed; Adam runs replicated (its cost is a few
   // elementwise passes, so sharding its state would save memory, not time).
-  void step(float* params, const float* grads, int step, Communicator* comm = nullptr);
+  // With `skip` (a backend int32, see Backend::adam_update) set to non-zero by the time the
+  // queued update runs, nothing changes: the host need not wait for a fault verdict.
+  void step(float* params, const float* grads, int step, Communicator* comm = nullptr,
+            const int32_t* skip = nullptr);
 
   // Newton-Schulz orthogonalisation of `batch` matrices of rows x cols in place (x is
   // scratch-sized by the caller's layout). Exposed for tests and benchmarks.
@@ -43,7 +46,7 @@ class Optimizer {
  private:
   float adam_lr(const ParamSpec& spec) const;
   void muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr, float momentum,
-                   bool owner);
+                   bool owner, const int32_t* skip);
 
   const Config config_;
   const ParamLayout& layout_;

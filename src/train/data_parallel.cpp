@@ -1,63 +1,213 @@
+// Data parallelism over logical ranks: the exact (rank-ordered gather) and overlapped
+// (bucketed all-reduce during the backward) gradient reductions, and the loss average.
 #include "train/data_parallel.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "util/error.h"
 
 namespace speedrun {
+namespace {
 
-DataParallel::DataParallel(Communicator& comm, GPT& model) : comm_(comm), model_(model) {
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Clears the model's gradient hook when the pass ends, also by an exception: the hook
+// refers to this call's stack.
+struct GradientHookScope {
+  GPT& model;
+  GradientHookScope(GPT& m, GPT::GradientReadyHook hook) : model(m) { model.set_gradient_ready_hook(std::move(hook)); }
+  ~GradientHookScope() { model.set_gradient_ready_hook({}); }
+  GradientHookScope(const GradientHookScope&) = delete;
+  GradientHookScope& operator=(const GradientHookScope&) = delete;
+};
+
+}  // namespace
+
+GradReduce parse_grad_reduce(const std::string& name) {
+  if (name == "auto") return GradReduce::kAuto;
+  if (name == "exact") return GradReduce::kExact;
+  if (name == "overlap") return GradReduce::kOverlap;
+  throw UsageError("unknown gradient reduction '" + name + "' (expected auto, exact or overlap)");
+}
+
+std::string grad_reduce_name(GradReduce mode) {
+  switch (mode) {
+    case GradReduce::kAuto: return "auto";
+    case GradReduce::kExact: return "exact";
+    case GradReduce::kOverlap: return "overlap";
+  }
+  return "?";
+}
+
+// --- GradientBuckets ---------------------------------------------------------------------
+
+GradientBuckets::GradientBuckets(size_t min_floats, size_t total, std::function<void(FloatRange)> launch)
+    : min_floats_(min_floats), total_(total), launch_(std::move(launch)) {}
+
+void GradientBuckets::ready(size_t offset, size_t count) {
+  if (count == 0) return;
+  if (offset > total_ || count > total_ - offset) {
+    throw Error("gradient range [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
+                ") lies outside the " + std::to_string(total_) + " parameters");
+  }
+  reported_ += count;
+  if (open_.count > 0 && offset + count == open_.offset) {  // extends the bucket downwards
+    open_ = {offset, open_.count + count};
+  } else if (open_.count > 0 && open_.offset + open_.count == offset) {  // upwards
+    open_.count += count;
+  } else {
+    close();
+    open_ = {offset, count};
+  }
+  if (open_.count >= min_floats_) close();
+}
+
+void GradientBuckets::close() {
+  if (open_.count == 0) return;
+  const FloatRange bucket = open_;
+  open_ = {};
+  launch_(bucket);
+}
+
+void GradientBuckets::finish() {
+  close();
+  // A range reported twice (or missed) would be summed over processes twice (or never).
+  if (reported_ != total_) {
+    throw Error("the backward pass reported " + std::to_string(reported_) + " gradient floats as final, but the model has " +
+                std::to_string(total_));
+  }
+  reported_ = 0;
+}
+
+// --- DataParallel ------------------------------------------------------------------------
+
+DataParallel::DataParallel(Communicator& comm, GPT& model, GradReduceOptions options) : comm_(comm), model_(model) {
   const int world = model.config().world_size;
   const int processes = comm.size();
   if (world % processes != 0) {
     throw UsageError("world_size " + std::to_string(world) + " is not divisible by the " + std::to_string(processes) +
                      " processes of this run: each process must hold the same number of logical ranks");
   }
+  Backend& be = model.backend();
+  const bool device_memory = be.native_stream() != nullptr;
+  if (processes > 1 && comm.device_buffers() != device_memory) {
+    throw UsageError("the " + comm.name() + " communicator works on " +
+                     (comm.device_buffers() ? "device" : "host") + " memory but the " + be.name() + " backend on " +
+                     (device_memory ? "device" : "host") + " memory: multi-process CUDA runs need NCCL");
+  }
+  mode_ = options.mode != GradReduce::kAuto ? options.mode
+                                            : (comm.device_buffers() ? GradReduce::kOverlap : GradReduce::kExact);
+  bucket_floats_ = std::max<size_t>(1, options.bucket_bytes / sizeof(float));
   local_ranks_ = world / processes;
   first_rank_ = comm.rank() * local_ranks_;
   count_ = model.layout().total();
-  sum_ = model.backend().alloc(count_);
-  if (processes > 1) {
-    local_grads_.resize(count_ * local_ranks_);
-    all_grads_.resize(count_ * world);
+  loss_sums_ = static_cast<double*>(be.alloc_host(sizeof(double) * local_ranks_));
+  if (mode_ == GradReduce::kExact || local_ranks_ > 1) sum_ = be.alloc(count_);
+  if (mode_ == GradReduce::kExact && processes > 1) {
+    local_grads_ = be.alloc(count_ * local_ranks_);
+    all_grads_ = be.alloc(count_ * world);
   }
 }
 
-DataParallel::~DataParallel() { model_.backend().release(sum_); }
+DataParallel::~DataParallel() {
+  Backend& be = model_.backend();
+  be.release_host(loss_sums_);
+  be.release(all_grads_);
+  be.release(local_grads_);
+  be.release(sum_);
+}
 
 double DataParallel::compute_gradients(std::span<const int32_t> inputs, std::span<const int32_t> targets,
                                        int long_window) {
-  Backend& be = model_.backend();
-  const Config& config = model_.config();
-  const size_t seq = static_cast<size_t>(config.seq_len);
-  const float grad_scale = 1.f / static_cast<float>(config.world_size);
-  const bool distributed = comm_.size() > 1;
+  enqueue_gradients(inputs, targets, long_window);
+  return finish_losses();
+}
+
+double DataParallel::finish_losses() {
+  model_.backend().synchronize();
+  const double seq = static_cast<double>(model_.config().seq_len);
   std::vector<double> losses(local_ranks_);
+  for (int r = 0; r < local_ranks_; ++r) losses[r] = loss_sums_[r] / seq;
+  return mean_over_ranks(losses);
+}
+
+void DataParallel::enqueue_gradients(std::span<const int32_t> inputs, std::span<const int32_t> targets,
+                                     int long_window) {
+  const size_t seq = static_cast<size_t>(model_.config().seq_len);
+  const float grad_scale = 1.f / static_cast<float>(model_.config().world_size);
+  if (mode_ == GradReduce::kOverlap) {
+    backward_overlapped(inputs, targets, long_window, grad_scale);
+    return;
+  }
+  Backend& be = model_.backend();
+  const bool distributed = comm_.size() > 1;
   for (int r = 0; r < local_ranks_; ++r) {
     model_.zero_grad();
-    losses[r] = model_.forward_backward(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), long_window,
-                                        grad_scale);
+    model_.forward_backward_async(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), long_window,
+                                  grad_scale, &loss_sums_[r]);
     if (distributed) {
-      be.download(local_grads_.data() + r * count_, model_.grads(), count_);
+      be.copy(local_grads_ + r * count_, model_.grads(), count_);
     } else if (r == 0) {
       be.copy(sum_, model_.grads(), count_);
     } else {
       be.add(sum_, model_.grads(), count_);
     }
   }
-  if (distributed) {
-    const auto start = std::chrono::steady_clock::now();
-    comm_.all_gather(local_grads_.data(), all_grads_.data(), count_ * local_ranks_);
-    communication_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    // The same additions as one process: sum = g_0, then sum += g_r in rank order.
-    be.upload(sum_, all_grads_.data(), count_);
-    for (int r = 1; r < config.world_size; ++r) {
-      be.upload(model_.grads(), all_grads_.data() + r * count_, count_);
-      be.add(sum_, model_.grads(), count_);
+  if (distributed) reduce_exact();
+  be.copy(model_.grads(), sum_, count_);
+}
+
+// The same additions as one process: sum = g_0, then sum += g_r in logical-rank order.
+void DataParallel::reduce_exact() {
+  Backend& be = model_.backend();
+  const auto start = std::chrono::steady_clock::now();
+  comm_.all_gather(local_grads_, all_grads_, count_ * local_ranks_);
+  communication_seconds_ += seconds_since(start);
+  be.copy(sum_, all_grads_, count_);
+  for (int r = 1; r < model_.config().world_size; ++r) be.add(sum_, all_grads_ + r * count_, count_);
+}
+
+// This process's ranks are summed in order (sum = g_0, sum += g_r) as one process would;
+// during the last rank's backward each range, once final, gets the earlier ranks' sum
+// added and joins a bucket whose all-reduce starts as soon as the bucket is full.
+void DataParallel::backward_overlapped(std::span<const int32_t> inputs, std::span<const int32_t> targets,
+                                       int long_window, float grad_scale) {
+  Backend& be = model_.backend();
+  const size_t seq = static_cast<size_t>(model_.config().seq_len);
+  float* grads = model_.grads();
+  for (int r = 0; r + 1 < local_ranks_; ++r) {
+    model_.zero_grad();
+    model_.forward_backward_async(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), long_window,
+                                  grad_scale, &loss_sums_[r]);
+    if (r == 0) {
+      be.copy(sum_, grads, count_);
+    } else {
+      be.add(sum_, grads, count_);
     }
   }
-  be.copy(model_.grads(), sum_, count_);
-  return mean_over_ranks(losses);
+  const int last = local_ranks_ - 1;
+  GradientBuckets buckets(bucket_floats_, count_, [&](FloatRange bucket) {
+    const auto start = std::chrono::steady_clock::now();
+    comm_.all_reduce_sum_async(grads + bucket.offset, bucket.count);
+    communication_seconds_ += seconds_since(start);
+  });
+  model_.zero_grad();
+  {
+    GradientHookScope scope(model_, [&](size_t offset, size_t count) {
+      // g_last + sum equals sum + g_last bit for bit (float addition commutes).
+      if (last > 0) be.add(grads + offset, sum_ + offset, count);
+      buckets.ready(offset, count);
+    });
+    model_.forward_backward_async(inputs.subspan(last * seq, seq), targets.subspan(last * seq, seq), long_window,
+                                  grad_scale, &loss_sums_[last]);
+  }
+  buckets.finish();
+  const auto start = std::chrono::steady_clock::now();
+  comm_.wait_all();
+  communication_seconds_ += seconds_since(start);
 }
 
 double DataParallel::mean_over_ranks(const std::vector<double>& local_losses, int windows) {

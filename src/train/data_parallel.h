@@ -1,10 +1,15 @@
 // Data parallelism over logical ranks (SPEC §4): world_size sequences per step are
-// shared by the P processes of the run (world_size / P each). Per-rank gradients are
-// summed in logical-rank order — the same float additions for any P — so 1, 2, 4 or 8
-// processes train bit-identical models. Losses are averaged in the same fixed order.
+// shared by the P processes of the run (world_size / P each), in one of two gradient
+// reductions. `exact`: every rank's gradient is gathered and summed in logical-rank order —
+// the same float additions for any P — so 1, 2, 4 or 8 processes train bit-identical
+// models. `overlap`: each process sums its own ranks, and the all-reduce of each bucket of
+// final gradients starts during the backward pass (rounding then depends on P).
+// Losses are averaged in a fixed order in both.
 #pragma once
 
+#include <functional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -12,38 +17,99 @@
 
 namespace speedrun {
 
+enum class GradReduce {
+  kAuto,     // overlap when the communicator works on device memory (NCCL), else exact
+  kExact,
+  kOverlap,
+};
+GradReduce parse_grad_reduce(const std::string& name);  // "auto", "exact", "overlap"; UsageError otherwise
+std::string grad_reduce_name(GradReduce mode);
+
+struct GradReduceOptions {
+  GradReduce mode = GradReduce::kAuto;
+  // Smallest all-reduce of the overlap mode. 25 MB (as PyTorch DDP): one NCCL call costs
+  // tens of microseconds, so smaller buckets waste latency, while larger ones start late
+  // and leave more of the reduction exposed after the backward. For GPT-2 small each block
+  // (28 MB) is one bucket and the lm_head (154 MB) goes first.
+  size_t bucket_bytes = size_t{25} << 20;
+};
+
+struct FloatRange {
+  size_t offset = 0;
+  size_t count = 0;
+  bool operator==(const FloatRange&) const = default;
+};
+
+// Groups the gradient ranges a backward pass reports final (GPT::GradientReadyHook) into
+// buckets of at least min_floats adjacent floats, handing each to `launch` as soon as it
+// is complete. A range that does not extend the open bucket closes it first. finish()
+// launches the last bucket and checks that exactly `total` floats were reported.
+class GradientBuckets {
+ public:
+  GradientBuckets(size_t min_floats, size_t total, std::function<void(FloatRange)> launch);
+  void ready(size_t offset, size_t count);
+  void finish();  // throws Error when the reported ranges did not cover `total` floats
+
+ private:
+  void close();
+  size_t min_floats_;
+  size_t total_;
+  size_t reported_ = 0;
+  FloatRange open_;
+  std::function<void(FloatRange)> launch_;
+};
+
 class DataParallel {
  public:
-  // Throws UsageError when the process count does not divide world_size.
-  DataParallel(Communicator& comm, GPT& model);
+  // Throws UsageError when the process count does not divide world_size, or when
+  // the communicator's buffers are not the backend's (NCCL with the CPU backend).
+  DataParallel(Communicator& comm, GPT& model, GradReduceOptions options = {});
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
 
   int first_rank() const { return first_rank_; }
   int local_ranks() const { return local_ranks_; }
+  GradReduce mode() const { return mode_; }  // exact or overlap (auto resolved)
   Communicator& comm() { return comm_; }
   GPT& model() { return model_; }
 
   // Forward and backward of this process's sequences (laid out one after another),
   // then every process gets the mean gradient over all world_size sequences in
   // model.grads(). Returns the step's train loss (mean over all sequences).
+  // enqueue_gradients, then finish_losses.
   double compute_gradients(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window);
+  // The same split so that nothing waits on the device before the optimiser's update is
+  // queued: this queues the forward and backward passes and the gradient reduction
+  // (inputs and targets must stay unchanged until finish_losses); finish_losses waits
+  // for the backend (Backend::synchronize) and returns the step's train loss.
+  void enqueue_gradients(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window);
+  double finish_losses();
   // Mean over every process's per-sequence losses. `local_losses` holds `windows` groups
   // of local_ranks() losses; they are summed window by window in logical-rank order,
   // the order of one process.
   double mean_over_ranks(const std::vector<double>& local_losses, int windows = 1);
+  // Host time spent in gradient communication calls: the gather (exact), or issuing
+  // the bucket all-reduces and waiting for them (overlap; on NCCL the wait is queued on
+  // the GPU, so this is launch time only).
   double communication_seconds() const { return communication_seconds_; }
 
  private:
+  void reduce_exact();
+  void backward_overlapped(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
+                           float grad_scale);
+
   Communicator& comm_;
   GPT& model_;
+  GradReduce mode_ = GradReduce::kExact;
+  size_t bucket_floats_ = 0;
   int first_rank_ = 0;
   int local_ranks_ = 1;
   size_t count_ = 0;
-  float* sum_ = nullptr;                 // backend memory: running sum in rank order
-  std::vector<float> local_grads_;       // host: this process's per-rank gradients (P > 1)
-  std::vector<float> all_grads_;         // host: every rank's gradients (P > 1)
+  float* sum_ = nullptr;         // backend memory: running sum of this process's ranks
+  float* local_grads_ = nullptr;  // backend memory: this process's per-rank gradients (exact, P > 1)
+  float* all_grads_ = nullptr;    // backend memory: every rank's gradients (exact, P > 1)
+  double* loss_sums_ = nullptr;  // Backend::alloc_host: each local rank's summed token losses
   double communication_seconds_ = 0;
 };
 

@@ -84,6 +84,23 @@ void SpikeDetector::add(double value) {
   if (filled_ < ring_.size()) ++filled_;
 }
 
+// --- DeviceFaultFlag --------------------------------------------------------------------
+
+DeviceFaultFlag::DeviceFaultFlag(Backend& backend)
+    : backend_(backend),
+      device_(backend.alloc_i32(1)),
+      host_(static_cast<int32_t*>(backend.alloc_host(sizeof(int32_t)))) {}
+
+DeviceFaultFlag::~DeviceFaultFlag() {
+  backend_.release_host(host_);
+  backend_.release(device_);
+}
+
+void DeviceFaultFlag::clear() { backend_.fill_i32(device_, 0, 1); }
+void DeviceFaultFlag::raise() { backend_.fill_i32(device_, 1, 1); }
+void DeviceFaultFlag::check(const float* values, size_t count) { backend_.flag_nonfinite(device_, values, count); }
+void DeviceFaultFlag::copy_to_host() { backend_.download_i32_async(host_, device_, 1); }
+
 // --- FaultMonitor -----------------------------------------------------------------------
 
 FaultMonitor::FaultMonitor(FaultMonitorOptions options) : options_(options), detector_(options.spike_window) {

@@ -67,25 +67,52 @@ struct StepVerdict {
   std::optional<double> zscore;  // the loss's z-score, once the window is full
 };
 
+// The device half of fault detection. A backend int32 that Backend::flag_nonfinite sets
+// when the step's token losses or gradients hold a NaN or an infinity; the optimiser's
+// update operations read it and change nothing when it is set. So a faulty step is
+// skipped on the device before the host knows of it, and the host learns the flag with
+// the step's loss, in the same end-of-step copy: no synchronisation between the backward
+// pass and the update, and none added for the check.
+class DeviceFaultFlag {
+ public:
+  explicit DeviceFaultFlag(Backend& backend);
+  ~DeviceFaultFlag();
+  DeviceFaultFlag(const DeviceFaultFlag&) = delete;
+  DeviceFaultFlag& operator=(const DeviceFaultFlag&) = delete;
+
+  // Each queued on the backend, in order with the step's work.
+  void clear();
+  void raise();                               // the host decided to skip this step
+  void check(const float* values, size_t count);  // raise if any value is not finite
+  void copy_to_host();
+  // The host copy: valid after the backend's synchronize() following copy_to_host().
+  bool raised() const { return *host_ != 0; }
+  int32_t* device() { return device_; }
+
+ private:
+  Backend& backend_;
+  int32_t* device_ = nullptr;
+  int32_t* host_ = nullptr;
+};
+
 // Decides, step by step, whether an update may be applied.
 //
-// GPU design: the verdict must come before the update, so a skip needs to know about
-// the gradient before the optimiser runs. The loss is read back every step anyway (it is
-// logged), so the loss check is free. The gradient check costs a pass over the
-// gradient and a host read; grad_check_every = N amortises it over N steps. On a GPU
-// backend the intended form is: the kernel that already reads the whole gradient (the
-// norm or the all-reduce) ORs "saw a non-finite value" into a 4-byte device flag, and
-// the flag is copied to pinned host memory on the same stream right after the loss, so
-// reading it costs no extra synchronisation; pass the flag as `gradients_finite`.
-// Between checks a non-finite gradient is still caught one step late through the loss
-// (NaN parameters give a NaN loss), but its update has then been applied: with
-// policy skip, use grad_check_every = 1 where faults are expected.
+// The verdict on non-finite values comes from DeviceFaultFlag, which has already made the
+// device skip the update; the monitor names the fault and applies the policy (skip, or
+// stop with the state before the step). The gradient check is one read of the gradient
+// on the device; grad_check_every = N does it on every N-th step only. Between checks a
+// non-finite gradient is still caught one step late through the loss (NaN parameters give
+// a NaN loss), but its update has then been applied: with policy skip, keep
+// grad_check_every = 1 where faults are expected. A spike verdict needs the loss on the
+// host before the update, so policy spike=skip waits for it (one synchronisation a step).
 class FaultMonitor {
  public:
   explicit FaultMonitor(FaultMonitorOptions options = {});
 
   const FaultMonitorOptions& options() const { return options_; }
   bool should_check_gradients(int step) const { return step % options_.grad_check_every == 0; }
+  // Whether the verdict must be known before the update is queued (see the class comment).
+  bool needs_verdict_before_update() const { return options_.spike == SpikePolicy::kSkip; }
 
   // True when every value of the buffer is finite. Uses Backend::sum: a float64 sum of
   // float32 values is finite exactly when all of them are (it cannot overflow below

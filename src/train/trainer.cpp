@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data/host_buffer.h"
 #include "data/prefetcher.h"
 #include "data/token_stream.h"
 #include "optim/optimizer.h"
@@ -146,6 +147,10 @@ class TrainingRun {
   const Clock::time_point launch_ = Clock::now();
   std::vector<std::string> val_files_;
   std::string metrics_path_;
+  // Batches come from the backend's host memory (pinned on CUDA), pooled: declared before
+  // the prefetcher so that every batch is gone before the pool.
+  PooledHostMemoryResource batch_memory_;
+  ScopedHostMemoryResource batch_memory_scope_{&batch_memory_};
   GPT model_;
   Optimizer optimizer_;
   std::unique_ptr<Communicator> own_comm_;  // when options.comm is null
@@ -159,6 +164,7 @@ class TrainingRun {
   ProgressReporter progress_;
   CheckpointRotation rotation_;
   FaultMonitor monitor_;
+  DeviceFaultFlag fault_flag_;
   TrainResult result_;
   double tokens_per_step_ = 0;
 };
@@ -169,15 +175,18 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
       val_files_(expand_glob(options.val_glob)),
       metrics_path_(options.metrics_path.empty() ? (fs::path(options.out_dir) / "metrics.jsonl").string()
                                                  : options.metrics_path),
+      batch_memory_([&backend](size_t bytes) { return backend.alloc_host(bytes); },
+                    [&backend](void* pointer) { backend.release_host(pointer); }),
       model_(config_, backend, config_.seq_len, config_.val_seq_len),
       optimizer_(config_, model_.layout(), backend),
       own_comm_(options.comm ? nullptr : make_single_process_communicator()),
       comm_(options.comm ? *options.comm : *own_comm_),
-      dp_(comm_, model_),
+      dp_(comm_, model_, options.grad_reduce),
       leader_(comm_.rank() == 0),
       progress_(options.progress_stream ? *options.progress_stream : std::cout, progress_options(options, leader_)),
       rotation_(options.keep),
-      monitor_(options.faults) {
+      monitor_(options.faults),
+      fault_flag_(backend) {
   const std::vector<std::string> train_files = expand_glob(options.train_glob);
   if (!options.resume_path.empty()) {
     state_ = load_checkpoint(options.resume_path, model_, optimizer_);
@@ -240,7 +249,8 @@ void TrainingRun::train_one_step(int step) {
   const auto start = Clock::now();
   TokenBatch batch = prefetcher_->next();
   StepVerdict verdict;
-  const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step, &monitor_, &verdict);
+  const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step, &monitor_, &verdict,
+                                        &fault_flag_);
   report_fault(step, verdict);
   state_.step = step + 1;
   state_.data_position = batch.position_after;
@@ -345,17 +355,43 @@ std::string checkpoint_name(const std::string& out_dir, int step) {
 }
 
 double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
-                         std::span<const int32_t> targets, int step, FaultMonitor* monitor, StepVerdict* verdict) {
+                         std::span<const int32_t> targets, int step, FaultMonitor* monitor, StepVerdict* verdict,
+                         DeviceFaultFlag* flag) {
   GPT& model = dp.model();
-  const double loss = dp.compute_gradients(inputs, targets, long_window_blocks(model.config(), step));
-  // The gradients are already reduced: every process reaches the same verdict.
-  if (monitor) {
-    *verdict = monitor->check_step(step, loss, model.backend(), model.grads(), model.layout().total());
-    if (verdict->action != StepAction::kApply) return loss;
-  } else {
+  Communicator* comm = dp.comm().size() > 1 ? &dp.comm() : nullptr;
+  if (!monitor || !flag) {
+    const double loss = dp.compute_gradients(inputs, targets, long_window_blocks(model.config(), step));
     require_finite(loss, "training loss", step);
+    optimizer.step(model.params(), model.grads(), step, comm);
+    return loss;
   }
-  optimizer.step(model.params(), model.grads(), step, dp.comm().size() > 1 ? &dp.comm() : nullptr);
+  // The device raises the flag on a non-finite token loss or gradient, and the queued
+  // update then changes nothing. Nothing waits on the device until the update is queued;
+  // the host then reads the losses and the flag together (one synchronisation a step).
+  // Every process must skip alike, so with several processes only the reduced gradient
+  // (the same everywhere) is checked, and on every step: a non-finite loss always makes
+  // it non-finite too (softcapped logits are finite unless NaN, and NaN propagates).
+  const bool one_process = dp.comm().size() == 1;
+  flag->clear();
+  if (one_process) model.set_fault_flag(flag->device());
+  dp.enqueue_gradients(inputs, targets, long_window_blocks(model.config(), step));
+  model.set_fault_flag(nullptr);
+  if (!one_process || monitor->should_check_gradients(step)) flag->check(model.grads(), model.layout().total());
+  flag->copy_to_host();
+  if (monitor->needs_verdict_before_update()) {
+    const double loss = dp.finish_losses();
+    *verdict = monitor->check_step(step, loss, !flag->raised());
+    if (verdict->action != StepAction::kApply) flag->raise();
+    optimizer.step(model.params(), model.grads(), step, comm, flag->device());
+    return loss;
+  }
+  optimizer.step(model.params(), model.grads(), step, comm, flag->device());
+  const double loss = dp.finish_losses();
+  *verdict = monitor->check_step(step, loss, !flag->raised());
+  if (flag->raised() == (verdict->action == StepAction::kApply)) {
+    throw Error("internal error at step " + std::to_string(step) +
+                ": the device and the fault monitor disagree on skipping the update");
+  }
   return loss;
 }
 

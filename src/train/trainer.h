@@ -39,6 +39,8 @@ struct TrainOptions {
   // The run's processes (mpirun): null means this process alone. Only rank 0 prints,
   // writes metrics, plots and checkpoints.
   Communicator* comm = nullptr;
+  // How gradients are reduced over processes (DataParallel): exact or overlapped.
+  GradReduceOptions grad_reduce;
   FaultMonitorOptions faults;      // non-finite losses/gradients and loss spikes
 };
 
@@ -61,10 +63,12 @@ TrainResult train(const TrainOptions& options, Backend& backend);
 // one after another in inputs/targets), gradients averaged over all world_size
 // sequences of every process, then both optimisers. Returns the step's train loss
 // (mean over all sequences, before the update).
-// With a monitor, a fault verdict other than "apply" leaves the parameters unchanged.
+// With a monitor and a device flag, a fault verdict other than "apply" leaves the
+// parameters and optimiser state unchanged, decided on the device (DeviceFaultFlag);
+// without them a non-finite loss is an Error.
 double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const int32_t> inputs,
                          std::span<const int32_t> targets, int step, FaultMonitor* monitor = nullptr,
-                         StepVerdict* verdict = nullptr);
+                         StepVerdict* verdict = nullptr, DeviceFaultFlag* flag = nullptr);
 
 // Mean validation loss over val_tokens (SPEC §1) with the window of `step`.
 // With dp, each process evaluates its own ranks' sequences of every window.

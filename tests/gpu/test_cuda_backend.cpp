@@ -626,24 +626,24 @@ TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
   for (float& x : v0) x = x * x;
   for (int step : {1, 2, 10}) {
     std::vector<float> p = param, m = m0, v = v0;
-    cpu_->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.008f, 0.8f, 0.95f, 1e-10f, step);
+    cpu_->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.008f, 0.8f, 0.95f, 1e-10f, step, nullptr);
     DeviceFloats gp(*gpu_, param), gg(*gpu_, grad), gm(*gpu_, m0), gv(*gpu_, v0);
-    gpu_->adam_update(gp.ptr, gg.ptr, gm.ptr, gv.ptr, n, 0.008f, 0.8f, 0.95f, 1e-10f, step);
+    gpu_->adam_update(gp.ptr, gg.ptr, gm.ptr, gv.ptr, n, 0.008f, 0.8f, 0.95f, 1e-10f, step, nullptr);
     expect_close(gp.get(), p, 1e-5, 1e-7, "adam param step " + std::to_string(step));
     expect_close(gm.get(), m, 1e-5, 1e-7, "adam m");
     expect_close(gv.get(), v, 1e-5, 1e-7, "adam v");
   }
   {
     std::vector<float> out(n), buf = m0;
-    cpu_->muon_momentum(out.data(), buf.data(), grad.data(), n, 0.9f);
+    cpu_->muon_momentum(out.data(), buf.data(), grad.data(), n, 0.9f, nullptr);
     DeviceFloats g_out(*gpu_, grad), g_buf(*gpu_, m0);
-    gpu_->muon_momentum(g_out.ptr, g_buf.ptr, g_out.ptr, n, 0.9f);  // out == grad
+    gpu_->muon_momentum(g_out.ptr, g_buf.ptr, g_out.ptr, n, 0.9f, nullptr);  // out == grad
     expect_close(g_out.get(), out, 1e-5, 1e-7, "muon_momentum out");
     expect_close(g_buf.get(), buf, 1e-5, 1e-7, "muon_momentum buf");
     std::vector<float> p = param;
-    cpu_->apply_update(p.data(), out.data(), n, 0.05f);
+    cpu_->apply_update(p.data(), out.data(), n, 0.05f, nullptr);
     DeviceFloats gp(*gpu_, param);
-    gpu_->apply_update(gp.ptr, g_out.ptr, n, 0.05f);
+    gpu_->apply_update(gp.ptr, g_out.ptr, n, 0.05f, nullptr);
     expect_close(gp.get(), p, 1e-5, 1e-7, "apply_update");
   }
   struct Norm { size_t count; int batch; };

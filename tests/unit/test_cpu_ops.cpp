@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "backends/backend.h"
 #include "model/attention_mask.h"
@@ -252,6 +254,86 @@ TEST_F(CpuOps, GemmFollowsRowMajorConventions) {
   std::vector<float> A = {1, 2, 3, 4, 5, 6}, B = {1, 0, 1, 0, 1, 0}, C(4, 0.f);
   be->gemm(false, true, 2, 2, 3, 1.f, A.data(), 3, B.data(), 3, 0.f, C.data(), 2);
   EXPECT_EQ(C, (std::vector<float>{4, 2, 10, 5}));
+}
+
+TEST_F(CpuOps, FlagNonfiniteRaisesOnNanAndInfinityOnlyAndNeverClears) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float big = std::numeric_limits<float>::max();
+  int32_t* flag = be->alloc_i32(1);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), inf, -inf}) {
+    for (size_t where : {size_t{0}, size_t{4095}, size_t{9999}}) {
+      std::vector<float> x(10000, 1.f);
+      x[where] = bad;
+      be->fill_i32(flag, 0, 1);
+      be->flag_nonfinite(flag, x.data(), x.size());
+      EXPECT_EQ(flag[0], 1) << bad << " at " << where;
+    }
+  }
+  std::vector<float> clean(10000, big);
+  clean[17] = -big;
+  clean[18] = std::numeric_limits<float>::denorm_min();
+  be->fill_i32(flag, 0, 1);
+  be->flag_nonfinite(flag, clean.data(), clean.size());
+  EXPECT_EQ(flag[0], 0);
+  be->fill_i32(flag, 1, 1);  // a raised flag stays raised over clean data
+  be->flag_nonfinite(flag, clean.data(), clean.size());
+  EXPECT_EQ(flag[0], 1);
+  be->release(flag);
+}
+
+TEST_F(CpuOps, DocumentIdsCountSeparatorsInclusively) {
+  const std::vector<int32_t> tokens{50256, 5, 6, 50256, 50256, 7, 8, 9, 50256, 1};
+  int32_t* doc = be->alloc_i32(tokens.size());
+  be->document_ids(doc, tokens.data(), static_cast<int>(tokens.size()), 50256);
+  EXPECT_EQ(std::vector<int32_t>(doc, doc + tokens.size()), (std::vector<int32_t>{1, 1, 1, 2, 3, 3, 3, 3, 4, 4}));
+  EXPECT_EQ(std::vector<int32_t>(doc, doc + tokens.size()), document_ids(tokens, 50256));
+  be->release(doc);
+}
+
+TEST_F(CpuOps, SkipFlagMakesEveryOptimizerUpdateANoOp) {
+  const size_t n = 1000;
+  const auto param = random_vector(n, 1), grad = random_vector(n, 2), m0 = random_vector(n, 3);
+  std::vector<float> v0 = random_vector(n, 4);
+  for (float& x : v0) x = x * x;
+  int32_t* skip = be->alloc_i32(1);
+  for (int32_t raised : {1, 0}) {
+    be->fill_i32(skip, raised, 1);
+    auto p = param, m = m0, v = v0, buf = m0, out = grad, p2 = param;
+    be->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.01f, 0.8f, 0.95f, 1e-10f, 3, skip);
+    be->muon_momentum(out.data(), buf.data(), grad.data(), n, 0.9f, skip);
+    be->apply_update(p2.data(), grad.data(), n, 0.05f, skip);
+    if (raised) {
+      EXPECT_EQ(p, param);
+      EXPECT_EQ(m, m0);
+      EXPECT_EQ(v, v0);
+      EXPECT_EQ(buf, m0);
+      EXPECT_EQ(out, grad);
+      EXPECT_EQ(p2, param);
+    } else {  // a clear flag is the same as no flag
+      auto q = param, mq = m0, vq = v0, bq = m0, oq = grad, q2 = param;
+      be->adam_update(q.data(), grad.data(), mq.data(), vq.data(), n, 0.01f, 0.8f, 0.95f, 1e-10f, 3, nullptr);
+      be->muon_momentum(oq.data(), bq.data(), grad.data(), n, 0.9f, nullptr);
+      be->apply_update(q2.data(), grad.data(), n, 0.05f, nullptr);
+      EXPECT_EQ(p, q);
+      EXPECT_NE(p, param);
+      EXPECT_EQ(buf, bq);
+      EXPECT_EQ(out, oq);
+      EXPECT_EQ(p2, q2);
+    }
+  }
+  be->release(skip);
+}
+
+TEST_F(CpuOps, SumToHostIsTheFloat64Sum) {
+  const auto x = random_vector(10007, 5);
+  double* out = static_cast<double*>(be->alloc_host(sizeof(double)));
+  be->sum_to_host(out, x.data(), x.size());
+  be->synchronize();
+  double expected = 0;
+  for (float v : x) expected += v;
+  EXPECT_NEAR(*out, expected, 1e-12 * x.size());
+  EXPECT_EQ(*out, be->sum(x.data(), x.size()));
+  be->release_host(out);
 }
 
 }  // namespace

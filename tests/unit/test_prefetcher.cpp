@@ -161,4 +161,55 @@ TEST(HostBuffer, VectorsUseTheRegisteredResourceAcrossThreads) {
   EXPECT_EQ(counting.bytes_live.load(), 0);
 }
 
+TEST(HostBuffer, PoolReusesFreedBlocksOfTheSameSizeAndReleasesAllAtTheEnd) {
+  std::atomic<int> allocated{0}, released{0};
+  {
+    speedrun::PooledHostMemoryResource pool(
+        [&](size_t bytes) {
+          allocated++;
+          return ::operator new(bytes);
+        },
+        [&](void* pointer) {
+          released++;
+          ::operator delete(pointer);
+        });
+    void* a = pool.allocate(4096);
+    void* b = pool.allocate(4096);
+    EXPECT_NE(a, b);
+    pool.deallocate(a, 4096);
+    EXPECT_EQ(pool.allocate(4096), a);  // reused, not allocated again
+    void* c = pool.allocate(100);       // another size: a new block
+    EXPECT_EQ(allocated.load(), 3);
+    pool.deallocate(b, 4096);
+    pool.deallocate(c, 100);
+    EXPECT_EQ(pool.allocate(100), c);
+    EXPECT_EQ(pool.blocks(), 3u);
+    EXPECT_EQ(released.load(), 0);
+  }
+  EXPECT_EQ(released.load(), 3);  // every block, handed out or free, goes back once
+}
+
+TEST(HostBuffer, PrefetchedBatchesComeFromTheRegisteredPoolWithoutAllocationPerStep) {
+  const fs::path dir = fresh_dir("pool_prefetch");
+  std::vector<std::string> paths = make_shards(dir, {5000});
+  std::atomic<int> allocated{0};
+  speedrun::PooledHostMemoryResource pool(
+      [&](size_t bytes) {
+        allocated++;
+        return ::operator new(bytes);
+      },
+      [](void* pointer) { ::operator delete(pointer); });
+  speedrun::ScopedHostMemoryResource scope(&pool);
+  {
+    Prefetcher prefetcher(TokenStream(paths, 2, 8, kVocab), 0, 2, 2);
+    for (int step = 0; step < 100; ++step) {
+      TokenBatch batch = prefetcher.next();
+      EXPECT_EQ(batch.inputs.get_allocator().resource(), &pool);
+    }
+  }
+  // Two buffers a batch; at most depth 2 + one being filled + one in use are alive.
+  EXPECT_LE(allocated.load(), 2 * 4);
+  EXPECT_GE(allocated.load(), 2);
+}
+
 }  // namespace

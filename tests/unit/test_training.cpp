@@ -2,8 +2,10 @@
 // checkpoints with SPEC §2's state-dict names and shapes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -12,7 +14,11 @@
 #include "support/files.h"
 #include "data/shard.h"
 #include "support/temp_dir.h"
+#include "model/gpt.h"
+#include "optim/optimizer.h"
+#include "comm/communicator.h"
 #include "train/checkpoint.h"
+#include "train/data_parallel.h"
 #include "train/safetensors.h"
 #include "train/trainer.h"
 #include "util/error.h"
@@ -124,7 +130,21 @@ TEST(Training, NonFiniteGradientStopsWithTheStepAndACheckpoint) {
   EXPECT_TRUE(std::filesystem::exists(data / "run/step_000001.safetensors"));
 }
 
-TEST(Training, NonFiniteSkipPolicyLeavesParametersUnchanged) {
+// Every tensor's bytes of a checkpoint's model and optimiser files (non-finite values
+// included, which load_checkpoint would refuse).
+std::map<std::string, std::vector<std::byte>> checkpoint_bytes(const std::string& path) {
+  std::map<std::string, std::vector<std::byte>> tensors;
+  for (const std::string& file : {path, optimizer_state_path(path)}) {
+    const SafetensorsFile st = SafetensorsFile::open(file);
+    for (const std::string& name : st.names()) {
+      const auto bytes = st.bytes(name);
+      tensors[file == path ? name : "optim." + name].assign(bytes.begin(), bytes.end());
+    }
+  }
+  return tensors;
+}
+
+TEST(Training, NonFiniteSkipPolicyLeavesParametersAndOptimizerStateUnchanged) {
   testing::TempDir data("train_nan_skip");
   write_micro_shards(data);
   auto be = make_cpu_backend();
@@ -135,6 +155,55 @@ TEST(Training, NonFiniteSkipPolicyLeavesParametersUnchanged) {
   o.faults.max_consecutive_skips = 0;
   const TrainResult r = train(o, *be);
   EXPECT_EQ(r.skipped_steps, (std::vector<int>{1, 2, 3}));  // step 0's update made the loss non-finite
+  // The skipped updates were dropped on the "device": the state after step 0 is intact.
+  TrainOptions one = o;
+  one.steps = 1;
+  one.out_dir = data / "one";
+  const TrainResult after_step0 = train(one, *be);
+  const auto skipped = checkpoint_bytes(r.checkpoint_path), expected = checkpoint_bytes(after_step0.checkpoint_path);
+  EXPECT_GT(skipped.size(), 10u);
+  EXPECT_TRUE(skipped == expected);
+}
+
+// One run_training_step of the micro model after the monitor has seen two losses near 1:
+// the real loss (~ln 300) is a huge spike.
+struct SpikeStep {
+  std::vector<float> before, after;
+  StepVerdict verdict;
+};
+SpikeStep step_after_low_losses(SpikePolicy policy) {
+  Config config = Config::preset("micro");
+  config.world_size = 1;
+  auto be = make_cpu_backend();
+  GPT model(config, *be, config.seq_len, config.val_seq_len);
+  Optimizer optimizer(config, model.layout(), *be);
+  auto comm = make_single_process_communicator();
+  DataParallel dp(*comm, model);
+  FaultMonitorOptions options;
+  options.spike = policy;
+  options.spike_window = 2;
+  FaultMonitor monitor(options);
+  monitor.check_step(0, 1.0);
+  monitor.check_step(1, 1.1);
+  DeviceFaultFlag flag(*be);
+  const std::vector<uint16_t> rule = rule_tokens(config.seq_len + 1, 7);
+  const std::vector<int32_t> tokens(rule.begin(), rule.end());
+  const std::span<const int32_t> all(tokens);
+  SpikeStep result;
+  result.before = model.parameters_to_host();
+  run_training_step(dp, optimizer, all.first(config.seq_len), all.subspan(1), 2, &monitor, &result.verdict, &flag);
+  result.after = model.parameters_to_host();
+  return result;
+}
+
+TEST(Training, SpikeSkipIsDecidedBeforeTheUpdateAndLeavesParametersUnchanged) {
+  const SpikeStep skip = step_after_low_losses(SpikePolicy::kSkip);
+  EXPECT_EQ(skip.verdict.action, StepAction::kSkip) << skip.verdict.message;
+  EXPECT_EQ(skip.after, skip.before);
+  const SpikeStep warn = step_after_low_losses(SpikePolicy::kWarn);
+  EXPECT_EQ(warn.verdict.action, StepAction::kApply);
+  EXPECT_NE(warn.verdict.message.find("loss spike"), std::string::npos) << warn.verdict.message;
+  EXPECT_NE(warn.after, warn.before);
 }
 
 }  // namespace

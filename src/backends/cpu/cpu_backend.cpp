@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "backends/backend.h"
@@ -49,6 +50,17 @@ double deterministic_sum(const float* x, size_t n) {
   return total;
 }
 
+// The FP8 lm_head by exact emulation (cpu_fp8_head.cpp); Fp8Head keeps the quantised weight.
+class Fp8Head;
+struct Fp8HeadDeleter {
+  void operator()(Fp8Head* head) const;
+};
+std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head();
+void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,
+                      bool requantize_weight);
+void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
+                       int rows, int V, int d, float output_scale);
+
 namespace {
 
 class CpuBackend final : public Backend {
@@ -67,6 +79,25 @@ class CpuBackend final : public Backend {
   }
   void zero(float* dst, size_t count) override { std::memset(dst, 0, count * sizeof(float)); }
   void copy(float* dst, const float* src, size_t count) override { std::memmove(dst, src, count * sizeof(float)); }
+  void fill_i32(int32_t* dst, int32_t value, size_t count) override { std::fill(dst, dst + count, value); }
+
+  // Every operation has finished when it returns, so the asynchronous ones are plain.
+  void* alloc_host(size_t bytes) override { return zeroed(bytes); }
+  void release_host(void* pointer) override { std::free(pointer); }
+  void sum_to_host(double* host_out, const float* x, size_t n) override { *host_out = deterministic_sum(x, n); }
+  void download_i32_async(int32_t* host, const int32_t* src, size_t count) override {
+    std::memcpy(host, src, count * sizeof(int32_t));
+  }
+  void flag_nonfinite(int32_t* flag, const float* x, size_t n) override {
+    int bad = 0;
+#pragma omp parallel for simd schedule(static) reduction(| : bad)
+    for (size_t i = 0; i < n; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+    if (bad) flag[0] = 1;
+  }
+  void document_ids(int32_t* doc, const int32_t* tokens, int T, int32_t separator) override {
+    int32_t count = 0;
+    for (int t = 0; t < T; ++t) doc[t] = count += tokens[t] == separator;
+  }
 
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) override {
@@ -280,8 +311,18 @@ class CpuBackend final : public Backend {
 
   double sum(const float* x, size_t n) override { return deterministic_sum(x, n); }
 
+  void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
+                        bool requantize_weight) override {
+    cpu::fp8_head_forward(*fp8_head_, logits, x, W, rows, V, d, requantize_weight);
+  }
+  void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
+                         int d, float output_scale) override {
+    cpu::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
+  }
+
   void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                   float eps, int step) override {
+                   float eps, int step, const int32_t* skip) override {
+    if (skip && *skip) return;
     const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
     const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
     const float step_size = static_cast<float>(lr / bias1);
@@ -294,7 +335,9 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum) override {
+  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum,
+                     const int32_t* skip) override {
+    if (skip && *skip) return;
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const float g = grad[i];
@@ -312,7 +355,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void apply_update(float* param, const float* update, size_t n, float scale) override {
+  void apply_update(float* param, const float* update, size_t n, float scale, const int32_t* skip) override {
+    if (skip && *skip) return;
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) param[i] -= scale * update[i];
   }
@@ -329,6 +373,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
+
   static void* zeroed(size_t bytes) {
     void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
     if (!p) throw Error("out of host memory allocating " + std::to_string(bytes) + " bytes");

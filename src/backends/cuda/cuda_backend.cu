@@ -3,6 +3,7 @@
 // cuBLASLt call is checked; reductions and gradients are deterministic run to run.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -15,6 +16,18 @@
 
 namespace speedrun {
 namespace cuda {
+
+// The FP8 lm_head (cuda_fp8_head.cu); Fp8Head keeps the quantised weight between calls.
+class Fp8Head;
+struct Fp8HeadDeleter {
+  void operator()(Fp8Head* head) const;
+};
+std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm);
+void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,
+                      bool requantize_weight);
+void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
+                       int rows, int V, int d, float output_scale);
+
 namespace {
 
 class CudaBackend final : public Backend {
@@ -37,6 +50,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     for (auto& [key, freq] : rotary_freqs_) cudaFree(freq);
+    fp8_head_.reset();
     op_scratch_.reset();
     result_scratch_.reset();
     reduce_scratch_.reset();
@@ -45,6 +59,9 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  // 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an H100,
+  // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
+  int head_chunk_rows() const override { return 2048; }
 
   // --- memory ---------------------------------------------------------------------------
   float* alloc(size_t count) override { return static_cast<float*>(allocate_zeroed(count * sizeof(float))); }
@@ -85,6 +102,45 @@ class CudaBackend final : public Backend {
     SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, temp, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   }
   void synchronize() override { SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void* native_stream() override { return stream_; }
+  void fill_i32(int32_t* dst, int32_t value, size_t count) override { cuda::fill_i32(stream_, dst, value, count); }
+
+  // --- host-visible results -------------------------------------------------------------
+  // Pinned, so the copies into and out of it are truly asynchronous.
+  void* alloc_host(size_t bytes) override {
+    void* pointer = nullptr;
+    const size_t size = std::max<size_t>(bytes, 1);
+    check_cuda(cudaHostAlloc(&pointer, size, cudaHostAllocDefault),
+               ("cudaHostAlloc of " + std::to_string(size) + " bytes").c_str());
+    std::memset(pointer, 0, size);
+    return pointer;
+  }
+  void release_host(void* pointer) override {
+    if (!pointer) return;
+    // Queued copies may still target it.
+    const cudaError_t sync = cudaStreamSynchronize(stream_);
+    const cudaError_t status = sync != cudaSuccess ? sync : cudaFreeHost(pointer);
+    if (status != cudaSuccess) {
+      std::fprintf(stderr, "speedrun: warning: CUDA host release failed: %s\n", cudaGetErrorString(status));
+    }
+  }
+  void sum_to_host(double* host_out, const float* x, size_t n) override {
+    if (n == 0) {
+      fill_host_after_queue(host_out);
+      return;
+    }
+    double* total = static_cast<double*>(result_scratch_->get(sizeof(double)));
+    dot_reduce(stream_, *reduce_scratch_, x, nullptr, n, 0, 1, DotResult::kStoreDouble, total);
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(host_out, total, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  }
+  void download_i32_async(int32_t* host, const int32_t* src, size_t count) override {
+    if (count == 0) return;
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(host, src, count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+  }
+  void flag_nonfinite(int32_t* flag, const float* x, size_t n) override { cuda::flag_nonfinite(stream_, flag, x, n); }
+  void document_ids(int32_t* doc, const int32_t* tokens, int T, int32_t separator) override {
+    cuda::document_ids(stream_, doc, tokens, T, separator);
+  }
 
   // --- dense linear algebra ---------------------------------------------------------------
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
@@ -171,19 +227,30 @@ class CudaBackend final : public Backend {
     download_bytes(&host, total, sizeof(double));
     return host;
   }
+  void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
+                        bool requantize_weight) override {
+    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_);  // lazily: its workspace only when used
+    cuda::fp8_head_forward(*fp8_head_, logits, x, W, rows, V, d, requantize_weight);
+  }
+  void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
+                         int d, float output_scale) override {
+    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_);
+    cuda::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
+  }
 
   // --- optimisers ----------------------------------------------------------------------------
   void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                   float eps, int step) override {
+                   float eps, int step, const int32_t* skip) override {
     // The bias corrections exactly as the CPU backend computes them.
     const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
     const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
     const float step_size = static_cast<float>(lr / bias1);
     const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
-    cuda::adam_update(stream_, param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+    cuda::adam_update(stream_, param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2, skip);
   }
-  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum) override {
-    cuda::muon_momentum(stream_, out, buf, grad, n, momentum);
+  void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum,
+                     const int32_t* skip) override {
+    cuda::muon_momentum(stream_, out, buf, grad, n, momentum, skip);
   }
   void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
     if (batch <= 0) return;
@@ -191,8 +258,8 @@ class CudaBackend final : public Backend {
     dot_reduce(stream_, *reduce_scratch_, x, x, count, count, batch, DotResult::kInverseNorm, scales, eps);
     cuda::scale_batches(stream_, x, scales, count, batch);
   }
-  void apply_update(float* param, const float* update, size_t n, float scale) override {
-    cuda::apply_update(stream_, param, update, n, scale);
+  void apply_update(float* param, const float* update, size_t n, float scale, const int32_t* skip) override {
+    cuda::apply_update(stream_, param, update, n, scale, skip);
   }
   void transpose(float* out, const float* x, int rows, int cols, int batch) override {
     cuda::transpose(stream_, out, x, rows, cols, batch);
@@ -211,11 +278,17 @@ class CudaBackend final : public Backend {
     return pointer;
   }
 
-  // Synchronous on return, so the host buffer (pageable or pinned) may be reused at once.
+  // From pageable memory the copy is staged before this returns, so the buffer may be
+  // reused at once; from pinned memory (alloc_host) it is truly asynchronous and the
+  // caller keeps the buffer until synchronize() (Backend::upload_i32's contract).
   void upload_bytes(void* dst, const void* host, size_t bytes) {
     if (bytes == 0) return;
     SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  // A zero sum: written from the host once the queue has drained up to here.
+  void fill_host_after_queue(double* host_out) {
     SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    *host_out = 0.0;
   }
   void download_bytes(void* host, const void* src, size_t bytes) {
     if (bytes == 0) return;
@@ -247,6 +320,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
   std::unique_ptr<Scratch> op_scratch_;      // temporaries of one operation (sort, scans, copies)
   std::map<std::pair<int, float>, float*> rotary_freqs_;
+  std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_;
 };
 
 }  // namespace

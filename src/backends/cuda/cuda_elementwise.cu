@@ -123,7 +123,8 @@ __global__ void relu2_backward_kernel(float* dx, const float* dout, const float*
 // Adam (PyTorch's form, bias corrections folded into step_size and inv_sqrt_bias2 on the
 // host exactly as the CPU backend does). Traffic: 28 n bytes.
 __global__ void adam_kernel(float* param, const float* grad, float* m, float* v, size_t n, float beta1, float beta2,
-                            float eps, float step_size, float inv_sqrt_bias2) {
+                            float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip) {
+  if (skip && *skip) return;
   SPEEDRUN_GRID_STRIDE(i, n) {
     const float g = grad[i];
     const float mi = beta1 * m[i] + (1.f - beta1) * g;
@@ -135,7 +136,9 @@ __global__ void adam_kernel(float* param, const float* grad, float* m, float* v,
 }
 
 // buf = m buf + (1-m) g; out = (1-m) g + m buf. out may alias grad. Traffic: 16 n bytes.
-__global__ void muon_momentum_kernel(float* out, float* buf, const float* grad, size_t n, float momentum) {
+__global__ void muon_momentum_kernel(float* out, float* buf, const float* grad, size_t n, float momentum,
+                                     const int32_t* skip) {
+  if (skip && *skip) return;
   SPEEDRUN_GRID_STRIDE(i, n) {
     const float g = grad[i];
     const float b = momentum * buf[i] + (1.f - momentum) * g;
@@ -145,7 +148,8 @@ __global__ void muon_momentum_kernel(float* out, float* buf, const float* grad, 
 }
 
 // param -= scale update. Traffic: 12 n bytes.
-__global__ void apply_update_kernel(float* param, const float* update, size_t n, float scale) {
+__global__ void apply_update_kernel(float* param, const float* update, size_t n, float scale, const int32_t* skip) {
+  if (skip && *skip) return;
   SPEEDRUN_GRID_STRIDE(i, n) param[i] -= scale * update[i];
 }
 
@@ -258,21 +262,23 @@ void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x
 }
 
 void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
-                 float beta2, float eps, float step_size, float inv_sqrt_bias2) {
+                 float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip) {
   if (n == 0) return;
-  adam_kernel<<<grid_for(n), kThreads, 0, s>>>(param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+  adam_kernel<<<grid_for(n), kThreads, 0, s>>>(param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2,
+                                               skip);
   check_launch("adam_kernel");
 }
 
-void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum) {
+void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,
+                   const int32_t* skip) {
   if (n == 0) return;
-  muon_momentum_kernel<<<grid_for(n), kThreads, 0, s>>>(out, buf, grad, n, momentum);
+  muon_momentum_kernel<<<grid_for(n), kThreads, 0, s>>>(out, buf, grad, n, momentum, skip);
   check_launch("muon_momentum_kernel");
 }
 
-void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale) {
+void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale, const int32_t* skip) {
   if (n == 0) return;
-  apply_update_kernel<<<grid_for(n), kThreads, 0, s>>>(param, update, n, scale);
+  apply_update_kernel<<<grid_for(n), kThreads, 0, s>>>(param, update, n, scale, skip);
   check_launch("apply_update_kernel");
 }
 

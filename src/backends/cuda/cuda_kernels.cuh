@@ -30,9 +30,10 @@ void add(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n);
 void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
-                 float beta2, float eps, float step_size, float inv_sqrt_bias2);
-void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum);
-void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale);
+                 float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip);
+void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,
+                   const int32_t* skip);
+void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale, const int32_t* skip);
 // x[b * count + i] *= scale[b] (scale on the device).
 void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, int batch);
 // C[M, N] (row-major, leading dimension ldc, `batch` matrices stride_c apart) = beta * C,
@@ -52,6 +53,13 @@ void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b
                 DotResult result, void* out, float eps = 0.f);
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale);
+
+// --- step control (cuda_step_control.cu) -----------------------------------------------
+void fill_i32(cudaStream_t s, int32_t* dst, int32_t value, size_t count);
+// flag[0] = 1 when any x[i] is NaN or infinite (left alone otherwise).
+void flag_nonfinite(cudaStream_t s, int32_t* flag, const float* x, size_t n);
+// doc[t] = number of `separator` tokens in tokens[0..t].
+void document_ids(cudaStream_t s, int32_t* doc, const int32_t* tokens, int T, int32_t separator);
 
 // --- embedding backward (cuda_embedding.cu) -------------------------------------------
 void embedding_backward(cudaStream_t s, Scratch& scratch, float* dtable, const float* dout, const int32_t* tokens,

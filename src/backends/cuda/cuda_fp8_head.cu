@@ -1,0 +1,380 @@
+// The FP8 lm_head of SPEC §6 on the GPU: saturating scaled casts to e4m3/e5m2, transposed
+// FP8 copies for the backward, and cuBLASLt FP8 matmuls on GPUs with FP8 tensor cores
+// (compute capability >= 8.9). Elsewhere, for shapes cuBLASLt's FP8 kernels refuse (a
+// dimension not a multiple of 16), or with SPEEDRUN_FP8_HEAD=emulate in the environment,
+// the same casts feed float32 products instead: FP8 values multiply exactly in float32,
+// so that path computes the CPU backend's emulation up to summation order.
+//
+// cuBLASLt is column-major and its FP8 kernels take only "TN" operands (both contiguous
+// along K). Our row-major X [rows, d] is column-major X^T [d, rows]; so, with A stored as
+// column-major [K, M] (transposed by the op) and B as column-major [K, N]:
+//   logits^T [V, rows]  = W8 (as [d, V])      x X8 (as [d, rows])       K = d
+//   dx^T     [d, rows]  = W8^T (as [V, d])    x G8 (as [V, rows])       K = V
+//   dW^T     [d, V]     = X8^T (as [rows, d]) x G8^T (as [rows, V])     K = rows
+// i.e. the backward needs the transposed copies W8^T [d, V], X8^T [d, rows], G8^T [V, rows].
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/cuda_gemm.cuh"
+
+namespace speedrun::cuda {
+
+// SPEC §6's scales: x by 2, W by 2^9 (both e4m3), the output gradient by 2^19 (e5m2).
+constexpr float kXScale = 2.f;
+constexpr float kWScale = 512.f;
+constexpr float kGradScale = 524288.f;
+
+namespace {
+
+constexpr int kTile = 32;       // transpose tile
+constexpr int kTileRows = 8;    // threads per tile column
+
+template <__nv_fp8_interpretation_t F>
+__device__ inline __nv_fp8_storage_t to_fp8(float v) {
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, F);
+}
+
+template <__nv_fp8_interpretation_t F>
+__device__ inline float fp8_to_float(__nv_fp8_storage_t q) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, F)));
+}
+
+// out[i] = fp8(in[i] * scale), round to nearest even, saturating. Floor: 5 bytes/element.
+template <__nv_fp8_interpretation_t F>
+__global__ void scaled_cast_kernel(__nv_fp8_storage_t* out, const float* in, size_t n, float scale) {
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = to_fp8<F>(in[i] * scale);
+}
+
+// out_t[c * rows + r] = fp8(in[r * cols + c] * scale), and out[r * cols + c] the same when
+// out is not null, through a shared tile. Floor: 4 + 1 (+ 1) bytes/element.
+template <__nv_fp8_interpretation_t F>
+__global__ void scaled_cast_transpose_kernel(__nv_fp8_storage_t* out_t, __nv_fp8_storage_t* out, const float* in,
+                                             int rows, int cols, float scale) {
+  __shared__ __nv_fp8_storage_t tile[kTile][kTile + 1];
+  const int c0 = blockIdx.x * kTile, r0 = blockIdx.y * kTile;
+  for (int dy = threadIdx.y; dy < kTile; dy += kTileRows) {
+    const int r = r0 + dy, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) {
+      const size_t at = static_cast<size_t>(r) * cols + c;
+      const __nv_fp8_storage_t q = to_fp8<F>(in[at] * scale);
+      tile[dy][threadIdx.x] = q;
+      if (out) out[at] = q;
+    }
+  }
+  __syncthreads();
+  for (int dx = threadIdx.y; dx < kTile; dx += kTileRows) {
+    const int c = c0 + dx, r = r0 + threadIdx.x;
+    if (r < rows && c < cols) out_t[static_cast<size_t>(c) * rows + r] = tile[threadIdx.x][dx];
+  }
+}
+
+// out[i] = float(fp8(in[i] * scale)): the FP8 value, exactly, as a float. Floor: 8 bytes/element.
+template <__nv_fp8_interpretation_t F>
+__global__ void scaled_round_kernel(float* out, const float* in, size_t n, float scale) {
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = fp8_to_float<F>(to_fp8<F>(in[i] * scale));
+}
+
+// x[i] = bf16(x[i]) (nearest even), kept as float. Floor: 8 bytes/element.
+__global__ void round_to_bf16_kernel(float* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
+}
+
+template <__nv_fp8_interpretation_t F>
+void scaled_cast(cudaStream_t s, __nv_fp8_storage_t* out, const float* in, size_t n, float scale) {
+  if (n == 0) return;
+  scaled_cast_kernel<F><<<grid_for(n), kThreads, 0, s>>>(out, in, n, scale);
+  check_launch("scaled_cast_kernel");
+}
+
+template <__nv_fp8_interpretation_t F>
+void scaled_cast_transpose(cudaStream_t s, __nv_fp8_storage_t* out_t, __nv_fp8_storage_t* out, const float* in,
+                           int rows, int cols, float scale) {
+  if (rows == 0 || cols == 0) return;
+  const dim3 grid((cols + kTile - 1) / kTile, (rows + kTile - 1) / kTile);
+  if (grid.y > 65535u) throw Error("scaled_cast_transpose: " + std::to_string(rows) + " rows exceed the grid");
+  scaled_cast_transpose_kernel<F><<<grid, dim3(kTile, kTileRows), 0, s>>>(out_t, out, in, rows, cols, scale);
+  check_launch("scaled_cast_transpose_kernel");
+}
+
+template <__nv_fp8_interpretation_t F>
+void scaled_round(cudaStream_t s, float* out, const float* in, size_t n, float scale) {
+  if (n == 0) return;
+  scaled_round_kernel<F><<<grid_for(n), kThreads, 0, s>>>(out, in, n, scale);
+  check_launch("scaled_round_kernel");
+}
+
+void round_to_bf16(cudaStream_t s, float* x, size_t n) {
+  if (n == 0) return;
+  round_to_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(x, n);
+  check_launch("round_to_bf16_kernel");
+}
+
+int64_t alignment_of(const void* pointer) {
+  uint64_t bits = reinterpret_cast<uint64_t>(pointer) | 256u;
+  return static_cast<int64_t>(bits & (~bits + 1));
+}
+
+bool forced_emulation() {
+  const char* mode = std::getenv("SPEEDRUN_FP8_HEAD");
+  if (!mode || !*mode) return false;
+  if (std::strcmp(mode, "emulate") == 0) return true;
+  throw Error(std::string("SPEEDRUN_FP8_HEAD must be unset or 'emulate', got '") + mode + "'");
+}
+
+bool device_has_fp8() {
+  int device = 0, major = 0, minor = 0;
+  SPEEDRUN_CUDA_CHECK(cudaGetDevice(&device));
+  SPEEDRUN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SPEEDRUN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor >= 89;
+}
+
+}  // namespace
+
+class Fp8Head {
+ public:
+  Fp8Head(cudaStream_t stream, LtGemm& gemm)
+      : stream_(stream), gemm_(gemm), tensor_cores_(!forced_emulation() && device_has_fp8()) {
+    if (!tensor_cores_) return;
+    SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
+    check_cuda(cudaMalloc(&workspace_, LtGemm::kWorkspaceBytes), "cudaMalloc (FP8 cuBLASLt workspace)");
+    // Inverse scales, read by cuBLASLt through the A/B scale pointers.
+    const float inverse[3] = {1.f / kXScale, 1.f / kWScale, 1.f / kGradScale};
+    check_cuda(cudaMalloc(&inverse_scales_, sizeof(inverse)), "cudaMalloc (FP8 scales)");
+    SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(inverse_scales_, inverse, sizeof(inverse), cudaMemcpyHostToDevice, stream_));
+    SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  ~Fp8Head() {
+    cudaStreamSynchronize(stream_);
+    for (auto& [key, plan] : plans_) {
+      cublasLtMatrixLayoutDestroy(plan.a);
+      cublasLtMatrixLayoutDestroy(plan.b);
+      cublasLtMatrixLayoutDestroy(plan.d);
+      cublasLtMatmulDescDestroy(plan.desc);
+    }
+    if (inverse_scales_) cudaFree(inverse_scales_);
+    if (workspace_) cudaFree(workspace_);
+    if (handle_) cublasLtDestroy(handle_);
+  }
+  Fp8Head(const Fp8Head&) = delete;
+  Fp8Head& operator=(const Fp8Head&) = delete;
+
+  void forward(float* logits, const float* x, const float* W, int rows, int V, int d, bool requantize) {
+    require_shape(rows, V, d, "fp8_head_forward");
+    if (requantize || W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
+    if (rows == 0) return;
+    const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
+    if (fits_tensor_cores(rows, V, d)) {
+      const auto* w8 = weight_e4m3();
+      auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
+      scaled_cast<__NV_E4M3>(stream_, x8, x, nx, kXScale);
+      // Fast accumulation, as the reference's forward.
+      matmul(V, rows, d, w8, CUDA_R_8F_E4M3, kInvW, x8, CUDA_R_8F_E4M3, kInvX, 1.f, 0.f, logits, true);
+    } else {
+      const float* wq = weight_emulated();
+      float* xq = static_cast<float*>(x_.get(nx * sizeof(float)));
+      scaled_round<__NV_E4M3>(stream_, xq, x, nx, kXScale);
+      gemm_.run(false, true, rows, V, d, 1.f / (kXScale * kWScale), xq, d, 0, wq, d, 0, 0.f, logits, V, 0, 1);
+    }
+    round_to_bf16(stream_, logits, nl);
+  }
+
+  void backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V, int d,
+                float output_scale) {
+    require_shape(rows, V, d, "fp8_head_backward");
+    if (W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
+    if (rows == 0) return;
+    const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
+    if (fits_tensor_cores(rows, V, d)) {
+      const auto* w8t = weight_e4m3_transposed();
+      auto* g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
+      auto* g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
+      auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
+      scaled_cast_transpose<__NV_E5M2>(stream_, g8t, g8, dlogits, rows, V, kGradScale);
+      scaled_cast_transpose<__NV_E4M3>(stream_, x8t, nullptr, x, rows, d, kXScale);
+      // Exact float32 accumulation in the backward, as the reference's.
+      matmul(d, rows, V, w8t, CUDA_R_8F_E4M3, kInvW, g8, CUDA_R_8F_E5M2, kInvGrad, output_scale, 0.f, dx, false);
+      matmul(d, V, rows, x8t, CUDA_R_8F_E4M3, kInvX, g8t, CUDA_R_8F_E5M2, kInvGrad, output_scale, 1.f, dW, false);
+    } else {
+      const float* wq = weight_emulated();
+      float* gq = static_cast<float*>(g_.get(ng * sizeof(float)));
+      float* xq = static_cast<float*>(x_.get(nx * sizeof(float)));
+      scaled_round<__NV_E5M2>(stream_, gq, dlogits, ng, kGradScale);
+      scaled_round<__NV_E4M3>(stream_, xq, x, nx, kXScale);
+      gemm_.run(false, false, rows, d, V, output_scale / (kGradScale * kWScale), gq, V, 0, wq, d, 0, 0.f, dx, d, 0,
+                1);
+      gemm_.run(true, false, V, d, rows, output_scale / (kGradScale * kXScale), gq, V, 0, xq, d, 0, 1.f, dW, d, 0,
+                1);
+    }
+    round_to_bf16(stream_, dx, nx);
+  }
+
+ private:
+  enum InverseScale { kInvX = 0, kInvW = 1, kInvGrad = 2 };
+
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  // m, n, k, A type, A scale, B type, B scale, fast accumulation, beta != 0, alignments of A, B, D.
+  using Key = std::array<int64_t, 12>;
+
+  static void require_shape(int rows, int V, int d, const char* op) {
+    if (rows < 0 || V <= 0 || d <= 0) {
+      throw Error(std::string(op) + ": invalid shape rows=" + std::to_string(rows) + " V=" + std::to_string(V) +
+                  " d=" + std::to_string(d));
+    }
+  }
+
+  // cuBLASLt's FP8 kernels want K and the leading dimensions multiples of 16.
+  bool fits_tensor_cores(int rows, int V, int d) const {
+    return tensor_cores_ && rows % 16 == 0 && V % 16 == 0 && d % 16 == 0;
+  }
+
+  void invalidate_weight(const float* W, int V, int d) {
+    source_ = W;
+    V_ = V;
+    d_ = d;
+    have_w8_ = have_w8_t_ = have_wf_ = false;
+  }
+
+  size_t weight_count() const { return static_cast<size_t>(V_) * d_; }
+
+  const __nv_fp8_storage_t* weight_e4m3() {
+    auto* w8 = static_cast<__nv_fp8_storage_t*>(weight8_.get(weight_count()));
+    if (!have_w8_) scaled_cast<__NV_E4M3>(stream_, w8, source_, weight_count(), kWScale);
+    have_w8_ = true;
+    return w8;
+  }
+
+  const __nv_fp8_storage_t* weight_e4m3_transposed() {
+    auto* w8t = static_cast<__nv_fp8_storage_t*>(weight8_t_.get(weight_count()));
+    if (!have_w8_t_) scaled_cast_transpose<__NV_E4M3>(stream_, w8t, nullptr, source_, V_, d_, kWScale);
+    have_w8_t_ = true;
+    return w8t;
+  }
+
+  const float* weight_emulated() {
+    float* wf = static_cast<float*>(weight_f_.get(weight_count() * sizeof(float)));
+    if (!have_wf_) scaled_round<__NV_E4M3>(stream_, wf, source_, weight_count(), kWScale);
+    have_wf_ = true;
+    return wf;
+  }
+
+  // D [m, n] (column-major, fp32, ld m) = alpha * scale_a * scale_b * A^T B + beta * D, with
+  // A stored column-major [k, m] and B [k, n] (both contiguous along k).
+  void matmul(int m, int n, int k, const void* A, cudaDataType_t a_type, InverseScale a_scale, const void* B,
+              cudaDataType_t b_type, InverseScale b_scale, float alpha, float beta, float* D, bool fast_accum) {
+    const Key key{m, n, k, a_type, a_scale, b_type, b_scale, fast_accum, beta != 0.f,
+                  alignment_of(A), alignment_of(B), alignment_of(D)};
+    const Plan& plan = plan_for(key);
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d, D, plan.d,
+                                         &plan.algo, workspace_, LtGemm::kWorkspaceBytes, stream_));
+  }
+
+  const Plan& plan_for(const Key& key) {
+    auto found = plans_.find(key);
+    if (found != plans_.end()) return found->second;
+    const uint64_t m = key[0], n = key[1], k = key[2];
+    Plan plan;
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
+    set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, transpose);
+    set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, keep);
+    const float* scale_a = inverse_scales_ + key[4];
+    const float* scale_b = inverse_scales_ + key[6];
+    set(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a);
+    set(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b);
+    const int8_t fast = key[7] ? 1 : 0;
+    set(plan.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast);
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, static_cast<cudaDataType_t>(key[3]), k, m, k));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, static_cast<cudaDataType_t>(key[5]), k, n, k));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, m, n, m));
+
+    cublasLtMatmulPreference_t preference = nullptr;
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    try {
+      const uint64_t workspace = LtGemm::kWorkspaceBytes;
+      set_preference(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace);
+      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key[9]));
+      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key[10]));
+      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key[11]));
+      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key[11]));
+      SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
+                                                           preference, 1, &result, &returned));
+    } catch (...) {
+      cublasLtMatmulPreferenceDestroy(preference);
+      throw;
+    }
+    cublasLtMatmulPreferenceDestroy(preference);
+    if (returned < 1) {
+      throw Error("cuBLASLt found no FP8 algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                  " k=" + std::to_string(k));
+    }
+    plan.algo = result.algo;
+    return plans_.emplace(key, plan).first->second;
+  }
+
+  template <class T>
+  static void set(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const T& value) {
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)));
+  }
+  template <class T>
+  static void set_preference(cublasLtMatmulPreference_t preference, cublasLtMatmulPreferenceAttributes_t attribute,
+                             const T& value) {
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &value, sizeof(value)));
+  }
+
+  cudaStream_t stream_;
+  LtGemm& gemm_;  // the backend's float32 products, for the emulated path
+  const bool tensor_cores_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  float* inverse_scales_ = nullptr;  // device: 1/2, 1/2^9, 1/2^19
+  std::map<Key, Plan> plans_;
+
+  // The kept weight: its source and which quantised forms are current.
+  const float* source_ = nullptr;
+  int V_ = 0, d_ = 0;
+  bool have_w8_ = false, have_w8_t_ = false, have_wf_ = false;
+  Scratch weight8_{stream_}, weight8_t_{stream_}, weight_f_{stream_};
+  // Per-call operands (FP8 bytes, or FP8 values as floats on the emulated path).
+  Scratch x_{stream_}, x_t_{stream_}, g_{stream_}, g_t_{stream_};
+};
+
+struct Fp8HeadDeleter {
+  void operator()(Fp8Head* head) const;
+};
+void Fp8HeadDeleter::operator()(Fp8Head* head) const { delete head; }
+
+std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm) {
+  return std::unique_ptr<Fp8Head, Fp8HeadDeleter>(new Fp8Head(stream, gemm));
+}
+
+void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,
+                      bool requantize_weight) {
+  head.forward(logits, x, W, rows, V, d, requantize_weight);
+}
+
+void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
+                       int rows, int V, int d, float output_scale) {
+  head.backward(dx, dW, dlogits, x, W, rows, V, d, output_scale);
+}
+
+}  // namespace speedrun::cuda

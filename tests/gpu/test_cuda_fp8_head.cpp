@@ -1,0 +1,261 @@
+// The CUDA backend's FP8 lm_head (SPEC §6) against the CPU backend's exact emulation:
+// quantised operands bit for bit, outputs within the band of the accumulation each path
+// uses, outputs poisoned with NaN before each call, and the emulated path that GPUs
+// without FP8 tensor cores take (forced here with SPEEDRUN_FP8_HEAD=emulate). Skips when
+// no CUDA device is visible (and in builds without the CUDA backend).
+//
+// Bands: the backward and the emulated path accumulate in float32 like the CPU, so their
+// outputs differ from it by float32 summation order (1e-5 of the sum of absolute products)
+// plus, for bf16 outputs, one bf16 ulp (2^-7 relative: the two sums may straddle a rounding
+// boundary). The tensor-core forward uses fast accumulation (the reference's choice),
+// whose running sum keeps fewer bits: we allow 2^-10 of the sum of absolute products —
+// an estimate to confirm on the first run on an H100.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/backend.h"
+#include "backends/cuda_devices.h"
+#include "backends/low_precision.h"
+#include "model/gpt.h"
+
+namespace speedrun {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+bool gpu_available() {
+#ifdef SPEEDRUN_HAVE_CUDA
+  static const bool available = !query_cuda_devices().devices.empty();
+  return available;
+#else
+  return false;
+#endif
+}
+
+struct DeviceFloats {
+  Backend& be;
+  float* ptr;
+  size_t n;
+  DeviceFloats(Backend& b, const std::vector<float>& host) : be(b), ptr(b.alloc(host.size())), n(host.size()) {
+    be.upload(ptr, host.data(), n);
+  }
+  ~DeviceFloats() { be.release(ptr); }
+  DeviceFloats(const DeviceFloats&) = delete;
+  std::vector<float> get() const {
+    std::vector<float> host(n);
+    be.download(host.data(), ptr, n);
+    return host;
+  }
+};
+
+std::vector<float> normal(size_t n, float stddev, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Sets SPEEDRUN_FP8_HEAD for one scope (the backend reads it when its FP8 head is created).
+struct ScopedEmulation {
+  ScopedEmulation() { setenv("SPEEDRUN_FP8_HEAD", "emulate", 1); }
+  ~ScopedEmulation() { unsetenv("SPEEDRUN_FP8_HEAD"); }
+};
+
+struct Shape {
+  int rows, V, d;
+};
+
+struct Outputs {
+  std::vector<float> logits, dx, dW;
+};
+
+struct Inputs {
+  Shape s;
+  std::vector<float> x, W, dlogits, dW0;
+  explicit Inputs(Shape shape, uint64_t seed)
+      : s(shape),
+        x(normal(static_cast<size_t>(s.rows) * s.d, 1.f, seed)),
+        W(normal(static_cast<size_t>(s.V) * s.d, 0.03f, seed + 1)),
+        dlogits(normal(static_cast<size_t>(s.rows) * s.V, 2e-5f, seed + 2)),
+        dW0(normal(static_cast<size_t>(s.V) * s.d, 1e-3f, seed + 3)) {
+    x[0] = 1e4f;          // saturates
+    W[1] = -1.f;          // saturates
+    dlogits[2] = 1.f;     // saturates
+    dlogits[3] = 1e-14f;  // underflows
+  }
+};
+
+// Forward then backward (output_scale 0.5) with every output poisoned with NaN first.
+Outputs run(Backend& be, const Inputs& in) {
+  const Shape s = in.s;
+  DeviceFloats x(be, in.x), W(be, in.W), dlogits(be, in.dlogits), dW(be, in.dW0);
+  DeviceFloats logits(be, std::vector<float>(static_cast<size_t>(s.rows) * s.V, kNaN));
+  DeviceFloats dx(be, std::vector<float>(static_cast<size_t>(s.rows) * s.d, kNaN));
+  be.fp8_head_forward(logits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, true);
+  be.fp8_head_backward(dx.ptr, dW.ptr, dlogits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, 0.5f);
+  return {logits.get(), dx.get(), dW.get()};
+}
+
+// Sum over k of |a[i, k] b[j, k]| (row-major a [., K], b [., K]).
+double abs_products(const std::vector<float>& a, size_t i, const std::vector<float>& b, size_t j, int K, size_t sa,
+                    size_t sb, size_t ka, size_t kb) {
+  double total = 0;
+  for (int k = 0; k < K; ++k) total += std::abs(static_cast<double>(a[i * sa + k * ka]) * b[j * sb + k * kb]);
+  return total;
+}
+
+void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs& in, double forward_band) {
+  const Shape s = in.s;
+  using lowp::Fp8Format;
+  std::vector<float> xq(in.x.size()), wq(in.W.size()), gq(in.dlogits.size());
+  lowp::scaled_round_to_fp8(xq.data(), in.x.data(), xq.size(), 2.f, Fp8Format::kE4M3);
+  lowp::scaled_round_to_fp8(wq.data(), in.W.data(), wq.size(), 512.f, Fp8Format::kE4M3);
+  lowp::scaled_round_to_fp8(gq.data(), in.dlogits.data(), gq.size(), 524288.f, Fp8Format::kE5M2);
+  for (int r = 0; r < s.rows; ++r) {
+    for (int v = 0; v < s.V; ++v) {
+      const size_t i = static_cast<size_t>(r) * s.V + v;
+      const double terms = abs_products(xq, r, wq, v, s.d, s.d, s.d, 1, 1) / 1024.0;
+      ASSERT_LE(std::abs(got.logits[i] - want.logits[i]), 0x1p-7 * std::abs(want.logits[i]) + forward_band * terms)
+          << "logit " << r << "," << v << " got " << got.logits[i] << " want " << want.logits[i];
+    }
+    for (int k = 0; k < s.d; ++k) {
+      const size_t i = static_cast<size_t>(r) * s.d + k;
+      const double terms = 0.5 * abs_products(gq, r, wq, k, s.V, s.V, 1, 1, s.d) / 0x1p28;
+      ASSERT_LE(std::abs(got.dx[i] - want.dx[i]), 0x1p-7 * std::abs(want.dx[i]) + 1e-5 * terms)
+          << "dx " << r << "," << k << " got " << got.dx[i] << " want " << want.dx[i];
+    }
+  }
+  for (int v = 0; v < s.V; ++v) {
+    for (int k = 0; k < s.d; ++k) {
+      const size_t i = static_cast<size_t>(v) * s.d + k;
+      const double terms = 0.5 * abs_products(gq, v, xq, k, s.rows, 1, 1, s.V, s.d) / 0x1p20;
+      ASSERT_LE(std::abs(got.dW[i] - want.dW[i]), 1e-5 * (std::abs(in.dW0[i]) + terms))
+          << "dW " << v << "," << k << " got " << got.dW[i] << " want " << want.dW[i];
+    }
+  }
+}
+
+class CudaFp8HeadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!gpu_available()) GTEST_SKIP() << "no GPU";
+    cpu_ = make_cpu_backend();
+  }
+  std::unique_ptr<Backend> cpu_;
+};
+
+TEST_F(CudaFp8HeadTest, MatchesTheCpuEmulation) {
+  auto gpu = make_cuda_backend(0);
+  // Multiples of 16 take the tensor cores on an FP8 GPU; rows = 37 the emulated path.
+  for (const Shape s : {Shape{256, 384, 64}, Shape{512, 1024, 768}, Shape{37, 208, 48}}) {
+    SCOPED_TRACE("rows=" + std::to_string(s.rows) + " V=" + std::to_string(s.V) + " d=" + std::to_string(s.d));
+    const Inputs in(s, 11);
+    const Outputs want = run(*cpu_, in);
+    const Outputs got = run(*gpu, in);
+    expect_outputs_close(got, want, in, s.rows % 16 == 0 ? 0x1p-10 : 1e-5);
+  }
+}
+
+TEST_F(CudaFp8HeadTest, EmulatedPathMatchesTheCpuEmulation) {
+  ScopedEmulation emulate;
+  auto gpu = make_cuda_backend(0);
+  for (const Shape s : {Shape{256, 384, 64}, Shape{37, 208, 48}}) {
+    SCOPED_TRACE("rows=" + std::to_string(s.rows));
+    const Inputs in(s, 12);
+    expect_outputs_close(run(*gpu, in), run(*cpu_, in), in, 1e-5);
+  }
+}
+
+// With x = I/2 (so e4m3(2x) = I) each logit is one product: e4m3(2^9 W)[v, r] / 2^10,
+// exact in bf16. Likewise W = I/2^9 exposes e4m3(2x), and dx then exposes e5m2(2^19 g).
+// So the GPU's casts must agree with the CPU's bit for bit, on values built to hit ties,
+// subnormals and saturation.
+TEST_F(CudaFp8HeadTest, QuantisedOperandsAreBitExact) {
+  const int n = 64;  // rows = V = d: multiples of 16 (the tensor-core path on FP8 GPUs)
+  auto tricky = [](uint64_t seed) {
+    std::vector<float> v = normal(static_cast<size_t>(n) * n, 1.f, seed);
+    std::mt19937_64 rng(seed);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const int e = static_cast<int>(rng() % 48) - 30;
+      v[i] = std::ldexp(v[i], e);  // from deep subnormal to far past saturation
+      if (i % 7 == 0) {  // an exact midpoint of e4m3 or e5m2 values
+        v[i] = std::ldexp(1.f + (2 * static_cast<int>(rng() % 8) + 1) / 16.f, static_cast<int>(rng() % 30) - 20);
+      }
+    }
+    return v;
+  };
+  std::vector<float> identity_half(static_cast<size_t>(n) * n, 0.f), identity_w(identity_half.size(), 0.f);
+  for (int i = 0; i < n; ++i) {
+    identity_half[static_cast<size_t>(i) * n + i] = 0.5f;
+    identity_w[static_cast<size_t>(i) * n + i] = 1.f / 512.f;
+  }
+  for (bool emulated : {false, true}) {
+    SCOPED_TRACE(emulated ? "emulated path" : "default path");
+    std::unique_ptr<ScopedEmulation> emulate;
+    if (emulated) emulate = std::make_unique<ScopedEmulation>();
+    auto gpu = make_cuda_backend(0);
+    auto forward = [&](Backend& be, const std::vector<float>& x, const std::vector<float>& W) {
+      DeviceFloats dx_in(be, x), dW_in(be, W), logits(be, std::vector<float>(x.size(), kNaN));
+      be.fp8_head_forward(logits.ptr, dx_in.ptr, dW_in.ptr, n, n, n, true);
+      return logits.get();
+    };
+    const auto W = tricky(21), x = tricky(22), g = tricky(23);
+    EXPECT_EQ(forward(*gpu, identity_half, W), forward(*cpu_, identity_half, W)) << "e4m3(2^9 W)";
+    EXPECT_EQ(forward(*gpu, x, identity_w), forward(*cpu_, x, identity_w)) << "e4m3(2 x)";
+    auto dx_of = [&](Backend& be) {
+      DeviceFloats xs(be, identity_half), Ws(be, identity_w), dlogits(be, g), dW(be, identity_w);
+      DeviceFloats logits(be, std::vector<float>(identity_half.size(), 0.f));
+      DeviceFloats dx(be, std::vector<float>(identity_half.size(), kNaN));
+      be.fp8_head_forward(logits.ptr, xs.ptr, Ws.ptr, n, n, n, true);
+      be.fp8_head_backward(dx.ptr, dW.ptr, dlogits.ptr, xs.ptr, Ws.ptr, n, n, n, 1.f);
+      return dx.get();
+    };
+    const auto got = dx_of(*gpu), want = dx_of(*cpu_);
+    EXPECT_EQ(got, want) << "e5m2(2^19 g)";
+  }
+}
+
+TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
+  auto gpu = make_cuda_backend(0);
+  Config config = Config::preset("micro");
+  config.lm_head_fp8 = 1;
+  const int T = 64;
+  GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu, T, T);
+  std::vector<float> params = normal(on_cpu.layout().total(), 0.3f, 5);
+  for (const ParamSpec& s : on_cpu.layout().specs()) {
+    if (s.name.find("lambdas") != std::string::npos || s.name == "skip_weights") {
+      for (size_t i = 0; i < s.count; ++i) params[s.offset + i] = 0.6f + 0.3f * params[s.offset + i];
+    }
+  }
+  std::mt19937_64 rng(6);
+  std::vector<int32_t> inputs(T), targets(T);
+  for (int32_t& t : inputs) t = static_cast<int32_t>(rng() % config.vocab_size);
+  for (int32_t& t : targets) t = static_cast<int32_t>(rng() % config.vocab_size);
+  on_cpu.load_parameters(params);
+  on_gpu.load_parameters(params);
+  on_cpu.zero_grad();
+  on_gpu.zero_grad();
+  const double cpu_loss = on_cpu.forward_backward(inputs, targets, 2, 0.5f);
+  const double gpu_loss = on_gpu.forward_backward(inputs, targets, 2, 0.5f);
+  // A logit one bf16 ulp apart moves the loss by ~1e-3 of a logit at most.
+  EXPECT_NEAR(gpu_loss, cpu_loss, 1e-3 * std::abs(cpu_loss));
+  const auto cpu_grad = on_cpu.gradients_to_host(), gpu_grad = on_gpu.gradients_to_host();
+  for (const ParamSpec& s : on_cpu.layout().specs()) {
+    double diff = 0, norm = 0;
+    for (size_t i = s.offset; i < s.offset + s.count; ++i) {
+      diff += (gpu_grad[i] - cpu_grad[i]) * static_cast<double>(gpu_grad[i] - cpu_grad[i]);
+      norm += cpu_grad[i] * static_cast<double>(cpu_grad[i]);
+    }
+    EXPECT_LE(std::sqrt(diff), 2e-2 * std::sqrt(norm) + 1e-12) << s.name;
+  }
+}
+
+}  // namespace
+}  // namespace speedrun
