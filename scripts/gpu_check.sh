@@ -18,6 +18,8 @@
 #        sanitize = compute-sanitizer memcheck and racecheck on the op tests; bench =
 #        `speedrun bench --device cuda` on the presets once the training path takes cuda;
 #        logs go to $OUT (at most 8 files; a summary is printed last).
+#   3. here: copy the returned bench_speedrun-124m.json to bench/results/ (named by date
+#        and device) and commit it.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,21 +36,37 @@ prepare_carry() {
   local t
   for t in $tests; do cp "$build/tests/$t" "$dir/stage/bin/"; done
   cp "$build/speedrun" "$dir/stage/bin/"
+  # The commit the binaries were built from, for the benchmark results' JSON.
+  local commit
+  commit=$(git -C "$ROOT" rev-parse --short HEAD)
+  git -C "$ROOT" diff --quiet HEAD -- src || commit="$commit-dirty"
+  echo "$commit" >"$dir/stage/commit.txt"
   # Every library the binaries load, except glibc's (the device's is newer) and CUDA's
   # (the device has its own CUDA 13). libstdc++/libgcc_s go to fallback/: used there only
   # if the device's own are older than this machine's.
   local lib
   for lib in $(ldd "$dir"/stage/bin/* | awk '/=> \// {print $3}' | sort -u); do
     case $(basename "$lib") in
-      libc.so* | libm.so* | libpthread* | libdl.so* | librt.so* | ld-linux* | libcuda* | libcublas*) ;;
+      libc.so* | libm.so* | libpthread* | libdl.so* | librt.so* | ld-linux* | libcuda* | libcublas* | libnccl*) ;;
       libstdc++* | libgcc_s*) cp -L "$lib" "$dir/stage/fallback/" ;;
       *) cp -L "$lib" "$dir/stage/lib/" ;;
     esac
   done
-  tar -C "$dir/stage" -czf "$dir/payload.tar.gz" bin lib fallback
+  tar -C "$dir/stage" -czf "$dir/payload.tar.gz" bin lib fallback commit.txt
   rm -rf "$dir/stage"
   du -sh "$dir/payload.tar.gz"
   echo "carry '${dir#"$ROOT"/}' and run: scripts/gpu_check.sh ${dir#"$ROOT"/}"
+}
+
+# Directory holding libnccl.so.2 on the device (218 MB: never carried): the toolkit's,
+# else the one in PyTorch's wheels.
+find_nccl_dir() {
+  local d
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu; do
+    [ -e "$d/libnccl.so.2" ] && { echo "$d"; return; }
+  done
+  d=$(find / -name 'libnccl.so.2*' -not -path '/proc/*' 2>/dev/null | head -1)
+  [ -n "$d" ] && dirname "$d"
 }
 
 # The GPU test programs: one per tests/gpu/test_*.cpp.
@@ -73,8 +91,10 @@ run_checks() {
   mkdir -p "$out" "$work"
   tar -xzf "$dir/payload.tar.gz" -C "$work" || { echo "no payload in $dir: run --prepare-carry here first"; exit 2; }
   export PATH=/usr/local/cuda/bin:$PATH
-  export LD_LIBRARY_PATH="$work/lib:$(find_cublas_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH="$work/lib:$(find_cublas_dir):$(find_nccl_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local speedrun=$work/bin/speedrun tests=() t
+  SPEEDRUN_COMMIT=$(cat "$work/commit.txt" 2>/dev/null || echo unknown)
+  export SPEEDRUN_COMMIT
   for t in "$work"/bin/test_*; do tests+=("$t"); done
   if ! "${tests[0]}" --gtest_list_tests >/dev/null 2>&1; then
     export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$work/fallback"  # the device's libstdc++ is too old
@@ -145,6 +165,12 @@ run_checks() {
     record "bench --device cuda $preset" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
   done
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
+  if [[ $stages == *bench* && -x $work/bin/test_flash_attention ]]; then
+    echo "=== flash attention kernel alone" >>"$out/bench.log"
+    timeout 120 "$work/bin/test_flash_attention" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' \
+      >>"$out/bench.log" 2>&1
+    record "flash attention benchmark" "rc=$? $(grep -m1 -i 'TFLOP/s' "$out/bench.log")"
+  fi
 
   echo "--- failures (first 40 lines) ---"
   [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -60

@@ -30,6 +30,9 @@ class Backend {
   virtual float* alloc(size_t count) = 0;            // zero-filled
   virtual int32_t* alloc_i32(size_t count) = 0;      // zero-filled
   virtual void release(void* pointer) = 0;
+  // Most device memory held at once by alloc/alloc_i32 (0 where the backend does not
+  // track it: the CPU backend's memory is the process's, see peak RSS).
+  virtual size_t peak_memory_bytes() const { return 0; }
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
   // Uploads may return before the copy is done when `host` is alloc_host memory: keep such

@@ -7,7 +7,8 @@ namespace {
 
 class ProfilingBackend final : public Backend {
  public:
-  ProfilingBackend(Backend& inner, std::map<std::string, OpStats>& stats) : inner_(inner), stats_(stats) {}
+  ProfilingBackend(Backend& inner, std::map<std::string, OpStats>& stats, const bool* enabled)
+      : inner_(inner), stats_(stats), enabled_(enabled) {}
 
   std::string name() const override { return inner_.name() + "+profile"; }
   float* alloc(size_t n) override { return inner_.alloc(n); }
@@ -23,6 +24,7 @@ class ProfilingBackend final : public Backend {
   void fill_i32(int32_t* d, int32_t value, size_t n) override { inner_.fill_i32(d, value, n); }
   void synchronize() override { inner_.synchronize(); }
   int head_chunk_rows() const override { return inner_.head_chunk_rows(); }
+  size_t peak_memory_bytes() const override { return inner_.peak_memory_bytes(); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
   void release_host(void* p) override { inner_.release_host(p); }
@@ -132,6 +134,10 @@ class ProfilingBackend final : public Backend {
  private:
   template <typename F>
   void timed(const char* op, double flops, F&& f) {
+    if (enabled_ && !*enabled_) {
+      f();
+      return;
+    }
     const auto start = std::chrono::steady_clock::now();
     f();
     inner_.synchronize();
@@ -143,12 +149,14 @@ class ProfilingBackend final : public Backend {
 
   Backend& inner_;
   std::map<std::string, OpStats>& stats_;
+  const bool* enabled_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats) {
-  return std::make_unique<ProfilingBackend>(inner, stats);
+std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats,
+                                                const bool* enabled) {
+  return std::make_unique<ProfilingBackend>(inner, stats, enabled);
 }
 
 }  // namespace speedrun

@@ -16,6 +16,9 @@ struct OpStats {
   double flops = 0;  // counted for gemm and attention
 };
 
-std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats);
+// While *enabled is false (when given) calls pass straight through, untimed and without
+// the synchronisations: how `bench` measures the real step before profiling one.
+std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats,
+                                                const bool* enabled = nullptr);
 
 }  // namespace speedrun

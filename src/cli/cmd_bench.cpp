@@ -1,10 +1,13 @@
-// speedrun bench: times real training steps of a preset and reports per-op time,
-// ms per step, tokens/s, matmul throughput against a plain sgemm of this machine,
-// and (with --json) writes the same as a JSON file.
+// speedrun bench: times real training steps of a preset (ms per step, tokens/s, MFU on a
+// GPU, peak memory, launch to end of the first step), then profiles one more step per op
+// (matmul throughput against a plain sgemm of this machine, attention TFLOP/s), and
+// (with --json) writes the same as a JSON file.
 #include <cblas.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <ctime>
 #include <cstdio>
 #include <map>
 #include <random>
@@ -12,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backends/attention_tiles.h"
 #include "backends/backend.h"
 #include "backends/profiling_backend.h"
 #include "cli/commands.h"
@@ -20,8 +24,11 @@
 #include "comm/communicator.h"
 #include "comm/nccl_communicator.h"
 #include "train/data_parallel.h"
+#include "model/attention_mask.h"
 #include "model/gpt.h"
+#include "model/params.h"
 #include "optim/optimizer.h"
+#include "train/progress.h"
 #include "train/trainer.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
@@ -56,6 +63,57 @@ double reference_sgemm_gflops(int M, int N, int K) {
   } while (std::chrono::duration<double>(Clock::now() - start).count() < 0.5);
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return 2.0 * M * N * K * reps / seconds / 1e9;
+}
+
+// Parameters that take part in matmuls (every block matrix and the head; the embeddings
+// are lookups): 6 N FLOPs per token for forward and backward, the MFU convention.
+double matmul_parameters(const ParamLayout& layout) {
+  double n = 0;
+  for (const ParamSpec& spec : layout.specs()) {
+    if (spec.group == ParamGroup::kMuon || spec.group == ParamGroup::kLmHead) n += static_cast<double>(spec.count);
+  }
+  return n;
+}
+
+// Attention FLOPs of one step of this process: 4 D per visible (query, key) pair and head
+// forward, 2.5 times that backward (FlashAttention's convention), over the mask's
+// visible pairs only (SPEC §3), per layer window.
+double attention_flops(const Config& config, const std::vector<int32_t>& inputs, int sequences, int long_window) {
+  const int T = config.seq_len;
+  double pairs = 0;
+  for (int r = 0; r < sequences; ++r) {
+    const std::span<const int32_t> seq(inputs.data() + static_cast<size_t>(r) * T, T);
+    const std::vector<int32_t> doc = document_ids(seq, 50256);
+    const tiles::DocumentBounds bounds = tiles::document_bounds(doc.data(), T);
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      if (!config.layer_has_attention(layer)) continue;
+      const int window = config.layer_uses_long_window(layer) ? long_window : short_window_blocks(long_window);
+      pairs += static_cast<double>(tiles::visible_pairs(bounds, T, config.attn_block_size, window));
+    }
+  }
+  return pairs * config.num_heads * 4.0 * config.head_dim * 3.5;
+}
+
+// Dense bf16 tensor-core peak of an H100 SXM (the MFU denominator the record uses).
+constexpr double kH100PeakFlops = 989e12;
+
+std::string iso_date_utc() {
+  const std::time_t now = std::time(nullptr);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return text;
+}
+
+std::string device_description(const std::string& device, int index) {
+  if (device != "cuda") return "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads)";
+  const CudaDeviceQuery query = query_cuda_devices();
+  for (const CudaDeviceInfo& d : query.devices) {
+    if (d.index == index) {
+      return d.name + " (sm_" + std::to_string(d.compute_major) + std::to_string(d.compute_minor) + ", " +
+             std::to_string(d.total_memory_bytes >> 20) + " MiB)";
+    }
+  }
+  return "cuda";
 }
 
 int thread_count() {
@@ -94,15 +152,17 @@ void register_bench_command(CLI::App& app) {
     // Under mpirun every process times its share; rank 0 reports.
     std::unique_ptr<Communicator> process_comm = make_process_communicator();
     const int visible_gpus = static_cast<int>(query_cuda_devices().devices.size());
-    auto device = make_backend(opts->device, opts->device == "cuda" && visible_gpus > 0
-                                                 ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)
-                                                 : process_comm->local_rank());
+    const int device_index = opts->device == "cuda" && visible_gpus > 0
+                                 ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)
+                                 : process_comm->local_rank();
+    auto device = make_backend(opts->device, device_index);
     // GPU gradients of several processes go through NCCL (bootstrapped over MPI).
     std::unique_ptr<Communicator> nccl;
     if (opts->device == "cuda" && process_comm->size() > 1) nccl = make_nccl_communicator(*process_comm, *device);
     Communicator* comm = nccl ? nccl.get() : process_comm.get();
     std::map<std::string, OpStats> stats;
-    auto backend = make_profiling_backend(*device, stats);
+    bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
+    auto backend = make_profiling_backend(*device, stats, &profiling);
     const auto launch = Clock::now();
     GPT model(config, *backend, config.seq_len, config.seq_len);
     Optimizer optimizer(config, model.layout(), *backend);
@@ -122,7 +182,6 @@ void register_bench_command(CLI::App& app) {
       run_training_step(dp, optimizer, inputs, targets, step);
       if (i == 0) first_step_seconds = std::chrono::duration<double>(Clock::now() - launch).count();
     }
-    stats.clear();
     const double communication_before = dp.communication_seconds();
     const auto start = Clock::now();
     for (int i = 0; i < opts->steps; ++i) run_training_step(dp, optimizer, inputs, targets, step);
@@ -130,40 +189,70 @@ void register_bench_command(CLI::App& app) {
     const double step_ms = 1000 * seconds / opts->steps;
     const double tokens_per_second = tokens * opts->steps / seconds;
     const double communication_ms = 1000 * (dp.communication_seconds() - communication_before) / opts->steps;
+    const bool on_gpu = opts->device == "cuda";
+    const double mfu = 6 * matmul_parameters(model.layout()) * tokens_per_second / kH100PeakFlops;
+    const size_t peak_bytes = on_gpu ? backend->peak_memory_bytes() : static_cast<size_t>(peak_rss_bytes());
+    // One profiled step: every op synchronised and timed.
+    profiling = true;
+    const auto profile_start = Clock::now();
+    run_training_step(dp, optimizer, inputs, targets, step);
+    const double profiled_seconds = std::chrono::duration<double>(Clock::now() - profile_start).count();
+    profiling = false;
     if (comm->rank() != 0) return;
 
-    std::printf("speedrun bench: device %s (%d threads), %d process(es), %zu parameters, %d x %d tokens per step, "
+    std::printf("speedrun bench: %s, %d thread(s), %d process(es), %zu parameters, %d x %d tokens per step, "
                 "window %d blocks\n",
-                opts->device.c_str(), thread_count(), comm->size(), model.layout().total(), config.world_size,
-                config.seq_len, window);
+                device_description(opts->device, device_index).c_str(), thread_count(), comm->size(),
+                model.layout().total(), config.world_size, config.seq_len, window);
+    std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
+                1000 * profiled_seconds);
     std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
     std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
     std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
     nlohmann::json ops = nlohmann::json::object();
-    double matmul_flops = 0, matmul_seconds = 0;
+    double matmul_flops = 0, matmul_seconds = 0, attention_seconds = 0;
     for (const auto& [name, s] : rows) {
       const double gflops = s.flops > 0 ? s.flops / s.seconds / 1e9 : 0;
-      std::printf("%-26s %10.2f %10.1f %7.1f%% %12s\n", name.c_str(), 1000 * s.seconds / opts->steps,
-                  static_cast<double>(s.calls) / opts->steps, 100 * s.seconds / seconds,
-                  gflops > 0 ? std::to_string(static_cast<int>(gflops)).c_str() : "");
-      ops[name] = {{"ms_per_step", 1000 * s.seconds / opts->steps}, {"calls_per_step", s.calls / opts->steps},
-                   {"gflops", gflops}};
+      std::printf("%-26s %10.2f %10.1f %7.1f%% %12s\n", name.c_str(), 1000 * s.seconds, static_cast<double>(s.calls),
+                  100 * s.seconds / profiled_seconds, gflops > 0 ? std::to_string(static_cast<int>(gflops)).c_str() : "");
+      ops[name] = {{"ms_per_step", 1000 * s.seconds}, {"calls_per_step", s.calls}, {"gflops", gflops}};
       if (name.rfind("matmul", 0) == 0) {
         matmul_flops += s.flops;
         matmul_seconds += s.seconds;
       }
+      if (name == "attention") attention_seconds = s.seconds;
     }
-    const double model_gflops = matmul_flops / matmul_seconds / 1e9;
-    const double sgemm_gflops = reference_sgemm_gflops(1024, 1024, 1024);
-    std::printf("step: %.1f ms | %.0f tokens/s | matmuls %.1f GFLOP/s = %.0f%% of plain sgemm (%.1f GFLOP/s, 1024^3)\n",
-                step_ms, tokens_per_second, model_gflops, 100 * model_gflops / sgemm_gflops, sgemm_gflops);
+    const double model_gflops = matmul_seconds > 0 ? matmul_flops / matmul_seconds / 1e9 : 0;
+    const double attention_tflops =
+        attention_seconds > 0 ? attention_flops(config, inputs, dp.local_ranks(), window) / attention_seconds / 1e12 : 0;
+    std::printf("step: %.1f ms | %.0f tokens/s", step_ms, tokens_per_second);
+    if (on_gpu) std::printf(" | MFU %.1f%% (6 x %.1fM matmul parameters per token, 989 TFLOP/s)", 100 * mfu,
+                            matmul_parameters(model.layout()) / 1e6);
+    std::printf("\n");
+    double sgemm_gflops = 0;
+    if (!on_gpu) {
+      sgemm_gflops = reference_sgemm_gflops(1024, 1024, 1024);
+      std::printf("matmuls %.1f GFLOP/s = %.0f%% of plain sgemm (%.1f GFLOP/s, 1024^3)\n", model_gflops,
+                  100 * model_gflops / sgemm_gflops, sgemm_gflops);
+    } else {
+      std::printf("matmuls %.1f TFLOP/s (profiled step)\n", model_gflops / 1e3);
+    }
+    std::printf("attention %.3g %s (visible pairs only, forward + backward, profiled step)\n",
+                attention_tflops >= 0.1 ? attention_tflops : attention_tflops * 1e3,
+                attention_tflops >= 0.1 ? "TFLOP/s" : "GFLOP/s");
+    std::printf("peak memory: %.1f MiB (%s)\n", peak_bytes / (1024.0 * 1024.0),
+                on_gpu ? "device memory allocated by the backend" : "host RSS");
     std::printf("launch to end of first step: %.2f s\n", first_step_seconds);
     if (comm->size() > 1) {
       std::printf("communication: %.1f ms per step (%s gradient reduction over %s, host time in its calls)\n",
                   communication_ms, grad_reduce_name(dp.mode()).c_str(), comm->name().c_str());
     }
     if (!opts->json_path.empty()) {
-      nlohmann::json out = {{"device", opts->device},
+      const char* commit = std::getenv("SPEEDRUN_COMMIT");
+      nlohmann::json out = {{"date", iso_date_utc()},
+                            {"commit", commit ? commit : "unknown"},
+                            {"device", opts->device},
+                            {"device_name", device_description(opts->device, device_index)},
                             {"processes", comm->size()},
                             {"communication_ms_per_step", communication_ms},
                             {"threads", thread_count()},
@@ -171,11 +260,18 @@ void register_bench_command(CLI::App& app) {
                             {"config", config.to_json()},
                             {"window_blocks", window},
                             {"tokens_per_step", tokens},
+                            {"steps_timed", opts->steps},
                             {"ms_per_step", step_ms},
                             {"tokens_per_second", tokens_per_second},
+                            {"mfu", on_gpu ? nlohmann::json(mfu) : nlohmann::json(nullptr)},
+                            {"matmul_parameters", matmul_parameters(model.layout())},
                             {"matmul_gflops", model_gflops},
+                            {"attention_tflops", attention_tflops},
+                            {"peak_memory_bytes", peak_bytes},
+                            {"peak_memory_kind", on_gpu ? "device, backend allocations" : "host RSS"},
                             {"reference_sgemm_gflops", sgemm_gflops},
                             {"first_step_seconds", first_step_seconds},
+                            {"profiled_step_ms", 1000 * profiled_seconds},
                             {"ops", ops}};
       write_file_atomically(opts->json_path, out.dump(2) + "\n");
     }

@@ -310,4 +310,30 @@ TEST_F(TrainCli, PlotWritesSvgAndPngOfSeveralRuns) {
   EXPECT_TRUE(contains(bad.err, "must end in .svg or .png")) << bad.err;
 }
 
+TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
+  const fs::path json = dir_ / "bench.json";
+  setenv("SPEEDRUN_COMMIT", "abc1234", 1);
+  const RunResult r = speedrun("bench --preset micro --steps 2 --warmup 1 --json " + quote(json.string()), dir_);
+  unsetenv("SPEEDRUN_COMMIT");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "step: ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "peak memory: ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "attention ")) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(read_all(json));
+  EXPECT_EQ(j["commit"], "abc1234");
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_EQ(j["tokens_per_step"], 2 * 64);
+  EXPECT_EQ(j["steps_timed"], 2);
+  EXPECT_GT(j["ms_per_step"].get<double>(), 0);
+  EXPECT_NEAR(j["tokens_per_second"].get<double>(), 128 / (j["ms_per_step"].get<double>() / 1000), 1e-6 * 128e3);
+  EXPECT_TRUE(j["mfu"].is_null());  // an H100 figure: only on the GPU
+  EXPECT_GT(j["peak_memory_bytes"].get<double>(), 1e6);
+  EXPECT_GT(j["attention_tflops"].get<double>(), 0);
+  EXPECT_EQ(j["date"].get<std::string>().size(), 20u);  // 2026-11-23T16:38:14Z
+  // micro (d 16, MLP 64, 4 layers, layer 2 without attention): 3 x (qkv 3 x 256 + c_proj
+  // 256) + 4 x (c_fc + c_proj = 2 x 1024) + the head, 300 rows padded to 384, x 16.
+  EXPECT_EQ(j["matmul_parameters"].get<double>(), 3 * (4 * 256) + 4 * 2048 + 384 * 16);
+  EXPECT_TRUE(j["ops"].contains("matmul"));
+}
+
 }  // namespace

@@ -4,9 +4,7 @@
 // (lane j scores key base + j; lane d accumulates output dims d, d + 32, ...). The backward
 // mirrors the CPU backend: delta = rowsum(dy * y), then dq per query and dk, dv per key in
 // separate kernels over contiguous ranges, so every sum has a fixed order (deterministic,
-// no atomics). Document ranges come from the per-token ids by two scans on the GPU.
-#include <cub/device/device_scan.cuh>
-
+// no atomics). Document ranges come from the per-token ids (cuda_document_bounds.cu).
 #include <cmath>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -31,25 +29,6 @@ __device__ inline int first_visible_key(const int32_t* doc_start, int q, const A
 __device__ inline int seeing_query_end(const int32_t* doc_end, int k, const AttentionArgs& a) {
   const long long window_end = static_cast<long long>(k / a.B + a.N) * a.B;
   return static_cast<int>(min(static_cast<long long>(min(doc_end[k], a.T)), window_end));
-}
-
-// start_key[t] = t where a document starts, else 0; rev_end_key[T-1-t] = T-1-t where one
-// ends, else 0. Max-scans of these give each token's document start and (reversed) end.
-__global__ void document_keys_kernel(int32_t* start_key, int32_t* rev_end_key, const int32_t* doc, int T) {
-  SPEEDRUN_GRID_STRIDE(i, static_cast<size_t>(T)) {
-    const int t = static_cast<int>(i);
-    start_key[t] = (t == 0 || doc[t] != doc[t - 1]) ? t : 0;
-    const int r = T - 1 - t;
-    rev_end_key[r] = (t == T - 1 || doc[t] != doc[t + 1]) ? r : 0;
-  }
-}
-
-// doc_end[t] = T - (scanned reversed key at T-1-t): one past the last token of t's document.
-__global__ void document_end_kernel(int32_t* doc_end, const int32_t* rev_scanned, int T) {
-  SPEEDRUN_GRID_STRIDE(i, static_cast<size_t>(T)) {
-    const int t = static_cast<int>(i);
-    doc_end[t] = T - rev_scanned[T - 1 - t];
-  }
 }
 
 struct Row {
@@ -272,31 +251,20 @@ struct DocumentRanges {
 };
 
 DocumentRanges document_ranges(cudaStream_t s, Scratch& scratch, const int32_t* doc, int T, size_t extra_bytes) {
-  size_t scan_bytes = 0;
-  SPEEDRUN_CUDA_CHECK(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, static_cast<const int32_t*>(nullptr),
-                                                     static_cast<int32_t*>(nullptr), MaxOp{}, T, s));
-  int32_t *start_key, *rev_end_key, *rev_scanned;
+  const size_t bounds_bytes = document_bounds_scratch_bytes(T);
   DocumentRanges r;
-  void* temp;
+  void* bounds_scratch;
   auto carve = [&](Carver& c) {
     r.start = c.take<int32_t>(T);
     r.end = c.take<int32_t>(T);
-    start_key = c.take<int32_t>(T);
-    rev_end_key = c.take<int32_t>(T);
-    rev_scanned = c.take<int32_t>(T);
-    temp = c.take_bytes(scan_bytes);
+    bounds_scratch = c.take_bytes(bounds_bytes);
     r.rest = c.take_bytes(extra_bytes);
   };
   Carver measure;
   carve(measure);
   Carver cut(scratch.get(measure.size()));
   carve(cut);
-  document_keys_kernel<<<grid_for(T), kThreads, 0, s>>>(start_key, rev_end_key, doc, T);
-  check_launch("document_keys_kernel");
-  SPEEDRUN_CUDA_CHECK(cub::DeviceScan::InclusiveScan(temp, scan_bytes, start_key, r.start, MaxOp{}, T, s));
-  SPEEDRUN_CUDA_CHECK(cub::DeviceScan::InclusiveScan(temp, scan_bytes, rev_end_key, rev_scanned, MaxOp{}, T, s));
-  document_end_kernel<<<grid_for(T), kThreads, 0, s>>>(r.end, rev_scanned, T);
-  check_launch("document_end_kernel");
+  document_bounds(s, bounds_scratch, r.start, r.end, doc, T);
   return r;
 }
 

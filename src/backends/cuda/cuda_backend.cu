@@ -62,6 +62,7 @@ class CudaBackend final : public Backend {
   // 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an H100,
   // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
   int head_chunk_rows() const override { return 2048; }
+  size_t peak_memory_bytes() const override { return peak_bytes_; }
 
   // --- memory ---------------------------------------------------------------------------
   float* alloc(size_t count) override { return static_cast<float*>(allocate_zeroed(count * sizeof(float))); }
@@ -74,6 +75,11 @@ class CudaBackend final : public Backend {
     // earlier asynchronous error, which the next checked call reports as well.
     const cudaError_t sync = cudaStreamSynchronize(stream_);
     const cudaError_t status = sync != cudaSuccess ? sync : cudaFree(pointer);
+    const auto held = allocation_bytes_.find(pointer);
+    if (held != allocation_bytes_.end()) {
+      live_bytes_ -= held->second;
+      allocation_bytes_.erase(held);
+    }
     if (status != cudaSuccess) {
       std::fprintf(stderr, "speedrun: warning: CUDA release failed: %s\n", cudaGetErrorString(status));
     }
@@ -270,6 +276,9 @@ class CudaBackend final : public Backend {
     void* pointer = nullptr;
     const size_t size = std::max<size_t>(bytes, 256);
     check_cuda(cudaMalloc(&pointer, size), ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
+    allocation_bytes_[pointer] = size;
+    live_bytes_ += size;
+    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
     const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
     if (status != cudaSuccess) {
       cudaFree(pointer);
@@ -315,6 +324,11 @@ class CudaBackend final : public Backend {
   }
 
   cudaStream_t stream_ = nullptr;
+  // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and
+  // the scratch buffers' own growth are not counted).
+  std::map<void*, size_t> allocation_bytes_;
+  size_t live_bytes_ = 0;
+  size_t peak_bytes_ = 0;
   std::unique_ptr<LtGemm> gemm_;
   std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host

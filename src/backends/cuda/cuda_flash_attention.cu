@@ -25,8 +25,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cub/device/device_scan.cuh>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,6 +34,7 @@
 
 #include "backends/attention_tiles.h"
 #include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/cuda_kernels.cuh"
 #include "backends/flash_attention.h"
 
 namespace speedrun {
@@ -196,79 +195,30 @@ __device__ inline int row_first_key(const int32_t* doc_start, int t, const Param
 
 // --- document bounds --------------------------------------------------------------------
 
-// start_key[t] = t where a document starts, else 0; rev_end_key[T-1-t] = T-1-t where one
-// ends, else 0. Max-scans turn these into each token's document start and (reversed) end.
-__global__ void document_keys_kernel(int32_t* start_key, int32_t* rev_end_key, const int32_t* doc, int T) {
-  SPEEDRUN_GRID_STRIDE(i, static_cast<size_t>(T)) {
-    const int t = static_cast<int>(i);
-    start_key[t] = (t == 0 || doc[t] != doc[t - 1]) ? t : 0;
-    const int r = T - 1 - t;
-    rev_end_key[r] = (t == T - 1 || doc[t] != doc[t + 1]) ? r : 0;
-  }
-}
-
-__global__ void document_end_kernel(int32_t* end, const int32_t* rev_scanned, int T) {
-  SPEEDRUN_GRID_STRIDE(i, static_cast<size_t>(T)) {
-    const int t = static_cast<int>(i);
-    end[t] = T - rev_scanned[T - 1 - t];
-  }
-}
-
-struct IntMax {
-  __host__ __device__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
-};
-
 struct Workspace {
   int32_t* doc_start;
   int32_t* doc_end;
-  int32_t* start_key;
-  int32_t* rev_end_key;
-  int32_t* rev_scanned;
-  void* scan_temp;
-  size_t scan_bytes;
+  void* bounds_scratch;  // document_bounds's
   float* delta;  // [H, T]
 };
 
-size_t scan_temp_bytes(int T) {
-  size_t bytes = 0;
-  SPEEDRUN_CUDA_CHECK(cub::DeviceScan::InclusiveScan(nullptr, bytes, static_cast<const int32_t*>(nullptr),
-                                                     static_cast<int32_t*>(nullptr), IntMax{}, T));
-  return bytes;
-}
-
 Workspace carve_workspace(void* base, int T, int H) {
   Workspace w{};
-  w.scan_bytes = scan_temp_bytes(T);
   Carver c(base);
   w.doc_start = c.take<int32_t>(T);
   w.doc_end = c.take<int32_t>(T);
-  w.start_key = c.take<int32_t>(T);
-  w.rev_end_key = c.take<int32_t>(T);
-  w.rev_scanned = c.take<int32_t>(T);
-  w.scan_temp = c.take_bytes(w.scan_bytes);
+  w.bounds_scratch = c.take_bytes(document_bounds_scratch_bytes(T));
   w.delta = c.take<float>(static_cast<size_t>(H) * T);
   return w;
 }
 
 size_t workspace_size(int T, int H) {
-  const size_t scan = scan_temp_bytes(T);
   Carver c;
-  for (int i = 0; i < 5; ++i) c.take<int32_t>(T);
-  c.take_bytes(scan);
+  c.take<int32_t>(T);
+  c.take<int32_t>(T);
+  c.take_bytes(document_bounds_scratch_bytes(T));
   c.take<float>(static_cast<size_t>(H) * T);
   return c.size();
-}
-
-void document_bounds(cudaStream_t s, const Workspace& w, int32_t* start, int32_t* end, const int32_t* doc, int T) {
-  document_keys_kernel<<<grid_for(T), kThreads, 0, s>>>(w.start_key, w.rev_end_key, doc, T);
-  check_launch("document_keys_kernel");
-  size_t bytes = w.scan_bytes;
-  SPEEDRUN_CUDA_CHECK(cub::DeviceScan::InclusiveScan(w.scan_temp, bytes, w.start_key, start, IntMax{}, T, s));
-  bytes = w.scan_bytes;
-  SPEEDRUN_CUDA_CHECK(
-      cub::DeviceScan::InclusiveScan(w.scan_temp, bytes, w.rev_end_key, w.rev_scanned, IntMax{}, T, s));
-  document_end_kernel<<<grid_for(T), kThreads, 0, s>>>(end, w.rev_scanned, T);
-  check_launch("document_end_kernel");
 }
 
 // --- forward -------------------------------------------------------------------------------
@@ -739,7 +689,7 @@ void flash_attention_document_bounds(void* stream, void* workspace, int32_t* sta
                                      int T) {
   if (T <= 0) throw Error("flash attention: document bounds need T > 0, got " + std::to_string(T));
   const cuda::Workspace w = cuda::carve_workspace(workspace, T, 1);
-  cuda::document_bounds(static_cast<cudaStream_t>(stream), w, start, end, doc, T);
+  cuda::document_bounds(static_cast<cudaStream_t>(stream), w.bounds_scratch, start, end, doc, T);
 }
 
 void flash_attention_forward(void* stream, void* workspace, uint16_t* y, float* lse, const uint16_t* q,
@@ -750,7 +700,7 @@ void flash_attention_forward(void* stream, void* workspace, uint16_t* y, float* 
   for (const auto& [pointer, name] : pointers) cuda::check_aligned(pointer, name);
   const auto s = static_cast<cudaStream_t>(stream);
   const cuda::Workspace w = cuda::carve_workspace(workspace, shape.T, shape.H);
-  cuda::document_bounds(s, w, w.doc_start, w.doc_end, doc, shape.T);
+  cuda::document_bounds(s, w.bounds_scratch, w.doc_start, w.doc_end, doc, shape.T);
   switch (shape.D) {
     case 32: cuda::launch_forward<32>(s, as_bf16(y), lse, as_bf16(q), as_bf16(k), as_bf16(v), w.doc_start, p); break;
     case 64: cuda::launch_forward<64>(s, as_bf16(y), lse, as_bf16(q), as_bf16(k), as_bf16(v), w.doc_start, p); break;
@@ -767,7 +717,7 @@ void flash_attention_backward(void* stream, void* workspace, float* dq, float* d
   for (const auto& [pointer, name] : pointers) cuda::check_aligned(pointer, name);
   const auto s = static_cast<cudaStream_t>(stream);
   const cuda::Workspace w = cuda::carve_workspace(workspace, shape.T, shape.H);
-  cuda::document_bounds(s, w, w.doc_start, w.doc_end, doc, shape.T);
+  cuda::document_bounds(s, w.bounds_scratch, w.doc_start, w.doc_end, doc, shape.T);
   switch (shape.D) {
     case 32:
       cuda::launch_backward<32>(s, dq, dk, dv, as_bf16(dy), as_bf16(y), lse, as_bf16(q), as_bf16(k), as_bf16(v), w, p);

@@ -61,6 +61,13 @@ void flag_nonfinite(cudaStream_t s, int32_t* flag, const float* x, size_t n);
 // doc[t] = number of `separator` tokens in tokens[0..t].
 void document_ids(cudaStream_t s, int32_t* doc, const int32_t* tokens, int T, int32_t separator);
 
+// --- document ranges (cuda_document_bounds.cu) -----------------------------------------
+// Scratch bytes document_bounds needs for T tokens.
+size_t document_bounds_scratch_bytes(int T);
+// start[t], end[t] = the range [start, end) of t's document (adjacent equal ids), using
+// `scratch` of document_bounds_scratch_bytes(T) bytes.
+void document_bounds(cudaStream_t s, void* scratch, int32_t* start, int32_t* end, const int32_t* doc, int T);
+
 // --- embedding backward (cuda_embedding.cu) -------------------------------------------
 void embedding_backward(cudaStream_t s, Scratch& scratch, float* dtable, const float* dout, const int32_t* tokens,
                         int T, int dim);
