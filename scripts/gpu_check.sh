@@ -18,7 +18,7 @@
 #        sanitize = compute-sanitizer memcheck and racecheck on the op tests; bench =
 #        `speedrun bench --device cuda` on the presets once the training path takes cuda;
 #        logs go to $OUT (at most 8 files; a summary is printed last).
-#   3. here: copy the returned bench_speedrun-124m.json to bench/results/ (named by date
+#   3. here: copy the returned bench_speedrun-124m*.json to bench/results/ (named by date
 #        and device) and commit it.
 set -uo pipefail
 
@@ -153,13 +153,17 @@ run_checks() {
 
   # 3. Training-step benchmarks, once `bench --device cuda` is wired (it says so otherwise).
   local preset limit
-  for preset in micro tiny speedrun-124m; do
+  # "speedrun-124m-flash": the same with attention through the bf16 flash kernel.
+  local attention
+  for preset in micro tiny speedrun-124m speedrun-124m-flash; do
     [[ $stages == *bench* ]] || continue
     limit=120
-    [ "$preset" = speedrun-124m ] && limit=300
-    echo "=== bench --device cuda --preset $preset" >>"$out/bench.log"
-    timeout "$limit" "$speedrun" bench --device cuda --preset "$preset" --steps 2 --warmup 1 \
-      --json "$out/bench_$preset.json" >"$work/bench.tmp" 2>&1
+    [[ $preset == speedrun-124m* ]] && limit=300
+    attention=reference
+    [[ $preset == *-flash ]] && attention=flash
+    echo "=== bench --device cuda --preset ${preset%-flash} (SPEEDRUN_CUDA_ATTENTION=$attention)" >>"$out/bench.log"
+    SPEEDRUN_CUDA_ATTENTION=$attention timeout "$limit" "$speedrun" bench --device cuda --preset "${preset%-flash}" \
+      --steps 2 --warmup 1 --json "$out/bench_$preset.json" >"$work/bench.tmp" 2>&1
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
     record "bench --device cuda $preset" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"

@@ -249,10 +249,12 @@ void register_bench_command(CLI::App& app) {
     }
     if (!opts->json_path.empty()) {
       const char* commit = std::getenv("SPEEDRUN_COMMIT");
+      const char* attention = std::getenv("SPEEDRUN_CUDA_ATTENTION");
       nlohmann::json out = {{"date", iso_date_utc()},
                             {"commit", commit ? commit : "unknown"},
                             {"device", opts->device},
                             {"device_name", device_description(opts->device, device_index)},
+                            {"cuda_attention", on_gpu ? (attention && *attention ? attention : "reference") : "n/a"},
                             {"processes", comm->size()},
                             {"communication_ms_per_step", communication_ms},
                             {"threads", thread_count()},

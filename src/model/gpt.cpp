@@ -51,6 +51,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
     allocations_.push_back(p);
     return p;
   };
+  resolve_offsets();
   params_ = f(layout_.total());
   grads_ = f(layout_.total());
   inputs_ = i32(T_all);
@@ -108,6 +109,30 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
   load_parameters(host);
+}
+
+// Offsets looked up once: a step then builds no names and searches no map.
+void GPT::resolve_offsets() {
+  auto offset = [&](const std::string& name) { return layout_.at(name).offset; };
+  embed_offset_ = offset("embed.weight");
+  lm_head_offset_ = offset("lm_head.weight");
+  skip_offset_ = offset("skip_weights");
+  for (int j = 0; j < config_.num_value_embeds; ++j) {
+    value_embed_offsets_.push_back(offset("value_embeds.embed." + std::to_string(j) + ".weight"));
+  }
+  for (int i = 0; i < config_.num_layers; ++i) {
+    const std::string block = "blocks." + std::to_string(i) + ".";
+    BlockOffsets b;
+    b.lambdas = offset(block + "lambdas");
+    b.fc = offset(block + "mlp.c_fc.weight");
+    b.mlp_proj = offset(block + "mlp.c_proj.weight");
+    if (config_.layer_has_attention(i)) {
+      b.qkv = offset(block + "attn.qkv_w");
+      b.attn_lambdas = offset(block + "attn.lambdas");
+      b.attn_proj = offset(block + "attn.c_proj.weight");
+    }
+    block_offsets_.push_back(b);
+  }
 }
 
 GPT::~GPT() {
@@ -197,14 +222,14 @@ void GPT::run_forward(int T, int long_window, bool training) {
   const int d = config_.model_dim;
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
-  backend_.embedding_forward(emb_, param("embed.weight"), inputs_, T, d);
+  backend_.embedding_forward(emb_, params_ + embed_offset_, inputs_, T, d);
   backend_.rmsnorm_forward(x0_, x0_rstd_, emb_, T, d, eps);
   for (int j = 0; j < config_.num_value_embeds; ++j) {
-    backend_.embedding_forward(ve_[j], param("value_embeds.embed." + std::to_string(j) + ".weight"), inputs_, T, d);
+    backend_.embedding_forward(ve_[j], params_ + value_embed_offsets_[j], inputs_, T, d);
   }
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
-  const float* skip = param("skip_weights");
+  const float* skip = params_ + skip_offset_;
   layer_input_.assign(L, nullptr);
   const float* x = x0_;
   for (int i = 0; i < L; ++i) {
@@ -229,12 +254,12 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
-  const std::string block = "blocks." + std::to_string(layer) + ".";
+  const BlockOffsets& offsets = block_offsets_[layer];
   // x_in is read only here, so x_out may alias it.
-  backend_.mix_forward(a.xm, x_in, x0_, param(block + "lambdas"), n);
+  backend_.mix_forward(a.xm, x_in, x0_, params_ + offsets.lambdas, n);
   const float* x1 = a.xm;
   if (config_.layer_has_attention(layer)) {
-    const float* qkv = param(block + "attn.qkv_w");
+    const float* qkv = params_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, d, eps);
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
@@ -247,25 +272,25 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.rotary(a.q_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
     backend_.rotary(a.k_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
     const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? ve_[ve] : nullptr, param(block + "attn.lambdas"),
+    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? ve_[ve] : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_forward(a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
-    linear_forward(a.x1, a.y, param(block + "attn.c_proj.weight"), T, d, hd);
+    linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.add(a.x1, a.xm, n);
     x1 = a.x1;
   }
   backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, d, eps);
-  linear_forward(a.h, a.mlp_norm, param(block + "mlp.c_fc.weight"), T, mlp, d);
+  linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * mlp);
-  linear_forward(x_out, a.g, param(block + "mlp.c_proj.weight"), T, d, mlp);
+  linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.add(x_out, x1, n);
 }
 
 void GPT::run_head(int T, float grad_scale) {
   const int d = config_.model_dim, V = config_.padded_vocab();
-  const float* W = param("lm_head.weight");
-  float* dW = grad("lm_head.weight");
+  const float* W = params_ + lm_head_offset_;
+  float* dW = grads_ + lm_head_offset_;
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
   backend_.rmsnorm_forward(final_norm_, final_rstd_, final_x_, T, d, static_cast<float>(config_.rmsnorm_eps));
@@ -301,7 +326,7 @@ void GPT::run_backward(int T, int long_window) {
   const size_t n = static_cast<size_t>(T) * d;
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
-  const float* skip = param("skip_weights");
+  const float* skip = params_ + skip_offset_;
   backend_.zero(dx0_, n);
   for (float* p : dve_) backend_.zero(p, n);
   for (float* p : dskip_in_) backend_.zero(p, n);
@@ -312,7 +337,7 @@ void GPT::run_backward(int T, int long_window) {
     block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
     if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
       const int j = i - half;
-      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grad("skip_weights") + j, dx_, skip_in_[half - 1 - j],
+      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grads_ + skip_offset_ + j, dx_, skip_in_[half - 1 - j],
                                    skip + j, n);
     }
     report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
@@ -320,9 +345,9 @@ void GPT::run_backward(int T, int long_window) {
   // Layer 0's input is x0 itself.
   backend_.add(dx0_, dx_, n);
   backend_.rmsnorm_backward(dtmp_, dx0_, x0_, x0_rstd_, T, d, false);
-  backend_.embedding_backward(grad("embed.weight"), dtmp_, inputs_, T, d);
+  backend_.embedding_backward(grads_ + embed_offset_, dtmp_, inputs_, T, d);
   for (int j = 0; j < config_.num_value_embeds; ++j) {
-    backend_.embedding_backward(grad("value_embeds.embed." + std::to_string(j) + ".weight"), dve_[j], inputs_, T, d);
+    backend_.embedding_backward(grads_ + value_embed_offsets_[j], dve_[j], inputs_, T, d);
   }
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
@@ -330,8 +355,8 @@ void GPT::run_backward(int T, int long_window) {
 // The layout (params.cpp) keeps each block's tensors together, between the embeddings
 // and the lm_head; layer == num_layers gives the lm_head's offset.
 size_t GPT::block_params_begin(int layer) const {
-  if (layer >= config_.num_layers) return layout_.at("lm_head.weight").offset;
-  return layout_.at("blocks." + std::to_string(layer) + ".lambdas").offset;
+  if (layer >= config_.num_layers) return lm_head_offset_;
+  return block_offsets_[layer].lambdas;
 }
 
 void GPT::report_gradients_ready(size_t begin, size_t end) {
@@ -342,22 +367,22 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
-  const std::string block = "blocks." + std::to_string(layer) + ".";
+  const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
-  linear_backward(dwide_, false, grad(block + "mlp.c_proj.weight"), dx_, a.g, param(block + "mlp.c_proj.weight"), T,
+  linear_backward(dwide_, false, grads_ + offsets.mlp_proj, dx_, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
   backend_.relu2_backward(dwide_, dwide_, a.h, static_cast<size_t>(T) * mlp);
-  linear_backward(dtmp_, false, grad(block + "mlp.c_fc.weight"), dwide_, a.mlp_norm, param(block + "mlp.c_fc.weight"),
+  linear_backward(dtmp_, false, grads_ + offsets.fc, dwide_, a.mlp_norm, params_ + offsets.fc,
                   T, mlp, d);
   backend_.rmsnorm_backward(dx_, dtmp_, a.mlp_norm, a.mlp_rstd, T, d, true);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); dx_ becomes d xm.
-    const float* qkv = param(block + "attn.qkv_w");
-    float* dqkv = grad(block + "attn.qkv_w");
+    const float* qkv = params_ + offsets.qkv;
+    float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
-    linear_backward(dy_, false, grad(block + "attn.c_proj.weight"), dx_, a.y, param(block + "attn.c_proj.weight"), T,
+    linear_backward(dy_, false, grads_ + offsets.attn_proj, dx_, a.y, params_ + offsets.attn_proj, T,
                     d, hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_backward(dq_, dk_, dv_, dy_, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
@@ -366,15 +391,15 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     backend_.rmsnorm_backward(dq_, dq_, a.qn, a.q_rstd, T * H, D, false);
     backend_.rmsnorm_backward(dk_, dk_, a.kn, a.k_rstd, T * H, D, false);
     const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_backward(dv_, false, ve >= 0 ? dve_[ve] : nullptr, grad(block + "attn.lambdas"), dv_, a.v_raw,
-                          ve >= 0 ? ve_[ve] : nullptr, param(block + "attn.lambdas"), nh);
+    backend_.mix_backward(dv_, false, ve >= 0 ? dve_[ve] : nullptr, grads_ + offsets.attn_lambdas, dv_, a.v_raw,
+                          ve >= 0 ? ve_[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
     linear_backward(dtmp_, false, dqkv, dq_, a.attn_norm, qkv, T, hd, d);
     linear_backward(dtmp_, true, dqkv + w, dk_, a.attn_norm, qkv + w, T, hd, d);
     linear_backward(dtmp_, true, dqkv + 2 * w, dv_, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.rmsnorm_backward(dx_, dtmp_, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; dx_ becomes d x_in.
-  backend_.mix_backward(dx_, false, dx0_, grad(block + "lambdas"), dx_, x_in, x0_, param(block + "lambdas"), n);
+  backend_.mix_backward(dx_, false, dx0_, grads_ + offsets.lambdas, dx_, x_in, x0_, params_ + offsets.lambdas, n);
 }
 
 }  // namespace speedrun

@@ -66,6 +66,7 @@ class GPT {
  private:
   struct LayerActivations;
   void run_forward(int T, int long_window, bool training);
+  void resolve_offsets();
   void check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const;
   void run_head(int T, float grad_scale);
   void run_backward(int T, int long_window);
@@ -120,6 +121,13 @@ class GPT {
   GradientReadyHook gradient_ready_;
   void report_gradients_ready(size_t begin, size_t end);
   size_t block_params_begin(int layer) const;  // first float of blocks.<layer>.*
+  // Where each parameter lives in the flat layout (params_/grads_ + offset).
+  struct BlockOffsets {
+    size_t lambdas = 0, qkv = 0, attn_lambdas = 0, attn_proj = 0, fc = 0, mlp_proj = 0;
+  };
+  std::vector<BlockOffsets> block_offsets_;
+  std::vector<size_t> value_embed_offsets_;
+  size_t embed_offset_ = 0, lm_head_offset_ = 0, skip_offset_ = 0;
   double* loss_sum_host_ = nullptr;  // Backend::alloc_host: forward_backward's loss
   int32_t* fault_flag_ = nullptr;
 };

@@ -3,6 +3,7 @@
 // cuBLASLt call is checked; reductions and gradients are deterministic run to run.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -32,7 +33,7 @@ namespace {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) {
+  explicit CudaBackend(int device) : flash_attention_(flash_attention_requested()) {
     int count = 0;
     SPEEDRUN_CUDA_CHECK(cudaGetDeviceCount(&count));
     if (device < 0 || device >= count) {
@@ -213,11 +214,19 @@ class CudaBackend final : public Backend {
   // --- attention ------------------------------------------------------------------------------
   void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
                          const AttentionShape& shape) override {
+    if (flash_attention_) {
+      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
+      return;
+    }
     cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const int32_t* doc,
                           const AttentionShape& shape) override {
+    if (flash_attention_) {
+      cuda::flash_attention_backward_f32(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+      return;
+    }
     cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
   }
 
@@ -323,6 +332,16 @@ class CudaBackend final : public Backend {
     return device;
   }
 
+  // SPEEDRUN_CUDA_ATTENTION=flash: attention through the bf16 flash kernel; unset or
+  // "reference": the float32 warp-per-query kernel. Anything else is an Error.
+  static bool flash_attention_requested() {
+    const char* choice = std::getenv("SPEEDRUN_CUDA_ATTENTION");
+    if (!choice || std::string(choice).empty() || std::string(choice) == "reference") return false;
+    if (std::string(choice) == "flash") return true;
+    throw Error(std::string("SPEEDRUN_CUDA_ATTENTION='") + choice + "': expected flash or reference");
+  }
+
+  const bool flash_attention_;
   cudaStream_t stream_ = nullptr;
   // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and
   // the scratch buffers' own growth are not counted).
