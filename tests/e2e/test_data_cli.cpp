@@ -9,46 +9,22 @@
 #include <fstream>
 #include <sstream>
 
+#include "support/cli.h"
 #include "support/files.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
+using speedrun::testing::fresh_dir;
+using speedrun::testing::quote;
+using speedrun::testing::RunResult;
+using speedrun::testing::run_speedrun;
 
 std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
-
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_e2e_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-RunResult run_speedrun(const std::string& arguments, const fs::path& scratch) {
-  fs::path out = scratch / "stdout.txt", err = scratch / "stderr.txt";
-  std::string command = quote(SPEEDRUN_BINARY) + " " + arguments + " >" + quote(out.string()) + " 2>" +
-                        quote(err.string());
-  int status = std::system(command.c_str());
-  RunResult result;
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  result.out = read_all(out);
-  result.err = read_all(err);
-  return result;
-}
 
 std::string write_text(const fs::path& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;

@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <sstream>
 
+#include "support/cli.h"
 #include "support/files.h"
 #include "data/shard.h"
 #include "train/checkpoint.h"
@@ -22,25 +23,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;  // -1 when the process died of a signal
-  std::string out;
-  std::string err;
-};
+using speedrun::testing::contains;
+using speedrun::testing::quote;
+using speedrun::testing::RunResult;
 
 std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
 void write_all(const fs::path& p, const std::string& bytes) {
   std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 std::vector<uint16_t> ramp(size_t n) {
   std::vector<uint16_t> tokens(n);
@@ -78,17 +69,8 @@ class ErrorCli : public ::testing::Test {
                quote(data("train_*.bin")) + " --val " + quote(data("val_*.bin")) + " " + extra);
   }
 
-  RunResult run(const std::string& command_line) {
-    const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
-    const std::string command = command_line + " >" + quote(out.string()) + " 2>" + quote(err.string());
-    const int status = std::system(command.c_str());
-    RunResult result;
-    // The shell reports a child killed by signal N as exit status 128 + N.
-    if (WIFEXITED(status) && WEXITSTATUS(status) < 128) result.exit_code = WEXITSTATUS(status);
-    result.out = read_all(out);
-    result.err = read_all(err);
-    return result;
-  }
+  // A crash shows as the shell's 128 + signal, never as the 1 or 2 a clean failure expects.
+  RunResult run(const std::string& command_line) { return speedrun::testing::run_shell(command_line, dir_); }
 
   // The run failed cleanly with `code` and a message holding every part.
   void expect_failure(const RunResult& r, int code, std::initializer_list<std::string> parts) {

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/cli.h"
 #include "support/files.h"
 #include "backends/backend.h"
 #include "train/trainer.h"
@@ -21,36 +22,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
+using speedrun::testing::contains;
+using speedrun::testing::quote;
+using speedrun::testing::RunResult;
+using speedrun::testing::run_shell;
 
 std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-// Shell command line run with stdout and stderr captured in files of `scratch`.
-RunResult run_shell(const std::string& command_line, const fs::path& scratch) {
-  const fs::path out = scratch / "stdout.txt", err = scratch / "stderr.txt";
-  const std::string command = command_line + " >" + quote(out.string()) + " 2>" + quote(err.string());
-  const int status = std::system(command.c_str());
-  RunResult result;
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  result.out = read_all(out);
-  result.err = read_all(err);
-  return result;
-}
-
 RunResult speedrun(const std::string& arguments, const fs::path& scratch) {
-  return run_shell(quote(SPEEDRUN_BINARY) + " " + arguments, scratch);
+  return speedrun::testing::run_speedrun(arguments, scratch);
 }
 
 struct Metrics {

@@ -1,4 +1,5 @@
-// A fresh temporary directory per test, removed at the end.
+// Fresh temporary directories for tests: TempDir is removed at the end of its scope;
+// fresh_dir's stays for the test to inspect (and is emptied by the next run).
 #pragma once
 
 #include <unistd.h>
@@ -22,5 +23,14 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// temp/speedrun_test_<name>_<pid>, empty.
+inline std::filesystem::path fresh_dir(const std::string& name) {
+  std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
 
 }  // namespace speedrun::testing

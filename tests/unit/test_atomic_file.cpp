@@ -7,6 +7,7 @@
 #include "support/files.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 
@@ -14,12 +15,7 @@ namespace {
 
 std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using speedrun::testing::fresh_dir;
 
 TEST(AtomicFile, WritesWholeFile) {
   fs::path dir = fresh_dir("atomic_ok");

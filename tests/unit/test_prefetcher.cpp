@@ -11,6 +11,7 @@
 #include "data/prefetcher.h"
 #include "data/shard.h"
 #include "util/error.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using speedrun::Prefetcher;
@@ -21,12 +22,7 @@ namespace {
 
 constexpr uint32_t kVocab = 50257;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using speedrun::testing::fresh_dir;
 
 std::vector<std::string> make_shards(const fs::path& dir, const std::vector<size_t>& sizes) {
   std::vector<std::string> paths;

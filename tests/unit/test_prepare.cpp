@@ -13,6 +13,7 @@
 #include "data/tokenizer.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using speedrun::PrepareOptions;
@@ -26,12 +27,7 @@ const Tokenizer& tokenizer() {
   return instance;
 }
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using speedrun::testing::fresh_dir;
 
 std::string write_text(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);

@@ -12,6 +12,7 @@
 #include "support/files.h"
 #include "data/shard.h"
 #include "util/error.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using speedrun::Error;
@@ -19,12 +20,7 @@ using speedrun::ShardReader;
 
 namespace {
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using speedrun::testing::fresh_dir;
 
 std::string read_all(const fs::path& p) { return speedrun::testing::read_file_bytes(p); }
 

@@ -9,6 +9,7 @@
 #include "data/shard.h"
 #include "data/token_stream.h"
 #include "util/error.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using speedrun::StreamPosition;
@@ -19,12 +20,7 @@ namespace {
 
 constexpr uint32_t kVocab = 50257;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("speedrun_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using speedrun::testing::fresh_dir;
 
 // Writes shards train_000000.bin ... with the given sizes; token i of shard s is
 // s * 1000 + i, so every token says where it came from.
