@@ -126,8 +126,6 @@ class Backend {
   // dloss/dz * grad_scale (the gradient of grad_scale * sum of row losses).
   virtual void softcap_cross_entropy(float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                                      float softcap, float grad_scale) = 0;
-  // Sum of x[0..n) in float64, returned to the host (a synchronisation point).
-  virtual double sum(const float* x, size_t n) = 0;
 
   // --- FP8 lm_head for training (SPEC §6) ------------------------------------------------
   // Casts round to nearest even and saturate at the format's largest finite value (NaN

@@ -99,11 +99,6 @@ class ProfilingBackend final : public Backend {
                              float g) override {
     timed("softcap cross-entropy", 0, [&] { inner_.softcap_cross_entropy(logits, loss, t, rows, V, c, g); });
   }
-  double sum(const float* x, size_t n) override {
-    double r = 0;
-    timed("sum", 0, [&] { r = inner_.sum(x, n); });
-    return r;
-  }
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
     timed("matmul (FP8 head)", 2.0 * rows * V * d,

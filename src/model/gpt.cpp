@@ -32,9 +32,6 @@ struct GPT::LayerActivations {
   float* g = nullptr;        // relu(h)^2 [T, mlp]
 };
 
-namespace {
-}
-
 GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T)
     : config_(config), backend_(backend), layout_(config), max_train_T_(max_train_T), max_eval_T_(max_eval_T) {
   config_.validate();

@@ -67,6 +67,8 @@ class GPT {
   struct LayerActivations;
   void run_forward(int T, int long_window, bool training);
   void resolve_offsets();
+  void report_gradients_ready(size_t begin, size_t end);
+  size_t block_params_begin(int layer) const;  // first float of blocks.<layer>.*
   void check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const;
   void run_head(int T, float grad_scale);
   void run_backward(int T, int long_window);
@@ -119,8 +121,6 @@ class GPT {
   std::vector<std::unique_ptr<LayerActivations>> layers_;
   int head_chunk_ = 0;
   GradientReadyHook gradient_ready_;
-  void report_gradients_ready(size_t begin, size_t end);
-  size_t block_params_begin(int layer) const;  // first float of blocks.<layer>.*
   // Where each parameter lives in the flat layout (params_/grads_ + offset).
   struct BlockOffsets {
     size_t lambdas = 0, qkv = 0, attn_lambdas = 0, attn_proj = 0, fc = 0, mlp_proj = 0;

@@ -107,10 +107,6 @@ FaultMonitor::FaultMonitor(FaultMonitorOptions options) : options_(options), det
   speedrun::validate(options_);
 }
 
-bool FaultMonitor::all_finite(Backend& backend, const float* values, size_t count) {
-  return count == 0 || std::isfinite(backend.sum(values, count));
-}
-
 StepVerdict FaultMonitor::skip_or_stop(StepVerdict verdict) {
   ++consecutive_skips_;
   if (options_.max_consecutive_skips > 0 && consecutive_skips_ > options_.max_consecutive_skips) {
@@ -156,12 +152,6 @@ StepVerdict FaultMonitor::check_step(int step, double loss, std::optional<bool> 
   }
   consecutive_skips_ = 0;
   return verdict;
-}
-
-StepVerdict FaultMonitor::check_step(int step, double loss, Backend& backend, const float* grads, size_t grad_count) {
-  std::optional<bool> finite;
-  if (should_check_gradients(step)) finite = all_finite(backend, grads, grad_count);
-  return check_step(step, loss, finite);
 }
 
 }  // namespace speedrun

@@ -114,18 +114,9 @@ class FaultMonitor {
   // Whether the verdict must be known before the update is queued (see the class comment).
   bool needs_verdict_before_update() const { return options_.spike == SpikePolicy::kSkip; }
 
-  // True when every value of the buffer is finite. Uses Backend::sum: a float64 sum of
-  // float32 values is finite exactly when all of them are (it cannot overflow below
-  // ~1e270 elements; NaN and +-inf propagate, inf - inf gives NaN).
-  static bool all_finite(Backend& backend, const float* values, size_t count);
-
   // The verdict for step `step` whose loss (before the update) is `loss`.
-  // gradients_finite: the gradient check's result when this step was checked.
+  // gradients_finite: the device flag's verdict (DeviceFaultFlag) when this step was checked.
   StepVerdict check_step(int step, double loss, std::optional<bool> gradients_finite = std::nullopt);
-
-  // Convenience for the trainer: checks the gradient (when should_check_gradients) with
-  // all_finite on the backend, then check_step.
-  StepVerdict check_step(int step, double loss, Backend& backend, const float* grads, size_t grad_count);
 
   int skipped_steps() const { return skipped_; }
   int spikes() const { return spikes_; }

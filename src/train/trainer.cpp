@@ -371,7 +371,7 @@ double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const
   // Every process must skip alike, so with several processes only the reduced gradient
   // (the same everywhere) is checked, and on every step: a non-finite loss always makes
   // it non-finite too (softcapped logits are finite unless NaN, and NaN propagates).
-  const bool one_process = dp.comm().size() == 1;
+  const bool one_process = comm == nullptr;
   flag->clear();
   if (one_process) model.set_fault_flag(flag->device());
   dp.enqueue_gradients(inputs, targets, long_window_blocks(model.config(), step));

@@ -32,6 +32,7 @@
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
+#include "support/device.h"
 #include "util/error.h"
 
 namespace speedrun {
@@ -39,30 +40,8 @@ namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-bool gpu_available() {
-  static const bool available = !query_cuda_devices().devices.empty();
-  return available;
-}
-
-// ---------------------------------------------------------------------------------------
-// Device memory helpers
-
-struct DeviceFloats {
-  Backend& be;
-  float* ptr;
-  size_t n;
-  DeviceFloats(Backend& b, const std::vector<float>& host) : be(b), ptr(b.alloc(host.size())), n(host.size()) {
-    be.upload(ptr, host.data(), n);
-  }
-  DeviceFloats(Backend& b, size_t count, float fill) : DeviceFloats(b, std::vector<float>(count, fill)) {}
-  ~DeviceFloats() { be.release(ptr); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  std::vector<float> get() const {
-    std::vector<float> host(n);
-    be.download(host.data(), ptr, n);
-    return host;
-  }
-};
+using speedrun::testing::DeviceFloats;
+using speedrun::testing::gpu_available;
 
 struct DeviceInts {
   Backend& be;
@@ -509,15 +488,24 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   }
 }
 
-TEST_F(CudaBackendTest, SumIsFloat64AndDeterministic) {
+TEST_F(CudaBackendTest, SumToHostIsFloat64AndDeterministic) {
   SCOPED_TRACE(trace());
-  for (size_t n : {size_t{1}, size_t{4097}, size_t{1000003}}) {
+  auto sum_on = [](Backend& be, const float* x, size_t n) {
+    double* out = static_cast<double*>(be.alloc_host(sizeof(double)));
+    *out = std::numeric_limits<double>::quiet_NaN();
+    be.sum_to_host(out, x, n);
+    be.synchronize();
+    const double total = *out;
+    be.release_host(out);
+    return total;
+  };
+  for (size_t n : {size_t{0}, size_t{1}, size_t{4097}, size_t{1000003}}) {
     const auto x = normal(n, 10.f);
     double magnitude = 0;
     for (float v : x) magnitude += std::abs(v);
-    DeviceFloats dx(*gpu_, x);
-    const double got = gpu_->sum(dx.ptr, n), again = gpu_->sum(dx.ptr, n);
-    EXPECT_NEAR(got, cpu_->sum(x.data(), n), 1e-12 * magnitude) << "n=" << n;
+    DeviceFloats dx(*gpu_, n == 0 ? std::vector<float>(1, kNaN) : x);
+    const double got = sum_on(*gpu_, dx.ptr, n), again = sum_on(*gpu_, dx.ptr, n);
+    EXPECT_NEAR(got, sum_on(*cpu_, x.data(), n), 1e-12 * magnitude) << "n=" << n;
     EXPECT_EQ(got, again);
   }
 }

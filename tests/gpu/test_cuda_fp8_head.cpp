@@ -23,43 +23,19 @@
 #include "backends/cuda_devices.h"
 #include "backends/low_precision.h"
 #include "model/gpt.h"
+#include "support/device.h"
+#include "support/finite_difference.h"
 
 namespace speedrun {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-bool gpu_available() {
-#ifdef SPEEDRUN_HAVE_CUDA
-  static const bool available = !query_cuda_devices().devices.empty();
-  return available;
-#else
-  return false;
-#endif
-}
-
-struct DeviceFloats {
-  Backend& be;
-  float* ptr;
-  size_t n;
-  DeviceFloats(Backend& b, const std::vector<float>& host) : be(b), ptr(b.alloc(host.size())), n(host.size()) {
-    be.upload(ptr, host.data(), n);
-  }
-  ~DeviceFloats() { be.release(ptr); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  std::vector<float> get() const {
-    std::vector<float> host(n);
-    be.download(host.data(), ptr, n);
-    return host;
-  }
-};
+using speedrun::testing::DeviceFloats;
+using speedrun::testing::gpu_available;
 
 std::vector<float> normal(size_t n, float stddev, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
+  return speedrun::testing::random_vector(n, seed, stddev);
 }
 
 // Sets SPEEDRUN_FP8_HEAD for one scope (the backend reads it when its FP8 head is created).

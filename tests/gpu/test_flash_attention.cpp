@@ -29,6 +29,7 @@
 #include "backends/cuda_devices.h"
 #include "backends/flash_attention.h"
 #include "backends/low_precision.h"
+#include "support/device.h"
 #include "util/error.h"
 
 #ifdef SPEEDRUN_HAVE_CUDA
@@ -65,10 +66,7 @@ TEST(FlashAttention, CpuOnlyBuildSaysSo) {
 
 #ifdef SPEEDRUN_HAVE_CUDA
 
-bool gpu_available() {
-  static const bool available = !query_cuda_devices().devices.empty();
-  return available;
-}
+using speedrun::testing::gpu_available;
 
 #define SKIP_WITHOUT_GPU() \
   if (!gpu_available()) GTEST_SKIP() << "no GPU"

@@ -332,7 +332,6 @@ TEST_F(CpuOps, SumToHostIsTheFloat64Sum) {
   double expected = 0;
   for (float v : x) expected += v;
   EXPECT_NEAR(*out, expected, 1e-12 * x.size());
-  EXPECT_EQ(*out, be->sum(x.data(), x.size()));
   be->release_host(out);
 }
 

@@ -2,8 +2,11 @@
 // the gradient check on the CPU backend and its every-N schedule, and the skip limit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "backends/backend.h"
@@ -16,6 +19,7 @@ using speedrun::NonFinitePolicy;
 using speedrun::SpikeDetector;
 using speedrun::SpikePolicy;
 using speedrun::StepAction;
+using speedrun::StepVerdict;
 
 namespace {
 
@@ -257,43 +261,61 @@ TEST(FaultMonitor, ZeroMaxConsecutiveSkipsMeansNoLimit) {
   for (int step = 0; step < 100; ++step) ASSERT_EQ(monitor.check_step(step, kNaN).action, StepAction::kSkip);
 }
 
-TEST(FaultMonitor, AllFiniteOnTheCpuBackendFindsEveryKindOfNonFiniteValue) {
+// Raises the flag over `values` on the CPU backend and reads it back as the trainer does.
+bool flag_raised(speedrun::Backend& backend, speedrun::DeviceFaultFlag& flag, const std::vector<float>& values) {
+  float* buffer = backend.alloc(std::max<size_t>(values.size(), 1));
+  backend.upload(buffer, values.data(), values.size());
+  flag.clear();
+  flag.check(buffer, values.size());
+  flag.copy_to_host();
+  backend.synchronize();
+  backend.release(buffer);
+  return flag.raised();
+}
+
+TEST(FaultMonitor, DeviceFlagFindsEveryKindOfNonFiniteValue) {
   auto backend = speedrun::make_cpu_backend();
+  speedrun::DeviceFaultFlag flag(*backend);
   const size_t n = 1000;
-  float* buffer = backend->alloc(n);
-  std::vector<float> host(n, 3.0e38f);  // huge but finite: the float64 sum does not overflow
-  auto check = [&](size_t index, float value) {
+  const std::vector<float> host(n, 3.0e38f);  // huge but finite
+  auto raised_with = [&](std::vector<std::pair<size_t, float>> changes) {
     std::vector<float> values = host;
-    if (index < n) values[index] = value;
-    backend->upload(buffer, values.data(), n);
-    return FaultMonitor::all_finite(*backend, buffer, n);
+    for (auto [index, value] : changes) values[index] = value;
+    return flag_raised(*backend, flag, values);
   };
-  EXPECT_TRUE(check(n, 0.f));
-  EXPECT_FALSE(check(n - 1, std::numeric_limits<float>::quiet_NaN()));
-  EXPECT_FALSE(check(0, std::numeric_limits<float>::infinity()));
-  EXPECT_FALSE(check(517, -std::numeric_limits<float>::infinity()));
-  host[3] = std::numeric_limits<float>::infinity();  // +inf and -inf together sum to NaN
-  EXPECT_FALSE(check(4, -std::numeric_limits<float>::infinity()));
-  EXPECT_TRUE(FaultMonitor::all_finite(*backend, buffer, 0));
-  backend->release(buffer);
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(raised_with({}));
+  EXPECT_TRUE(raised_with({{n - 1, std::numeric_limits<float>::quiet_NaN()}}));
+  EXPECT_TRUE(raised_with({{0, inf}}));
+  EXPECT_TRUE(raised_with({{517, -inf}}));
+  EXPECT_TRUE(raised_with({{3, inf}, {4, -inf}}));
+  EXPECT_FALSE(flag_raised(*backend, flag, {}));
+  flag.raise();  // the host's own decision reaches the host copy too
+  flag.copy_to_host();
+  backend->synchronize();
+  EXPECT_TRUE(flag.raised());
 }
 
 TEST(FaultMonitor, GradientsAreCheckedEveryNthStepOnly) {
   auto backend = speedrun::make_cpu_backend();
-  float* grads = backend->alloc(16);
-  const float bad[16] = {0, 0, 0, std::numeric_limits<float>::quiet_NaN()};
-  backend->upload(grads, bad, 16);
+  speedrun::DeviceFaultFlag flag(*backend);
+  const std::vector<float> bad = {0, 0, 0, std::numeric_limits<float>::quiet_NaN()};
   FaultMonitorOptions options = options_with(NonFinitePolicy::kSkip, SpikePolicy::kWarn);
   options.grad_check_every = 3;
   FaultMonitor monitor(options);
   EXPECT_TRUE(monitor.should_check_gradients(0));
   EXPECT_FALSE(monitor.should_check_gradients(1));
   EXPECT_TRUE(monitor.should_check_gradients(6));
-  EXPECT_EQ(monitor.check_step(0, 3.0, *backend, grads, 16).action, StepAction::kSkip);
-  EXPECT_EQ(monitor.check_step(1, 3.0, *backend, grads, 16).action, StepAction::kApply);  // not checked
-  EXPECT_EQ(monitor.check_step(2, 3.0, *backend, grads, 16).action, StepAction::kApply);
-  auto verdict = monitor.check_step(3, 3.0, *backend, grads, 16);
+  // As the trainer asks: the flag's verdict on checked steps, nothing on the others.
+  auto verdict_at = [&](int step) {
+    std::optional<bool> finite;
+    if (monitor.should_check_gradients(step)) finite = !flag_raised(*backend, flag, bad);
+    return monitor.check_step(step, 3.0, finite);
+  };
+  EXPECT_EQ(verdict_at(0).action, StepAction::kSkip);
+  EXPECT_EQ(verdict_at(1).action, StepAction::kApply);  // not checked
+  EXPECT_EQ(verdict_at(2).action, StepAction::kApply);
+  const StepVerdict verdict = verdict_at(3);
   EXPECT_EQ(verdict.action, StepAction::kSkip);
   EXPECT_TRUE(contains(verdict.message, "step 3: gradient holds a non-finite value")) << verdict.message;
-  backend->release(grads);
 }

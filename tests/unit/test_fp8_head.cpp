@@ -13,6 +13,7 @@
 #include "data/shard.h"
 #include "model/gpt.h"
 #include "support/files.h"
+#include "support/finite_difference.h"
 #include "support/temp_dir.h"
 #include "train/trainer.h"
 
@@ -26,11 +27,7 @@ using lowp::round_to_fp8;
 constexpr double kFloatEps = 0x1p-24;
 
 std::vector<float> normal(size_t n, float stddev, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
+  return speedrun::testing::random_vector(n, seed, stddev);
 }
 
 // A head of realistic magnitudes: x rmsnormed (entries ~1, so 2x spans e4m3's normal

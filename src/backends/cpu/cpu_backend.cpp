@@ -309,8 +309,6 @@ class CpuBackend final : public Backend {
     }
   }
 
-  double sum(const float* x, size_t n) override { return deterministic_sum(x, n); }
-
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
     cpu::fp8_head_forward(*fp8_head_, logits, x, W, rows, V, d, requantize_weight);

@@ -132,10 +132,6 @@ class CudaBackend final : public Backend {
     }
   }
   void sum_to_host(double* host_out, const float* x, size_t n) override {
-    if (n == 0) {
-      fill_host_after_queue(host_out);
-      return;
-    }
     double* total = static_cast<double*>(result_scratch_->get(sizeof(double)));
     dot_reduce(stream_, *reduce_scratch_, x, nullptr, n, 0, 1, DotResult::kStoreDouble, total);
     SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(host_out, total, sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -235,13 +231,6 @@ class CudaBackend final : public Backend {
                              float grad_scale) override {
     cuda::softcap_cross_entropy(stream_, logits, row_loss, targets, rows, V, softcap, grad_scale);
   }
-  double sum(const float* x, size_t n) override {
-    double* total = static_cast<double*>(result_scratch_->get(sizeof(double)));
-    dot_reduce(stream_, *reduce_scratch_, x, nullptr, n, 0, 1, DotResult::kStoreDouble, total);
-    double host = 0.0;
-    download_bytes(&host, total, sizeof(double));
-    return host;
-  }
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
     if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_);  // lazily: its workspace only when used
@@ -302,11 +291,6 @@ class CudaBackend final : public Backend {
   void upload_bytes(void* dst, const void* host, size_t bytes) {
     if (bytes == 0) return;
     SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_));
-  }
-  // A zero sum: written from the host once the queue has drained up to here.
-  void fill_host_after_queue(double* host_out) {
-    SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    *host_out = 0.0;
   }
   void download_bytes(void* host, const void* src, size_t bytes) {
     if (bytes == 0) return;

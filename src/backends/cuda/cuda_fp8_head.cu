@@ -305,40 +305,17 @@ class Fp8Head {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, static_cast<cudaDataType_t>(key[5]), k, n, k));
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, m, n, m));
 
-    cublasLtMatmulPreference_t preference = nullptr;
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-    cublasLtMatmulHeuristicResult_t result{};
-    int returned = 0;
-    try {
-      const uint64_t workspace = LtGemm::kWorkspaceBytes;
-      set_preference(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace);
-      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key[9]));
-      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key[10]));
-      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key[11]));
-      set_preference(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key[11]));
-      SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
-                                                           preference, 1, &result, &returned));
-    } catch (...) {
-      cublasLtMatmulPreferenceDestroy(preference);
-      throw;
-    }
-    cublasLtMatmulPreferenceDestroy(preference);
-    if (returned < 1) {
+    if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, static_cast<uint32_t>(key[9]),
+                        static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]), &plan.algo)) {
       throw Error("cuBLASLt found no FP8 algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
                   " k=" + std::to_string(k));
     }
-    plan.algo = result.algo;
     return plans_.emplace(key, plan).first->second;
   }
 
   template <class T>
   static void set(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const T& value) {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)));
-  }
-  template <class T>
-  static void set_preference(cublasLtMatmulPreference_t preference, cublasLtMatmulPreferenceAttributes_t attribute,
-                             const T& value) {
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &value, sizeof(value)));
   }
 
   cudaStream_t stream_;

@@ -71,39 +71,44 @@ const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
   plan.b = make_layout(ta ? M : K, ta ? K : M, lda, batch, stride_a);
   plan.c = make_layout(N, M, ldc, batch, stride_c);
 
-  cublasLtMatmulPreference_t preference = nullptr;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-  const uint64_t workspace = kWorkspaceBytes;
   const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
   const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
   const uint32_t align_c = static_cast<uint32_t>(key[14]);
+  if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first, align_second, align_c,
+                      &plan.algo)) {
+    throw Error("cuBLASLt found no float32 algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
+                " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
+  }
+  return plans_.emplace(key, plan).first->second;
+}
+
+bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
+                    cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d, uint32_t align_a,
+                    uint32_t align_b, uint32_t align_c, cublasLtMatmulAlgo_t* algo) {
+  cublasLtMatmulPreference_t preference = nullptr;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+  const uint64_t workspace = LtGemm::kWorkspaceBytes;
+  auto set = [&](cublasLtMatmulPreferenceAttributes_t attribute, const void* value, size_t size) {
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, value, size));
+  };
   cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
   try {
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                               &workspace, sizeof(workspace)));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(align_first)));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-        preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second)));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                               &align_c, sizeof(align_c)));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                               &align_c, sizeof(align_c)));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c,
-                                                         preference, 1, &result, &returned));
+    set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace));
+    set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a));
+    set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
+    set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
+    set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, c, d, preference, 1, &result, &returned));
   } catch (...) {
     cublasLtMatmulPreferenceDestroy(preference);
     throw;
   }
   cublasLtMatmulPreferenceDestroy(preference);
-  if (returned < 1) {
-    throw Error("cuBLASLt found no float32 algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
-                " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
-                " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
-  }
-  plan.algo = result.algo;
-  return plans_.emplace(key, plan).first->second;
+  if (returned < 1) return false;
+  *algo = result.algo;
+  return true;
 }
 
 void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,

@@ -12,6 +12,13 @@
 
 namespace speedrun::cuda {
 
+// cuBLASLt's heuristic choice for `desc` over the layouts a, b, c (input) and d (output)
+// within LtGemm's workspace and the given operand alignments in bytes (D shares C's);
+// false when it has none for this problem.
+bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
+                    cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d, uint32_t align_a,
+                    uint32_t align_b, uint32_t align_c, cublasLtMatmulAlgo_t* algo);
+
 class LtGemm {
  public:
   explicit LtGemm(cudaStream_t stream);
