@@ -70,15 +70,15 @@ class CpuBackend final : public Backend {
   float* alloc(size_t count) override { return static_cast<float*>(zeroed(count * sizeof(float))); }
   int32_t* alloc_i32(size_t count) override { return static_cast<int32_t*>(zeroed(count * sizeof(int32_t))); }
   void release(void* pointer) override { std::free(pointer); }
-  void upload(float* dst, const float* host, size_t count) override { std::memcpy(dst, host, count * sizeof(float)); }
+  void upload(float* dst, const float* host, size_t count) override { move_bytes(dst, host, count * sizeof(float)); }
   void download(float* host, const float* src, size_t count) override {
-    std::memcpy(host, src, count * sizeof(float));
+    move_bytes(host, src, count * sizeof(float));
   }
   void upload_i32(int32_t* dst, const int32_t* host, size_t count) override {
-    std::memcpy(dst, host, count * sizeof(int32_t));
+    move_bytes(dst, host, count * sizeof(int32_t));
   }
   void zero(float* dst, size_t count) override { std::memset(dst, 0, count * sizeof(float)); }
-  void copy(float* dst, const float* src, size_t count) override { std::memmove(dst, src, count * sizeof(float)); }
+  void copy(float* dst, const float* src, size_t count) override { move_bytes(dst, src, count * sizeof(float)); }
   void fill_i32(int32_t* dst, int32_t value, size_t count) override { std::fill(dst, dst + count, value); }
 
   // Every operation has finished when it returns, so the asynchronous ones are plain.
@@ -86,7 +86,7 @@ class CpuBackend final : public Backend {
   void release_host(void* pointer) override { std::free(pointer); }
   void sum_to_host(double* host_out, const float* x, size_t n) override { *host_out = deterministic_sum(x, n); }
   void download_i32_async(int32_t* host, const int32_t* src, size_t count) override {
-    std::memcpy(host, src, count * sizeof(int32_t));
+    move_bytes(host, src, count * sizeof(int32_t));
   }
   void flag_nonfinite(int32_t* flag, const float* x, size_t n) override {
     int bad = 0;
@@ -372,6 +372,11 @@ class CpuBackend final : public Backend {
 
  private:
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
+
+  // memmove that accepts the null data() of an empty vector when there is nothing to move.
+  static void move_bytes(void* dst, const void* src, size_t bytes) {
+    if (bytes > 0) std::memmove(dst, src, bytes);
+  }
 
   static void* zeroed(size_t bytes) {
     void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
