@@ -151,22 +151,23 @@ run_checks() {
     done
   done
 
-  # 3. Training-step benchmarks, once `bench --device cuda` is wired (it says so otherwise).
-  local preset limit
-  # "speedrun-124m-flash": the same with attention through the bf16 flash kernel.
-  local attention
-  for preset in micro tiny speedrun-124m speedrun-124m-flash; do
+  # 3. Training-step benchmarks: each variant is a preset and its backend flags.
+  #    speedrun-124m: bf16 matmuls (the cuda default), float32 reference attention;
+  #    speedrun-124m-flash: the same with attention through the bf16 flash kernel.
+  local variant limit flags
+  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash")
+  for variant in micro tiny speedrun-124m speedrun-124m-flash; do
     [[ $stages == *bench* ]] || continue
     limit=120
-    [[ $preset == speedrun-124m* ]] && limit=300
-    attention=reference
-    [[ $preset == *-flash ]] && attention=flash
-    echo "=== bench --device cuda --preset ${preset%-flash} (SPEEDRUN_CUDA_ATTENTION=$attention)" >>"$out/bench.log"
-    SPEEDRUN_CUDA_ATTENTION=$attention timeout "$limit" "$speedrun" bench --device cuda --preset "${preset%-flash}" \
-      --steps 2 --warmup 1 --json "$out/bench_$preset.json" >"$work/bench.tmp" 2>&1
+    [[ $variant == speedrun-124m* ]] && limit=300
+    flags=${variant_flags[$variant]}
+    echo "=== bench --device cuda --preset ${variant%-flash} $flags" >>"$out/bench.log"
+    # shellcheck disable=SC2086
+    timeout "$limit" "$speedrun" bench --device cuda --preset "${variant%-flash}" $flags \
+      --steps 2 --warmup 1 --json "$out/bench_$variant.json" >"$work/bench.tmp" 2>&1
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
-    record "bench --device cuda $preset" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
+    record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
   done
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
   if [[ $stages == *bench* && -x $work/bin/test_flash_attention ]]; then

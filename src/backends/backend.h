@@ -10,6 +10,8 @@
 #include <memory>
 #include <string>
 
+#include "backends/backend_options.h"
+
 namespace speedrun {
 
 struct AttentionShape {
@@ -162,13 +164,16 @@ class Backend {
 };
 
 // The CPU backend (float32, OpenMP + OpenBLAS): the reference all others are tested against.
-std::unique_ptr<Backend> make_cpu_backend();
+// MatmulPrecision::kBfloat16 emulates bf16 matmul inputs (rounded copies, float32 sgemm);
+// AttentionKernel::kFlash is a UsageError (the flash kernel is CUDA's).
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& options = {});
 
-// The CUDA backend (float32, cuBLASLt + own kernels) on the given device. Throws
+// The CUDA backend (float32 storage, cuBLASLt + own kernels) on the given device. Throws
 // speedrun::Error when the build has no CUDA backend or the device cannot be used.
-std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, const BackendOptions& options = {});
 
 // "cpu" or "cuda" (GPU `device_index`, e.g. the process's local rank); UsageError otherwise.
-std::unique_ptr<Backend> make_backend(const std::string& device, int device_index = 0);
+std::unique_ptr<Backend> make_backend(const std::string& device, int device_index = 0,
+                                      const BackendOptions& options = {});
 
 }  // namespace speedrun

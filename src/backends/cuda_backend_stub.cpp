@@ -5,7 +5,7 @@
 
 namespace speedrun {
 
-std::unique_ptr<Backend> make_cuda_backend(int device) {
+std::unique_ptr<Backend> make_cuda_backend(int device, const BackendOptions&) {
   throw Error("this build has no CUDA backend (device " + std::to_string(device) +
               " requested): configure with nvcc available, or -DSPEEDRUN_CUDA=ON");
 }

@@ -100,9 +100,11 @@ void scaled_round_to_fp8(float* out, const float* in, size_t n, float scale, Fp8
   for (size_t i = 0; i < n; ++i) out[i] = round_to_fp8(in[i] * scale, format);
 }
 
-void round_to_bf16_inplace(float* x, size_t n) {
+void round_to_bf16_inplace(float* x, size_t n) { copy_rounded_to_bf16(x, x, n); }
+
+void copy_rounded_to_bf16(float* out, const float* in, size_t n) {
 #pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < n; ++i) x[i] = round_to_bf16(x[i]);
+  for (size_t i = 0; i < n; ++i) out[i] = round_to_bf16(in[i]);
 }
 
 }  // namespace speedrun::lowp

@@ -39,5 +39,7 @@ float decode_bf16(uint16_t code);
 void scaled_round_to_fp8(float* out, const float* in, size_t n, float scale, Fp8Format format);
 // x[i] = round_to_bf16(x[i]).
 void round_to_bf16_inplace(float* x, size_t n);
+// out[i] = round_to_bf16(in[i]) for i < n.
+void copy_rounded_to_bf16(float* out, const float* in, size_t n);
 
 }  // namespace speedrun::lowp

@@ -18,6 +18,7 @@
 #include "backends/attention_tiles.h"
 #include "backends/backend.h"
 #include "backends/profiling_backend.h"
+#include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
 #include "backends/cuda_devices.h"
@@ -32,6 +33,7 @@
 #include "train/trainer.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "util/process_clock.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -130,6 +132,7 @@ void register_bench_command(CLI::App& app) {
   struct Options {
     ConfigOptions config;
     std::string device = "cpu";
+    BackendFlags backend;
     std::string grad_reduce = "auto";
     int steps = 3;
     int warmup = 1;
@@ -140,6 +143,7 @@ void register_bench_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("bench", "time training steps: per-op time, ms/step, tokens/s");
   opts->config.add_to(cmd, "tiny");
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  opts->backend.add_to(cmd);
   cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
@@ -155,7 +159,8 @@ void register_bench_command(CLI::App& app) {
     const int device_index = opts->device == "cuda" && visible_gpus > 0
                                  ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)
                                  : process_comm->local_rank();
-    auto device = make_backend(opts->device, device_index);
+    const BackendOptions backend_options = opts->backend.resolve(opts->device);
+    auto device = make_backend(opts->device, device_index, backend_options);
     // GPU gradients of several processes go through NCCL (bootstrapped over MPI).
     std::unique_ptr<Communicator> nccl;
     if (opts->device == "cuda" && process_comm->size() > 1) nccl = make_nccl_communicator(*process_comm, *device);
@@ -163,7 +168,6 @@ void register_bench_command(CLI::App& app) {
     std::map<std::string, OpStats> stats;
     bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
     auto backend = make_profiling_backend(*device, stats, &profiling);
-    const auto launch = Clock::now();
     GPT model(config, *backend, config.seq_len, config.seq_len);
     Optimizer optimizer(config, model.layout(), *backend);
     DataParallel dp(*comm, model, {parse_grad_reduce(opts->grad_reduce)});
@@ -177,14 +181,15 @@ void register_bench_command(CLI::App& app) {
       while (step > 0 && long_window_blocks(config, step) > opts->window) --step;
     }
     const int window = long_window_blocks(config, step);
-    double first_step_seconds = 0;
-    for (int i = 0; i < opts->warmup; ++i) {
+    double first_step_seconds = -1;  // from exec to the end of the first step, warm-up or timed
+    auto training_step = [&] {
       run_training_step(dp, optimizer, inputs, targets, step);
-      if (i == 0) first_step_seconds = std::chrono::duration<double>(Clock::now() - launch).count();
-    }
+      if (first_step_seconds < 0) first_step_seconds = seconds_since_process_start();
+    };
+    for (int i = 0; i < opts->warmup; ++i) training_step();
     const double communication_before = dp.communication_seconds();
     const auto start = Clock::now();
-    for (int i = 0; i < opts->steps; ++i) run_training_step(dp, optimizer, inputs, targets, step);
+    for (int i = 0; i < opts->steps; ++i) training_step();
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     const double step_ms = 1000 * seconds / opts->steps;
     const double tokens_per_second = tokens * opts->steps / seconds;
@@ -204,6 +209,9 @@ void register_bench_command(CLI::App& app) {
                 "window %d blocks\n",
                 device_description(opts->device, device_index).c_str(), thread_count(), comm->size(),
                 model.layout().total(), config.world_size, config.seq_len, window);
+    std::printf("matmul inputs %s, attention kernel %s, lm_head %s\n",
+                matmul_precision_name(backend_options.matmul).c_str(),
+                attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain");
     std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
                 1000 * profiled_seconds);
     std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
@@ -242,19 +250,19 @@ void register_bench_command(CLI::App& app) {
                 attention_tflops >= 0.1 ? "TFLOP/s" : "GFLOP/s");
     std::printf("peak memory: %.1f MiB (%s)\n", peak_bytes / (1024.0 * 1024.0),
                 on_gpu ? "device memory allocated by the backend" : "host RSS");
-    std::printf("launch to end of first step: %.2f s\n", first_step_seconds);
+    std::printf("launch to end of first step: %.2f s (from exec)\n", first_step_seconds);
     if (comm->size() > 1) {
       std::printf("communication: %.1f ms per step (%s gradient reduction over %s, host time in its calls)\n",
                   communication_ms, grad_reduce_name(dp.mode()).c_str(), comm->name().c_str());
     }
     if (!opts->json_path.empty()) {
       const char* commit = std::getenv("SPEEDRUN_COMMIT");
-      const char* attention = std::getenv("SPEEDRUN_CUDA_ATTENTION");
       nlohmann::json out = {{"date", iso_date_utc()},
                             {"commit", commit ? commit : "unknown"},
                             {"device", opts->device},
                             {"device_name", device_description(opts->device, device_index)},
-                            {"cuda_attention", on_gpu ? (attention && *attention ? attention : "reference") : "n/a"},
+                            {"matmul", matmul_precision_name(backend_options.matmul)},
+                            {"attention_kernel", attention_kernel_name(backend_options.attention)},
                             {"processes", comm->size()},
                             {"communication_ms_per_step", communication_ms},
                             {"threads", thread_count()},

@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "backends/backend.h"
+#include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
 #include "backends/cuda_devices.h"
@@ -26,6 +27,7 @@ namespace {
 struct Options {
   ConfigOptions config;
   std::string device = "cpu";
+  BackendFlags backend;
   TrainOptions train;
   // Given on the command line (not defaulted), so the resume command repeats them.
   bool explicit_train = false, explicit_val = false, explicit_metrics = false, explicit_steps = false;
@@ -68,6 +70,7 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
   if (opts.explicit_metrics) command += " --metrics " + shell_word(train.metrics_path);
   if (opts.explicit_steps) command += " --steps " + std::to_string(train.steps);
   if (opts.device != "cpu") command += " --device " + opts.device;
+  command += opts.backend.non_default_arguments();
   if (opts.grad_reduce != "auto") command += " --grad-reduce " + opts.grad_reduce;
   return command;
 }
@@ -108,7 +111,7 @@ void run(const Options& opts, Communicator& comm) {
   // One GPU per process; the GPU buffers of a multi-process run are reduced by NCCL,
   // bootstrapped over `comm` (MPI), which keeps the host-side collectives.
   const bool on_gpu = opts.device == "cuda";
-  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0);
+  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0, opts.backend.resolve(opts.device));
   std::unique_ptr<Communicator> nccl;
   if (on_gpu && comm.size() > 1) nccl = make_nccl_communicator(comm, *backend);
   train.comm = nccl ? nccl.get() : &comm;
@@ -136,6 +139,7 @@ void register_train_command(CLI::App& app) {
   opts->config.add_to(cmd, "tiny");
   TrainOptions& t = opts->train;
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  opts->backend.add_to(cmd);
   cmd->add_option("--init", t.init_path, "start from this model checkpoint (fresh optimiser)");
   cmd->add_option("--resume", t.resume_path,
                   "resume a run exactly from a checkpoint written by train (default out-dir: the checkpoint's)");

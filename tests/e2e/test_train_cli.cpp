@@ -314,6 +314,30 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   // 256) + 4 x (c_fc + c_proj = 2 x 1024) + the head, 300 rows padded to 384, x 16.
   EXPECT_EQ(j["matmul_parameters"].get<double>(), 3 * (4 * 256) + 4 * 2048 + 384 * 16);
   EXPECT_TRUE(j["ops"].contains("matmul"));
+  EXPECT_EQ(j["matmul"], "fp32");  // --matmul auto on the CPU: the float32 reference
+  EXPECT_EQ(j["attention_kernel"], "reference");
+  // Launch counts from exec: at least the time of the steps it contains, and not absurd.
+  EXPECT_GE(j["first_step_seconds"].get<double>(), j["ms_per_step"].get<double>() / 1000 / 4);
+  EXPECT_LT(j["first_step_seconds"].get<double>(), 60);
+}
+
+TEST_F(TrainCli, BenchAndTrainTakeTheMatmulPrecisionAndRefuseFlashOnTheCpu) {
+  const fs::path json = dir_ / "bench_bf16.json";
+  const RunResult bench = speedrun("bench --preset micro --steps 1 --matmul bf16 --json " + quote(json.string()), dir_);
+  ASSERT_EQ(bench.exit_code, 0) << bench.err;
+  EXPECT_TRUE(contains(bench.out, "matmul inputs bf16")) << bench.out;
+  EXPECT_EQ(nlohmann::json::parse(read_all(json))["matmul"], "bf16");
+
+  const RunResult flash = speedrun("train --preset micro --steps 1 --attention-kernel flash --out-dir " +
+                                       quote((dir_ / "flash").string()),
+                                   dir_);
+  EXPECT_EQ(flash.exit_code, 2) << flash.err;
+  EXPECT_TRUE(contains(flash.err, "--attention-kernel flash")) << flash.err;
+  EXPECT_FALSE(fs::exists(dir_ / "flash" / "metrics.jsonl"));
+
+  const RunResult unknown = speedrun("train --preset micro --matmul tf32", dir_);
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_TRUE(contains(unknown.err, "--matmul")) << unknown.err;
 }
 
 }  // namespace

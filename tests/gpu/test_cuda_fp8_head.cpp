@@ -1,7 +1,7 @@
 // The CUDA backend's FP8 lm_head (SPEC §6) against the CPU backend's exact emulation:
 // quantised operands bit for bit, outputs within the band of the accumulation each path
 // uses, outputs poisoned with NaN before each call, and the emulated path that GPUs
-// without FP8 tensor cores take (forced here with SPEEDRUN_FP8_HEAD=emulate). Skips when
+// without FP8 tensor cores take (forced here with BackendOptions::emulate_fp8_head). Skips when
 // no CUDA device is visible (and in builds without the CUDA backend).
 //
 // Bands: the backward and the emulated path accumulate in float32 like the CPU, so their
@@ -38,11 +38,12 @@ std::vector<float> normal(size_t n, float stddev, uint64_t seed) {
   return speedrun::testing::random_vector(n, seed, stddev);
 }
 
-// Sets SPEEDRUN_FP8_HEAD for one scope (the backend reads it when its FP8 head is created).
-struct ScopedEmulation {
-  ScopedEmulation() { setenv("SPEEDRUN_FP8_HEAD", "emulate", 1); }
-  ~ScopedEmulation() { unsetenv("SPEEDRUN_FP8_HEAD"); }
-};
+// A CUDA backend whose FP8 head takes the emulated path (or, with false, the default one).
+std::unique_ptr<Backend> cuda_backend(bool emulated_fp8_head) {
+  BackendOptions options;
+  options.emulate_fp8_head = emulated_fp8_head;
+  return make_cuda_backend(0, options);
+}
 
 struct Shape {
   int rows, V, d;
@@ -140,8 +141,7 @@ TEST_F(CudaFp8HeadTest, MatchesTheCpuEmulation) {
 }
 
 TEST_F(CudaFp8HeadTest, EmulatedPathMatchesTheCpuEmulation) {
-  ScopedEmulation emulate;
-  auto gpu = make_cuda_backend(0);
+  auto gpu = cuda_backend(true);
   for (const Shape s : {Shape{256, 384, 64}, Shape{37, 208, 48}}) {
     SCOPED_TRACE("rows=" + std::to_string(s.rows));
     const Inputs in(s, 12);
@@ -174,9 +174,7 @@ TEST_F(CudaFp8HeadTest, QuantisedOperandsAreBitExact) {
   }
   for (bool emulated : {false, true}) {
     SCOPED_TRACE(emulated ? "emulated path" : "default path");
-    std::unique_ptr<ScopedEmulation> emulate;
-    if (emulated) emulate = std::make_unique<ScopedEmulation>();
-    auto gpu = make_cuda_backend(0);
+    auto gpu = cuda_backend(emulated);
     auto forward = [&](Backend& be, const std::vector<float>& x, const std::vector<float>& W) {
       DeviceFloats dx_in(be, x), dW_in(be, W), logits(be, std::vector<float>(x.size(), kNaN));
       be.fp8_head_forward(logits.ptr, dx_in.ptr, dW_in.ptr, n, n, n, true);

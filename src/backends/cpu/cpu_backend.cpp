@@ -13,6 +13,7 @@
 #include "backends/backend.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/vector_math.h"
+#include "backends/low_precision.h"
 #include "util/error.h"
 
 namespace speedrun {
@@ -65,6 +66,12 @@ namespace {
 
 class CpuBackend final : public Backend {
  public:
+  explicit CpuBackend(const BackendOptions& options) : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16) {
+    if (options.attention == AttentionKernel::kFlash) {
+      throw UsageError("--attention-kernel flash is the CUDA backend's kernel; the CPU backend has reference only");
+    }
+  }
+
   std::string name() const override { return "cpu"; }
 
   float* alloc(size_t count) override { return static_cast<float*>(zeroed(count * sizeof(float))); }
@@ -102,6 +109,11 @@ class CpuBackend final : public Backend {
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) override {
     if (M == 0 || N == 0) return;
+    if (bf16_matmul_) {
+      // The stored extents of op(A) [M, K] and op(B) [K, N] (ta/tb store the transposes).
+      A = rounded_to_bf16(bf16_a_, A, ta ? K : M, ta ? M : K, lda);
+      B = rounded_to_bf16(bf16_b_, B, tb ? N : K, tb ? K : N, ldb);
+    }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
                 lda, B, ldb, beta, C, ldc);
   }
@@ -371,7 +383,19 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  const bool bf16_matmul_;
+  std::vector<float> bf16_a_, bf16_b_;  // bf16-rounded copies of the operands (bf16_matmul_)
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
+
+  // A rounded copy of the rows x cols matrix at `x` (leading dimension ld) in `copy`, laid
+  // out as the original so that the same ld applies; the gaps between rows are rounded too.
+  static const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
+    const size_t extent = rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + cols : 0;
+    if (extent == 0) return x;
+    if (copy.size() < extent) copy.resize(extent);
+    lowp::copy_rounded_to_bf16(copy.data(), x, extent);
+    return copy.data();
+  }
 
   // memmove that accepts the null data() of an empty vector when there is nothing to move.
   static void move_bytes(void* dst, const void* src, size_t bytes) {
@@ -388,6 +412,8 @@ class CpuBackend final : public Backend {
 }  // namespace
 }  // namespace cpu
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<cpu::CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions& options) {
+  return std::make_unique<cpu::CpuBackend>(options);
+}
 
 }  // namespace speedrun

@@ -1,5 +1,5 @@
 // The float32 backend's attention through the bf16 flash kernel (cuda_flash_attention.cu),
-// chosen with SPEEDRUN_CUDA_ATTENTION=flash: inputs are rounded to bf16 on the way in and
+// chosen with --attention-kernel flash (AttentionKernel::kFlash): inputs are rounded to bf16 on the way in and
 // the output widened on the way out, so a model can be trained and timed with the fast
 // kernel before the activations themselves are bf16. Never run on a GPU yet.
 #include <cuda_bf16.h>
@@ -10,19 +10,9 @@
 namespace speedrun::cuda {
 namespace {
 
-// out[i] = bf16(in[i]) (nearest even), as raw bits. Floor: 6 bytes per element.
-__global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
-}
-
 // out[i] = float(in[i]). Floor: 6 bytes per element.
 __global__ void from_bf16_kernel(float* out, const uint16_t* in, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] = __bfloat162float(__ushort_as_bfloat16(in[i]));
-}
-
-void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n) {
-  to_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, in, n);
-  check_launch("to_bf16_kernel");
 }
 
 FlashAttentionShape flash_shape(const AttentionShape& a) {

@@ -1,4 +1,5 @@
-// The CUDA backend: float32 on one device and one stream, computing the same functions
+// The CUDA backend: float32 storage on one device and one stream (matmul inputs in bf16 and
+// the bf16 flash attention kernel when BackendOptions ask), computing the same functions
 // as the CPU backend (cuBLASLt for products, own kernels for the rest). Every CUDA and
 // cuBLASLt call is checked; reductions and gradients are deterministic run to run.
 #include <cmath>
@@ -23,7 +24,7 @@ class Fp8Head;
 struct Fp8HeadDeleter {
   void operator()(Fp8Head* head) const;
 };
-std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm);
+std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm, bool emulate);
 void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,
                       bool requantize_weight);
 void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
@@ -33,7 +34,10 @@ namespace {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : flash_attention_(flash_attention_requested()) {
+  CudaBackend(int device, const BackendOptions& options)
+      : flash_attention_(options.attention == AttentionKernel::kFlash),
+        bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
+        emulate_fp8_head_(options.emulate_fp8_head) {
     int count = 0;
     SPEEDRUN_CUDA_CHECK(cudaGetDeviceCount(&count));
     if (device < 0 || device >= count) {
@@ -42,7 +46,7 @@ class CudaBackend final : public Backend {
     }
     SPEEDRUN_CUDA_CHECK(cudaSetDevice(device));
     SPEEDRUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    gemm_ = std::make_unique<LtGemm>(stream_);
+    gemm_ = std::make_unique<LtGemm>(stream_, bf16_matmul_);
     reduce_scratch_ = std::make_unique<Scratch>(stream_);
     result_scratch_ = std::make_unique<Scratch>(stream_);
     op_scratch_ = std::make_unique<Scratch>(stream_);
@@ -233,12 +237,13 @@ class CudaBackend final : public Backend {
   }
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
-    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_);  // lazily: its workspace only when used
+    // Created lazily: its workspace is allocated only when the FP8 head is used.
+    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_, emulate_fp8_head_);
     cuda::fp8_head_forward(*fp8_head_, logits, x, W, rows, V, d, requantize_weight);
   }
   void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
                          int d, float output_scale) override {
-    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_);
+    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_, emulate_fp8_head_);
     cuda::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
   }
 
@@ -316,16 +321,9 @@ class CudaBackend final : public Backend {
     return device;
   }
 
-  // SPEEDRUN_CUDA_ATTENTION=flash: attention through the bf16 flash kernel; unset or
-  // "reference": the float32 warp-per-query kernel. Anything else is an Error.
-  static bool flash_attention_requested() {
-    const char* choice = std::getenv("SPEEDRUN_CUDA_ATTENTION");
-    if (!choice || std::string(choice).empty() || std::string(choice) == "reference") return false;
-    if (std::string(choice) == "flash") return true;
-    throw Error(std::string("SPEEDRUN_CUDA_ATTENTION='") + choice + "': expected flash or reference");
-  }
-
-  const bool flash_attention_;
+  const bool flash_attention_;  // the bf16 flash kernel instead of the float32 warp-per-query one
+  const bool bf16_matmul_;      // cuBLASLt FAST_16BF: bf16 inputs, float32 accumulation
+  const bool emulate_fp8_head_;
   cudaStream_t stream_ = nullptr;
   // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and
   // the scratch buffers' own growth are not counted).
@@ -343,6 +341,8 @@ class CudaBackend final : public Backend {
 }  // namespace
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<cuda::CudaBackend>(device); }
+std::unique_ptr<Backend> make_cuda_backend(int device, const BackendOptions& options) {
+  return std::make_unique<cuda::CudaBackend>(device, options);
+}
 
 }  // namespace speedrun

@@ -1,10 +1,17 @@
 // The CUDA backend's elementwise, row-normalisation, rotary, optimiser and transpose
 // kernels. Each mirrors the CPU backend's loop of the same name (same operation order
 // where it matters); "traffic" is the floor of device-memory bytes a call must move.
+#include <cuda_bf16.h>
+
 #include "backends/cuda/cuda_kernels.cuh"
 
 namespace speedrun::cuda {
 namespace {
+
+// out[i] = bf16(in[i]) (nearest even; NaN stays NaN), as raw bits. Traffic: 6 n bytes.
+__global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
+}
 
 constexpr int kRowWarps = 8;  // rows per block in the warp-per-row kernels
 
@@ -192,6 +199,12 @@ __global__ void transpose_kernel(float* out, const float* x, int rows, int cols)
 unsigned row_blocks(int rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
 
 }  // namespace
+
+void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n) {
+  if (n == 0) return;
+  to_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, in, n);
+  check_launch("to_bf16_kernel");
+}
 
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim) {
   const size_t n = static_cast<size_t>(T) * dim;

@@ -1,9 +1,10 @@
 // The FP8 lm_head of SPEC §6 on the GPU: saturating scaled casts to e4m3/e5m2, transposed
 // FP8 copies for the backward, and cuBLASLt FP8 matmuls on GPUs with FP8 tensor cores
 // (compute capability >= 8.9). Elsewhere, for shapes cuBLASLt's FP8 kernels refuse (a
-// dimension not a multiple of 16), or with SPEEDRUN_FP8_HEAD=emulate in the environment,
-// the same casts feed float32 products instead: FP8 values multiply exactly in float32,
-// so that path computes the CPU backend's emulation up to summation order.
+// dimension not a multiple of 16), or when BackendOptions::emulate_fp8_head asks, the same
+// casts feed the backend's own products instead: FP8 values multiply exactly in float32
+// (and are exact in bf16, so --matmul bf16 leaves them unchanged), so that path computes
+// the CPU backend's emulation up to summation order.
 //
 // cuBLASLt is column-major and its FP8 kernels take only "TN" operands (both contiguous
 // along K). Our row-major X [rows, d] is column-major X^T [d, rows]; so, with A stored as
@@ -20,7 +21,6 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -126,13 +126,6 @@ int64_t alignment_of(const void* pointer) {
   return static_cast<int64_t>(bits & (~bits + 1));
 }
 
-bool forced_emulation() {
-  const char* mode = std::getenv("SPEEDRUN_FP8_HEAD");
-  if (!mode || !*mode) return false;
-  if (std::strcmp(mode, "emulate") == 0) return true;
-  throw Error(std::string("SPEEDRUN_FP8_HEAD must be unset or 'emulate', got '") + mode + "'");
-}
-
 bool device_has_fp8() {
   int device = 0, major = 0, minor = 0;
   SPEEDRUN_CUDA_CHECK(cudaGetDevice(&device));
@@ -145,8 +138,8 @@ bool device_has_fp8() {
 
 class Fp8Head {
  public:
-  Fp8Head(cudaStream_t stream, LtGemm& gemm)
-      : stream_(stream), gemm_(gemm), tensor_cores_(!forced_emulation() && device_has_fp8()) {
+  Fp8Head(cudaStream_t stream, LtGemm& gemm, bool emulate)
+      : stream_(stream), gemm_(gemm), tensor_cores_(!emulate && device_has_fp8()) {
     if (!tensor_cores_) return;
     SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
     check_cuda(cudaMalloc(&workspace_, LtGemm::kWorkspaceBytes), "cudaMalloc (FP8 cuBLASLt workspace)");
@@ -319,7 +312,7 @@ class Fp8Head {
   }
 
   cudaStream_t stream_;
-  LtGemm& gemm_;  // the backend's float32 products, for the emulated path
+  LtGemm& gemm_;  // the backend's products, for the emulated path
   const bool tensor_cores_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
@@ -340,8 +333,8 @@ struct Fp8HeadDeleter {
 };
 void Fp8HeadDeleter::operator()(Fp8Head* head) const { delete head; }
 
-std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm) {
-  return std::unique_ptr<Fp8Head, Fp8HeadDeleter>(new Fp8Head(stream, gemm));
+std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head(cudaStream_t stream, LtGemm& gemm, bool emulate) {
+  return std::unique_ptr<Fp8Head, Fp8HeadDeleter>(new Fp8Head(stream, gemm, emulate));
 }
 
 void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,

@@ -8,21 +8,30 @@
 #include <string>
 
 #include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/cuda_kernels.cuh"
 
 namespace speedrun::cuda {
 namespace {
 
 // The largest power of two (<= 256) dividing every matrix's address in bytes.
-int64_t alignment_bytes(const void* pointer, size_t stride_elements, int batch) {
+int64_t alignment_bytes(const void* pointer, size_t stride_elements, size_t element_bytes, int batch) {
   uint64_t bits = reinterpret_cast<uint64_t>(pointer);
-  if (batch > 1) bits |= stride_elements * sizeof(float);
+  if (batch > 1) bits |= stride_elements * element_bytes;
   bits |= 256;
   return static_cast<int64_t>(bits & (~bits + 1));
 }
 
-cublasLtMatrixLayout_t make_layout(uint64_t rows, uint64_t cols, int64_t ld, int batch, int64_t stride) {
+// Floats an operand spans: `batch` matrices of rows x cols (leading dimension ld), `stride`
+// apart. The bf16 copy covers the gaps too, so that ld and stride apply to it unchanged.
+size_t operand_extent(int rows, int cols, int ld, size_t stride, int batch) {
+  if (rows == 0 || cols == 0 || batch == 0) return 0;
+  return static_cast<size_t>(batch - 1) * stride + static_cast<size_t>(rows - 1) * ld + cols;
+}
+
+cublasLtMatrixLayout_t make_layout(cudaDataType_t type, uint64_t rows, uint64_t cols, int64_t ld, int batch,
+                                   int64_t stride) {
   cublasLtMatrixLayout_t layout = nullptr;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_32F, rows, cols, ld));
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
   const int32_t count = batch;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
                                                          sizeof(count)));
@@ -34,7 +43,8 @@ cublasLtMatrixLayout_t make_layout(uint64_t rows, uint64_t cols, int64_t ld, int
 
 }  // namespace
 
-LtGemm::LtGemm(cudaStream_t stream) : stream_(stream) {
+LtGemm::LtGemm(cudaStream_t stream, bool bf16_inputs)
+    : stream_(stream), bf16_inputs_(bf16_inputs), bf16_a_(stream), bf16_b_(stream) {
   SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
   check_cuda(cudaMalloc(&workspace_, kWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
 }
@@ -67,16 +77,18 @@ const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
   // Stored (pre-op) column-major shapes: our B is [K,N] row-major (or [N,K] transposed),
   // i.e. column-major N x K (or K x N); likewise our A; C^T is N x M.
-  plan.a = make_layout(tb ? K : N, tb ? N : K, ldb, batch, stride_b);
-  plan.b = make_layout(ta ? M : K, ta ? K : M, lda, batch, stride_a);
-  plan.c = make_layout(N, M, ldc, batch, stride_c);
+  const cudaDataType_t input = bf16_inputs_ ? CUDA_R_16BF : CUDA_R_32F;
+  plan.a = make_layout(input, tb ? K : N, tb ? N : K, ldb, batch, stride_b);
+  plan.b = make_layout(input, ta ? M : K, ta ? K : M, lda, batch, stride_a);
+  plan.c = make_layout(CUDA_R_32F, N, M, ldc, batch, stride_c);
 
   const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
   const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
   const uint32_t align_c = static_cast<uint32_t>(key[14]);
   if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first, align_second, align_c,
                       &plan.algo)) {
-    throw Error("cuBLASLt found no float32 algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
+    throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
+                " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
                 " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
                 " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
   }
@@ -111,8 +123,25 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
   return true;
 }
 
+const void* LtGemm::rounded_operand(Scratch& buffer, const float* x, size_t extent) {
+  auto* copy = static_cast<uint16_t*>(buffer.get(extent * sizeof(uint16_t)));
+  to_bf16(stream_, copy, x, extent);
+  return copy;
+}
+
 void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
                  const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c, int batch) {
+  const void* a = A;
+  const void* b = B;
+  size_t element_bytes = sizeof(float);
+  if (bf16_inputs_) {
+    const size_t extent_a = operand_extent(ta ? K : M, ta ? M : K, lda, stride_a, batch);
+    const size_t extent_b = operand_extent(tb ? N : K, tb ? K : N, ldb, stride_b, batch);
+    a = rounded_operand(bf16_a_, A, extent_a);
+    // X X^T (Newton-Schulz) multiplies a matrix by itself: one copy serves both operands.
+    b = (B == A && extent_b <= extent_a) ? a : rounded_operand(bf16_b_, B, extent_b);
+    element_bytes = sizeof(uint16_t);
+  }
   const Key key{ta,
                 tb,
                 M,
@@ -125,11 +154,11 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 static_cast<int64_t>(stride_b),
                 static_cast<int64_t>(stride_c),
                 batch,
-                alignment_bytes(A, stride_a, batch),
-                alignment_bytes(B, stride_b, batch),
-                alignment_bytes(C, stride_c, batch)};
+                alignment_bytes(a, stride_a, element_bytes, batch),
+                alignment_bytes(b, stride_b, element_bytes, batch),
+                alignment_bytes(C, stride_c, sizeof(float), batch)};
   const Plan& plan = plan_for(key);
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
                                        &plan.algo, workspace_, kWorkspaceBytes, stream_));
 }
 

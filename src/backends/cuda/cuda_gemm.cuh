@@ -1,5 +1,9 @@
-// Row-major float32 matrix products through cuBLASLt (FP32 compute, no TF32), with the
-// matmul descriptors and the chosen algorithm cached per shape, strides and alignment.
+// Row-major float32 matrix products through cuBLASLt, with the matmul descriptors and the
+// chosen algorithm cached per shape, strides and alignment. Two kinds: float32 throughout
+// (FP32 compute, no TF32), or SPEC §6's bf16 inputs: both operands rounded to bf16 (nearest
+// even, exactly as the CPU backend's emulation) into scratch copies, multiplied on the
+// tensor cores with float32 accumulation and a float32 C. The copies cost 6 bytes per
+// operand element; they go away once activations are stored in bf16.
 #pragma once
 
 #include <cublasLt.h>
@@ -9,6 +13,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+
+#include "backends/cuda/cuda_common.cuh"
 
 namespace speedrun::cuda {
 
@@ -21,7 +27,7 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
 
 class LtGemm {
  public:
-  explicit LtGemm(cudaStream_t stream);
+  LtGemm(cudaStream_t stream, bool bf16_inputs);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
@@ -43,7 +49,12 @@ class LtGemm {
   using Key = std::array<int64_t, 15>;
   const Plan& plan_for(const Key& key);
 
+  // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
+  const void* rounded_operand(Scratch& buffer, const float* x, size_t extent);
+
   cudaStream_t stream_;
+  const bool bf16_inputs_;
+  Scratch bf16_a_, bf16_b_;  // operand copies (bf16_inputs_); grown to the largest, never shrunk
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::map<Key, Plan> plans_;

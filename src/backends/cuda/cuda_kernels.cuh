@@ -40,6 +40,8 @@ void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, i
 // or 0 when beta == 0: a product with K == 0.
 void scale_matrix(cudaStream_t s, float* C, int M, int N, int ldc, size_t stride_c, int batch, float beta);
 void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, int batch);
+// out[i] = the bits of bf16(in[i]), nearest even (the CPU's lowp::round_to_bf16).
+void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n);
 
 // --- reductions and the head (cuda_reduce.cu) ---------------------------------------------
 enum class DotResult {

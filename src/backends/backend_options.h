@@ -1,0 +1,35 @@
+// How a backend computes where SPEC §6 leaves a choice: the precision of matmul inputs,
+// the attention kernel, and (for tests) the FP8 head's emulated path. The defaults are the
+// float32 reference; `speedrun train --device cuda` asks for SPEC §6's bf16 matmuls.
+#pragma once
+
+#include <string>
+
+namespace speedrun {
+
+enum class MatmulPrecision {
+  kFloat32,   // float32 inputs and products (the CPU reference)
+  kBfloat16,  // inputs rounded to bfloat16 (nearest even), products accumulated in float32
+};
+
+enum class AttentionKernel {
+  kReference,  // float32 throughout
+  kFlash,      // CUDA only: the bf16 FlashAttention-2-style kernel (q, k, v rounded to bf16)
+};
+
+struct BackendOptions {
+  MatmulPrecision matmul = MatmulPrecision::kFloat32;
+  AttentionKernel attention = AttentionKernel::kReference;
+  // CUDA: run the FP8 head's casts into float32 products even where FP8 tensor cores exist
+  // (the path GPUs below sm_89 take), so that it can be tested on any GPU.
+  bool emulate_fp8_head = false;
+};
+
+// "fp32" / "bf16"; UsageError naming the flag otherwise.
+MatmulPrecision parse_matmul_precision(const std::string& name);
+std::string matmul_precision_name(MatmulPrecision precision);
+// "reference" / "flash"; UsageError naming the flag otherwise.
+AttentionKernel parse_attention_kernel(const std::string& name);
+std::string attention_kernel_name(AttentionKernel kernel);
+
+}  // namespace speedrun

@@ -1,0 +1,24 @@
+// The backend flags that train and bench share: --matmul and --attention-kernel.
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "backends/backend_options.h"
+
+namespace speedrun::cli {
+
+struct BackendFlags {
+  std::string matmul = "auto";
+  std::string attention = "reference";
+
+  void add_to(CLI::App* command);
+  // The options for `device` ("cpu" or "cuda"): --matmul auto is SPEC §6's bf16 on cuda and
+  // the float32 reference on cpu.
+  BackendOptions resolve(const std::string& device) const;
+  // " --matmul X --attention-kernel Y" for the flags not at their defaults (resume commands).
+  std::string non_default_arguments() const;
+};
+
+}  // namespace speedrun::cli

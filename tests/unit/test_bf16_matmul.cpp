@@ -1,0 +1,131 @@
+// --matmul bf16 on the CPU backend: the emulation the CUDA backend's tensor-core products
+// are tested against. A product must be the float32 product of the bf16-rounded operands,
+// bit for bit (the same sgemm runs on the same numbers), with C and alpha/beta untouched.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backends/backend.h"
+#include "backends/low_precision.h"
+#include "model/config.h"
+#include "model/gpt.h"
+#include "support/finite_difference.h"
+#include "util/error.h"
+
+namespace speedrun {
+namespace {
+
+using testing::random_vector;
+
+BackendOptions bf16_matmuls() {
+  BackendOptions options;
+  options.matmul = MatmulPrecision::kBfloat16;
+  return options;
+}
+
+std::vector<float> rounded(std::vector<float> x) {
+  for (float& v : x) v = lowp::round_to_bf16(v);
+  return x;
+}
+
+struct Product {
+  bool ta, tb;
+  int M, N, K, pad;
+};
+
+TEST(Bf16Matmul, EqualsTheFloat32ProductOfRoundedOperandsBitForBit) {
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  auto fp32 = make_cpu_backend();
+  for (const Product p : {Product{false, false, 5, 7, 9, 0}, Product{true, false, 6, 3, 11, 2},
+                          Product{false, true, 4, 8, 5, 1}, Product{true, true, 9, 9, 9, 3}}) {
+    SCOPED_TRACE("ta=" + std::to_string(p.ta) + " tb=" + std::to_string(p.tb));
+    const int lda = (p.ta ? p.M : p.K) + p.pad, ldb = (p.tb ? p.K : p.N) + p.pad, ldc = p.N + p.pad;
+    const auto A = random_vector(static_cast<size_t>(p.ta ? p.K : p.M) * lda, 1);
+    const auto B = random_vector(static_cast<size_t>(p.tb ? p.N : p.K) * ldb, 2);
+    const auto C0 = random_vector(static_cast<size_t>(p.M) * ldc, 3);  // not bf16 values
+    std::vector<float> got = C0, want = C0, plain = C0;
+    bf16->gemm(p.ta, p.tb, p.M, p.N, p.K, 0.7f, A.data(), lda, B.data(), ldb, 1.3f, got.data(), ldc);
+    const auto Ar = rounded(A), Br = rounded(B);
+    fp32->gemm(p.ta, p.tb, p.M, p.N, p.K, 0.7f, Ar.data(), lda, Br.data(), ldb, 1.3f, want.data(), ldc);
+    fp32->gemm(p.ta, p.tb, p.M, p.N, p.K, 0.7f, A.data(), lda, B.data(), ldb, 1.3f, plain.data(), ldc);
+    EXPECT_EQ(got, want);
+    EXPECT_NE(got, plain) << "the operands were not rounded";
+  }
+}
+
+TEST(Bf16Matmul, LeavesTheOperandsUnchanged) {
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  const auto A = random_vector(12 * 10, 4), B = random_vector(10 * 8, 5);
+  std::vector<float> a = A, b = B, c(12 * 8);
+  bf16->gemm(false, false, 12, 8, 10, 1.f, a.data(), 10, b.data(), 8, 0.f, c.data(), 8);
+  EXPECT_EQ(a, A);
+  EXPECT_EQ(b, B);
+}
+
+// Newton-Schulz's X X^T passes one matrix as both operands; batches sit `stride` apart.
+TEST(Bf16Matmul, BatchesAndAliasedOperandsRoundEveryMatrix) {
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  auto fp32 = make_cpu_backend();
+  const int rows = 6, cols = 10, batch = 3;
+  const size_t stride = rows * cols + 4;
+  const auto X = random_vector(stride * batch, 6);
+  std::vector<float> got(rows * rows * batch, 0.f), want = got;
+  bf16->gemm_batched(false, true, rows, rows, cols, 1.f, X.data(), cols, stride, X.data(), cols, stride, 0.f,
+                     got.data(), rows, rows * rows, batch);
+  const auto Xr = rounded(X);
+  fp32->gemm_batched(false, true, rows, rows, cols, 1.f, Xr.data(), cols, stride, Xr.data(), cols, stride, 0.f,
+                     want.data(), rows, rows * rows, batch);
+  EXPECT_EQ(got, want);
+}
+
+TEST(Bf16Matmul, NonFiniteOperandsStayNonFinite) {
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  std::vector<float> A = {1.f, NAN, 2.f, 3.f}, B = {1.f, 1.f, 1.f, 1.f}, C(4);
+  bf16->gemm(false, false, 2, 2, 2, 1.f, A.data(), 2, B.data(), 2, 0.f, C.data(), 2);
+  EXPECT_TRUE(std::isnan(C[0]));
+  EXPECT_TRUE(std::isnan(C[1]));
+  EXPECT_EQ(C[2], lowp::round_to_bf16(2.f) + lowp::round_to_bf16(3.f));
+}
+
+// The model's loss moves by bf16 rounding (~2^-9 per operand), not by more: micro's step-0
+// loss within 1% of float32's, and not equal to it (the option reaches every product).
+TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
+  const Config config = Config::preset("micro");
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  auto fp32 = make_cpu_backend();
+  const int T = 128;
+  std::vector<int32_t> inputs(T), targets(T);
+  for (int t = 0; t < T; ++t) {
+    inputs[t] = (t * 7919) % config.vocab_size;
+    targets[t] = (t * 104729 + 13) % config.vocab_size;
+  }
+  GPT a(config, *bf16, T, T), b(config, *fp32, T, T);
+  const auto params = random_vector(a.layout().total(), 7, 0.3f);
+  a.load_parameters(params);
+  b.load_parameters(params);
+  const double loss_bf16 = a.forward(inputs, targets, 2), loss_fp32 = b.forward(inputs, targets, 2);
+  ASSERT_TRUE(std::isfinite(loss_bf16));
+  EXPECT_NEAR(loss_bf16, loss_fp32, 1e-2 * loss_fp32);
+  EXPECT_NE(loss_bf16, loss_fp32);
+}
+
+TEST(Bf16Matmul, TheFlashKernelIsRefusedOnTheCpu) {
+  BackendOptions options;
+  options.attention = AttentionKernel::kFlash;
+  EXPECT_THROW(make_cpu_backend(options), UsageError);
+}
+
+TEST(Bf16Matmul, OptionNamesRoundTripAndUnknownNamesAreUsageErrors) {
+  for (auto p : {MatmulPrecision::kFloat32, MatmulPrecision::kBfloat16}) {
+    EXPECT_EQ(parse_matmul_precision(matmul_precision_name(p)), p);
+  }
+  for (auto k : {AttentionKernel::kReference, AttentionKernel::kFlash}) {
+    EXPECT_EQ(parse_attention_kernel(attention_kernel_name(k)), k);
+  }
+  EXPECT_THROW(parse_matmul_precision("tf32"), UsageError);
+  EXPECT_THROW(parse_attention_kernel("fast"), UsageError);
+}
+
+}  // namespace
+}  // namespace speedrun
