@@ -6,13 +6,14 @@
 # packages this project builds against (OpenBLAS, PCRE2, nlohmann-json, GoogleTest). So we
 # build HERE and carry the binaries with the shared libraries they need:
 #
-#   1. here:  scripts/gpu_check.sh --prepare-carry build-cuda/carry
-#        configures and builds build-cuda (sm_90, -j1), then packs every GPU test
+#   1. here:  scripts/gpu_check.sh --prepare-carry build-gpu/carry
+#        configures and builds build-gpu (the release architectures sm_80, sm_89 and
+#        sm_90: about 25 minutes at -j1 from scratch), then packs every GPU test
 #        (tests/gpu/test_*.cpp), speedrun and their non-system libraries into
-#        build-cuda/carry/payload.tar.gz
-#        (build-cuda/ is git-ignored, so the run tool must be told to carry it).
-#   2. there: run tool, carry ["build-cuda/carry"], command
-#        scripts/gpu_check.sh build-cuda/carry [STAGES]
+#        build-gpu/carry/payload.tar.gz
+#        (build-gpu/ is git-ignored, so the run tool must be told to carry it).
+#   2. there: run tool, carry ["build-gpu/carry"], command
+#        scripts/gpu_check.sh build-gpu/carry [STAGES]
 #        STAGES (comma-separated, default tests,sanitize; each call must end within the run
 #        tool's 10 minutes, so bench goes in a second call): tests = every GPU test;
 #        sanitize = compute-sanitizer memcheck and racecheck on the op tests; bench =
@@ -25,9 +26,11 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 prepare_carry() {
-  local dir=$1 build=$ROOT/build-cuda
+  local dir=$1 build=$ROOT/build-gpu
   set -e
-  cmake -S "$ROOT" -B "$build" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 -DSPEEDRUN_BENCHMARKS=OFF -DSPEEDRUN_TESTS=ON
+  # The default CUDA architectures (80;89;90): the binaries run on the sm_90 device and
+  # their SASS for all three is checked there with cuobjdump.
+  cmake -S "$ROOT" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPEEDRUN_BENCHMARKS=OFF -DSPEEDRUN_TESTS=ON
   local tests
   tests=$(gpu_test_names)
   # shellcheck disable=SC2086
@@ -109,6 +112,12 @@ run_checks() {
   local summary=()
   record() { summary+=("$(printf '%-40s %s' "$1" "$2")"); }
   count() { grep -c "^\[ *$1 *\] .* ms)\$" "$2"; }
+  local archs
+  archs=$(grep -o 'sm_[0-9]*' "$out/env.log" | sort -u | tr '\n' ' ')
+  case "$archs" in
+    *sm_80*sm_89*sm_90*) record "SASS in speedrun" "ok: $archs" ;;
+    *) record "SASS in speedrun" "MISSING (want sm_80 sm_89 sm_90): $archs" ;;
+  esac
 
   # 1. Every GPU test program (the gpu label's ctest runs exactly these; ctest's files hold
   #    this machine's absolute paths, so the programs are run directly), one log.
@@ -153,17 +162,21 @@ run_checks() {
 
   # 3. Training-step benchmarks: each variant is a preset and its backend flags.
   #    speedrun-124m: bf16 matmuls (the cuda default), float32 reference attention;
-  #    speedrun-124m-flash: the same with attention through the bf16 flash kernel.
-  local variant limit flags
-  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash")
-  for variant in micro tiny speedrun-124m speedrun-124m-flash; do
+  #    speedrun-124m-flash: the same with attention through the bf16 flash kernel;
+  #    speedrun-124m-recompute: the flash variant keeping 40% fewer activations.
+  local variant preset limit flags
+  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash"
+    [speedrun-124m-recompute]="--attention-kernel flash --recompute-activations")
+  for variant in micro tiny speedrun-124m speedrun-124m-flash speedrun-124m-recompute; do
     [[ $stages == *bench* ]] || continue
     limit=120
     [[ $variant == speedrun-124m* ]] && limit=300
     flags=${variant_flags[$variant]}
-    echo "=== bench --device cuda --preset ${variant%-flash} $flags" >>"$out/bench.log"
+    preset=${variant%-flash}
+    preset=${preset%-recompute}
+    echo "=== bench --device cuda --preset $preset $flags" >>"$out/bench.log"
     # shellcheck disable=SC2086
-    timeout "$limit" "$speedrun" bench --device cuda --preset "${variant%-flash}" $flags \
+    timeout "$limit" "$speedrun" bench --device cuda --preset "$preset" $flags \
       --steps 2 --warmup 1 --json "$out/bench_$variant.json" >"$work/bench.tmp" 2>&1
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
@@ -184,7 +197,7 @@ run_checks() {
 }
 
 case "${1:-}" in
-  --prepare-carry) prepare_carry "$(realpath -m "${2:-$ROOT/build-cuda/carry}")" ;;
+  --prepare-carry) prepare_carry "$(realpath -m "${2:-$ROOT/build-gpu/carry}")" ;;
   -h | --help) sed -n '2,20p' "$0" ;;
-  *) run_checks "${1:-build-cuda/carry}" "${2:-tests,sanitize}" ;;
+  *) run_checks "${1:-build-gpu/carry}" "${2:-tests,sanitize}" ;;
 esac

@@ -133,6 +133,7 @@ void register_bench_command(CLI::App& app) {
     ConfigOptions config;
     std::string device = "cpu";
     BackendFlags backend;
+    bool recompute_activations = false;
     std::string grad_reduce = "auto";
     int steps = 3;
     int warmup = 1;
@@ -144,6 +145,7 @@ void register_bench_command(CLI::App& app) {
   opts->config.add_to(cmd, "tiny");
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   opts->backend.add_to(cmd);
+  cmd->add_flag("--recompute-activations", opts->recompute_activations, "as train --recompute-activations");
   cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
@@ -168,7 +170,11 @@ void register_bench_command(CLI::App& app) {
     std::map<std::string, OpStats> stats;
     bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
     auto backend = make_profiling_backend(*device, stats, &profiling);
-    GPT model(config, *backend, config.seq_len, config.seq_len);
+    const ActivationMemory memory =
+        opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
+    // Sized as a training run sizes it (validation sequences included), so that the peak
+    // memory reported is the run's.
+    GPT model(config, *backend, config.seq_len, config.val_seq_len, memory);
     Optimizer optimizer(config, model.layout(), *backend);
     DataParallel dp(*comm, model, {parse_grad_reduce(opts->grad_reduce)});
     const size_t tokens = static_cast<size_t>(config.world_size) * config.seq_len;
@@ -209,9 +215,10 @@ void register_bench_command(CLI::App& app) {
                 "window %d blocks\n",
                 device_description(opts->device, device_index).c_str(), thread_count(), comm->size(),
                 model.layout().total(), config.world_size, config.seq_len, window);
-    std::printf("matmul inputs %s, attention kernel %s, lm_head %s\n",
+    std::printf("matmul inputs %s, attention kernel %s, lm_head %s, activations %s (%.1f MiB)\n",
                 matmul_precision_name(backend_options.matmul).c_str(),
-                attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain");
+                attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain",
+                opts->recompute_activations ? "recomputed" : "stored", model.activation_bytes() / (1024.0 * 1024.0));
     std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
                 1000 * profiled_seconds);
     std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
@@ -263,6 +270,8 @@ void register_bench_command(CLI::App& app) {
                             {"device_name", device_description(opts->device, device_index)},
                             {"matmul", matmul_precision_name(backend_options.matmul)},
                             {"attention_kernel", attention_kernel_name(backend_options.attention)},
+                            {"recompute_activations", opts->recompute_activations},
+                            {"activation_bytes", model.activation_bytes()},
                             {"processes", comm->size()},
                             {"communication_ms_per_step", communication_ms},
                             {"threads", thread_count()},

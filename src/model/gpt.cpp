@@ -32,8 +32,13 @@ struct GPT::LayerActivations {
   float* g = nullptr;        // relu(h)^2 [T, mlp]
 };
 
-GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T)
-    : config_(config), backend_(backend), layout_(config), max_train_T_(max_train_T), max_eval_T_(max_eval_T) {
+GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationMemory memory)
+    : config_(config),
+      backend_(backend),
+      layout_(config),
+      max_train_T_(max_train_T),
+      max_eval_T_(max_eval_T),
+      recompute_(memory == ActivationMemory::kRecompute) {
   config_.validate();
   const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
   const size_t T_all = std::max(max_train_T, max_eval_T);
@@ -41,16 +46,19 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   auto f = [&](size_t n) {
     float* p = backend_.alloc(n);
     allocations_.push_back(p);
+    activation_bytes_ += n * sizeof(float);
     return p;
   };
   auto i32 = [&](size_t n) {
     int32_t* p = backend_.alloc_i32(n);
     allocations_.push_back(p);
+    activation_bytes_ += n * sizeof(int32_t);
     return p;
   };
   resolve_offsets();
   params_ = f(layout_.total());
   grads_ = f(layout_.total());
+  activation_bytes_ = 0;  // counted from here on
   inputs_ = i32(T_all);
   targets_ = i32(T_all);
   doc_ = i32(T_all);
@@ -75,31 +83,38 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   dy_ = f(T_train * hd);
   for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(f(T_train * d));
   for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(f(T_train * d));
+  // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
+  // outputs in one: the backward needs the MLP's before attention's).
+  float* shared_norm = recompute_ ? f(T_all * d) : nullptr;
+  float* shared_q_rot = recompute_ ? f(T_all * hd) : nullptr;
+  float* shared_k_rot = recompute_ ? f(T_all * hd) : nullptr;
+  float* shared_g = recompute_ ? f(T_all * mlp) : nullptr;
   for (int i = 0; i < config_.num_layers; ++i) {
     // Slot 0 also serves every layer of a forward-only pass, so it holds the longest T.
     const size_t T = i == 0 ? T_all : T_train;
+    auto kept = [&](float* shared, size_t n) { return recompute_ ? shared : f(n); };
     auto a = std::make_unique<LayerActivations>();
     a->x_in = f(T * d);
     a->xm = f(T * d);
     a->x1 = f(T * d);
     if (config_.layer_has_attention(i) || i == 0) {
-      a->attn_norm = f(T * d);
+      a->attn_norm = kept(shared_norm, T * d);
       a->attn_rstd = f(T);
       a->qn = f(T * hd);
       a->kn = f(T * hd);
       a->q_rstd = f(T * H);
       a->k_rstd = f(T * H);
-      a->q_rot = f(T * hd);
-      a->k_rot = f(T * hd);
+      a->q_rot = kept(shared_q_rot, T * hd);
+      a->k_rot = kept(shared_k_rot, T * hd);
       a->v_raw = f(T * hd);
       a->v = f(T * hd);
       a->y = f(T * hd);
       a->lse = f(T * H);
     }
-    a->mlp_norm = f(T * d);
+    a->mlp_norm = kept(shared_norm, T * d);
     a->mlp_rstd = f(T);
     a->h = f(T * mlp);
-    a->g = f(T * mlp);
+    a->g = kept(shared_g, T * mlp);
     layers_.push_back(std::move(a));
   }
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
@@ -264,10 +279,8 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.rmsnorm_forward(a.qn, a.q_rstd, a.qn, T * H, D, eps);
     backend_.rmsnorm_forward(a.kn, a.k_rstd, a.kn, T * H, D, eps);
-    backend_.copy(a.q_rot, a.qn, static_cast<size_t>(T) * hd);
-    backend_.copy(a.k_rot, a.kn, static_cast<size_t>(T) * hd);
-    backend_.rotary(a.q_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
-    backend_.rotary(a.k_rot, T, H, D, static_cast<float>(config_.rotary_base), false);
+    rotated_copy(a.q_rot, a.qn, T);
+    rotated_copy(a.k_rot, a.kn, T);
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? ve_[ve] : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
@@ -282,6 +295,25 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * mlp);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.add(x_out, x1, n);
+}
+
+void GPT::rotated_copy(float* out, const float* x, int T) {
+  backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
+  backend_.rotary(out, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base), false);
+}
+
+void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
+  if (!recompute_) return;
+  backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * config_.mlp_dim());
+}
+
+void GPT::recompute_attention_inputs(LayerActivations& a, int T) {
+  if (!recompute_) return;
+  backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, config_.model_dim,
+                           static_cast<float>(config_.rmsnorm_eps));
+  rotated_copy(a.q_rot, a.qn, T);
+  rotated_copy(a.k_rot, a.kn, T);
 }
 
 void GPT::run_head(int T, float grad_scale) {
@@ -367,6 +399,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
+  recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
   linear_backward(dwide_, false, grads_ + offsets.mlp_proj, dx_, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
   backend_.relu2_backward(dwide_, dwide_, a.h, static_cast<size_t>(T) * mlp);
@@ -381,6 +414,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const size_t nh = static_cast<size_t>(T) * hd;
     linear_backward(dy_, false, grads_ + offsets.attn_proj, dx_, a.y, params_ + offsets.attn_proj, T,
                     d, hd);
+    recompute_attention_inputs(a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_backward(dq_, dk_, dv_, dy_, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
     backend_.rotary(dq_, T, H, D, static_cast<float>(config_.rotary_base), true);

@@ -14,12 +14,19 @@
 
 namespace speedrun {
 
+// What the forward keeps for the backward. kRecompute keeps neither the rmsnorm outputs
+// nor the rotated q and k nor relu(h)^2, and recomputes them in the backward from what it
+// does keep (bit-identical gradients): 8 d of the 20 d floats per token and layer of the
+// speedrun's shapes, for one more rmsnorm, rotary and relu^2 pass per layer.
+enum class ActivationMemory { kStore, kRecompute };
+
 class GPT {
  public:
   // Allocates parameters, gradients and activations in the backend's memory for
   // training sequences of up to max_train_T tokens and forward-only ones of up to
   // max_eval_T (a forward-only pass reuses one layer's activation slot for all layers).
-  GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T);
+  GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T,
+      ActivationMemory memory = ActivationMemory::kStore);
   ~GPT();
   GPT(const GPT&) = delete;
   GPT& operator=(const GPT&) = delete;
@@ -27,6 +34,9 @@ class GPT {
   const Config& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
   Backend& backend() { return backend_; }
+  // Bytes of the backend's memory held for activations and gradient scratch (everything
+  // but parameters and gradients).
+  size_t activation_bytes() const { return activation_bytes_; }
   float* params() { return params_; }
   float* grads() { return grads_; }
   float* param(const std::string& name) { return params_ + layout_.at(name).offset; }
@@ -74,6 +84,11 @@ class GPT {
   void run_backward(int T, int long_window);
   LayerActivations& slot(int layer, bool training) { return *layers_[training ? layer : 0]; }
   void block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out);
+  // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output and
+  // rotated q, k, recomputed into the shared buffers for the backward.
+  void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
+  void recompute_attention_inputs(LayerActivations& a, int T);
+  void rotated_copy(float* out, const float* x, int T);  // out = rotary(x)
   // On entry dx_ holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.
   void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
@@ -87,6 +102,8 @@ class GPT {
   ParamLayout layout_;
   int max_train_T_;
   int max_eval_T_;
+  const bool recompute_;
+  size_t activation_bytes_ = 0;
   float* params_ = nullptr;
   float* grads_ = nullptr;
   std::vector<void*> allocations_;

@@ -126,6 +126,20 @@ TEST_F(TrainCli, PlainLinesWithoutATerminalAndAFullRunDirectory) {
   EXPECT_EQ(read_metrics(dir_ / "run/metrics.jsonl").train_losses.size(), 20u);
 }
 
+// Recomputing activations changes memory, never the numbers: the same losses to the bit,
+// and the same checkpoint bytes.
+TEST_F(TrainCli, RecomputedActivationsTrainTheSameRun) {
+  for (const char* run : {"kept", "recomputed"}) {
+    const std::string extra = std::string("--quiet --steps 4") + (run[0] == 'r' ? " --recompute-activations" : "");
+    const RunResult r = speedrun(train_args(run, extra), dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  const auto kept = read_metrics(dir_ / "kept/metrics.jsonl"), recomputed = read_metrics(dir_ / "recomputed/metrics.jsonl");
+  ASSERT_EQ(kept.train_losses.size(), 4u);
+  EXPECT_EQ(kept.train_losses, recomputed.train_losses);
+  EXPECT_EQ(read_all(dir_ / "kept/step_000004.safetensors"), read_all(dir_ / "recomputed/step_000004.safetensors"));
+}
+
 TEST_F(TrainCli, QuietPrintsNothing) {
   const RunResult r = speedrun(train_args("run", "--quiet --steps 3"), dir_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -321,12 +335,21 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   EXPECT_LT(j["first_step_seconds"].get<double>(), 60);
 }
 
-TEST_F(TrainCli, BenchAndTrainTakeTheMatmulPrecisionAndRefuseFlashOnTheCpu) {
+TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheCpu) {
   const fs::path json = dir_ / "bench_bf16.json";
   const RunResult bench = speedrun("bench --preset micro --steps 1 --matmul bf16 --json " + quote(json.string()), dir_);
   ASSERT_EQ(bench.exit_code, 0) << bench.err;
   EXPECT_TRUE(contains(bench.out, "matmul inputs bf16")) << bench.out;
-  EXPECT_EQ(nlohmann::json::parse(read_all(json))["matmul"], "bf16");
+  const nlohmann::json bf16 = nlohmann::json::parse(read_all(json));
+  EXPECT_EQ(bf16["matmul"], "bf16");
+
+  const fs::path recomputed = dir_ / "bench_recompute.json";
+  const RunResult lean =
+      speedrun("bench --preset micro --steps 1 --recompute-activations --json " + quote(recomputed.string()), dir_);
+  ASSERT_EQ(lean.exit_code, 0) << lean.err;
+  const nlohmann::json j = nlohmann::json::parse(read_all(recomputed));
+  EXPECT_TRUE(j["recompute_activations"].get<bool>());
+  EXPECT_LT(j["activation_bytes"].get<double>(), bf16["activation_bytes"].get<double>());  // exact sizes: test_gpt
 
   const RunResult flash = speedrun("train --preset micro --steps 1 --attention-kernel flash --out-dir " +
                                        quote((dir_ / "flash").string()),

@@ -705,11 +705,13 @@ std::vector<float> random_parameters(const ParamLayout& layout, std::mt19937_64&
 
 class ModelTest : public CudaBackendTest {
  protected:
+  ActivationMemory gpu_activations_ = ActivationMemory::kStore;
+
   // Tolerances default to float32 against float32 (see the top of this file).
   void compare_forward_backward(const Config& config, int T, int window, double loss_tolerance = 1e-5,
                                 double gradient_tolerance = 1e-3) {
     SCOPED_TRACE("T=" + std::to_string(T) + " window=" + std::to_string(window));
-    GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu_, T, T);
+    GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu_, T, T, gpu_activations_);
     const auto params = random_parameters(on_cpu.layout(), rng_);
     const int eot = 50256 % config.vocab_size;
     const auto inputs = tokens_with_documents(rng_, T, config.vocab_size, eot);
@@ -772,6 +774,13 @@ TEST_F(ModelTest, TinyWithBf16MatmulsMatchesTheCpuEmulation) {
   gpu_ = make_cuda_backend(0, options);
   cpu_ = make_cpu_backend(options);
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
+}
+
+// --recompute-activations: the backward recomputes norms, rotated q/k and relu^2 on the GPU.
+TEST_F(ModelTest, TinyWithRecomputedActivationsMatchesCpu) {
+  SCOPED_TRACE(trace());
+  gpu_activations_ = ActivationMemory::kRecompute;
+  compare_forward_backward(Config::preset("tiny"), 1024, 8);
 }
 
 TEST_F(ModelTest, TwoOptimizerStepsMatchCpu) {

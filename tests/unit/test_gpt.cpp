@@ -96,8 +96,8 @@ struct RandomModel {
   std::vector<int32_t> inputs, targets;
   int window = 2;
 
-  RandomModel() {
-    model = std::make_unique<GPT>(config, *be, 64, 64);
+  explicit RandomModel(ActivationMemory memory = ActivationMemory::kStore) {
+    model = std::make_unique<GPT>(config, *be, 64, 64, memory);
     params = random_vector(model->layout().total(), 42, 0.5f);
     for (const ParamSpec& s : model->layout().specs()) {
       if (s.name.find("lambdas") != std::string::npos || s.name == "skip_weights") {
@@ -175,6 +175,37 @@ TEST(GPT, ForwardIsDeterministicAndIndependentOfTrainingMode) {
   const double c = m.model->forward(m.inputs, m.targets, m.window);
   EXPECT_EQ(a, b);
   EXPECT_EQ(a, c);
+}
+
+// Recomputing in the backward runs the same ops on the same inputs: the same bits, in the
+// memory the recomputed buffers no longer take per layer (micro's layer 2 has no attention).
+TEST(GPT, RecomputedActivationsGiveBitIdenticalGradientsInLessMemory) {
+  RandomModel kept, recomputed(ActivationMemory::kRecompute);
+  std::vector<std::vector<float>> grads;
+  std::vector<double> losses;
+  for (RandomModel* m : {&kept, &recomputed}) {
+    m->model->load_parameters(m->params);
+    m->model->zero_grad();
+    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window, 1.f));
+    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window + 1, 0.5f));
+    losses.push_back(m->model->forward(m->inputs, m->targets, m->window));
+    grads.push_back(m->model->gradients_to_host());
+  }
+  EXPECT_EQ(losses[0], losses[3]);
+  EXPECT_EQ(losses[1], losses[4]);
+  EXPECT_EQ(losses[2], losses[5]);
+  EXPECT_EQ(grads[0], grads[1]);
+  const Config& c = kept.config;
+  const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();
+  size_t per_layer = 0;  // floats per token no longer kept per layer
+  for (int i = 0; i < c.num_layers; ++i) {
+    per_layer += d + mlp;                                              // mlp_norm, relu(h)^2
+    if (c.layer_has_attention(i) || i == 0) per_layer += d + 2 * hd;  // attn_norm, rotated q, k
+  }
+  const size_t shared = d + 2 * hd + mlp;  // the recompute buffers, one of each
+  ASSERT_FALSE(c.layer_has_attention(2));
+  EXPECT_EQ(kept.model->activation_bytes() - recomputed.model->activation_bytes(),
+            T * (per_layer - shared) * sizeof(float));
 }
 
 TEST(GPT, RejectsSequencesThatDoNotFit) {
