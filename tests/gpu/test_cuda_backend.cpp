@@ -124,6 +124,13 @@ class CudaBackendTest : public ::testing::Test {
     cpu_ = make_cpu_backend();
   }
   std::string trace() const { return "seed " + std::to_string(seed_); }
+  // Both backends with --matmul bf16 (the CPU's is the exact emulation).
+  void use_bf16_matmuls() {
+    BackendOptions bf16;
+    bf16.matmul = MatmulPrecision::kBfloat16;
+    gpu_ = make_cuda_backend(0, bf16);
+    cpu_ = make_cpu_backend(bf16);
+  }
 
   std::vector<float> normal(size_t n, float scale = 1.f) {
     std::normal_distribution<float> dist(0.f, scale);
@@ -326,10 +333,7 @@ TEST_F(GemmTest, ModelShapedProductsMatchCpu) {
 // accumulates in float32, so the float32 band above holds between the two.
 TEST_F(GemmTest, Bf16InputsMatchTheCpuEmulation) {
   SCOPED_TRACE(trace());
-  BackendOptions bf16;
-  bf16.matmul = MatmulPrecision::kBfloat16;
-  gpu_ = make_cuda_backend(0, bf16);
-  cpu_ = make_cpu_backend(bf16);
+  use_bf16_matmuls();
   check({false, false, 37, 129, 65, 3, 0.7f, 1.3f, 1});
   check({true, true, 128, 96, 300, 0, 1.f, 0.f, 1});
   check({false, true, 24, 24, 40, 0, 1.f, 0.f, 3});  // Newton-Schulz's X X^T
@@ -340,9 +344,8 @@ TEST_F(GemmTest, Bf16InputsMatchTheCpuEmulation) {
 // ...and really rounds: against float32 the same product misses that band.
 TEST_F(GemmTest, Bf16InputsDifferFromFloat32) {
   SCOPED_TRACE(trace());
-  BackendOptions bf16;
-  bf16.matmul = MatmulPrecision::kBfloat16;
-  gpu_ = make_cuda_backend(0, bf16);
+  use_bf16_matmuls();
+  cpu_ = make_cpu_backend();  // the float32 product
   const int n = 64;
   const auto A = normal(n * n), B = normal(n * n);
   std::vector<float> want(n * n);
@@ -766,13 +769,10 @@ TEST_F(ModelTest, TinyWithTheFlashAttentionKernelMatchesCpuWithinBf16) {
 // only the summation order differs and the float32 bands hold... except that a product's
 // inputs are rounded from activations that already differ by float32 noise, which bf16
 // rounding turns into an occasional one-ulp (2^-8) flip; hence bands a little above
-// float32's, far below what bf16 against float32 gives (see the test below it).
+// float32's, far below bf16 against float32 (~1e-2 in the loss: test_bf16_matmul).
 TEST_F(ModelTest, TinyWithBf16MatmulsMatchesTheCpuEmulation) {
   SCOPED_TRACE(trace());
-  BackendOptions options;
-  options.matmul = MatmulPrecision::kBfloat16;
-  gpu_ = make_cuda_backend(0, options);
-  cpu_ = make_cpu_backend(options);
+  use_bf16_matmuls();
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
 }
 
