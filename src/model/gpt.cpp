@@ -9,7 +9,8 @@
 
 namespace speedrun {
 
-// What one block saves in its forward pass for its backward pass.
+// What one block saves in its forward pass for its backward pass. In the forward-only
+// set some of these are one buffer: an op that allows it then runs in place.
 struct GPT::LayerActivations {
   float* x_in = nullptr;     // a decoder layer's input (after the skip add) [T, d]
   float* xm = nullptr;       // lambda mix of x and x0 [T, d]
@@ -32,6 +33,18 @@ struct GPT::LayerActivations {
   float* g = nullptr;        // relu(h)^2 [T, mlp]
 };
 
+// The activations of a whole pass outside the blocks.
+struct GPT::ModelActivations {
+  float* x0 = nullptr;           // rmsnorm(embed[tok]) [T, d]
+  float* x0_rstd = nullptr;      // [T]
+  std::vector<float*> ve;        // value embeddings [T, d], indexed by table (forward-only:
+                                 // one buffer, looked up again for each layer that reads it)
+  std::vector<float*> skip_in;   // encoder outputs pushed on the U-net stack [T, d]
+  float* final_x = nullptr;      // last block's output [T, d]
+  float* final_norm = nullptr;   // rmsnorm(final_x) [T, d]
+  float* final_rstd = nullptr;   // [T]
+};
+
 GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationMemory memory)
     : config_(config),
       backend_(backend),
@@ -40,9 +53,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
       max_eval_T_(max_eval_T),
       recompute_(memory == ActivationMemory::kRecompute) {
   config_.validate();
-  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
   const size_t T_all = std::max(max_train_T, max_eval_T);
-  const size_t T_train = max_train_T;
   auto f = [&](size_t n) {
     float* p = backend_.alloc(n);
     allocations_.push_back(p);
@@ -62,65 +73,112 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   inputs_ = i32(T_all);
   targets_ = i32(T_all);
   doc_ = i32(T_all);
-  emb_ = f(T_all * d);
-  x0_ = f(T_all * d);
-  x0_rstd_ = f(T_all);
-  for (int j = 0; j < config_.num_value_embeds; ++j) ve_.push_back(f(T_all * d));
-  for (int i = 0; i < config_.num_encoder_layers(); ++i) skip_in_.push_back(f(T_all * d));
-  final_x_ = f(T_all * d);
-  final_norm_ = f(T_all * d);
-  final_rstd_ = f(T_all);
   row_loss_ = f(T_all);
   head_chunk_ = std::max(1, backend_.head_chunk_rows());
   logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
-  dx_ = f(T_train * d);
-  dx0_ = f(T_train * d);
-  dtmp_ = f(T_train * d);
-  dwide_ = f(T_train * mlp);
-  dq_ = f(T_train * hd);
-  dk_ = f(T_train * hd);
-  dv_ = f(T_train * hd);
-  dy_ = f(T_train * hd);
-  for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(f(T_train * d));
-  for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(f(T_train * d));
-  // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
-  // outputs in one: the backward needs the MLP's before attention's).
-  float* shared_norm = recompute_ ? f(T_all * d) : nullptr;
-  float* shared_q_rot = recompute_ ? f(T_all * hd) : nullptr;
-  float* shared_k_rot = recompute_ ? f(T_all * hd) : nullptr;
-  float* shared_g = recompute_ ? f(T_all * mlp) : nullptr;
-  for (int i = 0; i < config_.num_layers; ++i) {
-    // Slot 0 also serves every layer of a forward-only pass, so it holds the longest T.
-    const size_t T = i == 0 ? T_all : T_train;
-    auto kept = [&](float* shared, size_t n) { return recompute_ ? shared : f(n); };
-    auto a = std::make_unique<LayerActivations>();
-    a->x_in = f(T * d);
-    a->xm = f(T * d);
-    a->x1 = f(T * d);
-    if (config_.layer_has_attention(i) || i == 0) {
-      a->attn_norm = kept(shared_norm, T * d);
-      a->attn_rstd = f(T);
-      a->qn = f(T * hd);
-      a->kn = f(T * hd);
-      a->q_rstd = f(T * H);
-      a->k_rstd = f(T * H);
-      a->q_rot = kept(shared_q_rot, T * hd);
-      a->k_rot = kept(shared_k_rot, T * hd);
-      a->v_raw = f(T * hd);
-      a->v = f(T * hd);
-      a->y = f(T * hd);
-      a->lse = f(T * H);
-    }
-    a->mlp_norm = kept(shared_norm, T * d);
-    a->mlp_rstd = f(T);
-    a->h = f(T * mlp);
-    a->g = kept(shared_g, T * mlp);
-    layers_.push_back(std::move(a));
-  }
+  ArenaCarver training_size, forward_size;
+  carve_training_buffers(training_size, max_train_T);
+  carve_forward_buffers(forward_size, T_all);
+  float* arena = f(std::max(training_size.used(), forward_size.used()));
+  ArenaCarver training_arena(arena), forward_arena(arena);
+  carve_training_buffers(training_arena, max_train_T);
+  carve_forward_buffers(forward_arena, T_all);
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
   load_parameters(host);
+}
+
+void GPT::carve_training_buffers(ArenaCarver& arena, size_t T) {
+  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
+  auto take = [&](size_t n) { return arena.take(n); };
+  train_ = std::make_unique<ModelActivations>();
+  ModelActivations& m = *train_;
+  m.x0 = take(T * d);
+  m.x0_rstd = take(T);
+  for (int j = 0; j < config_.num_value_embeds; ++j) m.ve.push_back(take(T * d));
+  for (int i = 0; i < config_.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
+  m.final_x = take(T * d);
+  m.final_norm = take(T * d);
+  m.final_rstd = take(T);
+  dx_ = take(T * d);
+  dx0_ = take(T * d);
+  dtmp_ = take(T * d);
+  dwide_ = take(T * mlp);
+  dq_ = take(T * hd);
+  dk_ = take(T * hd);
+  dv_ = take(T * hd);
+  dy_ = take(T * hd);
+  dve_.clear();
+  for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(take(T * d));
+  dskip_in_.clear();
+  for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(take(T * d));
+  // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
+  // outputs in one: the backward needs the MLP's before attention's).
+  float* shared_norm = recompute_ ? take(T * d) : nullptr;
+  float* shared_q_rot = recompute_ ? take(T * hd) : nullptr;
+  float* shared_k_rot = recompute_ ? take(T * hd) : nullptr;
+  float* shared_g = recompute_ ? take(T * mlp) : nullptr;
+  auto kept = [&](float* shared, size_t n) { return recompute_ ? shared : take(n); };
+  layers_.clear();
+  for (int i = 0; i < config_.num_layers; ++i) {
+    auto a = std::make_unique<LayerActivations>();
+    a->x_in = take(T * d);
+    a->xm = take(T * d);
+    a->x1 = take(T * d);
+    if (config_.layer_has_attention(i)) {
+      a->attn_norm = kept(shared_norm, T * d);
+      a->attn_rstd = take(T);
+      a->qn = take(T * hd);
+      a->kn = take(T * hd);
+      a->q_rstd = take(T * H);
+      a->k_rstd = take(T * H);
+      a->q_rot = kept(shared_q_rot, T * hd);
+      a->k_rot = kept(shared_k_rot, T * hd);
+      a->v_raw = take(T * hd);
+      a->v = take(T * hd);
+      a->y = take(T * hd);
+      a->lse = take(T * H);
+    }
+    a->mlp_norm = kept(shared_norm, T * d);
+    a->mlp_rstd = take(T);
+    a->h = take(T * mlp);
+    a->g = kept(shared_g, T * mlp);
+    layers_.push_back(std::move(a));
+  }
+}
+
+// One set for every layer. The rmsnorm outputs share a buffer, as do q before and after
+// rotary, k likewise, v before and after its value-embedding mix, and h and relu(h)^2;
+// the last block writes its output over its input, and the head normalises into the
+// block's norm buffer. That is 12 d floats per token where a training layer keeps 20 d.
+void GPT::carve_forward_buffers(ArenaCarver& arena, size_t T) {
+  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
+  auto take = [&](size_t n) { return arena.take(n); };
+  forward_ = std::make_unique<ModelActivations>();
+  ModelActivations& m = *forward_;
+  m.x0 = take(T * d);
+  m.x0_rstd = take(T);
+  float* value_embedding = take(T * d);
+  m.ve.assign(config_.num_value_embeds, value_embedding);
+  for (int i = 0; i < config_.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
+  forward_slot_ = std::make_unique<LayerActivations>();
+  LayerActivations& a = *forward_slot_;
+  a.x_in = take(T * d);
+  a.xm = take(T * d);
+  a.x1 = take(T * d);
+  a.attn_norm = a.mlp_norm = take(T * d);
+  a.attn_rstd = a.mlp_rstd = take(T);
+  a.qn = a.q_rot = take(T * hd);
+  a.kn = a.k_rot = take(T * hd);
+  a.q_rstd = a.k_rstd = take(T * H);
+  a.v_raw = a.v = take(T * hd);
+  a.y = take(T * hd);
+  a.lse = take(T * H);
+  a.h = a.g = take(T * mlp);
+  m.final_x = a.x_in;
+  m.final_norm = a.mlp_norm;
+  m.final_rstd = a.mlp_rstd;
 }
 
 // Offsets looked up once: a step then builds no names and searches no map.
@@ -216,7 +274,7 @@ void GPT::forward_backward_async(std::span<const int32_t> inputs, std::span<cons
   backend_.upload_i32(targets_, targets.data(), T);
   backend_.document_ids(doc_, inputs_, T, static_cast<int32_t>(Tokenizer::kEndOfText));
   run_forward(T, long_window, training);
-  run_head(T, grad_scale);
+  run_head(T, grad_scale, pass(training));
   // Queued, not awaited: the host learns the loss at the caller's next synchronize().
   backend_.sum_to_host(loss_sum, row_loss_, T);
   if (fault_flag_) backend_.flag_nonfinite(fault_flag_, row_loss_, T);
@@ -234,41 +292,49 @@ void GPT::run_forward(int T, int long_window, bool training) {
   const int d = config_.model_dim;
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
-  backend_.embedding_forward(emb_, params_ + embed_offset_, inputs_, T, d);
-  backend_.rmsnorm_forward(x0_, x0_rstd_, emb_, T, d, eps);
-  for (int j = 0; j < config_.num_value_embeds; ++j) {
-    backend_.embedding_forward(ve_[j], params_ + value_embed_offsets_[j], inputs_, T, d);
+  ModelActivations& m = pass(training);
+  backend_.embedding_forward(m.x0, params_ + embed_offset_, inputs_, T, d);
+  backend_.rmsnorm_forward(m.x0, m.x0_rstd, m.x0, T, d, eps);  // the backward needs only the output
+  if (training) {
+    for (int j = 0; j < config_.num_value_embeds; ++j) {
+      backend_.embedding_forward(m.ve[j], params_ + value_embed_offsets_[j], inputs_, T, d);
+    }
   }
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
   const float* skip = params_ + skip_offset_;
   layer_input_.assign(L, nullptr);
-  const float* x = x0_;
+  const float* x = m.x0;
   for (int i = 0; i < L; ++i) {
     LayerActivations& a = slot(i, training);
     if (i >= half) {  // decoder: x = x + skip_weights[j] * pop()
       const int j = i - half;
-      backend_.copy(a.x_in, x, n);
-      backend_.scaled_add_forward(a.x_in, skip_in_[half - 1 - j], skip + j, n);
+      if (a.x_in != x) backend_.copy(a.x_in, x, n);
+      backend_.scaled_add_forward(a.x_in, m.skip_in[half - 1 - j], skip + j, n);
       x = a.x_in;
+    }
+    const int ve = config_.value_embed_of_layer(i);
+    if (!training && ve >= 0) {
+      backend_.embedding_forward(m.ve[ve], params_ + value_embed_offsets_[ve], inputs_, T, d);
     }
     layer_input_[i] = x;
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
-    // (which may be this very buffer in a forward-only pass: block_forward allows that).
-    float* out = i < half ? skip_in_[i] : (i == L - 1 ? final_x_ : slot(i + 1, training).x_in);
-    block_forward(i, T, layer_window(i, long_window), a, x, out);
+    // (which is this very buffer in a forward-only pass: block_forward allows that).
+    float* out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
+    block_forward(i, T, layer_window(i, long_window), a, m, x, out);
     x = out;
   }
 }
 
-void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out) {
+void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
+                        const float* x_in, float* x_out) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   const BlockOffsets& offsets = block_offsets_[layer];
   // x_in is read only here, so x_out may alias it.
-  backend_.mix_forward(a.xm, x_in, x0_, params_ + offsets.lambdas, n);
+  backend_.mix_forward(a.xm, x_in, m.x0, params_ + offsets.lambdas, n);
   const float* x1 = a.xm;
   if (config_.layer_has_attention(layer)) {
     const float* qkv = params_ + offsets.qkv;
@@ -282,7 +348,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     rotated_copy(a.q_rot, a.qn, T);
     rotated_copy(a.k_rot, a.kn, T);
     const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? ve_[ve] : nullptr, params_ + offsets.attn_lambdas,
+    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? m.ve[ve] : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_forward(a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
@@ -298,7 +364,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
 }
 
 void GPT::rotated_copy(float* out, const float* x, int T) {
-  backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
+  if (out != x) backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
   backend_.rotary(out, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base), false);
 }
 
@@ -316,19 +382,19 @@ void GPT::recompute_attention_inputs(LayerActivations& a, int T) {
   rotated_copy(a.k_rot, a.kn, T);
 }
 
-void GPT::run_head(int T, float grad_scale) {
+void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   const int d = config_.model_dim, V = config_.padded_vocab();
   const float* W = params_ + lm_head_offset_;
   float* dW = grads_ + lm_head_offset_;
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
-  backend_.rmsnorm_forward(final_norm_, final_rstd_, final_x_, T, d, static_cast<float>(config_.rmsnorm_eps));
+  backend_.rmsnorm_forward(m.final_norm, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
   // as soon as its logits are (the loss is the last operation), so the head's backward
   // runs chunk by chunk too.
   for (int r0 = 0; r0 < T; r0 += head_chunk_) {
     const int rows = std::min(head_chunk_, T - r0);
-    const float* xr = final_norm_ + static_cast<size_t>(r0) * d;
+    const float* xr = m.final_norm + static_cast<size_t>(r0) * d;
     // SPEC §6: training runs the head in FP8 (lm_head_fp8); evaluation uses the plain head.
     if (fp8) {
       backend_.fp8_head_forward(logits_, xr, W, rows, V, d, /*requantize_weight=*/r0 == 0);
@@ -347,7 +413,7 @@ void GPT::run_head(int T, float grad_scale) {
     backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
     backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, dtmp_ + static_cast<size_t>(r0) * d, d);
   }
-  if (training) backend_.rmsnorm_backward(dx_, dtmp_, final_norm_, final_rstd_, T, d, false);
+  if (training) backend_.rmsnorm_backward(dx_, dtmp_, m.final_norm, m.final_rstd, T, d, false);
 }
 
 void GPT::run_backward(int T, int long_window) {
@@ -356,6 +422,7 @@ void GPT::run_backward(int T, int long_window) {
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
   const float* skip = params_ + skip_offset_;
+  const ModelActivations& m = *train_;
   backend_.zero(dx0_, n);
   for (float* p : dve_) backend_.zero(p, n);
   for (float* p : dskip_in_) backend_.zero(p, n);
@@ -366,14 +433,14 @@ void GPT::run_backward(int T, int long_window) {
     block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
     if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
       const int j = i - half;
-      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grads_ + skip_offset_ + j, dx_, skip_in_[half - 1 - j],
-                                   skip + j, n);
+      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grads_ + skip_offset_ + j, dx_,
+                                   m.skip_in[half - 1 - j], skip + j, n);
     }
     report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
   }
   // Layer 0's input is x0 itself.
   backend_.add(dx0_, dx_, n);
-  backend_.rmsnorm_backward(dtmp_, dx0_, x0_, x0_rstd_, T, d, false);
+  backend_.rmsnorm_backward(dtmp_, dx0_, m.x0, m.x0_rstd, T, d, false);
   backend_.embedding_backward(grads_ + embed_offset_, dtmp_, inputs_, T, d);
   for (int j = 0; j < config_.num_value_embeds; ++j) {
     backend_.embedding_backward(grads_ + value_embed_offsets_[j], dve_[j], inputs_, T, d);
@@ -423,14 +490,15 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     backend_.rmsnorm_backward(dk_, dk_, a.kn, a.k_rstd, T * H, D, false);
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_backward(dv_, false, ve >= 0 ? dve_[ve] : nullptr, grads_ + offsets.attn_lambdas, dv_, a.v_raw,
-                          ve >= 0 ? ve_[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
+                          ve >= 0 ? train_->ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
     linear_backward(dtmp_, false, dqkv, dq_, a.attn_norm, qkv, T, hd, d);
     linear_backward(dtmp_, true, dqkv + w, dk_, a.attn_norm, qkv + w, T, hd, d);
     linear_backward(dtmp_, true, dqkv + 2 * w, dv_, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.rmsnorm_backward(dx_, dtmp_, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; dx_ becomes d x_in.
-  backend_.mix_backward(dx_, false, dx0_, grads_ + offsets.lambdas, dx_, x_in, x0_, params_ + offsets.lambdas, n);
+  backend_.mix_backward(dx_, false, dx0_, grads_ + offsets.lambdas, dx_, x_in, train_->x0, params_ + offsets.lambdas,
+                        n);
 }
 
 }  // namespace speedrun

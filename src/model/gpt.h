@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backends/backend.h"
+#include "model/arena_carver.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -24,7 +25,10 @@ class GPT {
  public:
   // Allocates parameters, gradients and activations in the backend's memory for
   // training sequences of up to max_train_T tokens and forward-only ones of up to
-  // max_eval_T (a forward-only pass reuses one layer's activation slot for all layers).
+  // max_eval_T. A forward-only pass keeps no activations for a backward: it runs every
+  // layer in one set of buffers, in place where an op allows, and that set shares one
+  // arena with the training buffers (no pass needs both). So a long validation sequence
+  // costs no memory beyond the training step's while it fits in that arena.
   GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T,
       ActivationMemory memory = ActivationMemory::kStore);
   ~GPT();
@@ -75,20 +79,26 @@ class GPT {
 
  private:
   struct LayerActivations;
+  struct ModelActivations;
+  // Point the pass buffers into the arena (counting only, when the carver has no memory).
+  void carve_training_buffers(ArenaCarver& arena, size_t T);
+  void carve_forward_buffers(ArenaCarver& arena, size_t T);
+  ModelActivations& pass(bool training) { return training ? *train_ : *forward_; }
   void run_forward(int T, int long_window, bool training);
   void resolve_offsets();
   void report_gradients_ready(size_t begin, size_t end);
   size_t block_params_begin(int layer) const;  // first float of blocks.<layer>.*
   void check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const;
-  void run_head(int T, float grad_scale);
+  void run_head(int T, float grad_scale, const ModelActivations& m);
   void run_backward(int T, int long_window);
-  LayerActivations& slot(int layer, bool training) { return *layers_[training ? layer : 0]; }
-  void block_forward(int layer, int T, int window, LayerActivations& a, const float* x_in, float* x_out);
+  LayerActivations& slot(int layer, bool training) { return training ? *layers_[layer] : *forward_slot_; }
+  void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
+                     const float* x_in, float* x_out);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output and
   // rotated q, k, recomputed into the shared buffers for the backward.
   void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
   void recompute_attention_inputs(LayerActivations& a, int T);
-  void rotated_copy(float* out, const float* x, int T);  // out = rotary(x)
+  void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
   // On entry dx_ holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.
   void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
@@ -112,18 +122,13 @@ class GPT {
   int32_t* inputs_ = nullptr;
   int32_t* targets_ = nullptr;
   int32_t* doc_ = nullptr;
-  // Whole-model activations.
-  float* emb_ = nullptr;          // embed[tok] [T, d]
-  float* x0_ = nullptr;           // rmsnorm(emb) [T, d]
-  float* x0_rstd_ = nullptr;      // [T]
-  std::vector<float*> ve_;        // value embeddings [T, d] each
-  std::vector<float*> skip_in_;   // encoder outputs pushed on the U-net stack [T, d]
-  float* final_x_ = nullptr;      // last block's output [T, d]
-  float* final_norm_ = nullptr;   // rmsnorm(final_x) [T, d]
-  float* final_rstd_ = nullptr;   // [T]
   float* row_loss_ = nullptr;     // [T]
   float* logits_ = nullptr;       // [head_chunk, padded_vocab]
-  // Gradient scratch.
+  // Activations of a training pass and of a forward-only one, carved from one arena.
+  std::unique_ptr<ModelActivations> train_, forward_;
+  std::vector<std::unique_ptr<LayerActivations>> layers_;  // one per layer (training)
+  std::unique_ptr<LayerActivations> forward_slot_;         // all layers (forward-only)
+  // Gradient scratch (training buffers).
   float* dx_ = nullptr;           // [T, d]
   float* dx0_ = nullptr;          // [T, d]
   float* dtmp_ = nullptr;         // [T, d]
@@ -135,7 +140,6 @@ class GPT {
   std::vector<float*> dve_;       // [T, d] per value-embedding table
   std::vector<float*> dskip_in_;  // [T, d] per encoder output
   std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
-  std::vector<std::unique_ptr<LayerActivations>> layers_;
   int head_chunk_ = 0;
   GradientReadyHook gradient_ready_;
   // Where each parameter lives in the flat layout (params_/grads_ + offset).

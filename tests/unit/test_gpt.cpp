@@ -200,12 +200,41 @@ TEST(GPT, RecomputedActivationsGiveBitIdenticalGradientsInLessMemory) {
   size_t per_layer = 0;  // floats per token no longer kept per layer
   for (int i = 0; i < c.num_layers; ++i) {
     per_layer += d + mlp;                                              // mlp_norm, relu(h)^2
-    if (c.layer_has_attention(i) || i == 0) per_layer += d + 2 * hd;  // attn_norm, rotated q, k
+    if (c.layer_has_attention(i)) per_layer += d + 2 * hd;  // attn_norm, rotated q, k
   }
   const size_t shared = d + 2 * hd + mlp;  // the recompute buffers, one of each
   ASSERT_FALSE(c.layer_has_attention(2));
   EXPECT_EQ(kept.model->activation_bytes() - recomputed.model->activation_bytes(),
             T * (per_layer - shared) * sizeof(float));
+}
+
+// A forward-only pass keeps nothing for a backward and shares the training buffers'
+// memory: a model sized for 4x longer validation sequences holds only the longer per-token
+// inputs, targets, document ids and losses more, and its long forward gives the loss of
+// a training pass over the same sequence, bit for bit.
+TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
+  auto be = make_cpu_backend();
+  const Config c = Config::preset("micro");
+  GPT short_eval(c, *be, 64, 64), long_eval(c, *be, 64, 256), long_train(c, *be, 256, 256);
+  constexpr size_t kPerTokenBuffers = 4;
+  EXPECT_EQ(long_eval.activation_bytes() - short_eval.activation_bytes(), (256 - 64) * kPerTokenBuffers * 4);
+  const auto params = random_vector(short_eval.layout().total(), 7, 0.5f);
+  const auto inputs = random_tokens(256, c.vocab_size, 8, 37), targets = random_tokens(256, c.vocab_size, 9);
+  long_eval.load_parameters(params);
+  long_train.load_parameters(params);
+  long_train.zero_grad();
+  const double trained = long_train.forward_backward(inputs, targets, 3, 1.f);
+  EXPECT_EQ(long_eval.forward(inputs, targets, 3), trained);
+  // A forward-only pass between training passes leaves their gradients alone.
+  long_train.zero_grad();
+  long_train.forward_backward(inputs, targets, 3, 1.f);
+  const auto once = long_train.gradients_to_host();
+  long_train.zero_grad();
+  long_train.forward_backward(inputs, targets, 3, 0.5f);
+  EXPECT_EQ(long_train.forward(inputs, targets, 2), long_eval.forward(inputs, targets, 2));
+  long_train.forward_backward(inputs, targets, 3, 0.5f);
+  const auto halves = long_train.gradients_to_host();
+  for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], halves[i], 1e-5 + 1e-4 * std::abs(once[i])) << i;
 }
 
 TEST(GPT, RejectsSequencesThatDoNotFit) {
