@@ -13,8 +13,8 @@ namespace speedrun {
 // set some of these are one buffer: an op that allows it then runs in place.
 struct GPT::LayerActivations {
   float* x_in = nullptr;     // a decoder layer's input (after the skip add) [T, d]
-  float* xm = nullptr;       // lambda mix of x and x0 [T, d]
-  float* x1 = nullptr;       // after the attention residual [T, d]
+  float* xm = nullptr;       // lambda mix of x and x0 [T, d] (shared by all layers)
+  float* x1 = nullptr;       // after the attention residual [T, d] (kept only to recompute)
   float* attn_norm = nullptr;  // rmsnorm(xm) [T, d]
   float* attn_rstd = nullptr;  // [T]
   float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd]
@@ -104,29 +104,38 @@ void GPT::carve_training_buffers(ArenaCarver& arena, size_t T) {
   dx_ = take(T * d);
   dx0_ = take(T * d);
   dtmp_ = take(T * d);
-  dwide_ = take(T * mlp);
-  dq_ = take(T * hd);
-  dk_ = take(T * hd);
-  dv_ = take(T * hd);
-  dy_ = take(T * hd);
+  // The MLP's backward is done with dwide_ before attention's starts: one buffer serves both.
+  float* block_gradients = take(std::max(T * mlp, 4 * T * hd));
+  dwide_ = block_gradients;
+  dq_ = block_gradients;
+  dk_ = dq_ + T * hd;
+  dv_ = dk_ + T * hd;
+  dy_ = dv_ + T * hd;
   dve_.clear();
   for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(take(T * d));
   dskip_in_.clear();
   for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(take(T * d));
   // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
-  // outputs in one: the backward needs the MLP's before attention's).
+  // outputs in one: the backward needs the MLP's before attention's). The lambda mix xm
+  // is such a buffer in both modes: only recomputation reads it back (it is cheap to
+  // redo from the block's input and x0); x1 too unless recomputation needs it for the
+  // MLP's rmsnorm.
+  float* shared_xm = take(T * d);
+  float* shared_x1 = recompute_ ? nullptr : take(T * d);
   float* shared_norm = recompute_ ? take(T * d) : nullptr;
   float* shared_q_rot = recompute_ ? take(T * hd) : nullptr;
   float* shared_k_rot = recompute_ ? take(T * hd) : nullptr;
   float* shared_g = recompute_ ? take(T * mlp) : nullptr;
+  float* shared_v = recompute_ ? take(T * hd) : nullptr;
   auto kept = [&](float* shared, size_t n) { return recompute_ ? shared : take(n); };
   layers_.clear();
   for (int i = 0; i < config_.num_layers; ++i) {
     auto a = std::make_unique<LayerActivations>();
-    a->x_in = take(T * d);
-    a->xm = take(T * d);
-    a->x1 = take(T * d);
+    // An encoder layer reads its input where the previous layer wrote it (x0 or the stack).
+    if (i >= config_.num_encoder_layers()) a->x_in = take(T * d);
+    a->xm = shared_xm;
     if (config_.layer_has_attention(i)) {
+      a->x1 = recompute_ ? take(T * d) : shared_x1;
       a->attn_norm = kept(shared_norm, T * d);
       a->attn_rstd = take(T);
       a->qn = take(T * hd);
@@ -136,7 +145,7 @@ void GPT::carve_training_buffers(ArenaCarver& arena, size_t T) {
       a->q_rot = kept(shared_q_rot, T * hd);
       a->k_rot = kept(shared_k_rot, T * hd);
       a->v_raw = take(T * hd);
-      a->v = take(T * hd);
+      a->v = kept(shared_v, T * hd);
       a->y = take(T * hd);
       a->lse = take(T * H);
     }
@@ -374,12 +383,15 @@ void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
   backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * config_.mlp_dim());
 }
 
-void GPT::recompute_attention_inputs(LayerActivations& a, int T) {
+void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   if (!recompute_) return;
   backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, config_.model_dim,
                            static_cast<float>(config_.rmsnorm_eps));
   rotated_copy(a.q_rot, a.qn, T);
   rotated_copy(a.k_rot, a.kn, T);
+  const int ve = config_.value_embed_of_layer(layer);
+  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->ve[ve] : nullptr, params_ + block_offsets_[layer].attn_lambdas,
+                       static_cast<size_t>(T) * config_.hidden_dim());
 }
 
 void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
@@ -465,6 +477,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const size_t n = static_cast<size_t>(T) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
+  if (recompute_) backend_.mix_forward(a.xm, x_in, train_->x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
   recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
   linear_backward(dwide_, false, grads_ + offsets.mlp_proj, dx_, a.g, params_ + offsets.mlp_proj, T,
@@ -481,7 +494,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const size_t nh = static_cast<size_t>(T) * hd;
     linear_backward(dy_, false, grads_ + offsets.attn_proj, dx_, a.y, params_ + offsets.attn_proj, T,
                     d, hd);
-    recompute_attention_inputs(a, T);
+    recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_backward(dq_, dk_, dv_, dy_, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
     backend_.rotary(dq_, T, H, D, static_cast<float>(config_.rotary_base), true);

@@ -16,9 +16,10 @@
 namespace speedrun {
 
 // What the forward keeps for the backward. kRecompute keeps neither the rmsnorm outputs
-// nor the rotated q and k nor relu(h)^2, and recomputes them in the backward from what it
-// does keep (bit-identical gradients): 8 d of the 20 d floats per token and layer of the
-// speedrun's shapes, for one more rmsnorm, rotary and relu^2 pass per layer.
+// nor the rotated q and k nor the mixed v nor relu(h)^2 but the attention residual x1,
+// and recomputes them in the backward from what it does keep (bit-identical gradients):
+// a decoder layer with attention keeps 10 d floats per token instead of 18 d at the
+// speedrun's shapes, for one more pass of the lambda mixes, rmsnorm, rotary and relu^2.
 enum class ActivationMemory { kStore, kRecompute };
 
 class GPT {
@@ -94,10 +95,10 @@ class GPT {
   LayerActivations& slot(int layer, bool training) { return training ? *layers_[layer] : *forward_slot_; }
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
                      const float* x_in, float* x_out);
-  // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output and
-  // rotated q, k, recomputed into the shared buffers for the backward.
+  // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
+  // rotated q, k and mixed v, recomputed into the shared buffers for the backward.
   void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
-  void recompute_attention_inputs(LayerActivations& a, int T);
+  void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
   // On entry dx_ holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.

@@ -197,21 +197,20 @@ TEST(GPT, RecomputedActivationsGiveBitIdenticalGradientsInLessMemory) {
   EXPECT_EQ(grads[0], grads[1]);
   const Config& c = kept.config;
   const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();
-  size_t per_layer = 0;  // floats per token no longer kept per layer
+  size_t not_kept = d;  // floats per token: kept mode's shared x1 buffer
+  size_t kept_to_recompute = d + 3 * hd + mlp;  // the recompute buffers, one of each
   for (int i = 0; i < c.num_layers; ++i) {
-    per_layer += d + mlp;                                              // mlp_norm, relu(h)^2
-    if (c.layer_has_attention(i)) per_layer += d + 2 * hd;  // attn_norm, rotated q, k
+    not_kept += d + mlp;  // mlp_norm, relu(h)^2
+    if (c.layer_has_attention(i)) {
+      not_kept += d + 3 * hd;  // attn_norm, rotated q, k, mixed v
+      kept_to_recompute += d;  // x1
+    }
   }
-  const size_t shared = d + 2 * hd + mlp;  // the recompute buffers, one of each
   ASSERT_FALSE(c.layer_has_attention(2));
   EXPECT_EQ(kept.model->activation_bytes() - recomputed.model->activation_bytes(),
-            T * (per_layer - shared) * sizeof(float));
+            T * (not_kept - kept_to_recompute) * sizeof(float));
 }
 
-// A forward-only pass keeps nothing for a backward and shares the training buffers'
-// memory: a model sized for 4x longer validation sequences holds only the longer per-token
-// inputs, targets, document ids and losses more, and its long forward gives the loss of
-// a training pass over the same sequence, bit for bit.
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
   auto be = make_cpu_backend();
   const Config c = Config::preset("micro");
