@@ -23,6 +23,10 @@ struct AttentionShape {
   float scale;            // logit scale (0.12)
 };
 
+// Backend::head_chunk_rows() of each backend, for memory plans made without one.
+inline constexpr int kCpuHeadChunkRows = 256;
+inline constexpr int kCudaHeadChunkRows = 2048;
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -32,8 +36,8 @@ class Backend {
   virtual float* alloc(size_t count) = 0;            // zero-filled
   virtual int32_t* alloc_i32(size_t count) = 0;      // zero-filled
   virtual void release(void* pointer) = 0;
-  // Most device memory held at once by alloc/alloc_i32 (0 where the backend does not
-  // track it: the CPU backend's memory is the process's, see peak RSS).
+  // Most memory held at once by alloc/alloc_i32 (0 where the backend does not track it).
+  // The CPU backend's is part of the process's memory: peak RSS says more there.
   virtual size_t peak_memory_bytes() const { return 0; }
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
@@ -122,7 +126,7 @@ class Backend {
   // --- head ----------------------------------------------------------------------------
   // Rows of logits the model materialises at once: enough to keep the device busy, few
   // enough that [rows, padded vocab] floats stay small (256 rows = 51 MB at V = 50304).
-  virtual int head_chunk_rows() const { return 256; }
+  virtual int head_chunk_rows() const { return kCpuHeadChunkRows; }
   // In place over logits [rows, V]: z -> y = 2c sigmoid(z / (c/2)); row_loss[r] =
   // logsumexp(y_r) - y_r[target_r]; when grad_scale != 0 the logits are replaced by
   // dloss/dz * grad_scale (the gradient of grad_scale * sum of row losses).

@@ -13,6 +13,7 @@ void register_device_command(CLI::App& app);
 void register_init_command(CLI::App& app);
 void register_train_command(CLI::App& app);
 void register_bench_command(CLI::App& app);
+void register_memory_command(CLI::App& app);
 void register_eval_command(CLI::App& app);
 void register_sample_command(CLI::App& app);
 void register_plot_command(CLI::App& app);

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   speedrun::cli::register_init_command(app);
   speedrun::cli::register_train_command(app);
   speedrun::cli::register_bench_command(app);
+  speedrun::cli::register_memory_command(app);
   speedrun::cli::register_eval_command(app);
   speedrun::cli::register_sample_command(app);
   speedrun::cli::register_plot_command(app);

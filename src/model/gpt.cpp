@@ -45,6 +45,52 @@ struct GPT::ModelActivations {
   float* final_rstd = nullptr;   // [T]
 };
 
+// Everything a training pass uses besides parameters, gradients and the sequence itself.
+struct GPT::TrainingBuffers {
+  ModelActivations m;
+  std::vector<LayerActivations> layers;  // one per layer
+  // Gradient scratch.
+  float* dx = nullptr;    // [T, d]
+  float* dx0 = nullptr;   // [T, d]
+  float* dtmp = nullptr;  // [T, d]
+  float* dwide = nullptr;  // [T, mlp]
+  float* dq = nullptr;    // [T, hd]
+  float* dk = nullptr;
+  float* dv = nullptr;
+  float* dy = nullptr;
+  std::vector<float*> dve;       // [T, d] per value-embedding table
+  std::vector<float*> dskip_in;  // [T, d] per encoder output
+};
+
+// What a forward-only pass uses: one set of layer buffers for every layer.
+struct GPT::ForwardBuffers {
+  ModelActivations m;
+  LayerActivations slot;
+};
+
+GPT::ModelActivations& GPT::pass(bool training) { return training ? train_->m : forward_->m; }
+
+GPT::LayerActivations& GPT::slot(int layer, bool training) {
+  return training ? train_->layers[layer] : forward_->slot;
+}
+
+GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationMemory memory,
+                                 int head_chunk_rows) {
+  const size_t T_all = std::max(max_train_T, max_eval_T);
+  ArenaCarver training, forward;
+  carve_training_buffers(config, memory, training, max_train_T);
+  carve_forward_buffers(config, forward, T_all);
+  MemoryPlan plan;
+  plan.parameter_bytes = ParamLayout(config).total() * sizeof(float);
+  plan.gradient_bytes = plan.parameter_bytes;
+  plan.training_bytes = training.used() * sizeof(float);
+  plan.forward_only_bytes = forward.used() * sizeof(float);
+  // inputs, targets, document ids (int32) and token losses
+  plan.sequence_bytes = T_all * (3 * sizeof(int32_t) + sizeof(float));
+  plan.logits_bytes = static_cast<size_t>(std::max(1, head_chunk_rows)) * config.padded_vocab() * sizeof(float);
+  return plan;
+}
+
 GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationMemory memory)
     : config_(config),
       backend_(backend),
@@ -76,103 +122,100 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   row_loss_ = f(T_all);
   head_chunk_ = std::max(1, backend_.head_chunk_rows());
   logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
-  ArenaCarver training_size, forward_size;
-  carve_training_buffers(training_size, max_train_T);
-  carve_forward_buffers(forward_size, T_all);
-  float* arena = f(std::max(training_size.used(), forward_size.used()));
+  const MemoryPlan plan = plan_memory(config_, max_train_T, max_eval_T, memory, head_chunk_);
+  float* arena = f(plan.arena_bytes() / sizeof(float));
   ArenaCarver training_arena(arena), forward_arena(arena);
-  carve_training_buffers(training_arena, max_train_T);
-  carve_forward_buffers(forward_arena, T_all);
+  train_ = std::make_unique<TrainingBuffers>(carve_training_buffers(config_, memory, training_arena, max_train_T));
+  forward_ = std::make_unique<ForwardBuffers>(carve_forward_buffers(config_, forward_arena, T_all));
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
   load_parameters(host);
 }
 
-void GPT::carve_training_buffers(ArenaCarver& arena, size_t T) {
-  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
+GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, ActivationMemory memory, ArenaCarver& arena,
+                                                 size_t T) {
+  const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
+  const bool recompute = memory == ActivationMemory::kRecompute;
   auto take = [&](size_t n) { return arena.take(n); };
-  train_ = std::make_unique<ModelActivations>();
-  ModelActivations& m = *train_;
+  TrainingBuffers b;
+  ModelActivations& m = b.m;
   m.x0 = take(T * d);
   m.x0_rstd = take(T);
-  for (int j = 0; j < config_.num_value_embeds; ++j) m.ve.push_back(take(T * d));
-  for (int i = 0; i < config_.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
+  for (int j = 0; j < config.num_value_embeds; ++j) m.ve.push_back(take(T * d));
+  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
   m.final_x = take(T * d);
   m.final_norm = take(T * d);
   m.final_rstd = take(T);
-  dx_ = take(T * d);
-  dx0_ = take(T * d);
-  dtmp_ = take(T * d);
-  // The MLP's backward is done with dwide_ before attention's starts: one buffer serves both.
+  b.dx = take(T * d);
+  b.dx0 = take(T * d);
+  b.dtmp = take(T * d);
+  // The MLP's backward is done with dwide before attention's starts: one buffer serves both.
   float* block_gradients = take(std::max(T * mlp, 4 * T * hd));
-  dwide_ = block_gradients;
-  dq_ = block_gradients;
-  dk_ = dq_ + T * hd;
-  dv_ = dk_ + T * hd;
-  dy_ = dv_ + T * hd;
-  dve_.clear();
-  for (int j = 0; j < config_.num_value_embeds; ++j) dve_.push_back(take(T * d));
-  dskip_in_.clear();
-  for (int i = 0; i < config_.num_encoder_layers(); ++i) dskip_in_.push_back(take(T * d));
+  b.dwide = block_gradients;
+  b.dq = block_gradients;
+  b.dk = block_gradients + T * hd;
+  b.dv = block_gradients + 2 * T * hd;
+  b.dy = block_gradients + 3 * T * hd;
+  for (int j = 0; j < config.num_value_embeds; ++j) b.dve.push_back(take(T * d));
+  for (int i = 0; i < config.num_encoder_layers(); ++i) b.dskip_in.push_back(take(T * d));
   // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
   // outputs in one: the backward needs the MLP's before attention's). The lambda mix xm
   // is such a buffer in both modes: only recomputation reads it back (it is cheap to
   // redo from the block's input and x0); x1 too unless recomputation needs it for the
   // MLP's rmsnorm.
   float* shared_xm = take(T * d);
-  float* shared_x1 = recompute_ ? nullptr : take(T * d);
-  float* shared_norm = recompute_ ? take(T * d) : nullptr;
-  float* shared_q_rot = recompute_ ? take(T * hd) : nullptr;
-  float* shared_k_rot = recompute_ ? take(T * hd) : nullptr;
-  float* shared_g = recompute_ ? take(T * mlp) : nullptr;
-  float* shared_v = recompute_ ? take(T * hd) : nullptr;
-  auto kept = [&](float* shared, size_t n) { return recompute_ ? shared : take(n); };
-  layers_.clear();
-  for (int i = 0; i < config_.num_layers; ++i) {
-    auto a = std::make_unique<LayerActivations>();
+  float* shared_x1 = recompute ? nullptr : take(T * d);
+  float* shared_norm = recompute ? take(T * d) : nullptr;
+  float* shared_q_rot = recompute ? take(T * hd) : nullptr;
+  float* shared_k_rot = recompute ? take(T * hd) : nullptr;
+  float* shared_g = recompute ? take(T * mlp) : nullptr;
+  float* shared_v = recompute ? take(T * hd) : nullptr;
+  auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
+  for (int i = 0; i < config.num_layers; ++i) {
+    LayerActivations a;
     // An encoder layer reads its input where the previous layer wrote it (x0 or the stack).
-    if (i >= config_.num_encoder_layers()) a->x_in = take(T * d);
-    a->xm = shared_xm;
-    if (config_.layer_has_attention(i)) {
-      a->x1 = recompute_ ? take(T * d) : shared_x1;
-      a->attn_norm = kept(shared_norm, T * d);
-      a->attn_rstd = take(T);
-      a->qn = take(T * hd);
-      a->kn = take(T * hd);
-      a->q_rstd = take(T * H);
-      a->k_rstd = take(T * H);
-      a->q_rot = kept(shared_q_rot, T * hd);
-      a->k_rot = kept(shared_k_rot, T * hd);
-      a->v_raw = take(T * hd);
-      a->v = kept(shared_v, T * hd);
-      a->y = take(T * hd);
-      a->lse = take(T * H);
+    if (i >= config.num_encoder_layers()) a.x_in = take(T * d);
+    a.xm = shared_xm;
+    if (config.layer_has_attention(i)) {
+      a.x1 = recompute ? take(T * d) : shared_x1;
+      a.attn_norm = kept(shared_norm, T * d);
+      a.attn_rstd = take(T);
+      a.qn = take(T * hd);
+      a.kn = take(T * hd);
+      a.q_rstd = take(T * H);
+      a.k_rstd = take(T * H);
+      a.q_rot = kept(shared_q_rot, T * hd);
+      a.k_rot = kept(shared_k_rot, T * hd);
+      a.v_raw = take(T * hd);
+      a.v = kept(shared_v, T * hd);
+      a.y = take(T * hd);
+      a.lse = take(T * H);
     }
-    a->mlp_norm = kept(shared_norm, T * d);
-    a->mlp_rstd = take(T);
-    a->h = take(T * mlp);
-    a->g = kept(shared_g, T * mlp);
-    layers_.push_back(std::move(a));
+    a.mlp_norm = kept(shared_norm, T * d);
+    a.mlp_rstd = take(T);
+    a.h = take(T * mlp);
+    a.g = kept(shared_g, T * mlp);
+    b.layers.push_back(a);
   }
+  return b;
 }
 
 // One set for every layer. The rmsnorm outputs share a buffer, as do q before and after
 // rotary, k likewise, v before and after its value-embedding mix, and h and relu(h)^2;
 // the last block writes its output over its input, and the head normalises into the
-// block's norm buffer. That is 12 d floats per token where a training layer keeps 20 d.
-void GPT::carve_forward_buffers(ArenaCarver& arena, size_t T) {
-  const size_t d = config_.model_dim, hd = config_.hidden_dim(), mlp = config_.mlp_dim(), H = config_.num_heads;
+// block's norm buffer. That is 12 d floats per token where a training layer keeps 18 d.
+GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T) {
+  const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   auto take = [&](size_t n) { return arena.take(n); };
-  forward_ = std::make_unique<ModelActivations>();
-  ModelActivations& m = *forward_;
+  ForwardBuffers f;
+  ModelActivations& m = f.m;
   m.x0 = take(T * d);
   m.x0_rstd = take(T);
   float* value_embedding = take(T * d);
-  m.ve.assign(config_.num_value_embeds, value_embedding);
-  for (int i = 0; i < config_.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
-  forward_slot_ = std::make_unique<LayerActivations>();
-  LayerActivations& a = *forward_slot_;
+  m.ve.assign(config.num_value_embeds, value_embedding);
+  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
+  LayerActivations& a = f.slot;
   a.x_in = take(T * d);
   a.xm = take(T * d);
   a.x1 = take(T * d);
@@ -188,6 +231,7 @@ void GPT::carve_forward_buffers(ArenaCarver& arena, size_t T) {
   m.final_x = a.x_in;
   m.final_norm = a.mlp_norm;
   m.final_rstd = a.mlp_rstd;
+  return f;
 }
 
 // Offsets looked up once: a step then builds no names and searches no map.
@@ -390,7 +434,7 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   rotated_copy(a.q_rot, a.qn, T);
   rotated_copy(a.k_rot, a.kn, T);
   const int ve = config_.value_embed_of_layer(layer);
-  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->ve[ve] : nullptr, params_ + block_offsets_[layer].attn_lambdas,
+  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->m.ve[ve] : nullptr, params_ + block_offsets_[layer].attn_lambdas,
                        static_cast<size_t>(T) * config_.hidden_dim());
 }
 
@@ -419,13 +463,13 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
                                    static_cast<float>(config_.logit_softcap), (fp8 ? 1.f : grad_scale) / T);
     if (!training) continue;
     if (fp8) {
-      backend_.fp8_head_backward(dtmp_ + static_cast<size_t>(r0) * d, dW, logits_, xr, W, rows, V, d, grad_scale);
+      backend_.fp8_head_backward(train_->dtmp + static_cast<size_t>(r0) * d, dW, logits_, xr, W, rows, V, d, grad_scale);
       continue;
     }
     backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
-    backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, dtmp_ + static_cast<size_t>(r0) * d, d);
+    backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, train_->dtmp + static_cast<size_t>(r0) * d, d);
   }
-  if (training) backend_.rmsnorm_backward(dx_, dtmp_, m.final_norm, m.final_rstd, T, d, false);
+  if (training) backend_.rmsnorm_backward(train_->dx, train_->dtmp, m.final_norm, m.final_rstd, T, d, false);
 }
 
 void GPT::run_backward(int T, int long_window) {
@@ -434,28 +478,29 @@ void GPT::run_backward(int T, int long_window) {
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
   const float* skip = params_ + skip_offset_;
-  const ModelActivations& m = *train_;
-  backend_.zero(dx0_, n);
-  for (float* p : dve_) backend_.zero(p, n);
-  for (float* p : dskip_in_) backend_.zero(p, n);
+  TrainingBuffers& b = *train_;
+  const ModelActivations& m = b.m;
+  backend_.zero(b.dx0, n);
+  for (float* p : b.dve) backend_.zero(p, n);
+  for (float* p : b.dskip_in) backend_.zero(p, n);
   // The head's gradient is final since run_head; each block's after its backward.
   report_gradients_ready(block_params_begin(L), layout_.total());
   for (int i = L - 1; i >= 0; --i) {
-    if (i < half) backend_.add(dx_, dskip_in_[i], n);  // the stack's share of this output's gradient
+    if (i < half) backend_.add(b.dx, b.dskip_in[i], n);  // the stack's share of this output's gradient
     block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
     if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
       const int j = i - half;
-      backend_.scaled_add_backward(dskip_in_[half - 1 - j], grads_ + skip_offset_ + j, dx_,
+      backend_.scaled_add_backward(b.dskip_in[half - 1 - j], grads_ + skip_offset_ + j, b.dx,
                                    m.skip_in[half - 1 - j], skip + j, n);
     }
     report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
   }
   // Layer 0's input is x0 itself.
-  backend_.add(dx0_, dx_, n);
-  backend_.rmsnorm_backward(dtmp_, dx0_, m.x0, m.x0_rstd, T, d, false);
-  backend_.embedding_backward(grads_ + embed_offset_, dtmp_, inputs_, T, d);
+  backend_.add(b.dx0, b.dx, n);
+  backend_.rmsnorm_backward(b.dtmp, b.dx0, m.x0, m.x0_rstd, T, d, false);
+  backend_.embedding_backward(grads_ + embed_offset_, b.dtmp, inputs_, T, d);
   for (int j = 0; j < config_.num_value_embeds; ++j) {
-    backend_.embedding_backward(grads_ + value_embed_offsets_[j], dve_[j], inputs_, T, d);
+    backend_.embedding_backward(grads_ + value_embed_offsets_[j], b.dve[j], inputs_, T, d);
   }
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
@@ -477,40 +522,41 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const size_t n = static_cast<size_t>(T) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
-  if (recompute_) backend_.mix_forward(a.xm, x_in, train_->x0, params_ + offsets.lambdas, n);
-  // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); dx_ becomes d x1.
+  TrainingBuffers& b = *train_;
+  if (recompute_) backend_.mix_forward(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
+  // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
-  linear_backward(dwide_, false, grads_ + offsets.mlp_proj, dx_, a.g, params_ + offsets.mlp_proj, T,
+  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
-  backend_.relu2_backward(dwide_, dwide_, a.h, static_cast<size_t>(T) * mlp);
-  linear_backward(dtmp_, false, grads_ + offsets.fc, dwide_, a.mlp_norm, params_ + offsets.fc,
+  backend_.relu2_backward(b.dwide, b.dwide, a.h, static_cast<size_t>(T) * mlp);
+  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc,
                   T, mlp, d);
-  backend_.rmsnorm_backward(dx_, dtmp_, a.mlp_norm, a.mlp_rstd, T, d, true);
+  backend_.rmsnorm_backward(b.dx, b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
   if (has_attention) {
-    // Attention: x1 = xm + c_proj(attn(...)); dx_ becomes d xm.
+    // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.
     const float* qkv = params_ + offsets.qkv;
     float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
-    linear_backward(dy_, false, grads_ + offsets.attn_proj, dx_, a.y, params_ + offsets.attn_proj, T,
+    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T,
                     d, hd);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    backend_.attention_backward(dq_, dk_, dv_, dy_, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
-    backend_.rotary(dq_, T, H, D, static_cast<float>(config_.rotary_base), true);
-    backend_.rotary(dk_, T, H, D, static_cast<float>(config_.rotary_base), true);
-    backend_.rmsnorm_backward(dq_, dq_, a.qn, a.q_rstd, T * H, D, false);
-    backend_.rmsnorm_backward(dk_, dk_, a.kn, a.k_rstd, T * H, D, false);
+    backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
+    backend_.rotary(b.dq, T, H, D, static_cast<float>(config_.rotary_base), true);
+    backend_.rotary(b.dk, T, H, D, static_cast<float>(config_.rotary_base), true);
+    backend_.rmsnorm_backward(b.dq, b.dq, a.qn, a.q_rstd, T * H, D, false);
+    backend_.rmsnorm_backward(b.dk, b.dk, a.kn, a.k_rstd, T * H, D, false);
     const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_backward(dv_, false, ve >= 0 ? dve_[ve] : nullptr, grads_ + offsets.attn_lambdas, dv_, a.v_raw,
-                          ve >= 0 ? train_->ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
-    linear_backward(dtmp_, false, dqkv, dq_, a.attn_norm, qkv, T, hd, d);
-    linear_backward(dtmp_, true, dqkv + w, dk_, a.attn_norm, qkv + w, T, hd, d);
-    linear_backward(dtmp_, true, dqkv + 2 * w, dv_, a.attn_norm, qkv + 2 * w, T, hd, d);
-    backend_.rmsnorm_backward(dx_, dtmp_, a.attn_norm, a.attn_rstd, T, d, true);
+    backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
+                          ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
+    linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
+    linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
+    linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.rmsnorm_backward(b.dx, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
   }
-  // xm = lambdas[0] * x_in + lambdas[1] * x0; dx_ becomes d x_in.
-  backend_.mix_backward(dx_, false, dx0_, grads_ + offsets.lambdas, dx_, x_in, train_->x0, params_ + offsets.lambdas,
+  // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
+  backend_.mix_backward(b.dx, false, b.dx0, grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
                         n);
 }
 

@@ -2,6 +2,7 @@
 // Backend interface, with activations preallocated for sequences of up to max_T tokens.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -35,6 +36,23 @@ class GPT {
   ~GPT();
   GPT(const GPT&) = delete;
   GPT& operator=(const GPT&) = delete;
+
+  // The bytes a model of these sizes holds in its backend's memory, computed without
+  // allocating (the constructor allocates exactly this): for `speedrun memory`, and to see
+  // whether a configuration fits a device before launching it.
+  struct MemoryPlan {
+    size_t parameter_bytes = 0;
+    size_t gradient_bytes = 0;
+    size_t training_bytes = 0;      // a training pass's activations and gradient scratch
+    size_t forward_only_bytes = 0;  // a forward-only pass's, in the same arena
+    size_t sequence_bytes = 0;      // inputs, targets, document ids, token losses
+    size_t logits_bytes = 0;        // one chunk of the head's logits
+    size_t arena_bytes() const { return std::max(training_bytes, forward_only_bytes); }
+    size_t activation_bytes() const { return arena_bytes() + sequence_bytes + logits_bytes; }
+    size_t total_bytes() const { return parameter_bytes + gradient_bytes + activation_bytes(); }
+  };
+  static MemoryPlan plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationMemory memory,
+                                int head_chunk_rows);
 
   const Config& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
@@ -81,10 +99,13 @@ class GPT {
  private:
   struct LayerActivations;
   struct ModelActivations;
-  // Point the pass buffers into the arena (counting only, when the carver has no memory).
-  void carve_training_buffers(ArenaCarver& arena, size_t T);
-  void carve_forward_buffers(ArenaCarver& arena, size_t T);
-  ModelActivations& pass(bool training) { return training ? *train_ : *forward_; }
+  struct TrainingBuffers;
+  struct ForwardBuffers;
+  // Each pass's buffers, pointing into the arena (counting only, when the carver has no memory).
+  static TrainingBuffers carve_training_buffers(const Config& config, ActivationMemory memory, ArenaCarver& arena,
+                                                size_t T);
+  static ForwardBuffers carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T);
+  ModelActivations& pass(bool training);
   void run_forward(int T, int long_window, bool training);
   void resolve_offsets();
   void report_gradients_ready(size_t begin, size_t end);
@@ -92,7 +113,7 @@ class GPT {
   void check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const;
   void run_head(int T, float grad_scale, const ModelActivations& m);
   void run_backward(int T, int long_window);
-  LayerActivations& slot(int layer, bool training) { return training ? *layers_[layer] : *forward_slot_; }
+  LayerActivations& slot(int layer, bool training);
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
                      const float* x_in, float* x_out);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
@@ -100,7 +121,7 @@ class GPT {
   void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
-  // On entry dx_ holds d(block output); on return d(block input). Adds parameter,
+  // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.
   void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
   void linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim);
@@ -126,20 +147,8 @@ class GPT {
   float* row_loss_ = nullptr;     // [T]
   float* logits_ = nullptr;       // [head_chunk, padded_vocab]
   // Activations of a training pass and of a forward-only one, carved from one arena.
-  std::unique_ptr<ModelActivations> train_, forward_;
-  std::vector<std::unique_ptr<LayerActivations>> layers_;  // one per layer (training)
-  std::unique_ptr<LayerActivations> forward_slot_;         // all layers (forward-only)
-  // Gradient scratch (training buffers).
-  float* dx_ = nullptr;           // [T, d]
-  float* dx0_ = nullptr;          // [T, d]
-  float* dtmp_ = nullptr;         // [T, d]
-  float* dwide_ = nullptr;        // [T, mlp_dim]
-  float* dq_ = nullptr;           // [T, hd]
-  float* dk_ = nullptr;
-  float* dv_ = nullptr;
-  float* dy_ = nullptr;
-  std::vector<float*> dve_;       // [T, d] per value-embedding table
-  std::vector<float*> dskip_in_;  // [T, d] per encoder output
+  std::unique_ptr<TrainingBuffers> train_;
+  std::unique_ptr<ForwardBuffers> forward_;
   std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
   int head_chunk_ = 0;
   GradientReadyHook gradient_ready_;

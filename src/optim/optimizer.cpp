@@ -5,18 +5,43 @@
 
 namespace speedrun {
 
+namespace {
+
+// Newton-Schulz scratch: the largest Muon tensor and the largest batch of Gram matrices.
+struct ScratchSizes {
+  size_t largest = 1;
+  size_t largest_gram = 1;
+};
+
+ScratchSizes scratch_sizes(const ParamLayout& layout) {
+  ScratchSizes sizes;
+  for (const ParamSpec& spec : layout.specs()) {
+    if (spec.group != ParamGroup::kMuon) continue;
+    sizes.largest = std::max(sizes.largest, spec.count);
+    const size_t r = std::min(spec.rows, spec.cols);
+    sizes.largest_gram = std::max(sizes.largest_gram, static_cast<size_t>(spec.matrices) * r * r);
+  }
+  return sizes;
+}
+
+}  // namespace
+
+size_t Optimizer::memory_bytes(const ParamLayout& layout) {
+  size_t floats = 0;
+  for (const ParamSpec& spec : layout.specs()) floats += (spec.group == ParamGroup::kMuon ? 1 : 2) * spec.count;
+  const ScratchSizes scratch = scratch_sizes(layout);
+  floats += 3 * scratch.largest + 2 * scratch.largest_gram;
+  return floats * sizeof(float);
+}
+
 Optimizer::Optimizer(const Config& config, const ParamLayout& layout, Backend& backend)
     : config_(config), layout_(layout), backend_(backend) {
-  size_t largest = 0, largest_gram = 0;
   for (const ParamSpec& spec : layout_.specs()) {
     float* first = nullptr;
     float* second = nullptr;
     if (spec.group == ParamGroup::kMuon) {
       first = backend_.alloc(spec.count);
       state_.push_back({"muon_buf." + spec.name, &spec, first});
-      largest = std::max(largest, spec.count);
-      const size_t r = std::min(spec.rows, spec.cols);
-      largest_gram = std::max(largest_gram, static_cast<size_t>(spec.matrices) * r * r);
     } else {
       first = backend_.alloc(spec.count);
       second = backend_.alloc(spec.count);
@@ -26,11 +51,12 @@ Optimizer::Optimizer(const Config& config, const ParamLayout& layout, Backend& b
     first_state_.push_back(first);
     second_state_.push_back(second);
   }
-  update_ = backend_.alloc(std::max<size_t>(largest, 1));
-  x_ = backend_.alloc(std::max<size_t>(largest, 1));
-  x_next_ = backend_.alloc(std::max<size_t>(largest, 1));
-  gram_ = backend_.alloc(std::max<size_t>(largest_gram, 1));
-  poly_ = backend_.alloc(std::max<size_t>(largest_gram, 1));
+  const ScratchSizes scratch = scratch_sizes(layout_);
+  update_ = backend_.alloc(scratch.largest);
+  x_ = backend_.alloc(scratch.largest);
+  x_next_ = backend_.alloc(scratch.largest);
+  gram_ = backend_.alloc(scratch.largest_gram);
+  poly_ = backend_.alloc(scratch.largest_gram);
 }
 
 Optimizer::~Optimizer() {

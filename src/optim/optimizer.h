@@ -18,6 +18,9 @@ class Optimizer {
   Optimizer(const Config& config, const ParamLayout& layout, Backend& backend);
   ~Optimizer();
   Optimizer(const Optimizer&) = delete;
+  // The bytes the constructor allocates: Adam's m and v, Muon's momentum and the
+  // Newton-Schulz scratch.
+  static size_t memory_bytes(const ParamLayout& layout);
   Optimizer& operator=(const Optimizer&) = delete;
 
   // Applies the update of step s (0-based) to params from grads. With a communicator of

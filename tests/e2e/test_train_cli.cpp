@@ -351,6 +351,24 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(j["recompute_activations"].get<bool>());
   EXPECT_LT(j["activation_bytes"].get<double>(), bf16["activation_bytes"].get<double>());  // exact sizes: test_gpt
 
+  // `memory` plans what bench's model really allocated, in both activation modes.
+  for (const auto& [flag, record] : {std::pair{std::string(), bf16}, std::pair{std::string(" --recompute-activations"), j}}) {
+    const RunResult plan = speedrun("memory --preset micro --json" + flag, dir_);
+    ASSERT_EQ(plan.exit_code, 0) << plan.err;
+    const nlohmann::json p = nlohmann::json::parse(plan.out);
+    EXPECT_EQ(p["arena_bytes"].get<size_t>() + p["sequence_bytes"].get<size_t>() + p["logits_bytes"].get<size_t>(),
+              record["activation_bytes"].get<size_t>())
+        << flag;
+    EXPECT_EQ(p["total_bytes"].get<size_t>(), p["parameter_bytes"].get<size_t>() + p["gradient_bytes"].get<size_t>() +
+                                                  p["optimizer_bytes"].get<size_t>() + p["arena_bytes"].get<size_t>() +
+                                                  p["sequence_bytes"].get<size_t>() + p["logits_bytes"].get<size_t>());
+  }
+  const RunResult table = speedrun("memory --preset speedrun-124m --device cuda --recompute-activations", dir_);
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_TRUE(contains(table.out, "validation sequences of 262144")) << table.out;
+  EXPECT_TRUE(contains(table.out, "cuda logits chunks of 2048 rows")) << table.out;
+  EXPECT_EQ(speedrun("memory --preset micro --device tpu", dir_).exit_code, 2);
+
   const RunResult flash = speedrun("train --preset micro --steps 1 --attention-kernel flash --out-dir " +
                                        quote((dir_ / "flash").string()),
                                    dir_);

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "model/gpt.h"
+#include "optim/optimizer.h"
 #include "support/finite_difference.h"
 #include "util/error.h"
 
@@ -234,6 +235,23 @@ TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
   long_train.forward_backward(inputs, targets, 3, 0.5f);
   const auto halves = long_train.gradients_to_host();
   for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], halves[i], 1e-5 + 1e-4 * std::abs(once[i])) << i;
+}
+
+// The plan `speedrun memory` prints is what the model and the optimiser allocate, in
+// both activation modes, whether the training or the forward-only buffers fill the arena.
+TEST(GPT, MemoryPlanIsWhatTheModelAndTheOptimizerAllocate) {
+  const Config c = Config::preset("micro");
+  for (ActivationMemory memory : {ActivationMemory::kStore, ActivationMemory::kRecompute}) {
+    for (int eval_T : {64, 4096}) {
+      auto be = make_cpu_backend();
+      const GPT::MemoryPlan plan = GPT::plan_memory(c, 64, eval_T, memory, be->head_chunk_rows());
+      GPT model(c, *be, 64, eval_T, memory);
+      Optimizer optimizer(c, model.layout(), *be);
+      EXPECT_EQ(model.activation_bytes(), plan.activation_bytes()) << eval_T;
+      EXPECT_EQ(be->peak_memory_bytes(), plan.total_bytes() + Optimizer::memory_bytes(model.layout())) << eval_T;
+      EXPECT_EQ(plan.arena_bytes(), eval_T == 4096 ? plan.forward_only_bytes : plan.training_bytes) << eval_T;
+    }
+  }
 }
 
 TEST(GPT, RejectsSequencesThatDoNotFit) {

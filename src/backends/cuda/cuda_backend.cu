@@ -66,7 +66,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   // 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an H100,
   // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
-  int head_chunk_rows() const override { return 2048; }
+  int head_chunk_rows() const override { return kCudaHeadChunkRows; }
   size_t peak_memory_bytes() const override { return peak_bytes_; }
 
   // --- memory ---------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+// speedrun memory: what a training run of a configuration holds in the backend's memory
+// (parameters, gradients, optimiser state, activations), computed from the same plan the
+// model and the optimiser allocate by, without allocating: whether a run fits a device
+// can be known before launching it, and on a machine without that device.
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "backends/backend.h"
+#include "cli/commands.h"
+#include "cli/config_options.h"
+#include "model/gpt.h"
+#include "model/params.h"
+#include "optim/optimizer.h"
+
+namespace speedrun::cli {
+namespace {
+
+struct MemoryLine {
+  const char* key;
+  const char* label;
+  size_t bytes;
+  const char* what;
+};
+
+double gib(size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); }
+
+}  // namespace
+
+void register_memory_command(CLI::App& app) {
+  struct Options {
+    ConfigOptions config;
+    std::string device = "cpu";
+    bool recompute_activations = false;
+    bool json = false;
+  };
+  auto opts = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("memory", "memory a training run needs, planned without allocating");
+  opts->config.add_to(cmd, "tiny");
+  cmd->add_option("--device", opts->device, "the backend whose logits chunk to plan for")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_flag("--recompute-activations", opts->recompute_activations, "as train --recompute-activations");
+  cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
+  cmd->callback([opts] {
+    const Config config = opts->config.build();
+    const ActivationMemory memory =
+        opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
+    const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
+    const GPT::MemoryPlan plan = GPT::plan_memory(config, config.seq_len, config.val_seq_len, memory, head_rows);
+    const size_t optimizer_bytes = Optimizer::memory_bytes(ParamLayout(config));
+    const size_t total = plan.total_bytes() + optimizer_bytes;
+    const MemoryLine lines[] = {
+        {"parameter_bytes", "parameters", plan.parameter_bytes, "float32 master copies"},
+        {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
+        {"optimizer_bytes", "optimizer state", optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
+        {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
+        {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
+        {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, "validation"},
+        {"sequence_bytes", "sequence", plan.sequence_bytes, "tokens, targets, document ids, token losses"},
+        {"logits_bytes", "logits chunk", plan.logits_bytes, "head rows at a time x padded vocabulary"},
+    };
+    if (opts->json) {
+      nlohmann::json record = {{"device", opts->device},
+                               {"seq_len", config.seq_len},
+                               {"val_seq_len", config.val_seq_len},
+                               {"recompute_activations", opts->recompute_activations},
+                               {"total_bytes", total}};
+      for (const MemoryLine& line : lines) record[line.key] = line.bytes;
+      std::printf("%s\n", record.dump().c_str());
+      return;
+    }
+    std::printf("training sequences of %d tokens, validation sequences of %d, activations %s, %s logits chunks of %d rows\n",
+                config.seq_len, config.val_seq_len, opts->recompute_activations ? "recomputed" : "stored",
+                opts->device.c_str(), head_rows);
+    for (const MemoryLine& line : lines) std::printf("%-20s %9.3f GiB  %s\n", line.label, gib(line.bytes), line.what);
+    std::printf("%-20s %9.3f GiB  plus the backend's own scratch (matmul workspace, bf16 operand copies)\n", "total",
+                gib(total));
+  });
+}
+
+}  // namespace speedrun::cli
