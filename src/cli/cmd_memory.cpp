@@ -12,6 +12,8 @@
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
+#include "train/data_parallel.h"
+#include "util/error.h"
 
 namespace speedrun::cli {
 namespace {
@@ -32,6 +34,7 @@ void register_memory_command(CLI::App& app) {
     ConfigOptions config;
     std::string device = "cpu";
     bool recompute_activations = false;
+    int processes = 1;
     bool json = false;
   };
   auto opts = std::make_shared<Options>();
@@ -41,6 +44,9 @@ void register_memory_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--recompute-activations", opts->recompute_activations, "as train --recompute-activations");
+  cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();
@@ -48,12 +54,22 @@ void register_memory_command(CLI::App& app) {
         opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
     const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
     const GPT::MemoryPlan plan = GPT::plan_memory(config, config.seq_len, config.val_seq_len, memory, head_rows);
-    const size_t optimizer_bytes = Optimizer::memory_bytes(ParamLayout(config));
-    const size_t total = plan.total_bytes() + optimizer_bytes;
+    if (config.world_size % opts->processes != 0) {
+      throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
+                       std::to_string(config.world_size));
+    }
+    const ParamLayout layout(config);
+    const size_t optimizer_bytes = Optimizer::memory_bytes(layout);
+    // As train: NCCL's overlapped reduction for several CUDA processes, else exact.
+    const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda" && opts->processes > 1);
+    const size_t reduce_bytes = DataParallel::memory_bytes(layout.total(), config.world_size, opts->processes, reduce);
+    const size_t total = plan.total_bytes() + optimizer_bytes + reduce_bytes;
     const MemoryLine lines[] = {
         {"parameter_bytes", "parameters", plan.parameter_bytes, "float32 master copies"},
         {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
         {"optimizer_bytes", "optimizer state", optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
+        {"gradient_reduction_bytes", "gradient reduction", reduce_bytes,
+         "the sum over this process's sequences, and the exact gather's copies"},
         {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
         {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, "validation"},
@@ -65,14 +81,19 @@ void register_memory_command(CLI::App& app) {
                                {"seq_len", config.seq_len},
                                {"val_seq_len", config.val_seq_len},
                                {"recompute_activations", opts->recompute_activations},
+                               {"processes", opts->processes},
+                               {"grad_reduce", grad_reduce_name(reduce)},
                                {"total_bytes", total}};
       for (const MemoryLine& line : lines) record[line.key] = line.bytes;
       std::printf("%s\n", record.dump().c_str());
       return;
     }
-    std::printf("training sequences of %d tokens, validation sequences of %d, activations %s, %s logits chunks of %d rows\n",
-                config.seq_len, config.val_seq_len, opts->recompute_activations ? "recomputed" : "stored",
-                opts->device.c_str(), head_rows);
+    std::printf(
+        "per process of %d: %d of world_size %d sequences of %d tokens, validation sequences of %d, activations %s, "
+        "%s logits chunks of %d rows, %s gradient reduction\n",
+        opts->processes, config.world_size / opts->processes, config.world_size, config.seq_len, config.val_seq_len,
+        opts->recompute_activations ? "recomputed" : "stored", opts->device.c_str(), head_rows,
+        grad_reduce_name(reduce).c_str());
     for (const MemoryLine& line : lines) std::printf("%-20s %9.3f GiB  %s\n", line.label, gib(line.bytes), line.what);
     std::printf("%-20s %9.3f GiB  plus the backend's own scratch (matmul workspace, bf16 operand copies)\n", "total",
                 gib(total));

@@ -98,18 +98,41 @@ DataParallel::DataParallel(Communicator& comm, GPT& model, GradReduceOptions opt
                      (comm.device_buffers() ? "device" : "host") + " memory but the " + be.name() + " backend on " +
                      (device_memory ? "device" : "host") + " memory: multi-process CUDA runs need NCCL");
   }
-  mode_ = options.mode != GradReduce::kAuto ? options.mode
-                                            : (comm.device_buffers() ? GradReduce::kOverlap : GradReduce::kExact);
+  mode_ = resolve_grad_reduce(options.mode, comm.device_buffers());
   bucket_floats_ = std::max<size_t>(1, options.bucket_bytes / sizeof(float));
   local_ranks_ = world / processes;
   first_rank_ = comm.rank() * local_ranks_;
   count_ = model.layout().total();
   loss_sums_ = static_cast<double*>(be.alloc_host(sizeof(double) * local_ranks_));
-  if (mode_ == GradReduce::kExact || local_ranks_ > 1) sum_ = be.alloc(count_);
-  if (mode_ == GradReduce::kExact && processes > 1) {
-    local_grads_ = be.alloc(count_ * local_ranks_);
-    all_grads_ = be.alloc(count_ * world);
+  const GradientBufferSizes sizes = gradient_buffer_sizes(count_, world, processes, mode_);
+  if (sizes.sum > 0) sum_ = be.alloc(sizes.sum);
+  if (sizes.local > 0) local_grads_ = be.alloc(sizes.local);
+  if (sizes.all > 0) all_grads_ = be.alloc(sizes.all);
+}
+
+GradReduce resolve_grad_reduce(GradReduce requested, bool device_buffers) {
+  if (requested != GradReduce::kAuto) return requested;
+  return device_buffers ? GradReduce::kOverlap : GradReduce::kExact;
+}
+
+// The running sum of this process's ranks (unless one rank's overlapped reduction works
+// in the model's own gradients), and for the exact multi-process gather every rank's
+// gradients.
+DataParallel::GradientBufferSizes DataParallel::gradient_buffer_sizes(size_t parameters, int world_size,
+                                                                      int processes, GradReduce mode) {
+  const int local_ranks = world_size / processes;
+  GradientBufferSizes sizes;
+  if (mode == GradReduce::kExact || local_ranks > 1) sizes.sum = parameters;
+  if (mode == GradReduce::kExact && processes > 1) {
+    sizes.local = parameters * local_ranks;
+    sizes.all = parameters * world_size;
   }
+  return sizes;
+}
+
+size_t DataParallel::memory_bytes(size_t parameters, int world_size, int processes, GradReduce mode) {
+  const GradientBufferSizes sizes = gradient_buffer_sizes(parameters, world_size, processes, mode);
+  return (sizes.sum + sizes.local + sizes.all) * sizeof(float);
 }
 
 DataParallel::~DataParallel() {

@@ -23,6 +23,8 @@ enum class GradReduce {
   kOverlap,
 };
 GradReduce parse_grad_reduce(const std::string& name);  // "auto", "exact", "overlap"; UsageError otherwise
+// kAuto becomes overlap where the communicator works on device memory (NCCL), else exact.
+GradReduce resolve_grad_reduce(GradReduce requested, bool device_buffers);
 std::string grad_reduce_name(GradReduce mode);
 
 struct GradReduceOptions {
@@ -67,6 +69,9 @@ class DataParallel {
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
+  // The backend memory the constructor allocates for gradient sums and gathers, with the
+  // mode resolved (exact or overlap).
+  static size_t memory_bytes(size_t parameters, int world_size, int processes, GradReduce mode);
 
   int first_rank() const { return first_rank_; }
   int local_ranks() const { return local_ranks_; }
@@ -95,6 +100,10 @@ class DataParallel {
   double communication_seconds() const { return communication_seconds_; }
 
  private:
+  struct GradientBufferSizes {
+    size_t sum = 0, local = 0, all = 0;  // floats
+  };
+  static GradientBufferSizes gradient_buffer_sizes(size_t parameters, int world_size, int processes, GradReduce mode);
   void reduce_exact();
   void backward_overlapped(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
                            float grad_scale);

@@ -359,15 +359,19 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
     EXPECT_EQ(p["arena_bytes"].get<size_t>() + p["sequence_bytes"].get<size_t>() + p["logits_bytes"].get<size_t>(),
               record["activation_bytes"].get<size_t>())
         << flag;
-    EXPECT_EQ(p["total_bytes"].get<size_t>(), p["parameter_bytes"].get<size_t>() + p["gradient_bytes"].get<size_t>() +
-                                                  p["optimizer_bytes"].get<size_t>() + p["arena_bytes"].get<size_t>() +
-                                                  p["sequence_bytes"].get<size_t>() + p["logits_bytes"].get<size_t>());
+    EXPECT_EQ(p["total_bytes"].get<size_t>(),
+              p["parameter_bytes"].get<size_t>() + p["gradient_bytes"].get<size_t>() +
+                  p["optimizer_bytes"].get<size_t>() + p["gradient_reduction_bytes"].get<size_t>() +
+                  p["arena_bytes"].get<size_t>() + p["sequence_bytes"].get<size_t>() + p["logits_bytes"].get<size_t>());
   }
   const RunResult table = speedrun("memory --preset speedrun-124m --device cuda --recompute-activations", dir_);
   ASSERT_EQ(table.exit_code, 0) << table.err;
   EXPECT_TRUE(contains(table.out, "validation sequences of 262144")) << table.out;
   EXPECT_TRUE(contains(table.out, "cuda logits chunks of 2048 rows")) << table.out;
   EXPECT_EQ(speedrun("memory --preset micro --device tpu", dir_).exit_code, 2);
+  const RunResult odd = speedrun("memory --preset speedrun-124m --processes 3", dir_);
+  EXPECT_EQ(odd.exit_code, 2);
+  EXPECT_TRUE(contains(odd.err, "--processes 3 does not divide world_size 8")) << odd.err;
 
   const RunResult flash = speedrun("train --preset micro --steps 1 --attention-kernel flash --out-dir " +
                                        quote((dir_ / "flash").string()),

@@ -248,6 +248,27 @@ TEST(DataParallelModes, AutoIsExactOnHostMemoryAndNamesParse) {
   EXPECT_EQ(grad_reduce_name(GradReduce::kOverlap), "overlap");
 }
 
+// What `speedrun memory` adds for the gradient reduction is what DataParallel allocates.
+TEST(DataParallelModes, MemoryBytesAreWhatTheConstructorAllocates) {
+  for (GradReduce mode : {GradReduce::kExact, GradReduce::kOverlap}) {
+    for (int world : {1, 4}) {
+      MicroModel m(world);
+      Backend& be = m.model->backend();
+      const size_t before = be.peak_memory_bytes();
+      auto comm = make_single_process_communicator();
+      DataParallel dp(*comm, *m.model, {mode});
+      const size_t expected = DataParallel::memory_bytes(m.model->layout().total(), world, 1, mode);
+      EXPECT_EQ(be.peak_memory_bytes() - before, expected) << grad_reduce_name(mode) << " world " << world;
+      // One rank reducing in place holds nothing more; anything else one gradient sum.
+      EXPECT_EQ(expected, mode == GradReduce::kOverlap && world == 1 ? 0 : m.model->layout().total() * sizeof(float));
+    }
+  }
+  // The exact gather of P processes holds every rank's gradients too.
+  EXPECT_EQ(DataParallel::memory_bytes(10, 8, 2, GradReduce::kExact), (10 + 40 + 80) * sizeof(float));
+  EXPECT_EQ(resolve_grad_reduce(GradReduce::kAuto, true), GradReduce::kOverlap);
+  EXPECT_EQ(resolve_grad_reduce(GradReduce::kAuto, false), GradReduce::kExact);
+}
+
 TEST(NcclCommunicator, PicksTheGpuFromTheLocalRank) {
   EXPECT_EQ(gpu_for_local_rank(0, 8), 0);
   EXPECT_EQ(gpu_for_local_rank(7, 8), 7);
