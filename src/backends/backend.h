@@ -39,6 +39,9 @@ class Backend {
   // Most memory held at once by alloc/alloc_i32 (0 where the backend does not track it).
   // The CPU backend's is part of the process's memory: peak RSS says more there.
   virtual size_t peak_memory_bytes() const { return 0; }
+  // Bytes of the device's memory in use now by everything on it (total minus free: these
+  // allocations, scratch, library workspaces, the CUDA context); 0 where there is no device.
+  virtual size_t device_memory_in_use() const { return 0; }
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
   // Uploads may return before the copy is done when `host` is alloc_host memory: keep such

@@ -203,6 +203,16 @@ void register_bench_command(CLI::App& app) {
     const bool on_gpu = opts->device == "cuda";
     const double mfu = 6 * matmul_parameters(model.layout()) * tokens_per_second / kH100PeakFlops;
     const size_t peak_bytes = on_gpu ? backend->peak_memory_bytes() : static_cast<size_t>(peak_rss_bytes());
+    // What `speedrun memory` plans, against what the backend allocated and, on a GPU, what
+    // the device has in use (its allocations only grow, so after the steps that is their
+    // peak; it adds the matmul workspace, operand copies and the CUDA context).
+    const size_t planned_bytes =
+        GPT::plan_memory(config, config.seq_len, config.val_seq_len, memory, backend->head_chunk_rows())
+            .total_bytes() +
+        Optimizer::memory_bytes(model.layout()) +
+        DataParallel::memory_bytes(model.layout().total(), config.world_size, comm->size(), dp.mode());
+    const size_t backend_peak_bytes = backend->peak_memory_bytes();
+    const size_t device_in_use_bytes = backend->device_memory_in_use();
     // One profiled step: every op synchronised and timed.
     profiling = true;
     const auto profile_start = Clock::now();
@@ -257,6 +267,14 @@ void register_bench_command(CLI::App& app) {
                 attention_tflops >= 0.1 ? "TFLOP/s" : "GFLOP/s");
     std::printf("peak memory: %.1f MiB (%s)\n", peak_bytes / (1024.0 * 1024.0),
                 on_gpu ? "device memory allocated by the backend" : "host RSS");
+    std::printf("memory plan: %.1f MiB (model, optimiser, gradient reduction; speedrun memory), backend "
+                "allocations %.1f MiB",
+                planned_bytes / (1024.0 * 1024.0), backend_peak_bytes / (1024.0 * 1024.0));
+    if (on_gpu) {
+      std::printf(", device in use %.1f MiB (with scratch, workspaces, CUDA context)",
+                  device_in_use_bytes / (1024.0 * 1024.0));
+    }
+    std::printf("\n");
     std::printf("launch to end of first step: %.2f s (from exec)\n", first_step_seconds);
     if (comm->size() > 1) {
       std::printf("communication: %.1f ms per step (%s gradient reduction over %s, host time in its calls)\n",
@@ -288,6 +306,10 @@ void register_bench_command(CLI::App& app) {
                             {"attention_tflops", attention_tflops},
                             {"peak_memory_bytes", peak_bytes},
                             {"peak_memory_kind", on_gpu ? "device, backend allocations" : "host RSS"},
+                            {"planned_memory_bytes", planned_bytes},
+                            {"backend_peak_memory_bytes", backend_peak_bytes},
+                            {"device_memory_in_use_bytes",
+                             on_gpu ? nlohmann::json(device_in_use_bytes) : nlohmann::json(nullptr)},
                             {"reference_sgemm_gflops", sgemm_gflops},
                             {"first_step_seconds", first_step_seconds},
                             {"profiled_step_ms", 1000 * profiled_seconds},

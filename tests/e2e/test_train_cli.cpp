@@ -351,6 +351,11 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(j["recompute_activations"].get<bool>());
   EXPECT_LT(j["activation_bytes"].get<double>(), bf16["activation_bytes"].get<double>());  // exact sizes: test_gpt
 
+  // bench's own memory plan is what its backend allocated (on the CPU no scratch comes on top).
+  for (const nlohmann::json& record : {bf16, j}) {
+    EXPECT_EQ(record["planned_memory_bytes"].get<size_t>(), record["backend_peak_memory_bytes"].get<size_t>());
+    EXPECT_TRUE(record["device_memory_in_use_bytes"].is_null());
+  }
   // `memory` plans what bench's model really allocated, in both activation modes.
   for (const auto& [flag, record] : {std::pair{std::string(), bf16}, std::pair{std::string(" --recompute-activations"), j}}) {
     const RunResult plan = speedrun("memory --preset micro --json" + flag, dir_);

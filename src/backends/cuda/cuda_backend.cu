@@ -68,6 +68,11 @@ class CudaBackend final : public Backend {
   // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
   int head_chunk_rows() const override { return kCudaHeadChunkRows; }
   size_t peak_memory_bytes() const override { return peak_bytes_; }
+  size_t device_memory_in_use() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    SPEEDRUN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return total_bytes - free_bytes;
+  }
 
   // --- memory ---------------------------------------------------------------------------
   float* alloc(size_t count) override { return static_cast<float*>(allocate_zeroed(count * sizeof(float))); }
