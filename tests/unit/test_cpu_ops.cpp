@@ -161,6 +161,28 @@ TEST_F(CpuOps, SoftcapCrossEntropyValueAndGradient) {
   EXPECT_LE(worst_error_ratio(grad, numerical_gradient(loss, z, 1e-2), 1e-3, 1e-2), 1.0);
 }
 
+// A NaN logit must reach its row's loss (the fault check reads the losses), as on the GPU;
+// +-infinity saturates through the softcap to a finite loss, as in the reference.
+TEST_F(CpuOps, SoftcapCrossEntropyPassesNanOnButSaturatesInfinity) {
+  const int rows = 3, V = 8;
+  std::vector<float> logits = random_vector(rows * V, 5, 2.f);
+  const std::vector<int32_t> targets = {1, 2, 3};
+  logits[0 * V + 6] = std::numeric_limits<float>::quiet_NaN();
+  logits[1 * V + 2] = std::numeric_limits<float>::infinity();
+  logits[1 * V + 4] = -std::numeric_limits<float>::infinity();
+  for (float grad_scale : {0.f, 1.f}) {
+    std::vector<float> z(logits), row_loss(rows);
+    be->softcap_cross_entropy(z.data(), row_loss.data(), targets.data(), rows, V, 15.f, grad_scale);
+    EXPECT_TRUE(std::isnan(row_loss[0])) << grad_scale;
+    EXPECT_TRUE(std::isfinite(row_loss[1])) << grad_scale;
+    EXPECT_TRUE(std::isfinite(row_loss[2])) << grad_scale;
+    if (grad_scale != 0.f) {
+      EXPECT_TRUE(std::isnan(z[0 * V + 6]));
+      for (int j = V; j < rows * V; ++j) EXPECT_TRUE(std::isfinite(z[j])) << j;
+    }
+  }
+}
+
 TEST_F(CpuOps, ZeroHeadGivesLogOfPaddedVocabulary) {
   const int V = 50304;
   std::vector<float> logits(V, 0.f), row_loss(1);

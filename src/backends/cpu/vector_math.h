@@ -1,6 +1,7 @@
 // Vectorisable float exp for the CPU backend's hot loops (softmax, softcap).
 // Cody-Waite range reduction x = n ln2 + r and Cephes' degree-6 polynomial for e^r:
-// within 2 ulp of std::exp over [-87, 88]; inputs are clamped to that range.
+// within 2 ulp of std::exp over [-87, 88]; other inputs are clamped to that range, NaN
+// passes through.
 #pragma once
 
 #include <cstdint>
@@ -10,8 +11,9 @@ namespace speedrun::cpu {
 
 
 inline float exp_approx(float x) {
+  const float input = x;
   x = x > -87.0f ? x : -87.0f;  // ternaries, not fmaxf/fminf: those are library calls here
-  x = x < 88.0f ? x : 88.0f;
+  x = x < 88.0f ? x : 88.0f;    // (NaN becomes -87 here; the end gives it back)
   const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -22,7 +24,8 @@ inline float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return e * std::bit_cast<float>(bits);
+  // NaN in, NaN out, as std::exp: a NaN logit must reach the loss and the fault check.
+  return input == input ? e * std::bit_cast<float>(bits) : input;
 }
 
 }  // namespace speedrun::cpu

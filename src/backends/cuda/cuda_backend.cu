@@ -35,7 +35,8 @@ namespace {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const BackendOptions& options)
-      : flash_attention_(options.attention == AttentionKernel::kFlash),
+      : device_(device),
+        flash_attention_(options.attention == AttentionKernel::kFlash),
         bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
         emulate_fp8_head_(options.emulate_fp8_head) {
     int count = 0;
@@ -123,7 +124,10 @@ class CudaBackend final : public Backend {
 
   // --- host-visible results -------------------------------------------------------------
   // Pinned, so the copies into and out of it are truly asynchronous.
+  // Also called from the prefetcher's thread, whose current device is not ours until set:
+  // otherwise every process of a multi-GPU run would open a context on device 0.
   void* alloc_host(size_t bytes) override {
+    SPEEDRUN_CUDA_CHECK(cudaSetDevice(device_));
     void* pointer = nullptr;
     const size_t size = std::max<size_t>(bytes, 1);
     check_cuda(cudaHostAlloc(&pointer, size, cudaHostAllocDefault),
@@ -133,6 +137,7 @@ class CudaBackend final : public Backend {
   }
   void release_host(void* pointer) override {
     if (!pointer) return;
+    cudaSetDevice(device_);  // as alloc_host; a failure shows in the synchronisation below
     // Queued copies may still target it.
     const cudaError_t sync = cudaStreamSynchronize(stream_);
     const cudaError_t status = sync != cudaSuccess ? sync : cudaFreeHost(pointer);
@@ -320,14 +325,18 @@ class CudaBackend final : public Backend {
       const double exponent = quarter > 1 ? static_cast<double>(i) / (quarter - 1) : 0.0;
       freq[i] = static_cast<float>(std::pow(1.0 / base, exponent));
     }
-    float* device = static_cast<float*>(allocate_zeroed(freq.size() * sizeof(float)));
+    // A raw allocation, as the scratch buffers': a backend constant, not part of the
+    // model's memory that peak_memory_bytes() counts against `speedrun memory`'s plan.
+    float* device = nullptr;
+    check_cuda(cudaMalloc(&device, freq.size() * sizeof(float)), "cudaMalloc (rotary frequencies)");
     rotary_freqs_.emplace(key, device);
     upload_bytes(device, freq.data(), freq.size() * sizeof(float));
     return device;
   }
 
+  const int device_;
   const bool flash_attention_;  // the bf16 flash kernel instead of the float32 warp-per-query one
-  const bool bf16_matmul_;      // cuBLASLt FAST_16BF: bf16 inputs, float32 accumulation
+  const bool bf16_matmul_;      // operands rounded to bf16 copies, float32 accumulation
   const bool emulate_fp8_head_;
   cudaStream_t stream_ = nullptr;
   // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and

@@ -436,7 +436,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     const int qi0 = i * kChunkQ;
     const int qi1 = min(qi0 + kChunkQ, p.T);
-    const bool full = tiles::tile_fully_visible(tiles::first_visible_key(doc_start[qi1 - 1], qi1 - 1, p.B, p.W),
+    // A chunk cut short by the end of the sequence is never "full": its columns past T
+    // must stay masked (their lse and delta lie outside the buffers).
+    const bool full = qi1 - qi0 == kChunkQ &&
+                      tiles::tile_fully_visible(tiles::first_visible_key(doc_start[qi1 - 1], qi1 - 1, p.B, p.W),
                                                 qi0, k0, k0 + kTileK);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {

@@ -48,7 +48,7 @@ __global__ void dot_finish_kernel(void* out, const double* partials, int blocks,
 // sums combined in float64; row_loss = lse - y[target]; then, if grad_scale != 0,
 // z <- grad_scale (softmax(y) - onehot) 4 s (1 - s) with s = y / 2c.
 // Traffic: 4 V bytes read + 4 V written without the gradient, 8 V more with it.
-__global__ void softcap_cross_entropy_kernel(float* logits, float* row_loss, const int32_t* targets, int V,
+__global__ void __launch_bounds__(kHeadThreads) softcap_cross_entropy_kernel(float* logits, float* row_loss, const int32_t* targets, int V,
                                              float softcap, float grad_scale) {
   __shared__ float shared_max[kBlockReduceSlots];
   __shared__ double shared_sum[kBlockReduceSlots];

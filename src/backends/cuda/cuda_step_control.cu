@@ -24,7 +24,7 @@ __global__ void flag_nonfinite_kernel(int32_t* flag, const float* x, size_t n) {
 // a block-wide exclusive scan of the counts gives each chunk's start, then each thread
 // writes its chunk. One block (sequences are at most a few hundred thousand tokens).
 // Traffic: 8 T bytes (tokens read twice from L2 in practice, doc written once).
-__global__ void document_ids_kernel(int32_t* doc, const int32_t* tokens, int T, int32_t separator) {
+__global__ void __launch_bounds__(kScanThreads) document_ids_kernel(int32_t* doc, const int32_t* tokens, int T, int32_t separator) {
   __shared__ int32_t warp_totals[32];
   const int chunk = (T + blockDim.x - 1) / blockDim.x;
   const int begin = min(T, static_cast<int>(threadIdx.x) * chunk);
