@@ -30,6 +30,7 @@
 #include "model/params.h"
 #include "optim/optimizer.h"
 #include "train/progress.h"
+#include "train/run_memory.h"
 #include "train/trainer.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
@@ -202,17 +203,14 @@ void register_bench_command(CLI::App& app) {
     const double communication_ms = 1000 * (dp.communication_seconds() - communication_before) / opts->steps;
     const bool on_gpu = opts->device == "cuda";
     const double mfu = 6 * matmul_parameters(model.layout()) * tokens_per_second / kH100PeakFlops;
-    const size_t peak_bytes = on_gpu ? backend->peak_memory_bytes() : static_cast<size_t>(peak_rss_bytes());
     // What `speedrun memory` plans, against what the backend allocated and, on a GPU, what
     // the device has in use (its allocations only grow, so after the steps that is their
     // peak; it adds the matmul workspace, operand copies and the CUDA context).
     const size_t planned_bytes =
-        GPT::plan_memory(config, config.seq_len, config.val_seq_len, memory, backend->head_chunk_rows())
-            .total_bytes() +
-        Optimizer::memory_bytes(model.layout()) +
-        DataParallel::memory_bytes(model.layout().total(), config.world_size, comm->size(), dp.mode());
+        plan_run_memory(config, memory, backend->head_chunk_rows(), comm->size(), dp.mode()).total_bytes();
     const size_t backend_peak_bytes = backend->peak_memory_bytes();
     const size_t device_in_use_bytes = backend->device_memory_in_use();
+    const size_t peak_bytes = on_gpu ? backend_peak_bytes : static_cast<size_t>(peak_rss_bytes());
     // One profiled step: every op synchronised and timed.
     profiling = true;
     const auto profile_start = Clock::now();

@@ -9,10 +9,7 @@
 #include "backends/backend.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
-#include "model/gpt.h"
-#include "model/params.h"
-#include "optim/optimizer.h"
-#include "train/data_parallel.h"
+#include "train/run_memory.h"
 #include "util/error.h"
 
 namespace speedrun::cli {
@@ -53,22 +50,20 @@ void register_memory_command(CLI::App& app) {
     const ActivationMemory memory =
         opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
     const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
-    const GPT::MemoryPlan plan = GPT::plan_memory(config, config.seq_len, config.val_seq_len, memory, head_rows);
     if (config.world_size % opts->processes != 0) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
                        std::to_string(config.world_size));
     }
-    const ParamLayout layout(config);
-    const size_t optimizer_bytes = Optimizer::memory_bytes(layout);
     // As train: NCCL's overlapped reduction for several CUDA processes, else exact.
     const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda" && opts->processes > 1);
-    const size_t reduce_bytes = DataParallel::memory_bytes(layout.total(), config.world_size, opts->processes, reduce);
-    const size_t total = plan.total_bytes() + optimizer_bytes + reduce_bytes;
+    const RunMemoryPlan run = plan_run_memory(config, memory, head_rows, opts->processes, reduce);
+    const GPT::MemoryPlan& plan = run.model;
+    const size_t total = run.total_bytes();
     const MemoryLine lines[] = {
         {"parameter_bytes", "parameters", plan.parameter_bytes, "float32 master copies"},
         {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
-        {"optimizer_bytes", "optimizer state", optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
-        {"gradient_reduction_bytes", "gradient reduction", reduce_bytes,
+        {"optimizer_bytes", "optimizer state", run.optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
+        {"gradient_reduction_bytes", "gradient reduction", run.gradient_reduction_bytes,
          "the sum over this process's sequences, and the exact gather's copies"},
         {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},

@@ -144,8 +144,8 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   opts->backend.add_to(cmd);
   cmd->add_flag("--recompute-activations", opts->recompute_activations,
-                "recompute rmsnorm outputs, rotated q/k and relu^2 in the backward instead of keeping them "
-                "(40% less activation memory, same gradients)");
+                "recompute the lambda mix, rmsnorm outputs, rotated q/k, mixed v and relu^2 in the backward "
+                "instead of keeping them (a third less activation memory, same gradients; see speedrun memory)");
   cmd->add_option("--init", t.init_path, "start from this model checkpoint (fresh optimiser)");
   cmd->add_option("--resume", t.resume_path,
                   "resume a run exactly from a checkpoint written by train (default out-dir: the checkpoint's)");

@@ -8,10 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
+#include "backends/allocation_tracker.h"
 #include "backends/backend.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/vector_math.h"
@@ -79,21 +78,10 @@ class CpuBackend final : public Backend {
   float* alloc(size_t count) override { return static_cast<float*>(tracked(count * sizeof(float))); }
   int32_t* alloc_i32(size_t count) override { return static_cast<int32_t*>(tracked(count * sizeof(int32_t))); }
   void release(void* pointer) override {
-    if (!pointer) return;
-    {
-      std::lock_guard<std::mutex> lock(sizes_mutex_);
-      auto held = sizes_.find(pointer);
-      if (held != sizes_.end()) {
-        live_bytes_ -= held->second;
-        sizes_.erase(held);
-      }
-    }
+    allocations_.released(pointer);
     std::free(pointer);
   }
-  size_t peak_memory_bytes() const override {
-    std::lock_guard<std::mutex> lock(sizes_mutex_);
-    return peak_bytes_;
-  }
+  size_t peak_memory_bytes() const override { return allocations_.peak(); }
   void upload(float* dst, const float* host, size_t count) override { move_bytes(dst, host, count * sizeof(float)); }
   void download(float* host, const float* src, size_t count) override {
     move_bytes(host, src, count * sizeof(float));
@@ -425,21 +413,13 @@ class CpuBackend final : public Backend {
     return p;
   }
 
-  // alloc/alloc_i32 memory, counted as the CUDA backend counts its device memory, so that
-  // memory plans can be checked against what was really allocated.
   void* tracked(size_t bytes) {
     void* p = zeroed(bytes);
-    std::lock_guard<std::mutex> lock(sizes_mutex_);
-    sizes_[p] = bytes;
-    live_bytes_ += bytes;
-    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
+    allocations_.allocated(p, bytes);
     return p;
   }
 
-  mutable std::mutex sizes_mutex_;
-  std::unordered_map<void*, size_t> sizes_;
-  size_t live_bytes_ = 0;
-  size_t peak_bytes_ = 0;
+  AllocationTracker allocations_;  // alloc/alloc_i32, as the CUDA backend counts its own
 };
 
 }  // namespace

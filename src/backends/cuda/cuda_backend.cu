@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/allocation_tracker.h"
 #include "backends/backend.h"
 #include "backends/cuda/cuda_gemm.cuh"
 #include "backends/cuda/cuda_kernels.cuh"
@@ -68,7 +69,7 @@ class CudaBackend final : public Backend {
   // 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an H100,
   // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
   int head_chunk_rows() const override { return kCudaHeadChunkRows; }
-  size_t peak_memory_bytes() const override { return peak_bytes_; }
+  size_t peak_memory_bytes() const override { return allocations_.peak(); }
   size_t device_memory_in_use() const override {
     size_t free_bytes = 0, total_bytes = 0;
     SPEEDRUN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -86,11 +87,7 @@ class CudaBackend final : public Backend {
     // earlier asynchronous error, which the next checked call reports as well.
     const cudaError_t sync = cudaStreamSynchronize(stream_);
     const cudaError_t status = sync != cudaSuccess ? sync : cudaFree(pointer);
-    const auto held = allocation_bytes_.find(pointer);
-    if (held != allocation_bytes_.end()) {
-      live_bytes_ -= held->second;
-      allocation_bytes_.erase(held);
-    }
+    allocations_.released(pointer);
     if (status != cudaSuccess) {
       std::fprintf(stderr, "speedrun: warning: CUDA release failed: %s\n", cudaGetErrorString(status));
     }
@@ -289,14 +286,12 @@ class CudaBackend final : public Backend {
     void* pointer = nullptr;
     const size_t size = std::max<size_t>(bytes, 256);
     check_cuda(cudaMalloc(&pointer, size), ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
-    allocation_bytes_[pointer] = size;
-    live_bytes_ += size;
-    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
     const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
     if (status != cudaSuccess) {
       cudaFree(pointer);
       check_cuda(status, "cudaMemsetAsync (zero-fill of a new allocation)");
     }
+    allocations_.allocated(pointer, size);
     return pointer;
   }
 
@@ -341,9 +336,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and
   // the scratch buffers' own growth are not counted).
-  std::map<void*, size_t> allocation_bytes_;
-  size_t live_bytes_ = 0;
-  size_t peak_bytes_ = 0;
+  AllocationTracker allocations_;
   std::unique_ptr<LtGemm> gemm_;
   std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
