@@ -161,9 +161,11 @@ run_checks() {
   done
 
   # 3. Training-step benchmarks: each variant is a preset and its backend flags.
-  #    speedrun-124m: bf16 matmuls (the cuda default), float32 reference attention;
+  #    speedrun-124m: bf16 matmuls and bf16-kept activations (the cuda defaults), float32
+  #      reference attention;
   #    speedrun-124m-flash: the same with attention through the bf16 flash kernel;
-  #    speedrun-124m-recompute: the flash variant keeping 40% fewer activations.
+  #    speedrun-124m-recompute: the flash variant recomputing activations (the <= 24 GB
+  #      configuration: 20.9 GiB planned).
   local variant preset limit flags
   declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash"
     [speedrun-124m-recompute]="--attention-kernel flash --recompute-activations")

@@ -116,6 +116,25 @@ class Backend {
   // dx = dout * 2 relu(x).
   virtual void relu2_backward(float* dx, const float* dout, const float* x, size_t n) = 0;
 
+  // --- bfloat16 activation storage (SPEC §6: the reference keeps activations in bf16) ------
+  // uint16_t buffers hold bf16 codes. Every rounding is to nearest even, NaN stays NaN, so
+  // a value is the same whether a backend stores it as a code or as its float32 widening.
+  // out = bf16(rmsnorm(x)) widened to float32; stored (unless null) = the same values as
+  // codes; rstd as rmsnorm_forward. out may alias x.
+  virtual void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
+                                    float eps) = 0;
+  // rmsnorm_backward from the forward's output kept as codes.
+  virtual void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows,
+                                     int dim, bool accumulate) = 0;
+  // stored (unless null) = bf16(x); out = relu(bf16(x))^2. out may alias x.
+  virtual void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) = 0;
+  // out = relu(x)^2 for x given as codes: relu2_forward_bf16's out again, from what it stored.
+  virtual void relu2_from_bf16(float* out, const uint16_t* x, size_t n) = 0;
+  // relu2_backward for x given as codes.
+  virtual void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) = 0;
+  // out = float32(x).
+  virtual void widen_bf16(float* out, const uint16_t* x, size_t n) = 0;
+
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;
   // lse [H, T] saved. doc = per-token document ids.

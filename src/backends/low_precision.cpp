@@ -84,17 +84,6 @@ float decode_fp8(uint8_t code, Fp8Format format) {
   return negative ? -value : value;
 }
 
-uint16_t encode_bf16(float x) {
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  if (std::isnan(x)) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // keep it a (quiet) NaN
-  const uint32_t lowest_kept = (bits >> 16) & 1u;
-  return static_cast<uint16_t>((bits + 0x7FFFu + lowest_kept) >> 16);
-}
-
-float decode_bf16(uint16_t code) { return std::bit_cast<float>(static_cast<uint32_t>(code) << 16); }
-
-float round_to_bf16(float x) { return decode_bf16(encode_bf16(x)); }
-
 void scaled_round_to_fp8(float* out, const float* in, size_t n, float scale, Fp8Format format) {
 #pragma omp parallel for schedule(static)
   for (size_t i = 0; i < n; ++i) out[i] = round_to_fp8(in[i] * scale, format);

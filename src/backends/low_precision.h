@@ -2,6 +2,7 @@
 // formats of the lm_head (SPEC §6), as rounding float -> float and as 8/16-bit codes.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -30,9 +31,15 @@ float decode_fp8(uint8_t code, Fp8Format format);
 // Rounds to the nearest bfloat16, ties to even, IEEE overflow (to infinity, as
 // __float2bfloat16_rn does: float and bfloat16 share their exponent range, so only values
 // within half a bf16 ulp of FLT_MAX overflow). NaN stays NaN.
-float round_to_bf16(float x);
-uint16_t encode_bf16(float x);
-float decode_bf16(uint16_t code);
+// Inline: the CPU backend's bf16 activation loops call them per element.
+inline uint16_t encode_bf16(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  if (x != x) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // NaN: keep it a (quiet) NaN
+  const uint32_t lowest_kept = (bits >> 16) & 1u;
+  return static_cast<uint16_t>((bits + 0x7FFFu + lowest_kept) >> 16);
+}
+inline float decode_bf16(uint16_t code) { return std::bit_cast<float>(static_cast<uint32_t>(code) << 16); }
+inline float round_to_bf16(float x) { return decode_bf16(encode_bf16(x)); }
 
 // out[i] = round_to_fp8(in[i] * scale) for i < n (scale a power of two keeps the product
 // exact, so this is a single rounding).

@@ -87,6 +87,26 @@ class ProfilingBackend final : public Backend {
   void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
     timed("relu2", 0, [&] { inner_.relu2_backward(dx, dout, x, n); });
   }
+  void rmsnorm_forward_bf16(float* o, uint16_t* stored, float* r, const float* x, int rows, int dim,
+                            float eps) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward_bf16(o, stored, r, x, rows, dim, eps); });
+  }
+  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
+                             bool acc) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward_bf16(dx, dout, out, rstd, rows, dim, acc); });
+  }
+  void relu2_forward_bf16(float* o, uint16_t* stored, const float* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_forward_bf16(o, stored, x, n); });
+  }
+  void relu2_from_bf16(float* o, const uint16_t* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_from_bf16(o, x, n); });
+  }
+  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_backward_bf16(dx, dout, x, n); });
+  }
+  void widen_bf16(float* o, const uint16_t* x, size_t n) override {
+    timed("widen_bf16", 0, [&] { inner_.widen_bf16(o, x, n); });
+  }
   void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
                          const AttentionShape& s) override {
     timed("attention", 0, [&] { inner_.attention_forward(y, lse, q, k, v, doc, s); });

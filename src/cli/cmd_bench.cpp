@@ -18,6 +18,7 @@
 #include "backends/attention_tiles.h"
 #include "backends/backend.h"
 #include "backends/profiling_backend.h"
+#include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
@@ -134,7 +135,7 @@ void register_bench_command(CLI::App& app) {
     ConfigOptions config;
     std::string device = "cpu";
     BackendFlags backend;
-    bool recompute_activations = false;
+    ActivationFlags activations;
     std::string grad_reduce = "auto";
     int steps = 3;
     int warmup = 1;
@@ -146,7 +147,7 @@ void register_bench_command(CLI::App& app) {
   opts->config.add_to(cmd, "tiny");
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   opts->backend.add_to(cmd);
-  cmd->add_flag("--recompute-activations", opts->recompute_activations, "as train --recompute-activations");
+  opts->activations.add_to(cmd);
   cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
@@ -171,11 +172,10 @@ void register_bench_command(CLI::App& app) {
     std::map<std::string, OpStats> stats;
     bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
     auto backend = make_profiling_backend(*device, stats, &profiling);
-    const ActivationMemory memory =
-        opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
+    const ActivationOptions activations = opts->activations.resolve(opts->device);
     // Sized as a training run sizes it (validation sequences included), so that the peak
     // memory reported is the run's.
-    GPT model(config, *backend, config.seq_len, config.val_seq_len, memory);
+    GPT model(config, *backend, config.seq_len, config.val_seq_len, activations);
     Optimizer optimizer(config, model.layout(), *backend);
     DataParallel dp(*comm, model, {parse_grad_reduce(opts->grad_reduce)});
     const size_t tokens = static_cast<size_t>(config.world_size) * config.seq_len;
@@ -207,7 +207,7 @@ void register_bench_command(CLI::App& app) {
     // the device has in use (its allocations only grow, so after the steps that is their
     // peak; it adds the matmul workspace, operand copies and the CUDA context).
     const size_t planned_bytes =
-        plan_run_memory(config, memory, backend->head_chunk_rows(), comm->size(), dp.mode()).total_bytes();
+        plan_run_memory(config, activations, backend->head_chunk_rows(), comm->size(), dp.mode()).total_bytes();
     const size_t backend_peak_bytes = backend->peak_memory_bytes();
     const size_t device_in_use_bytes = backend->device_memory_in_use();
     const size_t peak_bytes = on_gpu ? backend_peak_bytes : static_cast<size_t>(peak_rss_bytes());
@@ -226,7 +226,7 @@ void register_bench_command(CLI::App& app) {
     std::printf("matmul inputs %s, attention kernel %s, lm_head %s, activations %s (%.1f MiB)\n",
                 matmul_precision_name(backend_options.matmul).c_str(),
                 attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain",
-                opts->recompute_activations ? "recomputed" : "stored", model.activation_bytes() / (1024.0 * 1024.0));
+                ActivationFlags::describe(activations).c_str(), model.activation_bytes() / (1024.0 * 1024.0));
     std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
                 1000 * profiled_seconds);
     std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
@@ -286,7 +286,8 @@ void register_bench_command(CLI::App& app) {
                             {"device_name", device_description(opts->device, device_index)},
                             {"matmul", matmul_precision_name(backend_options.matmul)},
                             {"attention_kernel", attention_kernel_name(backend_options.attention)},
-                            {"recompute_activations", opts->recompute_activations},
+                            {"recompute_activations", activations.memory == ActivationMemory::kRecompute},
+                            {"activation_precision", ActivationFlags::precision_name(activations.precision)},
                             {"activation_bytes", model.activation_bytes()},
                             {"processes", comm->size()},
                             {"communication_ms_per_step", communication_ms},

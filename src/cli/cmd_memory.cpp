@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backends/backend.h"
+#include "cli/activation_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
 #include "train/run_memory.h"
@@ -30,25 +31,24 @@ void register_memory_command(CLI::App& app) {
   struct Options {
     ConfigOptions config;
     std::string device = "cpu";
-    bool recompute_activations = false;
+    ActivationFlags activations;
     int processes = 1;
     bool json = false;
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("memory", "memory a training run needs, planned without allocating");
   opts->config.add_to(cmd, "tiny");
-  cmd->add_option("--device", opts->device, "the backend whose logits chunk to plan for")
+  cmd->add_option("--device", opts->device, "the backend to plan for (its logits chunk and --activations auto)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_flag("--recompute-activations", opts->recompute_activations, "as train --recompute-activations");
+  opts->activations.add_to(cmd);
   cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();
-    const ActivationMemory memory =
-        opts->recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
+    const ActivationOptions activations = opts->activations.resolve(opts->device);
     const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
     if (config.world_size % opts->processes != 0) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
@@ -56,7 +56,7 @@ void register_memory_command(CLI::App& app) {
     }
     // As train: NCCL's overlapped reduction for several CUDA processes, else exact.
     const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda" && opts->processes > 1);
-    const RunMemoryPlan run = plan_run_memory(config, memory, head_rows, opts->processes, reduce);
+    const RunMemoryPlan run = plan_run_memory(config, activations, head_rows, opts->processes, reduce);
     const GPT::MemoryPlan& plan = run.model;
     const size_t total = run.total_bytes();
     const MemoryLine lines[] = {
@@ -75,7 +75,8 @@ void register_memory_command(CLI::App& app) {
       nlohmann::json record = {{"device", opts->device},
                                {"seq_len", config.seq_len},
                                {"val_seq_len", config.val_seq_len},
-                               {"recompute_activations", opts->recompute_activations},
+                               {"recompute_activations", activations.memory == ActivationMemory::kRecompute},
+                               {"activation_precision", ActivationFlags::precision_name(activations.precision)},
                                {"processes", opts->processes},
                                {"grad_reduce", grad_reduce_name(reduce)},
                                {"total_bytes", total}};
@@ -87,7 +88,7 @@ void register_memory_command(CLI::App& app) {
         "per process of %d: %d of world_size %d sequences of %d tokens, validation sequences of %d, activations %s, "
         "%s logits chunks of %d rows, %s gradient reduction\n",
         opts->processes, config.world_size / opts->processes, config.world_size, config.seq_len, config.val_seq_len,
-        opts->recompute_activations ? "recomputed" : "stored", opts->device.c_str(), head_rows,
+        ActivationFlags::describe(activations).c_str(), opts->device.c_str(), head_rows,
         grad_reduce_name(reduce).c_str());
     for (const MemoryLine& line : lines) std::printf("%-20s %9.3f GiB  %s\n", line.label, gib(line.bytes), line.what);
     std::printf("%-20s %9.3f GiB  plus the backend's own scratch (matmul workspace, bf16 operand copies)\n", "total",

@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "backends/backend.h"
+#include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
@@ -28,7 +29,7 @@ struct Options {
   ConfigOptions config;
   std::string device = "cpu";
   BackendFlags backend;
-  bool recompute_activations = false;
+  ActivationFlags activations;
   TrainOptions train;
   // Given on the command line (not defaulted), so the resume command repeats them.
   bool explicit_train = false, explicit_val = false, explicit_metrics = false, explicit_steps = false;
@@ -72,7 +73,7 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
   if (opts.explicit_steps) command += " --steps " + std::to_string(train.steps);
   if (opts.device != "cpu") command += " --device " + opts.device;
   command += opts.backend.non_default_arguments();
-  if (opts.recompute_activations) command += " --recompute-activations";
+  command += opts.activations.non_default_arguments();
   if (opts.grad_reduce != "auto") command += " --grad-reduce " + opts.grad_reduce;
   return command;
 }
@@ -98,7 +99,7 @@ TrainOptions resolve(const Options& opts) {
   validate(train.faults);
   train.grad_reduce.mode = parse_grad_reduce(opts.grad_reduce);
   train.grad_reduce.bucket_bytes = static_cast<size_t>(opts.grad_bucket_mb * (1 << 20));
-  train.activation_memory = opts.recompute_activations ? ActivationMemory::kRecompute : ActivationMemory::kStore;
+  train.activations = opts.activations.resolve(opts.device);
   return train;
 }
 
@@ -143,9 +144,7 @@ void register_train_command(CLI::App& app) {
   TrainOptions& t = opts->train;
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   opts->backend.add_to(cmd);
-  cmd->add_flag("--recompute-activations", opts->recompute_activations,
-                "recompute the lambda mix, rmsnorm outputs, rotated q/k, mixed v and relu^2 in the backward "
-                "instead of keeping them (a third less activation memory, same gradients; see speedrun memory)");
+  opts->activations.add_to(cmd);
   cmd->add_option("--init", t.init_path, "start from this model checkpoint (fresh optimiser)");
   cmd->add_option("--resume", t.resume_path,
                   "resume a run exactly from a checkpoint written by train (default out-dir: the checkpoint's)");

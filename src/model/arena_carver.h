@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace speedrun {
 
@@ -21,6 +22,8 @@ class ArenaCarver {
     used_ += (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
     return piece;
   }
+  // n 16-bit codes (bf16 activations) in the space of n/2 floats; nullptr while counting.
+  uint16_t* take_codes(size_t n) { return reinterpret_cast<uint16_t*>(take((n + 1) / 2)); }
   size_t used() const { return used_; }  // floats, padding included
 
  private:

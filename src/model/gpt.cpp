@@ -17,8 +17,10 @@ struct GPT::LayerActivations {
   float* x1 = nullptr;       // after the attention residual [T, d] (kept only to recompute)
   float* attn_norm = nullptr;  // rmsnorm(xm) [T, d]
   float* attn_rstd = nullptr;  // [T]
-  float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd]
+  float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd] (bf16: q_rot's buffer)
   float* kn = nullptr;
+  uint16_t* qn_codes = nullptr;  // bf16: rmsnorm(q) kept for the backward, as codes [T, hd]
+  uint16_t* kn_codes = nullptr;
   float* q_rstd = nullptr;   // [T * H]
   float* k_rstd = nullptr;
   float* q_rot = nullptr;    // rotary(qn) [T, hd]
@@ -29,8 +31,9 @@ struct GPT::LayerActivations {
   float* lse = nullptr;      // [H, T]
   float* mlp_norm = nullptr;   // rmsnorm(x1) [T, d]
   float* mlp_rstd = nullptr;   // [T]
-  float* h = nullptr;        // c_fc output [T, mlp]
+  float* h = nullptr;        // c_fc output [T, mlp] (bf16: g's buffer)
   float* g = nullptr;        // relu(h)^2 [T, mlp]
+  uint16_t* h_codes = nullptr;  // bf16: h kept for the backward, as codes [T, mlp]
 };
 
 // The activations of a whole pass outside the blocks.
@@ -74,11 +77,11 @@ GPT::LayerActivations& GPT::slot(int layer, bool training) {
   return training ? train_->layers[layer] : forward_->slot;
 }
 
-GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationMemory memory,
-                                 int head_chunk_rows) {
+GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_eval_T,
+                                 ActivationOptions activations, int head_chunk_rows) {
   const size_t T_all = std::max(max_train_T, max_eval_T);
   ArenaCarver training, forward;
-  carve_training_buffers(config, memory, training, max_train_T);
+  carve_training_buffers(config, activations, training, max_train_T);
   carve_forward_buffers(config, forward, T_all);
   MemoryPlan plan;
   plan.parameter_bytes = ParamLayout(config).total() * sizeof(float);
@@ -91,13 +94,14 @@ GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_
   return plan;
 }
 
-GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationMemory memory)
+GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationOptions activations)
     : config_(config),
       backend_(backend),
       layout_(config),
       max_train_T_(max_train_T),
       max_eval_T_(max_eval_T),
-      recompute_(memory == ActivationMemory::kRecompute) {
+      recompute_(activations.memory == ActivationMemory::kRecompute),
+      bf16_activations_(activations.precision == ActivationPrecision::kBfloat16) {
   config_.validate();
   const size_t T_all = std::max(max_train_T, max_eval_T);
   auto f = [&](size_t n) {
@@ -122,10 +126,11 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   row_loss_ = f(T_all);
   head_chunk_ = std::max(1, backend_.head_chunk_rows());
   logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
-  const MemoryPlan plan = plan_memory(config_, max_train_T, max_eval_T, memory, head_chunk_);
+  const MemoryPlan plan = plan_memory(config_, max_train_T, max_eval_T, activations, head_chunk_);
   float* arena = f(plan.arena_bytes() / sizeof(float));
   ArenaCarver training_arena(arena), forward_arena(arena);
-  train_ = std::make_unique<TrainingBuffers>(carve_training_buffers(config_, memory, training_arena, max_train_T));
+  train_ = std::make_unique<TrainingBuffers>(
+      carve_training_buffers(config_, activations, training_arena, max_train_T));
   forward_ = std::make_unique<ForwardBuffers>(carve_forward_buffers(config_, forward_arena, T_all));
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
@@ -133,10 +138,11 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   load_parameters(host);
 }
 
-GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, ActivationMemory memory, ArenaCarver& arena,
-                                                 size_t T) {
+GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, ActivationOptions activations,
+                                                 ArenaCarver& arena, size_t T) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
-  const bool recompute = memory == ActivationMemory::kRecompute;
+  const bool recompute = activations.memory == ActivationMemory::kRecompute;
+  const bool bf16 = activations.precision == ActivationPrecision::kBfloat16;
   auto take = [&](size_t n) { return arena.take(n); };
   TrainingBuffers b;
   ModelActivations& m = b.m;
@@ -181,12 +187,21 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.x1 = recompute ? take(T * d) : shared_x1;
       a.attn_norm = kept(shared_norm, T * d);
       a.attn_rstd = take(T);
-      a.qn = take(T * hd);
-      a.kn = take(T * hd);
-      a.q_rstd = take(T * H);
-      a.k_rstd = take(T * H);
       a.q_rot = kept(shared_q_rot, T * hd);
       a.k_rot = kept(shared_k_rot, T * hd);
+      // bf16: q and k are normalised in place where rotary then turns them; the
+      // normalised values live on as codes.
+      if (bf16) {
+        a.qn = a.q_rot;
+        a.kn = a.k_rot;
+        a.qn_codes = arena.take_codes(T * hd);
+        a.kn_codes = arena.take_codes(T * hd);
+      } else {
+        a.qn = take(T * hd);
+        a.kn = take(T * hd);
+      }
+      a.q_rstd = take(T * H);
+      a.k_rstd = take(T * H);
       a.v_raw = take(T * hd);
       a.v = kept(shared_v, T * hd);
       a.y = take(T * hd);
@@ -194,8 +209,14 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
     }
     a.mlp_norm = kept(shared_norm, T * d);
     a.mlp_rstd = take(T);
-    a.h = take(T * mlp);
     a.g = kept(shared_g, T * mlp);
+    // bf16: c_fc writes into g's buffer, relu^2 runs in place, h lives on as codes.
+    if (bf16) {
+      a.h = a.g;
+      a.h_codes = arena.take_codes(T * mlp);
+    } else {
+      a.h = take(T * mlp);
+    }
     b.layers.push_back(a);
   }
   return b;
@@ -396,8 +417,8 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
-    backend_.rmsnorm_forward(a.qn, a.q_rstd, a.qn, T * H, D, eps);
-    backend_.rmsnorm_forward(a.kn, a.k_rstd, a.kn, T * H, D, eps);
+    normalize_heads(a.qn, a.qn_codes, a.q_rstd, T);
+    normalize_heads(a.kn, a.kn_codes, a.k_rstd, T);
     rotated_copy(a.q_rot, a.qn, T);
     rotated_copy(a.k_rot, a.kn, T);
     const int ve = config_.value_embed_of_layer(layer);
@@ -411,7 +432,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   }
   backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, d, eps);
   linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
-  backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * mlp);
+  relu2(a.g, a.h_codes, a.h, T);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.add(x_out, x1, n);
 }
@@ -421,16 +442,63 @@ void GPT::rotated_copy(float* out, const float* x, int T) {
   backend_.rotary(out, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base), false);
 }
 
+void GPT::normalize_heads(float* x, uint16_t* stored, float* rstd, int T) {
+  const int rows = T * config_.num_heads, D = config_.head_dim;
+  const float eps = static_cast<float>(config_.rmsnorm_eps);
+  if (bf16_activations_) {
+    backend_.rmsnorm_forward_bf16(x, stored, rstd, x, rows, D, eps);
+  } else {
+    backend_.rmsnorm_forward(x, rstd, x, rows, D, eps);
+  }
+}
+
+void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T) {
+  const int rows = T * config_.num_heads, D = config_.head_dim;
+  if (bf16_activations_) {
+    backend_.rmsnorm_backward_bf16(dx, dx, stored, rstd, rows, D, false);
+  } else {
+    backend_.rmsnorm_backward(dx, dx, normed, rstd, rows, D, false);
+  }
+}
+
+void GPT::relu2(float* g, uint16_t* stored, const float* h, int T) {
+  const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
+  if (bf16_activations_) {
+    backend_.relu2_forward_bf16(g, stored, h, n);
+  } else {
+    backend_.relu2_forward(g, h, n);
+  }
+}
+
+void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int T) {
+  const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
+  if (bf16_activations_) {
+    backend_.relu2_backward_bf16(dh, dh, stored, n);
+  } else {
+    backend_.relu2_backward(dh, dh, h, n);
+  }
+}
+
 void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
   if (!recompute_) return;
   backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
-  backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * config_.mlp_dim());
+  const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
+  if (bf16_activations_) {
+    backend_.relu2_from_bf16(a.g, a.h_codes, n);
+  } else {
+    backend_.relu2_forward(a.g, a.h, n);
+  }
 }
 
 void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   if (!recompute_) return;
   backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, config_.model_dim,
                            static_cast<float>(config_.rmsnorm_eps));
+  if (bf16_activations_) {
+    const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
+    backend_.widen_bf16(a.q_rot, a.qn_codes, n);
+    backend_.widen_bf16(a.k_rot, a.kn_codes, n);
+  }
   rotated_copy(a.q_rot, a.qn, T);
   rotated_copy(a.k_rot, a.kn, T);
   const int ve = config_.value_embed_of_layer(layer);
@@ -528,7 +596,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
   linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
-  backend_.relu2_backward(b.dwide, b.dwide, a.h, static_cast<size_t>(T) * mlp);
+  relu2_backward(b.dwide, a.h, a.h_codes, T);
   linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc,
                   T, mlp, d);
   backend_.rmsnorm_backward(b.dx, b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
@@ -545,8 +613,8 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
     backend_.rotary(b.dq, T, H, D, static_cast<float>(config_.rotary_base), true);
     backend_.rotary(b.dk, T, H, D, static_cast<float>(config_.rotary_base), true);
-    backend_.rmsnorm_backward(b.dq, b.dq, a.qn, a.q_rstd, T * H, D, false);
-    backend_.rmsnorm_backward(b.dk, b.dk, a.kn, a.k_rstd, T * H, D, false);
+    normalize_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
+    normalize_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);

@@ -23,6 +23,19 @@ namespace speedrun {
 // speedrun's shapes, for one more pass of the lambda mixes, rmsnorm, rotary and relu^2.
 enum class ActivationMemory { kStore, kRecompute };
 
+// How the largest activations kept for the backward are stored. kBfloat16 is SPEC §6's
+// reference precision for them: the MLP's pre-activation h and the normalised q and k are
+// rounded to bf16 where they are computed (so the forward itself uses the rounded values,
+// in every pass) and kept as 16-bit codes. At the speedrun's shapes that is 35 d floats
+// per token less than float32 over the 12 layers. kFloat32 keeps them exact (the CPU
+// default, and what finite-difference gradient checks need).
+enum class ActivationPrecision { kFloat32, kBfloat16 };
+
+struct ActivationOptions {
+  ActivationMemory memory = ActivationMemory::kStore;
+  ActivationPrecision precision = ActivationPrecision::kFloat32;
+};
+
 class GPT {
  public:
   // Allocates parameters, gradients and activations in the backend's memory for
@@ -31,8 +44,7 @@ class GPT {
   // layer in one set of buffers, in place where an op allows, and that set shares one
   // arena with the training buffers (no pass needs both). So a long validation sequence
   // costs no memory beyond the training step's while it fits in that arena.
-  GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T,
-      ActivationMemory memory = ActivationMemory::kStore);
+  GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T, ActivationOptions activations = {});
   ~GPT();
   GPT(const GPT&) = delete;
   GPT& operator=(const GPT&) = delete;
@@ -51,7 +63,7 @@ class GPT {
     size_t activation_bytes() const { return arena_bytes() + sequence_bytes + logits_bytes; }
     size_t total_bytes() const { return parameter_bytes + gradient_bytes + activation_bytes(); }
   };
-  static MemoryPlan plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationMemory memory,
+  static MemoryPlan plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationOptions activations,
                                 int head_chunk_rows);
 
   const Config& config() const { return config_; }
@@ -102,8 +114,8 @@ class GPT {
   struct TrainingBuffers;
   struct ForwardBuffers;
   // Each pass's buffers, pointing into the arena (counting only, when the carver has no memory).
-  static TrainingBuffers carve_training_buffers(const Config& config, ActivationMemory memory, ArenaCarver& arena,
-                                                size_t T);
+  static TrainingBuffers carve_training_buffers(const Config& config, ActivationOptions activations,
+                                                ArenaCarver& arena, size_t T);
   static ForwardBuffers carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T);
   ModelActivations& pass(bool training);
   void run_forward(int T, int long_window, bool training);
@@ -121,6 +133,12 @@ class GPT {
   void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
+  // The precision-dependent steps: x -> rmsnorm(x) per head in place (codes into `stored`
+  // in bf16, where a training pass keeps them), h -> relu(h)^2, and their backwards.
+  void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
+  void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
+  void relu2(float* g, uint16_t* stored, const float* h, int T);
+  void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.
   void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
@@ -135,6 +153,7 @@ class GPT {
   int max_train_T_;
   int max_eval_T_;
   const bool recompute_;
+  const bool bf16_activations_;
   size_t activation_bytes_ = 0;
   float* params_ = nullptr;
   float* grads_ = nullptr;

@@ -20,7 +20,7 @@ struct RunMemoryPlan {
 };
 
 // With `processes` sharing the config's world_size and the reduction mode resolved.
-RunMemoryPlan plan_run_memory(const Config& config, ActivationMemory memory, int head_chunk_rows, int processes,
+RunMemoryPlan plan_run_memory(const Config& config, ActivationOptions activations, int head_chunk_rows, int processes,
                               GradReduce mode);
 
 }  // namespace speedrun

@@ -177,7 +177,7 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
                                                  : options.metrics_path),
       batch_memory_([&backend](size_t bytes) { return backend.alloc_host(bytes); },
                     [&backend](void* pointer) { backend.release_host(pointer); }),
-      model_(config_, backend, config_.seq_len, config_.val_seq_len, options.activation_memory),
+      model_(config_, backend, config_.seq_len, config_.val_seq_len, options.activations),
       optimizer_(config_, model_.layout(), backend),
       own_comm_(options.comm ? nullptr : make_single_process_communicator()),
       comm_(options.comm ? *options.comm : *own_comm_),

@@ -42,8 +42,9 @@ struct TrainOptions {
   // How gradients are reduced over processes (DataParallel): exact or overlapped.
   GradReduceOptions grad_reduce;
   FaultMonitorOptions faults;      // non-finite losses/gradients and loss spikes
-  // Keep every activation for the backward, or recompute the cheap ones (less memory).
-  ActivationMemory activation_memory = ActivationMemory::kStore;
+  // Keep every activation for the backward or recompute the cheap ones (less memory), and
+  // the precision the largest are kept in.
+  ActivationOptions activations;
 };
 
 struct TrainResult {

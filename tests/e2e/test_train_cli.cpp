@@ -127,17 +127,27 @@ TEST_F(TrainCli, PlainLinesWithoutATerminalAndAFullRunDirectory) {
 }
 
 // Recomputing activations changes memory, never the numbers: the same losses to the bit,
-// and the same checkpoint bytes.
+// and the same checkpoint bytes, with activations kept in float32 or as bf16 codes; bf16
+// changes the numbers a little (it rounds h and the normalised q and k).
 TEST_F(TrainCli, RecomputedActivationsTrainTheSameRun) {
-  for (const char* run : {"kept", "recomputed"}) {
-    const std::string extra = std::string("--quiet --steps 4") + (run[0] == 'r' ? " --recompute-activations" : "");
-    const RunResult r = speedrun(train_args(run, extra), dir_);
+  const std::pair<const char*, const char*> runs[] = {
+      {"kept", ""},
+      {"recomputed", " --recompute-activations"},
+      {"kept_bf16", " --activations bf16"},
+      {"recomputed_bf16", " --recompute-activations --activations bf16"}};
+  for (const auto& [run, flags] : runs) {
+    const RunResult r = speedrun(train_args(run, std::string("--quiet --steps 4") + flags), dir_);
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
-  const auto kept = read_metrics(dir_ / "kept/metrics.jsonl"), recomputed = read_metrics(dir_ / "recomputed/metrics.jsonl");
-  ASSERT_EQ(kept.train_losses.size(), 4u);
-  EXPECT_EQ(kept.train_losses, recomputed.train_losses);
-  EXPECT_EQ(read_all(dir_ / "kept/step_000004.safetensors"), read_all(dir_ / "recomputed/step_000004.safetensors"));
+  auto losses = [&](const char* run) { return read_metrics(dir_ / run / "metrics.jsonl").train_losses; };
+  auto checkpoint = [&](const char* run) { return read_all(dir_ / run / "step_000004.safetensors"); };
+  ASSERT_EQ(losses("kept").size(), 4u);
+  EXPECT_EQ(losses("kept"), losses("recomputed"));
+  EXPECT_EQ(checkpoint("kept"), checkpoint("recomputed"));
+  EXPECT_EQ(losses("kept_bf16"), losses("recomputed_bf16"));
+  EXPECT_EQ(checkpoint("kept_bf16"), checkpoint("recomputed_bf16"));
+  EXPECT_NE(losses("kept"), losses("kept_bf16"));
+  for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(losses("kept")[i], losses("kept_bf16")[i], 1e-2) << i;
 }
 
 TEST_F(TrainCli, QuietPrintsNothing) {
@@ -351,13 +361,26 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(j["recompute_activations"].get<bool>());
   EXPECT_LT(j["activation_bytes"].get<double>(), bf16["activation_bytes"].get<double>());  // exact sizes: test_gpt
 
+  EXPECT_EQ(j["activation_precision"], "fp32");  // --activations auto on the CPU
+
+  const fs::path codes = dir_ / "bench_bf16_activations.json";
+  const std::string bf16_activations = " --recompute-activations --activations bf16";
+  const RunResult halved =
+      speedrun("bench --preset micro --steps 1" + bf16_activations + " --json " + quote(codes.string()), dir_);
+  ASSERT_EQ(halved.exit_code, 0) << halved.err;
+  EXPECT_TRUE(contains(halved.out, "activations recomputed, bf16")) << halved.out;
+  const nlohmann::json k = nlohmann::json::parse(read_all(codes));
+  EXPECT_EQ(k["activation_precision"], "bf16");
+  EXPECT_LT(k["activation_bytes"].get<double>(), j["activation_bytes"].get<double>());
+
   // bench's own memory plan is what its backend allocated (on the CPU no scratch comes on top).
-  for (const nlohmann::json& record : {bf16, j}) {
+  for (const nlohmann::json& record : {bf16, j, k}) {
     EXPECT_EQ(record["planned_memory_bytes"].get<size_t>(), record["backend_peak_memory_bytes"].get<size_t>());
     EXPECT_TRUE(record["device_memory_in_use_bytes"].is_null());
   }
-  // `memory` plans what bench's model really allocated, in both activation modes.
-  for (const auto& [flag, record] : {std::pair{std::string(), bf16}, std::pair{std::string(" --recompute-activations"), j}}) {
+  // `memory` plans what bench's model really allocated, in every activation mode.
+  for (const auto& [flag, record] : {std::pair{std::string(), bf16}, std::pair{std::string(" --recompute-activations"), j},
+                                     std::pair{bf16_activations, k}}) {
     const RunResult plan = speedrun("memory --preset micro --json" + flag, dir_);
     ASSERT_EQ(plan.exit_code, 0) << plan.err;
     const nlohmann::json p = nlohmann::json::parse(plan.out);
@@ -373,6 +396,14 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   ASSERT_EQ(table.exit_code, 0) << table.err;
   EXPECT_TRUE(contains(table.out, "validation sequences of 262144")) << table.out;
   EXPECT_TRUE(contains(table.out, "cuda logits chunks of 2048 rows")) << table.out;
+  EXPECT_TRUE(contains(table.out, "activations recomputed, bf16")) << table.out;  // auto on cuda
+  // #4's target: the speedrun's step planned within 24 GB on one GPU (before the scratch).
+  const RunResult target = speedrun("memory --preset speedrun-124m --device cuda --recompute-activations --json", dir_);
+  ASSERT_EQ(target.exit_code, 0) << target.err;
+  EXPECT_LT(nlohmann::json::parse(target.out)["total_bytes"].get<double>(), 24e9);
+  const RunResult wrong = speedrun("memory --preset micro --activations fp16", dir_);
+  EXPECT_EQ(wrong.exit_code, 2);
+  EXPECT_TRUE(contains(wrong.err, "--activations")) << wrong.err;
   EXPECT_EQ(speedrun("memory --preset micro --device tpu", dir_).exit_code, 2);
   const RunResult odd = speedrun("memory --preset speedrun-124m --processes 3", dir_);
   EXPECT_EQ(odd.exit_code, 2);

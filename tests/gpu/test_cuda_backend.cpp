@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +30,7 @@
 
 #include "backends/backend.h"
 #include "backends/cuda_devices.h"
+#include "backends/low_precision.h"
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
@@ -489,6 +491,91 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// bf16 activation storage. Rounding is elementwise and deterministic, so relu^2's codes of
+// the same h are identical on both; rmsnorm's float32 outputs differ by noise before they
+// are rounded, which can move a value by one bf16 ulp (2^-8 relative).
+
+// Codes in a float buffer of ceil(n/2) words, poisoned with NaN codes in both halves.
+constexpr uint32_t kNaNCodePair = 0x7FC07FC0u;
+
+std::vector<uint16_t> codes_of(const std::vector<float>& words, size_t n) {
+  std::vector<uint16_t> codes(words.size() * 2);
+  std::memcpy(codes.data(), words.data(), words.size() * sizeof(float));
+  codes.resize(n);
+  return codes;
+}
+
+std::vector<float> code_words(const std::vector<uint16_t>& codes) {
+  std::vector<float> words((codes.size() + 1) / 2, 0.f);
+  std::memcpy(words.data(), codes.data(), codes.size() * sizeof(uint16_t));
+  return words;
+}
+
+std::vector<float> widened(const std::vector<uint16_t>& codes) {
+  std::vector<float> out(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) out[i] = lowp::decode_bf16(codes[i]);
+  return out;
+}
+
+TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
+  SCOPED_TRACE(trace());
+  const float poison = std::bit_cast<float>(kNaNCodePair);
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{100003}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    auto h = normal(n, 3.f);
+    for (size_t i = 0; i < n; i += 5) h[i] = 0.f;
+    std::vector<float> g(n);
+    std::vector<uint16_t> codes(n);
+    cpu_->relu2_forward_bf16(g.data(), codes.data(), h.data(), n);
+    DeviceFloats dh(*gpu_, h), dcodes(*gpu_, (n + 1) / 2, poison), dg(*gpu_, n, kNaN);
+    auto* device_codes = reinterpret_cast<uint16_t*>(dcodes.ptr);
+    gpu_->relu2_forward_bf16(dg.ptr, device_codes, dh.ptr, n);
+    EXPECT_EQ(codes_of(dcodes.get(), n), codes) << "relu2_forward_bf16 codes";
+    expect_identical(dg.get(), g, "relu2_forward_bf16");
+    gpu_->relu2_forward_bf16(dh.ptr, nullptr, dh.ptr, n);  // in place, nothing kept
+    expect_identical(dh.get(), g, "relu2_forward_bf16 in place");
+    DeviceFloats again(*gpu_, n, kNaN), wide(*gpu_, n, kNaN);
+    gpu_->relu2_from_bf16(again.ptr, device_codes, n);
+    expect_identical(again.get(), g, "relu2_from_bf16");
+    gpu_->widen_bf16(wide.ptr, device_codes, n);
+    expect_identical(wide.get(), widened(codes), "widen_bf16");
+    const auto dout = normal(n);
+    std::vector<float> want = dout;
+    cpu_->relu2_backward_bf16(want.data(), want.data(), codes.data(), n);
+    DeviceFloats dgrad(*gpu_, dout);
+    gpu_->relu2_backward_bf16(dgrad.ptr, dgrad.ptr, device_codes, n);
+    expect_close(dgrad.get(), want, 1e-6, 0, "relu2_backward_bf16 in place");
+  }
+  const float eps = 1.1920929e-07f;
+  struct Case { int rows, dim; };
+  for (Case c : {Case{7, 768}, Case{1000, 128}, Case{33, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(c.rows) + " dim=" + std::to_string(c.dim));
+    const size_t n = static_cast<size_t>(c.rows) * c.dim;
+    const auto x = normal(n, 3.f);
+    std::vector<float> out(n), rstd(c.rows);
+    std::vector<uint16_t> codes(n);
+    cpu_->rmsnorm_forward_bf16(out.data(), codes.data(), rstd.data(), x.data(), c.rows, c.dim, eps);
+    DeviceFloats dx(*gpu_, x), dout(*gpu_, n, kNaN), drstd(*gpu_, c.rows, kNaN), dcodes(*gpu_, (n + 1) / 2, poison);
+    gpu_->rmsnorm_forward_bf16(dout.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), drstd.ptr, dx.ptr, c.rows, c.dim,
+                               eps);
+    const auto gpu_out = dout.get();
+    expect_close(gpu_out, out, 1.0 / 256, 0, "rmsnorm_forward_bf16 out (one bf16 ulp)");
+    expect_identical(widened(codes_of(dcodes.get(), n)), gpu_out, "rmsnorm_forward_bf16 codes decode to out");
+    expect_close(drstd.get(), rstd, 1e-5, 0, "rmsnorm_forward_bf16 rstd");
+    gpu_->rmsnorm_forward_bf16(dx.ptr, nullptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);
+    expect_identical(dx.get(), gpu_out, "rmsnorm_forward_bf16 in place");
+    // The backward from the CPU's codes on both.
+    const auto grad = normal(n);
+    std::vector<float> want = grad;
+    cpu_->rmsnorm_backward_bf16(want.data(), want.data(), codes.data(), rstd.data(), c.rows, c.dim, false);
+    DeviceFloats dgrad(*gpu_, grad), cpu_codes(*gpu_, code_words(codes)), cpu_rstd(*gpu_, rstd);
+    gpu_->rmsnorm_backward_bf16(dgrad.ptr, dgrad.ptr, reinterpret_cast<const uint16_t*>(cpu_codes.ptr), cpu_rstd.ptr,
+                                c.rows, c.dim, false);
+    expect_close(dgrad.get(), want, 1e-5, 1e-5, "rmsnorm_backward_bf16 in place");
+  }
+}
+
 TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   SCOPED_TRACE(trace());
   for (size_t n : {size_t{1}, size_t{4097}, size_t{300007}}) {
@@ -708,13 +795,13 @@ std::vector<float> random_parameters(const ParamLayout& layout, std::mt19937_64&
 
 class ModelTest : public CudaBackendTest {
  protected:
-  ActivationMemory gpu_activations_ = ActivationMemory::kStore;
+  ActivationOptions gpu_activations_, cpu_activations_;
 
   // Tolerances default to float32 against float32 (see the top of this file).
   void compare_forward_backward(const Config& config, int T, int window, double loss_tolerance = 1e-5,
                                 double gradient_tolerance = 1e-3) {
     SCOPED_TRACE("T=" + std::to_string(T) + " window=" + std::to_string(window));
-    GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu_, T, T, gpu_activations_);
+    GPT on_cpu(config, *cpu_, T, T, cpu_activations_), on_gpu(config, *gpu_, T, T, gpu_activations_);
     const auto params = random_parameters(on_cpu.layout(), rng_);
     const int eot = 50256 % config.vocab_size;
     const auto inputs = tokens_with_documents(rng_, T, config.vocab_size, eot);
@@ -779,8 +866,35 @@ TEST_F(ModelTest, TinyWithBf16MatmulsMatchesTheCpuEmulation) {
 // --recompute-activations: the backward recomputes norms, rotated q/k and relu^2 on the GPU.
 TEST_F(ModelTest, TinyWithRecomputedActivationsMatchesCpu) {
   SCOPED_TRACE(trace());
-  gpu_activations_ = ActivationMemory::kRecompute;
+  gpu_activations_.memory = ActivationMemory::kRecompute;
   compare_forward_backward(Config::preset("tiny"), 1024, 8);
+}
+
+// --activations bf16 on both backends (the CPU's is the exact emulation), kept and
+// recomputed on the GPU: as with bf16 matmuls only summation order differs, until float32
+// noise flips a rounding by one bf16 ulp; bands as for bf16 matmuls (estimates).
+TEST_F(ModelTest, TinyWithBf16ActivationsMatchesTheCpuEmulation) {
+  SCOPED_TRACE(trace());
+  cpu_activations_.precision = ActivationPrecision::kBfloat16;
+  gpu_activations_.precision = ActivationPrecision::kBfloat16;
+  compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
+  gpu_activations_.memory = ActivationMemory::kRecompute;
+  compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
+}
+
+// What `train --device cuda --recompute-activations --attention-kernel flash` runs (bf16
+// matmuls and activations, the flash kernel) against the CPU's emulation of the bf16
+// matmuls and activations with float32 attention: the flash kernel's bands (estimates).
+TEST_F(ModelTest, TinyAsTrainedOnTheGpuMatchesTheCpuEmulation) {
+  SCOPED_TRACE(trace());
+  BackendOptions gpu_options, cpu_options;
+  gpu_options.matmul = cpu_options.matmul = MatmulPrecision::kBfloat16;
+  gpu_options.attention = AttentionKernel::kFlash;
+  gpu_ = make_cuda_backend(0, gpu_options);
+  cpu_ = make_cpu_backend(cpu_options);
+  cpu_activations_.precision = ActivationPrecision::kBfloat16;
+  gpu_activations_ = {ActivationMemory::kRecompute, ActivationPrecision::kBfloat16};
+  compare_forward_backward(Config::preset("tiny"), 1024, 8, 2e-3, 3e-2);
 }
 
 TEST_F(ModelTest, TwoOptimizerStepsMatchCpu) {

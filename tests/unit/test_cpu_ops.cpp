@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backends/backend.h"
+#include "backends/low_precision.h"
 #include "model/attention_mask.h"
 #include "support/finite_difference.h"
 
@@ -120,6 +121,69 @@ TEST_F(CpuOps, Relu2BackwardMatchesFiniteDifferences) {
   std::vector<float> dx(n);
   be->relu2_backward(dx.data(), R.data(), x.data(), n);
   EXPECT_LE(worst_error_ratio(dx, numerical_gradient(loss, x, 1e-3), 1e-3, 1e-2), 1.0);
+}
+
+// bf16 activation storage: each op is its float32 op on the values rounded to bf16, and
+// the codes it keeps decode to exactly the float32 values it passes on.
+TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
+  const int rows = 5, dim = 24;
+  const auto x = random_vector(rows * dim, 21, 3.f);
+  std::vector<float> exact(x.size()), rstd_exact(rows);
+  be->rmsnorm_forward(exact.data(), rstd_exact.data(), x.data(), rows, dim, 1e-6f);
+  std::vector<float> out(x.size()), rstd(rows);
+  std::vector<uint16_t> codes(x.size());
+  be->rmsnorm_forward_bf16(out.data(), codes.data(), rstd.data(), x.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(rstd, rstd_exact);
+  int changed = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    ASSERT_EQ(out[i], lowp::round_to_bf16(exact[i])) << i;
+    ASSERT_EQ(codes[i], lowp::encode_bf16(exact[i])) << i;
+    changed += out[i] != exact[i];
+  }
+  EXPECT_GT(changed, static_cast<int>(x.size()) / 2);  // the rounding is real
+  std::vector<float> in_place = x, rstd_in_place(rows);
+  be->rmsnorm_forward_bf16(in_place.data(), nullptr, rstd_in_place.data(), in_place.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(in_place, out);
+
+  const auto dout = random_vector(x.size(), 22);
+  std::vector<float> dx_codes(x.size(), 1.f), dx_floats(x.size(), 1.f);
+  be->rmsnorm_backward_bf16(dx_codes.data(), dout.data(), codes.data(), rstd.data(), rows, dim, true);
+  be->rmsnorm_backward(dx_floats.data(), dout.data(), out.data(), rstd.data(), rows, dim, true);
+  // The same function; the row's dot product may be vectorised in another order.
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(dx_codes[i], dx_floats[i], 1e-6f * (1 + std::abs(dx_floats[i]))) << i;
+}
+
+TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
+  const size_t n = 300;
+  auto h = random_vector(n, 23, 4.f);
+  h[0] = std::numeric_limits<float>::quiet_NaN();
+  h[1] = 0.f;
+  std::vector<float> rounded(n);
+  for (size_t i = 0; i < n; ++i) rounded[i] = lowp::round_to_bf16(h[i]);
+  std::vector<float> expected(n);
+  be->relu2_forward(expected.data(), rounded.data(), n);
+  std::vector<float> g(n);
+  std::vector<uint16_t> codes(n);
+  be->relu2_forward_bf16(g.data(), codes.data(), h.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(codes[i], lowp::encode_bf16(h[i])) << i;
+    if (i > 0) ASSERT_EQ(g[i], expected[i]) << i;
+  }
+  EXPECT_TRUE(std::isnan(lowp::decode_bf16(codes[0])));
+  std::vector<float> in_place = h;
+  be->relu2_forward_bf16(in_place.data(), nullptr, in_place.data(), n);
+  for (size_t i = 1; i < n; ++i) ASSERT_EQ(in_place[i], g[i]) << i;
+  std::vector<float> again(n);
+  be->relu2_from_bf16(again.data(), codes.data(), n);
+  for (size_t i = 1; i < n; ++i) ASSERT_EQ(again[i], g[i]) << i;
+
+  const auto dout = random_vector(n, 24);
+  std::vector<float> dx_codes = dout, dx_floats(n), widened(n);
+  be->widen_bf16(widened.data(), codes.data(), n);
+  for (size_t i = 1; i < n; ++i) ASSERT_EQ(widened[i], rounded[i]) << i;
+  be->relu2_backward_bf16(dx_codes.data(), dx_codes.data(), codes.data(), n);  // in place, as the model runs it
+  be->relu2_backward(dx_floats.data(), dout.data(), rounded.data(), n);
+  for (size_t i = 1; i < n; ++i) ASSERT_EQ(dx_codes[i], dx_floats[i]) << i;
 }
 
 TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {

@@ -65,6 +65,76 @@ void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits
 
 namespace {
 
+// An activation as float32, whether kept as float32 or as a bf16 code.
+inline float widened(float x) { return x; }
+inline float widened(uint16_t code) { return lowp::decode_bf16(code); }
+
+// out = x / sqrt(mean(x^2) + eps) per row, rounded to bf16 when `round` (codes into
+// `stored` unless null). out may alias x: a row is read in full before it is written.
+void rmsnorm_forward_rows(float* out, uint16_t* stored, bool round, float* rstd, const float* x, int rows, int dim,
+                          float eps) {
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < rows; ++r) {
+    const size_t off = static_cast<size_t>(r) * dim;
+    const float* xr = x + off;
+    float* yr = out + off;
+    float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+    for (int i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
+    const float s = 1.f / std::sqrt(sum_sq / dim + eps);
+    for (int i = 0; i < dim; ++i) {
+      const float y = xr[i] * s;
+      if (!round) {
+        yr[i] = y;
+        continue;
+      }
+      const uint16_t code = lowp::encode_bf16(y);
+      if (stored) stored[off + i] = code;
+      yr[i] = lowp::decode_bf16(code);
+    }
+    rstd[r] = s;
+  }
+}
+
+// dx (+)= rstd * (dout - out * mean(dout * out)) per row; dx may alias dout.
+template <typename Out>
+void rmsnorm_backward_rows(float* dx, const float* dout, const Out* out, const float* rstd, int rows, int dim,
+                           bool accumulate) {
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < rows; ++r) {
+    const size_t off = static_cast<size_t>(r) * dim;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int i = 0; i < dim; ++i) dot += dout[off + i] * widened(out[off + i]);
+    const float mean = dot / dim;
+    for (int i = 0; i < dim; ++i) {
+      const float g = rstd[r] * (dout[off + i] - widened(out[off + i]) * mean);
+      dx[off + i] = accumulate ? dx[off + i] + g : g;
+    }
+  }
+}
+
+// out = relu(x)^2.
+template <typename X>
+void relu2_values(float* out, const X* x, size_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = 0; i < n; ++i) {
+    const float h = widened(x[i]);
+    const float r = h > 0.f ? h : 0.f;
+    out[i] = r * r;
+  }
+}
+
+// dx = dout * 2 relu(x); dx may alias dout.
+template <typename X>
+void relu2_backward_values(float* dx, const float* dout, const X* x, size_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = 0; i < n; ++i) {
+    const float h = widened(x[i]);
+    dx[i] = h > 0.f ? 2.f * h * dout[i] : 0.f;
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const BackendOptions& options) : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16) {
@@ -156,33 +226,22 @@ class CpuBackend final : public Backend {
   }
 
   void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) override {
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; ++r) {
-      const float* xr = x + static_cast<size_t>(r) * dim;
-      float* yr = out + static_cast<size_t>(r) * dim;
-      float sum_sq = 0.f;
-#pragma omp simd reduction(+ : sum_sq)
-      for (int i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
-      const float s = 1.f / std::sqrt(sum_sq / dim + eps);
-      for (int i = 0; i < dim; ++i) yr[i] = xr[i] * s;
-      rstd[r] = s;
-    }
+    rmsnorm_forward_rows(out, nullptr, /*round=*/false, rstd, x, rows, dim, eps);
   }
 
   void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
                         bool accumulate) override {
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; ++r) {
-      const size_t off = static_cast<size_t>(r) * dim;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < dim; ++i) dot += dout[off + i] * out[off + i];
-      const float mean = dot / dim;
-      for (int i = 0; i < dim; ++i) {
-        const float g = rstd[r] * (dout[off + i] - out[off + i] * mean);
-        dx[off + i] = accumulate ? dx[off + i] + g : g;
-      }
-    }
+    rmsnorm_backward_rows(dx, dout, out, rstd, rows, dim, accumulate);
+  }
+
+  void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
+                            float eps) override {
+    rmsnorm_forward_rows(out, stored, /*round=*/true, rstd, x, rows, dim, eps);
+  }
+
+  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
+                             bool accumulate) override {
+    rmsnorm_backward_rows(dx, dout, out, rstd, rows, dim, accumulate);
   }
 
   void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
@@ -262,17 +321,32 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) out[i] += x[i];
   }
 
-  void relu2_forward(float* out, const float* x, size_t n) override {
+  void relu2_forward(float* out, const float* x, size_t n) override { relu2_values(out, x, n); }
+
+  void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
+    relu2_backward_values(dx, dout, x, n);
+  }
+
+  void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
-      const float r = x[i] > 0.f ? x[i] : 0.f;
+      const uint16_t code = lowp::encode_bf16(x[i]);
+      if (stored) stored[i] = code;
+      const float h = lowp::decode_bf16(code);
+      const float r = h > 0.f ? h : 0.f;
       out[i] = r * r;
     }
   }
 
-  void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
+  void relu2_from_bf16(float* out, const uint16_t* x, size_t n) override { relu2_values(out, x, n); }
+
+  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
+    relu2_backward_values(dx, dout, x, n);
+  }
+
+  void widen_bf16(float* out, const uint16_t* x, size_t n) override {
 #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? 2.f * x[i] * dout[i] : 0.f;
+    for (size_t i = 0; i < n; ++i) out[i] = lowp::decode_bf16(x[i]);
   }
 
   void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,

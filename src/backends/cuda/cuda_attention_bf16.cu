@@ -10,11 +10,6 @@
 namespace speedrun::cuda {
 namespace {
 
-// out[i] = float(in[i]). Floor: 6 bytes per element.
-__global__ void from_bf16_kernel(float* out, const uint16_t* in, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = __bfloat162float(__ushort_as_bfloat16(in[i]));
-}
-
 FlashAttentionShape flash_shape(const AttentionShape& a) {
   FlashAttentionShape f;
   f.T = a.T;
@@ -59,8 +54,7 @@ void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, flo
   to_bf16(s, b.tensor[1], k, n);
   to_bf16(s, b.tensor[2], v, n);
   flash_attention_forward(s, b.workspace, b.tensor[3], lse, b.tensor[0], b.tensor[1], b.tensor[2], doc, f);
-  from_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(y, b.tensor[3], n);
-  check_launch("from_bf16_kernel");
+  widen_bf16(s, y, b.tensor[3], n);
 }
 
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,

@@ -218,6 +218,24 @@ class CudaBackend final : public Backend {
     cuda::relu2_backward(stream_, dx, dout, x, n);
   }
 
+  // --- bf16 activation storage -----------------------------------------------------------------
+  void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
+                            float eps) override {
+    cuda::rmsnorm_forward_bf16(stream_, out, stored, rstd, x, rows, dim, eps);
+  }
+  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
+                             bool accumulate) override {
+    cuda::rmsnorm_backward_bf16(stream_, dx, dout, out, rstd, rows, dim, accumulate);
+  }
+  void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) override {
+    cuda::relu2_forward_bf16(stream_, out, stored, x, n);
+  }
+  void relu2_from_bf16(float* out, const uint16_t* x, size_t n) override { cuda::relu2_from_bf16(stream_, out, x, n); }
+  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
+    cuda::relu2_backward_bf16(stream_, dx, dout, x, n);
+  }
+  void widen_bf16(float* out, const uint16_t* x, size_t n) override { cuda::widen_bf16(stream_, out, x, n); }
+
   // --- attention ------------------------------------------------------------------------------
   void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
                          const AttentionShape& shape) override {

@@ -24,35 +24,54 @@ __global__ void embedding_forward_kernel(float* out, const float* table, const i
   }
 }
 
-// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s, rstd = s. out may alias x
-// (each lane rereads only its own elements). Traffic: 8 rows dim bytes.
-__global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, int rows, int dim, float eps) {
+// An activation as float32, whether kept as float32 or as a bf16 code.
+__device__ __forceinline__ float widened(float x) { return x; }
+__device__ __forceinline__ float widened(uint16_t code) { return __bfloat162float(__ushort_as_bfloat16(code)); }
+
+// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s (kRound: bf16(x s) widened,
+// its codes into `stored` unless null), rstd = s. out may alias x (each lane rereads only
+// its own elements). Traffic: 8 rows dim bytes (+2 with codes).
+template <bool kRound>
+__global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
+                                       float eps) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const float* xr = x + static_cast<size_t>(row) * dim;
-  float* yr = out + static_cast<size_t>(row) * dim;
+  const size_t off = static_cast<size_t>(row) * dim;
+  const float* xr = x + off;
+  float* yr = out + off;
   float sum_sq = 0.f;
   for (int i = lane; i < dim; i += 32) sum_sq += xr[i] * xr[i];
   sum_sq = warp_reduce(sum_sq, SumOp{});
   const float s = 1.f / sqrtf(sum_sq / dim + eps);
-  for (int i = lane; i < dim; i += 32) yr[i] = xr[i] * s;
+  for (int i = lane; i < dim; i += 32) {
+    const float y = xr[i] * s;
+    if constexpr (kRound) {
+      const __nv_bfloat16 rounded = __float2bfloat16_rn(y);
+      if (stored) stored[off + i] = __bfloat16_as_ushort(rounded);
+      yr[i] = __bfloat162float(rounded);
+    } else {
+      yr[i] = y;
+    }
+  }
   if (lane == 0) rstd[row] = s;
 }
 
-// One warp per row: dx (+)= rstd (dout - out mean(dout out)). dx may alias dout (each lane
-// reads an element before writing it). Traffic: 12 (16 accumulating) rows dim bytes.
-__global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const float* out, const float* rstd, int rows,
+// One warp per row: dx (+)= rstd (dout - out mean(dout out)), out as float32 or bf16 codes.
+// dx may alias dout (each lane reads an element before writing it). Traffic: 12 (16
+// accumulating; 2 less with codes) rows dim bytes.
+template <typename Out>
+__global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const Out* out, const float* rstd, int rows,
                                         int dim, bool accumulate) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
   const size_t off = static_cast<size_t>(row) * dim;
   float dot = 0.f;
-  for (int i = lane; i < dim; i += 32) dot += dout[off + i] * out[off + i];
+  for (int i = lane; i < dim; i += 32) dot += dout[off + i] * widened(out[off + i]);
   dot = warp_reduce(dot, SumOp{});
   const float mean = dot / dim;
   const float r = rstd[row];
   for (int i = lane; i < dim; i += 32) {
-    const float g = r * (dout[off + i] - out[off + i] * mean);
+    const float g = r * (dout[off + i] - widened(out[off + i]) * mean);
     dx[off + i] = accumulate ? dx[off + i] + g : g;
   }
 }
@@ -111,20 +130,40 @@ __global__ void add_kernel(float* out, const float* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] += x[i];
 }
 
-// out = relu(x)^2. Traffic: 8 n bytes.
-__global__ void relu2_forward_kernel(float* out, const float* x, size_t n) {
+// out = relu(x)^2, x as float32 or bf16 codes. out may alias x. Traffic: 8 (6) n bytes.
+template <typename X>
+__global__ void relu2_forward_kernel(float* out, const X* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) {
-    const float r = x[i] > 0.f ? x[i] : 0.f;
+    const float h = widened(x[i]);
+    const float r = h > 0.f ? h : 0.f;
     out[i] = r * r;
   }
 }
 
-// dx = x > 0 ? 2 x dout : 0. dx may alias dout. Traffic: 12 n bytes.
-__global__ void relu2_backward_kernel(float* dx, const float* dout, const float* x, size_t n) {
+// stored = bf16(x) unless null; out = relu(bf16(x))^2. out may alias x. Traffic: 10 n bytes.
+__global__ void relu2_forward_bf16_kernel(float* out, uint16_t* stored, const float* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) {
-    const float xi = x[i];
+    const __nv_bfloat16 rounded = __float2bfloat16_rn(x[i]);
+    if (stored) stored[i] = __bfloat16_as_ushort(rounded);
+    const float h = __bfloat162float(rounded);
+    const float r = h > 0.f ? h : 0.f;
+    out[i] = r * r;
+  }
+}
+
+// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes. dx may alias dout. Traffic: 12
+// (10) n bytes.
+template <typename X>
+__global__ void relu2_backward_kernel(float* dx, const float* dout, const X* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float xi = widened(x[i]);
     dx[i] = xi > 0.f ? 2.f * xi * dout[i] : 0.f;
   }
+}
+
+// out = float32(x). Traffic: 6 n bytes.
+__global__ void widen_bf16_kernel(float* out, const uint16_t* x, size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = widened(x[i]);
 }
 
 // Adam (PyTorch's form, bias corrections folded into step_size and inv_sqrt_bias2 on the
@@ -215,8 +254,15 @@ void embedding_forward(cudaStream_t s, float* out, const float* table, const int
 
 void rmsnorm_forward(cudaStream_t s, float* out, float* rstd, const float* x, int rows, int dim, float eps) {
   if (rows <= 0) return;
-  rmsnorm_forward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, rstd, x, rows, dim, eps);
+  rmsnorm_forward_kernel<false><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, nullptr, rstd, x, rows, dim, eps);
   check_launch("rmsnorm_forward_kernel");
+}
+
+void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
+                          int dim, float eps) {
+  if (rows <= 0) return;
+  rmsnorm_forward_kernel<true><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim, eps);
+  check_launch("rmsnorm_forward_kernel<bf16>");
 }
 
 void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
@@ -224,6 +270,13 @@ void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float*
   if (rows <= 0) return;
   rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dout, out, rstd, rows, dim, accumulate);
   check_launch("rmsnorm_backward_kernel");
+}
+
+void rmsnorm_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* out, const float* rstd,
+                           int rows, int dim, bool accumulate) {
+  if (rows <= 0) return;
+  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dout, out, rstd, rows, dim, accumulate);
+  check_launch("rmsnorm_backward_kernel<bf16>");
 }
 
 void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse) {
@@ -272,6 +325,30 @@ void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x
   if (n == 0) return;
   relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dout, x, n);
   check_launch("relu2_backward_kernel");
+}
+
+void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, const float* x, size_t n) {
+  if (n == 0) return;
+  relu2_forward_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, stored, x, n);
+  check_launch("relu2_forward_bf16_kernel");
+}
+
+void relu2_from_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {
+  if (n == 0) return;
+  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  check_launch("relu2_forward_kernel<bf16>");
+}
+
+void relu2_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* x, size_t n) {
+  if (n == 0) return;
+  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dout, x, n);
+  check_launch("relu2_backward_kernel<bf16>");
+}
+
+void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {
+  if (n == 0) return;
+  widen_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  check_launch("widen_bf16_kernel");
 }
 
 void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,

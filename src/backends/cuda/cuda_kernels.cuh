@@ -29,6 +29,15 @@ void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dou
 void add(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n);
+// bf16 activation storage: the Backend operations of the same names.
+void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
+                          int dim, float eps);
+void rmsnorm_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* out, const float* rstd,
+                           int rows, int dim, bool accumulate);
+void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, const float* x, size_t n);
+void relu2_from_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
+void relu2_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* x, size_t n);
+void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
 void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
                  float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip);
 void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,
