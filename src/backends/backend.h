@@ -42,6 +42,10 @@ class Backend {
   // Bytes of the device's memory in use now by everything on it (total minus free: these
   // allocations, scratch, library workspaces, the CUDA context); 0 where there is no device.
   virtual size_t device_memory_in_use() const { return 0; }
+  // Device-memory traffic so far of the bf16 operand copies --matmul bf16 makes before each
+  // product (4 bytes read and 2 written per element; the CPU's emulated copies are counted
+  // alike): what keeping matmul operands in bf16 would save. 0 with float32 matmuls.
+  virtual size_t operand_copy_traffic_bytes() const { return 0; }
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
   // Uploads may return before the copy is done when `host` is alloc_host memory: keep such

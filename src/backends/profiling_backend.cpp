@@ -26,6 +26,7 @@ class ProfilingBackend final : public Backend {
   int head_chunk_rows() const override { return inner_.head_chunk_rows(); }
   size_t peak_memory_bytes() const override { return inner_.peak_memory_bytes(); }
   size_t device_memory_in_use() const override { return inner_.device_memory_in_use(); }
+  size_t operand_copy_traffic_bytes() const override { return inner_.operand_copy_traffic_bytes(); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
   void release_host(void* p) override { inner_.release_host(p); }

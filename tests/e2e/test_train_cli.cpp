@@ -352,6 +352,8 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(contains(bench.out, "matmul inputs bf16")) << bench.out;
   const nlohmann::json bf16 = nlohmann::json::parse(read_all(json));
   EXPECT_EQ(bf16["matmul"], "bf16");
+  EXPECT_GT(bf16["operand_copy_gb_per_step"].get<double>(), 0);
+  EXPECT_TRUE(contains(bench.out, "bf16 operand copies:")) << bench.out;
 
   const fs::path recomputed = dir_ / "bench_recompute.json";
   const RunResult lean =
@@ -362,6 +364,7 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_LT(j["activation_bytes"].get<double>(), bf16["activation_bytes"].get<double>());  // exact sizes: test_gpt
 
   EXPECT_EQ(j["activation_precision"], "fp32");  // --activations auto on the CPU
+  EXPECT_EQ(j["operand_copy_gb_per_step"].get<double>(), 0);  // float32 products copy nothing
 
   const fs::path codes = dir_ / "bench_bf16_activations.json";
   const std::string bf16_activations = " --recompute-activations --activations bf16";

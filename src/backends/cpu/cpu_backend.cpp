@@ -144,6 +144,7 @@ class CpuBackend final : public Backend {
   }
 
   std::string name() const override { return "cpu"; }
+  size_t operand_copy_traffic_bytes() const override { return operand_copy_traffic_; }
 
   float* alloc(size_t count) override { return static_cast<float*>(tracked(count * sizeof(float))); }
   int32_t* alloc_i32(size_t count) override { return static_cast<int32_t*>(tracked(count * sizeof(int32_t))); }
@@ -464,15 +465,17 @@ class CpuBackend final : public Backend {
  private:
   const bool bf16_matmul_;
   std::vector<float> bf16_a_, bf16_b_;  // bf16-rounded copies of the operands (bf16_matmul_)
+  size_t operand_copy_traffic_ = 0;     // as a GPU's bf16 copies of them would move
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
 
   // A rounded copy of the rows x cols matrix at `x` (leading dimension ld) in `copy`, laid
   // out as the original so that the same ld applies; the gaps between rows are rounded too.
-  static const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
+  const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
     const size_t extent = rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + cols : 0;
     if (extent == 0) return x;
     if (copy.size() < extent) copy.resize(extent);
     lowp::copy_rounded_to_bf16(copy.data(), x, extent);
+    operand_copy_traffic_ += extent * (sizeof(float) + sizeof(uint16_t));
     return copy.data();
   }
 

@@ -70,6 +70,7 @@ class CudaBackend final : public Backend {
   // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
   int head_chunk_rows() const override { return kCudaHeadChunkRows; }
   size_t peak_memory_bytes() const override { return allocations_.peak(); }
+  size_t operand_copy_traffic_bytes() const override { return gemm_ ? gemm_->operand_copy_traffic_bytes() : 0; }
   size_t device_memory_in_use() const override {
     size_t free_bytes = 0, total_bytes = 0;
     SPEEDRUN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));

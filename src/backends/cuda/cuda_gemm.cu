@@ -126,6 +126,7 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
 const void* LtGemm::rounded_operand(Scratch& buffer, const float* x, size_t extent) {
   auto* copy = static_cast<uint16_t*>(buffer.get(extent * sizeof(uint16_t)));
   to_bf16(stream_, copy, x, extent);
+  operand_copy_traffic_ += extent * (sizeof(float) + sizeof(uint16_t));
   return copy;
 }
 

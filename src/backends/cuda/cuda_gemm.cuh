@@ -39,6 +39,8 @@ class LtGemm {
            int batch);
 
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+  // Bytes the bf16 operand copies have moved so far (Backend::operand_copy_traffic_bytes).
+  size_t operand_copy_traffic_bytes() const { return operand_copy_traffic_; }
 
  private:
   struct Plan {
@@ -55,6 +57,7 @@ class LtGemm {
   cudaStream_t stream_;
   const bool bf16_inputs_;
   Scratch bf16_a_, bf16_b_;  // operand copies (bf16_inputs_); grown to the largest, never shrunk
+  size_t operand_copy_traffic_ = 0;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::map<Key, Plan> plans_;
