@@ -81,6 +81,13 @@ class Backend {
   // C[M,N] = alpha * op(A) op(B) + beta * C; op(A) is [M,K], op(B) is [K,N].
   virtual void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A, int lda,
                     const float* B, int ldb, float beta, float* C, int ldc) = 0;
+  // --matmul bf16 (a no-op otherwise): rounds x[0..count) into held operand `slot` (below
+  // kHeldOperands) once; until release_operand(slot), a product whose operand starts at x and
+  // lies within those floats reads that copy instead of rounding its own. For an operand that
+  // several products share (x must not change meanwhile); results are unchanged.
+  static constexpr int kHeldOperands = 2;
+  virtual void hold_operand(int slot, const float* x, size_t count) {}
+  virtual void release_operand(int slot) {}
   // The same over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
                             int lda, size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C,

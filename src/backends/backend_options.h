@@ -23,6 +23,9 @@ struct BackendOptions {
   // CUDA: run the FP8 head's casts into float32 products even where FP8 tensor cores exist
   // (the path GPUs below sm_89 take), so that it can be tested on any GPU.
   bool emulate_fp8_head = false;
+  // CPU: honour Backend::hold_operand (false: round every operand per product, so that a test
+  // can show holding changes no result, only the copies made).
+  bool hold_operands = true;
 };
 
 // "fp32" / "bf16"; UsageError naming the flag otherwise.

@@ -27,6 +27,10 @@ class ProfilingBackend final : public Backend {
   size_t peak_memory_bytes() const override { return inner_.peak_memory_bytes(); }
   size_t device_memory_in_use() const override { return inner_.device_memory_in_use(); }
   size_t operand_copy_traffic_bytes() const override { return inner_.operand_copy_traffic_bytes(); }
+  void hold_operand(int slot, const float* x, size_t count) override {
+    timed("hold_operand", 0, [&] { inner_.hold_operand(slot, x, count); });
+  }
+  void release_operand(int slot) override { inner_.release_operand(slot); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
   void release_host(void* p) override { inner_.release_host(p); }

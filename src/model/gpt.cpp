@@ -317,10 +317,12 @@ void GPT::linear_forward(float* out, const float* x, const float* weight, int T,
 
 void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
                           const float* weight, int T, int out_dim, int in_dim) {
-  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W.
+  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W: one bf16 copy of dout serves both.
+  backend_.hold_operand(kHeldGradient, dout, static_cast<size_t>(T) * out_dim);
   backend_.gemm(true, false, out_dim, in_dim, T, 1.f, dout, out_dim, x, in_dim, 1.f, dweight, in_dim);
   backend_.gemm(false, false, T, in_dim, out_dim, 1.f, dout, out_dim, weight, in_dim, accumulate_dx ? 1.f : 0.f,
                 dx, in_dim);
+  backend_.release_operand(kHeldGradient);
 }
 
 void GPT::check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const {
@@ -414,9 +416,11 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     const float* qkv = params_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, d, eps);
+    backend_.hold_operand(kHeldInput, a.attn_norm, n);  // one bf16 copy for q, k and v
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.release_operand(kHeldInput);
     normalize_heads(a.qn, a.qn_codes, a.q_rstd, T);
     normalize_heads(a.kn, a.kn_codes, a.k_rstd, T);
     rotated_copy(a.q_rot, a.qn, T);
@@ -513,6 +517,8 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
   backend_.rmsnorm_forward(m.final_norm, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
+  // The bf16 head rounds W once for every chunk (the FP8 head keeps its own copy).
+  if (!fp8) backend_.hold_operand(kHeldInput, W, static_cast<size_t>(V) * d);
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
   // as soon as its logits are (the loss is the last operation), so the head's backward
   // runs chunk by chunk too.
@@ -534,9 +540,12 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
       backend_.fp8_head_backward(train_->dtmp + static_cast<size_t>(r0) * d, dW, logits_, xr, W, rows, V, d, grad_scale);
       continue;
     }
+    backend_.hold_operand(kHeldGradient, logits_, static_cast<size_t>(rows) * V);
     backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
     backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, train_->dtmp + static_cast<size_t>(r0) * d, d);
+    backend_.release_operand(kHeldGradient);
   }
+  backend_.release_operand(kHeldInput);
   if (training) backend_.rmsnorm_backward(train_->dx, train_->dtmp, m.final_norm, m.final_rstd, T, d, false);
 }
 
@@ -618,9 +627,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
+    backend_.hold_operand(kHeldInput, a.attn_norm, n);
     linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.release_operand(kHeldInput);
     backend_.rmsnorm_backward(b.dx, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.

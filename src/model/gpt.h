@@ -147,6 +147,11 @@ class GPT {
                        const float* weight, int T, int out_dim, int in_dim);
   int layer_window(int layer, int long_window) const;
 
+  // Backend::hold_operand slots: a matmul input shared by several products, and the output
+  // gradient a linear layer's two backward products share.
+  static constexpr int kHeldInput = 0;
+  static constexpr int kHeldGradient = 1;
+
   Config config_;
   Backend& backend_;
   ParamLayout layout_;

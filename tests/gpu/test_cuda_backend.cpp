@@ -363,6 +363,36 @@ TEST_F(GemmTest, Bf16InputsDifferFromFloat32) {
 // ---------------------------------------------------------------------------------------
 // Embeddings
 
+// Backend::hold_operand: products reading held bf16 copies (both operands, a transposed
+// one, a held operand used twice) match the CPU emulation; after release_operand a product
+// rounds the operand's new values, never the held copy.
+TEST_F(GemmTest, HeldOperandsServeTheirProductsUntilReleased) {
+  SCOPED_TRACE(trace());
+  use_bf16_matmuls();
+  const int M = 96, N = 80, K = 64;
+  auto A = normal(static_cast<size_t>(M) * K), B = normal(static_cast<size_t>(K) * N);
+  DeviceFloats dA(*gpu_, A), dB(*gpu_, B), dC(*gpu_, static_cast<size_t>(M) * N, kNaN);
+  DeviceFloats dCt(*gpu_, static_cast<size_t>(K) * N, kNaN);
+  std::vector<float> want(static_cast<size_t>(M) * N), want_t(static_cast<size_t>(K) * N);
+  gpu_->hold_operand(0, dA.ptr, A.size());
+  gpu_->hold_operand(1, dB.ptr, B.size());
+  gpu_->gemm(false, false, M, N, K, 1.f, dA.ptr, K, dB.ptr, N, 0.f, dC.ptr, N);
+  gpu_->gemm(true, false, K, N, M, 1.f, dA.ptr, K, dC.ptr, N, 0.f, dCt.ptr, N);  // A^T C: A held, transposed
+  cpu_->gemm(false, false, M, N, K, 1.f, A.data(), K, B.data(), N, 0.f, want.data(), N);
+  const auto got = dC.get();
+  expect_close(got, want, 1e-4, 1e-4, "held A and B");
+  cpu_->gemm(true, false, K, N, M, 1.f, A.data(), K, got.data(), N, 0.f, want_t.data(), N);
+  expect_close(dCt.get(), want_t, 1e-4, 1e-4, "held A transposed");
+  gpu_->release_operand(0);
+  gpu_->release_operand(1);
+  for (float& x : A) x = -2.f * x;
+  DeviceFloats fresh(*gpu_, A);
+  gpu_->copy(dA.ptr, fresh.ptr, A.size());
+  gpu_->gemm(false, false, M, N, K, 1.f, dA.ptr, K, dB.ptr, N, 0.f, dC.ptr, N);
+  cpu_->gemm(false, false, M, N, K, 1.f, A.data(), K, B.data(), N, 0.f, want.data(), N);
+  expect_close(dC.get(), want, 1e-4, 1e-4, "released: the new A");
+}
+
 TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
   SCOPED_TRACE(trace());
   struct Case { int V, T, dim; };

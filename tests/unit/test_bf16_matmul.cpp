@@ -110,6 +110,49 @@ TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
   EXPECT_NE(loss_bf16, loss_fp32);
 }
 
+// Held operands (Backend::hold_operand) save copies, never change a number: a training pass
+// and a forward-only pass give the same bits with and without them, for exactly the copies
+// the model shares (micro, T = 64: one head chunk, layer 2 without attention).
+TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
+  Config config = Config::preset("micro");
+  config.lm_head_fp8 = 0;
+  BackendOptions unheld_options = bf16_matmuls();
+  unheld_options.hold_operands = false;
+  auto held = make_cpu_backend(bf16_matmuls()), unheld = make_cpu_backend(unheld_options);
+  const int T = 64;
+  std::vector<int32_t> inputs(T), targets(T);
+  for (int t = 0; t < T; ++t) {
+    inputs[t] = (t * 7919) % config.vocab_size;
+    targets[t] = (t * 104729 + 13) % config.vocab_size;
+  }
+  GPT a(config, *held, T, T), b(config, *unheld, T, T);
+  const auto params = random_vector(a.layout().total(), 9, 0.3f);
+  a.load_parameters(params);
+  b.load_parameters(params);
+  a.zero_grad();
+  b.zero_grad();
+  EXPECT_EQ(a.forward_backward(inputs, targets, 2, 1.f), b.forward_backward(inputs, targets, 2, 1.f));
+  EXPECT_EQ(a.gradients_to_host(), b.gradients_to_host());
+  EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
+
+  // Elements not copied again, per training pass then forward-only pass: q, k and v share one
+  // copy of the attention's rmsnorm output in the forward and in the backward (2 saved each
+  // time), each linear layer's two backward products one copy of the output gradient, and
+  // the head one copy of W and, in the backward, of the logits gradient.
+  const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
+  const size_t V = config.padded_vocab();
+  size_t saved = 0;
+  for (int i = 0; i < config.num_layers; ++i) {
+    saved += T * (d + mlp);  // the MLP's two output gradients
+    if (config.layer_has_attention(i)) saved += 2 * T * d + T * d + 3 * T * hd + 2 * T * d;
+  }
+  saved += V * d + T * V;        // training head: W for dx, the logits gradient for dx
+  for (int i = 0; i < config.num_layers; ++i) {
+    if (config.layer_has_attention(i)) saved += 2 * T * d;
+  }
+  EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved * 6);
+}
+
 TEST(Bf16Matmul, TheFlashKernelIsRefusedOnTheCpu) {
   BackendOptions options;
   options.attention = AttentionKernel::kFlash;

@@ -4,6 +4,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -82,15 +83,14 @@ void rmsnorm_forward_rows(float* out, uint16_t* stored, bool round, float* rstd,
 #pragma omp simd reduction(+ : sum_sq)
     for (int i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
     const float s = 1.f / std::sqrt(sum_sq / dim + eps);
-    for (int i = 0; i < dim; ++i) {
-      const float y = xr[i] * s;
-      if (!round) {
-        yr[i] = y;
-        continue;
+    if (!round) {
+      for (int i = 0; i < dim; ++i) yr[i] = xr[i] * s;
+    } else {
+      for (int i = 0; i < dim; ++i) {
+        const uint16_t code = lowp::encode_bf16(xr[i] * s);
+        if (stored) stored[off + i] = code;
+        yr[i] = lowp::decode_bf16(code);
       }
-      const uint16_t code = lowp::encode_bf16(y);
-      if (stored) stored[off + i] = code;
-      yr[i] = lowp::decode_bf16(code);
     }
     rstd[r] = s;
   }
@@ -137,7 +137,8 @@ void relu2_backward_values(float* dx, const float* dout, const X* x, size_t n) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(const BackendOptions& options) : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16) {
+  explicit CpuBackend(const BackendOptions& options)
+      : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16), hold_operands_(options.hold_operands) {
     if (options.attention == AttentionKernel::kFlash) {
       throw UsageError("--attention-kernel flash is the CUDA backend's kernel; the CPU backend has reference only");
     }
@@ -192,6 +193,22 @@ class CpuBackend final : public Backend {
     }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
                 lda, B, ldb, beta, C, ldc);
+  }
+
+  void hold_operand(int slot, const float* x, size_t count) override {
+    if (!bf16_matmul_ || !hold_operands_) return;
+    HeldOperand& held = held_.at(static_cast<size_t>(slot));
+    held.rounded.resize(count);
+    lowp::copy_rounded_to_bf16(held.rounded.data(), x, count);
+    operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
+    held.source = x;
+    held.count = count;
+  }
+
+  void release_operand(int slot) override {
+    HeldOperand& held = held_.at(static_cast<size_t>(slot));
+    held.source = nullptr;
+    held.count = 0;
   }
 
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
@@ -464,15 +481,26 @@ class CpuBackend final : public Backend {
 
  private:
   const bool bf16_matmul_;
+  const bool hold_operands_;
   std::vector<float> bf16_a_, bf16_b_;  // bf16-rounded copies of the operands (bf16_matmul_)
   size_t operand_copy_traffic_ = 0;     // as a GPU's bf16 copies of them would move
+  struct HeldOperand {
+    const float* source = nullptr;
+    size_t count = 0;
+    std::vector<float> rounded;
+  };
+  std::array<HeldOperand, kHeldOperands> held_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
 
   // A rounded copy of the rows x cols matrix at `x` (leading dimension ld) in `copy`, laid
   // out as the original so that the same ld applies; the gaps between rows are rounded too.
+  // (A held operand's copy instead, when one holds this matrix.)
   const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
     const size_t extent = rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + cols : 0;
     if (extent == 0) return x;
+    for (const HeldOperand& held : held_) {
+      if (held.source == x && extent <= held.count) return held.rounded.data();
+    }
     if (copy.size() < extent) copy.resize(extent);
     lowp::copy_rounded_to_bf16(copy.data(), x, extent);
     operand_copy_traffic_ += extent * (sizeof(float) + sizeof(uint16_t));

@@ -71,6 +71,8 @@ class CudaBackend final : public Backend {
   int head_chunk_rows() const override { return kCudaHeadChunkRows; }
   size_t peak_memory_bytes() const override { return allocations_.peak(); }
   size_t operand_copy_traffic_bytes() const override { return gemm_ ? gemm_->operand_copy_traffic_bytes() : 0; }
+  void hold_operand(int slot, const float* x, size_t count) override { gemm_->hold(slot, x, count); }
+  void release_operand(int slot) override { gemm_->release(slot); }
   size_t device_memory_in_use() const override {
     size_t free_bytes = 0, total_bytes = 0;
     SPEEDRUN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));

@@ -44,7 +44,11 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t type, uint64_t rows, uint64_t 
 }  // namespace
 
 LtGemm::LtGemm(cudaStream_t stream, bool bf16_inputs)
-    : stream_(stream), bf16_inputs_(bf16_inputs), bf16_a_(stream), bf16_b_(stream) {
+    : stream_(stream),
+      bf16_inputs_(bf16_inputs),
+      bf16_a_(stream),
+      bf16_b_(stream),
+      held_{HeldOperand(stream), HeldOperand(stream)} {
   SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
   check_cuda(cudaMalloc(&workspace_, kWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
 }
@@ -123,7 +127,27 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
   return true;
 }
 
+void LtGemm::hold(int slot, const float* x, size_t count) {
+  if (!bf16_inputs_) return;
+  if (slot < 0 || slot >= Backend::kHeldOperands) throw Error("hold_operand: no slot " + std::to_string(slot));
+  HeldOperand& held = held_[slot];
+  to_bf16(stream_, static_cast<uint16_t*>(held.copy.get(count * sizeof(uint16_t))), x, count);
+  operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
+  held.source = x;
+  held.count = count;
+}
+
+void LtGemm::release(int slot) {
+  if (slot < 0 || slot >= Backend::kHeldOperands) return;
+  held_[slot].source = nullptr;
+  held_[slot].count = 0;
+}
+
+// A held operand's copy when one holds [x, x + extent), else a fresh copy in `buffer`.
 const void* LtGemm::rounded_operand(Scratch& buffer, const float* x, size_t extent) {
+  for (HeldOperand& held : held_) {
+    if (held.source == x && extent <= held.count) return held.copy.get(held.count * sizeof(uint16_t));
+  }
   auto* copy = static_cast<uint16_t*>(buffer.get(extent * sizeof(uint16_t)));
   to_bf16(stream_, copy, x, extent);
   operand_copy_traffic_ += extent * (sizeof(float) + sizeof(uint16_t));

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <map>
 
+#include "backends/backend.h"
 #include "backends/cuda/cuda_common.cuh"
 
 namespace speedrun::cuda {
@@ -39,6 +40,9 @@ class LtGemm {
            int batch);
 
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+  // Backend::hold_operand / release_operand (no-ops with float32 inputs).
+  void hold(int slot, const float* x, size_t count);
+  void release(int slot);
   // Bytes the bf16 operand copies have moved so far (Backend::operand_copy_traffic_bytes).
   size_t operand_copy_traffic_bytes() const { return operand_copy_traffic_; }
 
@@ -53,11 +57,18 @@ class LtGemm {
 
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
   const void* rounded_operand(Scratch& buffer, const float* x, size_t extent);
+  struct HeldOperand {
+    explicit HeldOperand(cudaStream_t stream) : copy(stream) {}
+    Scratch copy;
+    const float* source = nullptr;
+    size_t count = 0;
+  };
 
   cudaStream_t stream_;
   const bool bf16_inputs_;
   Scratch bf16_a_, bf16_b_;  // operand copies (bf16_inputs_); grown to the largest, never shrunk
   size_t operand_copy_traffic_ = 0;
+  HeldOperand held_[Backend::kHeldOperands];
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::map<Key, Plan> plans_;
