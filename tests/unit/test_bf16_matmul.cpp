@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "backends/backend.h"
@@ -90,16 +91,22 @@ TEST(Bf16Matmul, NonFiniteOperandsStayNonFinite) {
 
 // The model's loss moves by bf16 rounding (~2^-9 per operand), not by more: micro's step-0
 // loss within 1% of float32's, and not equal to it (the option reaches every product).
-TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
-  const Config config = Config::preset("micro");
-  auto bf16 = make_cpu_backend(bf16_matmuls());
-  auto fp32 = make_cpu_backend();
-  const int T = 128;
+// T tokens and targets spread over the vocabulary, the same every run.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> fixed_sequence(const Config& config, int T) {
   std::vector<int32_t> inputs(T), targets(T);
   for (int t = 0; t < T; ++t) {
     inputs[t] = (t * 7919) % config.vocab_size;
     targets[t] = (t * 104729 + 13) % config.vocab_size;
   }
+  return {inputs, targets};
+}
+
+TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
+  const Config config = Config::preset("micro");
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  auto fp32 = make_cpu_backend();
+  const int T = 128;
+  const auto [inputs, targets] = fixed_sequence(config, T);
   GPT a(config, *bf16, T, T), b(config, *fp32, T, T);
   const auto params = random_vector(a.layout().total(), 7, 0.3f);
   a.load_parameters(params);
@@ -120,11 +127,7 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
   unheld_options.hold_operands = false;
   auto held = make_cpu_backend(bf16_matmuls()), unheld = make_cpu_backend(unheld_options);
   const int T = 64;
-  std::vector<int32_t> inputs(T), targets(T);
-  for (int t = 0; t < T; ++t) {
-    inputs[t] = (t * 7919) % config.vocab_size;
-    targets[t] = (t * 104729 + 13) % config.vocab_size;
-  }
+  const auto [inputs, targets] = fixed_sequence(config, T);
   GPT a(config, *held, T, T), b(config, *unheld, T, T);
   const auto params = random_vector(a.layout().total(), 9, 0.3f);
   a.load_parameters(params);
