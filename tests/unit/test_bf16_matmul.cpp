@@ -101,6 +101,12 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> fixed_sequence(const Confi
   return {inputs, targets};
 }
 
+void load_same_random_parameters(GPT& a, GPT& b, uint64_t seed) {
+  const auto params = random_vector(a.layout().total(), seed, 0.3f);
+  a.load_parameters(params);
+  b.load_parameters(params);
+}
+
 TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
   const Config config = Config::preset("micro");
   auto bf16 = make_cpu_backend(bf16_matmuls());
@@ -108,9 +114,7 @@ TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
   const int T = 128;
   const auto [inputs, targets] = fixed_sequence(config, T);
   GPT a(config, *bf16, T, T), b(config, *fp32, T, T);
-  const auto params = random_vector(a.layout().total(), 7, 0.3f);
-  a.load_parameters(params);
-  b.load_parameters(params);
+  load_same_random_parameters(a, b, 7);
   const double loss_bf16 = a.forward(inputs, targets, 2), loss_fp32 = b.forward(inputs, targets, 2);
   ASSERT_TRUE(std::isfinite(loss_bf16));
   EXPECT_NEAR(loss_bf16, loss_fp32, 1e-2 * loss_fp32);
@@ -129,9 +133,7 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
   const int T = 64;
   const auto [inputs, targets] = fixed_sequence(config, T);
   GPT a(config, *held, T, T), b(config, *unheld, T, T);
-  const auto params = random_vector(a.layout().total(), 9, 0.3f);
-  a.load_parameters(params);
-  b.load_parameters(params);
+  load_same_random_parameters(a, b, 9);
   a.zero_grad();
   b.zero_grad();
   EXPECT_EQ(a.forward_backward(inputs, targets, 2, 1.f), b.forward_backward(inputs, targets, 2, 1.f));

@@ -70,6 +70,11 @@ namespace {
 inline float widened(float x) { return x; }
 inline float widened(uint16_t code) { return lowp::decode_bf16(code); }
 
+inline float relu_squared(float h) {
+  const float r = h > 0.f ? h : 0.f;
+  return r * r;
+}
+
 // out = x / sqrt(mean(x^2) + eps) per row, rounded to bf16 when `round` (codes into
 // `stored` unless null). out may alias x: a row is read in full before it is written.
 void rmsnorm_forward_rows(float* out, uint16_t* stored, bool round, float* rstd, const float* x, int rows, int dim,
@@ -118,11 +123,7 @@ void rmsnorm_backward_rows(float* dx, const float* dout, const Out* out, const f
 template <typename X>
 void relu2_values(float* out, const X* x, size_t n) {
 #pragma omp parallel for simd schedule(static)
-  for (size_t i = 0; i < n; ++i) {
-    const float h = widened(x[i]);
-    const float r = h > 0.f ? h : 0.f;
-    out[i] = r * r;
-  }
+  for (size_t i = 0; i < n; ++i) out[i] = relu_squared(widened(x[i]));
 }
 
 // dx = dout * 2 relu(x); dx may alias dout.
@@ -196,8 +197,8 @@ class CpuBackend final : public Backend {
   }
 
   void hold_operand(int slot, const float* x, size_t count) override {
-    if (!bf16_matmul_ || !hold_operands_) return;
     HeldOperand& held = held_.at(static_cast<size_t>(slot));
+    if (!bf16_matmul_ || !hold_operands_) return;
     held.rounded.resize(count);
     lowp::copy_rounded_to_bf16(held.rounded.data(), x, count);
     operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
@@ -350,9 +351,7 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) {
       const uint16_t code = lowp::encode_bf16(x[i]);
       if (stored) stored[i] = code;
-      const float h = lowp::decode_bf16(code);
-      const float r = h > 0.f ? h : 0.f;
-      out[i] = r * r;
+      out[i] = relu_squared(lowp::decode_bf16(code));
     }
   }
 

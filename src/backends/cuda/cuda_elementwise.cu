@@ -28,6 +28,11 @@ __global__ void embedding_forward_kernel(float* out, const float* table, const i
 __device__ __forceinline__ float widened(float x) { return x; }
 __device__ __forceinline__ float widened(uint16_t code) { return __bfloat162float(__ushort_as_bfloat16(code)); }
 
+__device__ __forceinline__ float relu_squared(float h) {
+  const float r = h > 0.f ? h : 0.f;
+  return r * r;
+}
+
 // One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s (kRound: bf16(x s) widened,
 // its codes into `stored` unless null), rstd = s. out may alias x (each lane rereads only
 // its own elements). Traffic: 8 rows dim bytes (+2 with codes).
@@ -133,11 +138,7 @@ __global__ void add_kernel(float* out, const float* x, size_t n) {
 // out = relu(x)^2, x as float32 or bf16 codes. out may alias x. Traffic: 8 (6) n bytes.
 template <typename X>
 __global__ void relu2_forward_kernel(float* out, const X* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float h = widened(x[i]);
-    const float r = h > 0.f ? h : 0.f;
-    out[i] = r * r;
-  }
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = relu_squared(widened(x[i]));
 }
 
 // stored = bf16(x) unless null; out = relu(bf16(x))^2. out may alias x. Traffic: 10 n bytes.
@@ -145,9 +146,7 @@ __global__ void relu2_forward_bf16_kernel(float* out, uint16_t* stored, const fl
   SPEEDRUN_GRID_STRIDE(i, n) {
     const __nv_bfloat16 rounded = __float2bfloat16_rn(x[i]);
     if (stored) stored[i] = __bfloat16_as_ushort(rounded);
-    const float h = __bfloat162float(rounded);
-    const float r = h > 0.f ? h : 0.f;
-    out[i] = r * r;
+    out[i] = relu_squared(__bfloat162float(rounded));
   }
 }
 

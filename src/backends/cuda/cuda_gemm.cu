@@ -127,10 +127,14 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
   return true;
 }
 
+LtGemm::HeldOperand& LtGemm::held_slot(int slot) {
+  if (slot < 0 || slot >= Backend::kHeldOperands) throw Error("held operand: no slot " + std::to_string(slot));
+  return held_[slot];
+}
+
 void LtGemm::hold(int slot, const float* x, size_t count) {
+  HeldOperand& held = held_slot(slot);
   if (!bf16_inputs_) return;
-  if (slot < 0 || slot >= Backend::kHeldOperands) throw Error("hold_operand: no slot " + std::to_string(slot));
-  HeldOperand& held = held_[slot];
   to_bf16(stream_, static_cast<uint16_t*>(held.copy.get(count * sizeof(uint16_t))), x, count);
   operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
   held.source = x;
@@ -138,9 +142,9 @@ void LtGemm::hold(int slot, const float* x, size_t count) {
 }
 
 void LtGemm::release(int slot) {
-  if (slot < 0 || slot >= Backend::kHeldOperands) return;
-  held_[slot].source = nullptr;
-  held_[slot].count = 0;
+  HeldOperand& held = held_slot(slot);
+  held.source = nullptr;
+  held.count = 0;
 }
 
 // A held operand's copy when one holds [x, x + extent), else a fresh copy in `buffer`.

@@ -63,6 +63,7 @@ class LtGemm {
     const float* source = nullptr;
     size_t count = 0;
   };
+  HeldOperand& held_slot(int slot);  // throws speedrun::Error for a slot out of range
 
   cudaStream_t stream_;
   const bool bf16_inputs_;
