@@ -87,6 +87,12 @@ class Backend {
   // several products share (x must not change meanwhile); results are unchanged.
   static constexpr int kHeldOperands = 2;
   virtual void hold_operand(int slot, const float* x, size_t count) {}
+  // The same for an x not yet computed, whose producing op writes the codes itself: returns
+  // the slot's buffer for count bf16 codes, to be passed as that op's `out_codes` (which
+  // must then write bf16(x) there before any product reads x). The operand never makes
+  // the round trip through float32 memory that hold_operand's copy costs. Returns nullptr
+  // (the op then writes no codes) when matmuls do not round their operands or holding is off.
+  virtual uint16_t* hold_produced_operand(int slot, const float* x, size_t count) { return nullptr; }
   virtual void release_operand(int slot) {}
   // The same over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
@@ -137,12 +143,15 @@ class Backend {
   // rmsnorm_backward from the forward's output kept as codes.
   virtual void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows,
                                      int dim, bool accumulate) = 0;
+  // In the three relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
+  // output as well: a matmul operand held by hold_produced_operand.
   // stored (unless null) = bf16(x); out = relu(bf16(x))^2. out may alias x.
-  virtual void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) = 0;
+  virtual void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) = 0;
   // out = relu(x)^2 for x given as codes: relu2_forward_bf16's out again, from what it stored.
-  virtual void relu2_from_bf16(float* out, const uint16_t* x, size_t n) = 0;
+  virtual void relu2_from_bf16(float* out, uint16_t* out_codes, const uint16_t* x, size_t n) = 0;
   // relu2_backward for x given as codes.
-  virtual void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) = 0;
+  virtual void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
+                                   size_t n) = 0;
   // out = float32(x).
   virtual void widen_bf16(float* out, const uint16_t* x, size_t n) = 0;
 

@@ -30,6 +30,9 @@ class ProfilingBackend final : public Backend {
   void hold_operand(int slot, const float* x, size_t count) override {
     timed("hold_operand", 0, [&] { inner_.hold_operand(slot, x, count); });
   }
+  uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
+    return inner_.hold_produced_operand(slot, x, count);
+  }
   void release_operand(int slot) override { inner_.release_operand(slot); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
@@ -100,14 +103,14 @@ class ProfilingBackend final : public Backend {
                              bool acc) override {
     timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward_bf16(dx, dout, out, rstd, rows, dim, acc); });
   }
-  void relu2_forward_bf16(float* o, uint16_t* stored, const float* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_forward_bf16(o, stored, x, n); });
+  void relu2_forward_bf16(float* o, uint16_t* o_codes, uint16_t* stored, const float* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_forward_bf16(o, o_codes, stored, x, n); });
   }
-  void relu2_from_bf16(float* o, const uint16_t* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_from_bf16(o, x, n); });
+  void relu2_from_bf16(float* o, uint16_t* o_codes, const uint16_t* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_from_bf16(o, o_codes, x, n); });
   }
-  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_backward_bf16(dx, dout, x, n); });
+  void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x, size_t n) override {
+    timed("relu2", 0, [&] { inner_.relu2_backward_bf16(dx, dx_codes, dout, x, n); });
   }
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
     timed("widen_bf16", 0, [&] { inner_.widen_bf16(o, x, n); });

@@ -317,12 +317,18 @@ void GPT::linear_forward(float* out, const float* x, const float* weight, int T,
 
 void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
                           const float* weight, int T, int out_dim, int in_dim) {
-  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W: one bf16 copy of dout serves both.
+  // One bf16 copy of dout serves both products.
   backend_.hold_operand(kHeldGradient, dout, static_cast<size_t>(T) * out_dim);
+  linear_backward_products(dx, accumulate_dx, dweight, dout, x, weight, T, out_dim, in_dim);
+  backend_.release_operand(kHeldGradient);
+}
+
+void GPT::linear_backward_products(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
+                                   const float* weight, int T, int out_dim, int in_dim) {
+  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W.
   backend_.gemm(true, false, out_dim, in_dim, T, 1.f, dout, out_dim, x, in_dim, 1.f, dweight, in_dim);
   backend_.gemm(false, false, T, in_dim, out_dim, 1.f, dout, out_dim, weight, in_dim, accumulate_dx ? 1.f : 0.f,
                 dx, in_dim);
-  backend_.release_operand(kHeldGradient);
 }
 
 void GPT::check_sequence(std::span<const int32_t> inputs, std::span<const int32_t> targets, bool training) const {
@@ -438,6 +444,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   relu2(a.g, a.h_codes, a.h, T);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
+  backend_.release_operand(kHeldInput);
   backend_.add(x_out, x1, n);
 }
 
@@ -468,7 +475,7 @@ void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_
 void GPT::relu2(float* g, uint16_t* stored, const float* h, int T) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
-    backend_.relu2_forward_bf16(g, stored, h, n);
+    backend_.relu2_forward_bf16(g, backend_.hold_produced_operand(kHeldInput, g, n), stored, h, n);
   } else {
     backend_.relu2_forward(g, h, n);
   }
@@ -477,9 +484,10 @@ void GPT::relu2(float* g, uint16_t* stored, const float* h, int T) {
 void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int T) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
-    backend_.relu2_backward_bf16(dh, dh, stored, n);
+    backend_.relu2_backward_bf16(dh, backend_.hold_produced_operand(kHeldGradient, dh, n), dh, stored, n);
   } else {
     backend_.relu2_backward(dh, dh, h, n);
+    backend_.hold_operand(kHeldGradient, dh, n);
   }
 }
 
@@ -487,8 +495,8 @@ void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
   if (!recompute_) return;
   backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
-  if (bf16_activations_) {
-    backend_.relu2_from_bf16(a.g, a.h_codes, n);
+  if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
+    backend_.relu2_from_bf16(a.g, backend_.hold_produced_operand(kHeldInput, a.g, n), a.h_codes, n);
   } else {
     backend_.relu2_forward(a.g, a.h, n);
   }
@@ -605,9 +613,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
   linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
+  backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, a.h, a.h_codes, T);
-  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc,
-                  T, mlp, d);
+  linear_backward_products(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp,
+                           d);
+  backend_.release_operand(kHeldGradient);
   backend_.rmsnorm_backward(b.dx, b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.

@@ -137,6 +137,9 @@ class GPT {
   // in bf16, where a training pass keeps them), h -> relu(h)^2, and their backwards.
   void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
   void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
+  // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,
+  // its codes written by the op itself; relu2_backward always leaves dh held as
+  // kHeldGradient for the c_fc backward's two products. The caller releases them.
   void relu2(float* g, uint16_t* stored, const float* h, int T);
   void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,
@@ -145,6 +148,9 @@ class GPT {
   void linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim);
   void linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
                        const float* weight, int T, int out_dim, int in_dim);
+  // linear_backward's two products alone, for a dout its caller holds already.
+  void linear_backward_products(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
+                                const float* weight, int T, int out_dim, int in_dim);
   int layer_window(int layer, int long_window) const;
 
   // Backend::hold_operand slots: a matmul input shared by several products, and the output

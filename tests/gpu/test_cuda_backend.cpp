@@ -393,6 +393,29 @@ TEST_F(GemmTest, HeldOperandsServeTheirProductsUntilReleased) {
   expect_close(dC.get(), want, 1e-4, 1e-4, "released: the new A");
 }
 
+// Backend::hold_produced_operand: relu^2 writes its output's codes into the held slot and
+// the product reads them; the CPU emulation does the same.
+TEST_F(GemmTest, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
+  SCOPED_TRACE(trace());
+  use_bf16_matmuls();
+  const int M = 128, N = 96, K = 256;
+  const auto h = normal(static_cast<size_t>(M) * K, 2.f), B = normal(static_cast<size_t>(K) * N);
+  std::vector<float> g(h.size()), want(static_cast<size_t>(M) * N);
+  uint16_t* cpu_codes = cpu_->hold_produced_operand(0, g.data(), g.size());
+  ASSERT_NE(cpu_codes, nullptr);
+  cpu_->relu2_forward_bf16(g.data(), cpu_codes, nullptr, h.data(), g.size());
+  cpu_->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, want.data(), N);
+  cpu_->release_operand(0);
+  DeviceFloats dh(*gpu_, h), dg(*gpu_, g.size(), kNaN), dB(*gpu_, B), dC(*gpu_, want.size(), kNaN);
+  uint16_t* codes = gpu_->hold_produced_operand(0, dg.ptr, g.size());
+  ASSERT_NE(codes, nullptr);
+  gpu_->relu2_forward_bf16(dg.ptr, codes, nullptr, dh.ptr, g.size());
+  gpu_->gemm(false, false, M, N, K, 1.f, dg.ptr, K, dB.ptr, N, 0.f, dC.ptr, N);
+  gpu_->release_operand(0);
+  expect_close(dC.get(), want, 1e-4, 1e-4, "product of the produced codes");
+  expect_identical(dg.get(), g, "relu2 output beside its codes");
+}
+
 TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
   SCOPED_TRACE(trace());
   struct Case { int V, T, dim; };
@@ -556,26 +579,38 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
     auto h = normal(n, 3.f);
     for (size_t i = 0; i < n; i += 5) h[i] = 0.f;
     std::vector<float> g(n);
-    std::vector<uint16_t> codes(n);
-    cpu_->relu2_forward_bf16(g.data(), codes.data(), h.data(), n);
+    std::vector<uint16_t> codes(n), g_codes(n);
+    cpu_->relu2_forward_bf16(g.data(), g_codes.data(), codes.data(), h.data(), n);
     DeviceFloats dh(*gpu_, h), dcodes(*gpu_, (n + 1) / 2, poison), dg(*gpu_, n, kNaN);
+    DeviceFloats dg_codes(*gpu_, (n + 1) / 2, poison);
     auto* device_codes = reinterpret_cast<uint16_t*>(dcodes.ptr);
-    gpu_->relu2_forward_bf16(dg.ptr, device_codes, dh.ptr, n);
+    auto* device_g_codes = reinterpret_cast<uint16_t*>(dg_codes.ptr);
+    gpu_->relu2_forward_bf16(dg.ptr, device_g_codes, device_codes, dh.ptr, n);
     EXPECT_EQ(codes_of(dcodes.get(), n), codes) << "relu2_forward_bf16 codes";
+    EXPECT_EQ(codes_of(dg_codes.get(), n), g_codes) << "relu2_forward_bf16 output codes";
     expect_identical(dg.get(), g, "relu2_forward_bf16");
-    gpu_->relu2_forward_bf16(dh.ptr, nullptr, dh.ptr, n);  // in place, nothing kept
+    gpu_->relu2_forward_bf16(dh.ptr, nullptr, nullptr, dh.ptr, n);  // in place, nothing kept
     expect_identical(dh.get(), g, "relu2_forward_bf16 in place");
-    DeviceFloats again(*gpu_, n, kNaN), wide(*gpu_, n, kNaN);
-    gpu_->relu2_from_bf16(again.ptr, device_codes, n);
+    DeviceFloats again(*gpu_, n, kNaN), wide(*gpu_, n, kNaN), again_codes(*gpu_, (n + 1) / 2, poison);
+    gpu_->relu2_from_bf16(again.ptr, reinterpret_cast<uint16_t*>(again_codes.ptr), device_codes, n);
     expect_identical(again.get(), g, "relu2_from_bf16");
+    EXPECT_EQ(codes_of(again_codes.get(), n), g_codes) << "relu2_from_bf16 output codes";
     gpu_->widen_bf16(wide.ptr, device_codes, n);
     expect_identical(wide.get(), widened(codes), "widen_bf16");
     const auto dout = normal(n);
     std::vector<float> want = dout;
-    cpu_->relu2_backward_bf16(want.data(), want.data(), codes.data(), n);
-    DeviceFloats dgrad(*gpu_, dout);
-    gpu_->relu2_backward_bf16(dgrad.ptr, dgrad.ptr, device_codes, n);
+    std::vector<uint16_t> want_codes(n);
+    cpu_->relu2_backward_bf16(want.data(), want_codes.data(), want.data(), codes.data(), n);
+    DeviceFloats dgrad(*gpu_, dout), dgrad_codes(*gpu_, (n + 1) / 2, poison);
+    gpu_->relu2_backward_bf16(dgrad.ptr, reinterpret_cast<uint16_t*>(dgrad_codes.ptr), dgrad.ptr, device_codes, n);
     expect_close(dgrad.get(), want, 1e-6, 0, "relu2_backward_bf16 in place");
+    // 2 h dout rounds identically unless the product's last bit differs (fma contraction).
+    const auto device_dx_codes = codes_of(dgrad_codes.get(), n);
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_NEAR(lowp::decode_bf16(device_dx_codes[i]), lowp::decode_bf16(want_codes[i]),
+                  std::abs(want[i]) * 0x1p-7 + 1e-30)
+          << "relu2_backward_bf16 output codes at " << i;
+    }
   }
   const float eps = 1.1920929e-07f;
   struct Case { int rows, dim; };

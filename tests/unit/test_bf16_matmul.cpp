@@ -121,41 +121,88 @@ TEST(Bf16Matmul, ModelLossStaysWithinBf16OfFloat32) {
   EXPECT_NE(loss_bf16, loss_fp32);
 }
 
-// Held operands (Backend::hold_operand) save copies, never change a number: a training pass
-// and a forward-only pass give the same bits with and without them, for exactly the copies
-// the model shares (micro, T = 64: one head chunk, layer 2 without attention).
+// Held operands (Backend::hold_operand, hold_produced_operand) save copies, never change a
+// number: a training pass and a forward-only pass give the same bits with and without them,
+// for exactly the copies the model shares (micro, T = 64: one head chunk, layer 2 without
+// attention), with activations in float32 or bf16, stored or recomputed.
 TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
   Config config = Config::preset("micro");
   config.lm_head_fp8 = 0;
   BackendOptions unheld_options = bf16_matmuls();
   unheld_options.hold_operands = false;
-  auto held = make_cpu_backend(bf16_matmuls()), unheld = make_cpu_backend(unheld_options);
   const int T = 64;
   const auto [inputs, targets] = fixed_sequence(config, T);
-  GPT a(config, *held, T, T), b(config, *unheld, T, T);
-  load_same_random_parameters(a, b, 9);
-  a.zero_grad();
-  b.zero_grad();
-  EXPECT_EQ(a.forward_backward(inputs, targets, 2, 1.f), b.forward_backward(inputs, targets, 2, 1.f));
-  EXPECT_EQ(a.gradients_to_host(), b.gradients_to_host());
-  EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
+  for (const ActivationMemory memory : {ActivationMemory::kStore, ActivationMemory::kRecompute}) {
+    for (const ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
+      const bool bf16_activations = precision == ActivationPrecision::kBfloat16;
+      const bool recompute = memory == ActivationMemory::kRecompute;
+      SCOPED_TRACE(std::string(bf16_activations ? "bf16" : "fp32") + (recompute ? ", recomputed" : ", stored"));
+      auto held = make_cpu_backend(bf16_matmuls()), unheld = make_cpu_backend(unheld_options);
+      GPT a(config, *held, T, T, {memory, precision}), b(config, *unheld, T, T, {memory, precision});
+      load_same_random_parameters(a, b, 9);
+      a.zero_grad();
+      b.zero_grad();
+      EXPECT_EQ(a.forward_backward(inputs, targets, 2, 1.f), b.forward_backward(inputs, targets, 2, 1.f));
+      EXPECT_EQ(a.gradients_to_host(), b.gradients_to_host());
+      EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
 
-  // Elements not copied again, per training pass then forward-only pass: q, k and v share one
-  // copy of the attention's rmsnorm output in the forward and in the backward (2 saved each
-  // time), each linear layer's two backward products one copy of the output gradient, and
-  // the head one copy of W and, in the backward, of the logits gradient.
-  const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
-  const size_t V = config.padded_vocab();
-  size_t saved = 0;
-  for (int i = 0; i < config.num_layers; ++i) {
-    saved += T * (d + mlp);  // the MLP's two output gradients
-    if (config.layer_has_attention(i)) saved += 2 * T * d + T * d + 3 * T * hd + 2 * T * d;
+      // Bytes not moved, per training pass then forward-only pass. A copy moves 6 bytes per
+      // element, an op writing the codes of its own output 2. q, k and v share one copy of
+      // the attention's rmsnorm output in the forward and in the backward (2 saved each
+      // time); each linear layer's two backward products one copy of the output gradient;
+      // the head one copy of W and, in the backward, of the logits gradient. With bf16
+      // activations the relu^2 ops write the codes of relu(h)^2 (forward, and backward when
+      // recomputed) and of the MLP's hidden gradient (which two products read).
+      const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
+      const size_t V = config.padded_vocab();
+      size_t saved = 0;
+      for (int i = 0; i < config.num_layers; ++i) {
+        saved += 6 * T * d;  // c_proj's output gradient
+        saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
+        if (bf16_activations) saved += (recompute ? 2 : 1) * (6 - 2) * T * mlp;  // relu(h)^2
+        if (config.layer_has_attention(i)) saved += 6 * (2 * T * d + T * d + 3 * T * hd + 2 * T * d);
+      }
+      saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx
+      for (int i = 0; i < config.num_layers; ++i) {
+        if (config.layer_has_attention(i)) saved += 6 * 2 * T * d;
+        if (bf16_activations) saved += (6 - 2) * T * mlp;
+      }
+      EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved);
+    }
   }
-  saved += V * d + T * V;        // training head: W for dx, the logits gradient for dx
-  for (int i = 0; i < config.num_layers; ++i) {
-    if (config.layer_has_attention(i)) saved += 2 * T * d;
-  }
-  EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved * 6);
+}
+
+// hold_produced_operand: the op producing x writes the codes every product of x then reads;
+// nothing is held where matmuls do not round or holding is off.
+TEST(Bf16Matmul, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
+  const int M = 6, N = 5, K = 7;
+  const auto h = random_vector(static_cast<size_t>(M) * K, 11, 2.f), B = random_vector(static_cast<size_t>(K) * N, 12);
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  std::vector<float> g(h.size()), want(static_cast<size_t>(M) * N), got(want.size());
+  bf16->relu2_forward_bf16(g.data(), nullptr, nullptr, h.data(), g.size());
+  bf16->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, want.data(), N);
+  const size_t copied = bf16->operand_copy_traffic_bytes();
+
+  uint16_t* codes = bf16->hold_produced_operand(0, g.data(), g.size());
+  ASSERT_NE(codes, nullptr);
+  std::vector<float> g_again(g.size());
+  bf16->relu2_forward_bf16(g_again.data(), codes, nullptr, h.data(), g.size());
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, g.size() * sizeof(uint16_t));
+  for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(g[i])) << i;
+  // The product reads the codes, not g: g's floats changed behind the held copy do not count.
+  for (float& x : g) x = 1e6f;
+  bf16->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, got.data(), N);
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, (g.size() + B.size() * 3) * sizeof(uint16_t));
+  bf16->release_operand(0);
+  bf16->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, got.data(), N);
+  EXPECT_NE(got, want) << "released: the product rounds g's floats again";
+
+  BackendOptions unheld_options = bf16_matmuls();
+  unheld_options.hold_operands = false;
+  EXPECT_EQ(make_cpu_backend(unheld_options)->hold_produced_operand(0, g.data(), g.size()), nullptr);
+  EXPECT_EQ(make_cpu_backend()->hold_produced_operand(1, g.data(), g.size()), nullptr);
+  EXPECT_ANY_THROW(bf16->hold_produced_operand(Backend::kHeldOperands, g.data(), g.size()));
 }
 
 TEST(Bf16Matmul, TheFlashKernelIsRefusedOnTheCpu) {

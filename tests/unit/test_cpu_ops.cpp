@@ -163,27 +163,33 @@ TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
   std::vector<float> expected(n);
   be->relu2_forward(expected.data(), rounded.data(), n);
   std::vector<float> g(n);
-  std::vector<uint16_t> codes(n);
-  be->relu2_forward_bf16(g.data(), codes.data(), h.data(), n);
+  std::vector<uint16_t> codes(n), g_codes(n);
+  be->relu2_forward_bf16(g.data(), g_codes.data(), codes.data(), h.data(), n);
   for (size_t i = 0; i < n; ++i) {
     ASSERT_EQ(codes[i], lowp::encode_bf16(h[i])) << i;
+    ASSERT_EQ(g_codes[i], lowp::encode_bf16(g[i])) << i;  // the output's codes, for a held operand
     if (i > 0) ASSERT_EQ(g[i], expected[i]) << i;
   }
   EXPECT_TRUE(std::isnan(lowp::decode_bf16(codes[0])));
   std::vector<float> in_place = h;
-  be->relu2_forward_bf16(in_place.data(), nullptr, in_place.data(), n);
+  be->relu2_forward_bf16(in_place.data(), nullptr, nullptr, in_place.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(in_place[i], g[i]) << i;
   std::vector<float> again(n);
-  be->relu2_from_bf16(again.data(), codes.data(), n);
+  std::vector<uint16_t> again_codes(n);
+  be->relu2_from_bf16(again.data(), again_codes.data(), codes.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(again[i], g[i]) << i;
+  EXPECT_EQ(again_codes, g_codes);
 
   const auto dout = random_vector(n, 24);
   std::vector<float> dx_codes = dout, dx_floats(n), widened(n);
   be->widen_bf16(widened.data(), codes.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(widened[i], rounded[i]) << i;
-  be->relu2_backward_bf16(dx_codes.data(), dx_codes.data(), codes.data(), n);  // in place, as the model runs it
+  std::vector<uint16_t> dx_out_codes(n);
+  // In place, as the model runs it.
+  be->relu2_backward_bf16(dx_codes.data(), dx_out_codes.data(), dx_codes.data(), codes.data(), n);
   be->relu2_backward(dx_floats.data(), dout.data(), rounded.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(dx_codes[i], dx_floats[i]) << i;
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(dx_out_codes[i], lowp::encode_bf16(dx_codes[i])) << i;
 }
 
 TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {

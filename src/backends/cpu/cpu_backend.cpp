@@ -119,6 +119,13 @@ void rmsnorm_backward_rows(float* dx, const float* dout, const Out* out, const f
   }
 }
 
+// codes[i] = bf16(values[i]) for an op's out_codes (nothing when null).
+void encode_outputs(uint16_t* codes, const float* values, size_t n) {
+  if (!codes) return;
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = 0; i < n; ++i) codes[i] = lowp::encode_bf16(values[i]);
+}
+
 // out = relu(x)^2.
 template <typename X>
 void relu2_values(float* out, const X* x, size_t n) {
@@ -204,12 +211,25 @@ class CpuBackend final : public Backend {
     operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
     held.source = x;
     held.count = count;
+    held.codes_pending = false;
+  }
+
+  uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
+    HeldOperand& held = held_.at(static_cast<size_t>(slot));
+    if (!bf16_matmul_ || !hold_operands_) return nullptr;
+    held.codes.resize(count);
+    operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
+    held.source = x;
+    held.count = count;
+    held.codes_pending = true;  // widened into `rounded` by the first product that reads them
+    return held.codes.data();
   }
 
   void release_operand(int slot) override {
     HeldOperand& held = held_.at(static_cast<size_t>(slot));
     held.source = nullptr;
     held.count = 0;
+    held.codes_pending = false;
   }
 
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
@@ -346,19 +366,25 @@ class CpuBackend final : public Backend {
     relu2_backward_values(dx, dout, x, n);
   }
 
-  void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) override {
+  void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const uint16_t code = lowp::encode_bf16(x[i]);
       if (stored) stored[i] = code;
       out[i] = relu_squared(lowp::decode_bf16(code));
     }
+    encode_outputs(out_codes, out, n);
   }
 
-  void relu2_from_bf16(float* out, const uint16_t* x, size_t n) override { relu2_values(out, x, n); }
+  void relu2_from_bf16(float* out, uint16_t* out_codes, const uint16_t* x, size_t n) override {
+    relu2_values(out, x, n);
+    encode_outputs(out_codes, out, n);
+  }
 
-  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
+  void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
+                           size_t n) override {
     relu2_backward_values(dx, dout, x, n);
+    encode_outputs(dx_codes, dx, n);
   }
 
   void widen_bf16(float* out, const uint16_t* x, size_t n) override {
@@ -486,7 +512,9 @@ class CpuBackend final : public Backend {
   struct HeldOperand {
     const float* source = nullptr;
     size_t count = 0;
-    std::vector<float> rounded;
+    std::vector<float> rounded;   // what products read
+    std::vector<uint16_t> codes;  // hold_produced_operand's, until widened into `rounded`
+    bool codes_pending = false;
   };
   std::array<HeldOperand, kHeldOperands> held_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
@@ -497,8 +525,14 @@ class CpuBackend final : public Backend {
   const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
     const size_t extent = rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + cols : 0;
     if (extent == 0) return x;
-    for (const HeldOperand& held : held_) {
-      if (held.source == x && extent <= held.count) return held.rounded.data();
+    for (HeldOperand& held : held_) {
+      if (held.source != x || extent > held.count) continue;
+      if (held.codes_pending) {  // emulation only: a GPU's product reads the codes themselves
+        held.rounded.resize(held.count);
+        for (size_t i = 0; i < held.count; ++i) held.rounded[i] = lowp::decode_bf16(held.codes[i]);
+        held.codes_pending = false;
+      }
+      return held.rounded.data();
     }
     if (copy.size() < extent) copy.resize(extent);
     lowp::copy_rounded_to_bf16(copy.data(), x, extent);

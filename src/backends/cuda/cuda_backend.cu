@@ -72,6 +72,9 @@ class CudaBackend final : public Backend {
   size_t peak_memory_bytes() const override { return allocations_.peak(); }
   size_t operand_copy_traffic_bytes() const override { return gemm_ ? gemm_->operand_copy_traffic_bytes() : 0; }
   void hold_operand(int slot, const float* x, size_t count) override { gemm_->hold(slot, x, count); }
+  uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
+    return gemm_->hold_produced(slot, x, count);
+  }
   void release_operand(int slot) override { gemm_->release(slot); }
   size_t device_memory_in_use() const override {
     size_t free_bytes = 0, total_bytes = 0;
@@ -230,12 +233,14 @@ class CudaBackend final : public Backend {
                              bool accumulate) override {
     cuda::rmsnorm_backward_bf16(stream_, dx, dout, out, rstd, rows, dim, accumulate);
   }
-  void relu2_forward_bf16(float* out, uint16_t* stored, const float* x, size_t n) override {
-    cuda::relu2_forward_bf16(stream_, out, stored, x, n);
+  void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) override {
+    cuda::relu2_forward_bf16(stream_, out, out_codes, stored, x, n);
   }
-  void relu2_from_bf16(float* out, const uint16_t* x, size_t n) override { cuda::relu2_from_bf16(stream_, out, x, n); }
-  void relu2_backward_bf16(float* dx, const float* dout, const uint16_t* x, size_t n) override {
-    cuda::relu2_backward_bf16(stream_, dx, dout, x, n);
+  void relu2_from_bf16(float* out, uint16_t* out_codes, const uint16_t* x, size_t n) override {
+    cuda::relu2_from_bf16(stream_, out, out_codes, x, n);
+  }
+  void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x, size_t n) override {
+    cuda::relu2_backward_bf16(stream_, dx, dx_codes, dout, x, n);
   }
   void widen_bf16(float* out, const uint16_t* x, size_t n) override { cuda::widen_bf16(stream_, out, x, n); }
 

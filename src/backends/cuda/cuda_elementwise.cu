@@ -135,28 +135,44 @@ __global__ void add_kernel(float* out, const float* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] += x[i];
 }
 
-// out = relu(x)^2, x as float32 or bf16 codes. out may alias x. Traffic: 8 (6) n bytes.
-template <typename X>
-__global__ void relu2_forward_kernel(float* out, const X* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = relu_squared(widened(x[i]));
+// codes[i] = bf16(value) when codes is not null: an op's out_codes, a held matmul operand.
+__device__ __forceinline__ void store_code(uint16_t* codes, size_t i, float value) {
+  if (codes) codes[i] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
 }
 
-// stored = bf16(x) unless null; out = relu(bf16(x))^2. out may alias x. Traffic: 10 n bytes.
-__global__ void relu2_forward_bf16_kernel(float* out, uint16_t* stored, const float* x, size_t n) {
+// out = relu(x)^2, x as float32 or bf16 codes, and out_codes = bf16(out) unless null. out
+// may alias x. Traffic: 8 (6) n bytes, + 2 n with codes.
+template <typename X>
+__global__ void relu2_forward_kernel(float* out, uint16_t* out_codes, const X* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) {
-    const __nv_bfloat16 rounded = __float2bfloat16_rn(x[i]);
-    if (stored) stored[i] = __bfloat16_as_ushort(rounded);
-    out[i] = relu_squared(__bfloat162float(rounded));
+    const float y = relu_squared(widened(x[i]));
+    out[i] = y;
+    store_code(out_codes, i, y);
   }
 }
 
-// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes. dx may alias dout. Traffic: 12
-// (10) n bytes.
+// stored = bf16(x) unless null; out = relu(bf16(x))^2, out_codes = bf16(out) unless null.
+// out may alias x. Traffic: 10 n bytes, + 2 n with codes.
+__global__ void relu2_forward_bf16_kernel(float* out, uint16_t* out_codes, uint16_t* stored, const float* x,
+                                          size_t n) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const __nv_bfloat16 rounded = __float2bfloat16_rn(x[i]);
+    if (stored) stored[i] = __bfloat16_as_ushort(rounded);
+    const float y = relu_squared(__bfloat162float(rounded));
+    out[i] = y;
+    store_code(out_codes, i, y);
+  }
+}
+
+// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx) unless null.
+// dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes.
 template <typename X>
-__global__ void relu2_backward_kernel(float* dx, const float* dout, const X* x, size_t n) {
+__global__ void relu2_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const X* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) {
     const float xi = widened(x[i]);
-    dx[i] = xi > 0.f ? 2.f * xi * dout[i] : 0.f;
+    const float g = xi > 0.f ? 2.f * xi * dout[i] : 0.f;
+    dx[i] = g;
+    store_code(dx_codes, i, g);
   }
 }
 
@@ -316,31 +332,32 @@ void add(cudaStream_t s, float* out, const float* x, size_t n) {
 
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n) {
   if (n == 0) return;
-  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, nullptr, x, n);
   check_launch("relu2_forward_kernel");
 }
 
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n) {
   if (n == 0) return;
-  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dout, x, n);
+  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, nullptr, dout, x, n);
   check_launch("relu2_backward_kernel");
 }
 
-void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, const float* x, size_t n) {
+void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) {
   if (n == 0) return;
-  relu2_forward_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, stored, x, n);
+  relu2_forward_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, stored, x, n);
   check_launch("relu2_forward_bf16_kernel");
 }
 
-void relu2_from_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {
+void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint16_t* x, size_t n) {
   if (n == 0) return;
-  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
+  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, x, n);
   check_launch("relu2_forward_kernel<bf16>");
 }
 
-void relu2_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* x, size_t n) {
+void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
+                         size_t n) {
   if (n == 0) return;
-  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dout, x, n);
+  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dx_codes, dout, x, n);
   check_launch("relu2_backward_kernel<bf16>");
 }
 

@@ -141,6 +141,16 @@ void LtGemm::hold(int slot, const float* x, size_t count) {
   held.count = count;
 }
 
+uint16_t* LtGemm::hold_produced(int slot, const float* x, size_t count) {
+  HeldOperand& held = held_slot(slot);
+  if (!bf16_inputs_) return nullptr;
+  auto* codes = static_cast<uint16_t*>(held.copy.get(count * sizeof(uint16_t)));
+  operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
+  held.source = x;
+  held.count = count;
+  return codes;
+}
+
 void LtGemm::release(int slot) {
   HeldOperand& held = held_slot(slot);
   held.source = nullptr;

@@ -42,6 +42,8 @@ class LtGemm {
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
   // Backend::hold_operand / release_operand (no-ops with float32 inputs).
   void hold(int slot, const float* x, size_t count);
+  // Backend::hold_produced_operand: the slot's code buffer (nullptr with float32 inputs).
+  uint16_t* hold_produced(int slot, const float* x, size_t count);
   void release(int slot);
   // Bytes the bf16 operand copies have moved so far (Backend::operand_copy_traffic_bytes).
   size_t operand_copy_traffic_bytes() const { return operand_copy_traffic_; }

@@ -34,9 +34,10 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
                           int dim, float eps);
 void rmsnorm_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* out, const float* rstd,
                            int rows, int dim, bool accumulate);
-void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, const float* x, size_t n);
-void relu2_from_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
-void relu2_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* x, size_t n);
+void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n);
+void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint16_t* x, size_t n);
+void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
+                         size_t n);
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
 void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
                  float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip);
