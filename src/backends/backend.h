@@ -106,8 +106,10 @@ class Backend {
   virtual void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) = 0;
 
   // --- normalisation and position ---------------------------------------------------
-  // out = x / sqrt(mean(x^2) + eps) per row; rstd saved for the backward.
-  virtual void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) = 0;
+  // out = x / sqrt(mean(x^2) + eps) per row; rstd saved for the backward; out_codes (unless
+  // null) = bf16(out), for a matmul operand held by hold_produced_operand.
+  virtual void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
+                               float eps) = 0;
   // dx (+)= rstd * (dout - out * mean(dout * out)), from the forward's out and rstd.
   virtual void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
                                 bool accumulate) = 0;

@@ -65,8 +65,8 @@ class ProfilingBackend final : public Backend {
   void embedding_backward(float* dt, const float* dout, const int32_t* tok, int T, int d) override {
     timed("embedding", 0, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
   }
-  void rmsnorm_forward(float* o, float* r, const float* x, int rows, int dim, float eps) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward(o, r, x, rows, dim, eps); });
+  void rmsnorm_forward(float* o, uint16_t* o_codes, float* r, const float* x, int rows, int dim, float eps) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward(o, o_codes, r, x, rows, dim, eps); });
   }
   void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
                         bool acc) override {

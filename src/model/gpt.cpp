@@ -376,7 +376,7 @@ void GPT::run_forward(int T, int long_window, bool training) {
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   ModelActivations& m = pass(training);
   backend_.embedding_forward(m.x0, params_ + embed_offset_, inputs_, T, d);
-  backend_.rmsnorm_forward(m.x0, m.x0_rstd, m.x0, T, d, eps);  // the backward needs only the output
+  backend_.rmsnorm_forward(m.x0, nullptr, m.x0_rstd, m.x0, T, d, eps);  // the backward needs only the output
   if (training) {
     for (int j = 0; j < config_.num_value_embeds; ++j) {
       backend_.embedding_forward(m.ve[j], params_ + value_embed_offsets_[j], inputs_, T, d);
@@ -421,8 +421,9 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   if (config_.layer_has_attention(layer)) {
     const float* qkv = params_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
-    backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, d, eps);
-    backend_.hold_operand(kHeldInput, a.attn_norm, n);  // one bf16 copy for q, k and v
+    // One bf16 copy for q, k and v, written by the rmsnorm itself.
+    backend_.rmsnorm_forward(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n), a.attn_rstd,
+                             a.xm, T, d, eps);
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
@@ -440,8 +441,10 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.add(a.x1, a.xm, n);
     x1 = a.x1;
   }
-  backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, d, eps);
+  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
+                           d, eps);
   linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
+  backend_.release_operand(kHeldInput);
   relu2(a.g, a.h_codes, a.h, T);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.release_operand(kHeldInput);
@@ -459,7 +462,7 @@ void GPT::normalize_heads(float* x, uint16_t* stored, float* rstd, int T) {
   if (bf16_activations_) {
     backend_.rmsnorm_forward_bf16(x, stored, rstd, x, rows, D, eps);
   } else {
-    backend_.rmsnorm_forward(x, rstd, x, rows, D, eps);
+    backend_.rmsnorm_forward(x, nullptr, rstd, x, rows, D, eps);
   }
 }
 
@@ -491,9 +494,15 @@ void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int 
   }
 }
 
-void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
+void GPT::recompute_mlp_norm(LayerActivations& a, const float* x1, int T) {
   if (!recompute_) return;
-  backend_.rmsnorm_forward(a.mlp_norm, a.mlp_rstd, x1, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  const size_t n = static_cast<size_t>(T) * config_.model_dim;
+  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
+                           config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+}
+
+void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
+  if (!recompute_) return;
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
     backend_.relu2_from_bf16(a.g, backend_.hold_produced_operand(kHeldInput, a.g, n), a.h_codes, n);
@@ -504,8 +513,9 @@ void GPT::recompute_mlp_inputs(LayerActivations& a, const float* x1, int T) {
 
 void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   if (!recompute_) return;
-  backend_.rmsnorm_forward(a.attn_norm, a.attn_rstd, a.xm, T, config_.model_dim,
-                           static_cast<float>(config_.rmsnorm_eps));
+  const size_t n_norm = static_cast<size_t>(T) * config_.model_dim;
+  backend_.rmsnorm_forward(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n_norm), a.attn_rstd,
+                           a.xm, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
   if (bf16_activations_) {
     const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
     backend_.widen_bf16(a.q_rot, a.qn_codes, n);
@@ -524,7 +534,7 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   float* dW = grads_ + lm_head_offset_;
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
-  backend_.rmsnorm_forward(m.final_norm, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
+  backend_.rmsnorm_forward(m.final_norm, nullptr, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
   // The bf16 head rounds W once for every chunk (the FP8 head keeps its own copy).
   if (!fp8) backend_.hold_operand(kHeldInput, W, static_cast<size_t>(V) * d);
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
@@ -610,14 +620,16 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   TrainingBuffers& b = *train_;
   if (recompute_) backend_.mix_forward(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
-  recompute_mlp_inputs(a, has_attention ? a.x1 : a.xm, T);
+  recompute_mlp_activation(a, T);
   linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T,
                   d, mlp);
   backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, a.h, a.h_codes, T);
+  recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
   linear_backward_products(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp,
                            d);
   backend_.release_operand(kHeldGradient);
+  backend_.release_operand(kHeldInput);
   backend_.rmsnorm_backward(b.dx, b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.
@@ -637,7 +649,8 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
-    backend_.hold_operand(kHeldInput, a.attn_norm, n);
+    // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held).
+    if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
     linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);

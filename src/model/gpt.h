@@ -129,8 +129,11 @@ class GPT {
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
                      const float* x_in, float* x_out);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
-  // rotated q, k and mixed v, recomputed into the shared buffers for the backward.
-  void recompute_mlp_inputs(LayerActivations& a, const float* x1, int T);
+  // rotated q, k and mixed v, recomputed into the shared buffers for the backward. The
+  // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
+  // the products that read them; the caller releases them.
+  void recompute_mlp_norm(LayerActivations& a, const float* x1, int T);
+  void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
   // The precision-dependent steps: x -> rmsnorm(x) per head in place (codes into `stored`

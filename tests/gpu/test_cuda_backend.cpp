@@ -40,6 +40,16 @@
 namespace speedrun {
 namespace {
 
+// Codes in a float buffer of ceil(n/2) words, poisoned with NaN codes in both halves.
+constexpr uint32_t kNaNCodePair = 0x7FC07FC0u;
+
+std::vector<uint16_t> codes_of(const std::vector<float>& words, size_t n) {
+  std::vector<uint16_t> codes(words.size() * 2);
+  std::memcpy(codes.data(), words.data(), words.size() * sizeof(float));
+  codes.resize(n);
+  return codes;
+}
+
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 using speedrun::testing::DeviceFloats;
@@ -451,14 +461,21 @@ TEST_F(CudaBackendTest, RmsnormForwardAndBackwardMatchCpuIncludingInPlace) {
     const size_t n = static_cast<size_t>(c.rows) * c.dim;
     const auto x = normal(n, 3.f);
     std::vector<float> out(n), rstd(c.rows);
-    cpu_->rmsnorm_forward(out.data(), rstd.data(), x.data(), c.rows, c.dim, eps);
+    cpu_->rmsnorm_forward(out.data(), nullptr, rstd.data(), x.data(), c.rows, c.dim, eps);
     {
       DeviceFloats dx(*gpu_, x), dout(*gpu_, n, kNaN), drstd(*gpu_, c.rows, kNaN);
-      gpu_->rmsnorm_forward(dout.ptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);
+      gpu_->rmsnorm_forward(dout.ptr, nullptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);
       expect_close(dout.get(), out, 1e-5, 1e-6, "rmsnorm_forward out");
       expect_close(drstd.get(), rstd, 1e-5, 0, "rmsnorm_forward rstd");
-      gpu_->rmsnorm_forward(dx.ptr, drstd.ptr, dx.ptr, c.rows, c.dim, eps);  // out == x
-      expect_close(dx.get(), out, 1e-5, 1e-6, "rmsnorm_forward in place");
+      DeviceFloats dcodes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+      gpu_->rmsnorm_forward(dx.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), drstd.ptr, dx.ptr, c.rows, c.dim,
+                            eps);  // out == x, with its codes
+      const auto in_place = dx.get();
+      expect_close(in_place, out, 1e-5, 1e-6, "rmsnorm_forward in place");
+      const auto codes = codes_of(dcodes.get(), n);
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(codes[i], lowp::encode_bf16(in_place[i])) << "rmsnorm_forward codes at " << i;
+      }
     }
     const auto grad = normal(n), dx0 = normal(n);
     for (bool accumulate : {false, true}) {
@@ -548,16 +565,6 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
 // bf16 activation storage. Rounding is elementwise and deterministic, so relu^2's codes of
 // the same h are identical on both; rmsnorm's float32 outputs differ by noise before they
 // are rounded, which can move a value by one bf16 ulp (2^-8 relative).
-
-// Codes in a float buffer of ceil(n/2) words, poisoned with NaN codes in both halves.
-constexpr uint32_t kNaNCodePair = 0x7FC07FC0u;
-
-std::vector<uint16_t> codes_of(const std::vector<float>& words, size_t n) {
-  std::vector<uint16_t> codes(words.size() * 2);
-  std::memcpy(codes.data(), words.data(), words.size() * sizeof(float));
-  codes.resize(n);
-  return codes;
-}
 
 std::vector<float> code_words(const std::vector<uint16_t>& codes) {
   std::vector<float> words((codes.size() + 1) / 2, 0.f);

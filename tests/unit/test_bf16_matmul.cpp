@@ -147,24 +147,31 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
 
       // Bytes not moved, per training pass then forward-only pass. A copy moves 6 bytes per
-      // element, an op writing the codes of its own output 2. q, k and v share one copy of
-      // the attention's rmsnorm output in the forward and in the backward (2 saved each
-      // time); each linear layer's two backward products one copy of the output gradient;
-      // the head one copy of W and, in the backward, of the logits gradient. With bf16
-      // activations the relu^2 ops write the codes of relu(h)^2 (forward, and backward when
-      // recomputed) and of the MLP's hidden gradient (which two products read).
+      // element, an op writing the codes of its own output 2. The block rmsnorms write their
+      // output's codes (forward, and backward when recomputed), which q, k and v share (the
+      // stored attention norm is copied once for the three in the backward); each linear
+      // layer's two backward products share one copy of the output gradient; the head one
+      // copy of W and, in the backward, of the logits gradient. With bf16 activations the
+      // relu^2 ops write the codes of relu(h)^2 (forward, and backward when recomputed) and
+      // of the MLP's hidden gradient (which two products read).
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
+      const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
       size_t saved = 0;
       for (int i = 0; i < config.num_layers; ++i) {
-        saved += 6 * T * d;  // c_proj's output gradient
+        saved += 6 * T * d;                                   // c_proj's output gradient
         saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
-        if (bf16_activations) saved += (recompute ? 2 : 1) * (6 - 2) * T * mlp;  // relu(h)^2
-        if (config.layer_has_attention(i)) saved += 6 * (2 * T * d + T * d + 3 * T * hd + 2 * T * d);
+        if (bf16_activations) saved += passes * (6 - 2) * T * mlp;  // relu(h)^2
+        saved += passes * (6 - 2) * T * d;                            // the MLP's rmsnorm
+        if (config.layer_has_attention(i)) {
+          saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
+          saved += 6 * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
+        }
       }
       saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx
       for (int i = 0; i < config.num_layers; ++i) {
-        if (config.layer_has_attention(i)) saved += 6 * 2 * T * d;
+        if (config.layer_has_attention(i)) saved += (18 - 2) * T * d;
+        saved += (6 - 2) * T * d;
         if (bf16_activations) saved += (6 - 2) * T * mlp;
       }
       EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved);

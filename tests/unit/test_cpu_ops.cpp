@@ -31,21 +31,42 @@ TEST_F(CpuOps, RmsnormBackwardMatchesFiniteDifferences) {
   const auto R = random_vector(rows * dim, 2);
   auto loss = [&](const std::vector<float>& in) {
     std::vector<float> out(in.size()), rstd(rows);
-    be->rmsnorm_forward(out.data(), rstd.data(), in.data(), rows, dim, 1.1920929e-07f);
+    be->rmsnorm_forward(out.data(), nullptr, rstd.data(), in.data(), rows, dim, 1.1920929e-07f);
     return dot(out, R);
   };
   std::vector<float> out(x.size()), rstd(rows), dx(x.size());
-  be->rmsnorm_forward(out.data(), rstd.data(), x.data(), rows, dim, 1.1920929e-07f);
+  be->rmsnorm_forward(out.data(), nullptr, rstd.data(), x.data(), rows, dim, 1.1920929e-07f);
   be->rmsnorm_backward(dx.data(), R.data(), out.data(), rstd.data(), rows, dim, false);
   EXPECT_LE(worst_error_ratio(dx, numerical_gradient(loss, x, 1e-2), 2e-3, 2e-2), 1.0);
 }
 
 TEST_F(CpuOps, RmsnormForwardHasNoScaleAndFloatEpsilon) {
   std::vector<float> x = {3.f, 4.f}, out(2), rstd(1);
-  be->rmsnorm_forward(out.data(), rstd.data(), x.data(), 1, 2, 1.1920929e-07f);
+  be->rmsnorm_forward(out.data(), nullptr, rstd.data(), x.data(), 1, 2, 1.1920929e-07f);
   const float expected = 1.f / std::sqrt(12.5f + 1.1920929e-07f);
   EXPECT_FLOAT_EQ(rstd[0], expected);
   EXPECT_FLOAT_EQ(out[0], 3.f * expected);
+}
+
+// out_codes: the bf16 codes of the very floats written to out (a held matmul operand), in
+// place too; out itself is not rounded.
+TEST_F(CpuOps, RmsnormForwardWritesTheCodesOfItsOutputWhenAsked) {
+  const int rows = 5, dim = 24;
+  const auto x = random_vector(rows * dim, 31, 3.f);
+  std::vector<float> plain(x.size()), out(x.size()), rstd(rows);
+  std::vector<uint16_t> codes(x.size());
+  be->rmsnorm_forward(plain.data(), nullptr, rstd.data(), x.data(), rows, dim, 1e-6f);
+  be->rmsnorm_forward(out.data(), codes.data(), rstd.data(), x.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(out, plain);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(out[i])) << i;
+  std::vector<float> in_place = x;
+  std::vector<uint16_t> in_place_codes(x.size());
+  be->rmsnorm_forward(in_place.data(), in_place_codes.data(), rstd.data(), in_place.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(in_place, plain);
+  EXPECT_EQ(in_place_codes, codes);
+  std::vector<float> rounded(out.size());
+  lowp::copy_rounded_to_bf16(rounded.data(), out.data(), out.size());
+  EXPECT_NE(out, rounded) << "out was rounded";
 }
 
 TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {
@@ -129,7 +150,7 @@ TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
   const int rows = 5, dim = 24;
   const auto x = random_vector(rows * dim, 21, 3.f);
   std::vector<float> exact(x.size()), rstd_exact(rows);
-  be->rmsnorm_forward(exact.data(), rstd_exact.data(), x.data(), rows, dim, 1e-6f);
+  be->rmsnorm_forward(exact.data(), nullptr, rstd_exact.data(), x.data(), rows, dim, 1e-6f);
   std::vector<float> out(x.size()), rstd(rows);
   std::vector<uint16_t> codes(x.size());
   be->rmsnorm_forward_bf16(out.data(), codes.data(), rstd.data(), x.data(), rows, dim, 1e-6f);

@@ -75,8 +75,8 @@ inline float relu_squared(float h) {
   return r * r;
 }
 
-// out = x / sqrt(mean(x^2) + eps) per row, rounded to bf16 when `round` (codes into
-// `stored` unless null). out may alias x: a row is read in full before it is written.
+// out = x / sqrt(mean(x^2) + eps) per row, rounded to bf16 when `round`; the codes of out
+// into `stored` unless null. out may alias x: a row is read in full before it is written.
 void rmsnorm_forward_rows(float* out, uint16_t* stored, bool round, float* rstd, const float* x, int rows, int dim,
                           float eps) {
 #pragma omp parallel for schedule(static)
@@ -90,6 +90,9 @@ void rmsnorm_forward_rows(float* out, uint16_t* stored, bool round, float* rstd,
     const float s = 1.f / std::sqrt(sum_sq / dim + eps);
     if (!round) {
       for (int i = 0; i < dim; ++i) yr[i] = xr[i] * s;
+      if (stored) {
+        for (int i = 0; i < dim; ++i) stored[off + i] = lowp::encode_bf16(yr[i]);
+      }
     } else {
       for (int i = 0; i < dim; ++i) {
         const uint16_t code = lowp::encode_bf16(xr[i] * s);
@@ -264,8 +267,9 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) override {
-    rmsnorm_forward_rows(out, nullptr, /*round=*/false, rstd, x, rows, dim, eps);
+  void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
+                       float eps) override {
+    rmsnorm_forward_rows(out, out_codes, /*round=*/false, rstd, x, rows, dim, eps);
   }
 
   void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,

@@ -188,8 +188,9 @@ class CudaBackend final : public Backend {
   }
 
   // --- normalisation and position -------------------------------------------------------
-  void rmsnorm_forward(float* out, float* rstd, const float* x, int rows, int dim, float eps) override {
-    cuda::rmsnorm_forward(stream_, out, rstd, x, rows, dim, eps);
+  void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
+                       float eps) override {
+    cuda::rmsnorm_forward(stream_, out, out_codes, rstd, x, rows, dim, eps);
   }
   void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
                         bool accumulate) override {

@@ -33,9 +33,9 @@ __device__ __forceinline__ float relu_squared(float h) {
   return r * r;
 }
 
-// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s (kRound: bf16(x s) widened,
-// its codes into `stored` unless null), rstd = s. out may alias x (each lane rereads only
-// its own elements). Traffic: 8 rows dim bytes (+2 with codes).
+// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s (kRound: bf16(x s) widened),
+// rstd = s, and the codes of out into `stored` unless null. out may alias x (each lane
+// rereads only its own elements). Traffic: 8 rows dim bytes (+2 with codes).
 template <bool kRound>
 __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                        float eps) {
@@ -56,6 +56,7 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
       yr[i] = __bfloat162float(rounded);
     } else {
       yr[i] = y;
+      if (stored) stored[off + i] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
     }
   }
   if (lane == 0) rstd[row] = s;
@@ -267,9 +268,10 @@ void embedding_forward(cudaStream_t s, float* out, const float* table, const int
   check_launch("embedding_forward_kernel");
 }
 
-void rmsnorm_forward(cudaStream_t s, float* out, float* rstd, const float* x, int rows, int dim, float eps) {
+void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
+                     float eps) {
   if (rows <= 0) return;
-  rmsnorm_forward_kernel<false><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, nullptr, rstd, x, rows, dim, eps);
+  rmsnorm_forward_kernel<false><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, out_codes, rstd, x, rows, dim, eps);
   check_launch("rmsnorm_forward_kernel");
 }
 

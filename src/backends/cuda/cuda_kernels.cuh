@@ -15,7 +15,8 @@ namespace speedrun::cuda {
 
 // --- elementwise, normalisation, position, optimisers (cuda_elementwise.cu) -------------
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim);
-void rmsnorm_forward(cudaStream_t s, float* out, float* rstd, const float* x, int rows, int dim, float eps);
+void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
+                     float eps);
 void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
                       int dim, bool accumulate);
 // freq: device array of D/2 angular frequencies (D/4 of them then zeros).
