@@ -142,9 +142,10 @@ class Backend {
   // codes; rstd as rmsnorm_forward. out may alias x.
   virtual void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                     float eps) = 0;
-  // rmsnorm_backward from the forward's output kept as codes.
-  virtual void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows,
-                                     int dim, bool accumulate) = 0;
+  // rmsnorm_backward from the forward's output kept as codes; dx_codes (unless null) = bf16
+  // of the final dx, for a matmul operand held by hold_produced_operand.
+  virtual void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
+                                     const float* rstd, int rows, int dim, bool accumulate) = 0;
   // In the three relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
   // output as well: a matmul operand held by hold_produced_operand.
   // stored (unless null) = bf16(x); out = relu(bf16(x))^2. out may alias x.

@@ -99,9 +99,9 @@ class ProfilingBackend final : public Backend {
                             float eps) override {
     timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward_bf16(o, stored, r, x, rows, dim, eps); });
   }
-  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
-                             bool acc) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward_bf16(dx, dout, out, rstd, rows, dim, acc); });
+  void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
+                             int rows, int dim, bool acc) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward_bf16(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
   void relu2_forward_bf16(float* o, uint16_t* o_codes, uint16_t* stored, const float* x, size_t n) override {
     timed("relu2", 0, [&] { inner_.relu2_forward_bf16(o, o_codes, stored, x, n); });

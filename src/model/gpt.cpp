@@ -468,10 +468,13 @@ void GPT::normalize_heads(float* x, uint16_t* stored, float* rstd, int T) {
 
 void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T) {
   const int rows = T * config_.num_heads, D = config_.head_dim;
+  const size_t n = static_cast<size_t>(rows) * D;
   if (bf16_activations_) {
-    backend_.rmsnorm_backward_bf16(dx, dx, stored, rstd, rows, D, false);
+    backend_.rmsnorm_backward_bf16(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, stored, rstd, rows, D,
+                                   false);
   } else {
     backend_.rmsnorm_backward(dx, dx, normed, rstd, rows, D, false);
+    backend_.hold_operand(kHeldGradient, dx, n);
   }
 }
 
@@ -644,15 +647,18 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
     backend_.rotary(b.dq, T, H, D, static_cast<float>(config_.rotary_base), true);
     backend_.rotary(b.dk, T, H, D, static_cast<float>(config_.rotary_base), true);
+    // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
+    // k's gradients come held from their normalisation's backward, each used before the next.
+    if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
     normalize_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
+    linear_backward_products(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
+    backend_.release_operand(kHeldGradient);
     normalize_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
+    linear_backward_products(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
+    backend_.release_operand(kHeldGradient);
     const int ve = config_.value_embed_of_layer(layer);
     backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
-    // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held).
-    if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
-    linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
-    linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldInput);
     backend_.rmsnorm_backward(b.dx, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);

@@ -138,6 +138,8 @@ class GPT {
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
   // The precision-dependent steps: x -> rmsnorm(x) per head in place (codes into `stored`
   // in bf16, where a training pass keeps them), h -> relu(h)^2, and their backwards.
+  // normalize_heads_backward leaves dx held as kHeldGradient (codes written by the op itself
+  // with bf16 activations) for the products that follow; the caller releases it.
   void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
   void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
   // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,

@@ -640,11 +640,17 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
     // The backward from the CPU's codes on both.
     const auto grad = normal(n);
     std::vector<float> want = grad;
-    cpu_->rmsnorm_backward_bf16(want.data(), want.data(), codes.data(), rstd.data(), c.rows, c.dim, false);
+    cpu_->rmsnorm_backward_bf16(want.data(), nullptr, want.data(), codes.data(), rstd.data(), c.rows, c.dim, false);
     DeviceFloats dgrad(*gpu_, grad), cpu_codes(*gpu_, code_words(codes)), cpu_rstd(*gpu_, rstd);
-    gpu_->rmsnorm_backward_bf16(dgrad.ptr, dgrad.ptr, reinterpret_cast<const uint16_t*>(cpu_codes.ptr), cpu_rstd.ptr,
-                                c.rows, c.dim, false);
-    expect_close(dgrad.get(), want, 1e-5, 1e-5, "rmsnorm_backward_bf16 in place");
+    DeviceFloats dgrad_codes(*gpu_, (n + 1) / 2, poison);
+    gpu_->rmsnorm_backward_bf16(dgrad.ptr, reinterpret_cast<uint16_t*>(dgrad_codes.ptr), dgrad.ptr,
+                                reinterpret_cast<const uint16_t*>(cpu_codes.ptr), cpu_rstd.ptr, c.rows, c.dim, false);
+    const auto gpu_dx = dgrad.get();
+    expect_close(gpu_dx, want, 1e-5, 1e-5, "rmsnorm_backward_bf16 in place");
+    const auto dx_codes = codes_of(dgrad_codes.get(), n);
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(dx_codes[i], lowp::encode_bf16(gpu_dx[i])) << "rmsnorm_backward_bf16 codes of its dx at " << i;
+    }
   }
 }
 

@@ -153,7 +153,8 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       // layer's two backward products share one copy of the output gradient; the head one
       // copy of W and, in the backward, of the logits gradient. With bf16 activations the
       // relu^2 ops write the codes of relu(h)^2 (forward, and backward when recomputed) and
-      // of the MLP's hidden gradient (which two products read).
+      // of the MLP's hidden gradient (which two products read), and the head norms' backward
+      // those of q's and k's gradients.
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
       const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
@@ -166,6 +167,7 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
         if (config.layer_has_attention(i)) {
           saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
           saved += 6 * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
+          if (bf16_activations) saved += 2 * (6 - 2) * T * hd;  // q's and k's written by their norms
         }
       }
       saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx

@@ -168,7 +168,10 @@ TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
 
   const auto dout = random_vector(x.size(), 22);
   std::vector<float> dx_codes(x.size(), 1.f), dx_floats(x.size(), 1.f);
-  be->rmsnorm_backward_bf16(dx_codes.data(), dout.data(), codes.data(), rstd.data(), rows, dim, true);
+  std::vector<uint16_t> dx_out_codes(x.size());
+  be->rmsnorm_backward_bf16(dx_codes.data(), dx_out_codes.data(), dout.data(), codes.data(), rstd.data(), rows, dim,
+                            true);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(dx_out_codes[i], lowp::encode_bf16(dx_codes[i])) << i;
   be->rmsnorm_backward(dx_floats.data(), dout.data(), out.data(), rstd.data(), rows, dim, true);
   // The same function; the row's dot product may be vectorised in another order.
   for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(dx_codes[i], dx_floats[i], 1e-6f * (1 + std::abs(dx_floats[i]))) << i;

@@ -282,9 +282,10 @@ class CpuBackend final : public Backend {
     rmsnorm_forward_rows(out, stored, /*round=*/true, rstd, x, rows, dim, eps);
   }
 
-  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
-                             bool accumulate) override {
+  void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
+                             int rows, int dim, bool accumulate) override {
     rmsnorm_backward_rows(dx, dout, out, rstd, rows, dim, accumulate);
+    encode_outputs(dx_codes, dx, static_cast<size_t>(rows) * dim);
   }
 
   void rotary(float* x, int T, int H, int D, float base, bool inverse) override {

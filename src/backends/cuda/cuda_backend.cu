@@ -230,9 +230,9 @@ class CudaBackend final : public Backend {
                             float eps) override {
     cuda::rmsnorm_forward_bf16(stream_, out, stored, rstd, x, rows, dim, eps);
   }
-  void rmsnorm_backward_bf16(float* dx, const float* dout, const uint16_t* out, const float* rstd, int rows, int dim,
-                             bool accumulate) override {
-    cuda::rmsnorm_backward_bf16(stream_, dx, dout, out, rstd, rows, dim, accumulate);
+  void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
+                             int rows, int dim, bool accumulate) override {
+    cuda::rmsnorm_backward_bf16(stream_, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   }
   void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) override {
     cuda::relu2_forward_bf16(stream_, out, out_codes, stored, x, n);

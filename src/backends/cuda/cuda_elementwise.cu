@@ -28,6 +28,11 @@ __global__ void embedding_forward_kernel(float* out, const float* table, const i
 __device__ __forceinline__ float widened(float x) { return x; }
 __device__ __forceinline__ float widened(uint16_t code) { return __bfloat162float(__ushort_as_bfloat16(code)); }
 
+// codes[i] = bf16(value) when codes is not null: an op's out_codes, a held matmul operand.
+__device__ __forceinline__ void store_code(uint16_t* codes, size_t i, float value) {
+  if (codes) codes[i] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
+}
+
 __device__ __forceinline__ float relu_squared(float h) {
   const float r = h > 0.f ? h : 0.f;
   return r * r;
@@ -63,11 +68,12 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
 }
 
 // One warp per row: dx (+)= rstd (dout - out mean(dout out)), out as float32 or bf16 codes.
-// dx may alias dout (each lane reads an element before writing it). Traffic: 12 (16
-// accumulating; 2 less with codes) rows dim bytes.
+// dx may alias dout (each lane reads an element before writing it); dx_codes = bf16(dx)
+// unless null. Traffic: 12 (16 accumulating; 2 less with codes in, 2 more with codes out)
+// rows dim bytes.
 template <typename Out>
-__global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const Out* out, const float* rstd, int rows,
-                                        int dim, bool accumulate) {
+__global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
+                                        const float* rstd, int rows, int dim, bool accumulate) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
   const size_t off = static_cast<size_t>(row) * dim;
@@ -78,7 +84,9 @@ __global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const Out*
   const float r = rstd[row];
   for (int i = lane; i < dim; i += 32) {
     const float g = r * (dout[off + i] - widened(out[off + i]) * mean);
-    dx[off + i] = accumulate ? dx[off + i] + g : g;
+    const float result = accumulate ? dx[off + i] + g : g;
+    dx[off + i] = result;
+    store_code(dx_codes, off + i, result);
   }
 }
 
@@ -136,10 +144,6 @@ __global__ void add_kernel(float* out, const float* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] += x[i];
 }
 
-// codes[i] = bf16(value) when codes is not null: an op's out_codes, a held matmul operand.
-__device__ __forceinline__ void store_code(uint16_t* codes, size_t i, float value) {
-  if (codes) codes[i] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
-}
 
 // out = relu(x)^2, x as float32 or bf16 codes, and out_codes = bf16(out) unless null. out
 // may alias x. Traffic: 8 (6) n bytes, + 2 n with codes.
@@ -285,14 +289,16 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
 void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
                       int dim, bool accumulate) {
   if (rows <= 0) return;
-  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dout, out, rstd, rows, dim, accumulate);
+  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, nullptr, dout, out, rstd, rows, dim,
+                                                                       accumulate);
   check_launch("rmsnorm_backward_kernel");
 }
 
-void rmsnorm_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* out, const float* rstd,
-                           int rows, int dim, bool accumulate) {
+void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
+                           const float* rstd, int rows, int dim, bool accumulate) {
   if (rows <= 0) return;
-  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dout, out, rstd, rows, dim, accumulate);
+  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
+                                                                       accumulate);
   check_launch("rmsnorm_backward_kernel<bf16>");
 }
 

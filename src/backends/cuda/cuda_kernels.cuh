@@ -33,8 +33,8 @@ void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x
 // bf16 activation storage: the Backend operations of the same names.
 void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
                           int dim, float eps);
-void rmsnorm_backward_bf16(cudaStream_t s, float* dx, const float* dout, const uint16_t* out, const float* rstd,
-                           int rows, int dim, bool accumulate);
+void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
+                           const float* rstd, int rows, int dim, bool accumulate);
 void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n);
 void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint16_t* x, size_t n);
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
