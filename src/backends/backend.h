@@ -147,7 +147,8 @@ class Backend {
   virtual void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
                                      const float* rstd, int rows, int dim, bool accumulate) = 0;
   // In the three relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
-  // output as well: a matmul operand held by hold_produced_operand.
+  // output as well: a matmul operand held by hold_produced_operand. The two forward ones
+  // take a null out when out_codes is given: the codes alone, where nothing reads the floats.
   // stored (unless null) = bf16(x); out = relu(bf16(x))^2. out may alias x.
   virtual void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) = 0;
   // out = relu(x)^2 for x given as codes: relu2_forward_bf16's out again, from what it stored.

@@ -403,13 +403,13 @@ void GPT::run_forward(int T, int long_window, bool training) {
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
     // (which is this very buffer in a forward-only pass: block_forward allows that).
     float* out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
-    block_forward(i, T, layer_window(i, long_window), a, m, x, out);
+    block_forward(i, T, layer_window(i, long_window), a, m, x, out, /*keeps_g=*/training && !recompute_);
     x = out;
   }
 }
 
 void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                        const float* x_in, float* x_out) {
+                        const float* x_in, float* x_out, bool keeps_g) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
@@ -445,7 +445,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
                            d, eps);
   linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldInput);
-  relu2(a.g, a.h_codes, a.h, T);
+  relu2(a.g, a.h_codes, a.h, T, keeps_g);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.release_operand(kHeldInput);
   backend_.add(x_out, x1, n);
@@ -478,10 +478,12 @@ void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_
   }
 }
 
-void GPT::relu2(float* g, uint16_t* stored, const float* h, int T) {
+void GPT::relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
-    backend_.relu2_forward_bf16(g, backend_.hold_produced_operand(kHeldInput, g, n), stored, h, n);
+    // Held as codes, g's floats serve only a backward that keeps them (not one that recomputes).
+    uint16_t* g_codes = backend_.hold_produced_operand(kHeldInput, g, n);
+    backend_.relu2_forward_bf16(g_codes && !keeps_g ? nullptr : g, g_codes, stored, h, n);
   } else {
     backend_.relu2_forward(g, h, n);
   }
@@ -508,7 +510,8 @@ void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
   if (!recompute_) return;
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
-    backend_.relu2_from_bf16(a.g, backend_.hold_produced_operand(kHeldInput, a.g, n), a.h_codes, n);
+    uint16_t* g_codes = backend_.hold_produced_operand(kHeldInput, a.g, n);
+    backend_.relu2_from_bf16(g_codes ? nullptr : a.g, g_codes, a.h_codes, n);  // the codes alone serve
   } else {
     backend_.relu2_forward(a.g, a.h, n);
   }

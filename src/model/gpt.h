@@ -126,8 +126,9 @@ class GPT {
   void run_head(int T, float grad_scale, const ModelActivations& m);
   void run_backward(int T, int long_window);
   LayerActivations& slot(int layer, bool training);
+  // keeps_g: a.g's floats must survive for the backward (a training pass that stores them).
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                     const float* x_in, float* x_out);
+                     const float* x_in, float* x_out, bool keeps_g);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
   // rotated q, k and mixed v, recomputed into the shared buffers for the backward. The
   // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
@@ -143,9 +144,9 @@ class GPT {
   void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
   void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
   // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,
-  // its codes written by the op itself; relu2_backward always leaves dh held as
+  // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward always leaves dh held as
   // kHeldGradient for the c_fc backward's two products. The caller releases them.
-  void relu2(float* g, uint16_t* stored, const float* h, int T);
+  void relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g);
   void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,
   // x0 and value-embedding gradients.

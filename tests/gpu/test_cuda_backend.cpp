@@ -588,7 +588,7 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
     std::vector<float> g(n);
     std::vector<uint16_t> codes(n), g_codes(n);
     cpu_->relu2_forward_bf16(g.data(), g_codes.data(), codes.data(), h.data(), n);
-    DeviceFloats dh(*gpu_, h), dcodes(*gpu_, (n + 1) / 2, poison), dg(*gpu_, n, kNaN);
+    DeviceFloats dh(*gpu_, h), dh0(*gpu_, h), dcodes(*gpu_, (n + 1) / 2, poison), dg(*gpu_, n, kNaN);
     DeviceFloats dg_codes(*gpu_, (n + 1) / 2, poison);
     auto* device_codes = reinterpret_cast<uint16_t*>(dcodes.ptr);
     auto* device_g_codes = reinterpret_cast<uint16_t*>(dg_codes.ptr);
@@ -602,6 +602,11 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
     gpu_->relu2_from_bf16(again.ptr, reinterpret_cast<uint16_t*>(again_codes.ptr), device_codes, n);
     expect_identical(again.get(), g, "relu2_from_bf16");
     EXPECT_EQ(codes_of(again_codes.get(), n), g_codes) << "relu2_from_bf16 output codes";
+    DeviceFloats only_codes(*gpu_, (n + 1) / 2, poison), only_from_codes(*gpu_, (n + 1) / 2, poison);
+    gpu_->relu2_forward_bf16(nullptr, reinterpret_cast<uint16_t*>(only_codes.ptr), nullptr, dh0.ptr, n);
+    gpu_->relu2_from_bf16(nullptr, reinterpret_cast<uint16_t*>(only_from_codes.ptr), device_codes, n);
+    EXPECT_EQ(codes_of(only_codes.get(), n), g_codes) << "relu2_forward_bf16, codes alone";
+    EXPECT_EQ(codes_of(only_from_codes.get(), n), g_codes) << "relu2_from_bf16, codes alone";
     gpu_->widen_bf16(wide.ptr, device_codes, n);
     expect_identical(wide.get(), widened(codes), "widen_bf16");
     const auto dout = normal(n);

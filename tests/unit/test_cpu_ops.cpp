@@ -203,6 +203,12 @@ TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
   be->relu2_from_bf16(again.data(), again_codes.data(), codes.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(again[i], g[i]) << i;
   EXPECT_EQ(again_codes, g_codes);
+  // The codes alone (no float output), from either op.
+  std::vector<uint16_t> only_codes(n), only_from_codes(n);
+  be->relu2_forward_bf16(nullptr, only_codes.data(), nullptr, h.data(), n);
+  be->relu2_from_bf16(nullptr, only_from_codes.data(), codes.data(), n);
+  EXPECT_EQ(only_codes, g_codes);
+  EXPECT_EQ(only_from_codes, g_codes);
 
   const auto dout = random_vector(n, 24);
   std::vector<float> dx_codes = dout, dx_floats(n), widened(n);

@@ -129,6 +129,18 @@ void encode_outputs(uint16_t* codes, const float* values, size_t n) {
   for (size_t i = 0; i < n; ++i) codes[i] = lowp::encode_bf16(values[i]);
 }
 
+// out[i] (unless null) = value(i), codes[i] (unless null) = its bf16 code; elementwise, so
+// value(i) may read an input that out aliases.
+template <typename Value>
+void write_values(float* out, uint16_t* codes, size_t n, Value value) {
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; ++i) {
+    const float y = value(i);
+    if (out) out[i] = y;
+    if (codes) codes[i] = lowp::encode_bf16(y);
+  }
+}
+
 // out = relu(x)^2.
 template <typename X>
 void relu2_values(float* out, const X* x, size_t n) {
@@ -372,18 +384,15 @@ class CpuBackend final : public Backend {
   }
 
   void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) override {
-#pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; ++i) {
+    write_values(out, out_codes, n, [&](size_t i) {
       const uint16_t code = lowp::encode_bf16(x[i]);
       if (stored) stored[i] = code;
-      out[i] = relu_squared(lowp::decode_bf16(code));
-    }
-    encode_outputs(out_codes, out, n);
+      return relu_squared(lowp::decode_bf16(code));
+    });
   }
 
   void relu2_from_bf16(float* out, uint16_t* out_codes, const uint16_t* x, size_t n) override {
-    relu2_values(out, x, n);
-    encode_outputs(out_codes, out, n);
+    write_values(out, out_codes, n, [&](size_t i) { return relu_squared(lowp::decode_bf16(x[i])); });
   }
 
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
