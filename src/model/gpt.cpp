@@ -540,7 +540,8 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   float* dW = grads_ + lm_head_offset_;
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
-  backend_.rmsnorm_forward(m.final_norm, nullptr, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
+  backend_.rmsnorm_forward(m.final_norm, nullptr, m.final_rstd, m.final_x, T, d,
+                           static_cast<float>(config_.rmsnorm_eps));
   // The bf16 head rounds W once for every chunk (the FP8 head keeps its own copy).
   if (!fp8) backend_.hold_operand(kHeldInput, W, static_cast<size_t>(V) * d);
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known

@@ -144,7 +144,6 @@ __global__ void add_kernel(float* out, const float* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] += x[i];
 }
 
-
 // out = relu(x)^2, x as float32 or bf16 codes, and out_codes = bf16(out), each unless null.
 // out may alias x. Traffic: 8 (6) n bytes, + 2 n with codes, - 4 n without out.
 template <typename X>
