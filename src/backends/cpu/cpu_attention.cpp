@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/vector_math.h"
 
 namespace speedrun::cpu {
 namespace {
@@ -72,8 +73,9 @@ void attention_forward(float* y, float* lse, const float* q, const float* k, con
           max_score = std::max(max_score, scores[j]);
         }
         float total = 0.f;
+#pragma omp simd reduction(+ : total)
         for (int j = 0; j < n; ++j) {
-          scores[j] = std::exp(scores[j] - max_score);
+          scores[j] = exp_approx(scores[j] - max_score);
           total += scores[j];
         }
         float* yt = y + t * row + h * s.D;
@@ -99,35 +101,66 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dy, const 
       delta[static_cast<size_t>(h) * s.T + t] = dot(dy + t * row + h * s.D, y + t * row + h * s.D, s.D);
     }
   }
-  // dS[q,k] = P[q,k] * (<dy_q, v_k> - delta_q), P recomputed from the saved lse.
-  auto score_gradient = [&](int h, int qi, int ki) {
-    const float* qt = q + qi * row + h * s.D;
-    const float p = std::exp(s.scale * dot(qt, k + ki * row + h * s.D, s.D) - lse[static_cast<size_t>(h) * s.T + qi]);
-    const float dp = dot(dy + qi * row + h * s.D, v + ki * row + h * s.D, s.D);
-    return std::pair<float, float>{p, p * (dp - delta[static_cast<size_t>(h) * s.T + qi])};
-  };
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int h = 0; h < s.H; ++h) {
-    for (int t = 0; t < s.T; ++t) {
-      float* dqt = dq + t * row + h * s.D;
-      std::fill(dqt, dqt + s.D, 0.f);
-      for (int ki = first_visible_key(ranges, t, s); ki <= t; ++ki) {
-        axpy(dqt, s.scale * score_gradient(h, t, ki).second, k + ki * row + h * s.D, s.D);
+  // dS[q,k] = P[q,k] * (<dy_q, v_k> - delta_q), P recomputed from the saved lse, for a run
+  // of pairs that share a query (one key each) or a key (one query each): the dot products
+  // first, then the run's exps and dS in one vectorised loop.
+  struct PairRun {
+    std::vector<float> p, ds;
+    void compute(int n, const float* logit, const float* dp, const float* lse, const float* delta, int stride) {
+      p.resize(n);
+      ds.resize(n);
+#pragma omp simd
+      for (int j = 0; j < n; ++j) {
+        p[j] = exp_approx(logit[j] - lse[j * stride]);
+        ds[j] = p[j] * (dp[j] - delta[j * stride]);
       }
     }
-  }
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int h = 0; h < s.H; ++h) {
-    for (int ki = 0; ki < s.T; ++ki) {
-      float* dkt = dk + ki * row + h * s.D;
-      float* dvt = dv + ki * row + h * s.D;
-      std::fill(dkt, dkt + s.D, 0.f);
-      std::fill(dvt, dvt + s.D, 0.f);
-      const int q_end = last_seeing_query_end(ranges, ki, s);
-      for (int qi = ki; qi < q_end; ++qi) {
-        auto [p, ds] = score_gradient(h, qi, ki);
-        axpy(dkt, s.scale * ds, q + qi * row + h * s.D, s.D);
-        axpy(dvt, p, dy + qi * row + h * s.D, s.D);
+  };
+#pragma omp parallel
+  {
+    std::vector<float> logit, dp;
+    PairRun run;
+#pragma omp for collapse(2) schedule(static)
+    for (int h = 0; h < s.H; ++h) {
+      for (int t = 0; t < s.T; ++t) {
+        const float* qt = q + t * row + h * s.D;
+        const float* dyt = dy + t * row + h * s.D;
+        const int k0 = first_visible_key(ranges, t, s), n = t - k0 + 1;
+        logit.resize(n);
+        dp.resize(n);
+        for (int j = 0; j < n; ++j) {
+          logit[j] = s.scale * dot(qt, k + (k0 + j) * row + h * s.D, s.D);
+          dp[j] = dot(dyt, v + (k0 + j) * row + h * s.D, s.D);
+        }
+        const size_t at = static_cast<size_t>(h) * s.T + t;
+        run.compute(n, logit.data(), dp.data(), lse + at, delta.data() + at, 0);
+        float* dqt = dq + t * row + h * s.D;
+        std::fill(dqt, dqt + s.D, 0.f);
+        for (int j = 0; j < n; ++j) axpy(dqt, s.scale * run.ds[j], k + (k0 + j) * row + h * s.D, s.D);
+      }
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (int h = 0; h < s.H; ++h) {
+      for (int ki = 0; ki < s.T; ++ki) {
+        const float* kt = k + ki * row + h * s.D;
+        const float* vt = v + ki * row + h * s.D;
+        const int n = last_seeing_query_end(ranges, ki, s) - ki;
+        logit.resize(n);
+        dp.resize(n);
+        for (int m = 0; m < n; ++m) {
+          logit[m] = s.scale * dot(q + (ki + m) * row + h * s.D, kt, s.D);
+          dp[m] = dot(dy + (ki + m) * row + h * s.D, vt, s.D);
+        }
+        const size_t at = static_cast<size_t>(h) * s.T + ki;
+        run.compute(n, logit.data(), dp.data(), lse + at, delta.data() + at, 1);
+        float* dkt = dk + ki * row + h * s.D;
+        float* dvt = dv + ki * row + h * s.D;
+        std::fill(dkt, dkt + s.D, 0.f);
+        std::fill(dvt, dvt + s.D, 0.f);
+        for (int m = 0; m < n; ++m) {
+          axpy(dkt, s.scale * run.ds[m], q + (ki + m) * row + h * s.D, s.D);
+          axpy(dvt, run.p[m], dy + (ki + m) * row + h * s.D, s.D);
+        }
       }
     }
   }
