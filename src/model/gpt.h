@@ -144,8 +144,9 @@ class GPT {
   void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
   void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
   // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,
-  // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward always leaves dh held as
-  // kHeldGradient for the c_fc backward's two products. The caller releases them.
+  // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward
+  // always leaves dh held as kHeldGradient for c_fc's two backward products. The caller
+  // releases them.
   void relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g);
   void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,

@@ -122,13 +122,6 @@ void rmsnorm_backward_rows(float* dx, const float* dout, const Out* out, const f
   }
 }
 
-// codes[i] = bf16(values[i]) for an op's out_codes (nothing when null).
-void encode_outputs(uint16_t* codes, const float* values, size_t n) {
-  if (!codes) return;
-#pragma omp parallel for simd schedule(static)
-  for (size_t i = 0; i < n; ++i) codes[i] = lowp::encode_bf16(values[i]);
-}
-
 // out[i] (unless null) = value(i), codes[i] (unless null) = its bf16 code; elementwise, so
 // value(i) may read an input that out aliases.
 template <typename Value>
@@ -139,6 +132,11 @@ void write_values(float* out, uint16_t* codes, size_t n, Value value) {
     if (out) out[i] = y;
     if (codes) codes[i] = lowp::encode_bf16(y);
   }
+}
+
+// codes[i] = bf16(values[i]) for an op's out_codes (nothing when null).
+void encode_outputs(uint16_t* codes, const float* values, size_t n) {
+  if (codes) write_values(nullptr, codes, n, [values](size_t i) { return values[i]; });
 }
 
 // out = relu(x)^2.
@@ -218,15 +216,12 @@ class CpuBackend final : public Backend {
                 lda, B, ldb, beta, C, ldc);
   }
 
+  // A held copy is a produced operand whose producer is the copy itself.
   void hold_operand(int slot, const float* x, size_t count) override {
-    HeldOperand& held = held_.at(static_cast<size_t>(slot));
-    if (!bf16_matmul_ || !hold_operands_) return;
-    held.rounded.resize(count);
-    lowp::copy_rounded_to_bf16(held.rounded.data(), x, count);
-    operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
-    held.source = x;
-    held.count = count;
-    held.codes_pending = false;
+    uint16_t* codes = hold_produced_operand(slot, x, count);  // counts the 2-byte write
+    if (!codes) return;
+    encode_outputs(codes, x, count);
+    operand_copy_traffic_ += count * sizeof(float);  // and the copy's read of x
   }
 
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
@@ -536,9 +531,9 @@ class CpuBackend final : public Backend {
   struct HeldOperand {
     const float* source = nullptr;
     size_t count = 0;
-    std::vector<float> rounded;   // what products read
-    std::vector<uint16_t> codes;  // hold_produced_operand's, until widened into `rounded`
-    bool codes_pending = false;
+    std::vector<uint16_t> codes;  // bf16(source[0..count)), once written
+    std::vector<float> rounded;   // the codes widened, what the emulated products read
+    bool codes_pending = false;   // codes not yet widened into `rounded`
   };
   std::array<HeldOperand, kHeldOperands> held_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_ = make_fp8_head();
@@ -553,7 +548,7 @@ class CpuBackend final : public Backend {
       if (held.source != x || extent > held.count) continue;
       if (held.codes_pending) {  // emulation only: a GPU's product reads the codes themselves
         held.rounded.resize(held.count);
-        for (size_t i = 0; i < held.count; ++i) held.rounded[i] = lowp::decode_bf16(held.codes[i]);
+        widen_bf16(held.rounded.data(), held.codes.data(), held.count);
         held.codes_pending = false;
       }
       return held.rounded.data();

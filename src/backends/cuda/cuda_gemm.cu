@@ -132,13 +132,12 @@ LtGemm::HeldOperand& LtGemm::held_slot(int slot) {
   return held_[slot];
 }
 
+// A held copy is a produced operand whose producer is the copy itself.
 void LtGemm::hold(int slot, const float* x, size_t count) {
-  HeldOperand& held = held_slot(slot);
-  if (!bf16_inputs_) return;
-  to_bf16(stream_, static_cast<uint16_t*>(held.copy.get(count * sizeof(uint16_t))), x, count);
-  operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));
-  held.source = x;
-  held.count = count;
+  uint16_t* codes = hold_produced(slot, x, count);  // counts the 2-byte write
+  if (!codes) return;
+  to_bf16(stream_, codes, x, count);
+  operand_copy_traffic_ += count * sizeof(float);  // and the copy's read of x
 }
 
 uint16_t* LtGemm::hold_produced(int slot, const float* x, size_t count) {
