@@ -59,6 +59,8 @@ void register_memory_command(CLI::App& app) {
     const RunMemoryPlan run = plan_run_memory(config, activations, head_rows, opts->processes, reduce);
     const GPT::MemoryPlan& plan = run.model;
     const size_t total = run.total_bytes();
+    const std::string forward_only =
+        "validation (its MLPs " + std::to_string(activations.forward_mlp_rows) + " rows at a time)";
     const MemoryLine lines[] = {
         {"parameter_bytes", "parameters", plan.parameter_bytes, "float32 master copies"},
         {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
@@ -67,7 +69,7 @@ void register_memory_command(CLI::App& app) {
          "the sum over this process's sequences, and the exact gather's copies"},
         {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
-        {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, "validation"},
+        {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, forward_only.c_str()},
         {"sequence_bytes", "sequence", plan.sequence_bytes, "tokens, targets, document ids, token losses"},
         {"logits_bytes", "logits chunk", plan.logits_bytes, "head rows at a time x padded vocabulary"},
     };

@@ -82,7 +82,7 @@ GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_
   const size_t T_all = std::max(max_train_T, max_eval_T);
   ArenaCarver training, forward;
   carve_training_buffers(config, activations, training, max_train_T);
-  carve_forward_buffers(config, forward, T_all);
+  carve_forward_buffers(config, forward, T_all, activations.forward_mlp_rows);
   MemoryPlan plan;
   plan.parameter_bytes = ParamLayout(config).total() * sizeof(float);
   plan.gradient_bytes = plan.parameter_bytes;
@@ -101,8 +101,12 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
       max_train_T_(max_train_T),
       max_eval_T_(max_eval_T),
       recompute_(activations.memory == ActivationMemory::kRecompute),
-      bf16_activations_(activations.precision == ActivationPrecision::kBfloat16) {
+      bf16_activations_(activations.precision == ActivationPrecision::kBfloat16),
+      forward_mlp_rows_(activations.forward_mlp_rows) {
   config_.validate();
+  if (forward_mlp_rows_ <= 0) {
+    throw Error("forward_mlp_rows must be positive, got " + std::to_string(forward_mlp_rows_));
+  }
   const size_t T_all = std::max(max_train_T, max_eval_T);
   auto f = [&](size_t n) {
     float* p = backend_.alloc(n);
@@ -131,7 +135,8 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   ArenaCarver training_arena(arena), forward_arena(arena);
   train_ = std::make_unique<TrainingBuffers>(
       carve_training_buffers(config_, activations, training_arena, max_train_T));
-  forward_ = std::make_unique<ForwardBuffers>(carve_forward_buffers(config_, forward_arena, T_all));
+  forward_ = std::make_unique<ForwardBuffers>(
+      carve_forward_buffers(config_, forward_arena, T_all, static_cast<size_t>(forward_mlp_rows_)));
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
@@ -225,8 +230,9 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
 // One set for every layer. The rmsnorm outputs share a buffer, as do q before and after
 // rotary, k likewise, v before and after its value-embedding mix, and h and relu(h)^2;
 // the last block writes its output over its input, and the head normalises into the
-// block's norm buffer. That is 12 d floats per token where a training layer keeps 18 d.
-GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T) {
+// block's norm buffer. That is 8 d floats per token where a training layer keeps 18 d,
+// and h for mlp_rows rows (the MLP runs a slice of rows at a time).
+GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T, size_t mlp_rows) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   auto take = [&](size_t n) { return arena.take(n); };
   ForwardBuffers f;
@@ -248,7 +254,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver
   a.v_raw = a.v = take(T * hd);
   a.y = take(T * hd);
   a.lse = take(T * H);
-  a.h = a.g = take(T * mlp);
+  a.h = a.g = take(std::min(T, mlp_rows) * mlp);
   m.final_x = a.x_in;
   m.final_norm = a.mlp_norm;
   m.final_rstd = a.mlp_rstd;
@@ -403,15 +409,15 @@ void GPT::run_forward(int T, int long_window, bool training) {
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
     // (which is this very buffer in a forward-only pass: block_forward allows that).
     float* out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
-    block_forward(i, T, layer_window(i, long_window), a, m, x, out, /*keeps_g=*/training && !recompute_);
+    block_forward(i, T, layer_window(i, long_window), a, m, x, out, /*keeps_g=*/training && !recompute_,
+                  training ? T : std::min(T, forward_mlp_rows_));
     x = out;
   }
 }
 
 void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                        const float* x_in, float* x_out, bool keeps_g) {
+                        const float* x_in, float* x_out, bool keeps_g, int mlp_rows) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
-  const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   const BlockOffsets& offsets = block_offsets_[layer];
@@ -441,12 +447,26 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.add(a.x1, a.xm, n);
     x1 = a.x1;
   }
-  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
-                           d, eps);
-  linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
+  for (int r0 = 0; r0 < T; r0 += mlp_rows) {
+    const size_t first = static_cast<size_t>(r0) * d;
+    // h and relu(h)^2 (with their codes) hold mlp_rows rows: every slice starts at their start.
+    LayerActivations rows = a;
+    rows.mlp_norm += first;
+    rows.mlp_rstd += r0;
+    mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1 + first, x_out + first, keeps_g);
+  }
+}
+
+void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1, float* x_out, bool keeps_g) {
+  const int d = config_.model_dim, mlp = config_.mlp_dim();
+  const size_t n = static_cast<size_t>(rows) * d;
+  const BlockOffsets& offsets = block_offsets_[layer];
+  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1,
+                           rows, d, static_cast<float>(config_.rmsnorm_eps));
+  linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, rows, mlp, d);
   backend_.release_operand(kHeldInput);
-  relu2(a.g, a.h_codes, a.h, T, keeps_g);
-  linear_forward(x_out, a.g, params_ + offsets.mlp_proj, T, d, mlp);
+  relu2(a.g, a.h_codes, a.h, rows, keeps_g);
+  linear_forward(x_out, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
   backend_.add(x_out, x1, n);
 }

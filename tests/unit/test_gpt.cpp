@@ -282,6 +282,44 @@ TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
   for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], halves[i], 1e-5 + 1e-4 * std::abs(once[i])) << i;
 }
 
+// A forward-only pass runs its MLPs a slice of rows at a time (the last slice shorter),
+// with h and relu(h)^2 sized to the slice: the same loss in every activation mode and with
+// bf16 matmuls (whose held codes then cover a slice). Not bit for bit: OpenBLAS sums a
+// product's terms in an order that depends on its row count (as cuBLASLt's algorithm
+// choice does), so float32 rounding differs (~2e-8 here), and with bf16 operands or activations an
+// activation then and again rounds the other way (~4e-6). A slice misplaced or skipped
+// moves the loss by orders of magnitude more.
+TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
+  const Config c = Config::preset("micro");
+  constexpr int kT = 320, kSlice = 128;  // slices of 128, 128 and 64 rows
+  const auto inputs = random_tokens(kT, c.vocab_size, 8, 37), targets = random_tokens(kT, c.vocab_size, 9);
+  for (MatmulPrecision matmul : {MatmulPrecision::kFloat32, MatmulPrecision::kBfloat16}) {
+    for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
+      BackendOptions options;
+      options.matmul = matmul;
+      auto be = make_cpu_backend(options);
+      ActivationOptions whole{ActivationMemory::kRecompute, precision}, sliced = whole;
+      whole.forward_mlp_rows = kT;
+      sliced.forward_mlp_rows = kSlice;
+      GPT a(c, *be, 64, kT, whole), b(c, *be, 64, kT, sliced);
+      const auto params = random_vector(a.layout().total(), 7, 0.5f);
+      a.load_parameters(params);
+      b.load_parameters(params);
+      const double loss = a.forward(inputs, targets, 3);
+      EXPECT_TRUE(std::isfinite(loss));
+      const bool rounded = matmul == MatmulPrecision::kBfloat16 || precision == ActivationPrecision::kBfloat16;
+      EXPECT_NEAR(b.forward(inputs, targets, 3), loss, rounded ? 2e-5 : 2e-7);
+      EXPECT_EQ(a.activation_bytes() - b.activation_bytes(),
+                static_cast<size_t>(kT - kSlice) * c.mlp_dim() * sizeof(float));
+      EXPECT_EQ(GPT::plan_memory(c, 64, kT, sliced, be->head_chunk_rows()).activation_bytes(), b.activation_bytes());
+    }
+  }
+  auto be = make_cpu_backend();
+  ActivationOptions none;
+  none.forward_mlp_rows = 0;
+  EXPECT_THROW(GPT(c, *be, 64, kT, none), Error);
+}
+
 // The plan `speedrun memory` prints is what the model and the optimiser allocate, in
 // both activation modes, whether the training or the forward-only buffers fill the arena.
 TEST(GPT, MemoryPlanIsWhatTheModelAndTheOptimizerAllocate) {
