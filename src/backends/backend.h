@@ -161,9 +161,10 @@ class Backend {
 
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;
-  // lse [H, T] saved. doc = per-token document ids.
-  virtual void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v,
-                                 const int32_t* doc, const AttentionShape& shape) = 0;
+  // lse [H, T] saved. doc = per-token document ids. y_codes (unless null) = bf16(y), for
+  // the output projection's operand held by hold_produced_operand.
+  virtual void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k,
+                                 const float* v, const int32_t* doc, const AttentionShape& shape) = 0;
   // dq, dk, dv (overwritten) from dy, recomputing probabilities from lse.
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y,
                                   const float* lse, const float* q, const float* k, const float* v,

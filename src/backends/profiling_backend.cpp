@@ -115,9 +115,9 @@ class ProfilingBackend final : public Backend {
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
     timed("widen_bf16", 0, [&] { inner_.widen_bf16(o, x, n); });
   }
-  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
-                         const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_forward(y, lse, q, k, v, doc, s); });
+  void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
+                         const int32_t* doc, const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, doc, s); });
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const int32_t* doc,

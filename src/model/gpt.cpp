@@ -442,8 +442,12 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? m.ve[ve] : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    backend_.attention_forward(a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
+    // y's bf16 copy for c_proj written by attention itself.
+    const size_t nh = static_cast<size_t>(T) * hd;
+    backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot, a.v,
+                               doc_, shape);
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
+    backend_.release_operand(kHeldInput);
     backend_.add(a.x1, a.xm, n);
     x1 = a.x1;
   }

@@ -222,7 +222,7 @@ TEST_F(CudaBackendTest, FailuresBecomeErrorsNamingTheCall) {
   AttentionShape too_wide{64, 1, 512, 64, 1, 0.12f};
   DeviceFloats q(*gpu_, 64 * 512, 0.f);
   DeviceInts doc(*gpu_, std::vector<int32_t>(64, 0));
-  EXPECT_THROW(gpu_->attention_forward(q.ptr, q.ptr, q.ptr, q.ptr, q.ptr, doc.ptr, too_wide), Error);
+  EXPECT_THROW(gpu_->attention_forward(q.ptr, nullptr, q.ptr, q.ptr, q.ptr, q.ptr, doc.ptr, too_wide), Error);
 }
 
 TEST_F(CudaBackendTest, TransposeIsExact) {
@@ -736,15 +736,20 @@ class AttentionTest : public CudaBackendTest {
       const AttentionShape shape{c.T, c.H, c.D, c.block, window, 0.12f};
       const auto q = normal(n), k = normal(n), v = normal(n), dy = normal(n);
       std::vector<float> y(n), lse(static_cast<size_t>(c.H) * c.T), dq(n), dk(n), dv(n);
-      cpu_->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+      cpu_->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
       cpu_->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
                                v.data(), doc.data(), shape);
       DeviceFloats g_q(*gpu_, q), g_k(*gpu_, k), g_v(*gpu_, v), g_dy(*gpu_, dy);
       DeviceInts g_doc(*gpu_, doc);
       DeviceFloats g_y(*gpu_, n, kNaN), g_lse(*gpu_, lse.size(), kNaN);
-      gpu_->attention_forward(g_y.ptr, g_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr, g_doc.ptr, shape);
-      expect_close(g_y.get(), y, 1e-4, 1e-5, "attention y");
+      DeviceFloats g_codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+      gpu_->attention_forward(g_y.ptr, reinterpret_cast<uint16_t*>(g_codes.ptr), g_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
+                              g_doc.ptr, shape);
+      const auto got_y = g_y.get();
+      expect_close(got_y, y, 1e-4, 1e-5, "attention y");
       expect_close(g_lse.get(), lse, 1e-5, 1e-6, "attention lse");
+      const auto y_codes = codes_of(g_codes.get(), n);  // the codes of the y written beside them
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(y_codes[i], lowp::encode_bf16(got_y[i])) << "attention y codes at " << i;
       // The backward from the CPU's y and lse, so that only the backward is compared.
       DeviceFloats c_y(*gpu_, y), c_lse(*gpu_, lse);
       DeviceFloats g_dq(*gpu_, n, kNaN), g_dk(*gpu_, n, kNaN), g_dv(*gpu_, n, kNaN);
@@ -784,6 +789,30 @@ TEST_F(AttentionTest, SpeedrunHeadsOverThousandsOfTokens) {
   SCOPED_TRACE(trace());
   check({3072, 2, 128, 128, {0, 7, 14}, 1000});
   check({2048, 1, 128, 128, {14}, 100000});  // (almost) one document: full windows
+}
+
+// The flash kernel's output is bf16: given y_codes it writes them there (the held operand of
+// c_proj) instead of into its own scratch, and y is their widening, the same bits either way.
+TEST_F(AttentionTest, FlashKernelWritesTheCodesOfItsOutputWhenAsked) {
+  SCOPED_TRACE(trace());
+  BackendOptions options;
+  options.attention = AttentionKernel::kFlash;
+  gpu_ = make_cuda_backend(0, options);
+  const int T = 1024, H = 2, D = 128;
+  const size_t n = static_cast<size_t>(T) * H * D;
+  const AttentionShape shape{T, H, D, 128, 3, 0.12f};
+  DeviceFloats q(*gpu_, normal(n)), k(*gpu_, normal(n)), v(*gpu_, normal(n));
+  DeviceInts doc(*gpu_, documents(T, 300));
+  DeviceFloats y(*gpu_, n, kNaN), lse(*gpu_, static_cast<size_t>(H) * T, kNaN);
+  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  const auto want_y = y.get(), want_lse = lse.get();
+  DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, want_lse.size(), kNaN);
+  DeviceFloats codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+  gpu_->attention_forward(y2.ptr, reinterpret_cast<uint16_t*>(codes.ptr), lse2.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  expect_identical(y2.get(), want_y, "flash y beside its codes");
+  expect_identical(lse2.get(), want_lse, "flash lse beside y's codes");
+  const auto got_codes = codes_of(codes.get(), n);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(got_codes[i], lowp::encode_bf16(want_y[i])) << "flash y codes at " << i;
 }
 
 // ---------------------------------------------------------------------------------------

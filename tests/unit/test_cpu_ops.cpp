@@ -340,11 +340,27 @@ TEST_F(CpuOps, AttentionForwardMatchesDenseMaskedSoftmax) {
     const auto q = random_vector(n, 14, 2.f), k = random_vector(n, 15, 2.f), v = random_vector(n, 16);
     const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
     std::vector<float> y(n), lse(c.H * c.T);
-    be->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(),
+    be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(),
                           AttentionShape{c.T, c.H, c.D, c.block, c.window, 0.12f});
     const auto expected = dense_attention(c, q, k, v, 0.12f);
     for (int i = 0; i < n; ++i) ASSERT_NEAR(y[i], expected[i], 2e-5) << "window " << window << " index " << i;
   }
+}
+
+// y_codes: the bf16 codes of the y written beside them (c_proj's held operand), y unchanged.
+TEST_F(CpuOps, AttentionForwardWritesTheCodesOfItsOutputWhenAsked) {
+  AttentionCase c = make_case(48, 2, 8, 8, 2, 101);
+  const int n = c.T * c.H * c.D;
+  const auto q = random_vector(n, 14, 2.f), k = random_vector(n, 15, 2.f), v = random_vector(n, 16);
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  std::vector<float> y(n), lse(c.H * c.T), y2(n), lse2(c.H * c.T);
+  std::vector<uint16_t> codes(n, 0x7FC0);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  be->attention_forward(y2.data(), codes.data(), lse2.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  EXPECT_EQ(y2, y);
+  EXPECT_EQ(lse2, lse);
+  for (int i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(y[i])) << i;
 }
 
 TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
@@ -356,11 +372,11 @@ TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
   const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
   auto run = [&](const std::vector<float>& qq, const std::vector<float>& kk, const std::vector<float>& vv) {
     std::vector<float> y(n), lse(c.H * c.T);
-    be->attention_forward(y.data(), lse.data(), qq.data(), kk.data(), vv.data(), doc.data(), shape);
+    be->attention_forward(y.data(), nullptr, lse.data(), qq.data(), kk.data(), vv.data(), doc.data(), shape);
     return dot(y, R);
   };
   std::vector<float> y(n), lse(c.H * c.T), dq(n), dk(n), dv(n);
-  be->attention_forward(y.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
   be->attention_backward(dq.data(), dk.data(), dv.data(), R.data(), y.data(), lse.data(), q.data(), k.data(),
                          v.data(), doc.data(), shape);
   auto numeric_q = numerical_gradient([&](const std::vector<float>& x) { return run(x, k, v); }, q, 1e-2);

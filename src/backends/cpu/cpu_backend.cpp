@@ -401,9 +401,10 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) out[i] = lowp::decode_bf16(x[i]);
   }
 
-  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
-                         const AttentionShape& shape) override {
+  void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
+                         const int32_t* doc, const AttentionShape& shape) override {
     cpu::attention_forward(y, lse, q, k, v, doc, shape);
+    encode_outputs(y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
   }
 
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,

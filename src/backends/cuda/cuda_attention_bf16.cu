@@ -45,16 +45,18 @@ Bf16Buffers carve_buffers(Scratch& scratch, const FlashAttentionShape& f, int co
 
 }  // namespace
 
-void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, float* lse, const float* q,
-                                 const float* k, const float* v, const int32_t* doc, const AttentionShape& shape) {
+void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
+                                 const float* q, const float* k, const float* v, const int32_t* doc,
+                                 const AttentionShape& shape) {
   const FlashAttentionShape f = flash_shape(shape);
   const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
-  const Bf16Buffers b = carve_buffers(scratch, f, 4);
+  const Bf16Buffers b = carve_buffers(scratch, f, y_codes ? 3 : 4);
   to_bf16(s, b.tensor[0], q, n);
   to_bf16(s, b.tensor[1], k, n);
   to_bf16(s, b.tensor[2], v, n);
-  flash_attention_forward(s, b.workspace, b.tensor[3], lse, b.tensor[0], b.tensor[1], b.tensor[2], doc, f);
-  widen_bf16(s, y, b.tensor[3], n);
+  uint16_t* out = y_codes ? y_codes : b.tensor[3];
+  flash_attention_forward(s, b.workspace, out, lse, b.tensor[0], b.tensor[1], b.tensor[2], doc, f);
+  widen_bf16(s, y, out, n);
 }
 
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,

@@ -246,13 +246,14 @@ class CudaBackend final : public Backend {
   void widen_bf16(float* out, const uint16_t* x, size_t n) override { cuda::widen_bf16(stream_, out, x, n); }
 
   // --- attention ------------------------------------------------------------------------------
-  void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
-                         const AttentionShape& shape) override {
-    if (flash_attention_) {
-      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
+  void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
+                         const int32_t* doc, const AttentionShape& shape) override {
+    if (flash_attention_) {  // its output is bf16 already: written into y_codes when given
+      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, y_codes, lse, q, k, v, doc, shape);
       return;
     }
     cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
+    if (y_codes) cuda::to_bf16(stream_, y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const int32_t* doc,

@@ -95,8 +95,10 @@ void attention_backward(cudaStream_t s, Scratch& scratch, float* dq, float* dk, 
 // --- attention through the bf16 flash kernel (cuda_attention_bf16.cu) ----------------
 // The same contract as attention_forward/backward above, computed in bf16 with fp32
 // statistics; an Error for head sizes the kernel lacks (it has 32, 64, 128).
-void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, float* lse, const float* q,
-                                 const float* k, const float* v, const int32_t* doc, const AttentionShape& shape);
+// y_codes (unless null) receives the kernel's bf16 output itself, widened into y.
+void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
+                                 const float* q, const float* k, const float* v, const int32_t* doc,
+                                 const AttentionShape& shape);
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,
                                   const float* y, const float* lse, const float* q, const float* k, const float* v,
                                   const int32_t* doc, const AttentionShape& shape);
