@@ -54,8 +54,8 @@ void register_memory_command(CLI::App& app) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
                        std::to_string(config.world_size));
     }
-    // As train: NCCL's overlapped reduction for several CUDA processes, else exact.
-    const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda" && opts->processes > 1);
+    // As train: the overlapped reduction (in the model's own gradients) on CUDA, else exact.
+    const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda");
     const RunMemoryPlan run = plan_run_memory(config, activations, head_rows, opts->processes, reduce);
     const GPT::MemoryPlan& plan = run.model;
     const size_t total = run.total_bytes();
@@ -66,7 +66,7 @@ void register_memory_command(CLI::App& app) {
         {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
         {"optimizer_bytes", "optimizer state", run.optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
         {"gradient_reduction_bytes", "gradient reduction", run.gradient_reduction_bytes,
-         "the sum over this process's sequences, and the exact gather's copies"},
+         "exact reduction only: the sum over this process's sequences, the gather's copies"},
         {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
         {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, forward_only.c_str()},

@@ -174,7 +174,8 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--loss-spike-z", t.faults.spike_zscore, "z-score that flags a loss spike")->capture_default_str();
   cmd->add_option("--grad-reduce", opts->grad_reduce,
                   "multi-process gradient reduction: exact (bit-identical for any process count), overlap "
-                  "(bucketed all-reduce during the backward), auto (overlap on NCCL, else exact)")
+                  "(each process's sequences accumulated in place, bucketed all-reduce during the backward), auto "
+                  "(overlap on cuda, else exact)")
       ->check(CLI::IsMember({"auto", "exact", "overlap"}))
       ->capture_default_str();
   cmd->add_option("--grad-bucket-mb", opts->grad_bucket_mb, "smallest all-reduce of --grad-reduce overlap, in MiB")

@@ -98,7 +98,7 @@ DataParallel::DataParallel(Communicator& comm, GPT& model, GradReduceOptions opt
                      (comm.device_buffers() ? "device" : "host") + " memory but the " + be.name() + " backend on " +
                      (device_memory ? "device" : "host") + " memory: multi-process CUDA runs need NCCL");
   }
-  mode_ = resolve_grad_reduce(options.mode, comm.device_buffers());
+  mode_ = resolve_grad_reduce(options.mode, device_memory);
   bucket_floats_ = std::max<size_t>(1, options.bucket_bytes / sizeof(float));
   local_ranks_ = world / processes;
   first_rank_ = comm.rank() * local_ranks_;
@@ -110,19 +110,18 @@ DataParallel::DataParallel(Communicator& comm, GPT& model, GradReduceOptions opt
   if (sizes.all > 0) all_grads_ = be.alloc(sizes.all);
 }
 
-GradReduce resolve_grad_reduce(GradReduce requested, bool device_buffers) {
+GradReduce resolve_grad_reduce(GradReduce requested, bool device_backend) {
   if (requested != GradReduce::kAuto) return requested;
-  return device_buffers ? GradReduce::kOverlap : GradReduce::kExact;
+  return device_backend ? GradReduce::kOverlap : GradReduce::kExact;
 }
 
-// The running sum of this process's ranks (unless one rank's overlapped reduction works
-// in the model's own gradients), and for the exact multi-process gather every rank's
-// gradients.
+// Exact: the running sum of this process's ranks, and for the multi-process gather every
+// rank's gradients. Overlap works in the model's own gradients alone.
 DataParallel::GradientBufferSizes DataParallel::gradient_buffer_sizes(size_t parameters, int world_size,
                                                                       int processes, GradReduce mode) {
   const int local_ranks = world_size / processes;
   GradientBufferSizes sizes;
-  if (mode == GradReduce::kExact || local_ranks > 1) sizes.sum = parameters;
+  if (mode == GradReduce::kExact) sizes.sum = parameters;
   if (mode == GradReduce::kExact && processes > 1) {
     sizes.local = parameters * local_ranks;
     sizes.all = parameters * world_size;
@@ -193,23 +192,18 @@ void DataParallel::reduce_exact() {
   for (int r = 1; r < model_.config().world_size; ++r) be.add(sum_, all_grads_ + r * count_, count_);
 }
 
-// This process's ranks are summed in order (sum = g_0, sum += g_r) as one process would;
-// during the last rank's backward each range, once final, gets the earlier ranks' sum
-// added and joins a bucket whose all-reduce starts as soon as the bucket is full.
+// This process's ranks accumulate in the model's gradients (GPT::forward_backward adds to
+// them): no buffer for a partial sum, and no pass over all gradients per rank. During the
+// last rank's backward each range, once final, joins a bucket whose all-reduce starts as
+// soon as the bucket is full.
 void DataParallel::backward_overlapped(std::span<const int32_t> inputs, std::span<const int32_t> targets,
                                        int long_window, float grad_scale) {
-  Backend& be = model_.backend();
   const size_t seq = static_cast<size_t>(model_.config().seq_len);
   float* grads = model_.grads();
+  model_.zero_grad();
   for (int r = 0; r + 1 < local_ranks_; ++r) {
-    model_.zero_grad();
     model_.forward_backward_async(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), long_window,
                                   grad_scale, &loss_sums_[r]);
-    if (r == 0) {
-      be.copy(sum_, grads, count_);
-    } else {
-      be.add(sum_, grads, count_);
-    }
   }
   const int last = local_ranks_ - 1;
   GradientBuckets buckets(bucket_floats_, count_, [&](FloatRange bucket) {
@@ -217,13 +211,8 @@ void DataParallel::backward_overlapped(std::span<const int32_t> inputs, std::spa
     comm_.all_reduce_sum_async(grads + bucket.offset, bucket.count);
     communication_seconds_ += seconds_since(start);
   });
-  model_.zero_grad();
   {
-    GradientHookScope scope(model_, [&](size_t offset, size_t count) {
-      // g_last + sum equals sum + g_last bit for bit (float addition commutes).
-      if (last > 0) be.add(grads + offset, sum_ + offset, count);
-      buckets.ready(offset, count);
-    });
+    GradientHookScope scope(model_, [&](size_t offset, size_t count) { buckets.ready(offset, count); });
     model_.forward_backward_async(inputs.subspan(last * seq, seq), targets.subspan(last * seq, seq), long_window,
                                   grad_scale, &loss_sums_[last]);
   }

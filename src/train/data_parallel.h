@@ -2,8 +2,9 @@
 // shared by the P processes of the run (world_size / P each), in one of two gradient
 // reductions. `exact`: every rank's gradient is gathered and summed in logical-rank order —
 // the same float additions for any P — so 1, 2, 4 or 8 processes train bit-identical
-// models. `overlap`: each process sums its own ranks, and the all-reduce of each bucket of
-// final gradients starts during the backward pass (rounding then depends on P).
+// models. `overlap`: each process adds its ranks' gradients straight into the model's
+// (no buffer), and the all-reduce of each bucket of final gradients starts during the
+// last rank's backward pass (rounding then depends on P and differs from exact's).
 // Losses are averaged in a fixed order in both.
 #pragma once
 
@@ -18,13 +19,14 @@
 namespace speedrun {
 
 enum class GradReduce {
-  kAuto,     // overlap when the communicator works on device memory (NCCL), else exact
+  kAuto,     // overlap when the backend works on device memory (CUDA), else exact
   kExact,
   kOverlap,
 };
 GradReduce parse_grad_reduce(const std::string& name);  // "auto", "exact", "overlap"; UsageError otherwise
-// kAuto becomes overlap where the communicator works on device memory (NCCL), else exact.
-GradReduce resolve_grad_reduce(GradReduce requested, bool device_buffers);
+// kAuto becomes overlap where the backend works on device memory (CUDA: a GPU's memory is
+// scarce, and its multi-process runs reduce over NCCL), else exact.
+GradReduce resolve_grad_reduce(GradReduce requested, bool device_backend);
 std::string grad_reduce_name(GradReduce mode);
 
 struct GradReduceOptions {

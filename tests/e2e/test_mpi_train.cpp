@@ -131,11 +131,14 @@ TEST_F(MpiTrain, OverlappedReductionMatchesOneProcessWithinRounding) {
                                                     dir / (name + "/step_000010.safetensors"), worst_tensor);
     std::printf("overlap, %d processes: largest checkpoint difference %.3g of the tensor's scale (%s)\n", processes,
                 difference, worst_tensor.c_str());
-    // Measured 7.2e-6 (P = 2 and 4, 10 steps): float32 rounding of the differently ordered
-    // sums (~1e-7) grown by Adam's division by sqrt(v) where gradients are small. The bound
-    // leaves a margin of ~14x; an unreduced or doubly reduced bucket gives differences of
-    // order 1 (the gradient off by a factor of 2 or P).
-    EXPECT_LT(difference, 1e-4) << processes << " processes, worst in " << worst_tensor;
+    // Measured 1.4e-4 (P = 2) and 1.4e-5 (P = 4) after 10 steps, in a value-embedding row:
+    // float32 rounding of the differently ordered sums (~1e-7 of a gradient) grown by Adam's
+    // division by sqrt(v) where a rare token's gradient nearly cancels. P = 2 accumulates
+    // two ranks per process in the model's gradients, the order furthest from exact's sums
+    // (7.2e-6 for both while overlap still summed its ranks in a buffer). The bound leaves a
+    // margin of ~7x; an unreduced or doubly reduced bucket gives differences of order 1
+    // (the gradient off by a factor of 2 or P).
+    EXPECT_LT(difference, 1e-3) << processes << " processes, worst in " << worst_tensor;
     EXPECT_GT(difference, 0.0) << "bit-identical: was the overlap mode used at all?";
   }
 }
