@@ -40,8 +40,8 @@ struct GPT::LayerActivations {
 struct GPT::ModelActivations {
   float* x0 = nullptr;           // rmsnorm(embed[tok]) [T, d]
   float* x0_rstd = nullptr;      // [T]
-  std::vector<float*> ve;        // value embeddings [T, d], indexed by table (forward-only:
-                                 // one buffer, looked up again for each layer that reads it)
+  float* ve = nullptr;           // the value embedding of the layer at hand [T, d]: looked
+                                 // up for each layer that reads it, again for its backward
   std::vector<float*> skip_in;   // encoder outputs pushed on the U-net stack [T, d]
   float* final_x = nullptr;      // last block's output [T, d]
   float* final_norm = nullptr;   // rmsnorm(final_x) [T, d]
@@ -61,7 +61,8 @@ struct GPT::TrainingBuffers {
   float* dk = nullptr;
   float* dv = nullptr;
   float* dy = nullptr;
-  std::vector<float*> dve;       // [T, d] per value-embedding table
+  float* dve = nullptr;          // [T, d] one layer's value-embedding gradient, scattered
+                                 // into its table's at once
   std::vector<float*> dskip_in;  // [T, d] per encoder output
 };
 
@@ -153,7 +154,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   ModelActivations& m = b.m;
   m.x0 = take(T * d);
   m.x0_rstd = take(T);
-  for (int j = 0; j < config.num_value_embeds; ++j) m.ve.push_back(take(T * d));
+  if (config.num_value_embeds > 0) m.ve = take(T * d);
   for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
   m.final_x = take(T * d);
   m.final_norm = take(T * d);
@@ -168,7 +169,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   b.dk = block_gradients + T * hd;
   b.dv = block_gradients + 2 * T * hd;
   b.dy = block_gradients + 3 * T * hd;
-  for (int j = 0; j < config.num_value_embeds; ++j) b.dve.push_back(take(T * d));
+  if (config.num_value_embeds > 0) b.dve = take(T * d);
   for (int i = 0; i < config.num_encoder_layers(); ++i) b.dskip_in.push_back(take(T * d));
   // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
   // outputs in one: the backward needs the MLP's before attention's). The lambda mix xm
@@ -239,8 +240,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver
   ModelActivations& m = f.m;
   m.x0 = take(T * d);
   m.x0_rstd = take(T);
-  float* value_embedding = take(T * d);
-  m.ve.assign(config.num_value_embeds, value_embedding);
+  if (config.num_value_embeds > 0) m.ve = take(T * d);
   for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
   LayerActivations& a = f.slot;
   a.x_in = take(T * d);
@@ -383,11 +383,6 @@ void GPT::run_forward(int T, int long_window, bool training) {
   ModelActivations& m = pass(training);
   backend_.embedding_forward(m.x0, params_ + embed_offset_, inputs_, T, d);
   backend_.rmsnorm_forward(m.x0, nullptr, m.x0_rstd, m.x0, T, d, eps);  // the backward needs only the output
-  if (training) {
-    for (int j = 0; j < config_.num_value_embeds; ++j) {
-      backend_.embedding_forward(m.ve[j], params_ + value_embed_offsets_[j], inputs_, T, d);
-    }
-  }
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
   const float* skip = params_ + skip_offset_;
@@ -400,10 +395,6 @@ void GPT::run_forward(int T, int long_window, bool training) {
       if (a.x_in != x) backend_.copy(a.x_in, x, n);
       backend_.scaled_add_forward(a.x_in, m.skip_in[half - 1 - j], skip + j, n);
       x = a.x_in;
-    }
-    const int ve = config_.value_embed_of_layer(i);
-    if (!training && ve >= 0) {
-      backend_.embedding_forward(m.ve[ve], params_ + value_embed_offsets_[ve], inputs_, T, d);
     }
     layer_input_[i] = x;
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
@@ -438,8 +429,8 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     normalize_heads(a.kn, a.kn_codes, a.k_rstd, T);
     rotated_copy(a.q_rot, a.qn, T);
     rotated_copy(a.k_rot, a.kn, T);
-    const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? m.ve[ve] : nullptr, params_ + offsets.attn_lambdas,
+    const int ve = look_up_value_embedding(layer, T, m);
+    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // y's bf16 copy for c_proj written by attention itself.
@@ -473,6 +464,12 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1,
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
   backend_.add(x_out, x1, n);
+}
+
+int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
+  const int ve = config_.value_embed_of_layer(layer);
+  if (ve >= 0) backend_.embedding_forward(m.ve, params_ + value_embed_offsets_[ve], inputs_, T, config_.model_dim);
+  return ve;
 }
 
 void GPT::rotated_copy(float* out, const float* x, int T) {
@@ -553,8 +550,8 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   }
   rotated_copy(a.q_rot, a.qn, T);
   rotated_copy(a.k_rot, a.kn, T);
-  const int ve = config_.value_embed_of_layer(layer);
-  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->m.ve[ve] : nullptr, params_ + block_offsets_[layer].attn_lambdas,
+  const int ve = config_.value_embed_of_layer(layer);  // looked up by the caller
+  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->m.ve : nullptr, params_ + block_offsets_[layer].attn_lambdas,
                        static_cast<size_t>(T) * config_.hidden_dim());
 }
 
@@ -607,7 +604,6 @@ void GPT::run_backward(int T, int long_window) {
   TrainingBuffers& b = *train_;
   const ModelActivations& m = b.m;
   backend_.zero(b.dx0, n);
-  for (float* p : b.dve) backend_.zero(p, n);
   for (float* p : b.dskip_in) backend_.zero(p, n);
   // The head's gradient is final since run_head; each block's after its backward.
   report_gradients_ready(block_params_begin(L), layout_.total());
@@ -625,9 +621,6 @@ void GPT::run_backward(int T, int long_window) {
   backend_.add(b.dx0, b.dx, n);
   backend_.rmsnorm_backward(b.dtmp, b.dx0, m.x0, m.x0_rstd, T, d, false);
   backend_.embedding_backward(grads_ + embed_offset_, b.dtmp, inputs_, T, d);
-  for (int j = 0; j < config_.num_value_embeds; ++j) {
-    backend_.embedding_backward(grads_ + value_embed_offsets_[j], b.dve[j], inputs_, T, d);
-  }
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
 
@@ -670,6 +663,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const size_t nh = static_cast<size_t>(T) * hd;
     linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T,
                     d, hd);
+    const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
@@ -684,9 +678,10 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     normalize_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
     linear_backward_products(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
-    const int ve = config_.value_embed_of_layer(layer);
-    backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve[ve] : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
-                          ve >= 0 ? b.m.ve[ve] : nullptr, params_ + offsets.attn_lambdas, nh);
+    if (ve >= 0) backend_.zero(b.dve, nh);
+    backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
+                          ve >= 0 ? b.m.ve : nullptr, params_ + offsets.attn_lambdas, nh);
+    if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], b.dve, inputs_, T, d);
     linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldInput);
     backend_.rmsnorm_backward(b.dx, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);

@@ -146,6 +146,9 @@ class GPT {
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
+  // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,
+  // cheaper to look up again than to keep per table); returns its table, -1 for none.
+  int look_up_value_embedding(int layer, int T, const ModelActivations& m);
   // The precision-dependent steps: x -> rmsnorm(x) per head in place (codes into `stored`
   // in bf16, where a training pass keeps them), h -> relu(h)^2, and their backwards.
   // normalize_heads_backward leaves dx held as kHeldGradient (codes written by the op itself
