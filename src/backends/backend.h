@@ -46,6 +46,14 @@ class Backend {
   // product (4 bytes read and 2 written per element; the CPU's emulated copies are counted
   // alike): what keeping matmul operands in bf16 would save. 0 with float32 matmuls.
   virtual size_t operand_copy_traffic_bytes() const { return 0; }
+  // Lends the backend `bytes` of memory from its alloc() that the caller leaves untouched
+  // until withdraw_scratch(): meanwhile an operation may take its temporaries from there
+  // instead of growing scratch of its own (a forward-only pass lends the part of the
+  // activation arena only training passes use). Work queued after withdraw_scratch() no
+  // longer touches it; work queued before may still be running (the owner's later writes
+  // are ordered after it).
+  virtual void lend_scratch(float* memory, size_t bytes) {}
+  virtual void withdraw_scratch() {}
   virtual void upload(float* dst, const float* host, size_t count) = 0;
   virtual void download(float* host, const float* src, size_t count) = 0;
   // Uploads may return before the copy is done when `host` is alloc_host memory: keep such

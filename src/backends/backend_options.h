@@ -26,6 +26,9 @@ struct BackendOptions {
   // CPU: honour Backend::hold_operand (false: round every operand per product, so that a test
   // can show holding changes no result, only the copies made).
   bool hold_operands = true;
+  // CPU: fill memory lent by Backend::lend_scratch with NaN, so that a test can show that
+  // the lender reads none of it while lent and overwrites it before reading it afterwards.
+  bool poison_lent_scratch = false;
 };
 
 // "fp32" / "bf16"; UsageError naming the flag otherwise.

@@ -34,6 +34,10 @@ class ProfilingBackend final : public Backend {
     return inner_.hold_produced_operand(slot, x, count);
   }
   void release_operand(int slot) override { inner_.release_operand(slot); }
+  void lend_scratch(float* memory, size_t bytes) override {
+    timed("lend_scratch", 0, [&] { inner_.lend_scratch(memory, bytes); });
+  }
+  void withdraw_scratch() override { inner_.withdraw_scratch(); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
   void release_host(void* p) override { inner_.release_host(p); }

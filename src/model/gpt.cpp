@@ -72,6 +72,27 @@ struct GPT::ForwardBuffers {
   LayerActivations slot;
 };
 
+namespace {
+
+// Backend::lend_scratch for a scope.
+class ScratchLoan {
+ public:
+  ScratchLoan(Backend& backend, float* memory, size_t bytes) : backend_(backend), lent_(memory && bytes > 0) {
+    if (lent_) backend_.lend_scratch(memory, bytes);
+  }
+  ~ScratchLoan() {
+    if (lent_) backend_.withdraw_scratch();
+  }
+  ScratchLoan(const ScratchLoan&) = delete;
+  ScratchLoan& operator=(const ScratchLoan&) = delete;
+
+ private:
+  Backend& backend_;
+  const bool lent_;
+};
+
+}  // namespace
+
 GPT::ModelActivations& GPT::pass(bool training) { return training ? train_->m : forward_->m; }
 
 GPT::LayerActivations& GPT::slot(int layer, bool training) {
@@ -138,6 +159,8 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
       carve_training_buffers(config_, activations, training_arena, max_train_T));
   forward_ = std::make_unique<ForwardBuffers>(
       carve_forward_buffers(config_, forward_arena, T_all, static_cast<size_t>(forward_mlp_rows_)));
+  forward_spare_bytes_ = plan.forward_spare_bytes();
+  if (forward_spare_bytes_ > 0) forward_spare_ = arena + forward_arena.used();
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
   std::vector<float> host;
   initialize_parameters(config_, layout_, host);
@@ -361,8 +384,13 @@ void GPT::forward_backward_async(std::span<const int32_t> inputs, std::span<cons
   backend_.upload_i32(inputs_, inputs.data(), T);
   backend_.upload_i32(targets_, targets.data(), T);
   backend_.document_ids(doc_, inputs_, T, static_cast<int32_t>(Tokenizer::kEndOfText));
-  run_forward(T, long_window, training);
-  run_head(T, grad_scale, pass(training));
+  {
+    // A forward-only pass leaves part of the arena unused: the backend may take its
+    // temporaries from there (withdrawn on every way out, exceptions included).
+    ScratchLoan loan(backend_, training ? nullptr : forward_spare_, forward_spare_bytes_);
+    run_forward(T, long_window, training);
+    run_head(T, grad_scale, pass(training));
+  }
   // Queued, not awaited: the host learns the loss at the caller's next synchronize().
   backend_.sum_to_host(loss_sum, row_loss_, T);
   if (fault_flag_) backend_.flag_nonfinite(fault_flag_, row_loss_, T);

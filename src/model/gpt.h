@@ -65,6 +65,8 @@ class GPT {
     size_t sequence_bytes = 0;      // inputs, targets, document ids, token losses
     size_t logits_bytes = 0;        // one chunk of the head's logits
     size_t arena_bytes() const { return std::max(training_bytes, forward_only_bytes); }
+    // The arena a forward-only pass leaves unused, lent to the backend's scratch meanwhile.
+    size_t forward_spare_bytes() const { return arena_bytes() - forward_only_bytes; }
     size_t activation_bytes() const { return arena_bytes() + sequence_bytes + logits_bytes; }
     size_t total_bytes() const { return parameter_bytes + gradient_bytes + activation_bytes(); }
   };
@@ -199,6 +201,8 @@ class GPT {
   // Activations of a training pass and of a forward-only one, carved from one arena.
   std::unique_ptr<TrainingBuffers> train_;
   std::unique_ptr<ForwardBuffers> forward_;
+  float* forward_spare_ = nullptr;  // MemoryPlan::forward_spare_bytes() from here
+  size_t forward_spare_bytes_ = 0;
   std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
   int head_chunk_ = 0;
   GradientReadyHook gradient_ready_;

@@ -791,6 +791,39 @@ TEST_F(AttentionTest, SpeedrunHeadsOverThousandsOfTokens) {
   check({2048, 1, 128, 128, {14}, 100000});  // (almost) one document: full windows
 }
 
+// Backend::lend_scratch: while memory is lent the flash kernel's bf16 copies and workspace
+// come from it (the device's memory in use does not grow); withdrawn, the backend grows
+// scratch of its own. The same result either way.
+TEST_F(AttentionTest, FlashKernelTakesItsTemporariesFromLentMemory) {
+  SCOPED_TRACE(trace());
+  BackendOptions options;
+  options.attention = AttentionKernel::kFlash;
+  gpu_ = make_cuda_backend(0, options);
+  const int T = 8192, H = 2, D = 128;
+  const size_t n = static_cast<size_t>(T) * H * D;
+  const AttentionShape shape{T, H, D, 128, 3, 0.12f};
+  DeviceFloats q(*gpu_, normal(n)), k(*gpu_, normal(n)), v(*gpu_, normal(n));
+  DeviceInts doc(*gpu_, documents(T, 1000));
+  DeviceFloats y(*gpu_, n, kNaN), lse(*gpu_, static_cast<size_t>(H) * T, kNaN);
+  DeviceFloats loan(*gpu_, 4 * n, kNaN);  // 16 bytes per element: more than 3 bf16 copies and the workspace
+  gpu_->synchronize();
+  const size_t before = gpu_->device_memory_in_use();
+  gpu_->lend_scratch(loan.ptr, 4 * n * sizeof(float));
+  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->withdraw_scratch();
+  gpu_->synchronize();
+  EXPECT_EQ(gpu_->device_memory_in_use(), before) << "scratch grew although memory was lent";
+  const auto lent_y = y.get(), lent_lse = lse.get();
+  DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, lent_lse.size(), kNaN);
+  gpu_->synchronize();
+  const size_t unlent = gpu_->device_memory_in_use();
+  gpu_->attention_forward(y2.ptr, nullptr, lse2.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->synchronize();
+  EXPECT_GT(gpu_->device_memory_in_use(), unlent) << "withdrawn memory still served";
+  expect_identical(lent_y, y2.get(), "flash y from lent scratch");
+  expect_identical(lent_lse, lse2.get(), "flash lse from lent scratch");
+}
+
 // The flash kernel's output is bf16: given y_codes it writes them there (the held operand of
 // c_proj) instead of into its own scratch, and y is their widening, the same bits either way.
 TEST_F(AttentionTest, FlashKernelWritesTheCodesOfItsOutputWhenAsked) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "backends/profiling_backend.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
 #include "support/finite_difference.h"
@@ -318,6 +319,41 @@ TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
   ActivationOptions none;
   none.forward_mlp_rows = 0;
   EXPECT_THROW(GPT(c, *be, 64, kT, none), Error);
+}
+
+// A forward-only pass lends the arena it leaves unused (MemoryPlan::forward_spare_bytes) to
+// the backend's scratch, and reads none of it: with the loan filled with NaN the loss is
+// the same bits; a training pass afterwards overwrites it before reading it. A pass that
+// fills the arena lends nothing.
+TEST(GPT, AForwardOnlyPassLendsTheArenaItLeavesUnusedAndReadsNoneOfIt) {
+  const Config c = Config::preset("micro");
+  for (ActivationOptions activations : {ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kFloat32},
+                                        ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kBfloat16}}) {
+    BackendOptions poisoned;
+    poisoned.poison_lent_scratch = true;
+    auto clean_be = make_cpu_backend(), poisoned_be = make_cpu_backend(poisoned);
+    std::map<std::string, OpStats> stats;
+    auto counted = make_profiling_backend(*poisoned_be, stats);
+    GPT clean(c, *clean_be, 256, 128, activations), lender(c, *counted, 256, 128, activations);
+    const GPT::MemoryPlan plan = GPT::plan_memory(c, 256, 128, activations, clean_be->head_chunk_rows());
+    EXPECT_GT(plan.forward_spare_bytes(), plan.training_bytes / 2);  // a long training sequence, a short one here
+    const auto params = random_vector(clean.layout().total(), 7, 0.5f);
+    clean.load_parameters(params);
+    lender.load_parameters(params);
+    const auto short_in = random_tokens(128, c.vocab_size, 8, 37), short_out = random_tokens(128, c.vocab_size, 9);
+    const double loss = clean.forward(short_in, short_out, 3);
+    ASSERT_TRUE(std::isfinite(loss));
+    EXPECT_EQ(lender.forward(short_in, short_out, 3), loss);
+    EXPECT_EQ(stats["lend_scratch"].calls, 1);
+    const auto in = random_tokens(256, c.vocab_size, 10, 37), out = random_tokens(256, c.vocab_size, 11);
+    clean.zero_grad();
+    lender.zero_grad();
+    EXPECT_EQ(lender.forward_backward(in, out, 3, 1.f), clean.forward_backward(in, out, 3, 1.f));
+    EXPECT_EQ(lender.gradients_to_host(), clean.gradients_to_host());
+    EXPECT_EQ(stats["lend_scratch"].calls, 1);  // training lends nothing
+  }
+  const GPT::MemoryPlan full = GPT::plan_memory(c, 64, 4096, {}, kCpuHeadChunkRows);
+  EXPECT_EQ(full.forward_spare_bytes(), 0u);
 }
 
 // The plan `speedrun memory` prints is what the model and the optimiser allocate, in

@@ -159,7 +159,9 @@ void relu2_backward_values(float* dx, const float* dout, const X* x, size_t n) {
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(const BackendOptions& options)
-      : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16), hold_operands_(options.hold_operands) {
+      : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
+        hold_operands_(options.hold_operands),
+        poison_lent_scratch_(options.poison_lent_scratch) {
     if (options.attention == AttentionKernel::kFlash) {
       throw UsageError("--attention-kernel flash is the CUDA backend's kernel; the CPU backend has reference only");
     }
@@ -167,6 +169,20 @@ class CpuBackend final : public Backend {
 
   std::string name() const override { return "cpu"; }
   size_t operand_copy_traffic_bytes() const override { return operand_copy_traffic_; }
+
+  // The CPU's temporaries are few and small: it borrows nothing, but with
+  // poison_lent_scratch it scribbles NaN over the loan where CUDA's ops take temporaries
+  // from it (copy, embedding_backward, attention) and after every product, so that a
+  // loan overlapping a live buffer shows.
+  void lend_scratch(float* memory, size_t bytes) override {
+    loan_ = memory;
+    loan_floats_ = bytes / sizeof(float);
+    scribble_on_loan();
+  }
+  void withdraw_scratch() override {
+    loan_ = nullptr;
+    loan_floats_ = 0;
+  }
 
   float* alloc(size_t count) override { return static_cast<float*>(tracked(count * sizeof(float))); }
   int32_t* alloc_i32(size_t count) override { return static_cast<int32_t*>(tracked(count * sizeof(int32_t))); }
@@ -183,7 +199,10 @@ class CpuBackend final : public Backend {
     move_bytes(dst, host, count * sizeof(int32_t));
   }
   void zero(float* dst, size_t count) override { std::memset(dst, 0, count * sizeof(float)); }
-  void copy(float* dst, const float* src, size_t count) override { move_bytes(dst, src, count * sizeof(float)); }
+  void copy(float* dst, const float* src, size_t count) override {
+    move_bytes(dst, src, count * sizeof(float));
+    scribble_on_loan();
+  }
   void fill_i32(int32_t* dst, int32_t value, size_t count) override { std::fill(dst, dst + count, value); }
 
   // Every operation has finished when it returns, so the asynchronous ones are plain.
@@ -214,6 +233,7 @@ class CpuBackend final : public Backend {
     }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
                 lda, B, ldb, beta, C, ldc);
+    scribble_on_loan();
   }
 
   // A held copy is a produced operand whose producer is the copy itself.
@@ -272,6 +292,7 @@ class CpuBackend final : public Backend {
         for (int c = c0; c < c1; ++c) dst[c] += src[c];
       }
     }
+    scribble_on_loan();
   }
 
   void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
@@ -405,12 +426,14 @@ class CpuBackend final : public Backend {
                          const int32_t* doc, const AttentionShape& shape) override {
     cpu::attention_forward(y, lse, q, k, v, doc, shape);
     encode_outputs(y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
+    scribble_on_loan();
   }
 
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const int32_t* doc,
                           const AttentionShape& shape) override {
     cpu::attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+    scribble_on_loan();
   }
 
   void softcap_cross_entropy(float* logits, float* row_loss, const int32_t* targets, int rows, int V, float softcap,
@@ -527,6 +550,12 @@ class CpuBackend final : public Backend {
  private:
   const bool bf16_matmul_;
   const bool hold_operands_;
+  const bool poison_lent_scratch_;
+  float* loan_ = nullptr;  // Backend::lend_scratch
+  size_t loan_floats_ = 0;
+  void scribble_on_loan() {
+    if (poison_lent_scratch_ && loan_) std::fill_n(loan_, loan_floats_, std::numeric_limits<float>::quiet_NaN());
+  }
   std::vector<float> bf16_a_, bf16_b_;  // bf16-rounded copies of the operands (bf16_matmul_)
   size_t operand_copy_traffic_ = 0;     // as a GPU's bf16 copies of them would move
   struct HeldOperand {

@@ -83,6 +83,10 @@ class CudaBackend final : public Backend {
   }
 
   // --- memory ---------------------------------------------------------------------------
+  // Lent memory serves the operations' temporaries: at validation that is the flash
+  // kernel's bf16 copies of q, k and v (1.2 GB at 262144 tokens) and its workspace.
+  void lend_scratch(float* memory, size_t bytes) override { op_scratch_->lend(memory, bytes); }
+  void withdraw_scratch() override { op_scratch_->withdraw(); }
   float* alloc(size_t count) override { return static_cast<float*>(allocate_zeroed(count * sizeof(float))); }
   int32_t* alloc_i32(size_t count) override {
     return static_cast<int32_t*>(allocate_zeroed(count * sizeof(int32_t)));

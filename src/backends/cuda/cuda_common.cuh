@@ -63,7 +63,7 @@ __device__ inline T block_reduce(T v, Op op, T identity, T* shared) {
 }
 
 // A device buffer that only grows; growing waits for the stream, since queued kernels
-// may still use the old buffer.
+// may still use the old buffer. Lent memory, while large enough, is served instead.
 class Scratch {
  public:
   explicit Scratch(cudaStream_t stream) : stream_(stream) {}
@@ -73,6 +73,7 @@ class Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   void* get(size_t bytes) {
+    if (lent_ && bytes <= lent_size_) return lent_;
     if (bytes <= size_ && data_) return data_;
     SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (data_) SPEEDRUN_CUDA_CHECK(cudaFree(data_));
@@ -83,10 +84,20 @@ class Scratch {
     return data_;
   }
 
+  // Memory someone else owns (Backend::lend_scratch), served instead of growing while it
+  // is large enough.
+  void lend(void* memory, size_t bytes) {
+    lent_ = memory;
+    lent_size_ = bytes;
+  }
+  void withdraw() { lend(nullptr, 0); }
+
  private:
   cudaStream_t stream_;
   void* data_ = nullptr;
   size_t size_ = 0;
+  void* lent_ = nullptr;
+  size_t lent_size_ = 0;
 };
 
 // Cuts one scratch allocation into 256-byte-aligned pieces; run once with base = nullptr
