@@ -12,13 +12,15 @@
 #        (tests/gpu/test_*.cpp), speedrun and their non-system libraries into
 #        build-gpu/carry/payload.tar.gz
 #        (build-gpu/ is git-ignored, so the run tool must be told to carry it).
-#   2. there: run tool, carry ["build-gpu/carry"], command
-#        scripts/gpu_check.sh build-gpu/carry [STAGES]
-#        STAGES (comma-separated, default tests,sanitize; each call must end within the run
-#        tool's 10 minutes, so bench goes in a second call): tests = every GPU test;
-#        sanitize = compute-sanitizer memcheck and racecheck on the op tests; bench =
-#        `speedrun bench --device cuda` on the presets once the training path takes cuda;
-#        logs go to $OUT (at most 8 files; a summary is printed last).
+#   2. there: run tool, carry ["build-gpu/carry"], timeout_s 600, command
+#        scripts/gpu_check.sh build-gpu/carry [STAGES] [DEADLINE_S]
+#        STAGES (comma-separated, in this order; default tests,bench,sanitize): tests =
+#        every GPU test; bench = `speedrun bench --device cuda`, the <= 24 GB configuration
+#        first; sanitize = compute-sanitizer memcheck and racecheck on the op tests.
+#        DEADLINE_S (default 540): no item starts after it, and each item's timeout ends
+#        by it, so that one call fits the run tool's 10 minutes and a task's 15 minutes of
+#        device time (start-up included) with the summary always printed. Logs go to
+#        $OUT (at most 8 files; a summary is printed last).
 #   3. here: copy the returned bench_speedrun-124m*.json to bench/results/ (named by date
 #        and device) and commit it.
 set -uo pipefail
@@ -89,12 +91,15 @@ find_cublas_dir() {
 }
 
 run_checks() {
-  local stages=$2 dir out=${OUT:-/tmp/gpu_check_out} work=/tmp/speedrun_gpu rc
+  local stages=$2 deadline=$3 dir out=${OUT:-/tmp/gpu_check_out} work=/tmp/speedrun_gpu rc
   dir=$(realpath -m "$1")
   mkdir -p "$out" "$work"
   tar -xzf "$dir/payload.tar.gz" -C "$work" || { echo "no payload in $dir: run --prepare-carry here first"; exit 2; }
   export PATH=/usr/local/cuda/bin:$PATH
-  export LD_LIBRARY_PATH="$work/lib:$(find_cublas_dir):$(find_nccl_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local cublas_dir nccl_dir
+  cublas_dir=$(find_cublas_dir)
+  nccl_dir=$(find_nccl_dir)
+  export LD_LIBRARY_PATH="$work/lib:$cublas_dir:$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local speedrun=$work/bin/speedrun tests=() t
   SPEEDRUN_COMMIT=$(cat "$work/commit.txt" 2>/dev/null || echo unknown)
   export SPEEDRUN_COMMIT
@@ -112,6 +117,16 @@ run_checks() {
   local summary=()
   record() { summary+=("$(printf '%-40s %s' "$1" "$2")"); }
   count() { grep -c "^\[ *$1 *\] .* ms)\$" "$2"; }
+  # budget NAME LIMIT: sets `limit` to LIMIT seconds or what is left before the deadline
+  # (10 s kept for the summary); false, with NAME recorded as skipped, when too little is.
+  budget() {
+    local left=$((deadline - SECONDS - 10))
+    if ((left < 20)); then
+      record "$1" "skipped: deadline ${deadline}s reached"
+      return 1
+    fi
+    limit=$(($2 < left ? $2 : left))
+  }
   local archs
   archs=$(grep -o 'sm_[0-9]*' "$out/env.log" | sort -u | tr '\n' ' ')
   case "$archs" in
@@ -119,60 +134,60 @@ run_checks() {
     *) record "SASS in speedrun" "MISSING (want sm_80 sm_89 sm_90): $archs" ;;
   esac
 
-  # 1. Every GPU test program (the gpu label's ctest runs exactly these; ctest's files hold
-  #    this machine's absolute paths, so the programs are run directly), one log.
-  if [[ $stages == *tests* ]]; then
-    : >"$out/tests.log"
-    for t in "${tests[@]}"; do
-      echo "=== $(basename "$t")" >>"$out/tests.log"
-      timeout 240 "$t" >"$work/test.tmp" 2>&1
-      rc=$?
-      cat "$work/test.tmp" >>"$out/tests.log"
-      record "$(basename "$t")" "rc=$rc ($(count OK "$work/test.tmp") ok, $(count FAILED "$work/test.tmp") failed, $(count SKIPPED "$work/test.tmp") skipped)"
-    done
-  fi
-
-  # 2. compute-sanitizer on the op tests (the model tests are too slow under it; racecheck,
-  #    slow on shared-memory loops, gets small shapes only). Filters per program; a
-  #    program not listed runs its tests whose names contain "Small" or "Op".
-  declare -A memcheck=(
-    [test_cuda_backend]='CudaBackendTest.*:GemmTest.StridedBatchesUseEveryMatrix:AttentionTest.EveryWindowOnSmallHeads:AttentionTest.OddShapesAndWideHeads'
-    [test_cuda_fp8_head]='*MatchesTheCpuEmulation*:*QuantisedOperandsAreBitExact*'
-  )
-  declare -A racecheck=(
-    [test_cuda_backend]='CudaBackendTest.*:AttentionTest.EveryWindowOnSmallHeads'
-    [test_cuda_fp8_head]='*QuantisedOperandsAreBitExact*'
-  )
-  local tool name filter
-  for tool in memcheck racecheck; do
-    [[ $stages == *sanitize* ]] || continue
-    : >"$out/sanitizer_$tool.log"
-    for t in "${tests[@]}"; do
-      name=$(basename "$t")
-      [ "$name" = test_nccl_communicator ] && continue  # NCCL's own kernels are not ours to check
-      if [ "$tool" = memcheck ]; then filter=${memcheck[$name]:-*Small*:*Op*}; else filter=${racecheck[$name]:-*Small*}; fi
-      echo "=== $name --gtest_filter=$filter" >>"$out/sanitizer_$tool.log"
-      timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --gtest_filter="$filter" \
-        >"$work/san.tmp" 2>&1
-      rc=$?
-      head -c 2M "$work/san.tmp" >>"$out/sanitizer_$tool.log"
-      record "$tool $name" "rc=$rc ($(grep -E -m1 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/san.tmp"))"
-    done
+  local stage limit
+  for stage in ${stages//,/ }; do
+    case $stage in
+      tests) stage_tests ;;
+      bench) stage_bench ;;
+      sanitize) stage_sanitize ;;
+      *) record "stage $stage" "unknown (tests, bench, sanitize)" ;;
+    esac
   done
 
-  # 3. Training-step benchmarks: each variant is a preset and its backend flags.
-  #    speedrun-124m: bf16 matmuls and bf16-kept activations (the cuda defaults), float32
-  #      reference attention;
-  #    speedrun-124m-flash: the same with attention through the bf16 flash kernel;
-  #    speedrun-124m-recompute: the flash variant recomputing activations (the <= 24 GB
-  #      configuration: 20.9 GiB planned).
-  local variant preset limit flags
+  echo "--- failures (first 60 lines) ---"
+  [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -60
+  echo "--- summary (logs in \$OUT; ${SECONDS}s of ${deadline}s) ---"
+  printf '%s\n' "${summary[@]}"
+}
+
+# Every GPU test program (the gpu label's ctest runs exactly these; ctest's files hold this
+# machine's absolute paths, so the programs are run directly), one log.
+stage_tests() {
+  local t
+  : >"$out/tests.log"
+  for t in "${tests[@]}"; do
+    budget "$(basename "$t")" 240 || continue
+    echo "=== $(basename "$t")" >>"$out/tests.log"
+    timeout "$limit" "$t" >"$work/test.tmp" 2>&1
+    rc=$?
+    cat "$work/test.tmp" >>"$out/tests.log"
+    record "$(basename "$t")" "rc=$rc ($(count OK "$work/test.tmp") ok, $(count FAILED "$work/test.tmp") failed, $(count SKIPPED "$work/test.tmp") skipped)"
+  done
+}
+
+# Training-step benchmarks, the most telling first: each variant is a preset and its flags.
+#   speedrun-124m-recompute: bf16 matmuls and activations (the cuda defaults), attention
+#     through the bf16 flash kernel, activations recomputed: the <= 24 GB configuration;
+#   speedrun-124m-flash: the same keeping activations;
+#   speedrun-124m: float32 reference attention;
+#   then the flash kernel alone, and the small presets.
+stage_bench() {
+  local variant preset flags
   declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash"
     [speedrun-124m-recompute]="--attention-kernel flash --recompute-activations")
-  for variant in micro tiny speedrun-124m speedrun-124m-flash speedrun-124m-recompute; do
-    [[ $stages == *bench* ]] || continue
-    limit=120
-    [[ $variant == speedrun-124m* ]] && limit=300
+  for variant in speedrun-124m-recompute speedrun-124m-flash flash-kernel speedrun-124m tiny micro; do
+    if [ "$variant" = flash-kernel ]; then
+      [ -x "$work/bin/test_flash_attention" ] || continue
+      budget "flash attention benchmark" 120 || continue
+      echo "=== flash attention kernel alone" >>"$out/bench.log"
+      timeout "$limit" "$work/bin/test_flash_attention" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' \
+        >"$work/bench.tmp" 2>&1
+      rc=$?
+      cat "$work/bench.tmp" >>"$out/bench.log"
+      record "flash attention benchmark" "rc=$rc $(grep -m1 -i 'TFLOP/s' "$work/bench.tmp")"
+      continue
+    fi
+    budget "bench --device cuda $variant" "$([[ $variant == speedrun-124m* ]] && echo 240 || echo 60)" || continue
     flags=${variant_flags[$variant]}
     preset=${variant%-flash}
     preset=${preset%-recompute}
@@ -185,21 +200,40 @@ run_checks() {
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
   done
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
-  if [[ $stages == *bench* && -x $work/bin/test_flash_attention ]]; then
-    echo "=== flash attention kernel alone" >>"$out/bench.log"
-    timeout 120 "$work/bin/test_flash_attention" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' \
-      >>"$out/bench.log" 2>&1
-    record "flash attention benchmark" "rc=$? $(grep -m1 -i 'TFLOP/s' "$out/bench.log")"
-  fi
+}
 
-  echo "--- failures (first 40 lines) ---"
-  [ -f "$out/tests.log" ] && grep -E -A6 '^\[  FAILED  \]|Failure$' "$out/tests.log" | head -60
-  echo "--- summary (logs in \$OUT) ---"
-  printf '%s\n' "${summary[@]}"
+# compute-sanitizer on the op tests (the model tests are too slow under it; racecheck, slow
+# on shared-memory loops, gets small shapes only). Filters per program; a program not
+# listed runs its tests whose names contain "Small" or "Op".
+stage_sanitize() {
+  declare -A memcheck=(
+    [test_cuda_backend]='CudaBackendTest.*:GemmTest.StridedBatchesUseEveryMatrix:AttentionTest.EveryWindowOnSmallHeads:AttentionTest.OddShapesAndWideHeads'
+    [test_cuda_fp8_head]='*MatchesTheCpuEmulation*:*QuantisedOperandsAreBitExact*'
+  )
+  declare -A racecheck=(
+    [test_cuda_backend]='CudaBackendTest.*:AttentionTest.EveryWindowOnSmallHeads'
+    [test_cuda_fp8_head]='*QuantisedOperandsAreBitExact*'
+  )
+  local tool name filter t
+  for tool in memcheck racecheck; do
+    : >"$out/sanitizer_$tool.log"
+    for t in "${tests[@]}"; do
+      name=$(basename "$t")
+      [ "$name" = test_nccl_communicator ] && continue  # NCCL's own kernels are not ours to check
+      budget "$tool $name" 150 || continue
+      if [ "$tool" = memcheck ]; then filter=${memcheck[$name]:-*Small*:*Op*}; else filter=${racecheck[$name]:-*Small*}; fi
+      echo "=== $name --gtest_filter=$filter" >>"$out/sanitizer_$tool.log"
+      timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --gtest_filter="$filter" \
+        >"$work/san.tmp" 2>&1
+      rc=$?
+      head -c 2M "$work/san.tmp" >>"$out/sanitizer_$tool.log"
+      record "$tool $name" "rc=$rc ($(grep -E -m1 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/san.tmp"))"
+    done
+  done
 }
 
 case "${1:-}" in
   --prepare-carry) prepare_carry "$(realpath -m "${2:-$ROOT/build-gpu/carry}")" ;;
-  -h | --help) sed -n '2,20p' "$0" ;;
-  *) run_checks "${1:-build-gpu/carry}" "${2:-tests,sanitize}" ;;
+  -h | --help) sed -n '2,23p' "$0" ;;
+  *) run_checks "${1:-build-gpu/carry}" "${2:-tests,bench,sanitize}" "${3:-540}" ;;
 esac
