@@ -5,6 +5,7 @@
 // to read them back to the host. "accumulate" means out += result instead of out =.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -21,6 +22,27 @@ struct AttentionShape {
   int block_size;         // attention block size (SPEC §3)
   int window_blocks;      // window N; 0 behaves as 1
   float scale;            // logit scale (0.12)
+};
+
+// One tensor of a multi-tensor Adam update: backend memory, n floats each, its own rate.
+struct AdamTensor {
+  float* param = nullptr;
+  const float* grad = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  size_t n = 0;
+  float lr = 0.f;
+};
+
+// Adam's bias corrections for `step` (updates so far including this one), computed in
+// float64 and folded into the rate and the second moment's scale: every backend's, alike.
+struct AdamBiasCorrection {
+  double bias1;
+  float inv_sqrt_bias2;
+  AdamBiasCorrection(float beta1, float beta2, int step)
+      : bias1(1.0 - std::pow(static_cast<double>(beta1), step)),
+        inv_sqrt_bias2(static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(beta2), step)))) {}
+  float step_size(float lr) const { return static_cast<float>(lr / bias1); }
 };
 
 // Backend::head_chunk_rows() of each backend, for memory plans made without one.
@@ -208,9 +230,10 @@ class Backend {
   // The operations that change parameters or optimiser state take `skip`: a backend int32
   // (or nullptr); when *skip != 0 they change nothing. A step found faulty on the device
   // (flag_nonfinite) is thus skipped without the host waiting for the verdict.
-  // Adam with bias correction, PyTorch's form; step = updates so far including this one.
-  virtual void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                           float beta2, float eps, int step, const int32_t* skip) = 0;
+  // Adam with bias correction, PyTorch's form, on every tensor given at once (one launch on
+  // CUDA for all of a step's Adam parameters); step = updates so far including this one.
+  virtual void adam_update(const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps, int step,
+                           const int32_t* skip) = 0;
   // buf = m*buf + (1-m)*g; out = (1-m)*g + m*buf (Nesterov). out may alias g.
   virtual void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum,
                              const int32_t* skip) = 0;

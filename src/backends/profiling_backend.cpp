@@ -142,9 +142,9 @@ class ProfilingBackend final : public Backend {
     timed("matmul (FP8 head)", 4.0 * rows * V * d,
           [&] { inner_.fp8_head_backward(dx, dW, dlogits, x, W, rows, V, d, output_scale); });
   }
-  void adam_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps,
-                   int step, const int32_t* skip) override {
-    timed("adam", 0, [&] { inner_.adam_update(p, g, m, v, n, lr, b1, b2, eps, step, skip); });
+  void adam_update(const AdamTensor* tensors, size_t count, float b1, float b2, float eps, int step,
+                   const int32_t* skip) override {
+    timed("adam", 0, [&] { inner_.adam_update(tensors, count, b1, b2, eps, step, skip); });
   }
   void muon_momentum(float* o, float* buf, const float* g, size_t n, float m, const int32_t* skip) override {
     timed("muon (elementwise)", 0, [&] { inner_.muon_momentum(o, buf, g, n, m, skip); });

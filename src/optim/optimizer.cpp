@@ -81,6 +81,7 @@ void Optimizer::step(float* params, const float* grads, int step, Communicator* 
   const auto& specs = layout_.specs();
   const int processes = comm ? comm->size() : 1;
   int muon_index = 0;
+  adam_tensors_.clear();
   for (size_t i = 0; i < specs.size(); ++i) {
     const ParamSpec& spec = specs[i];
     float* p = params + spec.offset;
@@ -91,11 +92,12 @@ void Optimizer::step(float* params, const float* grads, int step, Communicator* 
       muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum, mine, skip);
       if (processes > 1) comm->broadcast_async(p, spec.count, owner);
     } else {
-      backend_.adam_update(p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult),
-                           static_cast<float>(config_.adam_beta1), static_cast<float>(config_.adam_beta2),
-                           static_cast<float>(config_.adam_eps), step + 1, skip);
+      adam_tensors_.push_back(
+          {p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult)});
     }
   }
+  backend_.adam_update(adam_tensors_.data(), adam_tensors_.size(), static_cast<float>(config_.adam_beta1), static_cast<float>(config_.adam_beta2),
+                       static_cast<float>(config_.adam_eps), step + 1, skip);
   if (comm) comm->wait_all();
 }
 

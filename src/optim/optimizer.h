@@ -57,6 +57,7 @@ class Optimizer {
   std::vector<NamedState> state_;
   std::vector<float*> first_state_;   // per spec: Adam m or Muon buffer (nullptr if none)
   std::vector<float*> second_state_;  // per spec: Adam v
+  std::vector<AdamTensor> adam_tensors_;  // a step's Adam update, one call (capacity kept)
   float* update_ = nullptr;           // Muon scratch: the momentum update [largest tensor]
   float* x_ = nullptr;                // Newton-Schulz iterate [largest tensor]
   float* x_next_ = nullptr;

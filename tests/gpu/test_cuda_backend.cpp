@@ -875,6 +875,40 @@ TEST_F(CudaBackendTest, SoftcapCrossEntropyMatchesCpu) {
 // ---------------------------------------------------------------------------------------
 // Optimiser building blocks
 
+// One multi-tensor Adam call over more tensors than one launch takes (32), of sizes from 0
+// to 100003 and each its own rate, against the CPU's: every tensor updated, none twice.
+TEST_F(CudaBackendTest, MultiTensorAdamMatchesCpuOverSeveralLaunches) {
+  SCOPED_TRACE(trace());
+  std::vector<std::vector<float>> p, g, m, v;
+  for (int k = 0; k < 45; ++k) {
+    const size_t n = k == 3 ? 0 : k == 7 ? 100003 : static_cast<size_t>(1 + 97 * k);
+    p.push_back(normal(n));
+    g.push_back(normal(n, 0.1f));
+    m.push_back(normal(n, 0.05f));
+    v.push_back(normal(n, 0.01f));
+    for (float& x : v.back()) x = x * x;
+  }
+  std::vector<std::unique_ptr<DeviceFloats>> dp, dg, dm, dv;
+  std::vector<AdamTensor> host, device;
+  for (size_t k = 0; k < p.size(); ++k) {
+    dp.push_back(std::make_unique<DeviceFloats>(*gpu_, p[k]));
+    dg.push_back(std::make_unique<DeviceFloats>(*gpu_, g[k]));
+    dm.push_back(std::make_unique<DeviceFloats>(*gpu_, m[k]));
+    dv.push_back(std::make_unique<DeviceFloats>(*gpu_, v[k]));
+    const float lr = 0.001f * static_cast<float>(k + 1);
+    host.push_back({p[k].data(), g[k].data(), m[k].data(), v[k].data(), p[k].size(), lr});
+    device.push_back({dp[k]->ptr, dg[k]->ptr, dm[k]->ptr, dv[k]->ptr, p[k].size(), lr});
+  }
+  cpu_->adam_update(host.data(), host.size(), 0.8f, 0.95f, 1e-10f, 5, nullptr);
+  gpu_->adam_update(device.data(), device.size(), 0.8f, 0.95f, 1e-10f, 5, nullptr);
+  for (size_t k = 0; k < p.size(); ++k) {
+    if (p[k].empty()) continue;
+    expect_close(dp[k]->get(), p[k], 1e-5, 1e-7, "adam param of tensor " + std::to_string(k));
+    expect_close(dm[k]->get(), m[k], 1e-5, 1e-7, "adam m of tensor " + std::to_string(k));
+    expect_close(dv[k]->get(), v[k], 1e-5, 1e-7, "adam v of tensor " + std::to_string(k));
+  }
+}
+
 TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
   SCOPED_TRACE(trace());
   const size_t n = 100003;
@@ -883,9 +917,11 @@ TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
   for (float& x : v0) x = x * x;
   for (int step : {1, 2, 10}) {
     std::vector<float> p = param, m = m0, v = v0;
-    cpu_->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.008f, 0.8f, 0.95f, 1e-10f, step, nullptr);
+    const AdamTensor host{p.data(), grad.data(), m.data(), v.data(), n, 0.008f};
+    cpu_->adam_update(&host, 1, 0.8f, 0.95f, 1e-10f, step, nullptr);
     DeviceFloats gp(*gpu_, param), gg(*gpu_, grad), gm(*gpu_, m0), gv(*gpu_, v0);
-    gpu_->adam_update(gp.ptr, gg.ptr, gm.ptr, gv.ptr, n, 0.008f, 0.8f, 0.95f, 1e-10f, step, nullptr);
+    const AdamTensor device{gp.ptr, gg.ptr, gm.ptr, gv.ptr, n, 0.008f};
+    gpu_->adam_update(&device, 1, 0.8f, 0.95f, 1e-10f, step, nullptr);
     expect_close(gp.get(), p, 1e-5, 1e-7, "adam param step " + std::to_string(step));
     expect_close(gm.get(), m, 1e-5, 1e-7, "adam m");
     expect_close(gv.get(), v, 1e-5, 1e-7, "adam v");

@@ -428,6 +428,42 @@ TEST_F(CpuOps, DocumentIdsCountSeparatorsInclusively) {
   be->release(doc);
 }
 
+// One multi-tensor Adam call is each tensor's own update (sizes from 0 up, each its rate),
+// bit for bit: PyTorch's formula, checked against it on the first tensor.
+TEST_F(CpuOps, MultiTensorAdamIsEachTensorsOwnUpdate) {
+  const std::vector<size_t> sizes = {1000, 0, 1, 37, 4096};
+  std::vector<std::vector<float>> p, g, m, v;
+  std::vector<AdamTensor> all;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    p.push_back(random_vector(sizes[k], 10 + k));
+    g.push_back(random_vector(sizes[k], 20 + k));
+    m.push_back(random_vector(sizes[k], 30 + k, 0.1f));
+    v.push_back(random_vector(sizes[k], 40 + k, 0.1f));
+    for (float& x : v.back()) x = x * x;
+  }
+  auto p1 = p, m1 = m, v1 = v;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    all.push_back({p[k].data(), g[k].data(), m[k].data(), v[k].data(), sizes[k], 0.01f * (k + 1)});
+  }
+  be->adam_update(all.data(), all.size(), 0.8f, 0.95f, 1e-10f, 4, nullptr);
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    const AdamTensor one{p1[k].data(), g[k].data(), m1[k].data(), v1[k].data(), sizes[k], 0.01f * (k + 1)};
+    be->adam_update(&one, 1, 0.8f, 0.95f, 1e-10f, 4, nullptr);
+    EXPECT_EQ(p[k], p1[k]) << k;
+    EXPECT_EQ(m[k], m1[k]) << k;
+    EXPECT_EQ(v[k], v1[k]) << k;
+  }
+  // PyTorch's Adam at step 4 on the first tensor, in double.
+  const auto p0 = random_vector(sizes[0], 10), m0 = random_vector(sizes[0], 30, 0.1f);
+  auto v0 = random_vector(sizes[0], 40, 0.1f);
+  for (float& x : v0) x = x * x;
+  for (size_t i = 0; i < sizes[0]; ++i) {
+    const double gi = g[0][i], mi = 0.8 * m0[i] + 0.2 * gi, vi = 0.95 * v0[i] + 0.05 * gi * gi;
+    const double want = p0[i] - 0.01 * (mi / (1 - std::pow(0.8, 4))) / (std::sqrt(vi / (1 - std::pow(0.95, 4))) + 1e-10);
+    ASSERT_NEAR(p[0][i], want, 1e-6 * std::max(1.0, std::abs(want))) << i;
+  }
+}
+
 TEST_F(CpuOps, SkipFlagMakesEveryOptimizerUpdateANoOp) {
   const size_t n = 1000;
   const auto param = random_vector(n, 1), grad = random_vector(n, 2), m0 = random_vector(n, 3);
@@ -437,7 +473,8 @@ TEST_F(CpuOps, SkipFlagMakesEveryOptimizerUpdateANoOp) {
   for (int32_t raised : {1, 0}) {
     be->fill_i32(skip, raised, 1);
     auto p = param, m = m0, v = v0, buf = m0, out = grad, p2 = param;
-    be->adam_update(p.data(), grad.data(), m.data(), v.data(), n, 0.01f, 0.8f, 0.95f, 1e-10f, 3, skip);
+    const AdamTensor t{p.data(), grad.data(), m.data(), v.data(), n, 0.01f};
+    be->adam_update(&t, 1, 0.8f, 0.95f, 1e-10f, 3, skip);
     be->muon_momentum(out.data(), buf.data(), grad.data(), n, 0.9f, skip);
     be->apply_update(p2.data(), grad.data(), n, 0.05f, skip);
     if (raised) {
@@ -449,7 +486,8 @@ TEST_F(CpuOps, SkipFlagMakesEveryOptimizerUpdateANoOp) {
       EXPECT_EQ(p2, param);
     } else {  // a clear flag is the same as no flag
       auto q = param, mq = m0, vq = v0, bq = m0, oq = grad, q2 = param;
-      be->adam_update(q.data(), grad.data(), mq.data(), vq.data(), n, 0.01f, 0.8f, 0.95f, 1e-10f, 3, nullptr);
+      const AdamTensor tq{q.data(), grad.data(), mq.data(), vq.data(), n, 0.01f};
+      be->adam_update(&tq, 1, 0.8f, 0.95f, 1e-10f, 3, nullptr);
       be->muon_momentum(oq.data(), bq.data(), grad.data(), n, 0.9f, nullptr);
       be->apply_update(q2.data(), grad.data(), n, 0.05f, nullptr);
       EXPECT_EQ(p, q);

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "backends/allocation_tracker.h"
@@ -495,18 +496,21 @@ class CpuBackend final : public Backend {
     cpu::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
   }
 
-  void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                   float eps, int step, const int32_t* skip) override {
+  void adam_update(const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps, int step,
+                   const int32_t* skip) override {
     if (skip && *skip) return;
-    const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
-    const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
-    const float step_size = static_cast<float>(lr / bias1);
-    const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
+    const AdamBiasCorrection bias(beta1, beta2, step);
+    for (const AdamTensor& t : std::span(tensors, count)) {
+      const float step_size = bias.step_size(t.lr);
+      const float inv_sqrt_bias2 = bias.inv_sqrt_bias2;
+      float *param = t.param, *m = t.m, *v = t.v;
+      const float* grad = t.grad;
 #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; ++i) {
-      m[i] = beta1 * m[i] + (1.f - beta1) * grad[i];
-      v[i] = beta2 * v[i] + (1.f - beta2) * grad[i] * grad[i];
-      param[i] -= step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bias2 + eps);
+      for (size_t i = 0; i < t.n; ++i) {
+        m[i] = beta1 * m[i] + (1.f - beta1) * grad[i];
+        v[i] = beta2 * v[i] + (1.f - beta2) * grad[i] * grad[i];
+        param[i] -= step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bias2 + eps);
+      }
     }
   }
 

@@ -287,14 +287,9 @@ class CudaBackend final : public Backend {
   }
 
   // --- optimisers ----------------------------------------------------------------------------
-  void adam_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                   float eps, int step, const int32_t* skip) override {
-    // The bias corrections exactly as the CPU backend computes them.
-    const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), step);
-    const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), step);
-    const float step_size = static_cast<float>(lr / bias1);
-    const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
-    cuda::adam_update(stream_, param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2, skip);
+  void adam_update(const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps, int step,
+                   const int32_t* skip) override {
+    cuda::adam_update(stream_, tensors, count, beta1, beta2, eps, AdamBiasCorrection(beta1, beta2, step), skip);
   }
   void muon_momentum(float* out, float* buf, const float* grad, size_t n, float momentum,
                      const int32_t* skip) override {

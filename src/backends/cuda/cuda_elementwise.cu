@@ -185,12 +185,36 @@ __global__ void widen_bf16_kernel(float* out, const uint16_t* x, size_t n) {
   SPEEDRUN_GRID_STRIDE(i, n) out[i] = widened(x[i]);
 }
 
-// Adam (PyTorch's form, bias corrections folded into step_size and inv_sqrt_bias2 on the
-// host exactly as the CPU backend does). Traffic: 28 n bytes.
-__global__ void adam_kernel(float* param, const float* grad, float* m, float* v, size_t n, float beta1, float beta2,
-                            float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip) {
+// Up to kAdamTensorsPerLaunch tensors of one Adam update, by value (1.5 KB of the 4 KB of
+// kernel parameters). Tensor t owns blocks [block_begin[t], block_begin[t + 1]).
+constexpr int kAdamTensorsPerLaunch = 32;
+constexpr unsigned kAdamMaxBlocksPerTensor = 2048;  // a grid-stride loop covers the rest
+struct AdamLaunch {
+  int count = 0;
+  unsigned block_begin[kAdamTensorsPerLaunch + 1] = {};
+  float* param[kAdamTensorsPerLaunch] = {};
+  const float* grad[kAdamTensorsPerLaunch] = {};
+  float* m[kAdamTensorsPerLaunch] = {};
+  float* v[kAdamTensorsPerLaunch] = {};
+  size_t n[kAdamTensorsPerLaunch] = {};
+  float step_size[kAdamTensorsPerLaunch] = {};
+};
+
+// Multi-tensor Adam (PyTorch's form, bias corrections folded into step_size and
+// inv_sqrt_bias2 on the host exactly as the CPU backend does). Traffic: 28 bytes per element.
+__global__ void adam_kernel(AdamLaunch launch, float beta1, float beta2, float eps, float inv_sqrt_bias2,
+                            const int32_t* skip) {
   if (skip && *skip) return;
-  SPEEDRUN_GRID_STRIDE(i, n) {
+  int t = 0;
+  while (t + 1 < launch.count && blockIdx.x >= launch.block_begin[t + 1]) ++t;
+  const unsigned first = launch.block_begin[t], blocks = launch.block_begin[t + 1] - first;
+  float* param = launch.param[t];
+  const float* grad = launch.grad[t];
+  float *m = launch.m[t], *v = launch.v[t];
+  const float step_size = launch.step_size[t];
+  const size_t n = launch.n[t];
+  for (size_t i = static_cast<size_t>(blockIdx.x - first) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(blocks) * blockDim.x) {
     const float g = grad[i];
     const float mi = beta1 * m[i] + (1.f - beta1) * g;
     const float vi = beta2 * v[i] + (1.f - beta2) * g * g;
@@ -374,12 +398,31 @@ void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {
   check_launch("widen_bf16_kernel");
 }
 
-void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
-                 float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip) {
-  if (n == 0) return;
-  adam_kernel<<<grid_for(n), kThreads, 0, s>>>(param, grad, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bias2,
-                                               skip);
-  check_launch("adam_kernel");
+void adam_update(cudaStream_t s, const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps,
+                 const AdamBiasCorrection& bias, const int32_t* skip) {
+  AdamLaunch launch;
+  auto flush = [&] {
+    if (launch.count == 0) return;
+    adam_kernel<<<launch.block_begin[launch.count], kThreads, 0, s>>>(launch, beta1, beta2, eps, bias.inv_sqrt_bias2,
+                                                                    skip);
+    check_launch("adam_kernel");
+    launch = AdamLaunch{};
+  };
+  for (size_t k = 0; k < count; ++k) {
+    const AdamTensor& t = tensors[k];
+    if (t.n == 0) continue;
+    const int i = launch.count++;
+    launch.param[i] = t.param;
+    launch.grad[i] = t.grad;
+    launch.m[i] = t.m;
+    launch.v[i] = t.v;
+    launch.n[i] = t.n;
+    launch.step_size[i] = bias.step_size(t.lr);
+    const unsigned blocks = std::min<unsigned>(grid_for(t.n), kAdamMaxBlocksPerTensor);
+    launch.block_begin[i + 1] = launch.block_begin[i] + blocks;
+    if (launch.count == kAdamTensorsPerLaunch) flush();
+  }
+  flush();
 }
 
 void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,

@@ -40,8 +40,9 @@ void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                          size_t n);
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
-void adam_update(cudaStream_t s, float* param, const float* grad, float* m, float* v, size_t n, float beta1,
-                 float beta2, float eps, float step_size, float inv_sqrt_bias2, const int32_t* skip);
+// Every tensor in launches of up to kAdamTensorsPerLaunch, the list passed by value.
+void adam_update(cudaStream_t s, const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps,
+                 const AdamBiasCorrection& bias, const int32_t* skip);
 void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,
                    const int32_t* skip);
 void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale, const int32_t* skip);
