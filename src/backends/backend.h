@@ -140,9 +140,11 @@ class Backend {
   // null) = bf16(out), for a matmul operand held by hold_produced_operand.
   virtual void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
                                float eps) = 0;
-  // dx (+)= rstd * (dout - out * mean(dout * out)), from the forward's out and rstd.
-  virtual void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
-                                bool accumulate) = 0;
+  // dx (+)= rstd * (dout - out * mean(dout * out)), from the forward's out and rstd;
+  // dx_codes (unless null) = bf16 of the final dx, for a matmul operand held by
+  // hold_produced_operand.
+  virtual void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
+                                int rows, int dim, bool accumulate) = 0;
   // Half-truncated rotary on x [T, H, D] in place (SPEC §2.6); inverse = rotate by -theta
   // (the backward of the rotation is the inverse rotation of the gradient).
   virtual void rotary(float* x, int T, int H, int D, float base, bool inverse) = 0;
@@ -150,9 +152,11 @@ class Backend {
   // --- elementwise --------------------------------------------------------------------
   // out = coef[0] * a + coef[1] * b (b may be null: out = coef[0] * a). out may alias a.
   virtual void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) = 0;
-  // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>.
-  virtual void mix_backward(float* da, bool accumulate_da, float* db, float* dcoef, const float* dout,
-                            const float* a, const float* b, const float* coef, size_t n) = 0;
+  // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
+  // da_codes (unless null) = bf16 of the final da, for a matmul operand held by
+  // hold_produced_operand. da may alias dout.
+  virtual void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
+                            const float* dout, const float* a, const float* b, const float* coef, size_t n) = 0;
   // out += weight[0] * y (a U-net skip).
   virtual void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) = 0;
   // dy += weight[0] * dout; dweight[0] += <dout, y>.

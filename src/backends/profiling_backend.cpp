@@ -72,9 +72,9 @@ class ProfilingBackend final : public Backend {
   void rmsnorm_forward(float* o, uint16_t* o_codes, float* r, const float* x, int rows, int dim, float eps) override {
     timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward(o, o_codes, r, x, rows, dim, eps); });
   }
-  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
-                        bool acc) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dout, out, rstd, rows, dim, acc); });
+  void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
+                        int rows, int dim, bool acc) override {
+    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
   void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
     timed("rotary", 0, [&] { inner_.rotary(x, T, H, D, base, inverse); });
@@ -82,9 +82,9 @@ class ProfilingBackend final : public Backend {
   void mix_forward(float* o, const float* a, const float* b, const float* c, size_t n) override {
     timed("mix/residual", 0, [&] { inner_.mix_forward(o, a, b, c, n); });
   }
-  void mix_backward(float* da, bool acc, float* db, float* dc, const float* dout, const float* a, const float* b,
-                    const float* c, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.mix_backward(da, acc, db, dc, dout, a, b, c, n); });
+  void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
+                    const float* b, const float* c, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.mix_backward(da, da_codes, acc, db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
     timed("mix/residual", 0, [&] { inner_.scaled_add_forward(o, y, w, n); });

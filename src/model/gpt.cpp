@@ -522,7 +522,7 @@ void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_
     backend_.rmsnorm_backward_bf16(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, stored, rstd, rows, D,
                                    false);
   } else {
-    backend_.rmsnorm_backward(dx, dx, normed, rstd, rows, D, false);
+    backend_.rmsnorm_backward(dx, nullptr, dx, normed, rstd, rows, D, false);
     backend_.hold_operand(kHeldGradient, dx, n);
   }
 }
@@ -620,7 +620,7 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
     backend_.release_operand(kHeldGradient);
   }
   backend_.release_operand(kHeldInput);
-  if (training) backend_.rmsnorm_backward(train_->dx, train_->dtmp, m.final_norm, m.final_rstd, T, d, false);
+  if (training) backend_.rmsnorm_backward(train_->dx, nullptr, train_->dtmp, m.final_norm, m.final_rstd, T, d, false);
 }
 
 void GPT::run_backward(int T, int long_window) {
@@ -647,7 +647,7 @@ void GPT::run_backward(int T, int long_window) {
   }
   // Layer 0's input is x0 itself.
   backend_.add(b.dx0, b.dx, n);
-  backend_.rmsnorm_backward(b.dtmp, b.dx0, m.x0, m.x0_rstd, T, d, false);
+  backend_.rmsnorm_backward(b.dtmp, nullptr, b.dx0, m.x0, m.x0_rstd, T, d, false);
   backend_.embedding_backward(grads_ + embed_offset_, b.dtmp, inputs_, T, d);
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
@@ -682,15 +682,18 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
                            d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);
-  backend_.rmsnorm_backward(b.dx, b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
+  // d x1, held for attention's c_proj backward as the codes the norm's backward writes.
+  backend_.rmsnorm_backward(b.dx, has_attention ? backend_.hold_produced_operand(kHeldGradient, b.dx, n) : nullptr,
+                            b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.
     const float* qkv = params_ + offsets.qkv;
     float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
-    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T,
-                    d, hd);
+    linear_backward_products(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d,
+                             hd);
+    backend_.release_operand(kHeldGradient);
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
@@ -707,15 +710,18 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     linear_backward_products(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     if (ve >= 0) backend_.zero(b.dve, nh);
-    backend_.mix_backward(b.dv, false, ve >= 0 ? b.dve : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
+    // v's gradient held as the codes the mix's backward writes.
+    backend_.mix_backward(b.dv, backend_.hold_produced_operand(kHeldGradient, b.dv, nh), false,
+                          ve >= 0 ? b.dve : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve : nullptr, params_ + offsets.attn_lambdas, nh);
     if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], b.dve, inputs_, T, d);
-    linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    linear_backward_products(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
-    backend_.rmsnorm_backward(b.dx, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
+    backend_.rmsnorm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
-  backend_.mix_backward(b.dx, false, b.dx0, grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
+  backend_.mix_backward(b.dx, nullptr, false, b.dx0, grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
                         n);
 }
 

@@ -480,13 +480,18 @@ TEST_F(CudaBackendTest, RmsnormForwardAndBackwardMatchCpuIncludingInPlace) {
     const auto grad = normal(n), dx0 = normal(n);
     for (bool accumulate : {false, true}) {
       std::vector<float> want = dx0;
-      cpu_->rmsnorm_backward(want.data(), grad.data(), out.data(), rstd.data(), c.rows, c.dim, accumulate);
+      cpu_->rmsnorm_backward(want.data(), nullptr, grad.data(), out.data(), rstd.data(), c.rows, c.dim, accumulate);
       DeviceFloats dgrad(*gpu_, grad), dout(*gpu_, out), drstd(*gpu_, rstd);
       DeviceFloats ddx(*gpu_, accumulate ? dx0 : std::vector<float>(n, kNaN));
-      gpu_->rmsnorm_backward(ddx.ptr, dgrad.ptr, dout.ptr, drstd.ptr, c.rows, c.dim, accumulate);
-      expect_close(ddx.get(), want, 1e-5, 1e-5, accumulate ? "rmsnorm_backward accumulate" : "rmsnorm_backward");
+      DeviceFloats dcodes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+      gpu_->rmsnorm_backward(ddx.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), dgrad.ptr, dout.ptr, drstd.ptr, c.rows,
+                             c.dim, accumulate);
+      const auto got = ddx.get();
+      expect_close(got, want, 1e-5, 1e-5, accumulate ? "rmsnorm_backward accumulate" : "rmsnorm_backward");
+      const auto codes = codes_of(dcodes.get(), n);  // of the final dx (accumulated)
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(got[i])) << "rmsnorm_backward codes at " << i;
       if (!accumulate) {  // dx == dout, as GPT calls it for the q/k norms
-        gpu_->rmsnorm_backward(dgrad.ptr, dgrad.ptr, dout.ptr, drstd.ptr, c.rows, c.dim, false);
+        gpu_->rmsnorm_backward(dgrad.ptr, nullptr, dgrad.ptr, dout.ptr, drstd.ptr, c.rows, c.dim, false);
         expect_close(dgrad.get(), want, 1e-5, 1e-5, "rmsnorm_backward in place");
       }
     }
@@ -670,16 +675,20 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
       const auto a = normal(n), b = normal(n), dout = normal(n), coef = normal(2), dcoef0 = normal(2);
       const auto da0 = normal(n), db0 = normal(n);
       std::vector<float> da = alias ? dout : da0, db = db0, dcoef = dcoef0, grad = dout;
-      cpu_->mix_backward(alias ? grad.data() : da.data(), accumulate, has_b ? db.data() : nullptr, dcoef.data(),
-                         grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
+      cpu_->mix_backward(alias ? grad.data() : da.data(), nullptr, accumulate, has_b ? db.data() : nullptr,
+                         dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
       if (alias) da = grad;
       DeviceFloats g_a(*gpu_, a), g_b(*gpu_, b), g_dout(*gpu_, dout), g_coef(*gpu_, coef), g_dcoef(*gpu_, dcoef0),
           g_db(*gpu_, db0);
       DeviceFloats g_da(*gpu_, accumulate ? da0 : std::vector<float>(n, kNaN));
       float* da_ptr = alias ? g_dout.ptr : g_da.ptr;
-      gpu_->mix_backward(da_ptr, accumulate, has_b ? g_db.ptr : nullptr, g_dcoef.ptr, g_dout.ptr, g_a.ptr,
-                         has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
-      expect_close(alias ? g_dout.get() : g_da.get(), da, 1e-5, 1e-6, "mix_backward da");
+      DeviceFloats g_codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+      gpu_->mix_backward(da_ptr, reinterpret_cast<uint16_t*>(g_codes.ptr), accumulate, has_b ? g_db.ptr : nullptr,
+                         g_dcoef.ptr, g_dout.ptr, g_a.ptr, has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
+      const auto got_da = alias ? g_dout.get() : g_da.get();
+      expect_close(got_da, da, 1e-5, 1e-6, "mix_backward da");
+      const auto codes = codes_of(g_codes.get(), n);  // of the final da
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(got_da[i])) << "mix_backward codes at " << i;
       if (has_b) expect_close(g_db.get(), db, 1e-5, 1e-6, "mix_backward db");
       // dcoef += float(float64 dot): the two float64 sums differ by ~1e-16, so at most 1 ulp.
       expect_close(g_dcoef.get(), dcoef, 1e-6, 0, "mix_backward dcoef");

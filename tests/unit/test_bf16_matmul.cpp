@@ -154,7 +154,9 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       // copy of W and, in the backward, of the logits gradient. With bf16 activations the
       // relu^2 ops write the codes of relu(h)^2 (forward, and backward when recomputed) and
       // of the MLP's hidden gradient (which two products read), and the head norms' backward
-      // those of q's and k's gradients. Attention writes the codes of its output y.
+      // those of q's and k's gradients. Attention writes the codes of its output y, the MLP
+      // norm's backward those of attention's c_proj output gradient, the v mix's backward
+      // those of v's gradient.
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
       const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
@@ -166,7 +168,8 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
         saved += passes * (6 - 2) * T * d;                            // the MLP's rmsnorm
         if (config.layer_has_attention(i)) {
           saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
-          saved += 6 * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
+          saved += (12 - 2) * (T * d + T * hd);  // c_proj's and v's output gradients, written by their ops
+          saved += 6 * 2 * T * hd;               // q's and k's output gradients
           if (bf16_activations) saved += 2 * (6 - 2) * T * hd;  // q's and k's written by their norms
           saved += (6 - 2) * T * hd;  // y, written by attention for c_proj
         }

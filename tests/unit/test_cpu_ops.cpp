@@ -36,7 +36,7 @@ TEST_F(CpuOps, RmsnormBackwardMatchesFiniteDifferences) {
   };
   std::vector<float> out(x.size()), rstd(rows), dx(x.size());
   be->rmsnorm_forward(out.data(), nullptr, rstd.data(), x.data(), rows, dim, 1.1920929e-07f);
-  be->rmsnorm_backward(dx.data(), R.data(), out.data(), rstd.data(), rows, dim, false);
+  be->rmsnorm_backward(dx.data(), nullptr, R.data(), out.data(), rstd.data(), rows, dim, false);
   EXPECT_LE(worst_error_ratio(dx, numerical_gradient(loss, x, 1e-2), 2e-3, 2e-2), 1.0);
 }
 
@@ -67,6 +67,33 @@ TEST_F(CpuOps, RmsnormForwardWritesTheCodesOfItsOutputWhenAsked) {
   std::vector<float> rounded(out.size());
   lowp::copy_rounded_to_bf16(rounded.data(), out.data(), out.size());
   EXPECT_NE(out, rounded) << "out was rounded";
+}
+
+// rmsnorm_backward (accumulating, as for d x1) and mix_backward (in place, as for v's
+// gradient) write the codes of their final output when asked, changing nothing else.
+TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
+  const int rows = 5, dim = 24;
+  const size_t n = static_cast<size_t>(rows) * dim;
+  const auto x = random_vector(n, 32, 3.f), dout = random_vector(n, 33), dx0 = random_vector(n, 34);
+  std::vector<float> out(n), rstd(rows);
+  be->rmsnorm_forward(out.data(), nullptr, rstd.data(), x.data(), rows, dim, 1e-6f);
+  std::vector<float> plain = dx0, dx = dx0;
+  std::vector<uint16_t> codes(n);
+  be->rmsnorm_backward(plain.data(), nullptr, dout.data(), out.data(), rstd.data(), rows, dim, true);
+  be->rmsnorm_backward(dx.data(), codes.data(), dout.data(), out.data(), rstd.data(), rows, dim, true);
+  EXPECT_EQ(dx, plain);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(dx[i])) << "rmsnorm_backward " << i;
+
+  const auto a = random_vector(n, 35), b = random_vector(n, 36), coef = random_vector(2, 37);
+  std::vector<float> da_plain = dout, da = dout, db = dx0, db_plain = dx0, dcoef(2), dcoef_plain(2);
+  be->mix_backward(da_plain.data(), nullptr, false, db_plain.data(), dcoef_plain.data(), da_plain.data(), a.data(),
+                   b.data(), coef.data(), n);
+  be->mix_backward(da.data(), codes.data(), false, db.data(), dcoef.data(), da.data(), a.data(), b.data(),
+                   coef.data(), n);
+  EXPECT_EQ(da, da_plain);
+  EXPECT_EQ(db, db_plain);
+  EXPECT_EQ(dcoef, dcoef_plain);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(da[i])) << "mix_backward " << i;
 }
 
 TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {
@@ -108,7 +135,7 @@ TEST_F(CpuOps, MixBackwardMatchesFiniteDifferences) {
     return dot(out, R);
   };
   std::vector<float> da(n), db(n, 0.f), dcoef(2, 0.f);
-  be->mix_backward(da.data(), false, db.data(), dcoef.data(), R.data(), a.data(), b.data(), coef.data(), n);
+  be->mix_backward(da.data(), nullptr, false, db.data(), dcoef.data(), R.data(), a.data(), b.data(), coef.data(), n);
   EXPECT_LE(worst_error_ratio(dcoef, numerical_gradient(loss_coef, coef, 1e-2), 1e-3, 1e-3), 1.0);
   EXPECT_LE(worst_error_ratio(da, numerical_gradient(loss_a, a, 1e-2), 1e-3, 1e-3), 1.0);
   for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(db[i], -0.3f * R[i]);
@@ -172,7 +199,7 @@ TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
   be->rmsnorm_backward_bf16(dx_codes.data(), dx_out_codes.data(), dout.data(), codes.data(), rstd.data(), rows, dim,
                             true);
   for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(dx_out_codes[i], lowp::encode_bf16(dx_codes[i])) << i;
-  be->rmsnorm_backward(dx_floats.data(), dout.data(), out.data(), rstd.data(), rows, dim, true);
+  be->rmsnorm_backward(dx_floats.data(), nullptr, dout.data(), out.data(), rstd.data(), rows, dim, true);
   // The same function; the row's dot product may be vectorised in another order.
   for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(dx_codes[i], dx_floats[i], 1e-6f * (1 + std::abs(dx_floats[i]))) << i;
 }

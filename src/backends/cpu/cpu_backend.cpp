@@ -301,9 +301,10 @@ class CpuBackend final : public Backend {
     rmsnorm_forward_rows(out, out_codes, /*round=*/false, rstd, x, rows, dim, eps);
   }
 
-  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
-                        bool accumulate) override {
+  void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
+                        int rows, int dim, bool accumulate) override {
     rmsnorm_backward_rows(dx, dout, out, rstd, rows, dim, accumulate);
+    encode_outputs(dx_codes, dx, static_cast<size_t>(rows) * dim);
   }
 
   void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
@@ -355,8 +356,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void mix_backward(float* da, bool accumulate_da, float* db, float* dcoef, const float* dout, const float* a,
-                    const float* b, const float* coef, size_t n) override {
+  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
+                    const float* a, const float* b, const float* coef, size_t n) override {
     // Coefficient gradients first: da may alias dout.
     dcoef[0] += static_cast<float>(deterministic_dot(dout, a, n));
     if (b) dcoef[1] += static_cast<float>(deterministic_dot(dout, b, n));
@@ -373,6 +374,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static)
       for (size_t i = 0; i < n; ++i) da[i] = c0 * dout[i];
     }
+    encode_outputs(da_codes, da, n);
   }
 
   void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {

@@ -196,9 +196,9 @@ class CudaBackend final : public Backend {
                        float eps) override {
     cuda::rmsnorm_forward(stream_, out, out_codes, rstd, x, rows, dim, eps);
   }
-  void rmsnorm_backward(float* dx, const float* dout, const float* out, const float* rstd, int rows, int dim,
-                        bool accumulate) override {
-    cuda::rmsnorm_backward(stream_, dx, dout, out, rstd, rows, dim, accumulate);
+  void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
+                        int rows, int dim, bool accumulate) override {
+    cuda::rmsnorm_backward(stream_, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   }
   void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
     cuda::rotary(stream_, x, T, H, D, rotary_frequencies(D, base), inverse);
@@ -208,12 +208,12 @@ class CudaBackend final : public Backend {
   void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) override {
     cuda::mix_forward(stream_, out, a, b, coef, n);
   }
-  void mix_backward(float* da, bool accumulate_da, float* db, float* dcoef, const float* dout, const float* a,
-                    const float* b, const float* coef, size_t n) override {
+  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
+                    const float* a, const float* b, const float* coef, size_t n) override {
     // Coefficient gradients first: da may alias dout (stream order keeps them before).
     dot_reduce(stream_, *reduce_scratch_, dout, a, n, 0, 1, DotResult::kAccumulateFloat, dcoef);
     if (b) dot_reduce(stream_, *reduce_scratch_, dout, b, n, 0, 1, DotResult::kAccumulateFloat, dcoef + 1);
-    cuda::mix_backward_elementwise(stream_, da, accumulate_da, db, dout, coef, b != nullptr, n);
+    cuda::mix_backward_elementwise(stream_, da, da_codes, accumulate_da, db, dout, coef, b != nullptr, n);
   }
   void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {
     cuda::scaled_add_forward(stream_, out, y, weight, n);

@@ -121,15 +121,18 @@ __global__ void mix_forward_kernel(float* out, const float* a, const float* b, c
   }
 }
 
-// db += coef[1] dout (when db); da (+)= coef[0] dout. da may alias dout. Traffic: up to 20 n bytes.
-__global__ void mix_backward_kernel(float* da, bool accumulate_da, float* db, const float* dout, const float* coef,
-                                    bool has_b, size_t n) {
+// db += coef[1] dout (when db); da (+)= coef[0] dout, its bf16 codes too when da_codes.
+// da may alias dout. Traffic: up to 22 n bytes.
+__global__ void mix_backward_kernel(float* da, uint16_t* da_codes, bool accumulate_da, float* db, const float* dout,
+                                    const float* coef, bool has_b, size_t n) {
   const float c0 = coef[0];
   const float c1 = has_b ? coef[1] : 0.f;
   SPEEDRUN_GRID_STRIDE(i, n) {
     const float g = dout[i];
     if (db) db[i] += c1 * g;
-    da[i] = accumulate_da ? da[i] + c0 * g : c0 * g;
+    const float result = accumulate_da ? da[i] + c0 * g : c0 * g;
+    da[i] = result;
+    store_code(da_codes, i, result);
   }
 }
 
@@ -309,10 +312,10 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
   check_launch("rmsnorm_forward_kernel<bf16>");
 }
 
-void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
-                      int dim, bool accumulate) {
+void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
+                      const float* rstd, int rows, int dim, bool accumulate) {
   if (rows <= 0) return;
-  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, nullptr, dout, out, rstd, rows, dim,
+  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
                                                                        accumulate);
   check_launch("rmsnorm_backward_kernel");
 }
@@ -338,10 +341,10 @@ void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, con
   check_launch("mix_forward_kernel");
 }
 
-void mix_backward_elementwise(cudaStream_t s, float* da, bool accumulate_da, float* db, const float* dout,
-                              const float* coef, bool has_b, size_t n) {
+void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                              const float* dout, const float* coef, bool has_b, size_t n) {
   if (n == 0) return;
-  mix_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(da, accumulate_da, db, dout, coef, has_b, n);
+  mix_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(da, da_codes, accumulate_da, db, dout, coef, has_b, n);
   check_launch("mix_backward_kernel");
 }
 

@@ -17,14 +17,14 @@ namespace speedrun::cuda {
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim);
 void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
                      float eps);
-void rmsnorm_backward(cudaStream_t s, float* dx, const float* dout, const float* out, const float* rstd, int rows,
-                      int dim, bool accumulate);
+void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
+                      const float* rstd, int rows, int dim, bool accumulate);
 // freq: device array of D/2 angular frequencies (D/4 of them then zeros).
 void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse);
 void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, const float* coef, size_t n);
 // The elementwise half of mix_backward (its dot products go through dot_reduce first).
-void mix_backward_elementwise(cudaStream_t s, float* da, bool accumulate_da, float* db, const float* dout,
-                              const float* coef, bool has_b, size_t n);
+void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                              const float* dout, const float* coef, bool has_b, size_t n);
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n);
 void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n);
 void add(cudaStream_t s, float* out, const float* x, size_t n);
