@@ -28,15 +28,16 @@ struct FlashAttentionShape {
   float scale = 0.12f;     // logit scale
 };
 
-// Throws Error unless the shape is supported (positive sizes, D in {32, 64, 128}).
+// Throws Error unless the shape is supported (positive sizes and scale, D in {32, 64, 128}):
+// the running maximum of the online softmax assumes scaling keeps the order of the scores.
 inline void check_flash_attention_shape(const FlashAttentionShape& s) {
-  const bool sizes_ok = s.T > 0 && s.H > 0 && s.block_size > 0 && s.window_blocks >= 0;
+  const bool sizes_ok = s.T > 0 && s.H > 0 && s.block_size > 0 && s.window_blocks >= 0 && s.scale > 0.f;
   const bool head_ok = s.D == 32 || s.D == 64 || s.D == 128;
   if (!sizes_ok || !head_ok) {
     throw Error("flash attention: unsupported shape T=" + std::to_string(s.T) + " H=" + std::to_string(s.H) +
                 " D=" + std::to_string(s.D) + " block_size=" + std::to_string(s.block_size) +
-                " window_blocks=" + std::to_string(s.window_blocks) +
-                " (needs positive T, H, block_size, window_blocks >= 0 and D in {32, 64, 128})");
+                " window_blocks=" + std::to_string(s.window_blocks) + " scale=" + std::to_string(s.scale) +
+                " (needs positive T, H, block_size, scale, window_blocks >= 0 and D in {32, 64, 128})");
   }
 }
 

@@ -51,6 +51,11 @@ TEST(FlashAttention, RejectsUnsupportedShapes) {
   EXPECT_NO_THROW(check_flash_attention_shape(shape));
   shape.T = 0;
   EXPECT_THROW(check_flash_attention_shape(shape), Error);
+  shape.T = 256;
+  for (float scale : {0.f, -0.12f, std::numeric_limits<float>::quiet_NaN()}) {
+    shape.scale = scale;
+    EXPECT_THROW(check_flash_attention_shape(shape), Error) << scale;  // the online softmax needs scale > 0
+  }
 }
 
 #ifndef SPEEDRUN_HAVE_CUDA

@@ -116,7 +116,12 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, c, d, preference, 1, &result, &returned));
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, c, d, preference, 1, &result, &returned);
+    // Some releases say "no algorithm" with NOT_SUPPORTED rather than a count of 0: the
+    // caller's message, naming the shape, says more than the status.
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) returned = 0;
+    else SPEEDRUN_CUBLAS_CHECK(status);
   } catch (...) {
     cublasLtMatmulPreferenceDestroy(preference);
     throw;
