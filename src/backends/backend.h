@@ -162,8 +162,9 @@ class Backend {
   // dy += weight[0] * dout; dweight[0] += <dout, y>.
   virtual void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y,
                                    const float* weight, size_t n) = 0;
-  // out += x.
-  virtual void add(float* out, const float* x, size_t n) = 0;
+  // out += x; out_codes (unless null) = bf16 of the sum, for a matmul operand held by
+  // hold_produced_operand.
+  virtual void add(float* out, uint16_t* out_codes, const float* x, size_t n) = 0;
   // out = relu(x)^2.
   virtual void relu2_forward(float* out, const float* x, size_t n) = 0;
   // dx = dout * 2 relu(x).

@@ -92,7 +92,9 @@ class ProfilingBackend final : public Backend {
   void scaled_add_backward(float* dy, float* dw, const float* dout, const float* y, const float* w, size_t n) override {
     timed("mix/residual", 0, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
   }
-  void add(float* o, const float* x, size_t n) override { timed("mix/residual", 0, [&] { inner_.add(o, x, n); }); }
+  void add(float* o, uint16_t* codes, const float* x, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.add(o, codes, x, n); });
+  }
   void relu2_forward(float* o, const float* x, size_t n) override {
     timed("relu2", 0, [&] { inner_.relu2_forward(o, x, n); });
   }

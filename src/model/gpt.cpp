@@ -346,14 +346,6 @@ void GPT::linear_forward(float* out, const float* x, const float* weight, int T,
 
 void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
                           const float* weight, int T, int out_dim, int in_dim) {
-  // One bf16 copy of dout serves both products.
-  backend_.hold_operand(kHeldGradient, dout, static_cast<size_t>(T) * out_dim);
-  linear_backward_products(dx, accumulate_dx, dweight, dout, x, weight, T, out_dim, in_dim);
-  backend_.release_operand(kHeldGradient);
-}
-
-void GPT::linear_backward_products(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
-                                   const float* weight, int T, int out_dim, int in_dim) {
   // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W.
   backend_.gemm(true, false, out_dim, in_dim, T, 1.f, dout, out_dim, x, in_dim, 1.f, dweight, in_dim);
   backend_.gemm(false, false, T, in_dim, out_dim, 1.f, dout, out_dim, weight, in_dim, accumulate_dx ? 1.f : 0.f,
@@ -467,7 +459,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
                                doc_, shape);
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
-    backend_.add(a.x1, a.xm, n);
+    backend_.add(a.x1, nullptr, a.xm, n);
     x1 = a.x1;
   }
   for (int r0 = 0; r0 < T; r0 += mlp_rows) {
@@ -491,7 +483,7 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1,
   relu2(a.g, a.h_codes, a.h, rows, keeps_g);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
-  backend_.add(x_out, x1, n);
+  backend_.add(x_out, nullptr, x1, n);
 }
 
 int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
@@ -522,8 +514,8 @@ void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_
     backend_.rmsnorm_backward_bf16(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, stored, rstd, rows, D,
                                    false);
   } else {
-    backend_.rmsnorm_backward(dx, nullptr, dx, normed, rstd, rows, D, false);
-    backend_.hold_operand(kHeldGradient, dx, n);
+    backend_.rmsnorm_backward(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, normed, rstd, rows, D,
+                              false);
   }
 }
 
@@ -620,7 +612,11 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
     backend_.release_operand(kHeldGradient);
   }
   backend_.release_operand(kHeldInput);
-  if (training) backend_.rmsnorm_backward(train_->dx, nullptr, train_->dtmp, m.final_norm, m.final_rstd, T, d, false);
+  // The last block's output gradient, held for its MLP's c_proj backward (block_backward).
+  if (training) {
+    backend_.rmsnorm_backward(train_->dx, hold_output_gradient(T), train_->dtmp, m.final_norm, m.final_rstd, T, d,
+                              false);
+  }
 }
 
 void GPT::run_backward(int T, int long_window) {
@@ -636,8 +632,12 @@ void GPT::run_backward(int T, int long_window) {
   // The head's gradient is final since run_head; each block's after its backward.
   report_gradients_ready(block_params_begin(L), layout_.total());
   for (int i = L - 1; i >= 0; --i) {
-    if (i < half) backend_.add(b.dx, b.dskip_in[i], n);  // the stack's share of this output's gradient
-    block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i]);
+    // The stack's share of an encoder output's gradient, the sum held for block_backward.
+    if (i < half) backend_.add(b.dx, hold_output_gradient(T), b.dskip_in[i], n);
+    // A decoder's input gradient is the previous block's output gradient as it is: held by
+    // the op that computes it; an encoder's gets the stack's share added first.
+    const bool next_reads_as_is = i - 1 >= half;
+    block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i], next_reads_as_is);
     if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
       const int j = i - half;
       backend_.scaled_add_backward(b.dskip_in[half - 1 - j], grads_ + skip_offset_ + j, b.dx,
@@ -646,7 +646,7 @@ void GPT::run_backward(int T, int long_window) {
     report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
   }
   // Layer 0's input is x0 itself.
-  backend_.add(b.dx0, b.dx, n);
+  backend_.add(b.dx0, nullptr, b.dx, n);
   backend_.rmsnorm_backward(b.dtmp, nullptr, b.dx0, m.x0, m.x0_rstd, T, d, false);
   backend_.embedding_backward(grads_ + embed_offset_, b.dtmp, inputs_, T, d);
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
@@ -663,7 +663,12 @@ void GPT::report_gradients_ready(size_t begin, size_t end) {
   if (gradient_ready_ && end > begin) gradient_ready_(begin, end - begin);
 }
 
-void GPT::block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in) {
+uint16_t* GPT::hold_output_gradient(int T) {
+  return backend_.hold_produced_operand(kHeldGradient, train_->dx, static_cast<size_t>(T) * config_.model_dim);
+}
+
+void GPT::block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in,
+                         bool hold_input_gradient) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const int mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(T) * d;
@@ -673,12 +678,13 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   if (recompute_) backend_.mix_forward(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_activation(a, T);
-  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T,
-                  d, mlp);
+  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d,
+                           mlp);
+  backend_.release_operand(kHeldGradient);  // b.dx, held by the op that computed it
   backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, a.h, a.h_codes, T);
   recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
-  linear_backward_products(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp,
+  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp,
                            d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);
@@ -691,7 +697,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
-    linear_backward_products(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d,
+    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d,
                              hd);
     backend_.release_operand(kHeldGradient);
     const int ve = look_up_value_embedding(layer, T, b.m);
@@ -704,10 +710,10 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     // k's gradients come held from their normalisation's backward, each used before the next.
     if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
     normalize_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
-    linear_backward_products(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
+    linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     backend_.release_operand(kHeldGradient);
     normalize_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
-    linear_backward_products(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
+    linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     if (ve >= 0) backend_.zero(b.dve, nh);
     // v's gradient held as the codes the mix's backward writes.
@@ -715,13 +721,14 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
                           ve >= 0 ? b.dve : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
                           ve >= 0 ? b.m.ve : nullptr, params_ + offsets.attn_lambdas, nh);
     if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], b.dve, inputs_, T, d);
-    linear_backward_products(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     backend_.rmsnorm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
-  backend_.mix_backward(b.dx, nullptr, false, b.dx0, grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
+  backend_.mix_backward(b.dx, hold_input_gradient ? hold_output_gradient(T) : nullptr, false, b.dx0,
+                        grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
                         n);
 }
 

@@ -163,15 +163,20 @@ class GPT {
   // releases them.
   void relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g);
   void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
-  // On entry the training buffers' dx holds d(block output); on return d(block input). Adds parameter,
-  // x0 and value-embedding gradients.
-  void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in);
+  // On entry the training buffers' dx holds d(block output), held as kHeldGradient by the op
+  // that computed it (codes written by that op); on return d(block input), held likewise
+  // when hold_input_gradient (the next block reads it as it is). Adds parameter, x0 and
+  // value-embedding gradients.
+  void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in,
+                      bool hold_input_gradient);
+  // hold_produced_operand(kHeldGradient) for the training buffers' dx: the codes buffer for
+  // the op about to compute it, nullptr where nothing is held.
+  uint16_t* hold_output_gradient(int T);
   void linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim);
+  // dW += dout^T x and dx (+)= dout W: every caller holds dout as kHeldGradient, its codes
+  // written by the op that computed it, so that both products read one bf16 copy.
   void linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
                        const float* weight, int T, int out_dim, int in_dim);
-  // linear_backward's two products alone, for a dout its caller holds already.
-  void linear_backward_products(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
-                                const float* weight, int T, int out_dim, int in_dim);
   int layer_window(int layer, int long_window) const;
 
   // Backend::hold_operand slots: a matmul input shared by several products, and the output

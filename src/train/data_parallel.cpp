@@ -175,7 +175,7 @@ void DataParallel::enqueue_gradients(std::span<const int32_t> inputs, std::span<
     } else if (r == 0) {
       be.copy(sum_, model_.grads(), count_);
     } else {
-      be.add(sum_, model_.grads(), count_);
+      be.add(sum_, nullptr, model_.grads(), count_);
     }
   }
   if (distributed) reduce_exact();
@@ -189,7 +189,7 @@ void DataParallel::reduce_exact() {
   comm_.all_gather(local_grads_, all_grads_, count_ * local_ranks_);
   communication_seconds_ += seconds_since(start);
   be.copy(sum_, all_grads_, count_);
-  for (int r = 1; r < model_.config().world_size; ++r) be.add(sum_, all_grads_ + r * count_, count_);
+  for (int r = 1; r < model_.config().world_size; ++r) be.add(sum_, nullptr, all_grads_ + r * count_, count_);
 }
 
 // This process's ranks accumulate in the model's gradients (GPT::forward_backward adds to

@@ -547,10 +547,13 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
       gpu_->scaled_add_forward(out.ptr, db.ptr, dcoef.ptr, n);
       expect_close(out.get(), acc, 1e-5, 1e-6, "scaled_add_forward");
       acc = a;
-      cpu_->add(acc.data(), b.data(), n);
-      DeviceFloats sum(*gpu_, a);
-      gpu_->add(sum.ptr, db.ptr, n);
-      expect_close(sum.get(), acc, 1e-6, 0, "add");
+      cpu_->add(acc.data(), nullptr, b.data(), n);
+      DeviceFloats sum(*gpu_, a), sum_codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+      gpu_->add(sum.ptr, reinterpret_cast<uint16_t*>(sum_codes.ptr), db.ptr, n);
+      const auto got_sum = sum.get();
+      expect_close(got_sum, acc, 1e-6, 0, "add");
+      const auto codes = codes_of(sum_codes.get(), n);  // of the sum
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(got_sum[i])) << "add codes at " << i;
     }
     {
       cpu_->relu2_forward(want.data(), x.data(), n);

@@ -85,9 +85,9 @@ TEST(NcclCommunicator, CollectivesAreOrderedWithTheBackendsStream) {
   const std::vector<float> ones(n, 1.f);
   r.be->upload(one, ones.data(), n);
   r.be->synchronize();
-  for (int i = 0; i < adds; ++i) r.be->add(x, one, n);     // x = 20, queued
+  for (int i = 0; i < adds; ++i) r.be->add(x, nullptr, one, n);  // x = 20, queued
   r.nccl->all_gather(x, out, n);                           // out = 20
-  for (int i = 0; i < adds; ++i) r.be->add(out, one, n);   // out = 40, queued after the gather
+  for (int i = 0; i < adds; ++i) r.be->add(out, nullptr, one, n);  // out = 40, queued after the gather
   const std::vector<float> result = download(*r.be, out, n);
   size_t wrong = 0;
   for (float v : result) wrong += v != 2.f * adds;

@@ -147,30 +147,29 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
 
       // Bytes not moved, per training pass then forward-only pass. A copy moves 6 bytes per
-      // element, an op writing the codes of its own output 2. The block rmsnorms write their
+      // element, an op writing the codes of its own output 2; a linear layer's two backward
+      // products read one copy of their output gradient. The block rmsnorms write their
       // output's codes (forward, and backward when recomputed), which q, k and v share (the
-      // stored attention norm is copied once for the three in the backward); each linear
-      // layer's two backward products share one copy of the output gradient; the head one
-      // copy of W and, in the backward, of the logits gradient. With bf16 activations the
-      // relu^2 ops write the codes of relu(h)^2 (forward, and backward when recomputed) and
-      // of the MLP's hidden gradient (which two products read), and the head norms' backward
-      // those of q's and k's gradients. Attention writes the codes of its output y, the MLP
-      // norm's backward those of attention's c_proj output gradient, the v mix's backward
-      // those of v's gradient.
+      // stored attention norm is copied once for the three in the backward); attention writes
+      // those of y. Every linear layer's output gradient is written as codes by the op that
+      // computes it (the final norm's backward, the previous block's mix backward or the skip
+      // add for the MLP's c_proj; the MLP norm's backward for attention's; the head norms'
+      // backward for q and k; the v mix's backward for v), except c_fc's with float32
+      // activations (copied once). The head holds one copy of W and, in the backward, of
+      // the logits gradient. With bf16 activations the relu^2 ops write the codes of
+      // relu(h)^2 (forward, and backward when recomputed) and of the MLP's hidden gradient.
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
       const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
       size_t saved = 0;
       for (int i = 0; i < config.num_layers; ++i) {
-        saved += 6 * T * d;                                   // c_proj's output gradient
+        saved += (12 - 2) * T * d;                            // c_proj's output gradient
         saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
         if (bf16_activations) saved += passes * (6 - 2) * T * mlp;  // relu(h)^2
         saved += passes * (6 - 2) * T * d;                            // the MLP's rmsnorm
         if (config.layer_has_attention(i)) {
           saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
-          saved += (12 - 2) * (T * d + T * hd);  // c_proj's and v's output gradients, written by their ops
-          saved += 6 * 2 * T * hd;               // q's and k's output gradients
-          if (bf16_activations) saved += 2 * (6 - 2) * T * hd;  // q's and k's written by their norms
+          saved += (12 - 2) * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
           saved += (6 - 2) * T * hd;  // y, written by attention for c_proj
         }
       }

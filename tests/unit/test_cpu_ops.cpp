@@ -69,8 +69,9 @@ TEST_F(CpuOps, RmsnormForwardWritesTheCodesOfItsOutputWhenAsked) {
   EXPECT_NE(out, rounded) << "out was rounded";
 }
 
-// rmsnorm_backward (accumulating, as for d x1) and mix_backward (in place, as for v's
-// gradient) write the codes of their final output when asked, changing nothing else.
+// rmsnorm_backward (accumulating, as for d x1), mix_backward (in place, as for v's gradient)
+// and add (a skip's share of an output gradient) write the codes of their final output when
+// asked, changing nothing else.
 TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
   const int rows = 5, dim = 24;
   const size_t n = static_cast<size_t>(rows) * dim;
@@ -94,6 +95,12 @@ TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
   EXPECT_EQ(db, db_plain);
   EXPECT_EQ(dcoef, dcoef_plain);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(da[i])) << "mix_backward " << i;
+
+  std::vector<float> sum = dx0, sum_plain = dx0;
+  be->add(sum_plain.data(), nullptr, dout.data(), n);
+  be->add(sum.data(), codes.data(), dout.data(), n);
+  EXPECT_EQ(sum, sum_plain);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(sum[i])) << "add " << i;
 }
 
 TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {

@@ -391,9 +391,10 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) dy[i] += w * dout[i];
   }
 
-  void add(float* out, const float* x, size_t n) override {
+  void add(float* out, uint16_t* out_codes, const float* x, size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) out[i] += x[i];
+    encode_outputs(out_codes, out, n);
   }
 
   void relu2_forward(float* out, const float* x, size_t n) override { relu2_values(out, x, n); }

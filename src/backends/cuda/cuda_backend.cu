@@ -223,7 +223,9 @@ class CudaBackend final : public Backend {
     dot_reduce(stream_, *reduce_scratch_, dout, y, n, 0, 1, DotResult::kAccumulateFloat, dweight);
     cuda::scaled_add_backward_elementwise(stream_, dy, dout, weight, n);
   }
-  void add(float* out, const float* x, size_t n) override { cuda::add(stream_, out, x, n); }
+  void add(float* out, uint16_t* out_codes, const float* x, size_t n) override {
+    cuda::add(stream_, out, out_codes, x, n);
+  }
   void relu2_forward(float* out, const float* x, size_t n) override { cuda::relu2_forward(stream_, out, x, n); }
   void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
     cuda::relu2_backward(stream_, dx, dout, x, n);

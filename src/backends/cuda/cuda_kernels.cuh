@@ -27,7 +27,7 @@ void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, boo
                               const float* dout, const float* coef, bool has_b, size_t n);
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n);
 void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n);
-void add(cudaStream_t s, float* out, const float* x, size_t n);
+void add(cudaStream_t s, float* out, uint16_t* out_codes, const float* x, size_t n);
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n);
 // bf16 activation storage: the Backend operations of the same names.
