@@ -737,8 +737,34 @@ struct AttentionCase {
   int mean_document;
 };
 
+// Random inputs for one attention call over T tokens in 2 heads of 128 (window 3 blocks of
+// 128), its outputs poisoned.
+struct FlashCall {
+  AttentionShape shape;
+  size_t n;
+  DeviceFloats q, k, v, y, lse;
+  DeviceInts doc;
+  FlashCall(Backend& be, int T, const std::function<std::vector<float>(size_t)>& normal,
+            const std::vector<int32_t>& documents)
+      : shape{T, 2, 128, 128, 3, 0.12f},
+        n(static_cast<size_t>(T) * 2 * 128),
+        q(be, normal(n)),
+        k(be, normal(n)),
+        v(be, normal(n)),
+        y(be, n, kNaN),
+        lse(be, static_cast<size_t>(2) * T, kNaN),
+        doc(be, documents) {}
+};
+
 class AttentionTest : public CudaBackendTest {
  protected:
+  // Switches gpu_ to the flash kernel and makes one call's inputs.
+  std::unique_ptr<FlashCall> flash(int T, int mean_document) {
+    BackendOptions options;
+    options.attention = AttentionKernel::kFlash;
+    gpu_ = make_cuda_backend(0, options);
+    return std::make_unique<FlashCall>(*gpu_, T, [this](size_t n) { return normal(n); }, documents(T, mean_document));
+  }
   void check(const AttentionCase& c) {
     const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
     const auto doc = documents(c.T, c.mean_document);
@@ -808,15 +834,8 @@ TEST_F(AttentionTest, SpeedrunHeadsOverThousandsOfTokens) {
 // scratch of its own. The same result either way.
 TEST_F(AttentionTest, FlashKernelTakesItsTemporariesFromLentMemory) {
   SCOPED_TRACE(trace());
-  BackendOptions options;
-  options.attention = AttentionKernel::kFlash;
-  gpu_ = make_cuda_backend(0, options);
-  const int T = 8192, H = 2, D = 128;
-  const size_t n = static_cast<size_t>(T) * H * D;
-  const AttentionShape shape{T, H, D, 128, 3, 0.12f};
-  DeviceFloats q(*gpu_, normal(n)), k(*gpu_, normal(n)), v(*gpu_, normal(n));
-  DeviceInts doc(*gpu_, documents(T, 1000));
-  DeviceFloats y(*gpu_, n, kNaN), lse(*gpu_, static_cast<size_t>(H) * T, kNaN);
+  const auto call = flash(8192, 1000);
+  auto& [shape, n, q, k, v, y, lse, doc] = *call;
   DeviceFloats loan(*gpu_, 4 * n, kNaN);  // 16 bytes per element: more than 3 bf16 copies and the workspace
   gpu_->synchronize();
   const size_t before = gpu_->device_memory_in_use();
@@ -840,15 +859,8 @@ TEST_F(AttentionTest, FlashKernelTakesItsTemporariesFromLentMemory) {
 // c_proj) instead of into its own scratch, and y is their widening, the same bits either way.
 TEST_F(AttentionTest, FlashKernelWritesTheCodesOfItsOutputWhenAsked) {
   SCOPED_TRACE(trace());
-  BackendOptions options;
-  options.attention = AttentionKernel::kFlash;
-  gpu_ = make_cuda_backend(0, options);
-  const int T = 1024, H = 2, D = 128;
-  const size_t n = static_cast<size_t>(T) * H * D;
-  const AttentionShape shape{T, H, D, 128, 3, 0.12f};
-  DeviceFloats q(*gpu_, normal(n)), k(*gpu_, normal(n)), v(*gpu_, normal(n));
-  DeviceInts doc(*gpu_, documents(T, 300));
-  DeviceFloats y(*gpu_, n, kNaN), lse(*gpu_, static_cast<size_t>(H) * T, kNaN);
+  const auto call = flash(1024, 300);
+  auto& [shape, n, q, k, v, y, lse, doc] = *call;
   gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
   const auto want_y = y.get(), want_lse = lse.get();
   DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, want_lse.size(), kNaN);
