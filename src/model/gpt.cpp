@@ -678,27 +678,24 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   if (recompute_) backend_.mix_forward(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_activation(a, T);
-  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d,
-                           mlp);
+  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d, mlp);
   backend_.release_operand(kHeldGradient);  // b.dx, held by the op that computed it
   backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, a.h, a.h_codes, T);
   recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
-  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp,
-                           d);
+  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);
   // d x1, held for attention's c_proj backward as the codes the norm's backward writes.
-  backend_.rmsnorm_backward(b.dx, has_attention ? backend_.hold_produced_operand(kHeldGradient, b.dx, n) : nullptr,
-                            b.dtmp, a.mlp_norm, a.mlp_rstd, T, d, true);
+  backend_.rmsnorm_backward(b.dx, has_attention ? hold_output_gradient(T) : nullptr, b.dtmp, a.mlp_norm, a.mlp_rstd, T,
+                            d, true);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.
     const float* qkv = params_ + offsets.qkv;
     float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
-    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d,
-                             hd);
+    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldGradient);
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);

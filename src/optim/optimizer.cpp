@@ -96,8 +96,8 @@ void Optimizer::step(float* params, const float* grads, int step, Communicator* 
           {p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult)});
     }
   }
-  backend_.adam_update(adam_tensors_.data(), adam_tensors_.size(), static_cast<float>(config_.adam_beta1), static_cast<float>(config_.adam_beta2),
-                       static_cast<float>(config_.adam_eps), step + 1, skip);
+  backend_.adam_update(adam_tensors_.data(), adam_tensors_.size(), static_cast<float>(config_.adam_beta1),
+                       static_cast<float>(config_.adam_beta2), static_cast<float>(config_.adam_eps), step + 1, skip);
   if (comm) comm->wait_all();
 }
 

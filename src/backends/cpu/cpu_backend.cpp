@@ -503,9 +503,9 @@ class CpuBackend final : public Backend {
                    const int32_t* skip) override {
     if (skip && *skip) return;
     const AdamBiasCorrection bias(beta1, beta2, step);
+    const float inv_sqrt_bias2 = bias.inv_sqrt_bias2;
     for (const AdamTensor& t : std::span(tensors, count)) {
       const float step_size = bias.step_size(t.lr);
-      const float inv_sqrt_bias2 = bias.inv_sqrt_bias2;
       float *param = t.param, *m = t.m, *v = t.v;
       const float* grad = t.grad;
 #pragma omp parallel for simd schedule(static)

@@ -316,20 +316,24 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
   check_launch("rmsnorm_forward_kernel<bf16>");
 }
 
-void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
-                      const float* rstd, int rows, int dim, bool accumulate) {
+// The forward's output as floats or as bf16 codes: one kernel, instantiated for each.
+template <class Out>
+void launch_rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
+                             const float* rstd, int rows, int dim, bool accumulate) {
   if (rows <= 0) return;
   rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
                                                                        accumulate);
   check_launch("rmsnorm_backward_kernel");
 }
 
+void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
+                      const float* rstd, int rows, int dim, bool accumulate) {
+  launch_rmsnorm_backward(s, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
+}
+
 void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
                            const float* rstd, int rows, int dim, bool accumulate) {
-  if (rows <= 0) return;
-  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
-                                                                       accumulate);
-  check_launch("rmsnorm_backward_kernel<bf16>");
+  launch_rmsnorm_backward(s, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
 }
 
 void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse) {
