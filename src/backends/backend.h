@@ -24,6 +24,17 @@ struct AttentionShape {
   float scale;            // logit scale (0.12)
 };
 
+// The bf16 codes of attention's inputs (bf16(q), bf16(k), bf16(v), [T, H, D] each), written
+// by the ops that produced q, k and v, for a backend whose attention reads bf16 (CUDA's
+// flash kernel) and would otherwise round its own copies. All three or none (null); they
+// never change a result. The CPU backend checks them against its float inputs.
+struct AttentionInputCodes {
+  const uint16_t* q = nullptr;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  bool given() const { return q != nullptr; }
+};
+
 // One tensor of a multi-tensor Adam update: backend memory, n floats each, its own rate.
 struct AdamTensor {
   float* param = nullptr;
@@ -146,12 +157,15 @@ class Backend {
   virtual void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
                                 int rows, int dim, bool accumulate) = 0;
   // Half-truncated rotary on x [T, H, D] in place (SPEC §2.6); inverse = rotate by -theta
-  // (the backward of the rotation is the inverse rotation of the gradient).
-  virtual void rotary(float* x, int T, int H, int D, float base, bool inverse) = 0;
+  // (the backward of the rotation is the inverse rotation of the gradient). x_codes (unless
+  // null) = bf16 of the rotated x, for attention (AttentionInputCodes).
+  virtual void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) = 0;
 
   // --- elementwise --------------------------------------------------------------------
   // out = coef[0] * a + coef[1] * b (b may be null: out = coef[0] * a). out may alias a.
-  virtual void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) = 0;
+  // out_codes (unless null) = bf16(out), for attention (AttentionInputCodes).
+  virtual void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                           size_t n) = 0;
   // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
   // da_codes (unless null) = bf16 of the final da, for a matmul operand held by
   // hold_produced_operand. da may alias dout.
@@ -197,13 +211,16 @@ class Backend {
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;
   // lse [H, T] saved. doc = per-token document ids. y_codes (unless null) = bf16(y), for
-  // the output projection's operand held by hold_produced_operand.
+  // the output projection's operand held by hold_produced_operand. codes: bf16 of q, k, v
+  // when their producers wrote them (AttentionInputCodes), else none.
   virtual void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k,
-                                 const float* v, const int32_t* doc, const AttentionShape& shape) = 0;
+                                 const float* v, const AttentionInputCodes& codes, const int32_t* doc,
+                                 const AttentionShape& shape) = 0;
   // dq, dk, dv (overwritten) from dy, recomputing probabilities from lse.
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y,
                                   const float* lse, const float* q, const float* k, const float* v,
-                                  const int32_t* doc, const AttentionShape& shape) = 0;
+                                  const AttentionInputCodes& codes, const int32_t* doc,
+                                  const AttentionShape& shape) = 0;
 
   // --- head ----------------------------------------------------------------------------
   // Rows of logits the model materialises at once: enough to keep the device busy, few

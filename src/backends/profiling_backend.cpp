@@ -76,11 +76,11 @@ class ProfilingBackend final : public Backend {
                         int rows, int dim, bool acc) override {
     timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
-  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
-    timed("rotary", 0, [&] { inner_.rotary(x, T, H, D, base, inverse); });
+  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
+    timed("rotary", 0, [&] { inner_.rotary(x, x_codes, T, H, D, base, inverse); });
   }
-  void mix_forward(float* o, const float* a, const float* b, const float* c, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.mix_forward(o, a, b, c, n); });
+  void mix_forward(float* o, uint16_t* o_codes, const float* a, const float* b, const float* c, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.mix_forward(o, o_codes, a, b, c, n); });
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
                     const float* b, const float* c, size_t n) override {
@@ -122,13 +122,13 @@ class ProfilingBackend final : public Backend {
     timed("widen_bf16", 0, [&] { inner_.widen_bf16(o, x, n); });
   }
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
-                         const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, doc, s); });
+                         const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                          const float* q, const float* k, const float* v, const int32_t* doc,
-                          const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, s); });
+                          const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
+                          const int32_t* doc, const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, codes, doc, s); });
   }
   void softcap_cross_entropy(float* logits, float* loss, const int32_t* t, int rows, int V, float c,
                              float g) override {

@@ -14,6 +14,8 @@ struct BackendFlags {
   std::string attention = "reference";
 
   void add_to(CLI::App* command);
+  // --attention-kernel alone (speedrun memory: the flash kernel's inputs are planned codes).
+  void add_attention_kernel_to(CLI::App* command);
   // The options for `device` ("cpu" or "cuda"): --matmul auto is SPEC §6's bf16 on cuda and
   // the float32 reference on cpu.
   BackendOptions resolve(const std::string& device) const;

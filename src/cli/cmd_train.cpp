@@ -99,7 +99,7 @@ TrainOptions resolve(const Options& opts) {
   validate(train.faults);
   train.grad_reduce.mode = parse_grad_reduce(opts.grad_reduce);
   train.grad_reduce.bucket_bytes = static_cast<size_t>(opts.grad_bucket_mb * (1 << 20));
-  train.activations = opts.activations.resolve(opts.device);
+  train.activations = opts.activations.resolve(opts.device, opts.backend.resolve(opts.device).attention);
   return train;
 }
 

@@ -29,6 +29,11 @@ struct GPT::LayerActivations {
   float* v = nullptr;        // attention's v [T, hd]
   float* y = nullptr;        // attention output [T, hd]
   float* lse = nullptr;      // [H, T]
+  // attention_input_codes: bf16 of q_rot, k_rot and v, in buffers all layers share.
+  AttentionInputCodes input_codes() const { return {q_codes, k_codes, v_codes}; }
+  uint16_t* q_codes = nullptr;
+  uint16_t* k_codes = nullptr;
+  uint16_t* v_codes = nullptr;
   float* mlp_norm = nullptr;   // rmsnorm(x1) [T, d]
   float* mlp_rstd = nullptr;   // [T]
   float* h = nullptr;        // c_fc output [T, mlp] (bf16: g's buffer)
@@ -74,6 +79,28 @@ struct GPT::ForwardBuffers {
 
 namespace {
 
+// ActivationOptions::attention_input_codes: one set of q, k, v codes all layers share.
+struct AttentionCodeBuffers {
+  uint16_t* q = nullptr;
+  uint16_t* k = nullptr;
+  uint16_t* v = nullptr;
+  template <typename Layer>
+  void assign_to(Layer& a) const {
+    a.q_codes = q;
+    a.k_codes = k;
+    a.v_codes = v;
+  }
+};
+
+AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations, ArenaCarver& arena, size_t count) {
+  if (!activations.attention_input_codes) return {};
+  AttentionCodeBuffers codes;
+  codes.q = arena.take_codes(count);
+  codes.k = arena.take_codes(count);
+  codes.v = arena.take_codes(count);
+  return codes;
+}
+
 // Backend::lend_scratch for a scope.
 class ScratchLoan {
  public:
@@ -104,7 +131,7 @@ GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_
   const size_t T_all = std::max(max_train_T, max_eval_T);
   ArenaCarver training, forward;
   carve_training_buffers(config, activations, training, max_train_T);
-  carve_forward_buffers(config, forward, T_all, activations.forward_mlp_rows);
+  carve_forward_buffers(config, activations, forward, T_all);
   MemoryPlan plan;
   plan.parameter_bytes = ParamLayout(config).total() * sizeof(float);
   plan.gradient_bytes = plan.parameter_bytes;
@@ -158,7 +185,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   train_ = std::make_unique<TrainingBuffers>(
       carve_training_buffers(config_, activations, training_arena, max_train_T));
   forward_ = std::make_unique<ForwardBuffers>(
-      carve_forward_buffers(config_, forward_arena, T_all, static_cast<size_t>(forward_mlp_rows_)));
+      carve_forward_buffers(config_, activations, forward_arena, T_all));
   forward_spare_bytes_ = plan.forward_spare_bytes();
   if (forward_spare_bytes_ > 0) forward_spare_ = arena + forward_arena.used();
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
@@ -206,6 +233,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_k_rot = recompute ? take(T * hd) : nullptr;
   float* shared_g = recompute ? take(T * mlp) : nullptr;
   float* shared_v = recompute ? take(T * hd) : nullptr;
+  const AttentionCodeBuffers codes = carve_attention_codes(activations, arena, T * hd);
   auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
@@ -235,6 +263,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.v = kept(shared_v, T * hd);
       a.y = take(T * hd);
       a.lse = take(T * H);
+      codes.assign_to(a);
     }
     a.mlp_norm = kept(shared_norm, T * d);
     a.mlp_rstd = take(T);
@@ -256,8 +285,10 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
 // the last block writes its output over its input, and the head normalises into the
 // block's norm buffer. That is 8 d floats per token where a training layer keeps 18 d,
 // and h for mlp_rows rows (the MLP runs a slice of rows at a time).
-GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T, size_t mlp_rows) {
+GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationOptions activations, ArenaCarver& arena,
+                                               size_t T) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
+  const size_t mlp_rows = static_cast<size_t>(std::max(1, activations.forward_mlp_rows));
   auto take = [&](size_t n) { return arena.take(n); };
   ForwardBuffers f;
   ModelActivations& m = f.m;
@@ -278,6 +309,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ArenaCarver
   a.y = take(T * hd);
   a.lse = take(T * H);
   a.h = a.g = take(std::min(T, mlp_rows) * mlp);
+  carve_attention_codes(activations, arena, T * hd).assign_to(a);
   m.final_x = a.x_in;
   m.final_norm = a.mlp_norm;
   m.final_rstd = a.mlp_rstd;
@@ -433,7 +465,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   const BlockOffsets& offsets = block_offsets_[layer];
   // x_in is read only here, so x_out may alias it.
-  backend_.mix_forward(a.xm, x_in, m.x0, params_ + offsets.lambdas, n);
+  backend_.mix_forward(a.xm, nullptr, x_in, m.x0, params_ + offsets.lambdas, n);
   const float* x1 = a.xm;
   if (config_.layer_has_attention(layer)) {
     const float* qkv = params_ + offsets.qkv;
@@ -447,16 +479,16 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.release_operand(kHeldInput);
     normalize_heads(a.qn, a.qn_codes, a.q_rstd, T);
     normalize_heads(a.kn, a.kn_codes, a.k_rstd, T);
-    rotated_copy(a.q_rot, a.qn, T);
-    rotated_copy(a.k_rot, a.kn, T);
+    rotated_copy(a.q_rot, a.q_codes, a.qn, T);
+    rotated_copy(a.k_rot, a.k_codes, a.kn, T);
     const int ve = look_up_value_embedding(layer, T, m);
-    backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
+    backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // y's bf16 copy for c_proj written by attention itself.
     const size_t nh = static_cast<size_t>(T) * hd;
     backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot, a.v,
-                               doc_, shape);
+                               a.input_codes(), doc_, shape);
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
     backend_.add(a.x1, nullptr, a.xm, n);
@@ -492,9 +524,10 @@ int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
   return ve;
 }
 
-void GPT::rotated_copy(float* out, const float* x, int T) {
+void GPT::rotated_copy(float* out, uint16_t* out_codes, const float* x, int T) {
   if (out != x) backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
-  backend_.rotary(out, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base), false);
+  backend_.rotary(out, out_codes, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base),
+                  false);
 }
 
 void GPT::normalize_heads(float* x, uint16_t* stored, float* rstd, int T) {
@@ -568,10 +601,11 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
     backend_.widen_bf16(a.q_rot, a.qn_codes, n);
     backend_.widen_bf16(a.k_rot, a.kn_codes, n);
   }
-  rotated_copy(a.q_rot, a.qn, T);
-  rotated_copy(a.k_rot, a.kn, T);
+  rotated_copy(a.q_rot, a.q_codes, a.qn, T);
+  rotated_copy(a.k_rot, a.k_codes, a.kn, T);
   const int ve = config_.value_embed_of_layer(layer);  // looked up by the caller
-  backend_.mix_forward(a.v, a.v_raw, ve >= 0 ? train_->m.ve : nullptr, params_ + block_offsets_[layer].attn_lambdas,
+  backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? train_->m.ve : nullptr,
+                       params_ + block_offsets_[layer].attn_lambdas,
                        static_cast<size_t>(T) * config_.hidden_dim());
 }
 
@@ -675,7 +709,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
   TrainingBuffers& b = *train_;
-  if (recompute_) backend_.mix_forward(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
+  if (recompute_) backend_.mix_forward(a.xm, nullptr, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_activation(a, T);
   linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d, mlp);
@@ -700,9 +734,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, doc_, shape);
-    backend_.rotary(b.dq, T, H, D, static_cast<float>(config_.rotary_base), true);
-    backend_.rotary(b.dk, T, H, D, static_cast<float>(config_.rotary_base), true);
+    // Recomputed, attention's inputs come with their codes; kept, the codes are another layer's.
+    const AttentionInputCodes codes = recompute_ ? a.input_codes() : AttentionInputCodes{};
+    backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
+    backend_.rotary(b.dq, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
+    backend_.rotary(b.dk, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
     // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
     // k's gradients come held from their normalisation's backward, each used before the next.
     if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);

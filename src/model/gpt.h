@@ -39,6 +39,13 @@ struct ActivationOptions {
   // ([rows, 4 d]), exist for this many rows instead of the whole sequence: 1.2 GB less at
   // SPEC §5's 262144-token validation, and its bf16 operand codes shrink alike.
   int forward_mlp_rows = 16384;
+  // The ops that produce attention's q, k and v (rotary, the value-embedding mix) write them
+  // as bf16 codes too, into one set of buffers all layers share, for a backend whose attention
+  // reads bf16 (CUDA's flash kernel), which then rounds no copies of its own: 12 bytes per
+  // element of q, k and v read less per attention call. The codes serve the forward, and a
+  // backward that recomputes attention's inputs; one that keeps them gets none (its layer's
+  // codes are long overwritten) and the backend rounds as before.
+  bool attention_input_codes = false;
 };
 
 class GPT {
@@ -123,7 +130,8 @@ class GPT {
   // Each pass's buffers, pointing into the arena (counting only, when the carver has no memory).
   static TrainingBuffers carve_training_buffers(const Config& config, ActivationOptions activations,
                                                 ArenaCarver& arena, size_t T);
-  static ForwardBuffers carve_forward_buffers(const Config& config, ArenaCarver& arena, size_t T, size_t mlp_rows);
+  static ForwardBuffers carve_forward_buffers(const Config& config, ActivationOptions activations, ArenaCarver& arena,
+                                              size_t T);
   ModelActivations& pass(bool training);
   void run_forward(int T, int long_window, bool training);
   void resolve_offsets();
@@ -147,7 +155,8 @@ class GPT {
   void recompute_mlp_norm(LayerActivations& a, const float* x1, int T);
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
-  void rotated_copy(float* out, const float* x, int T);  // out = rotary(x); in place when out == x
+  // out = rotary(x), in place when out == x; out_codes (unless null) = bf16(out).
+  void rotated_copy(float* out, uint16_t* out_codes, const float* x, int T);
   // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,
   // cheaper to look up again than to keep per table); returns its table, -1 for none.
   int look_up_value_embedding(int layer, int T, const ModelActivations& m);

@@ -222,7 +222,7 @@ TEST_F(CudaBackendTest, FailuresBecomeErrorsNamingTheCall) {
   AttentionShape too_wide{64, 1, 512, 64, 1, 0.12f};
   DeviceFloats q(*gpu_, 64 * 512, 0.f);
   DeviceInts doc(*gpu_, std::vector<int32_t>(64, 0));
-  EXPECT_THROW(gpu_->attention_forward(q.ptr, nullptr, q.ptr, q.ptr, q.ptr, q.ptr, doc.ptr, too_wide), Error);
+  EXPECT_THROW(gpu_->attention_forward(q.ptr, nullptr, q.ptr, q.ptr, q.ptr, q.ptr, {}, doc.ptr, too_wide), Error);
 }
 
 TEST_F(CudaBackendTest, TransposeIsExact) {
@@ -508,13 +508,21 @@ TEST_F(CudaBackendTest, RotaryMatchesCpuAndInverts) {
     const auto x = normal(n);
     for (bool inverse : {false, true}) {
       std::vector<float> want = x;
-      cpu_->rotary(want.data(), c.T, c.H, c.D, 1024.f, inverse);
+      cpu_->rotary(want.data(), nullptr, c.T, c.H, c.D, 1024.f, inverse);
       DeviceFloats dx(*gpu_, x);
-      gpu_->rotary(dx.ptr, c.T, c.H, c.D, 1024.f, inverse);
+      gpu_->rotary(dx.ptr, nullptr, c.T, c.H, c.D, 1024.f, inverse);
       expect_close(dx.get(), want, 1e-5, 1e-5, inverse ? "rotary inverse" : "rotary");
-      gpu_->rotary(dx.ptr, c.T, c.H, c.D, 1024.f, !inverse);
+      gpu_->rotary(dx.ptr, nullptr, c.T, c.H, c.D, 1024.f, !inverse);
       expect_close(dx.get(), x, 1e-5, 1e-5, "rotary round trip");
     }
+    // With codes (attention's input): the same floats, and the codes of them.
+    DeviceFloats plain(*gpu_, x), coded(*gpu_, x), dcodes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+    gpu_->rotary(plain.ptr, nullptr, c.T, c.H, c.D, 1024.f, false);
+    gpu_->rotary(coded.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), c.T, c.H, c.D, 1024.f, false);
+    const auto rotated = coded.get();
+    expect_identical(rotated, plain.get(), "rotary beside its codes");
+    const auto codes = codes_of(dcodes.get(), n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(rotated[i])) << "rotary codes at " << i;
   }
 }
 
@@ -531,14 +539,24 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
     DeviceFloats da(*gpu_, a), db(*gpu_, b), ddout(*gpu_, dout), dcoef(*gpu_, coef), dx(*gpu_, x);
     std::vector<float> want(n);
     {
-      cpu_->mix_forward(want.data(), a.data(), b.data(), coef.data(), n);
+      cpu_->mix_forward(want.data(), nullptr, a.data(), b.data(), coef.data(), n);
       DeviceFloats out(*gpu_, n, kNaN);
-      gpu_->mix_forward(out.ptr, da.ptr, db.ptr, dcoef.ptr, n);
+      gpu_->mix_forward(out.ptr, nullptr, da.ptr, db.ptr, dcoef.ptr, n);
       expect_close(out.get(), want, 1e-5, 1e-6, "mix_forward");
-      cpu_->mix_forward(want.data(), a.data(), nullptr, coef.data(), n);
+      cpu_->mix_forward(want.data(), nullptr, a.data(), nullptr, coef.data(), n);
       DeviceFloats in_place(*gpu_, a);
-      gpu_->mix_forward(in_place.ptr, in_place.ptr, nullptr, dcoef.ptr, n);  // out == a, no b
+      gpu_->mix_forward(in_place.ptr, nullptr, in_place.ptr, nullptr, dcoef.ptr, n);  // out == a, no b
       expect_close(in_place.get(), want, 1e-5, 1e-6, "mix_forward in place without b");
+      for (float* second : {db.ptr, static_cast<float*>(nullptr)}) {  // with codes: the same floats, their codes
+        DeviceFloats plain(*gpu_, n, kNaN), coded(*gpu_, n, kNaN);
+        DeviceFloats codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+        gpu_->mix_forward(plain.ptr, nullptr, da.ptr, second, dcoef.ptr, n);
+        gpu_->mix_forward(coded.ptr, reinterpret_cast<uint16_t*>(codes.ptr), da.ptr, second, dcoef.ptr, n);
+        const auto mixed = coded.get();
+        expect_identical(mixed, plain.get(), "mix_forward beside its codes");
+        const auto got_codes = codes_of(codes.get(), n);
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(got_codes[i], lowp::encode_bf16(mixed[i])) << "mix codes at " << i;
+      }
     }
     {
       std::vector<float> acc = a;
@@ -774,15 +792,15 @@ class AttentionTest : public CudaBackendTest {
       const AttentionShape shape{c.T, c.H, c.D, c.block, window, 0.12f};
       const auto q = normal(n), k = normal(n), v = normal(n), dy = normal(n);
       std::vector<float> y(n), lse(static_cast<size_t>(c.H) * c.T), dq(n), dk(n), dv(n);
-      cpu_->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+      cpu_->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
       cpu_->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
-                               v.data(), doc.data(), shape);
+                               v.data(), {}, doc.data(), shape);
       DeviceFloats g_q(*gpu_, q), g_k(*gpu_, k), g_v(*gpu_, v), g_dy(*gpu_, dy);
       DeviceInts g_doc(*gpu_, doc);
       DeviceFloats g_y(*gpu_, n, kNaN), g_lse(*gpu_, lse.size(), kNaN);
       DeviceFloats g_codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
       gpu_->attention_forward(g_y.ptr, reinterpret_cast<uint16_t*>(g_codes.ptr), g_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
-                              g_doc.ptr, shape);
+                              {}, g_doc.ptr, shape);
       const auto got_y = g_y.get();
       expect_close(got_y, y, 1e-4, 1e-5, "attention y");
       expect_close(g_lse.get(), lse, 1e-5, 1e-6, "attention lse");
@@ -792,14 +810,14 @@ class AttentionTest : public CudaBackendTest {
       DeviceFloats c_y(*gpu_, y), c_lse(*gpu_, lse);
       DeviceFloats g_dq(*gpu_, n, kNaN), g_dk(*gpu_, n, kNaN), g_dv(*gpu_, n, kNaN);
       gpu_->attention_backward(g_dq.ptr, g_dk.ptr, g_dv.ptr, g_dy.ptr, c_y.ptr, c_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
-                               g_doc.ptr, shape);
+                               {}, g_doc.ptr, shape);
       const auto got_dq = g_dq.get(), got_dk = g_dk.get(), got_dv = g_dv.get();
       expect_close(got_dq, dq, 1e-4, 1e-4, "attention dq");
       expect_close(got_dk, dk, 1e-4, 1e-4, "attention dk");
       expect_close(got_dv, dv, 1e-4, 1e-4, "attention dv");
       // Deterministic: a second run gives the same bits.
       gpu_->attention_backward(g_dq.ptr, g_dk.ptr, g_dv.ptr, g_dy.ptr, c_y.ptr, c_lse.ptr, g_q.ptr, g_k.ptr, g_v.ptr,
-                               g_doc.ptr, shape);
+                               {}, g_doc.ptr, shape);
       expect_identical(g_dq.get(), got_dq, "attention dq rerun");
       expect_identical(g_dk.get(), got_dk, "attention dk rerun");
       expect_identical(g_dv.get(), got_dv, "attention dv rerun");
@@ -840,7 +858,7 @@ TEST_F(AttentionTest, FlashKernelTakesItsTemporariesFromLentMemory) {
   gpu_->synchronize();
   const size_t before = gpu_->device_memory_in_use();
   gpu_->lend_scratch(loan.ptr, 4 * n * sizeof(float));
-  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
   gpu_->withdraw_scratch();
   gpu_->synchronize();
   EXPECT_EQ(gpu_->device_memory_in_use(), before) << "scratch grew although memory was lent";
@@ -848,7 +866,7 @@ TEST_F(AttentionTest, FlashKernelTakesItsTemporariesFromLentMemory) {
   DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, lent_lse.size(), kNaN);
   gpu_->synchronize();
   const size_t unlent = gpu_->device_memory_in_use();
-  gpu_->attention_forward(y2.ptr, nullptr, lse2.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->attention_forward(y2.ptr, nullptr, lse2.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
   gpu_->synchronize();
   EXPECT_GT(gpu_->device_memory_in_use(), unlent) << "withdrawn memory still served";
   expect_identical(lent_y, y2.get(), "flash y from lent scratch");
@@ -861,15 +879,60 @@ TEST_F(AttentionTest, FlashKernelWritesTheCodesOfItsOutputWhenAsked) {
   SCOPED_TRACE(trace());
   const auto call = flash(1024, 300);
   auto& [shape, n, q, k, v, y, lse, doc] = *call;
-  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
   const auto want_y = y.get(), want_lse = lse.get();
   DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, want_lse.size(), kNaN);
   DeviceFloats codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
-  gpu_->attention_forward(y2.ptr, reinterpret_cast<uint16_t*>(codes.ptr), lse2.ptr, q.ptr, k.ptr, v.ptr, doc.ptr, shape);
+  gpu_->attention_forward(y2.ptr, reinterpret_cast<uint16_t*>(codes.ptr), lse2.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr,
+                          shape);
   expect_identical(y2.get(), want_y, "flash y beside its codes");
   expect_identical(lse2.get(), want_lse, "flash lse beside y's codes");
   const auto got_codes = codes_of(codes.get(), n);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(got_codes[i], lowp::encode_bf16(want_y[i])) << "flash y codes at " << i;
+}
+
+// Given its inputs' codes (AttentionInputCodes, written by rotary and the v mix) the flash
+// kernel reads them instead of rounding copies of q, k and v: the same bits forward and
+// backward. And it does read them: the codes of -v give exactly -y (the kernel's sums are
+// symmetric in sign), the same lse.
+TEST_F(AttentionTest, FlashKernelReadsTheInputCodesItIsGiven) {
+  SCOPED_TRACE(trace());
+  const auto call = flash(2048, 300);
+  auto& [shape, n, q, k, v, y, lse, doc] = *call;
+  auto codes_on_device = [&](const std::vector<float>& x, float sign) {
+    std::vector<uint16_t> codes(x.size() + x.size() % 2, 0);
+    for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(sign * x[i]);
+    std::vector<float> words(codes.size() / 2);
+    std::memcpy(words.data(), codes.data(), words.size() * sizeof(float));
+    return std::make_unique<DeviceFloats>(*gpu_, words);
+  };
+  const auto q_codes = codes_on_device(q.get(), 1.f), k_codes = codes_on_device(k.get(), 1.f);
+  const auto v_codes = codes_on_device(v.get(), 1.f), minus_v_codes = codes_on_device(v.get(), -1.f);
+  auto given = [&](const DeviceFloats& v_words) {
+    auto as_codes = [](const DeviceFloats& words) { return reinterpret_cast<const uint16_t*>(words.ptr); };
+    return AttentionInputCodes{as_codes(*q_codes), as_codes(*k_codes), as_codes(v_words)};
+  };
+  gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
+  const auto want_y = y.get(), want_lse = lse.get();
+  DeviceFloats y2(*gpu_, n, kNaN), lse2(*gpu_, want_lse.size(), kNaN);
+  gpu_->attention_forward(y2.ptr, nullptr, lse2.ptr, q.ptr, k.ptr, v.ptr, given(*v_codes), doc.ptr, shape);
+  expect_identical(y2.get(), want_y, "flash y from input codes");
+  expect_identical(lse2.get(), want_lse, "flash lse from input codes");
+
+  DeviceFloats dy(*gpu_, normal(n));
+  DeviceFloats dq(*gpu_, n, kNaN), dk(*gpu_, n, kNaN), dv(*gpu_, n, kNaN);
+  DeviceFloats dq2(*gpu_, n, kNaN), dk2(*gpu_, n, kNaN), dv2(*gpu_, n, kNaN);
+  gpu_->attention_backward(dq.ptr, dk.ptr, dv.ptr, dy.ptr, y.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
+  gpu_->attention_backward(dq2.ptr, dk2.ptr, dv2.ptr, dy.ptr, y.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, given(*v_codes),
+                           doc.ptr, shape);
+  expect_identical(dq2.get(), dq.get(), "flash dq from input codes");
+  expect_identical(dk2.get(), dk.get(), "flash dk from input codes");
+  expect_identical(dv2.get(), dv.get(), "flash dv from input codes");
+
+  gpu_->attention_forward(y2.ptr, nullptr, lse2.ptr, q.ptr, k.ptr, v.ptr, given(*minus_v_codes), doc.ptr, shape);
+  const auto negated = y2.get();
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(negated[i], -want_y[i]) << "y from the codes of -v at " << i;
+  expect_identical(lse2.get(), want_lse, "flash lse from the codes of -v");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -189,10 +189,10 @@ void run_case(const Case& c, uint64_t seed) {
   // Reference.
   std::unique_ptr<Backend> cpu = make_cpu_backend();
   std::vector<float> y_ref(n), lse_ref(rows), dq_ref(n), dk_ref(n), dv_ref(n);
-  cpu->attention_forward(y_ref.data(), nullptr, lse_ref.data(), q.values.data(), k.values.data(), v.values.data(), doc.data(),
-                         cpu_shape);
+  cpu->attention_forward(y_ref.data(), nullptr, lse_ref.data(), q.values.data(), k.values.data(), v.values.data(), {},
+                         doc.data(), cpu_shape);
   cpu->attention_backward(dq_ref.data(), dk_ref.data(), dv_ref.data(), dy.values.data(), y_ref.data(),
-                          lse_ref.data(), q.values.data(), k.values.data(), v.values.data(), doc.data(), cpu_shape);
+                          lse_ref.data(), q.values.data(), k.values.data(), v.values.data(), {}, doc.data(), cpu_shape);
 
   // Device.
   Device<uint16_t> q_d(q.codes), k_d(k.codes), v_d(v.codes), dy_d(dy.codes), y_d(n);

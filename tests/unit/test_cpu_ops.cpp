@@ -2,14 +2,17 @@
 // and the forwards against direct formulas of SPEC §2.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "backends/backend.h"
 #include "backends/low_precision.h"
 #include "model/attention_mask.h"
 #include "support/finite_difference.h"
+#include "util/error.h"
 
 namespace speedrun {
 namespace {
@@ -103,11 +106,38 @@ TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(sum[i])) << "add " << i;
 }
 
+// rotary and mix_forward (attention's q, k and v) write the codes of their result when asked,
+// in place too, changing nothing else.
+TEST_F(CpuOps, RotaryAndMixForwardWriteTheCodesOfTheirOutputWhenAsked) {
+  const int T = 40, H = 2, D = 16;
+  const size_t n = static_cast<size_t>(T) * H * D;
+  const auto x = random_vector(n, 38, 3.f), b = random_vector(n, 39, 3.f), coef = random_vector(2, 40);
+  std::vector<float> plain = x, rotated = x;
+  std::vector<uint16_t> codes(n, 0x7FC0);
+  be->rotary(plain.data(), nullptr, T, H, D, 1024.f, false);
+  be->rotary(rotated.data(), codes.data(), T, H, D, 1024.f, false);
+  EXPECT_EQ(rotated, plain);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(rotated[i])) << "rotary " << i;
+
+  for (const float* second : {b.data(), static_cast<const float*>(nullptr)}) {
+    std::vector<float> mixed(n), mixed_plain(n), in_place = x;
+    std::fill(codes.begin(), codes.end(), 0x7FC0);
+    be->mix_forward(mixed_plain.data(), nullptr, x.data(), second, coef.data(), n);
+    be->mix_forward(mixed.data(), codes.data(), x.data(), second, coef.data(), n);
+    EXPECT_EQ(mixed, mixed_plain);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(mixed[i])) << "mix_forward " << i;
+    std::vector<uint16_t> in_place_codes(n);
+    be->mix_forward(in_place.data(), in_place_codes.data(), in_place.data(), second, coef.data(), n);
+    EXPECT_EQ(in_place, mixed_plain);
+    EXPECT_EQ(in_place_codes, codes);
+  }
+}
+
 TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {
   const int T = 300, H = 2, D = 16;
   const auto x = random_vector(T * H * D, 3);
   std::vector<float> y(x);
-  be->rotary(y.data(), T, H, D, 1024.f, false);
+  be->rotary(y.data(), nullptr, T, H, D, 1024.f, false);
   for (int t : {0, 1, 7, 299}) {
     for (int h = 0; h < H; ++h) {
       for (int i = 0; i < D / 2; ++i) {
@@ -123,7 +153,7 @@ TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {
   }
   // The second half of the frequencies are zero: those pairs are untouched.
   EXPECT_EQ(y[(5 * H + 1) * D + D / 4], x[(5 * H + 1) * D + D / 4]);
-  be->rotary(y.data(), T, H, D, 1024.f, true);
+  be->rotary(y.data(), nullptr, T, H, D, 1024.f, true);
   for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(y[i], x[i], 1e-5);
 }
 
@@ -133,12 +163,12 @@ TEST_F(CpuOps, MixBackwardMatchesFiniteDifferences) {
   const std::vector<float> coef = {0.7f, -0.3f};
   auto loss_coef = [&](const std::vector<float>& c) {
     std::vector<float> out(n);
-    be->mix_forward(out.data(), a.data(), b.data(), c.data(), n);
+    be->mix_forward(out.data(), nullptr, a.data(), b.data(), c.data(), n);
     return dot(out, R);
   };
   auto loss_a = [&](const std::vector<float>& in) {
     std::vector<float> out(n);
-    be->mix_forward(out.data(), in.data(), b.data(), coef.data(), n);
+    be->mix_forward(out.data(), nullptr, in.data(), b.data(), coef.data(), n);
     return dot(out, R);
   };
   std::vector<float> da(n), db(n, 0.f), dcoef(2, 0.f);
@@ -374,7 +404,7 @@ TEST_F(CpuOps, AttentionForwardMatchesDenseMaskedSoftmax) {
     const auto q = random_vector(n, 14, 2.f), k = random_vector(n, 15, 2.f), v = random_vector(n, 16);
     const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
     std::vector<float> y(n), lse(c.H * c.T);
-    be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(),
+    be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(),
                           AttentionShape{c.T, c.H, c.D, c.block, c.window, 0.12f});
     const auto expected = dense_attention(c, q, k, v, 0.12f);
     for (int i = 0; i < n; ++i) ASSERT_NEAR(y[i], expected[i], 2e-5) << "window " << window << " index " << i;
@@ -390,11 +420,64 @@ TEST_F(CpuOps, AttentionForwardWritesTheCodesOfItsOutputWhenAsked) {
   const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
   std::vector<float> y(n), lse(c.H * c.T), y2(n), lse2(c.H * c.T);
   std::vector<uint16_t> codes(n, 0x7FC0);
-  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
-  be->attention_forward(y2.data(), codes.data(), lse2.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
+  be->attention_forward(y2.data(), codes.data(), lse2.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
   EXPECT_EQ(y2, y);
   EXPECT_EQ(lse2, lse);
   for (int i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(y[i])) << i;
+}
+
+// Attention given its inputs' codes (AttentionInputCodes) checks them: the rounding of q, k
+// and v changes no result; one code that is not its value's rounding, in any of the three,
+// is an Error naming the tensor and element, forward and backward.
+TEST_F(CpuOps, AttentionChecksTheInputCodesItIsGiven) {
+  AttentionCase c = make_case(48, 2, 8, 8, 2, 102);
+  const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
+  const auto q = random_vector(n, 41, 2.f), k = random_vector(n, 42, 2.f), v = random_vector(n, 43);
+  const auto dy = random_vector(n, 44);
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  auto encoded = [&](const std::vector<float>& x) {
+    std::vector<uint16_t> codes(x.size());
+    for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
+    return codes;
+  };
+  std::vector<std::vector<uint16_t>> codes = {encoded(q), encoded(k), encoded(v)};
+  auto given = [&] { return AttentionInputCodes{codes[0].data(), codes[1].data(), codes[2].data()}; };
+  std::vector<float> y(n), lse(c.H * c.T), y2(n), lse2(c.H * c.T), dq(n), dk(n), dv(n), dq2(n), dk2(n), dv2(n);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
+  be->attention_forward(y2.data(), nullptr, lse2.data(), q.data(), k.data(), v.data(), given(), doc.data(), shape);
+  EXPECT_EQ(y2, y);
+  EXPECT_EQ(lse2, lse);
+  be->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
+                         v.data(), {}, doc.data(), shape);
+  be->attention_backward(dq2.data(), dk2.data(), dv2.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
+                         v.data(), given(), doc.data(), shape);
+  EXPECT_EQ(dq2, dq);
+  EXPECT_EQ(dk2, dk);
+  EXPECT_EQ(dv2, dv);
+  const char* names[] = {"q[", "k[", "v["};
+  for (int tensor = 0; tensor < 3; ++tensor) {
+    const size_t element = n - 1 - 17 * tensor;
+    codes[tensor][element] ^= 1;  // one unit in the last place off
+    const std::string expected = std::string(names[tensor]) + std::to_string(element) + "]";
+    auto expect_refused = [&](auto&& call, const char* pass) {
+      try {
+        call();
+        ADD_FAILURE() << pass << " accepted a wrong code of " << expected;
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << pass << ": " << e.what();
+      }
+    };
+    expect_refused([&] {
+      be->attention_forward(y2.data(), nullptr, lse2.data(), q.data(), k.data(), v.data(), given(), doc.data(), shape);
+    }, "forward");
+    expect_refused([&] {
+      be->attention_backward(dq2.data(), dk2.data(), dv2.data(), dy.data(), y.data(), lse.data(), q.data(), k.data(),
+                             v.data(), given(), doc.data(), shape);
+    }, "backward");
+    codes[tensor][element] ^= 1;
+  }
 }
 
 TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
@@ -406,13 +489,13 @@ TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
   const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
   auto run = [&](const std::vector<float>& qq, const std::vector<float>& kk, const std::vector<float>& vv) {
     std::vector<float> y(n), lse(c.H * c.T);
-    be->attention_forward(y.data(), nullptr, lse.data(), qq.data(), kk.data(), vv.data(), doc.data(), shape);
+    be->attention_forward(y.data(), nullptr, lse.data(), qq.data(), kk.data(), vv.data(), {}, doc.data(), shape);
     return dot(y, R);
   };
   std::vector<float> y(n), lse(c.H * c.T), dq(n), dk(n), dv(n);
-  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), doc.data(), shape);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
   be->attention_backward(dq.data(), dk.data(), dv.data(), R.data(), y.data(), lse.data(), q.data(), k.data(),
-                         v.data(), doc.data(), shape);
+                         v.data(), {}, doc.data(), shape);
   auto numeric_q = numerical_gradient([&](const std::vector<float>& x) { return run(x, k, v); }, q, 1e-2);
   auto numeric_k = numerical_gradient([&](const std::vector<float>& x) { return run(q, x, v); }, k, 1e-2);
   auto numeric_v = numerical_gradient([&](const std::vector<float>& x) { return run(q, k, x); }, v, 1e-2);

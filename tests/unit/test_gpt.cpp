@@ -258,6 +258,46 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(), T * halved / 2 * sizeof(float));
 }
 
+// ActivationOptions::attention_input_codes: rotary and the value-embedding mix write q, k
+// and v as codes for attention, which the CPU backend checks against its float inputs (an
+// Error otherwise: codes of another layer, of the unrotated q, or not rewritten by a
+// recomputing backward). They change no result, in any activation mode, and cost one set
+// of three [T, hd] code buffers in each pass's arena.
+TEST(GPT, AttentionInputCodesAreTheRoundingOfWhatAttentionReadsAndChangeNoResult) {
+  for (ActivationMemory memory : {ActivationMemory::kStore, ActivationMemory::kRecompute}) {
+    for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
+      SCOPED_TRACE(std::string(memory == ActivationMemory::kRecompute ? "recomputed " : "kept ") +
+                   (precision == ActivationPrecision::kBfloat16 ? "bf16" : "fp32"));
+      ActivationOptions with_codes{memory, precision};
+      with_codes.attention_input_codes = true;
+      RandomModel plain({memory, precision}), coded(with_codes);
+      std::vector<double> losses;
+      std::vector<std::vector<float>> grads;
+      for (RandomModel* m : {&plain, &coded}) {
+        m->model->load_parameters(m->params);
+        m->model->zero_grad();
+        losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window, 1.f));
+        losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window + 1, 0.5f));
+        losses.push_back(m->model->forward(m->inputs, m->targets, m->window));
+        grads.push_back(m->model->gradients_to_host());
+      }
+      EXPECT_EQ(losses[3], losses[0]);
+      EXPECT_EQ(losses[4], losses[1]);
+      EXPECT_EQ(losses[5], losses[2]);
+      EXPECT_EQ(grads[1], grads[0]);
+      const Config& c = plain.config;
+      const size_t code_floats = (64 * c.hidden_dim() / 2 + ArenaCarver::kAlignFloats - 1) /
+                                 ArenaCarver::kAlignFloats * ArenaCarver::kAlignFloats;
+      const GPT::MemoryPlan without = GPT::plan_memory(c, 64, 64, {memory, precision}, kCpuHeadChunkRows);
+      const GPT::MemoryPlan with = GPT::plan_memory(c, 64, 64, with_codes, kCpuHeadChunkRows);
+      EXPECT_EQ(with.training_bytes - without.training_bytes, 3 * code_floats * sizeof(float));
+      EXPECT_EQ(with.forward_only_bytes - without.forward_only_bytes, 3 * code_floats * sizeof(float));
+      EXPECT_EQ(coded.model->activation_bytes() - plain.model->activation_bytes(),
+                with.activation_bytes() - without.activation_bytes());
+    }
+  }
+}
+
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
   auto be = make_cpu_backend();
   const Config c = Config::preset("micro");

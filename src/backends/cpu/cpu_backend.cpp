@@ -140,6 +140,27 @@ void encode_outputs(uint16_t* codes, const float* values, size_t n) {
   if (codes) write_values(nullptr, codes, n, [values](size_t i) { return values[i]; });
 }
 
+// Throws Error unless codes[i] == bf16(values[i]) for every i: attention's input codes
+// must be the rounding of what it reads (stale codes would change CUDA's results only).
+void check_codes_match(const char* tensor, const uint16_t* codes, const float* values, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (codes[i] != lowp::encode_bf16(values[i])) {
+      throw Error(std::string("attention input codes: ") + tensor + "[" + std::to_string(i) + "] holds bf16 " +
+                  std::to_string(lowp::decode_bf16(codes[i])) + ", not the rounding of its value " +
+                  std::to_string(values[i]));
+    }
+  }
+}
+
+void check_attention_input_codes(const AttentionInputCodes& codes, const float* q, const float* k, const float* v,
+                                 const AttentionShape& shape) {
+  if (!codes.given()) return;
+  const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+  check_codes_match("q", codes.q, q, n);
+  check_codes_match("k", codes.k, k, n);
+  check_codes_match("v", codes.v, v, n);
+}
+
 // out = relu(x)^2.
 template <typename X>
 void relu2_values(float* out, const X* x, size_t n) {
@@ -318,7 +339,7 @@ class CpuBackend final : public Backend {
     encode_outputs(dx_codes, dx, static_cast<size_t>(rows) * dim);
   }
 
-  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
+  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
     const int half = D / 2;
     const int quarter = D / 4;
     std::vector<float> freq(half, 0.f);  // D/4 frequencies then D/4 zeros
@@ -342,9 +363,11 @@ class CpuBackend final : public Backend {
         }
       }
     }
+    encode_outputs(x_codes, x, static_cast<size_t>(T) * H * D);
   }
 
-  void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) override {
+  void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                   size_t n) override {
     const float c0 = coef[0];
     if (b) {
       const float c1 = coef[1];
@@ -354,6 +377,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static)
       for (size_t i = 0; i < n; ++i) out[i] = c0 * a[i];
     }
+    encode_outputs(out_codes, out, n);
   }
 
   void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
@@ -427,15 +451,17 @@ class CpuBackend final : public Backend {
   }
 
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
-                         const int32_t* doc, const AttentionShape& shape) override {
+                         const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& shape) override {
+    check_attention_input_codes(codes, q, k, v, shape);
     cpu::attention_forward(y, lse, q, k, v, doc, shape);
     encode_outputs(y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
     scribble_on_loan();
   }
 
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                          const float* q, const float* k, const float* v, const int32_t* doc,
-                          const AttentionShape& shape) override {
+                          const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
+                          const int32_t* doc, const AttentionShape& shape) override {
+    check_attention_input_codes(codes, q, k, v, shape);
     cpu::attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
     scribble_on_loan();
   }

@@ -1,7 +1,8 @@
 // The float32 backend's attention through the bf16 flash kernel (cuda_flash_attention.cu),
-// chosen with --attention-kernel flash (AttentionKernel::kFlash): inputs are rounded to bf16 on the way in and
-// the output widened on the way out, so a model can be trained and timed with the fast
-// kernel before the activations themselves are bf16. Never run on a GPU yet.
+// chosen with --attention-kernel flash (AttentionKernel::kFlash): q, k and v come as the
+// codes their producers wrote (AttentionInputCodes) or are rounded to bf16 here, and the
+// output is widened on the way out, so a model with float32 activations can use the fast
+// kernel too. Never run on a GPU yet.
 #include <cuda_bf16.h>
 
 #include "backends/cuda/cuda_kernels.cuh"
@@ -22,7 +23,7 @@ FlashAttentionShape flash_shape(const AttentionShape& a) {
   return f;
 }
 
-// `count` bf16 tensors of T*H*D and the kernel's workspace, carved from one scratch buffer.
+// `count` bf16 tensors of T*H*D (at most 5) and the kernel's workspace, carved from one scratch buffer.
 struct Bf16Buffers {
   uint16_t* tensor[5];
   void* workspace;
@@ -43,35 +44,55 @@ Bf16Buffers carve_buffers(Scratch& scratch, const FlashAttentionShape& f, int co
   return b;
 }
 
-}  // namespace
+// q, k and v as the kernel reads them: the producers' codes when given, else copies rounded
+// into the first three of `b`'s tensors.
+struct Bf16Inputs {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+};
 
-void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
-                                 const float* q, const float* k, const float* v, const int32_t* doc,
-                                 const AttentionShape& shape) {
-  const FlashAttentionShape f = flash_shape(shape);
-  const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
-  const Bf16Buffers b = carve_buffers(scratch, f, y_codes ? 3 : 4);
+Bf16Inputs bf16_inputs(cudaStream_t s, const Bf16Buffers& b, const float* q, const float* k, const float* v,
+                       const AttentionInputCodes& codes, size_t n) {
+  if (codes.given()) return {codes.q, codes.k, codes.v};
   to_bf16(s, b.tensor[0], q, n);
   to_bf16(s, b.tensor[1], k, n);
   to_bf16(s, b.tensor[2], v, n);
-  uint16_t* out = y_codes ? y_codes : b.tensor[3];
-  flash_attention_forward(s, b.workspace, out, lse, b.tensor[0], b.tensor[1], b.tensor[2], doc, f);
+  return {b.tensor[0], b.tensor[1], b.tensor[2]};
+}
+
+// How many bf16 tensors the wrapper rounds for itself: q, k, v unless given, then `others`.
+int copies_needed(const AttentionInputCodes& codes, int others) { return (codes.given() ? 0 : 3) + others; }
+
+}  // namespace
+
+void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
+                                 const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
+                                 const int32_t* doc, const AttentionShape& shape) {
+  const FlashAttentionShape f = flash_shape(shape);
+  const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
+  const int copies = copies_needed(codes, y_codes ? 0 : 1);
+  const Bf16Buffers b = carve_buffers(scratch, f, copies);
+  const Bf16Inputs in = bf16_inputs(s, b, q, k, v, codes, n);
+  uint16_t* out = y_codes ? y_codes : b.tensor[copies - 1];
+  flash_attention_forward(s, b.workspace, out, lse, in.q, in.k, in.v, doc, f);
   widen_bf16(s, y, out, n);
 }
 
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,
                                   const float* y, const float* lse, const float* q, const float* k, const float* v,
-                                  const int32_t* doc, const AttentionShape& shape) {
+                                  const AttentionInputCodes& codes, const int32_t* doc,
+                                  const AttentionShape& shape) {
   const FlashAttentionShape f = flash_shape(shape);
   const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
-  const Bf16Buffers b = carve_buffers(scratch, f, 5);
-  to_bf16(s, b.tensor[0], q, n);
-  to_bf16(s, b.tensor[1], k, n);
-  to_bf16(s, b.tensor[2], v, n);
-  to_bf16(s, b.tensor[3], y, n);  // y was widened from bf16: this is exact
-  to_bf16(s, b.tensor[4], dy, n);
-  flash_attention_backward(s, b.workspace, dq, dk, dv, b.tensor[4], b.tensor[3], lse, b.tensor[0], b.tensor[1],
-                           b.tensor[2], doc, f);
+  const int copies = copies_needed(codes, 2);
+  const Bf16Buffers b = carve_buffers(scratch, f, copies);
+  const Bf16Inputs in = bf16_inputs(s, b, q, k, v, codes, n);
+  uint16_t* y_bf16 = b.tensor[copies - 2];
+  uint16_t* dy_bf16 = b.tensor[copies - 1];
+  to_bf16(s, y_bf16, y, n);  // y was widened from bf16: this is exact
+  to_bf16(s, dy_bf16, dy, n);
+  flash_attention_backward(s, b.workspace, dq, dk, dv, dy_bf16, y_bf16, lse, in.q, in.k, in.v, doc, f);
 }
 
 }  // namespace speedrun::cuda

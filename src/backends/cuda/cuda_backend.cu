@@ -200,13 +200,14 @@ class CudaBackend final : public Backend {
                         int rows, int dim, bool accumulate) override {
     cuda::rmsnorm_backward(stream_, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   }
-  void rotary(float* x, int T, int H, int D, float base, bool inverse) override {
-    cuda::rotary(stream_, x, T, H, D, rotary_frequencies(D, base), inverse);
+  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
+    cuda::rotary(stream_, x, x_codes, T, H, D, rotary_frequencies(D, base), inverse);
   }
 
   // --- elementwise --------------------------------------------------------------------------
-  void mix_forward(float* out, const float* a, const float* b, const float* coef, size_t n) override {
-    cuda::mix_forward(stream_, out, a, b, coef, n);
+  void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                   size_t n) override {
+    cuda::mix_forward(stream_, out, out_codes, a, b, coef, n);
   }
   void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
                     const float* a, const float* b, const float* coef, size_t n) override {
@@ -253,19 +254,19 @@ class CudaBackend final : public Backend {
 
   // --- attention ------------------------------------------------------------------------------
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
-                         const int32_t* doc, const AttentionShape& shape) override {
+                         const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& shape) override {
     if (flash_attention_) {  // its output is bf16 already: written into y_codes when given
-      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, y_codes, lse, q, k, v, doc, shape);
+      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, y_codes, lse, q, k, v, codes, doc, shape);
       return;
     }
     cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
     if (y_codes) cuda::to_bf16(stream_, y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                          const float* q, const float* k, const float* v, const int32_t* doc,
-                          const AttentionShape& shape) override {
+                          const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
+                          const int32_t* doc, const AttentionShape& shape) override {
     if (flash_attention_) {
-      cuda::flash_attention_backward_f32(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+      cuda::flash_attention_backward_f32(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, codes, doc, shape);
       return;
     }
     cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);

@@ -91,8 +91,9 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
 }
 
 // x [T, H, D] in place: with theta = fl32(t freq[i]), i < D/2, (x1, x2) = (x[i], x[i + D/2])
-// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse. Traffic: 8 T H D bytes.
-__global__ void rotary_kernel(float* x, int T, int H, int D, const float* freq, float sign) {
+// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse; the codes of the
+// result too unless x_codes is null. Traffic: 8 T H D bytes (+2 with codes).
+__global__ void rotary_kernel(float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, float sign) {
   const int half = D / 2;
   const size_t n = static_cast<size_t>(T) * H * half;
   SPEEDRUN_GRID_STRIDE(idx, n) {
@@ -105,19 +106,26 @@ __global__ void rotary_kernel(float* x, int T, int H, int D, const float* freq, 
     float* row = x + token_head * D;
     const float x1 = row[i];
     const float x2 = row[i + half];
-    row[i] = x1 * c + x2 * s;
-    row[i + half] = -x1 * s + x2 * c;
+    const float r1 = x1 * c + x2 * s;
+    const float r2 = -x1 * s + x2 * c;
+    row[i] = r1;
+    row[i + half] = r2;
+    const size_t at = token_head * D + i;
+    store_code(x_codes, at, r1);
+    store_code(x_codes, at + half, r2);
   }
 }
 
-// out = coef[0] a + coef[1] b (or coef[0] a). out may alias a. Traffic: 12 n bytes (8 n without b).
-__global__ void mix_forward_kernel(float* out, const float* a, const float* b, const float* coef, size_t n) {
+// out = coef[0] a + coef[1] b (or coef[0] a), its codes too unless out_codes is null. out
+// may alias a. Traffic: 12 n bytes (8 n without b; +2 n with codes).
+__global__ void mix_forward_kernel(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                                   size_t n) {
   const float c0 = coef[0];
-  if (b) {
-    const float c1 = coef[1];
-    SPEEDRUN_GRID_STRIDE(i, n) out[i] = c0 * a[i] + c1 * b[i];
-  } else {
-    SPEEDRUN_GRID_STRIDE(i, n) out[i] = c0 * a[i];
+  const float c1 = b ? coef[1] : 0.f;
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    const float result = b ? c0 * a[i] + c1 * b[i] : c0 * a[i];
+    out[i] = result;
+    store_code(out_codes, i, result);
   }
 }
 
@@ -336,16 +344,17 @@ void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const 
   launch_rmsnorm_backward(s, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
 }
 
-void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse) {
+void rotary(cudaStream_t s, float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, bool inverse) {
   const size_t n = static_cast<size_t>(T) * H * (D / 2);
   if (n == 0) return;
-  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, T, H, D, freq, inverse ? -1.f : 1.f);
+  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, x_codes, T, H, D, freq, inverse ? -1.f : 1.f);
   check_launch("rotary_kernel");
 }
 
-void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, const float* coef, size_t n) {
+void mix_forward(cudaStream_t s, float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                 size_t n) {
   if (n == 0) return;
-  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, a, b, coef, n);
+  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, a, b, coef, n);
   check_launch("mix_forward_kernel");
 }
 

@@ -20,8 +20,9 @@ void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rst
 void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
                       const float* rstd, int rows, int dim, bool accumulate);
 // freq: device array of D/2 angular frequencies (D/4 of them then zeros).
-void rotary(cudaStream_t s, float* x, int T, int H, int D, const float* freq, bool inverse);
-void mix_forward(cudaStream_t s, float* out, const float* a, const float* b, const float* coef, size_t n);
+void rotary(cudaStream_t s, float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, bool inverse);
+void mix_forward(cudaStream_t s, float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+                 size_t n);
 // The elementwise half of mix_backward (its dot products go through dot_reduce first).
 void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
                               const float* dout, const float* coef, bool has_b, size_t n);
@@ -96,12 +97,14 @@ void attention_backward(cudaStream_t s, Scratch& scratch, float* dq, float* dk, 
 // --- attention through the bf16 flash kernel (cuda_attention_bf16.cu) ----------------
 // The same contract as attention_forward/backward above, computed in bf16 with fp32
 // statistics; an Error for head sizes the kernel lacks (it has 32, 64, 128).
-// y_codes (unless null) receives the kernel's bf16 output itself, widened into y.
+// y_codes (unless null) receives the kernel's bf16 output itself, widened into y. The
+// kernel reads `codes` when given, else rounds its own copies of q, k and v.
 void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
-                                 const float* q, const float* k, const float* v, const int32_t* doc,
-                                 const AttentionShape& shape);
+                                 const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
+                                 const int32_t* doc, const AttentionShape& shape);
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,
                                   const float* y, const float* lse, const float* q, const float* k, const float* v,
-                                  const int32_t* doc, const AttentionShape& shape);
+                                  const AttentionInputCodes& codes, const int32_t* doc,
+                                  const AttentionShape& shape);
 
 }  // namespace speedrun::cuda
