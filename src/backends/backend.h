@@ -28,10 +28,13 @@ struct AttentionShape {
 // by the ops that produced q, k and v, for a backend whose attention reads bf16 (CUDA's
 // flash kernel) and would otherwise round its own copies. All three or none (null); they
 // never change a result. The CPU backend checks them against its float inputs.
+// y (the backward's; unless null): the forward's output kept as codes (attention_forward_bf16's
+// `stored`), which the backward then reads instead of y's floats: those need not be current.
 struct AttentionInputCodes {
   const uint16_t* q = nullptr;
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
+  const uint16_t* y = nullptr;
   bool given() const { return q != nullptr; }
 };
 
@@ -134,6 +137,11 @@ class Backend {
   // the round trip through float32 memory that hold_operand's copy costs. Returns nullptr
   // (the op then writes no codes) when matmuls do not round their operands or holding is off.
   virtual uint16_t* hold_produced_operand(int slot, const float* x, size_t count) { return nullptr; }
+  // The same for an x whose bf16 codes exist already (an activation kept as codes, unchanged
+  // until release_operand): products whose operand is x read `codes`, and x's floats need not
+  // be current. Returns false, holding nothing, when matmuls do not round their operands (or
+  // holding is off): the caller must then make x's floats current itself.
+  virtual bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) { return false; }
   virtual void release_operand(int slot) {}
   // The same over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
@@ -216,7 +224,14 @@ class Backend {
   virtual void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k,
                                  const float* v, const AttentionInputCodes& codes, const int32_t* doc,
                                  const AttentionShape& shape) = 0;
-  // dq, dk, dv (overwritten) from dy, recomputing probabilities from lse.
+  // attention_forward with y rounded to bf16 where it is computed (SPEC §6's bf16 activations):
+  // y = float32(bf16(attention)) and stored = its codes, kept for c_proj's backward and this
+  // op's backward (AttentionInputCodes::y). Both required.
+  virtual void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k,
+                                      const float* v, const AttentionInputCodes& codes, const int32_t* doc,
+                                      const AttentionShape& shape) = 0;
+  // dq, dk, dv (overwritten) from dy, recomputing probabilities from lse; y's codes read
+  // instead of y when codes.y is given.
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y,
                                   const float* lse, const float* q, const float* k, const float* v,
                                   const AttentionInputCodes& codes, const int32_t* doc,

@@ -33,6 +33,9 @@ class ProfilingBackend final : public Backend {
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     return inner_.hold_produced_operand(slot, x, count);
   }
+  bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) override {
+    return inner_.hold_stored_operand(slot, x, codes, count);
+  }
   void release_operand(int slot) override { inner_.release_operand(slot); }
   void lend_scratch(float* memory, size_t bytes) override {
     timed("lend_scratch", 0, [&] { inner_.lend_scratch(memory, bytes); });
@@ -124,6 +127,10 @@ class ProfilingBackend final : public Backend {
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
     timed("attention", 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
+  }
+  void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
+                              const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
+    timed("attention", 0, [&] { inner_.attention_forward_bf16(y, stored, lse, q, k, v, codes, doc, s); });
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,

@@ -27,7 +27,8 @@ struct GPT::LayerActivations {
   float* k_rot = nullptr;
   float* v_raw = nullptr;    // v before the value-embedding mix [T, hd]
   float* v = nullptr;        // attention's v [T, hd]
-  float* y = nullptr;        // attention output [T, hd]
+  float* y = nullptr;        // attention output [T, hd] (bf16: one buffer all layers share)
+  uint16_t* y_codes = nullptr;  // bf16: y kept for the backward, as codes [T, hd]
   float* lse = nullptr;      // [H, T]
   // attention_input_codes: bf16 of q_rot, k_rot and v, in buffers all layers share.
   AttentionInputCodes input_codes() const { return {q_codes, k_codes, v_codes}; }
@@ -234,6 +235,9 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_g = recompute ? take(T * mlp) : nullptr;
   float* shared_v = recompute ? take(T * hd) : nullptr;
   const AttentionCodeBuffers codes = carve_attention_codes(activations, arena, T * hd);
+  // bf16: y lives on as codes; its floats serve the forward alone (the backward widens the
+  // codes into them when its products need floats).
+  float* shared_y = bf16 ? take(T * hd) : nullptr;
   auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
@@ -261,7 +265,12 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.k_rstd = take(T * H);
       a.v_raw = take(T * hd);
       a.v = kept(shared_v, T * hd);
-      a.y = take(T * hd);
+      if (bf16) {
+        a.y = shared_y;
+        a.y_codes = arena.take_codes(T * hd);
+      } else {
+        a.y = take(T * hd);
+      }
       a.lse = take(T * H);
       codes.assign_to(a);
     }
@@ -307,6 +316,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   a.q_rstd = a.k_rstd = take(T * H);
   a.v_raw = a.v = take(T * hd);
   a.y = take(T * hd);
+  if (activations.precision == ActivationPrecision::kBfloat16) a.y_codes = arena.take_codes(T * hd);
   a.lse = take(T * H);
   a.h = a.g = take(std::min(T, mlp_rows) * mlp);
   carve_attention_codes(activations, arena, T * hd).assign_to(a);
@@ -485,10 +495,16 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    // y's bf16 copy for c_proj written by attention itself.
+    // y's bf16 copy for c_proj written by attention itself: the codes bf16 activations keep,
+    // or the held operand's.
     const size_t nh = static_cast<size_t>(T) * hd;
-    backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot, a.v,
-                               a.input_codes(), doc_, shape);
+    if (bf16_activations_) {
+      backend_.attention_forward_bf16(a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v, a.input_codes(), doc_, shape);
+      backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh);  // the floats are current too
+    } else {
+      backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot,
+                                 a.v, a.input_codes(), doc_, shape);
+    }
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
     backend_.add(a.x1, nullptr, a.xm, n);
@@ -729,13 +745,19 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     float* dqkv = grads_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
+    // bf16: y's kept codes are c_proj's operand, or widened into its floats for float32 products.
+    if (bf16_activations_ && !backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh)) {
+      backend_.widen_bf16(a.y, a.y_codes, nh);
+    }
     linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldGradient);
+    backend_.release_operand(kHeldInput);
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // Recomputed, attention's inputs come with their codes; kept, the codes are another layer's.
-    const AttentionInputCodes codes = recompute_ ? a.input_codes() : AttentionInputCodes{};
+    AttentionInputCodes codes = recompute_ ? a.input_codes() : AttentionInputCodes{};
+    codes.y = a.y_codes;  // bf16: y is read from its codes
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     backend_.rotary(b.dq, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
     backend_.rotary(b.dk, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);

@@ -891,6 +891,48 @@ TEST_F(AttentionTest, FlashKernelWritesTheCodesOfItsOutputWhenAsked) {
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(got_codes[i], lowp::encode_bf16(want_y[i])) << "flash y codes at " << i;
 }
 
+// attention_forward_bf16 (bf16 activations), reference and flash: y rounded where computed
+// and its codes stored (the flash kernel's output as it is; the reference's rounded after),
+// lse as attention_forward's; the backward given those codes (AttentionInputCodes::y), with
+// y's floats NaN, gives the bits of the backward reading the rounded floats.
+TEST_F(AttentionTest, Bf16OutputIsRoundedAndItsCodesServeTheBackward) {
+  SCOPED_TRACE(trace());
+  for (bool use_flash : {false, true}) {
+    SCOPED_TRACE(use_flash ? "flash" : "reference");
+    BackendOptions options;
+    options.attention = use_flash ? AttentionKernel::kFlash : AttentionKernel::kReference;
+    gpu_ = make_cuda_backend(0, options);
+    const int T = 1024;
+    const AttentionShape shape{T, 2, 128, 128, 3, 0.12f};
+    const size_t n = static_cast<size_t>(T) * 2 * 128;
+    DeviceFloats q(*gpu_, normal(n)), k(*gpu_, normal(n)), v(*gpu_, normal(n)), dy(*gpu_, normal(n));
+    DeviceInts doc(*gpu_, documents(T, 300));
+    DeviceFloats y(*gpu_, n, kNaN), lse(*gpu_, 2 * T, kNaN), y16(*gpu_, n, kNaN), lse16(*gpu_, 2 * T, kNaN);
+    DeviceFloats stored(*gpu_, n / 2, std::bit_cast<float>(kNaNCodePair));
+    auto* stored_codes = reinterpret_cast<uint16_t*>(stored.ptr);
+    gpu_->attention_forward(y.ptr, nullptr, lse.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
+    gpu_->attention_forward_bf16(y16.ptr, stored_codes, lse16.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr, shape);
+    expect_identical(lse16.get(), lse.get(), "lse beside a rounded y");
+    const auto plain = y.get(), rounded = y16.get();
+    const auto codes = codes_of(stored.get(), n);
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(codes[i], lowp::encode_bf16(plain[i])) << "stored code at " << i;
+      ASSERT_EQ(rounded[i], lowp::decode_bf16(codes[i])) << "rounded y at " << i;
+    }
+    DeviceFloats dq(*gpu_, n, kNaN), dk(*gpu_, n, kNaN), dv(*gpu_, n, kNaN);
+    DeviceFloats dq2(*gpu_, n, kNaN), dk2(*gpu_, n, kNaN), dv2(*gpu_, n, kNaN), stale(*gpu_, n, kNaN);
+    gpu_->attention_backward(dq.ptr, dk.ptr, dv.ptr, dy.ptr, y16.ptr, lse16.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr,
+                             shape);
+    AttentionInputCodes y_codes;
+    y_codes.y = stored_codes;
+    gpu_->attention_backward(dq2.ptr, dk2.ptr, dv2.ptr, dy.ptr, stale.ptr, lse16.ptr, q.ptr, k.ptr, v.ptr, y_codes,
+                             doc.ptr, shape);
+    expect_identical(dq2.get(), dq.get(), "dq from y's codes");
+    expect_identical(dk2.get(), dk.get(), "dk from y's codes");
+    expect_identical(dv2.get(), dv.get(), "dv from y's codes");
+  }
+}
+
 // Given its inputs' codes (AttentionInputCodes, written by rotary and the v mix) the flash
 // kernel reads them instead of rounding copies of q, k and v: the same bits forward and
 // backward. And it does read them: the codes of -v give exactly -y (the kernel's sums are
@@ -1037,6 +1079,31 @@ TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
   }
 }
 
+// Backend::hold_stored_operand: codes kept elsewhere (y kept as bf16) are the operand, read
+// in place (the floats behind them are NaN here), with no copy made: the same bits as the
+// product that rounds x itself, and only B's copy counted.
+TEST_F(GemmTest, AStoredOperandIsReadFromItsCodesWithNoCopy) {
+  SCOPED_TRACE(trace());
+  use_bf16_matmuls();
+  const int M = 128, N = 96, K = 256;
+  const auto x = normal(static_cast<size_t>(M) * K), B = normal(static_cast<size_t>(K) * N);
+  std::vector<uint16_t> codes(x.size());
+  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
+  std::vector<float> words(codes.size() / 2);
+  std::memcpy(words.data(), codes.data(), words.size() * sizeof(float));
+  DeviceFloats dx(*gpu_, x), stale(*gpu_, x.size(), kNaN), dcodes(*gpu_, words), dB(*gpu_, B);
+  DeviceFloats want(*gpu_, static_cast<size_t>(M) * N, kNaN), got(*gpu_, static_cast<size_t>(M) * N, kNaN);
+  gpu_->gemm(false, false, M, N, K, 1.f, dx.ptr, K, dB.ptr, N, 0.f, want.ptr, N);
+  const size_t copied = gpu_->operand_copy_traffic_bytes();
+  ASSERT_TRUE(gpu_->hold_stored_operand(0, stale.ptr, reinterpret_cast<const uint16_t*>(dcodes.ptr), codes.size()));
+  gpu_->gemm(false, false, M, N, K, 1.f, stale.ptr, K, dB.ptr, N, 0.f, got.ptr, N);
+  gpu_->release_operand(0);
+  expect_identical(got.get(), want.get(), "product of stored codes");
+  EXPECT_EQ(gpu_->operand_copy_traffic_bytes() - copied, B.size() * 6) << "only B copied";
+  auto float32 = make_cuda_backend(0);
+  EXPECT_FALSE(float32->hold_stored_operand(0, dx.ptr, reinterpret_cast<const uint16_t*>(dcodes.ptr), codes.size()));
+}
+
 // ---------------------------------------------------------------------------------------
 // The whole model and the optimiser
 
@@ -1162,6 +1229,7 @@ TEST_F(ModelTest, TinyAsTrainedOnTheGpuMatchesTheCpuEmulation) {
   cpu_ = make_cpu_backend(cpu_options);
   cpu_activations_.precision = ActivationPrecision::kBfloat16;
   gpu_activations_ = {ActivationMemory::kRecompute, ActivationPrecision::kBfloat16};
+  gpu_activations_.attention_input_codes = true;  // as train resolves it for the flash kernel
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 2e-3, 3e-2);
 }
 

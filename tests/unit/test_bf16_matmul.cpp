@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -151,7 +152,8 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       // products read one copy of their output gradient. The block rmsnorms write their
       // output's codes (forward, and backward when recomputed), which q, k and v share (the
       // stored attention norm is copied once for the three in the backward); attention writes
-      // those of y. Every linear layer's output gradient is written as codes by the op that
+      // those of y (with bf16 activations they are y's kept codes, which c_proj reads in the
+      // forward and the backward with no copy or extra write at all). Every linear layer's output gradient is written as codes by the op that
       // computes it (the final norm's backward, the previous block's mix backward or the skip
       // add for the MLP's c_proj; the MLP norm's backward for attention's; the head norms'
       // backward for q and k; the v mix's backward for v), except c_fc's with float32
@@ -170,12 +172,12 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
         if (config.layer_has_attention(i)) {
           saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
           saved += (12 - 2) * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
-          saved += (6 - 2) * T * hd;  // y, written by attention for c_proj
+          saved += (bf16_activations ? 6 + 6 : 6 - 2) * T * hd;  // y, for c_proj (bf16: both passes)
         }
       }
       saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx
       for (int i = 0; i < config.num_layers; ++i) {
-        if (config.layer_has_attention(i)) saved += (18 - 2) * T * d + (6 - 2) * T * hd;
+        if (config.layer_has_attention(i)) saved += (18 - 2) * T * d + (bf16_activations ? 6 : 6 - 2) * T * hd;
         saved += (6 - 2) * T * d;
         if (bf16_activations) saved += (6 - 2) * T * mlp;
       }
@@ -215,6 +217,31 @@ TEST(Bf16Matmul, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
   EXPECT_EQ(make_cpu_backend(unheld_options)->hold_produced_operand(0, g.data(), g.size()), nullptr);
   EXPECT_EQ(make_cpu_backend()->hold_produced_operand(1, g.data(), g.size()), nullptr);
   EXPECT_ANY_THROW(bf16->hold_produced_operand(Backend::kHeldOperands, g.data(), g.size()));
+}
+
+// hold_stored_operand: codes kept elsewhere (an activation stored as bf16) are the operand,
+// with no copy and no extra write counted; x's floats are not read. Refused (false) where
+// matmuls do not round or holding is off.
+TEST(Bf16Matmul, AStoredOperandIsReadFromItsCodesWithNoCopy) {
+  const int M = 6, N = 5, K = 7;
+  const auto x = random_vector(static_cast<size_t>(M) * K, 13, 2.f), B = random_vector(static_cast<size_t>(K) * N, 14);
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  std::vector<float> want(static_cast<size_t>(M) * N), got(want.size());
+  bf16->gemm(false, false, M, N, K, 1.f, x.data(), K, B.data(), N, 0.f, want.data(), N);
+  const size_t copied = bf16->operand_copy_traffic_bytes();
+  std::vector<uint16_t> codes(x.size());
+  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
+  std::vector<float> stale(x.size(), std::numeric_limits<float>::quiet_NaN());
+  ASSERT_TRUE(bf16->hold_stored_operand(1, stale.data(), codes.data(), codes.size()));
+  bf16->gemm(false, false, M, N, K, 1.f, stale.data(), K, B.data(), N, 0.f, got.data(), N);
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, B.size() * 3 * sizeof(uint16_t)) << "only B was copied";
+  bf16->release_operand(1);
+
+  BackendOptions unheld_options = bf16_matmuls();
+  unheld_options.hold_operands = false;
+  EXPECT_FALSE(make_cpu_backend(unheld_options)->hold_stored_operand(0, x.data(), codes.data(), codes.size()));
+  EXPECT_FALSE(make_cpu_backend()->hold_stored_operand(0, x.data(), codes.data(), codes.size()));
 }
 
 TEST(Bf16Matmul, TheFlashKernelIsRefusedOnTheCpu) {

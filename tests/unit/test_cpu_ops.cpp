@@ -427,6 +427,43 @@ TEST_F(CpuOps, AttentionForwardWritesTheCodesOfItsOutputWhenAsked) {
   for (int i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(y[i])) << i;
 }
 
+// attention_forward_bf16 (bf16 activations): y rounded to bf16 where computed and its codes
+// stored, lse unchanged; the backward given those codes (AttentionInputCodes::y) reads them,
+// not y's floats, which may then be anything.
+TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
+  AttentionCase c = make_case(48, 2, 8, 8, 2, 103);
+  const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
+  const auto q = random_vector(n, 45, 2.f), k = random_vector(n, 46, 2.f), v = random_vector(n, 47);
+  const auto dy = random_vector(n, 48);
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  std::vector<float> y(n), lse(c.H * c.T), y16(n), lse16(c.H * c.T);
+  std::vector<uint16_t> stored(n, 0x7FC0);
+  be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
+  be->attention_forward_bf16(y16.data(), stored.data(), lse16.data(), q.data(), k.data(), v.data(), {}, doc.data(),
+                             shape);
+  EXPECT_EQ(lse16, lse);
+  size_t rounded = 0;
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(stored[i], lowp::encode_bf16(y[i])) << i;
+    ASSERT_EQ(y16[i], lowp::decode_bf16(stored[i])) << i;
+    rounded += y16[i] != y[i];
+  }
+  EXPECT_GT(rounded, n / 2) << "y was not rounded";
+
+  std::vector<float> dq(n), dk(n), dv(n), dq2(n), dk2(n), dv2(n);
+  be->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y16.data(), lse16.data(), q.data(), k.data(),
+                         v.data(), {}, doc.data(), shape);
+  std::vector<float> stale(n, std::numeric_limits<float>::quiet_NaN());
+  AttentionInputCodes y_codes;
+  y_codes.y = stored.data();
+  be->attention_backward(dq2.data(), dk2.data(), dv2.data(), dy.data(), stale.data(), lse16.data(), q.data(),
+                         k.data(), v.data(), y_codes, doc.data(), shape);
+  EXPECT_EQ(dq2, dq);
+  EXPECT_EQ(dk2, dk);
+  EXPECT_EQ(dv2, dv);
+}
+
 // Attention given its inputs' codes (AttentionInputCodes) checks them: the rounding of q, k
 // and v changes no result; one code that is not its value's rounding, in any of the three,
 // is an Error naming the tensor and element, forward and backward.

@@ -277,6 +277,14 @@ class CpuBackend final : public Backend {
     return held.codes.data();
   }
 
+  bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) override {
+    uint16_t* held_codes = hold_produced_operand(slot, x, count);
+    if (!held_codes) return false;
+    operand_copy_traffic_ -= count * sizeof(uint16_t);  // no producer writes them: a GPU reads them in place
+    std::copy_n(codes, count, held_codes);
+    return true;
+  }
+
   void release_operand(int slot) override {
     HeldOperand& held = held_.at(static_cast<size_t>(slot));
     held.source = nullptr;
@@ -458,10 +466,26 @@ class CpuBackend final : public Backend {
     scribble_on_loan();
   }
 
+  void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
+                              const AttentionInputCodes& codes, const int32_t* doc,
+                              const AttentionShape& shape) override {
+    check_attention_input_codes(codes, q, k, v, shape);
+    cpu::attention_forward(y, lse, q, k, v, doc, shape);
+    const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+    write_values(y, stored, n, [y](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(y[i])); });
+    scribble_on_loan();
+  }
+
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& shape) override {
     check_attention_input_codes(codes, q, k, v, shape);
+    std::vector<float> y_widened;  // y's floats are not read when its codes are given
+    if (codes.y) {
+      y_widened.resize(static_cast<size_t>(shape.T) * shape.H * shape.D);
+      widen_bf16(y_widened.data(), codes.y, y_widened.size());
+      y = y_widened.data();
+    }
     cpu::attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
     scribble_on_loan();
   }

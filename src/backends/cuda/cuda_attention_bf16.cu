@@ -85,12 +85,16 @@ void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, f
                                   const AttentionShape& shape) {
   const FlashAttentionShape f = flash_shape(shape);
   const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
-  const int copies = copies_needed(codes, 2);
+  const int copies = copies_needed(codes, codes.y ? 1 : 2);
   const Bf16Buffers b = carve_buffers(scratch, f, copies);
   const Bf16Inputs in = bf16_inputs(s, b, q, k, v, codes, n);
-  uint16_t* y_bf16 = b.tensor[copies - 2];
+  const uint16_t* y_bf16 = codes.y;
+  if (!y_bf16) {
+    uint16_t* copy = b.tensor[copies - 2];
+    to_bf16(s, copy, y, n);  // y was widened from bf16: this is exact
+    y_bf16 = copy;
+  }
   uint16_t* dy_bf16 = b.tensor[copies - 1];
-  to_bf16(s, y_bf16, y, n);  // y was widened from bf16: this is exact
   to_bf16(s, dy_bf16, dy, n);
   flash_attention_backward(s, b.workspace, dq, dk, dv, dy_bf16, y_bf16, lse, in.q, in.k, in.v, doc, f);
 }

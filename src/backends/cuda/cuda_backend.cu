@@ -52,6 +52,7 @@ class CudaBackend final : public Backend {
     reduce_scratch_ = std::make_unique<Scratch>(stream_);
     result_scratch_ = std::make_unique<Scratch>(stream_);
     op_scratch_ = std::make_unique<Scratch>(stream_);
+    widened_y_ = std::make_unique<Scratch>(stream_);
   }
 
   ~CudaBackend() override {
@@ -59,6 +60,7 @@ class CudaBackend final : public Backend {
     for (auto& [key, freq] : rotary_freqs_) cudaFree(freq);
     fp8_head_.reset();
     op_scratch_.reset();
+    widened_y_.reset();
     result_scratch_.reset();
     reduce_scratch_.reset();
     gemm_.reset();
@@ -74,6 +76,9 @@ class CudaBackend final : public Backend {
   void hold_operand(int slot, const float* x, size_t count) override { gemm_->hold(slot, x, count); }
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     return gemm_->hold_produced(slot, x, count);
+  }
+  bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) override {
+    return gemm_->hold_stored(slot, x, codes, count);
   }
   void release_operand(int slot) override { gemm_->release(slot); }
   size_t device_memory_in_use() const override {
@@ -262,12 +267,30 @@ class CudaBackend final : public Backend {
     cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
     if (y_codes) cuda::to_bf16(stream_, y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
   }
+  void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
+                              const AttentionInputCodes& codes, const int32_t* doc,
+                              const AttentionShape& shape) override {
+    if (flash_attention_) {  // its output is bf16: written into stored, y their widening
+      cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, stored, lse, q, k, v, codes, doc, shape);
+      return;
+    }
+    const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+    cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
+    cuda::to_bf16(stream_, stored, y, n);
+    cuda::widen_bf16(stream_, y, stored, n);
+  }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& shape) override {
     if (flash_attention_) {
       cuda::flash_attention_backward_f32(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, codes, doc, shape);
       return;
+    }
+    if (codes.y) {  // the reference kernel reads floats: y's codes widened (its floats may be stale)
+      const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+      float* widened = static_cast<float*>(widened_y_->get(n * sizeof(float)));
+      cuda::widen_bf16(stream_, widened, codes.y, n);
+      y = widened;
     }
     cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
   }
@@ -371,6 +394,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
   std::unique_ptr<Scratch> op_scratch_;      // temporaries of one operation (sort, scans, copies)
+  std::unique_ptr<Scratch> widened_y_;       // y widened from its codes for the reference attention backward
   std::map<std::pair<int, float>, float*> rotary_freqs_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_;
 };

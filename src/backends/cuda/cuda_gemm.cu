@@ -152,19 +152,31 @@ uint16_t* LtGemm::hold_produced(int slot, const float* x, size_t count) {
   operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
   held.source = x;
   held.count = count;
+  held.stored = nullptr;
   return codes;
+}
+
+bool LtGemm::hold_stored(int slot, const float* x, const uint16_t* codes, size_t count) {
+  HeldOperand& held = held_slot(slot);
+  if (!bf16_inputs_) return false;
+  held.source = x;
+  held.count = count;
+  held.stored = codes;
+  return true;
 }
 
 void LtGemm::release(int slot) {
   HeldOperand& held = held_slot(slot);
   held.source = nullptr;
   held.count = 0;
+  held.stored = nullptr;
 }
 
 // A held operand's copy when one holds [x, x + extent), else a fresh copy in `buffer`.
 const void* LtGemm::rounded_operand(Scratch& buffer, const float* x, size_t extent) {
   for (HeldOperand& held : held_) {
-    if (held.source == x && extent <= held.count) return held.copy.get(held.count * sizeof(uint16_t));
+    if (held.source != x || extent > held.count) continue;
+    return held.stored ? static_cast<const void*>(held.stored) : held.copy.get(held.count * sizeof(uint16_t));
   }
   auto* copy = static_cast<uint16_t*>(buffer.get(extent * sizeof(uint16_t)));
   to_bf16(stream_, copy, x, extent);

@@ -44,6 +44,8 @@ class LtGemm {
   void hold(int slot, const float* x, size_t count);
   // Backend::hold_produced_operand: the slot's code buffer (nullptr with float32 inputs).
   uint16_t* hold_produced(int slot, const float* x, size_t count);
+  // Backend::hold_stored_operand: false (nothing held) with float32 inputs.
+  bool hold_stored(int slot, const float* x, const uint16_t* codes, size_t count);
   void release(int slot);
   // Bytes the bf16 operand copies have moved so far (Backend::operand_copy_traffic_bytes).
   size_t operand_copy_traffic_bytes() const { return operand_copy_traffic_; }
@@ -64,6 +66,7 @@ class LtGemm {
     Scratch copy;
     const float* source = nullptr;
     size_t count = 0;
+    const uint16_t* stored = nullptr;  // hold_stored's codes, read in place of `copy`
   };
   HeldOperand& held_slot(int slot);  // throws speedrun::Error for a slot out of range
 

@@ -98,7 +98,8 @@ void attention_backward(cudaStream_t s, Scratch& scratch, float* dq, float* dk, 
 // The same contract as attention_forward/backward above, computed in bf16 with fp32
 // statistics; an Error for head sizes the kernel lacks (it has 32, 64, 128).
 // y_codes (unless null) receives the kernel's bf16 output itself, widened into y. The
-// kernel reads `codes` when given, else rounds its own copies of q, k and v.
+// kernel reads `codes` when given, else rounds its own copies of q, k and v (and y in the
+// backward: codes.y when given).
 void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
                                  const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                                  const int32_t* doc, const AttentionShape& shape);
