@@ -427,16 +427,31 @@ TEST_F(CpuOps, AttentionForwardWritesTheCodesOfItsOutputWhenAsked) {
   for (int i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(y[i])) << i;
 }
 
+// The inputs of one attention call and its backward: 48 tokens of 2 heads of 8 in blocks of 8,
+// window 2, documents of about 9 tokens, random q, k, v and dy from `seed`.
+struct AttentionCall {
+  AttentionCase c;
+  size_t n;
+  std::vector<float> q, k, v, dy;
+  std::vector<int32_t> doc;
+  AttentionShape shape;
+  explicit AttentionCall(uint64_t seed)
+      : c(make_case(48, 2, 8, 8, 2, seed)),
+        n(static_cast<size_t>(c.T) * c.H * c.D),
+        q(random_vector(n, seed + 1, 2.f)),
+        k(random_vector(n, seed + 2, 2.f)),
+        v(random_vector(n, seed + 3)),
+        dy(random_vector(n, seed + 4)),
+        doc(document_ids(c.tokens, 50256)),
+        shape{c.T, c.H, c.D, c.block, c.window, 0.12f} {}
+};
+
 // attention_forward_bf16 (bf16 activations): y rounded to bf16 where computed and its codes
 // stored, lse unchanged; the backward given those codes (AttentionInputCodes::y) reads them,
 // not y's floats, which may then be anything.
 TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
-  AttentionCase c = make_case(48, 2, 8, 8, 2, 103);
-  const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
-  const auto q = random_vector(n, 45, 2.f), k = random_vector(n, 46, 2.f), v = random_vector(n, 47);
-  const auto dy = random_vector(n, 48);
-  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
-  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  const AttentionCall call(103);
+  const auto& [c, n, q, k, v, dy, doc, shape] = call;
   std::vector<float> y(n), lse(c.H * c.T), y16(n), lse16(c.H * c.T);
   std::vector<uint16_t> stored(n, 0x7FC0);
   be->attention_forward(y.data(), nullptr, lse.data(), q.data(), k.data(), v.data(), {}, doc.data(), shape);
@@ -468,12 +483,8 @@ TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
 // and v changes no result; one code that is not its value's rounding, in any of the three,
 // is an Error naming the tensor and element, forward and backward.
 TEST_F(CpuOps, AttentionChecksTheInputCodesItIsGiven) {
-  AttentionCase c = make_case(48, 2, 8, 8, 2, 102);
-  const size_t n = static_cast<size_t>(c.T) * c.H * c.D;
-  const auto q = random_vector(n, 41, 2.f), k = random_vector(n, 42, 2.f), v = random_vector(n, 43);
-  const auto dy = random_vector(n, 44);
-  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
-  const AttentionShape shape{c.T, c.H, c.D, c.block, c.window, 0.12f};
+  const AttentionCall call(102);
+  const auto& [c, n, q, k, v, dy, doc, shape] = call;
   auto encoded = [&](const std::vector<float>& x) {
     std::vector<uint16_t> codes(x.size());
     for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);

@@ -116,6 +116,26 @@ struct RandomModel {
   }
 };
 
+// Two training passes (accumulating) and a forward-only pass give the same losses and
+// gradients, bit for bit, in both models.
+void expect_same_passes(RandomModel& a, RandomModel& b) {
+  std::vector<std::vector<float>> grads;
+  std::vector<double> losses;
+  for (RandomModel* m : {&a, &b}) {
+    m->model->load_parameters(m->params);
+    m->model->zero_grad();
+    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window, 1.f));
+    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window + 1, 0.5f));
+    losses.push_back(m->model->forward(m->inputs, m->targets, m->window));
+    grads.push_back(m->model->gradients_to_host());
+  }
+  EXPECT_EQ(losses[3], losses[0]);
+  EXPECT_EQ(losses[4], losses[1]);
+  EXPECT_EQ(losses[5], losses[2]);
+  EXPECT_EQ(grads[1], grads[0]);
+}
+
+
 TEST(GPT, GradientMatchesFiniteDifferencesForEveryTensor) {
   RandomModel m;
   m.model->load_parameters(m.params);
@@ -193,20 +213,7 @@ TEST(GPT, RecomputedActivationsGiveBitIdenticalGradientsInLessMemory) {
 
 void expect_recomputation_is_exact(ActivationPrecision precision) {
   RandomModel kept({ActivationMemory::kStore, precision}), recomputed({ActivationMemory::kRecompute, precision});
-  std::vector<std::vector<float>> grads;
-  std::vector<double> losses;
-  for (RandomModel* m : {&kept, &recomputed}) {
-    m->model->load_parameters(m->params);
-    m->model->zero_grad();
-    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window, 1.f));
-    losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window + 1, 0.5f));
-    losses.push_back(m->model->forward(m->inputs, m->targets, m->window));
-    grads.push_back(m->model->gradients_to_host());
-  }
-  EXPECT_EQ(losses[0], losses[3]);
-  EXPECT_EQ(losses[1], losses[4]);
-  EXPECT_EQ(losses[2], losses[5]);
-  EXPECT_EQ(grads[0], grads[1]);
+  expect_same_passes(kept, recomputed);
   const Config& c = kept.config;
   const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();
   size_t not_kept = d;  // floats per token: kept mode's shared x1 buffer
@@ -274,20 +281,7 @@ TEST(GPT, AttentionInputCodesAreTheRoundingOfWhatAttentionReadsAndChangeNoResult
       ActivationOptions with_codes{memory, precision};
       with_codes.attention_input_codes = true;
       RandomModel plain({memory, precision}), coded(with_codes);
-      std::vector<double> losses;
-      std::vector<std::vector<float>> grads;
-      for (RandomModel* m : {&plain, &coded}) {
-        m->model->load_parameters(m->params);
-        m->model->zero_grad();
-        losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window, 1.f));
-        losses.push_back(m->model->forward_backward(m->inputs, m->targets, m->window + 1, 0.5f));
-        losses.push_back(m->model->forward(m->inputs, m->targets, m->window));
-        grads.push_back(m->model->gradients_to_host());
-      }
-      EXPECT_EQ(losses[3], losses[0]);
-      EXPECT_EQ(losses[4], losses[1]);
-      EXPECT_EQ(losses[5], losses[2]);
-      EXPECT_EQ(grads[1], grads[0]);
+      expect_same_passes(plain, coded);
       const Config& c = plain.config;
       const size_t code_floats = (64 * c.hidden_dim() / 2 + ArenaCarver::kAlignFloats - 1) /
                                  ArenaCarver::kAlignFloats * ArenaCarver::kAlignFloats;
