@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <limits>
 #include <random>
@@ -69,14 +70,35 @@ struct Inputs {
   }
 };
 
-// Forward then backward (output_scale 0.5) with every output poisoned with NaN first.
-Outputs run(Backend& be, const Inputs& in) {
+// `values` on the device `offset` floats into a buffer (the gap NaN), so that a pointer to
+// them can be only 4-byte aligned.
+struct OffsetDeviceFloats {
+  DeviceFloats buffer;
+  size_t offset;
+  OffsetDeviceFloats(Backend& be, const std::vector<float>& values, size_t offset_floats)
+      : buffer(be, padded(values, offset_floats)), offset(offset_floats) {}
+  float* ptr() const { return buffer.ptr + offset; }
+  std::vector<float> get() const {
+    std::vector<float> all = buffer.get();
+    return std::vector<float>(all.begin() + static_cast<std::ptrdiff_t>(offset), all.end());
+  }
+  static std::vector<float> padded(const std::vector<float>& values, size_t offset_floats) {
+    std::vector<float> all(offset_floats, kNaN);
+    all.insert(all.end(), values.begin(), values.end());
+    return all;
+  }
+};
+
+// Forward then backward (output_scale 0.5) with every output poisoned with NaN first; the
+// outputs `output_offset` floats into their buffers.
+Outputs run(Backend& be, const Inputs& in, size_t output_offset = 0) {
   const Shape s = in.s;
-  DeviceFloats x(be, in.x), W(be, in.W), dlogits(be, in.dlogits), dW(be, in.dW0);
-  DeviceFloats logits(be, std::vector<float>(static_cast<size_t>(s.rows) * s.V, kNaN));
-  DeviceFloats dx(be, std::vector<float>(static_cast<size_t>(s.rows) * s.d, kNaN));
-  be.fp8_head_forward(logits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, true);
-  be.fp8_head_backward(dx.ptr, dW.ptr, dlogits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, 0.5f);
+  DeviceFloats x(be, in.x), W(be, in.W), dlogits(be, in.dlogits);
+  OffsetDeviceFloats dW(be, in.dW0, output_offset);
+  OffsetDeviceFloats logits(be, std::vector<float>(static_cast<size_t>(s.rows) * s.V, kNaN), output_offset);
+  OffsetDeviceFloats dx(be, std::vector<float>(static_cast<size_t>(s.rows) * s.d, kNaN), output_offset);
+  be.fp8_head_forward(logits.ptr(), x.ptr, W.ptr, s.rows, s.V, s.d, true);
+  be.fp8_head_backward(dx.ptr(), dW.ptr(), dlogits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, 0.5f);
   return {logits.get(), dx.get(), dW.get()};
 }
 
@@ -147,6 +169,27 @@ TEST_F(CudaFp8HeadTest, EmulatedPathMatchesTheCpuEmulation) {
     const Inputs in(s, 12);
     expect_outputs_close(run(*gpu, in), run(*cpu_, in), in, 1e-5);
   }
+}
+
+// cuBLASLt's FP8 kernels need 16-byte aligned matrices: outputs only 4-byte aligned leave it
+// no algorithm, and the head must then take the emulated path (with a warning, on a GPU
+// with FP8 tensor cores) rather than fail: the same values as the CPU's emulation.
+TEST_F(CudaFp8HeadTest, ShapesCuBlasLtRefusesTakeTheEmulatedPath) {
+  auto gpu = make_cuda_backend(0);
+  const Inputs in(Shape{256, 384, 64}, 14);
+  const Outputs want = run(*cpu_, in);
+  ::testing::internal::CaptureStderr();
+  const Outputs got = run(*gpu, in, /*output_offset=*/1);
+  const std::string warnings = ::testing::internal::GetCapturedStderr();
+  expect_outputs_close(got, want, in, 1e-5);
+  const CudaDeviceQuery query = query_cuda_devices();
+  ASSERT_FALSE(query.devices.empty());
+  const CudaDeviceInfo& device = query.devices.front();
+  if (device.compute_major * 10 + device.compute_minor >= 89) {
+    EXPECT_NE(warnings.find("no FP8 algorithm"), std::string::npos) << warnings;
+  }
+  // Aligned again, the same backend takes the tensor cores for this shape.
+  expect_outputs_close(run(*gpu, in), want, in, 0x1p-10);
 }
 
 // With x = I/2 (so e4m3(2x) = I) each logit is one product: e4m3(2^9 W)[v, r] / 2^10,

@@ -1,8 +1,9 @@
 // The FP8 lm_head of SPEC §6 on the GPU: saturating scaled casts to e4m3/e5m2, transposed
 // FP8 copies for the backward, and cuBLASLt FP8 matmuls on GPUs with FP8 tensor cores
 // (compute capability >= 8.9). Elsewhere, for shapes cuBLASLt's FP8 kernels refuse (a
-// dimension not a multiple of 16), or when BackendOptions::emulate_fp8_head asks, the same
-// casts feed the backend's own products instead: FP8 values multiply exactly in float32
+// dimension not a multiple of 16, or no algorithm in this cuBLASLt on this GPU for a
+// product, e.g. one whose matrix is not 16-byte aligned: a warning, once per product), or
+// when BackendOptions::emulate_fp8_head asks, the same casts feed the backend's own products instead: FP8 values multiply exactly in float32
 // (and are exact in bf16, so --matmul bf16 leaves them unchanged), so that path computes
 // the CPU backend's emulation up to summation order.
 //
@@ -20,8 +21,10 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "backends/cuda/cuda_check.cuh"
@@ -151,12 +154,7 @@ class Fp8Head {
 
   ~Fp8Head() {
     cudaStreamSynchronize(stream_);
-    for (auto& [key, plan] : plans_) {
-      cublasLtMatrixLayoutDestroy(plan.a);
-      cublasLtMatrixLayoutDestroy(plan.b);
-      cublasLtMatrixLayoutDestroy(plan.d);
-      cublasLtMatmulDescDestroy(plan.desc);
-    }
+    for (auto& [key, plan] : plans_) destroy(plan);
     if (inverse_scales_) cudaFree(inverse_scales_);
     if (workspace_) cudaFree(workspace_);
     if (handle_) cublasLtDestroy(handle_);
@@ -169,12 +167,18 @@ class Fp8Head {
     if (requantize || W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
+    const Plan* plan = nullptr;
+    __nv_fp8_storage_t* x8 = nullptr;
     if (fits_tensor_cores(rows, V, d)) {
-      const auto* w8 = weight_e4m3();
-      auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
-      scaled_cast<__NV_E4M3>(stream_, x8, x, nx, kXScale);
+      x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
       // Fast accumulation, as the reference's forward.
-      matmul(V, rows, d, w8, CUDA_R_8F_E4M3, kInvW, x8, CUDA_R_8F_E4M3, kInvX, 1.f, 0.f, logits, true);
+      plan = plan_or_refusal(product_key(V, rows, d, weight8_.get(weight_count()), CUDA_R_8F_E4M3, kInvW, x8,
+                                         CUDA_R_8F_E4M3, kInvX, true, false, logits));
+    }
+    if (plan) {
+      const auto* w8 = weight_e4m3();
+      scaled_cast<__NV_E4M3>(stream_, x8, x, nx, kXScale);
+      matmul(*plan, w8, x8, 1.f, 0.f, logits);
     } else {
       const float* wq = weight_emulated();
       float* xq = static_cast<float*>(x_.get(nx * sizeof(float)));
@@ -190,16 +194,28 @@ class Fp8Head {
     if (W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
+    // Both products' plans first: either both run on FP8 tensor cores or neither does.
+    const Plan* dx_plan = nullptr;
+    const Plan* dW_plan = nullptr;
+    __nv_fp8_storage_t *g8 = nullptr, *g8t = nullptr, *x8t = nullptr;
     if (fits_tensor_cores(rows, V, d)) {
+      g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
+      g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
+      x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
+      // Exact float32 accumulation in the backward, as the reference's.
+      dx_plan = plan_or_refusal(product_key(d, rows, V, weight8_t_.get(weight_count()), CUDA_R_8F_E4M3, kInvW, g8,
+                                            CUDA_R_8F_E5M2, kInvGrad, false, false, dx));
+      if (dx_plan) {
+        dW_plan = plan_or_refusal(
+            product_key(d, V, rows, x8t, CUDA_R_8F_E4M3, kInvX, g8t, CUDA_R_8F_E5M2, kInvGrad, false, true, dW));
+      }
+    }
+    if (dx_plan && dW_plan) {
       const auto* w8t = weight_e4m3_transposed();
-      auto* g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
-      auto* g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
-      auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
       scaled_cast_transpose<__NV_E5M2>(stream_, g8t, g8, dlogits, rows, V, kGradScale);
       scaled_cast_transpose<__NV_E4M3>(stream_, x8t, nullptr, x, rows, d, kXScale);
-      // Exact float32 accumulation in the backward, as the reference's.
-      matmul(d, rows, V, w8t, CUDA_R_8F_E4M3, kInvW, g8, CUDA_R_8F_E5M2, kInvGrad, output_scale, 0.f, dx, false);
-      matmul(d, V, rows, x8t, CUDA_R_8F_E4M3, kInvX, g8t, CUDA_R_8F_E5M2, kInvGrad, output_scale, 1.f, dW, false);
+      matmul(*dx_plan, w8t, g8, output_scale, 0.f, dx);
+      matmul(*dW_plan, x8t, g8t, output_scale, 1.f, dW);
     } else {
       const float* wq = weight_emulated();
       float* gq = static_cast<float*>(g_.get(ng * sizeof(float)));
@@ -237,6 +253,28 @@ class Fp8Head {
     return tensor_cores_ && rows % 16 == 0 && V % 16 == 0 && d % 16 == 0;
   }
 
+  static Key product_key(int m, int n, int k, const void* A, cudaDataType_t a_type, InverseScale a_scale,
+                         const void* B, cudaDataType_t b_type, InverseScale b_scale, bool fast_accum, bool accumulate,
+                         const float* D) {
+    return Key{m, n, k, a_type, a_scale, b_type, b_scale, fast_accum, accumulate,
+               alignment_of(A), alignment_of(B), alignment_of(D)};
+  }
+
+  // The plan for `key`, or nullptr when cuBLASLt has no FP8 algorithm for it (remembered: the
+  // product then takes the emulated path, with a warning the first time).
+  const Plan* plan_or_refusal(const Key& key) {
+    if (refused_.count(key)) return nullptr;
+    const Plan* plan = plan_for(key);
+    if (plan) return plan;
+    refused_.insert(key);
+    std::fprintf(stderr,
+                 "speedrun: warning: cuBLASLt has no FP8 algorithm for the lm_head's product m=%lld n=%lld k=%lld on "
+                 "this GPU; the head runs its FP8 casts through bf16/float32 products instead (same values up to "
+                 "summation order, slower)\n",
+                 static_cast<long long>(key[0]), static_cast<long long>(key[1]), static_cast<long long>(key[2]));
+    return nullptr;
+  }
+
   void invalidate_weight(const float* W, int V, int d) {
     source_ = W;
     V_ = V;
@@ -268,19 +306,16 @@ class Fp8Head {
   }
 
   // D [m, n] (column-major, fp32, ld m) = alpha * scale_a * scale_b * A^T B + beta * D, with
-  // A stored column-major [k, m] and B [k, n] (both contiguous along k).
-  void matmul(int m, int n, int k, const void* A, cudaDataType_t a_type, InverseScale a_scale, const void* B,
-              cudaDataType_t b_type, InverseScale b_scale, float alpha, float beta, float* D, bool fast_accum) {
-    const Key key{m, n, k, a_type, a_scale, b_type, b_scale, fast_accum, beta != 0.f,
-                  alignment_of(A), alignment_of(B), alignment_of(D)};
-    const Plan& plan = plan_for(key);
+  // A stored column-major [k, m] and B [k, n] (both contiguous along k), as the plan's key says.
+  void matmul(const Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d, D, plan.d,
                                          &plan.algo, workspace_, LtGemm::kWorkspaceBytes, stream_));
   }
 
-  const Plan& plan_for(const Key& key) {
+  // nullptr when cuBLASLt has no algorithm for the key.
+  const Plan* plan_for(const Key& key) {
     auto found = plans_.find(key);
-    if (found != plans_.end()) return found->second;
+    if (found != plans_.end()) return &found->second;
     const uint64_t m = key[0], n = key[1], k = key[2];
     Plan plan;
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -299,10 +334,17 @@ class Fp8Head {
 
     if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, static_cast<uint32_t>(key[9]),
                         static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]), &plan.algo)) {
-      throw Error("cuBLASLt found no FP8 algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
-                  " k=" + std::to_string(k));
+      destroy(plan);
+      return nullptr;
     }
-    return plans_.emplace(key, plan).first->second;
+    return &plans_.emplace(key, plan).first->second;
+  }
+
+  static void destroy(const Plan& plan) {
+    cublasLtMatrixLayoutDestroy(plan.a);
+    cublasLtMatrixLayoutDestroy(plan.b);
+    cublasLtMatrixLayoutDestroy(plan.d);
+    cublasLtMatmulDescDestroy(plan.desc);
   }
 
   template <class T>
@@ -317,6 +359,7 @@ class Fp8Head {
   void* workspace_ = nullptr;
   float* inverse_scales_ = nullptr;  // device: 1/2, 1/2^9, 1/2^19
   std::map<Key, Plan> plans_;
+  std::set<Key> refused_;  // products cuBLASLt has no FP8 algorithm for
 
   // The kept weight: its source and which quantised forms are current.
   const float* source_ = nullptr;
