@@ -3,9 +3,10 @@
 // (compute capability >= 8.9). Elsewhere, for shapes cuBLASLt's FP8 kernels refuse (a
 // dimension not a multiple of 16, or no algorithm in this cuBLASLt on this GPU for a
 // product, e.g. one whose matrix is not 16-byte aligned: a warning, once per product), or
-// when BackendOptions::emulate_fp8_head asks, the same casts feed the backend's own products instead: FP8 values multiply exactly in float32
-// (and are exact in bf16, so --matmul bf16 leaves them unchanged), so that path computes
-// the CPU backend's emulation up to summation order.
+// when BackendOptions::emulate_fp8_head asks, the same casts feed the backend's own
+// products instead: FP8 values multiply exactly in float32 (and are exact in bf16, so
+// --matmul bf16 leaves them unchanged), so that path computes the CPU backend's emulation
+// up to summation order.
 //
 // cuBLASLt is column-major and its FP8 kernels take only "TN" operands (both contiguous
 // along K). Our row-major X [rows, d] is column-major X^T [d, rows]; so, with A stored as
