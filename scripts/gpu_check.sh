@@ -166,16 +166,17 @@ stage_tests() {
 }
 
 # Training-step benchmarks, the most telling first: each variant is a preset and its flags.
-#   speedrun-124m-recompute: bf16 matmuls and activations (the cuda defaults), attention
-#     through the bf16 flash kernel, activations recomputed: the <= 24 GB configuration;
-#   speedrun-124m-flash: the same keeping activations;
-#   speedrun-124m: float32 reference attention;
-#   then the flash kernel alone, and the small presets.
+#   speedrun-124m-recompute: the cuda defaults (bf16 matmuls and activations, attention
+#     through the bf16 flash kernel) with activations recomputed: the <= 24 GB configuration;
+#   speedrun-124m: the same keeping activations;
+#   speedrun-124m-reference: float32 reference attention;
+#   then the flash kernel alone, and the small presets (tiny on flash, micro's head size 8
+#   on reference).
 stage_bench() {
   local variant preset flags
-  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-flash]="--attention-kernel flash"
-    [speedrun-124m-recompute]="--attention-kernel flash --recompute-activations")
-  for variant in speedrun-124m-recompute speedrun-124m-flash flash-kernel speedrun-124m tiny micro; do
+  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-reference]="--attention-kernel reference"
+    [speedrun-124m-recompute]="--recompute-activations")
+  for variant in speedrun-124m-recompute speedrun-124m flash-kernel speedrun-124m-reference tiny micro; do
     if [ "$variant" = flash-kernel ]; then
       [ -x "$work/bin/test_flash_attention" ] || continue
       budget "flash attention benchmark" 120 || continue
@@ -189,7 +190,7 @@ stage_bench() {
     fi
     budget "bench --device cuda $variant" "$([[ $variant == speedrun-124m* ]] && echo 240 || echo 60)" || continue
     flags=${variant_flags[$variant]}
-    preset=${variant%-flash}
+    preset=${variant%-reference}
     preset=${preset%-recompute}
     echo "=== bench --device cuda --preset $preset $flags" >>"$out/bench.log"
     # shellcheck disable=SC2086

@@ -28,11 +28,14 @@ struct FlashAttentionShape {
   float scale = 0.12f;     // logit scale
 };
 
+// The head sizes the kernel is built for.
+inline bool flash_attention_supports_head_size(int D) { return D == 32 || D == 64 || D == 128; }
+
 // Throws Error unless the shape is supported (positive sizes and scale, D in {32, 64, 128}):
 // the running maximum of the online softmax assumes scaling keeps the order of the scores.
 inline void check_flash_attention_shape(const FlashAttentionShape& s) {
   const bool sizes_ok = s.T > 0 && s.H > 0 && s.block_size > 0 && s.window_blocks >= 0 && s.scale > 0.f;
-  const bool head_ok = s.D == 32 || s.D == 64 || s.D == 128;
+  const bool head_ok = flash_attention_supports_head_size(s.D);
   if (!sizes_ok || !head_ok) {
     throw Error("flash attention: unsupported shape T=" + std::to_string(s.T) + " H=" + std::to_string(s.H) +
                 " D=" + std::to_string(s.D) + " block_size=" + std::to_string(s.block_size) +

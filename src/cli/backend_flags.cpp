@@ -1,5 +1,7 @@
 #include "cli/backend_flags.h"
 
+#include "backends/flash_attention.h"
+
 namespace speedrun::cli {
 
 void BackendFlags::add_to(CLI::App* command) {
@@ -15,16 +17,22 @@ void BackendFlags::add_to(CLI::App* command) {
 void BackendFlags::add_attention_kernel_to(CLI::App* command) {
   command
       ->add_option("--attention-kernel", attention,
-                   "cuda attention: reference (float32) or flash (bf16 FlashAttention-2-style kernel)")
-      ->check(CLI::IsMember({"reference", "flash"}))
+                   "cuda attention: reference (float32) or flash (bf16 FlashAttention-2-style kernel, head sizes "
+                   "32, 64, 128); auto = flash on cuda where it has the model's head size, else reference")
+      ->check(CLI::IsMember({"auto", "reference", "flash"}))
       ->capture_default_str();
 }
 
-BackendOptions BackendFlags::resolve(const std::string& device) const {
+BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) const {
   BackendOptions options;
   options.matmul = matmul == "auto" ? (device == "cuda" ? MatmulPrecision::kBfloat16 : MatmulPrecision::kFloat32)
                                     : parse_matmul_precision(matmul);
-  options.attention = parse_attention_kernel(attention);
+  if (attention == "auto") {
+    const bool flash = device == "cuda" && flash_attention_supports_head_size(head_dim);
+    options.attention = flash ? AttentionKernel::kFlash : AttentionKernel::kReference;
+  } else {
+    options.attention = parse_attention_kernel(attention);
+  }
   return options;
 }
 

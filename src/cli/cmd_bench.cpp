@@ -163,7 +163,7 @@ void register_bench_command(CLI::App& app) {
     const int device_index = opts->device == "cuda" && visible_gpus > 0
                                  ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)
                                  : process_comm->local_rank();
-    const BackendOptions backend_options = opts->backend.resolve(opts->device);
+    const BackendOptions backend_options = opts->backend.resolve(opts->device, config.head_dim);
     auto device = make_backend(opts->device, device_index, backend_options);
     // GPU gradients of several processes go through NCCL (bootstrapped over MPI).
     std::unique_ptr<Communicator> nccl;

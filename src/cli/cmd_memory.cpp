@@ -51,7 +51,7 @@ void register_memory_command(CLI::App& app) {
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();
-    const AttentionKernel attention = opts->backend.resolve(opts->device).attention;
+    const AttentionKernel attention = opts->backend.resolve(opts->device, config.head_dim).attention;
     const ActivationOptions activations = opts->activations.resolve(opts->device, attention);
     const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
     if (config.world_size % opts->processes != 0) {

@@ -99,7 +99,8 @@ TrainOptions resolve(const Options& opts) {
   validate(train.faults);
   train.grad_reduce.mode = parse_grad_reduce(opts.grad_reduce);
   train.grad_reduce.bucket_bytes = static_cast<size_t>(opts.grad_bucket_mb * (1 << 20));
-  train.activations = opts.activations.resolve(opts.device, opts.backend.resolve(opts.device).attention);
+  const AttentionKernel attention = opts.backend.resolve(opts.device, train.config.head_dim).attention;
+  train.activations = opts.activations.resolve(opts.device, attention);
   return train;
 }
 
@@ -115,7 +116,8 @@ void run(const Options& opts, Communicator& comm) {
   // One GPU per process; the GPU buffers of a multi-process run are reduced by NCCL,
   // bootstrapped over `comm` (MPI), which keeps the host-side collectives.
   const bool on_gpu = opts.device == "cuda";
-  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0, opts.backend.resolve(opts.device));
+  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0,
+                              opts.backend.resolve(opts.device, train.config.head_dim));
   std::unique_ptr<Communicator> nccl;
   if (on_gpu && comm.size() > 1) nccl = make_nccl_communicator(comm, *backend);
   train.comm = nccl ? nccl.get() : &comm;
