@@ -226,7 +226,8 @@ class Backend {
                                  const AttentionShape& shape) = 0;
   // attention_forward with y rounded to bf16 where it is computed (SPEC §6's bf16 activations):
   // y = float32(bf16(attention)) and stored = its codes, kept for c_proj's backward and this
-  // op's backward (AttentionInputCodes::y). Both required.
+  // op's backward (AttentionInputCodes::y). y may be null: the codes alone, where nothing
+  // reads y's floats (c_proj reading the codes through hold_stored_operand).
   virtual void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k,
                                       const float* v, const AttentionInputCodes& codes, const int32_t* doc,
                                       const AttentionShape& shape) = 0;

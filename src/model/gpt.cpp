@@ -499,8 +499,10 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     // or the held operand's.
     const size_t nh = static_cast<size_t>(T) * hd;
     if (bf16_activations_) {
-      backend_.attention_forward_bf16(a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v, a.input_codes(), doc_, shape);
-      backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh);  // the floats are current too
+      // Held, the codes are all c_proj reads: y's floats are not even written.
+      const bool held = backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh);
+      backend_.attention_forward_bf16(held ? nullptr : a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v, a.input_codes(),
+                                      doc_, shape);
     } else {
       backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot,
                                  a.v, a.input_codes(), doc_, shape);

@@ -919,6 +919,10 @@ TEST_F(AttentionTest, Bf16OutputIsRoundedAndItsCodesServeTheBackward) {
       ASSERT_EQ(codes[i], lowp::encode_bf16(plain[i])) << "stored code at " << i;
       ASSERT_EQ(rounded[i], lowp::decode_bf16(codes[i])) << "rounded y at " << i;
     }
+    DeviceFloats alone(*gpu_, n / 2, std::bit_cast<float>(kNaNCodePair));  // the codes alone
+    gpu_->attention_forward_bf16(nullptr, reinterpret_cast<uint16_t*>(alone.ptr), lse16.ptr, q.ptr, k.ptr, v.ptr, {},
+                                 doc.ptr, shape);
+    EXPECT_EQ(codes_of(alone.get(), n), codes) << "the codes alone";
     DeviceFloats dq(*gpu_, n, kNaN), dk(*gpu_, n, kNaN), dv(*gpu_, n, kNaN);
     DeviceFloats dq2(*gpu_, n, kNaN), dk2(*gpu_, n, kNaN), dv2(*gpu_, n, kNaN), stale(*gpu_, n, kNaN);
     gpu_->attention_backward(dq.ptr, dk.ptr, dv.ptr, dy.ptr, y16.ptr, lse16.ptr, q.ptr, k.ptr, v.ptr, {}, doc.ptr,
@@ -1080,8 +1084,9 @@ TEST_F(CudaBackendTest, OptimizerKernelsMatchCpu) {
 }
 
 // Backend::hold_stored_operand: codes kept elsewhere (y kept as bf16) are the operand, read
-// in place (the floats behind them are NaN here), with no copy made: the same bits as the
-// product that rounds x itself, and only B's copy counted.
+// in place when the product runs (written here after the hold; the floats behind them are
+// NaN), with no copy made: the same bits as the product that rounds x itself, and only B's
+// copy counted.
 TEST_F(GemmTest, AStoredOperandIsReadFromItsCodesWithNoCopy) {
   SCOPED_TRACE(trace());
   use_bf16_matmuls();
@@ -1091,11 +1096,13 @@ TEST_F(GemmTest, AStoredOperandIsReadFromItsCodesWithNoCopy) {
   for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
   std::vector<float> words(codes.size() / 2);
   std::memcpy(words.data(), codes.data(), words.size() * sizeof(float));
-  DeviceFloats dx(*gpu_, x), stale(*gpu_, x.size(), kNaN), dcodes(*gpu_, words), dB(*gpu_, B);
+  DeviceFloats dx(*gpu_, x), stale(*gpu_, x.size(), kNaN), dcodes(*gpu_, words.size(), 0.f), dB(*gpu_, B);
   DeviceFloats want(*gpu_, static_cast<size_t>(M) * N, kNaN), got(*gpu_, static_cast<size_t>(M) * N, kNaN);
   gpu_->gemm(false, false, M, N, K, 1.f, dx.ptr, K, dB.ptr, N, 0.f, want.ptr, N);
   const size_t copied = gpu_->operand_copy_traffic_bytes();
   ASSERT_TRUE(gpu_->hold_stored_operand(0, stale.ptr, reinterpret_cast<const uint16_t*>(dcodes.ptr), codes.size()));
+  DeviceFloats written(*gpu_, words);
+  gpu_->copy(dcodes.ptr, written.ptr, words.size());  // the codes written after the hold, before the product
   gpu_->gemm(false, false, M, N, K, 1.f, stale.ptr, K, dB.ptr, N, 0.f, got.ptr, N);
   gpu_->release_operand(0);
   expect_identical(got.get(), want.get(), "product of stored codes");

@@ -220,8 +220,9 @@ TEST(Bf16Matmul, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
 }
 
 // hold_stored_operand: codes kept elsewhere (an activation stored as bf16) are the operand,
-// with no copy and no extra write counted; x's floats are not read. Refused (false) where
-// matmuls do not round or holding is off.
+// read where they are when the product runs (so they may be written after the hold), with
+// no copy and no extra write counted; x's floats are not read. Refused (false) where matmuls
+// do not round or holding is off.
 TEST(Bf16Matmul, AStoredOperandIsReadFromItsCodesWithNoCopy) {
   const int M = 6, N = 5, K = 7;
   const auto x = random_vector(static_cast<size_t>(M) * K, 13, 2.f), B = random_vector(static_cast<size_t>(K) * N, 14);
@@ -229,10 +230,10 @@ TEST(Bf16Matmul, AStoredOperandIsReadFromItsCodesWithNoCopy) {
   std::vector<float> want(static_cast<size_t>(M) * N), got(want.size());
   bf16->gemm(false, false, M, N, K, 1.f, x.data(), K, B.data(), N, 0.f, want.data(), N);
   const size_t copied = bf16->operand_copy_traffic_bytes();
-  std::vector<uint16_t> codes(x.size());
-  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
+  std::vector<uint16_t> codes(x.size(), 0x7FC0);
   std::vector<float> stale(x.size(), std::numeric_limits<float>::quiet_NaN());
   ASSERT_TRUE(bf16->hold_stored_operand(1, stale.data(), codes.data(), codes.size()));
+  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);  // written after the hold
   bf16->gemm(false, false, M, N, K, 1.f, stale.data(), K, B.data(), N, 0.f, got.data(), N);
   EXPECT_EQ(got, want);
   EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, B.size() * 3 * sizeof(uint16_t)) << "only B was copied";

@@ -447,7 +447,7 @@ struct AttentionCall {
 };
 
 // attention_forward_bf16 (bf16 activations): y rounded to bf16 where computed and its codes
-// stored, lse unchanged; the backward given those codes (AttentionInputCodes::y) reads them,
+// stored (or the codes alone), lse unchanged; the backward given those codes (AttentionInputCodes::y) reads them,
 // not y's floats, which may then be anything.
 TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
   const AttentionCall call(103);
@@ -465,6 +465,10 @@ TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
     rounded += y16[i] != y[i];
   }
   EXPECT_GT(rounded, n / 2) << "y was not rounded";
+  std::vector<uint16_t> alone(n, 0x7FC0);  // the codes alone, y's floats not written
+  be->attention_forward_bf16(nullptr, alone.data(), lse16.data(), q.data(), k.data(), v.data(), {}, doc.data(),
+                             shape);
+  EXPECT_EQ(alone, stored);
 
   std::vector<float> dq(n), dk(n), dv(n), dq2(n), dk2(n), dv2(n);
   be->attention_backward(dq.data(), dk.data(), dv.data(), dy.data(), y16.data(), lse16.data(), q.data(), k.data(),

@@ -273,15 +273,20 @@ class CpuBackend final : public Backend {
     operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
     held.source = x;
     held.count = count;
+    held.stored = nullptr;
     held.codes_pending = true;  // widened into `rounded` by the first product that reads them
     return held.codes.data();
   }
 
+  // The codes are read where they are, by the first product (as a GPU's product reads them
+  // when it runs): written after the hold but before that product, they still count.
   bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) override {
-    uint16_t* held_codes = hold_produced_operand(slot, x, count);
-    if (!held_codes) return false;
-    operand_copy_traffic_ -= count * sizeof(uint16_t);  // no producer writes them: a GPU reads them in place
-    std::copy_n(codes, count, held_codes);
+    HeldOperand& held = held_.at(static_cast<size_t>(slot));
+    if (!bf16_matmul_ || !hold_operands_) return false;
+    held.source = x;
+    held.count = count;
+    held.stored = codes;
+    held.codes_pending = true;
     return true;
   }
 
@@ -289,6 +294,7 @@ class CpuBackend final : public Backend {
     HeldOperand& held = held_.at(static_cast<size_t>(slot));
     held.source = nullptr;
     held.count = 0;
+    held.stored = nullptr;
     held.codes_pending = false;
   }
 
@@ -470,9 +476,11 @@ class CpuBackend final : public Backend {
                               const AttentionInputCodes& codes, const int32_t* doc,
                               const AttentionShape& shape) override {
     check_attention_input_codes(codes, q, k, v, shape);
-    cpu::attention_forward(y, lse, q, k, v, doc, shape);
     const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
-    write_values(y, stored, n, [y](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(y[i])); });
+    std::vector<float> unrounded(y ? 0 : n);  // the codes alone: y's floats are not written
+    float* out = y ? y : unrounded.data();
+    cpu::attention_forward(out, lse, q, k, v, doc, shape);
+    write_values(y, stored, n, [out](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(out[i])); });
     scribble_on_loan();
   }
 
@@ -619,6 +627,7 @@ class CpuBackend final : public Backend {
     const float* source = nullptr;
     size_t count = 0;
     std::vector<uint16_t> codes;  // bf16(source[0..count)), once written
+    const uint16_t* stored = nullptr;  // hold_stored_operand's codes, read instead of `codes`
     std::vector<float> rounded;   // the codes widened, what the emulated products read
     bool codes_pending = false;   // codes not yet widened into `rounded`
   };
@@ -635,7 +644,7 @@ class CpuBackend final : public Backend {
       if (held.source != x || extent > held.count) continue;
       if (held.codes_pending) {  // emulation only: a GPU's product reads the codes themselves
         held.rounded.resize(held.count);
-        widen_bf16(held.rounded.data(), held.codes.data(), held.count);
+        widen_bf16(held.rounded.data(), held.stored ? held.stored : held.codes.data(), held.count);
         held.codes_pending = false;
       }
       return held.rounded.data();

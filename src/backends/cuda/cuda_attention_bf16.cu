@@ -76,7 +76,7 @@ void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uin
   const Bf16Inputs in = bf16_inputs(s, b, q, k, v, codes, n);
   uint16_t* out = y_codes ? y_codes : b.tensor[copies - 1];
   flash_attention_forward(s, b.workspace, out, lse, in.q, in.k, in.v, doc, f);
-  widen_bf16(s, y, out, n);
+  if (y) widen_bf16(s, y, out, n);
 }
 
 void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, float* dk, float* dv, const float* dy,

@@ -270,14 +270,15 @@ class CudaBackend final : public Backend {
   void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
                               const AttentionInputCodes& codes, const int32_t* doc,
                               const AttentionShape& shape) override {
-    if (flash_attention_) {  // its output is bf16: written into stored, y their widening
+    if (flash_attention_) {  // its output is bf16: written into stored, y (unless null) their widening
       cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, stored, lse, q, k, v, codes, doc, shape);
       return;
     }
     const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
-    cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
-    cuda::to_bf16(stream_, stored, y, n);
-    cuda::widen_bf16(stream_, y, stored, n);
+    float* out = y ? y : static_cast<float*>(widened_y_->get(n * sizeof(float)));
+    cuda::attention_forward(stream_, *op_scratch_, out, lse, q, k, v, doc, shape);
+    cuda::to_bf16(stream_, stored, out, n);
+    if (y) cuda::widen_bf16(stream_, y, stored, n);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
@@ -394,7 +395,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
   std::unique_ptr<Scratch> op_scratch_;      // temporaries of one operation (sort, scans, copies)
-  std::unique_ptr<Scratch> widened_y_;       // y widened from its codes for the reference attention backward
+  std::unique_ptr<Scratch> widened_y_;       // the reference attention's float y where the caller keeps codes alone
   std::map<std::pair<int, float>, float*> rotary_freqs_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_;
 };

@@ -168,16 +168,14 @@ class Fp8Head {
     if (requantize || W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
-    const Plan* plan = nullptr;
-    __nv_fp8_storage_t* x8 = nullptr;
-    if (fits_tensor_cores(rows, V, d)) {
-      x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
-      // Fast accumulation, as the reference's forward.
-      plan = plan_or_refusal(product_key(V, rows, d, weight8_.get(weight_count()), CUDA_R_8F_E4M3, kInvW, x8,
-                                         CUDA_R_8F_E4M3, kInvX, true, false, logits));
-    }
+    // Fast accumulation, as the reference's forward.
+    const Plan* plan = fits_tensor_cores(rows, V, d)
+                           ? plan_or_refusal(product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX,
+                                                         true, false, logits))
+                           : nullptr;
     if (plan) {
       const auto* w8 = weight_e4m3();
+      auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
       scaled_cast<__NV_E4M3>(stream_, x8, x, nx, kXScale);
       matmul(*plan, w8, x8, 1.f, 0.f, logits);
     } else {
@@ -198,21 +196,20 @@ class Fp8Head {
     // Both products' plans first: either both run on FP8 tensor cores or neither does.
     const Plan* dx_plan = nullptr;
     const Plan* dW_plan = nullptr;
-    __nv_fp8_storage_t *g8 = nullptr, *g8t = nullptr, *x8t = nullptr;
     if (fits_tensor_cores(rows, V, d)) {
-      g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
-      g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
-      x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
       // Exact float32 accumulation in the backward, as the reference's.
-      dx_plan = plan_or_refusal(product_key(d, rows, V, weight8_t_.get(weight_count()), CUDA_R_8F_E4M3, kInvW, g8,
-                                            CUDA_R_8F_E5M2, kInvGrad, false, false, dx));
+      dx_plan = plan_or_refusal(
+          product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx));
       if (dx_plan) {
         dW_plan = plan_or_refusal(
-            product_key(d, V, rows, x8t, CUDA_R_8F_E4M3, kInvX, g8t, CUDA_R_8F_E5M2, kInvGrad, false, true, dW));
+            product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW));
       }
     }
     if (dx_plan && dW_plan) {
       const auto* w8t = weight_e4m3_transposed();
+      auto* g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
+      auto* g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
+      auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
       scaled_cast_transpose<__NV_E5M2>(stream_, g8t, g8, dlogits, rows, V, kGradScale);
       scaled_cast_transpose<__NV_E4M3>(stream_, x8t, nullptr, x, rows, d, kXScale);
       matmul(*dx_plan, w8t, g8, output_scale, 0.f, dx);
@@ -254,11 +251,13 @@ class Fp8Head {
     return tensor_cores_ && rows % 16 == 0 && V % 16 == 0 && d % 16 == 0;
   }
 
-  static Key product_key(int m, int n, int k, const void* A, cudaDataType_t a_type, InverseScale a_scale,
-                         const void* B, cudaDataType_t b_type, InverseScale b_scale, bool fast_accum, bool accumulate,
-                         const float* D) {
+  // The FP8 operands A and B always live in this class's scratch (cudaMalloc: 256-byte
+  // aligned), so a plan is known before any of it is allocated.
+  static Key product_key(int m, int n, int k, cudaDataType_t a_type, InverseScale a_scale, cudaDataType_t b_type,
+                         InverseScale b_scale, bool fast_accum, bool accumulate, const float* D) {
+    constexpr int64_t kScratchAlignment = 256;
     return Key{m, n, k, a_type, a_scale, b_type, b_scale, fast_accum, accumulate,
-               alignment_of(A), alignment_of(B), alignment_of(D)};
+               kScratchAlignment, kScratchAlignment, alignment_of(D)};
   }
 
   // The plan for `key`, or nullptr when cuBLASLt has no FP8 algorithm for it (remembered: the
@@ -317,8 +316,22 @@ class Fp8Head {
   const Plan* plan_for(const Key& key) {
     auto found = plans_.find(key);
     if (found != plans_.end()) return &found->second;
-    const uint64_t m = key[0], n = key[1], k = key[2];
     Plan plan;
+    try {
+      if (!build_plan(key, plan)) {
+        destroy(plan);
+        return nullptr;
+      }
+    } catch (...) {
+      destroy(plan);
+      throw;
+    }
+    return &plans_.emplace(key, plan).first->second;
+  }
+
+  // Fills `plan` for `key`; false when cuBLASLt has no algorithm for it.
+  bool build_plan(const Key& key, Plan& plan) {
+    const uint64_t m = key[0], n = key[1], k = key[2];
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
     set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, transpose);
@@ -333,19 +346,15 @@ class Fp8Head {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, static_cast<cudaDataType_t>(key[5]), k, n, k));
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, m, n, m));
 
-    if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, static_cast<uint32_t>(key[9]),
-                        static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]), &plan.algo)) {
-      destroy(plan);
-      return nullptr;
-    }
-    return &plans_.emplace(key, plan).first->second;
+    return best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, static_cast<uint32_t>(key[9]),
+                          static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]), &plan.algo);
   }
 
   static void destroy(const Plan& plan) {
-    cublasLtMatrixLayoutDestroy(plan.a);
-    cublasLtMatrixLayoutDestroy(plan.b);
-    cublasLtMatrixLayoutDestroy(plan.d);
-    cublasLtMatmulDescDestroy(plan.desc);
+    if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+    if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+    if (plan.d) cublasLtMatrixLayoutDestroy(plan.d);
+    if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
   }
 
   template <class T>

@@ -53,13 +53,15 @@ LtGemm::LtGemm(cudaStream_t stream, bool bf16_inputs)
   check_cuda(cudaMalloc(&workspace_, kWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
 }
 
+void LtGemm::destroy(const Plan& plan) {
+  if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+  if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+  if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
+  if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+}
+
 LtGemm::~LtGemm() {
-  for (auto& [key, plan] : plans_) {
-    cublasLtMatrixLayoutDestroy(plan.a);
-    cublasLtMatrixLayoutDestroy(plan.b);
-    cublasLtMatrixLayoutDestroy(plan.c);
-    cublasLtMatmulDescDestroy(plan.desc);
-  }
+  for (auto& [key, plan] : plans_) destroy(plan);
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -67,11 +69,21 @@ LtGemm::~LtGemm() {
 const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
+  Plan plan;
+  try {
+    build_plan(key, plan);
+  } catch (...) {
+    destroy(plan);  // what was created before the failure
+    throw;
+  }
+  return plans_.emplace(key, plan).first->second;
+}
+
+void LtGemm::build_plan(const Key& key, Plan& plan) {
   const bool ta = key[0], tb = key[1];
   const int64_t M = key[2], N = key[3], K = key[4], lda = key[5], ldb = key[6], ldc = key[7];
   const int64_t stride_a = key[8], stride_b = key[9], stride_c = key[10];
   const int batch = static_cast<int>(key[11]);
-  Plan plan;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;   // applied to our B
   const cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // applied to our A
@@ -96,7 +108,6 @@ const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
                 " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
                 " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
   }
-  return plans_.emplace(key, plan).first->second;
 }
 
 bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,

@@ -58,6 +58,8 @@ class LtGemm {
   };
   using Key = std::array<int64_t, 15>;
   const Plan& plan_for(const Key& key);
+  void build_plan(const Key& key, Plan& plan);  // throws speedrun::Error when no algorithm exists
+  static void destroy(const Plan& plan);        // frees what the plan holds (null members skipped)
 
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
   const void* rounded_operand(Scratch& buffer, const float* x, size_t extent);

@@ -97,7 +97,8 @@ void attention_backward(cudaStream_t s, Scratch& scratch, float* dq, float* dk, 
 // --- attention through the bf16 flash kernel (cuda_attention_bf16.cu) ----------------
 // The same contract as attention_forward/backward above, computed in bf16 with fp32
 // statistics; an Error for head sizes the kernel lacks (it has 32, 64, 128).
-// y_codes (unless null) receives the kernel's bf16 output itself, widened into y. The
+// y_codes (unless null) receives the kernel's bf16 output itself, widened into y (unless
+// null: the codes alone; then y_codes is required). The
 // kernel reads `codes` when given, else rounds its own copies of q, k and v (and y in the
 // backward: codes.y when given).
 void flash_attention_forward_f32(cudaStream_t s, Scratch& scratch, float* y, uint16_t* y_codes, float* lse,
