@@ -235,8 +235,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_g = recompute ? take(T * mlp) : nullptr;
   float* shared_v = recompute ? take(T * hd) : nullptr;
   const AttentionCodeBuffers codes = carve_attention_codes(activations, arena, T * hd);
-  // bf16: y lives on as codes; its floats serve the forward alone (the backward widens the
-  // codes into them when its products need floats).
+  // bf16: y lives on as codes; its floats, one buffer, exist only for products that read
+  // float32 operands (written by the forward, widened from the codes by the backward).
   float* shared_y = bf16 ? take(T * hd) : nullptr;
   auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {

@@ -24,10 +24,11 @@ namespace speedrun {
 enum class ActivationMemory { kStore, kRecompute };
 
 // How the largest activations kept for the backward are stored. kBfloat16 is SPEC §6's
-// reference precision for them: the MLP's pre-activation h and the normalised q and k are
-// rounded to bf16 where they are computed (so the forward itself uses the rounded values,
-// in every pass) and kept as 16-bit codes. At the speedrun's shapes that is 35 d floats
-// per token less than float32 over the 12 layers. kFloat32 keeps them exact (the CPU
+// reference precision for them: the MLP's pre-activation h, the normalised q and k and
+// attention's output y are rounded to bf16 where they are computed (so the forward itself
+// uses the rounded values, in every pass) and kept as 16-bit codes. At the speedrun's
+// shapes that is 39.5 d floats per token less than float32 over the 12 layers (y's floats
+// then one buffer all layers share). kFloat32 keeps them exact (the CPU
 // default, and what finite-difference gradient checks need).
 enum class ActivationPrecision { kFloat32, kBfloat16 };
 
