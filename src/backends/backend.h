@@ -24,12 +24,10 @@ struct AttentionShape {
   float scale;            // logit scale (0.12)
 };
 
-// The bf16 codes of attention's inputs (bf16(q), bf16(k), bf16(v), [T, H, D] each), written
-// by the ops that produced q, k and v, for a backend whose attention reads bf16 (CUDA's
-// flash kernel) and would otherwise round its own copies. All three or none (null); they
-// never change a result. The CPU backend checks them against its float inputs.
-// y (the backward's; unless null): the forward's output kept as codes (attention_forward_bf16's
-// `stored`), which the backward then reads instead of y's floats: those need not be current.
+// Attention's inputs kept as bf16 activations (SPEC §6): q, k, v [T, H, D] as the codes
+// rotary and mix_forward stored (all three or none), and for the backward y as
+// attention_forward_bf16 stored it. What is given is read instead of the floats, which need
+// not be current (a kept layer's floats share one buffer with every other layer's).
 struct AttentionInputCodes {
   const uint16_t* q = nullptr;
   const uint16_t* k = nullptr;
@@ -165,14 +163,16 @@ class Backend {
   virtual void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
                                 int rows, int dim, bool accumulate) = 0;
   // Half-truncated rotary on x [T, H, D] in place (SPEC §2.6); inverse = rotate by -theta
-  // (the backward of the rotation is the inverse rotation of the gradient). x_codes (unless
-  // null) = bf16 of the rotated x, for attention (AttentionInputCodes).
-  virtual void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) = 0;
+  // (the backward of the rotation is the inverse rotation of the gradient). stored (unless
+  // null): bf16 activations: the rotated x is rounded to bf16 (x = float32 of the codes) and
+  // its codes stored, for attention (AttentionInputCodes).
+  virtual void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) = 0;
 
   // --- elementwise --------------------------------------------------------------------
   // out = coef[0] * a + coef[1] * b (b may be null: out = coef[0] * a). out may alias a.
-  // out_codes (unless null) = bf16(out), for attention (AttentionInputCodes).
-  virtual void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+  // stored (unless null): bf16 activations: out is rounded to bf16 and its codes stored, for
+  // attention (AttentionInputCodes).
+  virtual void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                            size_t n) = 0;
   // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
   // da_codes (unless null) = bf16 of the final da, for a matmul operand held by
@@ -219,8 +219,8 @@ class Backend {
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;
   // lse [H, T] saved. doc = per-token document ids. y_codes (unless null) = bf16(y), for
-  // the output projection's operand held by hold_produced_operand. codes: bf16 of q, k, v
-  // when their producers wrote them (AttentionInputCodes), else none.
+  // the output projection's operand held by hold_produced_operand. codes: q, k, v kept as
+  // bf16 activations (read instead of the floats), or none.
   virtual void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k,
                                  const float* v, const AttentionInputCodes& codes, const int32_t* doc,
                                  const AttentionShape& shape) = 0;

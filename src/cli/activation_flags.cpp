@@ -14,12 +14,11 @@ void ActivationFlags::add_to(CLI::App* command) {
       ->capture_default_str();
 }
 
-ActivationOptions ActivationFlags::resolve(const std::string& device, AttentionKernel attention) const {
+ActivationOptions ActivationFlags::resolve(const std::string& device) const {
   ActivationOptions options;
   options.memory = recompute ? ActivationMemory::kRecompute : ActivationMemory::kStore;
   const bool bf16 = precision == "auto" ? device == "cuda" : precision == "bf16";
   options.precision = bf16 ? ActivationPrecision::kBfloat16 : ActivationPrecision::kFloat32;
-  options.attention_input_codes = attention == AttentionKernel::kFlash;
   return options;
 }
 
@@ -36,7 +35,7 @@ std::string ActivationFlags::precision_name(ActivationPrecision precision) {
 
 std::string ActivationFlags::describe(const ActivationOptions& options) {
   return std::string(options.memory == ActivationMemory::kRecompute ? "recomputed" : "stored") + ", " +
-         precision_name(options.precision) + (options.attention_input_codes ? ", bf16 q/k/v for flash" : "");
+         precision_name(options.precision);
 }
 
 }  // namespace speedrun::cli

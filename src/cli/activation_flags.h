@@ -15,9 +15,9 @@ struct ActivationFlags {
   std::string precision = "auto";
 
   void add_to(CLI::App* command);
-  // The options for `device` ("cpu" or "cuda") and its attention kernel: --activations auto
-  // is SPEC §6's bf16 on cuda and float32 on cpu; the flash kernel gets its inputs as codes.
-  ActivationOptions resolve(const std::string& device, AttentionKernel attention) const;
+  // The options for `device` ("cpu" or "cuda"): --activations auto is SPEC §6's bf16 on
+  // cuda and float32 on cpu.
+  ActivationOptions resolve(const std::string& device) const;
   // " --recompute-activations --activations X" for the flags not at their defaults.
   std::string non_default_arguments() const;
   // "stored, bf16" and the like, for run descriptions.

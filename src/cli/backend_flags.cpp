@@ -11,10 +11,6 @@ void BackendFlags::add_to(CLI::App* command) {
                    "fp32 on cpu")
       ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
       ->capture_default_str();
-  add_attention_kernel_to(command);
-}
-
-void BackendFlags::add_attention_kernel_to(CLI::App* command) {
   command
       ->add_option("--attention-kernel", attention,
                    "cuda attention: reference (float32) or flash (bf16 FlashAttention-2-style kernel, head sizes "

@@ -14,8 +14,6 @@ struct BackendFlags {
   std::string attention = "auto";
 
   void add_to(CLI::App* command);
-  // --attention-kernel alone (speedrun memory: the flash kernel's inputs are planned codes).
-  void add_attention_kernel_to(CLI::App* command);
   // The options for `device` ("cpu" or "cuda") and a model of head size `head_dim`: --matmul
   // auto is SPEC §6's bf16 on cuda and the float32 reference on cpu; --attention-kernel auto
   // is the flash kernel on cuda where it has the head size (32, 64, 128), else reference.

@@ -172,7 +172,7 @@ void register_bench_command(CLI::App& app) {
     std::map<std::string, OpStats> stats;
     bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
     auto backend = make_profiling_backend(*device, stats, &profiling);
-    const ActivationOptions activations = opts->activations.resolve(opts->device, backend_options.attention);
+    const ActivationOptions activations = opts->activations.resolve(opts->device);
     // Sized as a training run sizes it (validation sequences included), so that the peak
     // memory reported is the run's.
     GPT model(config, *backend, config.seq_len, config.val_seq_len, activations);

@@ -8,7 +8,6 @@
 
 #include "backends/backend.h"
 #include "cli/activation_flags.h"
-#include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
 #include "train/run_memory.h"
@@ -33,7 +32,6 @@ void register_memory_command(CLI::App& app) {
     ConfigOptions config;
     std::string device = "cpu";
     ActivationFlags activations;
-    BackendFlags backend;
     int processes = 1;
     bool json = false;
   };
@@ -44,15 +42,13 @@ void register_memory_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
   opts->activations.add_to(cmd);
-  opts->backend.add_attention_kernel_to(cmd);
   cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();
-    const AttentionKernel attention = opts->backend.resolve(opts->device, config.head_dim).attention;
-    const ActivationOptions activations = opts->activations.resolve(opts->device, attention);
+    const ActivationOptions activations = opts->activations.resolve(opts->device);
     const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
     if (config.world_size % opts->processes != 0) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
@@ -83,7 +79,6 @@ void register_memory_command(CLI::App& app) {
                                {"val_seq_len", config.val_seq_len},
                                {"recompute_activations", activations.memory == ActivationMemory::kRecompute},
                                {"activation_precision", ActivationFlags::precision_name(activations.precision)},
-                               {"attention_kernel", attention_kernel_name(attention)},
                                {"processes", opts->processes},
                                {"grad_reduce", grad_reduce_name(reduce)},
                                {"total_bytes", total}};

@@ -99,8 +99,7 @@ TrainOptions resolve(const Options& opts) {
   validate(train.faults);
   train.grad_reduce.mode = parse_grad_reduce(opts.grad_reduce);
   train.grad_reduce.bucket_bytes = static_cast<size_t>(opts.grad_bucket_mb * (1 << 20));
-  const AttentionKernel attention = opts.backend.resolve(opts.device, train.config.head_dim).attention;
-  train.activations = opts.activations.resolve(opts.device, attention);
+  train.activations = opts.activations.resolve(opts.device);
   return train;
 }
 

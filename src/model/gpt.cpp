@@ -30,7 +30,7 @@ struct GPT::LayerActivations {
   float* y = nullptr;        // attention output [T, hd] (bf16: one buffer all layers share)
   uint16_t* y_codes = nullptr;  // bf16: y kept for the backward, as codes [T, hd]
   float* lse = nullptr;      // [H, T]
-  // attention_input_codes: bf16 of q_rot, k_rot and v, in buffers all layers share.
+  // bf16: q_rot, k_rot and v kept as codes [T, hd] (one set all layers share when recomputed).
   AttentionInputCodes input_codes() const { return {q_codes, k_codes, v_codes}; }
   uint16_t* q_codes = nullptr;
   uint16_t* k_codes = nullptr;
@@ -80,7 +80,7 @@ struct GPT::ForwardBuffers {
 
 namespace {
 
-// ActivationOptions::attention_input_codes: one set of q, k, v codes all layers share.
+// bf16 activations: attention's inputs q, k, v as codes.
 struct AttentionCodeBuffers {
   uint16_t* q = nullptr;
   uint16_t* k = nullptr;
@@ -94,7 +94,7 @@ struct AttentionCodeBuffers {
 };
 
 AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations, ArenaCarver& arena, size_t count) {
-  if (!activations.attention_input_codes) return {};
+  if (activations.precision != ActivationPrecision::kBfloat16) return {};
   AttentionCodeBuffers codes;
   codes.q = arena.take_codes(count);
   codes.k = arena.take_codes(count);
@@ -230,15 +230,18 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_xm = take(T * d);
   float* shared_x1 = recompute ? nullptr : take(T * d);
   float* shared_norm = recompute ? take(T * d) : nullptr;
-  float* shared_q_rot = recompute ? take(T * hd) : nullptr;
-  float* shared_k_rot = recompute ? take(T * hd) : nullptr;
+  // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); their
+  // floats are one buffer each, y's only for products that read float32 operands.
+  const bool shared_attention = recompute || bf16;
+  float* shared_q_rot = shared_attention ? take(T * hd) : nullptr;
+  float* shared_k_rot = shared_attention ? take(T * hd) : nullptr;
   float* shared_g = recompute ? take(T * mlp) : nullptr;
-  float* shared_v = recompute ? take(T * hd) : nullptr;
-  const AttentionCodeBuffers codes = carve_attention_codes(activations, arena, T * hd);
-  // bf16: y lives on as codes; its floats, one buffer, exist only for products that read
-  // float32 operands (written by the forward, widened from the codes by the backward).
+  float* shared_v = shared_attention ? take(T * hd) : nullptr;
+  const AttentionCodeBuffers recomputed_codes =
+      recompute ? carve_attention_codes(activations, arena, T * hd) : AttentionCodeBuffers{};
   float* shared_y = bf16 ? take(T * hd) : nullptr;
   auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
+  auto attention_input = [&](float* shared, size_t n) { return shared_attention ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
     // An encoder layer reads its input where the previous layer wrote it (x0 or the stack).
@@ -248,8 +251,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.x1 = recompute ? take(T * d) : shared_x1;
       a.attn_norm = kept(shared_norm, T * d);
       a.attn_rstd = take(T);
-      a.q_rot = kept(shared_q_rot, T * hd);
-      a.k_rot = kept(shared_k_rot, T * hd);
+      a.q_rot = attention_input(shared_q_rot, T * hd);
+      a.k_rot = attention_input(shared_k_rot, T * hd);
       // bf16: q and k are normalised in place where rotary then turns them; the
       // normalised values live on as codes.
       if (bf16) {
@@ -264,7 +267,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.q_rstd = take(T * H);
       a.k_rstd = take(T * H);
       a.v_raw = take(T * hd);
-      a.v = kept(shared_v, T * hd);
+      a.v = attention_input(shared_v, T * hd);
       if (bf16) {
         a.y = shared_y;
         a.y_codes = arena.take_codes(T * hd);
@@ -272,7 +275,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
         a.y = take(T * hd);
       }
       a.lse = take(T * H);
-      codes.assign_to(a);
+      (recompute ? recomputed_codes : carve_attention_codes(activations, arena, T * hd)).assign_to(a);
     }
     a.mlp_norm = kept(shared_norm, T * d);
     a.mlp_rstd = take(T);
@@ -757,9 +760,9 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    // Recomputed, attention's inputs come with their codes; kept, the codes are another layer's.
-    AttentionInputCodes codes = recompute_ ? a.input_codes() : AttentionInputCodes{};
-    codes.y = a.y_codes;  // bf16: y is read from its codes
+    // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer.
+    AttentionInputCodes codes = a.input_codes();
+    codes.y = a.y_codes;
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     backend_.rotary(b.dq, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
     backend_.rotary(b.dk, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);

@@ -24,11 +24,11 @@ namespace speedrun {
 enum class ActivationMemory { kStore, kRecompute };
 
 // How the largest activations kept for the backward are stored. kBfloat16 is SPEC §6's
-// reference precision for them: the MLP's pre-activation h, the normalised q and k and
-// attention's output y are rounded to bf16 where they are computed (so the forward itself
-// uses the rounded values, in every pass) and kept as 16-bit codes. At the speedrun's
-// shapes that is 39.5 d floats per token less than float32 over the 12 layers (y's floats
-// then one buffer all layers share). kFloat32 keeps them exact (the CPU
+// reference precision for them: the MLP's pre-activation h, the normalised q and k,
+// attention's inputs (rotated q and k, mixed v) and its output y are rounded to bf16 where
+// they are computed (so the forward itself uses the rounded values, in every pass) and kept
+// as 16-bit codes, which attention reads (the flash kernel then rounds no copies of its own).
+// The floats of the rotated q and k, v and y are then one buffer each, shared by all layers. kFloat32 keeps them exact (the CPU
 // default, and what finite-difference gradient checks need).
 enum class ActivationPrecision { kFloat32, kBfloat16 };
 
@@ -40,13 +40,6 @@ struct ActivationOptions {
   // ([rows, 4 d]), exist for this many rows instead of the whole sequence: 1.2 GB less at
   // SPEC §5's 262144-token validation, and its bf16 operand codes shrink alike.
   int forward_mlp_rows = 16384;
-  // The ops that produce attention's q, k and v (rotary, the value-embedding mix) write them
-  // as bf16 codes too, into one set of buffers all layers share, for a backend whose attention
-  // reads bf16 (CUDA's flash kernel), which then rounds no copies of its own: 12 bytes per
-  // element of q, k and v read less per attention call. The codes serve the forward, and a
-  // backward that recomputes attention's inputs; one that keeps them gets none (its layer's
-  // codes are long overwritten) and the backend rounds as before.
-  bool attention_input_codes = false;
 };
 
 class GPT {

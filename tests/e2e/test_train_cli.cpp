@@ -400,29 +400,10 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(contains(table.out, "validation sequences of 262144")) << table.out;
   EXPECT_TRUE(contains(table.out, "cuda logits chunks of 2048 rows")) << table.out;
   EXPECT_TRUE(contains(table.out, "activations recomputed, bf16")) << table.out;  // auto on cuda
-  // #4's target: the speedrun's step planned within 24 GB on one GPU (before the scratch),
-  // as it runs: with the flash kernel (auto on cuda for head size 128), whose q, k, v codes
-  // (3 x [T, 768] bf16 in each pass's buffers) the plan then holds.
-  const std::string speedrun_124m = "memory --preset speedrun-124m --device cuda --recompute-activations --json";
-  const RunResult target = speedrun(speedrun_124m, dir_);
+  // #4's target: the speedrun's step planned within 24 GB on one GPU (before the scratch).
+  const RunResult target = speedrun("memory --preset speedrun-124m --device cuda --recompute-activations --json", dir_);
   ASSERT_EQ(target.exit_code, 0) << target.err;
-  const nlohmann::json with_codes = nlohmann::json::parse(target.out);
-  EXPECT_LT(with_codes["total_bytes"].get<double>(), 24e9);
-  EXPECT_EQ(with_codes["attention_kernel"], "flash");
-  // auto: reference on the CPU, and on cuda for a head size the kernel lacks (micro's 8).
-  for (const char* command : {"memory --preset speedrun-124m --json", "memory --preset micro --device cuda --json"}) {
-    const RunResult plan = speedrun(command, dir_);
-    ASSERT_EQ(plan.exit_code, 0) << plan.err;
-    EXPECT_EQ(nlohmann::json::parse(plan.out)["attention_kernel"], "reference") << command;
-  }
-  const RunResult reference = speedrun(speedrun_124m + " --attention-kernel reference", dir_);
-  ASSERT_EQ(reference.exit_code, 0) << reference.err;
-  const nlohmann::json without_codes = nlohmann::json::parse(reference.out);
-  EXPECT_EQ(without_codes["attention_kernel"], "reference");
-  EXPECT_EQ(with_codes["training_bytes"].get<size_t>() - without_codes["training_bytes"].get<size_t>(),
-            size_t{3} * 49152 * 768 * 2);
-  EXPECT_EQ(with_codes["forward_only_bytes"].get<size_t>() - without_codes["forward_only_bytes"].get<size_t>(),
-            size_t{3} * 262144 * 768 * 2);
+  EXPECT_LT(nlohmann::json::parse(target.out)["total_bytes"].get<double>(), 24e9);
   const RunResult wrong = speedrun("memory --preset micro --activations fp16", dir_);
   EXPECT_EQ(wrong.exit_code, 2);
   EXPECT_TRUE(contains(wrong.err, "--activations")) << wrong.err;

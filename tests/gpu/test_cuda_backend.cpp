@@ -515,14 +515,16 @@ TEST_F(CudaBackendTest, RotaryMatchesCpuAndInverts) {
       gpu_->rotary(dx.ptr, nullptr, c.T, c.H, c.D, 1024.f, !inverse);
       expect_close(dx.get(), x, 1e-5, 1e-5, "rotary round trip");
     }
-    // With codes (attention's input): the same floats, and the codes of them.
-    DeviceFloats plain(*gpu_, x), coded(*gpu_, x), dcodes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
+    // Kept as bf16 (attention's input): the rotation rounded, and its codes stored.
+    DeviceFloats plain(*gpu_, x), kept(*gpu_, x), dcodes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
     gpu_->rotary(plain.ptr, nullptr, c.T, c.H, c.D, 1024.f, false);
-    gpu_->rotary(coded.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), c.T, c.H, c.D, 1024.f, false);
-    const auto rotated = coded.get();
-    expect_identical(rotated, plain.get(), "rotary beside its codes");
+    gpu_->rotary(kept.ptr, reinterpret_cast<uint16_t*>(dcodes.ptr), c.T, c.H, c.D, 1024.f, false);
+    const auto unrounded = plain.get(), rounded = kept.get();
     const auto codes = codes_of(dcodes.get(), n);
-    for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(rotated[i])) << "rotary codes at " << i;
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(codes[i], lowp::encode_bf16(unrounded[i])) << "rotary codes at " << i;
+      ASSERT_EQ(rounded[i], lowp::decode_bf16(codes[i])) << "rounded rotary at " << i;
+    }
   }
 }
 
@@ -547,15 +549,17 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
       DeviceFloats in_place(*gpu_, a);
       gpu_->mix_forward(in_place.ptr, nullptr, in_place.ptr, nullptr, dcoef.ptr, n);  // out == a, no b
       expect_close(in_place.get(), want, 1e-5, 1e-6, "mix_forward in place without b");
-      for (float* second : {db.ptr, static_cast<float*>(nullptr)}) {  // with codes: the same floats, their codes
-        DeviceFloats plain(*gpu_, n, kNaN), coded(*gpu_, n, kNaN);
+      for (float* second : {db.ptr, static_cast<float*>(nullptr)}) {  // kept as bf16: rounded, codes stored
+        DeviceFloats plain(*gpu_, n, kNaN), kept(*gpu_, n, kNaN);
         DeviceFloats codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
         gpu_->mix_forward(plain.ptr, nullptr, da.ptr, second, dcoef.ptr, n);
-        gpu_->mix_forward(coded.ptr, reinterpret_cast<uint16_t*>(codes.ptr), da.ptr, second, dcoef.ptr, n);
-        const auto mixed = coded.get();
-        expect_identical(mixed, plain.get(), "mix_forward beside its codes");
+        gpu_->mix_forward(kept.ptr, reinterpret_cast<uint16_t*>(codes.ptr), da.ptr, second, dcoef.ptr, n);
+        const auto unrounded = plain.get(), rounded = kept.get();
         const auto got_codes = codes_of(codes.get(), n);
-        for (size_t i = 0; i < n; ++i) ASSERT_EQ(got_codes[i], lowp::encode_bf16(mixed[i])) << "mix codes at " << i;
+        for (size_t i = 0; i < n; ++i) {
+          ASSERT_EQ(got_codes[i], lowp::encode_bf16(unrounded[i])) << "mix codes at " << i;
+          ASSERT_EQ(rounded[i], lowp::decode_bf16(got_codes[i])) << "rounded mix at " << i;
+        }
       }
     }
     {
@@ -937,10 +941,10 @@ TEST_F(AttentionTest, Bf16OutputIsRoundedAndItsCodesServeTheBackward) {
   }
 }
 
-// Given its inputs' codes (AttentionInputCodes, written by rotary and the v mix) the flash
+// Given its inputs' codes (AttentionInputCodes, kept by rotary and the v mix) the flash
 // kernel reads them instead of rounding copies of q, k and v: the same bits forward and
-// backward. And it does read them: the codes of -v give exactly -y (the kernel's sums are
-// symmetric in sign), the same lse.
+// backward. And it does read them, not the floats: the codes of -v give exactly -y (the
+// kernel's sums are symmetric in sign), the same lse.
 TEST_F(AttentionTest, FlashKernelReadsTheInputCodesItIsGiven) {
   SCOPED_TRACE(trace());
   const auto call = flash(2048, 300);
@@ -1236,7 +1240,6 @@ TEST_F(ModelTest, TinyAsTrainedOnTheGpuMatchesTheCpuEmulation) {
   cpu_ = make_cpu_backend(cpu_options);
   cpu_activations_.precision = ActivationPrecision::kBfloat16;
   gpu_activations_ = {ActivationMemory::kRecompute, ActivationPrecision::kBfloat16};
-  gpu_activations_.attention_input_codes = true;  // as train resolves it for the flash kernel
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 2e-3, 3e-2);
 }
 

@@ -216,12 +216,15 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
   expect_same_passes(kept, recomputed);
   const Config& c = kept.config;
   const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();
+  // Rotated q and k and mixed v per layer: floats, or with bf16 activations codes (whose
+  // floats are one shared buffer in both modes).
+  const size_t attention_inputs = precision == ActivationPrecision::kBfloat16 ? 3 * hd / 2 : 3 * hd;
   size_t not_kept = d;  // floats per token: kept mode's shared x1 buffer
-  size_t kept_to_recompute = d + 3 * hd + mlp;  // the recompute buffers, one of each
+  size_t kept_to_recompute = d + attention_inputs + mlp;  // the recompute buffers, one of each
   for (int i = 0; i < c.num_layers; ++i) {
     not_kept += d + mlp;  // mlp_norm, relu(h)^2
     if (c.layer_has_attention(i)) {
-      not_kept += d + 3 * hd;  // attn_norm, rotated q, k, mixed v
+      not_kept += d + attention_inputs;  // attn_norm, rotated q, k, mixed v
       kept_to_recompute += d;  // x1
     }
   }
@@ -230,10 +233,11 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
             T * (not_kept - kept_to_recompute) * sizeof(float));
 }
 
-// bf16 storage rounds h, the normalised q and k and attention's output y where they are
-// computed, in the forward of every pass: a small, real change of the loss and the
-// gradients, the same in a training and a forward-only pass, for exactly the memory of
-// those buffers halved (y's floats then one buffer all layers share).
+// bf16 storage rounds h, the normalised q and k, attention's inputs and its output y where
+// they are computed, in the forward of every pass: a small, real change of the loss and
+// the gradients, the same in a training and a forward-only pass, for exactly the memory of
+// those buffers halved (the floats of attention's inputs and output then one buffer each
+// for all layers).
 TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   RandomModel exact, rounded({ActivationMemory::kStore, ActivationPrecision::kBfloat16});
   std::vector<double> losses;
@@ -262,37 +266,18 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   const Config& c = exact.config;
   const size_t T = 64, hd = c.hidden_dim(), mlp = c.mlp_dim();
   size_t halved = 0;  // floats per token
-  for (int i = 0; i < c.num_layers; ++i) halved += mlp + (c.layer_has_attention(i) ? 3 * hd : 0);
-  const size_t shared_y = T * hd;
-  EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(),
-            (T * halved / 2 - shared_y) * sizeof(float));
-}
-
-// ActivationOptions::attention_input_codes: rotary and the value-embedding mix write q, k
-// and v as codes for attention, which the CPU backend checks against its float inputs (an
-// Error otherwise: codes of another layer, of the unrotated q, or not rewritten by a
-// recomputing backward). They change no result, in any activation mode, and cost one set
-// of three [T, hd] code buffers in each pass's arena.
-TEST(GPT, AttentionInputCodesAreTheRoundingOfWhatAttentionReadsAndChangeNoResult) {
-  for (ActivationMemory memory : {ActivationMemory::kStore, ActivationMemory::kRecompute}) {
-    for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
-      SCOPED_TRACE(std::string(memory == ActivationMemory::kRecompute ? "recomputed " : "kept ") +
-                   (precision == ActivationPrecision::kBfloat16 ? "bf16" : "fp32"));
-      ActivationOptions with_codes{memory, precision};
-      with_codes.attention_input_codes = true;
-      RandomModel plain({memory, precision}), coded(with_codes);
-      expect_same_passes(plain, coded);
-      const Config& c = plain.config;
-      const size_t code_floats = (64 * c.hidden_dim() / 2 + ArenaCarver::kAlignFloats - 1) /
-                                 ArenaCarver::kAlignFloats * ArenaCarver::kAlignFloats;
-      const GPT::MemoryPlan without = GPT::plan_memory(c, 64, 64, {memory, precision}, kCpuHeadChunkRows);
-      const GPT::MemoryPlan with = GPT::plan_memory(c, 64, 64, with_codes, kCpuHeadChunkRows);
-      EXPECT_EQ(with.training_bytes - without.training_bytes, 3 * code_floats * sizeof(float));
-      EXPECT_EQ(with.forward_only_bytes - without.forward_only_bytes, 3 * code_floats * sizeof(float));
-      EXPECT_EQ(coded.model->activation_bytes() - plain.model->activation_bytes(),
-                with.activation_bytes() - without.activation_bytes());
+  size_t attention_layers = 0;
+  for (int i = 0; i < c.num_layers; ++i) {
+    halved += mlp;
+    if (c.layer_has_attention(i)) {
+      ++attention_layers;
+      halved += 2 * hd;  // normalised q and k
     }
   }
+  // Rotated q and k, v and y: kept as codes, their floats one buffer each for all layers.
+  const size_t as_codes = 4 * hd;
+  EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(),
+            (T * halved / 2 + T * as_codes * attention_layers / 2 - T * as_codes) * sizeof(float));
 }
 
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
@@ -324,9 +309,11 @@ TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
 // with h and relu(h)^2 sized to the slice: the same loss in every activation mode and with
 // bf16 matmuls (whose held codes then cover a slice). Not bit for bit: OpenBLAS sums a
 // product's terms in an order that depends on its row count (as cuBLASLt's algorithm
-// choice does), so float32 rounding differs (~2e-8 here), and with bf16 operands or activations an
-// activation then and again rounds the other way (~4e-6). A slice misplaced or skipped
-// moves the loss by orders of magnitude more.
+// choice does), so float32 rounding differs (~2e-8 here), and with bf16 operands or
+// activations an activation then and again rounds the other way: ~4e-6, and with both, where
+// attention's inputs are rounded too, a flipped q, k or v code moves this random-parameter
+// model's loss by up to 1.6e-4 (measured over seeds 7-12: 1.6e-4 once, 0 five times). A
+// slice misplaced or skipped moves the loss by 0.33.
 TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
   const Config c = Config::preset("micro");
   constexpr int kT = 320, kSlice = 128;  // slices of 128, 128 and 64 rows
@@ -345,8 +332,10 @@ TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
       b.load_parameters(params);
       const double loss = a.forward(inputs, targets, 3);
       EXPECT_TRUE(std::isfinite(loss));
-      const bool rounded = matmul == MatmulPrecision::kBfloat16 || precision == ActivationPrecision::kBfloat16;
-      EXPECT_NEAR(b.forward(inputs, targets, 3), loss, rounded ? 2e-5 : 2e-7);
+      const bool bf16_matmul = matmul == MatmulPrecision::kBfloat16;
+      const bool bf16_activations = precision == ActivationPrecision::kBfloat16;
+      const double band = bf16_matmul && bf16_activations ? 5e-4 : bf16_matmul || bf16_activations ? 2e-5 : 2e-7;
+      EXPECT_NEAR(b.forward(inputs, targets, 3), loss, band);
       EXPECT_EQ(a.activation_bytes() - b.activation_bytes(),
                 static_cast<size_t>(kT - kSlice) * c.mlp_dim() * sizeof(float));
       EXPECT_EQ(GPT::plan_memory(c, 64, kT, sliced, be->head_chunk_rows()).activation_bytes(), b.activation_bytes());

@@ -140,26 +140,36 @@ void encode_outputs(uint16_t* codes, const float* values, size_t n) {
   if (codes) write_values(nullptr, codes, n, [values](size_t i) { return values[i]; });
 }
 
-// Throws Error unless codes[i] == bf16(values[i]) for every i: attention's input codes
-// must be the rounding of what it reads (stale codes would change CUDA's results only).
-void check_codes_match(const char* tensor, const uint16_t* codes, const float* values, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (codes[i] != lowp::encode_bf16(values[i])) {
-      throw Error(std::string("attention input codes: ") + tensor + "[" + std::to_string(i) + "] holds bf16 " +
-                  std::to_string(lowp::decode_bf16(codes[i])) + ", not the rounding of its value " +
-                  std::to_string(values[i]));
-    }
-  }
+// x rounded to bf16 in place, its codes into `stored` (bf16 activations); nothing when null.
+void round_and_store(float* x, uint16_t* stored, size_t n) {
+  if (stored) write_values(x, stored, n, [x](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(x[i])); });
 }
 
-void check_attention_input_codes(const AttentionInputCodes& codes, const float* q, const float* k, const float* v,
-                                 const AttentionShape& shape) {
-  if (!codes.given()) return;
-  const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
-  check_codes_match("q", codes.q, q, n);
-  check_codes_match("k", codes.k, k, n);
-  check_codes_match("v", codes.v, v, n);
-}
+// Attention's inputs as floats: the given codes widened (AttentionInputCodes), else as passed.
+struct AttentionInputs {
+  std::vector<float> widened;
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* y;
+  AttentionInputs(const AttentionInputCodes& codes, const float* q_, const float* k_, const float* v_, const float* y_,
+                  size_t n)
+      : q(q_), k(k_), v(v_), y(y_) {
+    widened.resize((codes.given() ? 3 * n : 0) + (codes.y ? n : 0));
+    float* next = widened.data();
+    auto widen = [&](const uint16_t* codes_of, const float*& into) {
+      write_values(next, nullptr, n, [codes_of](size_t i) { return lowp::decode_bf16(codes_of[i]); });
+      into = next;
+      next += n;
+    };
+    if (codes.given()) {
+      widen(codes.q, q);
+      widen(codes.k, k);
+      widen(codes.v, v);
+    }
+    if (codes.y) widen(codes.y, y);
+  }
+};
 
 // out = relu(x)^2.
 template <typename X>
@@ -353,7 +363,7 @@ class CpuBackend final : public Backend {
     encode_outputs(dx_codes, dx, static_cast<size_t>(rows) * dim);
   }
 
-  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
+  void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
     const int half = D / 2;
     const int quarter = D / 4;
     std::vector<float> freq(half, 0.f);  // D/4 frequencies then D/4 zeros
@@ -377,10 +387,10 @@ class CpuBackend final : public Backend {
         }
       }
     }
-    encode_outputs(x_codes, x, static_cast<size_t>(T) * H * D);
+    round_and_store(x, stored, static_cast<size_t>(T) * H * D);
   }
 
-  void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+  void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                    size_t n) override {
     const float c0 = coef[0];
     if (b) {
@@ -391,7 +401,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static)
       for (size_t i = 0; i < n; ++i) out[i] = c0 * a[i];
     }
-    encode_outputs(out_codes, out, n);
+    round_and_store(out, stored, n);
   }
 
   void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
@@ -466,8 +476,8 @@ class CpuBackend final : public Backend {
 
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& shape) override {
-    check_attention_input_codes(codes, q, k, v, shape);
-    cpu::attention_forward(y, lse, q, k, v, doc, shape);
+    const AttentionInputs in(codes, q, k, v, nullptr, static_cast<size_t>(shape.T) * shape.H * shape.D);
+    cpu::attention_forward(y, lse, in.q, in.k, in.v, doc, shape);
     encode_outputs(y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
     scribble_on_loan();
   }
@@ -475,11 +485,11 @@ class CpuBackend final : public Backend {
   void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
                               const AttentionInputCodes& codes, const int32_t* doc,
                               const AttentionShape& shape) override {
-    check_attention_input_codes(codes, q, k, v, shape);
     const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+    const AttentionInputs in(codes, q, k, v, nullptr, n);
     std::vector<float> unrounded(y ? 0 : n);  // the codes alone: y's floats are not written
     float* out = y ? y : unrounded.data();
-    cpu::attention_forward(out, lse, q, k, v, doc, shape);
+    cpu::attention_forward(out, lse, in.q, in.k, in.v, doc, shape);
     write_values(y, stored, n, [out](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(out[i])); });
     scribble_on_loan();
   }
@@ -487,14 +497,8 @@ class CpuBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& shape) override {
-    check_attention_input_codes(codes, q, k, v, shape);
-    std::vector<float> y_widened;  // y's floats are not read when its codes are given
-    if (codes.y) {
-      y_widened.resize(static_cast<size_t>(shape.T) * shape.H * shape.D);
-      widen_bf16(y_widened.data(), codes.y, y_widened.size());
-      y = y_widened.data();
-    }
-    cpu::attention_backward(dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+    const AttentionInputs in(codes, q, k, v, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
+    cpu::attention_backward(dq, dk, dv, dy, in.y, lse, in.q, in.k, in.v, doc, shape);
     scribble_on_loan();
   }
 

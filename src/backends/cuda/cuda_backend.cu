@@ -52,7 +52,7 @@ class CudaBackend final : public Backend {
     reduce_scratch_ = std::make_unique<Scratch>(stream_);
     result_scratch_ = std::make_unique<Scratch>(stream_);
     op_scratch_ = std::make_unique<Scratch>(stream_);
-    widened_y_ = std::make_unique<Scratch>(stream_);
+    reference_inputs_ = std::make_unique<Scratch>(stream_);
   }
 
   ~CudaBackend() override {
@@ -60,7 +60,7 @@ class CudaBackend final : public Backend {
     for (auto& [key, freq] : rotary_freqs_) cudaFree(freq);
     fp8_head_.reset();
     op_scratch_.reset();
-    widened_y_.reset();
+    reference_inputs_.reset();
     result_scratch_.reset();
     reduce_scratch_.reset();
     gemm_.reset();
@@ -205,14 +205,14 @@ class CudaBackend final : public Backend {
                         int rows, int dim, bool accumulate) override {
     cuda::rmsnorm_backward(stream_, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   }
-  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
-    cuda::rotary(stream_, x, x_codes, T, H, D, rotary_frequencies(D, base), inverse);
+  void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
+    cuda::rotary(stream_, x, stored, T, H, D, rotary_frequencies(D, base), inverse);
   }
 
   // --- elementwise --------------------------------------------------------------------------
-  void mix_forward(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+  void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                    size_t n) override {
-    cuda::mix_forward(stream_, out, out_codes, a, b, coef, n);
+    cuda::mix_forward(stream_, out, stored, a, b, coef, n);
   }
   void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
                     const float* a, const float* b, const float* coef, size_t n) override {
@@ -264,8 +264,10 @@ class CudaBackend final : public Backend {
       cuda::flash_attention_forward_f32(stream_, *op_scratch_, y, y_codes, lse, q, k, v, codes, doc, shape);
       return;
     }
-    cuda::attention_forward(stream_, *op_scratch_, y, lse, q, k, v, doc, shape);
-    if (y_codes) cuda::to_bf16(stream_, y_codes, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
+    const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
+    const ReferenceInputs in = reference_inputs(codes, q, k, v, nullptr, false, n);
+    cuda::attention_forward(stream_, *op_scratch_, y, lse, in.q, in.k, in.v, doc, shape);
+    if (y_codes) cuda::to_bf16(stream_, y_codes, y, n);
   }
   void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
                               const AttentionInputCodes& codes, const int32_t* doc,
@@ -275,8 +277,9 @@ class CudaBackend final : public Backend {
       return;
     }
     const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
-    float* out = y ? y : static_cast<float*>(widened_y_->get(n * sizeof(float)));
-    cuda::attention_forward(stream_, *op_scratch_, out, lse, q, k, v, doc, shape);
+    const ReferenceInputs in = reference_inputs(codes, q, k, v, nullptr, y == nullptr, n);
+    float* out = y ? y : in.out;
+    cuda::attention_forward(stream_, *op_scratch_, out, lse, in.q, in.k, in.v, doc, shape);
     cuda::to_bf16(stream_, stored, out, n);
     if (y) cuda::widen_bf16(stream_, y, stored, n);
   }
@@ -287,13 +290,39 @@ class CudaBackend final : public Backend {
       cuda::flash_attention_backward_f32(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, codes, doc, shape);
       return;
     }
-    if (codes.y) {  // the reference kernel reads floats: y's codes widened (its floats may be stale)
-      const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
-      float* widened = static_cast<float*>(widened_y_->get(n * sizeof(float)));
-      cuda::widen_bf16(stream_, widened, codes.y, n);
-      y = widened;
+    const ReferenceInputs in =
+        reference_inputs(codes, q, k, v, y, false, static_cast<size_t>(shape.T) * shape.H * shape.D);
+    cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, in.y, lse, in.q, in.k, in.v, doc, shape);
+  }
+
+  // The reference attention reads floats: the codes given (AttentionInputCodes) widened into
+  // reference_inputs_, and room for an output whose floats the caller does not keep.
+  struct ReferenceInputs {
+    const float* q;
+    const float* k;
+    const float* v;
+    const float* y;
+    float* out;
+  };
+  ReferenceInputs reference_inputs(const AttentionInputCodes& codes, const float* q, const float* k, const float* v,
+                                   const float* y, bool needs_out, size_t n) {
+    const size_t count = (codes.given() ? 3 : 0) + (codes.y ? 1 : 0) + (needs_out ? 1 : 0);
+    float* next = count ? static_cast<float*>(reference_inputs_->get(count * n * sizeof(float))) : nullptr;
+    auto widened = [&](const uint16_t* from) {
+      float* into = next;
+      next += n;
+      cuda::widen_bf16(stream_, into, from, n);
+      return into;
+    };
+    ReferenceInputs in{q, k, v, y, nullptr};
+    if (codes.given()) {
+      in.q = widened(codes.q);
+      in.k = widened(codes.k);
+      in.v = widened(codes.v);
     }
-    cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, y, lse, q, k, v, doc, shape);
+    if (codes.y) in.y = widened(codes.y);
+    if (needs_out) in.out = next;
+    return in;
   }
 
   // --- head -------------------------------------------------------------------------------------
@@ -395,7 +424,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Scratch> reduce_scratch_;  // partial sums of dot_reduce
   std::unique_ptr<Scratch> result_scratch_;  // reduction results read by a later kernel or the host
   std::unique_ptr<Scratch> op_scratch_;      // temporaries of one operation (sort, scans, copies)
-  std::unique_ptr<Scratch> widened_y_;       // the reference attention's float y where the caller keeps codes alone
+  std::unique_ptr<Scratch> reference_inputs_;  // the reference attention's float inputs widened from codes
   std::map<std::pair<int, float>, float*> rotary_freqs_;
   std::unique_ptr<Fp8Head, Fp8HeadDeleter> fp8_head_;
 };

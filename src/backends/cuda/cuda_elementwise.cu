@@ -33,6 +33,15 @@ __device__ __forceinline__ void store_code(uint16_t* codes, size_t i, float valu
   if (codes) codes[i] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
 }
 
+// An activation as it is kept: with `stored` (bf16 activations) rounded to bf16, its code
+// stored at i and its widening returned; else the value itself.
+__device__ __forceinline__ float kept_activation(uint16_t* stored, size_t i, float value) {
+  if (!stored) return value;
+  const __nv_bfloat16 rounded = __float2bfloat16_rn(value);
+  stored[i] = __bfloat16_as_ushort(rounded);
+  return __bfloat162float(rounded);
+}
+
 __device__ __forceinline__ float relu_squared(float h) {
   const float r = h > 0.f ? h : 0.f;
   return r * r;
@@ -91,9 +100,10 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
 }
 
 // x [T, H, D] in place: with theta = fl32(t freq[i]), i < D/2, (x1, x2) = (x[i], x[i + D/2])
-// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse; the codes of the
-// result too unless x_codes is null. Traffic: 8 T H D bytes (+2 with codes).
-__global__ void rotary_kernel(float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, float sign) {
+// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse; with `stored` (bf16
+// activations) the result rounded to bf16 and its codes stored. Traffic: 8 T H D bytes (+2
+// with codes).
+__global__ void rotary_kernel(float* x, uint16_t* stored, int T, int H, int D, const float* freq, float sign) {
   const int half = D / 2;
   const size_t n = static_cast<size_t>(T) * H * half;
   SPEEDRUN_GRID_STRIDE(idx, n) {
@@ -106,27 +116,20 @@ __global__ void rotary_kernel(float* x, uint16_t* x_codes, int T, int H, int D, 
     float* row = x + token_head * D;
     const float x1 = row[i];
     const float x2 = row[i + half];
-    const float r1 = x1 * c + x2 * s;
-    const float r2 = -x1 * s + x2 * c;
-    row[i] = r1;
-    row[i + half] = r2;
     const size_t at = token_head * D + i;
-    store_code(x_codes, at, r1);
-    store_code(x_codes, at + half, r2);
+    row[i] = kept_activation(stored, at, x1 * c + x2 * s);
+    row[i + half] = kept_activation(stored, at + half, -x1 * s + x2 * c);
   }
 }
 
-// out = coef[0] a + coef[1] b (or coef[0] a), its codes too unless out_codes is null. out
-// may alias a. Traffic: 12 n bytes (8 n without b; +2 n with codes).
-__global__ void mix_forward_kernel(float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+// out = coef[0] a + coef[1] b (or coef[0] a); with `stored` (bf16 activations) rounded to
+// bf16 and its codes stored. out may alias a. Traffic: 12 n bytes (8 n without b; +2 n with
+// codes).
+__global__ void mix_forward_kernel(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                                    size_t n) {
   const float c0 = coef[0];
   const float c1 = b ? coef[1] : 0.f;
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float result = b ? c0 * a[i] + c1 * b[i] : c0 * a[i];
-    out[i] = result;
-    store_code(out_codes, i, result);
-  }
+  SPEEDRUN_GRID_STRIDE(i, n) out[i] = kept_activation(stored, i, b ? c0 * a[i] + c1 * b[i] : c0 * a[i]);
 }
 
 // db += coef[1] dout (when db); da (+)= coef[0] dout, its bf16 codes too when da_codes.
@@ -344,17 +347,17 @@ void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const 
   launch_rmsnorm_backward(s, dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
 }
 
-void rotary(cudaStream_t s, float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, bool inverse) {
+void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, const float* freq, bool inverse) {
   const size_t n = static_cast<size_t>(T) * H * (D / 2);
   if (n == 0) return;
-  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, x_codes, T, H, D, freq, inverse ? -1.f : 1.f);
+  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, stored, T, H, D, freq, inverse ? -1.f : 1.f);
   check_launch("rotary_kernel");
 }
 
-void mix_forward(cudaStream_t s, float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n) {
   if (n == 0) return;
-  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, a, b, coef, n);
+  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, stored, a, b, coef, n);
   check_launch("mix_forward_kernel");
 }
 

@@ -20,8 +20,9 @@ void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rst
 void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
                       const float* rstd, int rows, int dim, bool accumulate);
 // freq: device array of D/2 angular frequencies (D/4 of them then zeros).
-void rotary(cudaStream_t s, float* x, uint16_t* x_codes, int T, int H, int D, const float* freq, bool inverse);
-void mix_forward(cudaStream_t s, float* out, uint16_t* out_codes, const float* a, const float* b, const float* coef,
+// stored (unless null): bf16 activations, the output rounded and its codes stored.
+void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, const float* freq, bool inverse);
+void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n);
 // The elementwise half of mix_backward (its dot products go through dot_reduce first).
 void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
