@@ -27,12 +27,15 @@ struct AttentionShape {
 // Attention's inputs kept as bf16 activations (SPEC §6): q, k, v [T, H, D] as the codes
 // rotary and mix_forward stored (all three or none), and for the backward y as
 // attention_forward_bf16 stored it. What is given is read instead of the floats, which need
-// not be current (a kept layer's floats share one buffer with every other layer's).
+// not be current (a kept layer's floats share one buffer with every other layer's) unless
+// floats_current says that q's, k's and v's are the codes' widening (just computed or
+// recomputed): a backend that reads floats then need not widen the codes itself.
 struct AttentionInputCodes {
   const uint16_t* q = nullptr;
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
   const uint16_t* y = nullptr;
+  bool floats_current = false;
   bool given() const { return q != nullptr; }
 };
 

@@ -79,11 +79,11 @@ class ProfilingBackend final : public Backend {
                         int rows, int dim, bool acc) override {
     timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
-  void rotary(float* x, uint16_t* x_codes, int T, int H, int D, float base, bool inverse) override {
-    timed("rotary", 0, [&] { inner_.rotary(x, x_codes, T, H, D, base, inverse); });
+  void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
+    timed("rotary", 0, [&] { inner_.rotary(x, stored, T, H, D, base, inverse); });
   }
-  void mix_forward(float* o, uint16_t* o_codes, const float* a, const float* b, const float* c, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.mix_forward(o, o_codes, a, b, c, n); });
+  void mix_forward(float* o, uint16_t* stored, const float* a, const float* b, const float* c, size_t n) override {
+    timed("mix/residual", 0, [&] { inner_.mix_forward(o, stored, a, b, c, n); });
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
                     const float* b, const float* c, size_t n) override {

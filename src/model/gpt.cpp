@@ -31,7 +31,11 @@ struct GPT::LayerActivations {
   uint16_t* y_codes = nullptr;  // bf16: y kept for the backward, as codes [T, hd]
   float* lse = nullptr;      // [H, T]
   // bf16: q_rot, k_rot and v kept as codes [T, hd] (one set all layers share when recomputed).
-  AttentionInputCodes input_codes() const { return {q_codes, k_codes, v_codes}; }
+  AttentionInputCodes input_codes(bool floats_current) const {
+    AttentionInputCodes codes{q_codes, k_codes, v_codes};
+    codes.floats_current = floats_current;
+    return codes;
+  }
   uint16_t* q_codes = nullptr;
   uint16_t* k_codes = nullptr;
   uint16_t* v_codes = nullptr;
@@ -504,11 +508,11 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     if (bf16_activations_) {
       // Held, the codes are all c_proj reads: y's floats are not even written.
       const bool held = backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh);
-      backend_.attention_forward_bf16(held ? nullptr : a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v, a.input_codes(),
-                                      doc_, shape);
+      backend_.attention_forward_bf16(held ? nullptr : a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v,
+                                      a.input_codes(/*floats_current=*/true), doc_, shape);
     } else {
       backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot,
-                                 a.v, a.input_codes(), doc_, shape);
+                                 a.v, a.input_codes(/*floats_current=*/true), doc_, shape);
     }
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
@@ -545,9 +549,9 @@ int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
   return ve;
 }
 
-void GPT::rotated_copy(float* out, uint16_t* out_codes, const float* x, int T) {
+void GPT::rotated_copy(float* out, uint16_t* stored, const float* x, int T) {
   if (out != x) backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
-  backend_.rotary(out, out_codes, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base),
+  backend_.rotary(out, stored, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base),
                   false);
 }
 
@@ -760,8 +764,9 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer.
-    AttentionInputCodes codes = a.input_codes();
+    // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer;
+    // only recomputed are the shared floats this layer's too.
+    AttentionInputCodes codes = a.input_codes(/*floats_current=*/recompute_);
     codes.y = a.y_codes;
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     backend_.rotary(b.dq, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);

@@ -149,8 +149,9 @@ class GPT {
   void recompute_mlp_norm(LayerActivations& a, const float* x1, int T);
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
-  // out = rotary(x), in place when out == x; out_codes (unless null) = bf16(out).
-  void rotated_copy(float* out, uint16_t* out_codes, const float* x, int T);
+  // out = rotary(x), in place when out == x; with `stored` (bf16 activations) out rounded
+  // to bf16 and its codes stored.
+  void rotated_copy(float* out, uint16_t* stored, const float* x, int T);
   // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,
   // cheaper to look up again than to keep per table); returns its table, -1 for none.
   int look_up_value_embedding(int layer, int T, const ModelActivations& m);

@@ -493,7 +493,7 @@ TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
 
 // Attention given its inputs as codes (AttentionInputCodes: q, k, v kept as bf16) reads
 // them, not the floats (NaN here): the result of attention on the widened codes, forward
-// and backward; the codes of -v give exactly -y.
+// and backward; the codes of -v give exactly -y. Unless told the floats are current.
 TEST_F(CpuOps, AttentionReadsTheInputCodesItIsGiven) {
   const AttentionCall call(102);
   const auto& [c, n, q, k, v, dy, doc, shape] = call;
@@ -528,6 +528,15 @@ TEST_F(CpuOps, AttentionReadsTheInputCodesItIsGiven) {
                         shape);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(y2[i], -y[i]) << i;
   EXPECT_EQ(lse2, lse);
+  // Told the floats are current (just computed), the CPU reads them and widens nothing: the
+  // floats of -v beside the codes of v give -y.
+  std::vector<float> minus_vw(n);
+  for (size_t i = 0; i < n; ++i) minus_vw[i] = -vw[i];
+  AttentionInputCodes current = given;
+  current.floats_current = true;
+  be->attention_forward(y2.data(), nullptr, lse2.data(), qw.data(), kw.data(), minus_vw.data(), current, doc.data(),
+                        shape);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(y2[i], -y[i]) << "floats current, at " << i;
 }
 
 TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {

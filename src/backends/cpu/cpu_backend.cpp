@@ -147,6 +147,8 @@ void round_and_store(float* x, uint16_t* stored, size_t n) {
 
 // Attention's inputs as floats: the given codes widened (AttentionInputCodes), else as passed.
 struct AttentionInputs {
+  AttentionInputs(const AttentionInputs&) = delete;  // points into its own storage
+  AttentionInputs& operator=(const AttentionInputs&) = delete;
   std::vector<float> widened;
   const float* q;
   const float* k;
@@ -155,14 +157,15 @@ struct AttentionInputs {
   AttentionInputs(const AttentionInputCodes& codes, const float* q_, const float* k_, const float* v_, const float* y_,
                   size_t n)
       : q(q_), k(k_), v(v_), y(y_) {
-    widened.resize((codes.given() ? 3 * n : 0) + (codes.y ? n : 0));
+    const bool widen_qkv = codes.given() && !codes.floats_current;
+    widened.resize((widen_qkv ? 3 * n : 0) + (codes.y ? n : 0));
     float* next = widened.data();
     auto widen = [&](const uint16_t* codes_of, const float*& into) {
       write_values(next, nullptr, n, [codes_of](size_t i) { return lowp::decode_bf16(codes_of[i]); });
       into = next;
       next += n;
     };
-    if (codes.given()) {
+    if (widen_qkv) {
       widen(codes.q, q);
       widen(codes.k, k);
       widen(codes.v, v);

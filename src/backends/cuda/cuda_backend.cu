@@ -306,7 +306,8 @@ class CudaBackend final : public Backend {
   };
   ReferenceInputs reference_inputs(const AttentionInputCodes& codes, const float* q, const float* k, const float* v,
                                    const float* y, bool needs_out, size_t n) {
-    const size_t count = (codes.given() ? 3 : 0) + (codes.y ? 1 : 0) + (needs_out ? 1 : 0);
+    const bool widen_qkv = codes.given() && !codes.floats_current;
+    const size_t count = (widen_qkv ? 3 : 0) + (codes.y ? 1 : 0) + (needs_out ? 1 : 0);
     float* next = count ? static_cast<float*>(reference_inputs_->get(count * n * sizeof(float))) : nullptr;
     auto widened = [&](const uint16_t* from) {
       float* into = next;
@@ -315,7 +316,7 @@ class CudaBackend final : public Backend {
       return into;
     };
     ReferenceInputs in{q, k, v, y, nullptr};
-    if (codes.given()) {
+    if (widen_qkv) {
       in.q = widened(codes.q);
       in.k = widened(codes.k);
       in.v = widened(codes.v);
