@@ -1,5 +1,6 @@
 #include "backends/backend_options.h"
 
+#include "backends/flash_attention.h"
 #include "util/error.h"
 
 namespace speedrun {
@@ -18,6 +19,11 @@ AttentionKernel parse_attention_kernel(const std::string& name) {
   if (name == "reference") return AttentionKernel::kReference;
   if (name == "flash") return AttentionKernel::kFlash;
   throw UsageError("--attention-kernel '" + name + "': expected reference or flash");
+}
+
+AttentionKernel default_attention_kernel(const std::string& device, int head_dim) {
+  const bool flash = device == "cuda" && flash_attention_supports_head_size(head_dim);
+  return flash ? AttentionKernel::kFlash : AttentionKernel::kReference;
 }
 
 std::string attention_kernel_name(AttentionKernel kernel) {

@@ -37,5 +37,8 @@ std::string matmul_precision_name(MatmulPrecision precision);
 // "reference" / "flash"; UsageError naming the flag otherwise.
 AttentionKernel parse_attention_kernel(const std::string& name);
 std::string attention_kernel_name(AttentionKernel kernel);
+// --attention-kernel auto: the flash kernel on "cuda" where it has the head size (32, 64,
+// 128), the reference attention otherwise.
+AttentionKernel default_attention_kernel(const std::string& device, int head_dim);
 
 }  // namespace speedrun

@@ -1,7 +1,5 @@
 #include "cli/backend_flags.h"
 
-#include "backends/flash_attention.h"
-
 namespace speedrun::cli {
 
 void BackendFlags::add_to(CLI::App* command) {
@@ -23,12 +21,8 @@ BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) co
   BackendOptions options;
   options.matmul = matmul == "auto" ? (device == "cuda" ? MatmulPrecision::kBfloat16 : MatmulPrecision::kFloat32)
                                     : parse_matmul_precision(matmul);
-  if (attention == "auto") {
-    const bool flash = device == "cuda" && flash_attention_supports_head_size(head_dim);
-    options.attention = flash ? AttentionKernel::kFlash : AttentionKernel::kReference;
-  } else {
-    options.attention = parse_attention_kernel(attention);
-  }
+  options.attention =
+      attention == "auto" ? default_attention_kernel(device, head_dim) : parse_attention_kernel(attention);
   return options;
 }
 

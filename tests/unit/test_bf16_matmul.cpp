@@ -262,5 +262,21 @@ TEST(Bf16Matmul, OptionNamesRoundTripAndUnknownNamesAreUsageErrors) {
   EXPECT_THROW(parse_attention_kernel("fast"), UsageError);
 }
 
+// --attention-kernel auto: flash on cuda for the head sizes it has (the speedrun's 128,
+// tiny's 32, and 64), the reference attention for others (micro's 8) and on the CPU.
+TEST(Bf16Matmul, AutoAttentionKernelIsFlashOnCudaWhereItHasTheHeadSize) {
+  for (int head_dim : {32, 64, 128}) {
+    EXPECT_EQ(default_attention_kernel("cuda", head_dim), AttentionKernel::kFlash) << head_dim;
+    EXPECT_EQ(default_attention_kernel("cpu", head_dim), AttentionKernel::kReference) << head_dim;
+  }
+  for (int head_dim : {8, 16, 48, 96, 256}) {
+    EXPECT_EQ(default_attention_kernel("cuda", head_dim), AttentionKernel::kReference) << head_dim;
+  }
+  for (const char* preset : {"speedrun-124m", "tiny"}) {
+    EXPECT_EQ(default_attention_kernel("cuda", Config::preset(preset).head_dim), AttentionKernel::kFlash) << preset;
+  }
+  EXPECT_EQ(default_attention_kernel("cuda", Config::preset("micro").head_dim), AttentionKernel::kReference);
+}
+
 }  // namespace
 }  // namespace speedrun
