@@ -169,16 +169,16 @@ class Fp8Head {
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
     // Fast accumulation, as the reference's forward.
-    const Plan* plan = fits_tensor_cores(rows, V, d)
-                           ? plan_or_refusal(product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX,
-                                                         true, false, logits))
-                           : nullptr;
+    const Key key = product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits);
+    const Plan* plan = fits_tensor_cores(rows, V, d) ? plan_or_refusal(key) : nullptr;
+    bool done = false;
     if (plan) {
       const auto* w8 = weight_e4m3();
       auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
       scaled_cast<__NV_E4M3>(stream_, x8, x, nx, kXScale);
-      matmul(*plan, w8, x8, 1.f, 0.f, logits);
-    } else {
+      done = matmul(key, *plan, w8, x8, 1.f, 0.f, logits);
+    }
+    if (!done) {
       const float* wq = weight_emulated();
       float* xq = static_cast<float*>(x_.get(nx * sizeof(float)));
       scaled_round<__NV_E4M3>(stream_, xq, x, nx, kXScale);
@@ -196,15 +196,14 @@ class Fp8Head {
     // Both products' plans first: either both run on FP8 tensor cores or neither does.
     const Plan* dx_plan = nullptr;
     const Plan* dW_plan = nullptr;
+    // Exact float32 accumulation in the backward, as the reference's.
+    const Key dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
+    const Key dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
     if (fits_tensor_cores(rows, V, d)) {
-      // Exact float32 accumulation in the backward, as the reference's.
-      dx_plan = plan_or_refusal(
-          product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx));
-      if (dx_plan) {
-        dW_plan = plan_or_refusal(
-            product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW));
-      }
+      dx_plan = plan_or_refusal(dx_key);
+      if (dx_plan) dW_plan = plan_or_refusal(dW_key);
     }
+    bool done = false;
     if (dx_plan && dW_plan) {
       const auto* w8t = weight_e4m3_transposed();
       auto* g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
@@ -212,9 +211,11 @@ class Fp8Head {
       auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
       scaled_cast_transpose<__NV_E5M2>(stream_, g8t, g8, dlogits, rows, V, kGradScale);
       scaled_cast_transpose<__NV_E4M3>(stream_, x8t, nullptr, x, rows, d, kXScale);
-      matmul(*dx_plan, w8t, g8, output_scale, 0.f, dx);
-      matmul(*dW_plan, x8t, g8t, output_scale, 1.f, dW);
-    } else {
+      // A refused dW product leaves dW alone; dx is overwritten again below.
+      done = matmul(dx_key, *dx_plan, w8t, g8, output_scale, 0.f, dx) &&
+             matmul(dW_key, *dW_plan, x8t, g8t, output_scale, 1.f, dW);
+    }
+    if (!done) {
       const float* wq = weight_emulated();
       float* gq = static_cast<float*>(g_.get(ng * sizeof(float)));
       float* xq = static_cast<float*>(x_.get(nx * sizeof(float)));
@@ -266,13 +267,17 @@ class Fp8Head {
     if (refused_.count(key)) return nullptr;
     const Plan* plan = plan_for(key);
     if (plan) return plan;
+    refuse(key);
+    return nullptr;
+  }
+
+  void refuse(const Key& key) {
     refused_.insert(key);
     std::fprintf(stderr,
                  "speedrun: warning: cuBLASLt has no FP8 algorithm for the lm_head's product m=%lld n=%lld k=%lld on "
                  "this GPU; the head runs its FP8 casts through bf16/float32 products instead (same values up to "
                  "summation order, slower)\n",
                  static_cast<long long>(key[0]), static_cast<long long>(key[1]), static_cast<long long>(key[2]));
-    return nullptr;
   }
 
   void invalidate_weight(const float* W, int V, int d) {
@@ -307,9 +312,17 @@ class Fp8Head {
 
   // D [m, n] (column-major, fp32, ld m) = alpha * scale_a * scale_b * A^T B + beta * D, with
   // A stored column-major [k, m] and B [k, n] (both contiguous along k), as the plan's key says.
-  void matmul(const Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d, D, plan.d,
-                                         &plan.algo, workspace_, LtGemm::kWorkspaceBytes, stream_));
+  // False (the product refused from now on, D untouched) when cuBLASLt turns the planned
+  // algorithm down at run time with CUBLAS_STATUS_NOT_SUPPORTED (seen on an H200 with CUDA 13).
+  bool matmul(const Key& key, const Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
+    const cublasStatus_t status = cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d,
+                                                 D, plan.d, &plan.algo, workspace_, LtGemm::kWorkspaceBytes, stream_);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
+      refuse(key);
+      return false;
+    }
+    SPEEDRUN_CUBLAS_CHECK(status);
+    return true;
   }
 
   // nullptr when cuBLASLt has no algorithm for the key.
