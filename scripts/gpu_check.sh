@@ -144,7 +144,8 @@ run_checks() {
       tests) stage_tests ;;
       bench) stage_bench ;;
       sanitize) stage_sanitize ;;
-      *) record "stage $stage" "unknown (tests, bench, sanitize)" ;;
+      train) stage_train ;;
+      *) record "stage $stage" "unknown (tests, bench, sanitize, train)" ;;
     esac
   done
 
@@ -205,6 +206,28 @@ stage_bench() {
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
   done
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json"  # at most 8 files come back
+}
+
+# `speedrun train --device cuda` on the default corpus (carry data/default too): batches
+# through pinned host memory from the prefetcher, the device-side fault flag every step,
+# validation and checkpoints; then a run whose embedding rate (1e39: inf in float32) overflows
+# the weights, which the
+# fault flag must stop with the step named and a checkpoint (exit 1).
+stage_train() {
+  local data=$ROOT/data/default
+  [ -f "$data/val_000000.bin" ] || { record "train" "skipped: no data/default (carry it)"; return; }
+  budget "train --device cuda tiny" 120 || return
+  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 40 --set val_every=20 \
+    --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/run" >"$work/train.tmp" 2>&1
+  rc=$?
+  { echo "=== train tiny 40 steps"; cat "$work/train.tmp"; } >>"$out/train.log"
+  record "train --device cuda tiny" "rc=$rc $(grep -m1 -i 'val loss\|error' "$work/train.tmp" | cut -c1-80)"
+  budget "train --device cuda, weights overflowed" 60 || return
+  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 10 --set lr_embed=1e39 --set val_every=1000 \
+    --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/blowup" >"$work/train.tmp" 2>&1
+  rc=$?
+  { echo "=== train tiny, lr_embed=1e39"; cat "$work/train.tmp"; } >>"$out/train.log"
+  record "train --device cuda, weights overflowed" "rc=$rc (want 1) $(grep -m1 -i 'non-finite' "$work/train.tmp" | cut -c1-80)"
 }
 
 # compute-sanitizer on the op tests (the model tests are too slow under it; racecheck, slow
