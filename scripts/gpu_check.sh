@@ -228,6 +228,13 @@ stage_train() {
   rc=$?
   { echo "=== train tiny, lr_embed=1e39"; cat "$work/train.tmp"; } >>"$out/train.log"
   record "train --device cuda, weights overflowed" "rc=$rc (want 1) $(grep -m1 -i 'non-finite' "$work/train.tmp" | cut -c1-80)"
+  budget "train --device cuda, overflowed steps skipped" 60 || return
+  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 5 --set lr_embed=1e39 --set val_every=1000 \
+    --on-nonfinite skip --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/skipped" \
+    >"$work/train.tmp" 2>&1
+  rc=$?
+  { echo "=== train tiny, lr_embed=1e39, --on-nonfinite skip"; cat "$work/train.tmp"; } >>"$out/train.log"
+  record "train --device cuda, overflowed steps skipped" "rc=$rc (want 1: skipped, then the final validation refuses) $(grep -c "update skipped" "$work/train.tmp") skipped"
 }
 
 # compute-sanitizer on the op tests (the model tests are too slow under it; racecheck, slow
