@@ -210,31 +210,33 @@ stage_bench() {
 
 # `speedrun train --device cuda` on the default corpus (carry data/default too): batches
 # through pinned host memory from the prefetcher, the device-side fault flag every step,
-# validation and checkpoints; then a run whose embedding rate (1e39: inf in float32) overflows
-# the weights, which the
-# fault flag must stop with the step named and a checkpoint (exit 1).
+# validation and checkpoints; then runs whose embedding rate (1e39: inf in float32)
+# overflows the weights: the fault flag must stop the first with the step named and a
+# checkpoint (exit 1), and make the second (--on-nonfinite skip) skip its updates.
 stage_train() {
   local data=$ROOT/data/default
   [ -f "$data/val_000000.bin" ] || { record "train" "skipped: no data/default (carry it)"; return; }
-  budget "train --device cuda tiny" 120 || return
-  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 40 --set val_every=20 \
-    --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/run" >"$work/train.tmp" 2>&1
-  rc=$?
-  { echo "=== train tiny 40 steps"; cat "$work/train.tmp"; } >>"$out/train.log"
+  train_run "train --device cuda tiny" 120 run --steps 40 --set val_every=20 || return
   record "train --device cuda tiny" "rc=$rc $(grep -m1 -i 'val loss\|error' "$work/train.tmp" | cut -c1-80)"
-  budget "train --device cuda, weights overflowed" 60 || return
-  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 10 --set lr_embed=1e39 --set val_every=1000 \
-    --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/blowup" >"$work/train.tmp" 2>&1
-  rc=$?
-  { echo "=== train tiny, lr_embed=1e39"; cat "$work/train.tmp"; } >>"$out/train.log"
+  local overflow=(--set lr_embed=1e39 --set val_every=1000)
+  train_run "train --device cuda, weights overflowed" 60 blowup --steps 10 "${overflow[@]}" || return
   record "train --device cuda, weights overflowed" "rc=$rc (want 1) $(grep -m1 -i 'non-finite' "$work/train.tmp" | cut -c1-80)"
-  budget "train --device cuda, overflowed steps skipped" 60 || return
-  timeout "$limit" "$speedrun" train --preset tiny --device cuda --steps 5 --set lr_embed=1e39 --set val_every=1000 \
-    --on-nonfinite skip --train "$data/train_*.bin" --val "$data/val_*.bin" --out-dir "$work/skipped" \
-    >"$work/train.tmp" 2>&1
+  train_run "train --device cuda, overflowed steps skipped" 60 skipped --steps 5 "${overflow[@]}" \
+    --on-nonfinite skip || return
+  record "train --device cuda, overflowed steps skipped" \
+    "rc=$rc (want 1: skipped, then the final validation refuses) $(grep -c "update skipped" "$work/train.tmp") skipped"
+}
+
+# train_run NAME LIMIT OUT_DIR ARGS...: tiny on the default corpus with ARGS, output in
+# $work/train.tmp (appended to train.log), exit status in rc; false when out of time.
+train_run() {
+  local name=$1 seconds=$2 dir=$3
+  shift 3
+  budget "$name" "$seconds" || return 1
+  timeout "$limit" "$speedrun" train --preset tiny --device cuda "$@" --train "$data/train_*.bin" \
+    --val "$data/val_*.bin" --out-dir "$work/$dir" >"$work/train.tmp" 2>&1
   rc=$?
-  { echo "=== train tiny, lr_embed=1e39, --on-nonfinite skip"; cat "$work/train.tmp"; } >>"$out/train.log"
-  record "train --device cuda, overflowed steps skipped" "rc=$rc (want 1: skipped, then the final validation refuses) $(grep -c "update skipped" "$work/train.tmp") skipped"
+  { echo "=== $name: $*"; cat "$work/train.tmp"; } >>"$out/train.log"
 }
 
 # compute-sanitizer on the op tests (the model tests are too slow under it; racecheck, slow
