@@ -167,7 +167,24 @@ stage_tests() {
     rc=$?
     cat "$work/test.tmp" >>"$out/tests.log"
     record "$(basename "$t")" "rc=$rc ($(count OK "$work/test.tmp") ok, $(count FAILED "$work/test.tmp") failed, $(count SKIPPED "$work/test.tmp") skipped)"
+    if [[ $(basename "$t") == test_cuda_fp8_head ]] && grep -q 'turned down\|FAILED.*MatchesTheCpuEmulation' "$work/test.tmp"; then
+      fp8_diagnosis "$t"
+    fi
   done
+}
+
+# When the FP8 head falls back on aligned shapes: cuBLASLt's own log of why (its errors and
+# API trace for the one test), appended to tests.log.
+fp8_diagnosis() {
+  budget "cuBLASLt log of the FP8 refusal" 60 || return
+  CUBLASLT_LOG_LEVEL=5 CUBLASLT_LOG_FILE="$work/cublaslt.log" timeout "$limit" "$1" \
+    --gtest_filter='*MatchesTheCpuEmulation' >/dev/null 2>&1
+  {
+    echo "=== cuBLASLt log (level 5) of CudaFp8HeadTest.MatchesTheCpuEmulation: errors, then the first 300 lines"
+    grep -i -m100 'error\|not supported\|fail' "$work/cublaslt.log"
+    head -300 "$work/cublaslt.log"
+  } >>"$out/tests.log" 2>&1
+  record "cuBLASLt log of the FP8 refusal" "in tests.log ($(grep -ci 'error' "$work/cublaslt.log" 2>/dev/null) error lines)"
 }
 
 # Training-step benchmarks, the most telling first: each variant is a preset and its flags.

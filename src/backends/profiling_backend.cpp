@@ -14,13 +14,13 @@ class ProfilingBackend final : public Backend {
   float* alloc(size_t n) override { return inner_.alloc(n); }
   int32_t* alloc_i32(size_t n) override { return inner_.alloc_i32(n); }
   void release(void* p) override { inner_.release(p); }
-  void upload(float* d, const float* h, size_t n) override { timed("upload", 0, [&] { inner_.upload(d, h, n); }); }
-  void download(float* h, const float* s, size_t n) override { timed("download", 0, [&] { inner_.download(h, s, n); }); }
+  void upload(float* d, const float* h, size_t n) override { timed("upload", 0, 0, [&] { inner_.upload(d, h, n); }); }
+  void download(float* h, const float* s, size_t n) override { timed("download", 0, 0, [&] { inner_.download(h, s, n); }); }
   void upload_i32(int32_t* d, const int32_t* h, size_t n) override {
-    timed("upload", 0, [&] { inner_.upload_i32(d, h, n); });
+    timed("upload", 0, 0, [&] { inner_.upload_i32(d, h, n); });
   }
-  void zero(float* d, size_t n) override { timed("zero/copy", 0, [&] { inner_.zero(d, n); }); }
-  void copy(float* d, const float* s, size_t n) override { timed("zero/copy", 0, [&] { inner_.copy(d, s, n); }); }
+  void zero(float* d, size_t n) override { timed("zero/copy", 0, 4.0 * n, [&] { inner_.zero(d, n); }); }
+  void copy(float* d, const float* s, size_t n) override { timed("zero/copy", 0, 8.0 * n, [&] { inner_.copy(d, s, n); }); }
   void fill_i32(int32_t* d, int32_t value, size_t n) override { inner_.fill_i32(d, value, n); }
   void synchronize() override { inner_.synchronize(); }
   int head_chunk_rows() const override { return inner_.head_chunk_rows(); }
@@ -28,7 +28,7 @@ class ProfilingBackend final : public Backend {
   size_t device_memory_in_use() const override { return inner_.device_memory_in_use(); }
   size_t operand_copy_traffic_bytes() const override { return inner_.operand_copy_traffic_bytes(); }
   void hold_operand(int slot, const float* x, size_t count) override {
-    timed("hold_operand", 0, [&] { inner_.hold_operand(slot, x, count); });
+    timed("hold_operand", 0, 6.0 * count, [&] { inner_.hold_operand(slot, x, count); });
   }
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     return inner_.hold_produced_operand(slot, x, count);
@@ -38,139 +38,164 @@ class ProfilingBackend final : public Backend {
   }
   void release_operand(int slot) override { inner_.release_operand(slot); }
   void lend_scratch(float* memory, size_t bytes) override {
-    timed("lend_scratch", 0, [&] { inner_.lend_scratch(memory, bytes); });
+    timed("lend_scratch", 0, 0, [&] { inner_.lend_scratch(memory, bytes); });
   }
   void withdraw_scratch() override { inner_.withdraw_scratch(); }
   void* native_stream() override { return inner_.native_stream(); }
   void* alloc_host(size_t bytes) override { return inner_.alloc_host(bytes); }
   void release_host(void* p) override { inner_.release_host(p); }
   void sum_to_host(double* out, const float* x, size_t n) override {
-    timed("sum", 0, [&] { inner_.sum_to_host(out, x, n); });
+    timed("sum", 0, 4.0 * n, [&] { inner_.sum_to_host(out, x, n); });
   }
   void download_i32_async(int32_t* h, const int32_t* s, size_t n) override {
-    timed("download", 0, [&] { inner_.download_i32_async(h, s, n); });
+    timed("download", 0, 0, [&] { inner_.download_i32_async(h, s, n); });
   }
   void flag_nonfinite(int32_t* flag, const float* x, size_t n) override {
-    timed("fault check", 0, [&] { inner_.flag_nonfinite(flag, x, n); });
+    timed("fault check", 0, 4.0 * n, [&] { inner_.flag_nonfinite(flag, x, n); });
   }
   void document_ids(int32_t* doc, const int32_t* tok, int T, int32_t sep) override {
-    timed("embedding", 0, [&] { inner_.document_ids(doc, tok, T, sep); });
+    timed("embedding", 0, 0, [&] { inner_.document_ids(doc, tok, T, sep); });
   }
 
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) override {
-    timed("matmul", 2.0 * M * N * K, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
+    timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
   }
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
                     const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
-    timed("matmul (Newton-Schulz)", 2.0 * M * N * K * batch,
+    timed("matmul (Newton-Schulz)", 2.0 * M * N * K * batch, 0,
           [&] { inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch); });
   }
   void embedding_forward(float* o, const float* t, const int32_t* tok, int T, int d) override {
-    timed("embedding", 0, [&] { inner_.embedding_forward(o, t, tok, T, d); });
+    timed("embedding", 0, 8.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward(o, t, tok, T, d); });
   }
   void embedding_backward(float* dt, const float* dout, const int32_t* tok, int T, int d) override {
-    timed("embedding", 0, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
+    timed("embedding", 0, 12.0 * T * d + 4.0 * T, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
   }
   void rmsnorm_forward(float* o, uint16_t* o_codes, float* r, const float* x, int rows, int dim, float eps) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward(o, o_codes, r, x, rows, dim, eps); });
+    timed("rmsnorm forward", 0, elements(rows, dim) * (8.0 + code_bytes(o_codes)),
+          [&] { inner_.rmsnorm_forward(o, o_codes, r, x, rows, dim, eps); });
   }
   void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
                         int rows, int dim, bool acc) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
+    timed("rmsnorm backward", 0, elements(rows, dim) * (12.0 + (acc ? 4 : 0) + code_bytes(dx_codes)),
+          [&] { inner_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
   void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
-    timed("rotary", 0, [&] { inner_.rotary(x, stored, T, H, D, base, inverse); });
+    timed("rotary", 0, elements(T, H) * D * (8.0 + code_bytes(stored)),
+          [&] { inner_.rotary(x, stored, T, H, D, base, inverse); });
   }
   void mix_forward(float* o, uint16_t* stored, const float* a, const float* b, const float* c, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.mix_forward(o, stored, a, b, c, n); });
+    timed("mix/residual forward", 0, n * (8.0 + (b ? 4 : 0) + code_bytes(stored)),
+          [&] { inner_.mix_forward(o, stored, a, b, c, n); });
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
                     const float* b, const float* c, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.mix_backward(da, da_codes, acc, db, dc, dout, a, b, c, n); });
+    // dout and a read, da written (read too when accumulating), b read and db updated.
+    timed("mix/residual backward", 0, n * (12.0 + (acc ? 4 : 0) + (b ? 12 : 0) + code_bytes(da_codes)),
+          [&] { inner_.mix_backward(da, da_codes, acc, db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.scaled_add_forward(o, y, w, n); });
+    timed("mix/residual forward", 0, 12.0 * n, [&] { inner_.scaled_add_forward(o, y, w, n); });
   }
   void scaled_add_backward(float* dy, float* dw, const float* dout, const float* y, const float* w, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
+    timed("mix/residual backward", 0, 16.0 * n, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
   }
-  void add(float* o, uint16_t* codes, const float* x, size_t n) override {
-    timed("mix/residual", 0, [&] { inner_.add(o, codes, x, n); });
+  void add(float* o, uint16_t* out_codes, const float* x, size_t n) override {
+    timed("mix/residual forward", 0, n * (12.0 + code_bytes(out_codes)), [&] { inner_.add(o, out_codes, x, n); });
   }
   void relu2_forward(float* o, const float* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_forward(o, x, n); });
+    timed("relu2 forward", 0, 8.0 * n, [&] { inner_.relu2_forward(o, x, n); });
   }
   void relu2_backward(float* dx, const float* dout, const float* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_backward(dx, dout, x, n); });
+    timed("relu2 backward", 0, 12.0 * n, [&] { inner_.relu2_backward(dx, dout, x, n); });
   }
   void rmsnorm_forward_bf16(float* o, uint16_t* stored, float* r, const float* x, int rows, int dim,
                             float eps) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_forward_bf16(o, stored, r, x, rows, dim, eps); });
+    timed("rmsnorm forward", 0, elements(rows, dim) * (8.0 + code_bytes(stored)),
+          [&] { inner_.rmsnorm_forward_bf16(o, stored, r, x, rows, dim, eps); });
   }
   void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
                              int rows, int dim, bool acc) override {
-    timed("rmsnorm", 0, [&] { inner_.rmsnorm_backward_bf16(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
+    timed("rmsnorm backward", 0, elements(rows, dim) * (10.0 + (acc ? 4 : 0) + code_bytes(dx_codes)),
+          [&] { inner_.rmsnorm_backward_bf16(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
   void relu2_forward_bf16(float* o, uint16_t* o_codes, uint16_t* stored, const float* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_forward_bf16(o, o_codes, stored, x, n); });
+    timed("relu2 forward", 0, n * (4.0 + (o ? 4 : 0) + code_bytes(o_codes) + code_bytes(stored)),
+          [&] { inner_.relu2_forward_bf16(o, o_codes, stored, x, n); });
   }
   void relu2_from_bf16(float* o, uint16_t* o_codes, const uint16_t* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_from_bf16(o, o_codes, x, n); });
+    timed("relu2 forward", 0, n * (2.0 + (o ? 4 : 0) + code_bytes(o_codes)), [&] { inner_.relu2_from_bf16(o, o_codes, x, n); });
   }
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x, size_t n) override {
-    timed("relu2", 0, [&] { inner_.relu2_backward_bf16(dx, dx_codes, dout, x, n); });
+    timed("relu2 backward", 0, n * (10.0 + code_bytes(dx_codes)),
+          [&] { inner_.relu2_backward_bf16(dx, dx_codes, dout, x, n); });
   }
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
-    timed("widen_bf16", 0, [&] { inner_.widen_bf16(o, x, n); });
+    timed("widen_bf16", 0, 6.0 * n, [&] { inner_.widen_bf16(o, x, n); });
   }
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
+    timed("attention", 0, 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
   }
   void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
                               const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_forward_bf16(y, stored, lse, q, k, v, codes, doc, s); });
+    timed("attention", 0, 0, [&] { inner_.attention_forward_bf16(y, stored, lse, q, k, v, codes, doc, s); });
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, codes, doc, s); });
+    timed("attention", 0, 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, codes, doc, s); });
   }
   void softcap_cross_entropy(float* logits, float* loss, const int32_t* t, int rows, int V, float c,
                              float g) override {
-    timed("softcap cross-entropy", 0, [&] { inner_.softcap_cross_entropy(logits, loss, t, rows, V, c, g); });
+    // The logits read once and overwritten once (by the loss's y, or the gradient).
+    timed("softcap cross-entropy", 0, elements(rows, V) * 8.0,
+          [&] { inner_.softcap_cross_entropy(logits, loss, t, rows, V, c, g); });
   }
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
-    timed("matmul (FP8 head)", 2.0 * rows * V * d,
+    timed("matmul (FP8 head)", 2.0 * rows * V * d, 0,
           [&] { inner_.fp8_head_forward(logits, x, W, rows, V, d, requantize_weight); });
   }
   void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
                          int d, float output_scale) override {
-    timed("matmul (FP8 head)", 4.0 * rows * V * d,
+    timed("matmul (FP8 head)", 4.0 * rows * V * d, 0,
           [&] { inner_.fp8_head_backward(dx, dW, dlogits, x, W, rows, V, d, output_scale); });
   }
   void adam_update(const AdamTensor* tensors, size_t count, float b1, float b2, float eps, int step,
                    const int32_t* skip) override {
-    timed("adam", 0, [&] { inner_.adam_update(tensors, count, b1, b2, eps, step, skip); });
+    timed("adam", 0, 28.0 * adam_elements(tensors, count),
+          [&] { inner_.adam_update(tensors, count, b1, b2, eps, step, skip); });
   }
   void muon_momentum(float* o, float* buf, const float* g, size_t n, float m, const int32_t* skip) override {
-    timed("muon (elementwise)", 0, [&] { inner_.muon_momentum(o, buf, g, n, m, skip); });
+    timed("muon (elementwise)", 0, 16.0 * n, [&] { inner_.muon_momentum(o, buf, g, n, m, skip); });
   }
   void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
-    timed("muon (elementwise)", 0, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
+    timed("muon (elementwise)", 0, 12.0 * count * batch, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
   }
   void apply_update(float* p, const float* u, size_t n, float s, const int32_t* skip) override {
-    timed("muon (elementwise)", 0, [&] { inner_.apply_update(p, u, n, s, skip); });
+    timed("muon (elementwise)", 0, 12.0 * n, [&] { inner_.apply_update(p, u, n, s, skip); });
   }
   void transpose(float* o, const float* x, int rows, int cols, int batch) override {
-    timed("muon (elementwise)", 0, [&] { inner_.transpose(o, x, rows, cols, batch); });
+    timed("muon (elementwise)", 0, 8.0 * elements(rows, cols) * batch,
+          [&] { inner_.transpose(o, x, rows, cols, batch); });
   }
 
  private:
+  static double elements(int rows, int cols) { return static_cast<double>(rows) * cols; }
+  // Bytes per element of an optional bf16 code output.
+  static double code_bytes(const uint16_t* out) { return out ? 2.0 : 0.0; }
+  static double adam_elements(const AdamTensor* tensors, size_t count) {
+    double n = 0;
+    for (size_t i = 0; i < count; ++i) n += static_cast<double>(tensors[i].n);
+    return n;
+  }
+
+  // `bytes`: the floor of device-memory traffic the call must move (each input read once,
+  // each output written once), against which bench reports GB/s; 0 where not counted.
   template <typename F>
-  void timed(const char* op, double flops, F&& f) {
+  void timed(const char* op, double flops, double bytes, F&& f) {
     if (enabled_ && !*enabled_) {
       f();
       return;
@@ -182,6 +207,7 @@ class ProfilingBackend final : public Backend {
     s.calls += 1;
     s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     s.flops += flops;
+    s.bytes += bytes;
   }
 
   Backend& inner_;

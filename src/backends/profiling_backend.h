@@ -1,5 +1,6 @@
 // A Backend decorator that times every op (synchronising the wrapped backend around
-// each call) and counts matmul FLOPs: what `speedrun bench` reports per op.
+// each call) and counts matmul FLOPs and the memory-traffic floor of memory-bound ops:
+// what `speedrun bench` reports per op.
 #pragma once
 
 #include <map>
@@ -14,6 +15,7 @@ struct OpStats {
   long long calls = 0;
   double seconds = 0;
   double flops = 0;  // counted for gemm and attention
+  double bytes = 0;  // the floor of memory traffic, counted for memory-bound ops
 };
 
 // While *enabled is false (when given) calls pass straight through, untimed and without

@@ -233,16 +233,26 @@ void register_bench_command(CLI::App& app) {
                 ActivationFlags::describe(activations).c_str(), model.activation_bytes() / (1024.0 * 1024.0));
     std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
                 1000 * profiled_seconds);
-    std::printf("%-26s %10s %10s %8s %12s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s");
+    // GB/s: the op's floor of memory traffic (each input read once, each output written
+    // once) over its time; against the device's bandwidth it says how far a memory-bound
+    // kernel is from its floor.
+    std::printf("%-26s %10s %10s %8s %12s %10s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s", "GB/s");
     std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
     std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
     nlohmann::json ops = nlohmann::json::object();
     double matmul_flops = 0, matmul_seconds = 0, attention_seconds = 0;
     for (const auto& [name, s] : rows) {
-      const double gflops = s.flops > 0 ? s.flops / s.seconds / 1e9 : 0;
-      std::printf("%-26s %10.2f %10.1f %7.1f%% %12s\n", name.c_str(), 1000 * s.seconds, static_cast<double>(s.calls),
-                  100 * s.seconds / profiled_seconds, gflops > 0 ? std::to_string(static_cast<int>(gflops)).c_str() : "");
-      ops[name] = {{"ms_per_step", 1000 * s.seconds}, {"calls_per_step", s.calls}, {"gflops", gflops}};
+      const double gflops = s.flops > 0 && s.seconds > 0 ? s.flops / s.seconds / 1e9 : 0;
+      const double gbps = s.bytes > 0 && s.seconds > 0 ? s.bytes / s.seconds / 1e9 : 0;
+      std::printf("%-26s %10.2f %10.1f %7.1f%% %12s %10s\n", name.c_str(), 1000 * s.seconds,
+                  static_cast<double>(s.calls), 100 * s.seconds / profiled_seconds,
+                  gflops > 0 ? std::to_string(static_cast<int>(gflops)).c_str() : "",
+                  gbps > 0 ? std::to_string(static_cast<int>(gbps)).c_str() : "");
+      ops[name] = {{"ms_per_step", 1000 * s.seconds},
+                   {"calls_per_step", s.calls},
+                   {"gflops", gflops},
+                   {"floor_bytes_per_step", s.bytes},
+                   {"gb_per_s", gbps}};
       if (name.rfind("matmul", 0) == 0) {
         matmul_flops += s.flops;
         matmul_seconds += s.seconds;

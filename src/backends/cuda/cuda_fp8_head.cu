@@ -2,7 +2,8 @@
 // FP8 copies for the backward, and cuBLASLt FP8 matmuls on GPUs with FP8 tensor cores
 // (compute capability >= 8.9). Elsewhere, for shapes cuBLASLt's FP8 kernels refuse (a
 // dimension not a multiple of 16, or no algorithm in this cuBLASLt on this GPU for a
-// product, e.g. one whose matrix is not 16-byte aligned: a warning, once per product), or
+// product, e.g. one whose matrix is not 16-byte aligned, or every algorithm turned down at
+// run time: a warning, once per product), or
 // when BackendOptions::emulate_fp8_head asks, the same casts feed the backend's own
 // products instead: FP8 values multiply exactly in float32 (and are exact in bf16, so
 // --matmul bf16 leaves them unchanged), so that path computes the CPU backend's emulation
@@ -27,6 +28,8 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/cuda_common.cuh"
@@ -146,8 +149,12 @@ class Fp8Head {
     if (!tensor_cores_) return;
     SPEEDRUN_CUBLAS_CHECK(cublasLtCreate(&handle_));
     check_cuda(cudaMalloc(&workspace_, LtGemm::kWorkspaceBytes), "cudaMalloc (FP8 cuBLASLt workspace)");
-    // Inverse scales, read by cuBLASLt through the A/B scale pointers.
-    const float inverse[3] = {1.f / kXScale, 1.f / kWScale, 1.f / kGradScale};
+    // Inverse scales, read by cuBLASLt through the A/B scale pointers: each in a slot of its
+    // own, as aligned as cudaMalloc's memory (a kernel may load its scales vectorised).
+    float inverse[3 * kScaleSlotFloats] = {};
+    inverse[kInvX * kScaleSlotFloats] = 1.f / kXScale;
+    inverse[kInvW * kScaleSlotFloats] = 1.f / kWScale;
+    inverse[kInvGrad * kScaleSlotFloats] = 1.f / kGradScale;
     check_cuda(cudaMalloc(&inverse_scales_, sizeof(inverse)), "cudaMalloc (FP8 scales)");
     SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(inverse_scales_, inverse, sizeof(inverse), cudaMemcpyHostToDevice, stream_));
     SPEEDRUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -170,7 +177,7 @@ class Fp8Head {
     const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
     // Fast accumulation, as the reference's forward.
     const Key key = product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits);
-    const Plan* plan = fits_tensor_cores(rows, V, d) ? plan_or_refusal(key) : nullptr;
+    Plan* plan = fits_tensor_cores(rows, V, d) ? plan_or_refusal(key) : nullptr;
     bool done = false;
     if (plan) {
       const auto* w8 = weight_e4m3();
@@ -194,8 +201,8 @@ class Fp8Head {
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
     // Both products' plans first: either both run on FP8 tensor cores or neither does.
-    const Plan* dx_plan = nullptr;
-    const Plan* dW_plan = nullptr;
+    Plan* dx_plan = nullptr;
+    Plan* dW_plan = nullptr;
     // Exact float32 accumulation in the backward, as the reference's.
     const Key dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
     const Key dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
@@ -231,11 +238,15 @@ class Fp8Head {
 
  private:
   enum InverseScale { kInvX = 0, kInvW = 1, kInvGrad = 2 };
+  static constexpr int kScaleSlotFloats = 64;  // 256 bytes per inverse scale
+  // Heuristic choices kept per product: cuBLASLt may turn one down at run time (seen on an
+  // H200 with CUDA 13), and its sample's advice is to try the next.
+  static constexpr int kCandidateAlgorithms = 8;
 
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    cublasLtMatmulAlgo_t algo{};
+    std::vector<cublasLtMatmulAlgo_t> algorithms;  // best first; one that ran is moved to the front
   };
   // m, n, k, A type, A scale, B type, B scale, fast accumulation, beta != 0, alignments of A, B, D.
   using Key = std::array<int64_t, 12>;
@@ -263,21 +274,21 @@ class Fp8Head {
 
   // The plan for `key`, or nullptr when cuBLASLt has no FP8 algorithm for it (remembered: the
   // product then takes the emulated path, with a warning the first time).
-  const Plan* plan_or_refusal(const Key& key) {
+  Plan* plan_or_refusal(const Key& key) {
     if (refused_.count(key)) return nullptr;
-    const Plan* plan = plan_for(key);
+    Plan* plan = plan_for(key);
     if (plan) return plan;
-    refuse(key);
+    refuse(key, "has no FP8 algorithm for");
     return nullptr;
   }
 
-  void refuse(const Key& key) {
+  void refuse(const Key& key, const char* why) {
     refused_.insert(key);
     std::fprintf(stderr,
-                 "speedrun: warning: cuBLASLt has no FP8 algorithm for the lm_head's product m=%lld n=%lld k=%lld on "
-                 "this GPU; the head runs its FP8 casts through bf16/float32 products instead (same values up to "
-                 "summation order, slower)\n",
-                 static_cast<long long>(key[0]), static_cast<long long>(key[1]), static_cast<long long>(key[2]));
+                 "speedrun: warning: cuBLASLt %s the lm_head's product m=%lld n=%lld k=%lld on this GPU; the head "
+                 "runs its FP8 casts through bf16/float32 products instead (same values up to summation order, "
+                 "slower)\n",
+                 why, static_cast<long long>(key[0]), static_cast<long long>(key[1]), static_cast<long long>(key[2]));
   }
 
   void invalidate_weight(const float* W, int V, int d) {
@@ -312,21 +323,26 @@ class Fp8Head {
 
   // D [m, n] (column-major, fp32, ld m) = alpha * scale_a * scale_b * A^T B + beta * D, with
   // A stored column-major [k, m] and B [k, n] (both contiguous along k), as the plan's key says.
-  // False (the product refused from now on, D untouched) when cuBLASLt turns the planned
-  // algorithm down at run time with CUBLAS_STATUS_NOT_SUPPORTED (seen on an H200 with CUDA 13).
-  bool matmul(const Key& key, const Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
-    const cublasStatus_t status = cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d,
-                                                 D, plan.d, &plan.algo, workspace_, LtGemm::kWorkspaceBytes, stream_);
-    if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
-      refuse(key);
-      return false;
+  // Tries the plan's algorithms in order while cuBLASLt answers CUBLAS_STATUS_NOT_SUPPORTED
+  // (it checks an algorithm against the call only at run time); false, D untouched and the
+  // product refused from now on, when it turns every one down.
+  bool matmul(const Key& key, Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
+    auto& algorithms = plan.algorithms;
+    for (size_t i = 0; i < algorithms.size(); ++i) {
+      const cublasStatus_t status =
+          cublasLtMatmul(handle_, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d, D, plan.d,
+                         &algorithms[i], workspace_, LtGemm::kWorkspaceBytes, stream_);
+      if (status == CUBLAS_STATUS_NOT_SUPPORTED) continue;
+      SPEEDRUN_CUBLAS_CHECK(status);
+      if (i > 0) std::swap(algorithms[0], algorithms[i]);  // the next call starts with one that runs
+      return true;
     }
-    SPEEDRUN_CUBLAS_CHECK(status);
-    return true;
+    refuse(key, "turned down at run time every FP8 algorithm its heuristic offered for");
+    return false;
   }
 
   // nullptr when cuBLASLt has no algorithm for the key.
-  const Plan* plan_for(const Key& key) {
+  Plan* plan_for(const Key& key) {
     auto found = plans_.find(key);
     if (found != plans_.end()) return &found->second;
     Plan plan;
@@ -349,8 +365,8 @@ class Fp8Head {
     const cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
     set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, transpose);
     set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, keep);
-    const float* scale_a = inverse_scales_ + key[4];
-    const float* scale_b = inverse_scales_ + key[6];
+    const float* scale_a = inverse_scales_ + key[4] * kScaleSlotFloats;
+    const float* scale_b = inverse_scales_ + key[6] * kScaleSlotFloats;
     set(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a);
     set(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b);
     const int8_t fast = key[7] ? 1 : 0;
@@ -359,8 +375,10 @@ class Fp8Head {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, static_cast<cudaDataType_t>(key[5]), k, n, k));
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, m, n, m));
 
-    return best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d, static_cast<uint32_t>(key[9]),
-                          static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]), &plan.algo);
+    plan.algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
+                                           static_cast<uint32_t>(key[9]), static_cast<uint32_t>(key[10]),
+                                           static_cast<uint32_t>(key[11]), kCandidateAlgorithms);
+    return !plan.algorithms.empty();
   }
 
   static void destroy(const Plan& plan) {
@@ -380,9 +398,9 @@ class Fp8Head {
   const bool tensor_cores_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
-  float* inverse_scales_ = nullptr;  // device: 1/2, 1/2^9, 1/2^19
+  float* inverse_scales_ = nullptr;  // device: 1/2, 1/2^9, 1/2^19, kScaleSlotFloats apart
   std::map<Key, Plan> plans_;
-  std::set<Key> refused_;  // products cuBLASLt has no FP8 algorithm for
+  std::set<Key> refused_;  // products cuBLASLt has no FP8 algorithm for, or turned every one down
 
   // The kept weight: its source and which quantised forms are current.
   const float* source_ = nullptr;

@@ -101,25 +101,29 @@ void LtGemm::build_plan(const Key& key, Plan& plan) {
   const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
   const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
   const uint32_t align_c = static_cast<uint32_t>(key[14]);
-  if (!best_algorithm(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first, align_second, align_c,
-                      &plan.algo)) {
+  const auto algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first,
+                                               align_second, align_c, 1);
+  if (algorithms.empty()) {
     throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
                 " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
                 " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
                 " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
   }
+  plan.algo = algorithms.front();
 }
 
-bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
-                    cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d, uint32_t align_a,
-                    uint32_t align_b, uint32_t align_c, cublasLtMatmulAlgo_t* algo) {
+std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                                       cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                       cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
+                                                       uint32_t align_a, uint32_t align_b, uint32_t align_c,
+                                                       int wanted) {
   cublasLtMatmulPreference_t preference = nullptr;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
   const uint64_t workspace = LtGemm::kWorkspaceBytes;
   auto set = [&](cublasLtMatmulPreferenceAttributes_t attribute, const void* value, size_t size) {
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, value, size));
   };
-  cublasLtMatmulHeuristicResult_t result{};
+  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(std::max(wanted, 1)));
   int returned = 0;
   try {
     set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace));
@@ -127,8 +131,8 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c));
-    const cublasStatus_t status =
-        cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, c, d, preference, 1, &result, &returned);
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        handle, desc, a, b, c, d, preference, static_cast<int>(results.size()), results.data(), &returned);
     // Some releases say "no algorithm" with NOT_SUPPORTED rather than a count of 0: the
     // caller's message, naming the shape, says more than the status.
     if (status == CUBLAS_STATUS_NOT_SUPPORTED) returned = 0;
@@ -138,9 +142,11 @@ bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLt
     throw;
   }
   cublasLtMatmulPreferenceDestroy(preference);
-  if (returned < 1) return false;
-  *algo = result.algo;
-  return true;
+  std::vector<cublasLtMatmulAlgo_t> algorithms;
+  for (int i = 0; i < returned; ++i) {
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) algorithms.push_back(results[i].algo);
+  }
+  return algorithms;
 }
 
 LtGemm::HeldOperand& LtGemm::held_slot(int slot) {

@@ -13,18 +13,21 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <vector>
 
 #include "backends/backend.h"
 #include "backends/cuda/cuda_common.cuh"
 
 namespace speedrun::cuda {
 
-// cuBLASLt's heuristic choice for `desc` over the layouts a, b, c (input) and d (output)
-// within LtGemm's workspace and the given operand alignments in bytes (D shares C's);
-// false when it has none for this problem.
-bool best_algorithm(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
-                    cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d, uint32_t align_a,
-                    uint32_t align_b, uint32_t align_c, cublasLtMatmulAlgo_t* algo);
+// cuBLASLt's heuristic choices for `desc` over the layouts a, b, c (input) and d (output)
+// within LtGemm's workspace and the given operand alignments in bytes (D shares C's), best
+// first, at most `wanted` of them; empty when it has none for this problem.
+std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                                       cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                       cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
+                                                       uint32_t align_a, uint32_t align_b, uint32_t align_c,
+                                                       int wanted);
 
 class LtGemm {
  public:
