@@ -216,10 +216,7 @@ class CudaBackend final : public Backend {
   }
   void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
                     const float* a, const float* b, const float* coef, size_t n) override {
-    // Coefficient gradients first: da may alias dout (stream order keeps them before).
-    dot_reduce(stream_, *reduce_scratch_, dout, a, n, 0, 1, DotResult::kAccumulateFloat, dcoef);
-    if (b) dot_reduce(stream_, *reduce_scratch_, dout, b, n, 0, 1, DotResult::kAccumulateFloat, dcoef + 1);
-    cuda::mix_backward_elementwise(stream_, da, da_codes, accumulate_da, db, dout, coef, b != nullptr, n);
+    cuda::mix_backward(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
   }
   void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {
     cuda::scaled_add_forward(stream_, out, y, weight, n);

@@ -4,53 +4,254 @@
 #include <cuda_bf16.h>
 
 #include "backends/cuda/cuda_kernels.cuh"
+#include "backends/cuda/cuda_lanes.cuh"
 
 namespace speedrun::cuda {
 namespace {
 
-// out[i] = bf16(in[i]) (nearest even; NaN stays NaN), as raw bits. Traffic: 6 n bytes.
-__global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
-}
-
 constexpr int kRowWarps = 8;  // rows per block in the warp-per-row kernels
-
-// out[t, c] = table[tokens[t], c]. Traffic: 8 T dim bytes (+ 4 T for the ids).
-__global__ void embedding_forward_kernel(float* out, const float* table, const int32_t* tokens, int T, int dim) {
-  const size_t n = static_cast<size_t>(T) * dim;
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const size_t t = i / dim, c = i % dim;
-    out[i] = table[static_cast<size_t>(tokens[t]) * dim + c];
-  }
-}
-
-// An activation as float32, whether kept as float32 or as a bf16 code.
-__device__ __forceinline__ float widened(float x) { return x; }
-__device__ __forceinline__ float widened(uint16_t code) { return __bfloat162float(__ushort_as_bfloat16(code)); }
-
-// codes[i] = bf16(value) when codes is not null: an op's out_codes, a held matmul operand.
-__device__ __forceinline__ void store_code(uint16_t* codes, size_t i, float value) {
-  if (codes) codes[i] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
-}
-
-// An activation as it is kept: with `stored` (bf16 activations) rounded to bf16, its code
-// stored at i and its widening returned; else the value itself.
-__device__ __forceinline__ float kept_activation(uint16_t* stored, size_t i, float value) {
-  if (!stored) return value;
-  const __nv_bfloat16 rounded = __float2bfloat16_rn(value);
-  stored[i] = __bfloat16_as_ushort(rounded);
-  return __bfloat162float(rounded);
-}
 
 __device__ __forceinline__ float relu_squared(float h) {
   const float r = h > 0.f ? h : 0.f;
   return r * r;
 }
 
-// One warp per row: s = 1 / sqrt(mean(x^2) + eps), out = x s (kRound: bf16(x s) widened),
-// rstd = s, and the codes of out into `stored` unless null. out may alias x (each lane
-// rereads only its own elements). Traffic: 8 rows dim bytes (+2 with codes).
-template <bool kRound>
+// out[i] = bf16(in[i]) (nearest even; NaN stays NaN), as raw bits. Traffic: 6 n bytes.
+struct ToBf16 {
+  uint16_t* out;
+  const float* in;
+  template <int W>
+  __device__ void at(size_t g) const { store_code_lanes<W>(out, g, load_lanes<W>(in, g)); }
+  bool vectorisable() const { return aligned_16({out, in}); }
+};
+
+// out[t, c] = table[tokens[t], c]. Traffic: 8 T dim bytes (+ 4 T for the ids).
+struct EmbeddingForward {
+  float* out;
+  const float* table;
+  const int32_t* tokens;
+  int dim;
+  template <int W>
+  __device__ void at(size_t g) const {
+    const size_t i = g * W, t = i / dim, c = i % dim;  // W divides dim: a group stays in its row
+    store_lanes<W>(out + i, 0, load_lanes<W>(table + static_cast<size_t>(tokens[t]) * dim + c, 0));
+  }
+  bool vectorisable() const { return dim % 4 == 0 && aligned_16({out, table}); }
+};
+
+// out = coef[0] a + coef[1] b (or coef[0] a); with `stored` (bf16 activations) rounded to
+// bf16 and its codes stored. out may alias a. Traffic: 12 n bytes (8 n without b; +2 n with
+// codes).
+struct MixForward {
+  float* out;
+  uint16_t* stored;
+  const float* a;
+  const float* b;
+  const float* coef;
+  template <int W>
+  __device__ void at(size_t g) const {
+    const float c0 = coef[0];
+    Lanes<W> x = load_lanes<W>(a, g);
+    if (b) {
+      const float c1 = coef[1];
+      const Lanes<W> y = load_lanes<W>(b, g);
+#pragma unroll
+      for (int k = 0; k < W; ++k) x[k] = c0 * x[k] + c1 * y[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) x[k] = c0 * x[k];
+    }
+    keep_lanes<W>(stored, g, x);
+    store_lanes<W>(out, g, x);
+  }
+  bool vectorisable() const { return aligned_16({out, stored, a, b}); }
+};
+
+// out += weight[0] y. Traffic: 12 n bytes.
+struct ScaledAdd {
+  float* out;
+  const float* y;
+  const float* weight;
+  template <int W>
+  __device__ void at(size_t g) const {
+    const float w = weight[0];
+    Lanes<W> o = load_lanes<W>(out, g);
+    const Lanes<W> v = load_lanes<W>(y, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) o[k] += w * v[k];
+    store_lanes<W>(out, g, o);
+  }
+  bool vectorisable() const { return aligned_16({out, y}); }
+};
+
+// out += x, and the sum's bf16 codes when out_codes. Traffic: 12 n bytes (14 n with codes).
+struct Add {
+  float* out;
+  uint16_t* out_codes;
+  const float* x;
+  template <int W>
+  __device__ void at(size_t g) const {
+    Lanes<W> o = load_lanes<W>(out, g);
+    const Lanes<W> v = load_lanes<W>(x, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) o[k] += v[k];
+    store_lanes<W>(out, g, o);
+    store_code_lanes<W>(out_codes, g, o);
+  }
+  bool vectorisable() const { return aligned_16({out, out_codes, x}); }
+};
+
+// out = relu(x)^2, x as float32 or bf16 codes, and out_codes = bf16(out), each unless null.
+// out may alias x. Traffic: 8 (6) n bytes, + 2 n with codes, - 4 n without out.
+template <typename X>
+struct Relu2Forward {
+  float* out;
+  uint16_t* out_codes;
+  const X* x;
+  template <int W>
+  __device__ void at(size_t g) const {
+    Lanes<W> y = load_lanes<W>(x, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) y[k] = relu_squared(y[k]);
+    if (out) store_lanes<W>(out, g, y);
+    store_code_lanes<W>(out_codes, g, y);
+  }
+  bool vectorisable() const { return aligned_16({out, out_codes, x}); }
+};
+
+// stored = bf16(x); out = relu(bf16(x))^2, out_codes = bf16(out); each unless null. out
+// may alias x. Traffic: 10 n bytes, + 2 n with codes, - 4 n without out.
+struct Relu2ForwardBf16 {
+  float* out;
+  uint16_t* out_codes;
+  uint16_t* stored;
+  const float* x;
+  template <int W>
+  __device__ void at(size_t g) const {
+    Lanes<W> y = load_lanes<W>(x, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) y[k] = __bfloat162float(__float2bfloat16_rn(y[k]));
+    store_code_lanes<W>(stored, g, y);  // the rounded values' codes: bf16(x)
+#pragma unroll
+    for (int k = 0; k < W; ++k) y[k] = relu_squared(y[k]);
+    if (out) store_lanes<W>(out, g, y);
+    store_code_lanes<W>(out_codes, g, y);
+  }
+  bool vectorisable() const { return aligned_16({out, out_codes, stored, x}); }
+};
+
+// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx) unless null.
+// dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes.
+template <typename X>
+struct Relu2Backward {
+  float* dx;
+  uint16_t* dx_codes;
+  const float* dout;
+  const X* x;
+  template <int W>
+  __device__ void at(size_t g) const {
+    const Lanes<W> xi = load_lanes<W>(x, g);
+    Lanes<W> d = load_lanes<W>(dout, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) d[k] = xi[k] > 0.f ? 2.f * xi[k] * d[k] : 0.f;
+    store_lanes<W>(dx, g, d);
+    store_code_lanes<W>(dx_codes, g, d);
+  }
+  bool vectorisable() const { return aligned_16({dx, dx_codes, dout, x}); }
+};
+
+// out = float32(x). Traffic: 6 n bytes.
+struct WidenBf16 {
+  float* out;
+  const uint16_t* x;
+  template <int W>
+  __device__ void at(size_t g) const { store_lanes<W>(out, g, load_lanes<W>(x, g)); }
+  bool vectorisable() const { return aligned_16({out, x}); }
+};
+
+// x [T, H, D] in place: with theta = fl32(t freq[i]), i < D/2, (x1, x2) = (x[i], x[i + D/2])
+// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse; with `stored` (bf16
+// activations) the result rounded to bf16 and its codes stored. Elements are the T H D/2
+// pairs, W consecutive i of one head at a time. Traffic: 8 T H D bytes (+2 with codes).
+struct Rotary {
+  float* x;
+  uint16_t* stored;
+  const float* freq;
+  int H, D, half;
+  float sign;
+  template <int W>
+  __device__ void at(size_t g) const {
+    const size_t pair = g * W, token_head = pair / half;  // W divides half: one head per group
+    const int i = static_cast<int>(pair % half);
+    const float t = static_cast<float>(token_head / H);
+    const size_t at1 = token_head * D + i, at2 = at1 + half;
+    Lanes<W> x1 = load_lanes<W>(x + at1, 0);
+    Lanes<W> x2 = load_lanes<W>(x + at2, 0);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float theta = t * freq[i + k];
+      const float c = cosf(theta), s = sign * sinf(theta);
+      const float y1 = x1[k] * c + x2[k] * s;
+      const float y2 = -x1[k] * s + x2[k] * c;
+      x1[k] = y1;
+      x2[k] = y2;
+    }
+    if (stored) {
+      keep_lanes<W>(stored + at1, 0, x1);
+      keep_lanes<W>(stored + at2, 0, x2);
+    }
+    store_lanes<W>(x + at1, 0, x1);
+    store_lanes<W>(x + at2, 0, x2);
+  }
+  bool vectorisable() const { return half % 4 == 0 && aligned_16({x, stored}); }
+};
+
+// buf = m buf + (1-m) g; out = (1-m) g + m buf. out may alias grad. Traffic: 16 n bytes.
+struct MuonMomentum {
+  float* out;
+  float* buf;
+  const float* grad;
+  float momentum;
+  const int32_t* skip;
+  template <int W>
+  __device__ void at(size_t g) const {
+    if (skip && *skip) return;
+    const Lanes<W> gr = load_lanes<W>(grad, g);
+    Lanes<W> b = load_lanes<W>(buf, g), o;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      b[k] = momentum * b[k] + (1.f - momentum) * gr[k];
+      o[k] = (1.f - momentum) * gr[k] + momentum * b[k];
+    }
+    store_lanes<W>(buf, g, b);
+    store_lanes<W>(out, g, o);
+  }
+  bool vectorisable() const { return aligned_16({out, buf, grad}); }
+};
+
+// param -= scale update. Traffic: 12 n bytes.
+struct ApplyUpdate {
+  float* param;
+  const float* update;
+  float scale;
+  const int32_t* skip;
+  template <int W>
+  __device__ void at(size_t g) const {
+    if (skip && *skip) return;
+    Lanes<W> p = load_lanes<W>(param, g);
+    const Lanes<W> u = load_lanes<W>(update, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] -= scale * u[k];
+    store_lanes<W>(param, g, p);
+  }
+  bool vectorisable() const { return aligned_16({param, update}); }
+};
+
+// One warp per row, W floats per access (W divides dim): s = 1 / sqrt(mean(x^2) + eps),
+// out = x s (kRound: bf16(x s) widened), rstd = s, and the codes of out into `stored` unless
+// null. out may alias x (each lane rereads only its own elements). Traffic: 8 rows dim bytes
+// (+2 with codes).
+template <int W, bool kRound>
 __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                        float eps) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -58,149 +259,71 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
   const size_t off = static_cast<size_t>(row) * dim;
   const float* xr = x + off;
   float* yr = out + off;
+  uint16_t* codes = stored ? stored + off : nullptr;
+  const int groups = dim / W;
   float sum_sq = 0.f;
-  for (int i = lane; i < dim; i += 32) sum_sq += xr[i] * xr[i];
+  for (int j = lane; j < groups; j += 32) {
+    const Lanes<W> v = load_lanes<W>(xr, j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) sum_sq += v[k] * v[k];
+  }
   sum_sq = warp_reduce(sum_sq, SumOp{});
   const float s = 1.f / sqrtf(sum_sq / dim + eps);
-  for (int i = lane; i < dim; i += 32) {
-    const float y = xr[i] * s;
+  for (int j = lane; j < groups; j += 32) {
+    Lanes<W> y = load_lanes<W>(xr, j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) y[k] *= s;
     if constexpr (kRound) {
-      const __nv_bfloat16 rounded = __float2bfloat16_rn(y);
-      if (stored) stored[off + i] = __bfloat16_as_ushort(rounded);
-      yr[i] = __bfloat162float(rounded);
+      keep_lanes<W>(codes, j, y);
+      if (!codes) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) y[k] = __bfloat162float(__float2bfloat16_rn(y[k]));
+      }
     } else {
-      yr[i] = y;
-      if (stored) stored[off + i] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+      store_code_lanes<W>(codes, j, y);
     }
+    store_lanes<W>(yr, j, y);
   }
   if (lane == 0) rstd[row] = s;
 }
 
-// One warp per row: dx (+)= rstd (dout - out mean(dout out)), out as float32 or bf16 codes.
-// dx may alias dout (each lane reads an element before writing it); dx_codes = bf16(dx)
-// unless null. Traffic: 12 (16 accumulating; 2 less with codes in, 2 more with codes out)
-// rows dim bytes.
-template <typename Out>
+// One warp per row, W elements per access (W divides dim): dx (+)= rstd (dout - out
+// mean(dout out)), out as float32 or bf16 codes. dx may alias dout (each lane reads an
+// element before writing it); dx_codes = bf16(dx) unless null. Traffic: 12 (16
+// accumulating; 2 less with codes in, 2 more with codes out) rows dim bytes.
+template <int W, typename Out>
 __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                                         const float* rstd, int rows, int dim, bool accumulate) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
   const size_t off = static_cast<size_t>(row) * dim;
+  const float* dr = dout + off;
+  const Out* yr = out + off;
+  float* dxr = dx + off;
+  uint16_t* codes = dx_codes ? dx_codes + off : nullptr;
+  const int groups = dim / W;
   float dot = 0.f;
-  for (int i = lane; i < dim; i += 32) dot += dout[off + i] * widened(out[off + i]);
+  for (int j = lane; j < groups; j += 32) {
+    const Lanes<W> d = load_lanes<W>(dr, j), y = load_lanes<W>(yr, j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dot += d[k] * y[k];
+  }
   dot = warp_reduce(dot, SumOp{});
   const float mean = dot / dim;
   const float r = rstd[row];
-  for (int i = lane; i < dim; i += 32) {
-    const float g = r * (dout[off + i] - widened(out[off + i]) * mean);
-    const float result = accumulate ? dx[off + i] + g : g;
-    dx[off + i] = result;
-    store_code(dx_codes, off + i, result);
+  for (int j = lane; j < groups; j += 32) {
+    const Lanes<W> d = load_lanes<W>(dr, j), y = load_lanes<W>(yr, j);
+    Lanes<W> result;
+#pragma unroll
+    for (int k = 0; k < W; ++k) result[k] = r * (d[k] - y[k] * mean);
+    if (accumulate) {
+      const Lanes<W> old = load_lanes<W>(dxr, j);
+#pragma unroll
+      for (int k = 0; k < W; ++k) result[k] = old[k] + result[k];
+    }
+    store_lanes<W>(dxr, j, result);
+    store_code_lanes<W>(codes, j, result);
   }
-}
-
-// x [T, H, D] in place: with theta = fl32(t freq[i]), i < D/2, (x1, x2) = (x[i], x[i + D/2])
-// -> (x1 cos + x2 sin, -x1 sin + x2 cos), sin negated for the inverse; with `stored` (bf16
-// activations) the result rounded to bf16 and its codes stored. Traffic: 8 T H D bytes (+2
-// with codes).
-__global__ void rotary_kernel(float* x, uint16_t* stored, int T, int H, int D, const float* freq, float sign) {
-  const int half = D / 2;
-  const size_t n = static_cast<size_t>(T) * H * half;
-  SPEEDRUN_GRID_STRIDE(idx, n) {
-    const int i = static_cast<int>(idx % half);
-    const size_t token_head = idx / half;
-    const int t = static_cast<int>(token_head / H);
-    const float theta = static_cast<float>(t) * freq[i];
-    const float c = cosf(theta);
-    const float s = sign * sinf(theta);
-    float* row = x + token_head * D;
-    const float x1 = row[i];
-    const float x2 = row[i + half];
-    const size_t at = token_head * D + i;
-    row[i] = kept_activation(stored, at, x1 * c + x2 * s);
-    row[i + half] = kept_activation(stored, at + half, -x1 * s + x2 * c);
-  }
-}
-
-// out = coef[0] a + coef[1] b (or coef[0] a); with `stored` (bf16 activations) rounded to
-// bf16 and its codes stored. out may alias a. Traffic: 12 n bytes (8 n without b; +2 n with
-// codes).
-__global__ void mix_forward_kernel(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
-                                   size_t n) {
-  const float c0 = coef[0];
-  const float c1 = b ? coef[1] : 0.f;
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = kept_activation(stored, i, b ? c0 * a[i] + c1 * b[i] : c0 * a[i]);
-}
-
-// db += coef[1] dout (when db); da (+)= coef[0] dout, its bf16 codes too when da_codes.
-// da may alias dout. Traffic: up to 22 n bytes.
-__global__ void mix_backward_kernel(float* da, uint16_t* da_codes, bool accumulate_da, float* db, const float* dout,
-                                    const float* coef, bool has_b, size_t n) {
-  const float c0 = coef[0];
-  const float c1 = has_b ? coef[1] : 0.f;
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float g = dout[i];
-    if (db) db[i] += c1 * g;
-    const float result = accumulate_da ? da[i] + c0 * g : c0 * g;
-    da[i] = result;
-    store_code(da_codes, i, result);
-  }
-}
-
-// out += weight[0] y. Traffic: 12 n bytes.
-__global__ void scaled_add_kernel(float* out, const float* y, const float* weight, size_t n) {
-  const float w = weight[0];
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] += w * y[i];
-}
-
-// out += x, and the sum's bf16 codes when out_codes. Traffic: 12 n bytes (14 n with codes).
-__global__ void add_kernel(float* out, uint16_t* out_codes, const float* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float sum = out[i] + x[i];
-    out[i] = sum;
-    store_code(out_codes, i, sum);
-  }
-}
-
-// out = relu(x)^2, x as float32 or bf16 codes, and out_codes = bf16(out), each unless null.
-// out may alias x. Traffic: 8 (6) n bytes, + 2 n with codes, - 4 n without out.
-template <typename X>
-__global__ void relu2_forward_kernel(float* out, uint16_t* out_codes, const X* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float y = relu_squared(widened(x[i]));
-    if (out) out[i] = y;
-    store_code(out_codes, i, y);
-  }
-}
-
-// stored = bf16(x); out = relu(bf16(x))^2, out_codes = bf16(out); each unless null. out
-// may alias x. Traffic: 10 n bytes, + 2 n with codes, - 4 n without out.
-__global__ void relu2_forward_bf16_kernel(float* out, uint16_t* out_codes, uint16_t* stored, const float* x,
-                                          size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const __nv_bfloat16 rounded = __float2bfloat16_rn(x[i]);
-    if (stored) stored[i] = __bfloat16_as_ushort(rounded);
-    const float y = relu_squared(__bfloat162float(rounded));
-    if (out) out[i] = y;
-    store_code(out_codes, i, y);
-  }
-}
-
-// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx) unless null.
-// dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes.
-template <typename X>
-__global__ void relu2_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const X* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float xi = widened(x[i]);
-    const float g = xi > 0.f ? 2.f * xi * dout[i] : 0.f;
-    dx[i] = g;
-    store_code(dx_codes, i, g);
-  }
-}
-
-// out = float32(x). Traffic: 6 n bytes.
-__global__ void widen_bf16_kernel(float* out, const uint16_t* x, size_t n) {
-  SPEEDRUN_GRID_STRIDE(i, n) out[i] = widened(x[i]);
 }
 
 // Up to kAdamTensorsPerLaunch tensors of one Adam update, by value (1.5 KB of the 4 KB of
@@ -240,24 +363,6 @@ __global__ void adam_kernel(AdamLaunch launch, float beta1, float beta2, float e
     v[i] = vi;
     param[i] -= step_size * mi / (sqrtf(vi) * inv_sqrt_bias2 + eps);
   }
-}
-
-// buf = m buf + (1-m) g; out = (1-m) g + m buf. out may alias grad. Traffic: 16 n bytes.
-__global__ void muon_momentum_kernel(float* out, float* buf, const float* grad, size_t n, float momentum,
-                                     const int32_t* skip) {
-  if (skip && *skip) return;
-  SPEEDRUN_GRID_STRIDE(i, n) {
-    const float g = grad[i];
-    const float b = momentum * buf[i] + (1.f - momentum) * g;
-    buf[i] = b;
-    out[i] = (1.f - momentum) * g + momentum * b;
-  }
-}
-
-// param -= scale update. Traffic: 12 n bytes.
-__global__ void apply_update_kernel(float* param, const float* update, size_t n, float scale, const int32_t* skip) {
-  if (skip && *skip) return;
-  SPEEDRUN_GRID_STRIDE(i, n) param[i] -= scale * update[i];
 }
 
 // x[b, i] *= scale[b] over batch rows of count (grid.y = batch). Traffic: 8 batch count bytes.
@@ -301,30 +406,36 @@ unsigned row_blocks(int rows) { return static_cast<unsigned>((rows + kRowWarps -
 }  // namespace
 
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n) {
-  if (n == 0) return;
-  to_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, in, n);
-  check_launch("to_bf16_kernel");
+  launch_lanes(s, ToBf16{out, in}, n, "to_bf16");
 }
 
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim) {
-  const size_t n = static_cast<size_t>(T) * dim;
-  if (n == 0) return;
-  embedding_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, table, tokens, T, dim);
-  check_launch("embedding_forward_kernel");
+  launch_lanes(s, EmbeddingForward{out, table, tokens, dim}, static_cast<size_t>(T) * dim, "embedding_forward");
+}
+
+// W = 4 where the rows allow float4 access (dim a multiple of 4, 16-byte aligned bases).
+template <bool kRound>
+void launch_rmsnorm_forward(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
+                            int dim, float eps) {
+  if (rows <= 0) return;
+  if (dim % 4 == 0 && aligned_16({out, stored, x})) {
+    rmsnorm_forward_kernel<4, kRound><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim,
+                                                                                  eps);
+  } else {
+    rmsnorm_forward_kernel<1, kRound><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim,
+                                                                                  eps);
+  }
+  check_launch("rmsnorm_forward_kernel");
 }
 
 void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
                      float eps) {
-  if (rows <= 0) return;
-  rmsnorm_forward_kernel<false><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, out_codes, rstd, x, rows, dim, eps);
-  check_launch("rmsnorm_forward_kernel");
+  launch_rmsnorm_forward<false>(s, out, out_codes, rstd, x, rows, dim, eps);
 }
 
 void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
                           int dim, float eps) {
-  if (rows <= 0) return;
-  rmsnorm_forward_kernel<true><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim, eps);
-  check_launch("rmsnorm_forward_kernel<bf16>");
+  launch_rmsnorm_forward<true>(s, out, stored, rstd, x, rows, dim, eps);
 }
 
 // The forward's output as floats or as bf16 codes: one kernel, instantiated for each.
@@ -332,8 +443,13 @@ template <class Out>
 void launch_rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                              const float* rstd, int rows, int dim, bool accumulate) {
   if (rows <= 0) return;
-  rmsnorm_backward_kernel<<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
-                                                                       accumulate);
+  if (dim % 4 == 0 && aligned_16({dx, dx_codes, dout, out})) {
+    rmsnorm_backward_kernel<4><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
+                                                                            accumulate);
+  } else {
+    rmsnorm_backward_kernel<1><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
+                                                                            accumulate);
+  }
   check_launch("rmsnorm_backward_kernel");
 }
 
@@ -348,30 +464,18 @@ void rmsnorm_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const 
 }
 
 void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, const float* freq, bool inverse) {
-  const size_t n = static_cast<size_t>(T) * H * (D / 2);
-  if (n == 0) return;
-  rotary_kernel<<<grid_for(n), kThreads, 0, s>>>(x, stored, T, H, D, freq, inverse ? -1.f : 1.f);
-  check_launch("rotary_kernel");
+  const int half = D / 2;
+  launch_lanes(s, Rotary{x, stored, freq, H, D, half, inverse ? -1.f : 1.f}, static_cast<size_t>(T) * H * half,
+               "rotary");
 }
 
 void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n) {
-  if (n == 0) return;
-  mix_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, stored, a, b, coef, n);
-  check_launch("mix_forward_kernel");
-}
-
-void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                              const float* dout, const float* coef, bool has_b, size_t n) {
-  if (n == 0) return;
-  mix_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(da, da_codes, accumulate_da, db, dout, coef, has_b, n);
-  check_launch("mix_backward_kernel");
+  launch_lanes(s, MixForward{out, stored, a, b, coef}, n, "mix_forward");
 }
 
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n) {
-  if (n == 0) return;
-  scaled_add_kernel<<<grid_for(n), kThreads, 0, s>>>(out, y, weight, n);
-  check_launch("scaled_add_kernel");
+  launch_lanes(s, ScaledAdd{out, y, weight}, n, "scaled_add");
 }
 
 void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n) {
@@ -379,46 +483,32 @@ void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dou
 }
 
 void add(cudaStream_t s, float* out, uint16_t* out_codes, const float* x, size_t n) {
-  if (n == 0) return;
-  add_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, x, n);
-  check_launch("add_kernel");
+  launch_lanes(s, Add{out, out_codes, x}, n, "add");
 }
 
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n) {
-  if (n == 0) return;
-  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, nullptr, x, n);
-  check_launch("relu2_forward_kernel");
+  launch_lanes(s, Relu2Forward<float>{out, nullptr, x}, n, "relu2_forward");
 }
 
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n) {
-  if (n == 0) return;
-  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, nullptr, dout, x, n);
-  check_launch("relu2_backward_kernel");
+  launch_lanes(s, Relu2Backward<float>{dx, nullptr, dout, x}, n, "relu2_backward");
 }
 
 void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) {
-  if (n == 0) return;
-  relu2_forward_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, stored, x, n);
-  check_launch("relu2_forward_bf16_kernel");
+  launch_lanes(s, Relu2ForwardBf16{out, out_codes, stored, x}, n, "relu2_forward_bf16");
 }
 
 void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint16_t* x, size_t n) {
-  if (n == 0) return;
-  relu2_forward_kernel<<<grid_for(n), kThreads, 0, s>>>(out, out_codes, x, n);
-  check_launch("relu2_forward_kernel<bf16>");
+  launch_lanes(s, Relu2Forward<uint16_t>{out, out_codes, x}, n, "relu2_from_bf16");
 }
 
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                          size_t n) {
-  if (n == 0) return;
-  relu2_backward_kernel<<<grid_for(n), kThreads, 0, s>>>(dx, dx_codes, dout, x, n);
-  check_launch("relu2_backward_kernel<bf16>");
+  launch_lanes(s, Relu2Backward<uint16_t>{dx, dx_codes, dout, x}, n, "relu2_backward_bf16");
 }
 
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {
-  if (n == 0) return;
-  widen_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(out, x, n);
-  check_launch("widen_bf16_kernel");
+  launch_lanes(s, WidenBf16{out, x}, n, "widen_bf16");
 }
 
 void adam_update(cudaStream_t s, const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps,
@@ -450,15 +540,11 @@ void adam_update(cudaStream_t s, const AdamTensor* tensors, size_t count, float 
 
 void muon_momentum(cudaStream_t s, float* out, float* buf, const float* grad, size_t n, float momentum,
                    const int32_t* skip) {
-  if (n == 0) return;
-  muon_momentum_kernel<<<grid_for(n), kThreads, 0, s>>>(out, buf, grad, n, momentum, skip);
-  check_launch("muon_momentum_kernel");
+  launch_lanes(s, MuonMomentum{out, buf, grad, momentum, skip}, n, "muon_momentum");
 }
 
 void apply_update(cudaStream_t s, float* param, const float* update, size_t n, float scale, const int32_t* skip) {
-  if (n == 0) return;
-  apply_update_kernel<<<grid_for(n), kThreads, 0, s>>>(param, update, n, scale, skip);
-  check_launch("apply_update_kernel");
+  launch_lanes(s, ApplyUpdate{param, update, scale, skip}, n, "apply_update");
 }
 
 void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, int batch) {

@@ -24,9 +24,6 @@ void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float
 void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, const float* freq, bool inverse);
 void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n);
-// The elementwise half of mix_backward (its dot products go through dot_reduce first).
-void mix_backward_elementwise(cudaStream_t s, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                              const float* dout, const float* coef, bool has_b, size_t n);
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n);
 void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n);
 void add(cudaStream_t s, float* out, uint16_t* out_codes, const float* x, size_t n);
@@ -64,9 +61,13 @@ enum class DotResult {
   kInverseNorm,      // out (float*)[b] = float(1 / (sqrt(total) + eps))
 };
 // total[b] = sum_i a[b*stride + i] * b[b*stride + i] over i < n (or sum of a when b is null),
-// in float64, in a fixed order that depends only on n. scratch: partial sums.
+// in float64, in a fixed order that depends only on n and on whether the operands allow
+// 16-byte loads. scratch: partial sums.
 void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b, size_t n, size_t stride, int batch,
                 DotResult result, void* out, float eps = 0.f);
+// Backend::mix_backward in one pass over its operands (dcoef through partial sums in scratch).
+void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                  float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n);
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale);
 
