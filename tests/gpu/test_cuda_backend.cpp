@@ -728,6 +728,73 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   }
 }
 
+// The kernels read and write 16 bytes at a time where every pointer is 16-byte aligned,
+// one element at a time otherwise: operands one element off their alignment (as a view
+// into a larger buffer can be) must give the same bits elementwise, and the coefficient
+// gradient to summation order.
+std::vector<float> after_one(const std::vector<float>& x) {
+  std::vector<float> shifted(x.size() + 1, 7.f);
+  std::copy(x.begin(), x.end(), shifted.begin() + 1);
+  return shifted;
+}
+
+std::vector<float> dropping_first(const std::vector<float>& x) { return {x.begin() + 1, x.end()}; }
+
+TEST_F(CudaBackendTest, UnalignedOperandsGiveTheAlignedResults) {
+  SCOPED_TRACE(trace());
+  const int rows = 33, dim = 128, H = 1;
+  const size_t n = static_cast<size_t>(rows) * dim;
+  const auto a = normal(n), b = normal(n), dout = normal(n), coef = normal(2);
+  const float poison = std::bit_cast<float>(kNaNCodePair);
+  DeviceFloats g_coef(*gpu_, coef);
+  // out[0 .. n) of one op on aligned operands, and on operands one element past alignment
+  // (codes two bytes past); `run` gets (a, b, dout, out, codes) pointers.
+  auto both = [&](const char* what, auto run) {
+    DeviceFloats a0(*gpu_, a), b0(*gpu_, b), d0(*gpu_, dout), out0(*gpu_, a), codes0(*gpu_, n / 2 + 1, poison);
+    DeviceFloats a1(*gpu_, after_one(a)), b1(*gpu_, after_one(b)), d1(*gpu_, after_one(dout)),
+        out1(*gpu_, after_one(a)), codes1(*gpu_, n / 2 + 2, poison);
+    auto* c0 = reinterpret_cast<uint16_t*>(codes0.ptr);
+    auto* c1 = reinterpret_cast<uint16_t*>(codes1.ptr) + 1;
+    run(a0.ptr, b0.ptr, d0.ptr, out0.ptr, c0);
+    run(a1.ptr + 1, b1.ptr + 1, d1.ptr + 1, out1.ptr + 1, c1);
+    expect_identical(dropping_first(out1.get()), out0.get(), std::string(what) + " out");
+    const auto codes_aligned = codes_of(codes0.get(), n);
+    auto codes_shifted = codes_of(codes1.get(), n + 1);
+    codes_shifted.erase(codes_shifted.begin());
+    EXPECT_EQ(codes_shifted, codes_aligned) << what << " codes";
+  };
+  both("mix_forward", [&](float* x, float* y, float*, float* out, uint16_t* codes) {
+    gpu_->mix_forward(out, codes, x, y, g_coef.ptr, n);
+  });
+  both("add", [&](float* x, float*, float*, float* out, uint16_t* codes) { gpu_->add(out, codes, x, n); });
+  both("relu2_forward_bf16", [&](float* x, float*, float*, float* out, uint16_t* codes) {
+    gpu_->relu2_forward_bf16(out, codes, nullptr, x, n);
+  });
+  both("relu2_backward_bf16", [&](float* x, float*, float* d, float* out, uint16_t* codes) {
+    gpu_->relu2_forward_bf16(nullptr, nullptr, codes, x, n);  // codes = bf16(x): the stored h
+    gpu_->relu2_backward_bf16(out, nullptr, d, codes, n);
+  });
+  both("rotary", [&](float* x, float*, float*, float* out, uint16_t* codes) {
+    gpu_->copy(out, x, n);
+    gpu_->rotary(out, codes, rows, H, dim, 1024.f, false);
+  });
+  both("rmsnorm_forward_bf16", [&](float* x, float*, float*, float* out, uint16_t* codes) {
+    DeviceFloats rstd(*gpu_, rows, kNaN);
+    gpu_->rmsnorm_forward_bf16(out, codes, rstd.ptr, x, rows, dim, 1e-6f);
+  });
+  both("rmsnorm_backward", [&](float* x, float*, float* d, float* out, uint16_t* codes) {
+    DeviceFloats rstd(*gpu_, std::vector<float>(rows, 0.5f));
+    gpu_->rmsnorm_backward(out, codes, d, x, rstd.ptr, rows, dim, true);
+  });
+  std::vector<float> dcoef[2];  // by whether the operands were aligned (0) or not (1)
+  both("mix_backward", [&](float* x, float* y, float* d, float* out, uint16_t* codes) {
+    DeviceFloats g_dcoef(*gpu_, 2, 0.f), db(*gpu_, n, 0.f);
+    gpu_->mix_backward(out, codes, true, db.ptr, g_dcoef.ptr, d, x, y, g_coef.ptr, n);
+    dcoef[reinterpret_cast<uintptr_t>(x) % 16 != 0] = g_dcoef.get();
+  });
+  expect_close(dcoef[1], dcoef[0], 1e-6, 0, "mix_backward dcoef, summed in another order");
+}
+
 TEST_F(CudaBackendTest, SumToHostIsFloat64AndDeterministic) {
   SCOPED_TRACE(trace());
   auto sum_on = [](Backend& be, const float* x, size_t n) {
