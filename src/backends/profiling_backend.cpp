@@ -91,8 +91,8 @@ class ProfilingBackend final : public Backend {
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
                     const float* b, const float* c, size_t n) override {
-    // dout and a read, da written (read too when accumulating), b read and db updated.
-    timed("mix/residual backward", 0, n * (12.0 + (acc ? 4 : 0) + (b ? 12 : 0) + code_bytes(da_codes)),
+    // dout and a read, da written (read too when accumulating), b read, db updated.
+    timed("mix/residual backward", 0, n * (12.0 + (acc ? 4 : 0) + (b ? 4 : 0) + (db ? 8 : 0) + code_bytes(da_codes)),
           [&] { inner_.mix_backward(da, da_codes, acc, db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
@@ -172,7 +172,7 @@ class ProfilingBackend final : public Backend {
     timed("muon (elementwise)", 0, 16.0 * n, [&] { inner_.muon_momentum(o, buf, g, n, m, skip); });
   }
   void normalize_frobenius(float* x, size_t count, int batch, float eps) override {
-    timed("muon (elementwise)", 0, 12.0 * count * batch, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
+    timed("muon (elementwise)", 0, 8.0 * count * batch, [&] { inner_.normalize_frobenius(x, count, batch, eps); });
   }
   void apply_update(float* p, const float* u, size_t n, float s, const int32_t* skip) override {
     timed("muon (elementwise)", 0, 12.0 * n, [&] { inner_.apply_update(p, u, n, s, skip); });

@@ -729,9 +729,9 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
 }
 
 // The kernels read and write 16 bytes at a time where every pointer is 16-byte aligned,
-// one element at a time otherwise: operands one element off their alignment (as a view
-// into a larger buffer can be) must give the same bits elementwise, and the coefficient
-// gradient to summation order.
+// one element at a time otherwise, and their sums run in an order set by the shape alone:
+// operands one element off their alignment (as a view into a larger buffer can be) must
+// give the same bits, reductions included.
 std::vector<float> after_one(const std::vector<float>& x) {
   std::vector<float> shifted(x.size() + 1, 7.f);
   std::copy(x.begin(), x.end(), shifted.begin() + 1);
@@ -792,7 +792,19 @@ TEST_F(CudaBackendTest, UnalignedOperandsGiveTheAlignedResults) {
     gpu_->mix_backward(out, codes, true, db.ptr, g_dcoef.ptr, d, x, y, g_coef.ptr, n);
     dcoef[reinterpret_cast<uintptr_t>(x) % 16 != 0] = g_dcoef.get();
   });
-  expect_close(dcoef[1], dcoef[0], 1e-6, 0, "mix_backward dcoef, summed in another order");
+  expect_identical(dcoef[1], dcoef[0], "mix_backward dcoef");
+  const int V = 384;  // softcap cross-entropy over 33 rows, gradient and loss
+  DeviceInts targets(*gpu_, uniform_ints(rows, V));
+  const auto logits = normal(static_cast<size_t>(rows) * V, 8.f);
+  std::vector<float> loss[2], gradient[2];
+  for (int shifted : {0, 1}) {
+    DeviceFloats z(*gpu_, shifted ? after_one(logits) : logits), row_loss(*gpu_, rows, kNaN);
+    gpu_->softcap_cross_entropy(z.ptr + shifted, row_loss.ptr, targets.ptr, rows, V, 15.f, 1.f / rows);
+    loss[shifted] = row_loss.get();
+    gradient[shifted] = shifted ? dropping_first(z.get()) : z.get();
+  }
+  expect_identical(loss[1], loss[0], "softcap cross-entropy loss");
+  expect_identical(gradient[1], gradient[0], "softcap cross-entropy gradient");
 }
 
 TEST_F(CudaBackendTest, SumToHostIsFloat64AndDeterministic) {

@@ -203,7 +203,7 @@ struct Rotary {
     store_lanes<W>(x + at1, 0, x1);
     store_lanes<W>(x + at2, 0, x2);
   }
-  bool vectorisable() const { return half % 4 == 0 && aligned_16({x, stored}); }
+  bool vectorisable() const { return D % 8 == 0 && aligned_16({x, stored}); }
 };
 
 // buf = m buf + (1-m) g; out = (1-m) g + m buf. out may alias grad. Traffic: 16 n bytes.
@@ -247,11 +247,12 @@ struct ApplyUpdate {
   bool vectorisable() const { return aligned_16({param, update}); }
 };
 
-// One warp per row, W floats per access (W divides dim): s = 1 / sqrt(mean(x^2) + eps),
-// out = x s (kRound: bf16(x s) widened), rstd = s, and the codes of out into `stored` unless
-// null. out may alias x (each lane rereads only its own elements). Traffic: 8 rows dim bytes
-// (+2 with codes).
-template <int W, bool kRound>
+// One warp per row, W elements per group (W divides dim; lane L sums groups L, L + 32, ...:
+// an order set by the shape alone, 16-byte accesses when kWide): s = 1 / sqrt(mean(x^2) +
+// eps), out = x s (kRound: bf16(x s) widened), rstd = s, and the codes of out into `stored`
+// unless null. out may alias x (each lane rereads only its own elements). Traffic: 8 rows
+// dim bytes (+2 with codes).
+template <int W, bool kWide, bool kRound>
 __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                        float eps) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -263,35 +264,35 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
   const int groups = dim / W;
   float sum_sq = 0.f;
   for (int j = lane; j < groups; j += 32) {
-    const Lanes<W> v = load_lanes<W>(xr, j);
+    const Lanes<W> v = load_lanes<W, kWide>(xr, j);
 #pragma unroll
     for (int k = 0; k < W; ++k) sum_sq += v[k] * v[k];
   }
   sum_sq = warp_reduce(sum_sq, SumOp{});
   const float s = 1.f / sqrtf(sum_sq / dim + eps);
   for (int j = lane; j < groups; j += 32) {
-    Lanes<W> y = load_lanes<W>(xr, j);
+    Lanes<W> y = load_lanes<W, kWide>(xr, j);
 #pragma unroll
     for (int k = 0; k < W; ++k) y[k] *= s;
     if constexpr (kRound) {
-      keep_lanes<W>(codes, j, y);
+      keep_lanes<W, kWide>(codes, j, y);
       if (!codes) {
 #pragma unroll
         for (int k = 0; k < W; ++k) y[k] = __bfloat162float(__float2bfloat16_rn(y[k]));
       }
     } else {
-      store_code_lanes<W>(codes, j, y);
+      store_code_lanes<W, kWide>(codes, j, y);
     }
-    store_lanes<W>(yr, j, y);
+    store_lanes<W, kWide>(yr, j, y);
   }
   if (lane == 0) rstd[row] = s;
 }
 
-// One warp per row, W elements per access (W divides dim): dx (+)= rstd (dout - out
+// One warp per row, W elements per group as in the forward: dx (+)= rstd (dout - out
 // mean(dout out)), out as float32 or bf16 codes. dx may alias dout (each lane reads an
 // element before writing it); dx_codes = bf16(dx) unless null. Traffic: 12 (16
 // accumulating; 2 less with codes in, 2 more with codes out) rows dim bytes.
-template <int W, typename Out>
+template <int W, bool kWide, typename Out>
 __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                                         const float* rstd, int rows, int dim, bool accumulate) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -304,7 +305,7 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
   const int groups = dim / W;
   float dot = 0.f;
   for (int j = lane; j < groups; j += 32) {
-    const Lanes<W> d = load_lanes<W>(dr, j), y = load_lanes<W>(yr, j);
+    const Lanes<W> d = load_lanes<W, kWide>(dr, j), y = load_lanes<W, kWide>(yr, j);
 #pragma unroll
     for (int k = 0; k < W; ++k) dot += d[k] * y[k];
   }
@@ -312,17 +313,17 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
   const float mean = dot / dim;
   const float r = rstd[row];
   for (int j = lane; j < groups; j += 32) {
-    const Lanes<W> d = load_lanes<W>(dr, j), y = load_lanes<W>(yr, j);
+    const Lanes<W> d = load_lanes<W, kWide>(dr, j), y = load_lanes<W, kWide>(yr, j);
     Lanes<W> result;
 #pragma unroll
     for (int k = 0; k < W; ++k) result[k] = r * (d[k] - y[k] * mean);
     if (accumulate) {
-      const Lanes<W> old = load_lanes<W>(dxr, j);
+      const Lanes<W> old = load_lanes<W, kWide>(dxr, j);
 #pragma unroll
       for (int k = 0; k < W; ++k) result[k] = old[k] + result[k];
     }
-    store_lanes<W>(dxr, j, result);
-    store_code_lanes<W>(codes, j, result);
+    store_lanes<W, kWide>(dxr, j, result);
+    store_code_lanes<W, kWide>(codes, j, result);
   }
 }
 
@@ -413,17 +414,19 @@ void embedding_forward(cudaStream_t s, float* out, const float* table, const int
   launch_lanes(s, EmbeddingForward{out, table, tokens, dim}, static_cast<size_t>(T) * dim, "embedding_forward");
 }
 
-// W = 4 where the rows allow float4 access (dim a multiple of 4, 16-byte aligned bases).
+// Groups of 4 where dim allows (the summation order then depends on the shape alone),
+// accessed 16 bytes at a time where the pointers allow.
 template <bool kRound>
 void launch_rmsnorm_forward(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
                             int dim, float eps) {
   if (rows <= 0) return;
-  if (dim % 4 == 0 && aligned_16({out, stored, x})) {
-    rmsnorm_forward_kernel<4, kRound><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim,
-                                                                                  eps);
+  const unsigned blocks = row_blocks(rows), threads = kRowWarps * 32;
+  if (dim % 4 != 0) {
+    rmsnorm_forward_kernel<1, false, kRound><<<blocks, threads, 0, s>>>(out, stored, rstd, x, rows, dim, eps);
+  } else if (aligned_16({out, stored, x})) {
+    rmsnorm_forward_kernel<4, true, kRound><<<blocks, threads, 0, s>>>(out, stored, rstd, x, rows, dim, eps);
   } else {
-    rmsnorm_forward_kernel<1, kRound><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(out, stored, rstd, x, rows, dim,
-                                                                                  eps);
+    rmsnorm_forward_kernel<4, false, kRound><<<blocks, threads, 0, s>>>(out, stored, rstd, x, rows, dim, eps);
   }
   check_launch("rmsnorm_forward_kernel");
 }
@@ -443,12 +446,13 @@ template <class Out>
 void launch_rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                              const float* rstd, int rows, int dim, bool accumulate) {
   if (rows <= 0) return;
-  if (dim % 4 == 0 && aligned_16({dx, dx_codes, dout, out})) {
-    rmsnorm_backward_kernel<4><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
-                                                                            accumulate);
+  const unsigned blocks = row_blocks(rows), threads = kRowWarps * 32;
+  if (dim % 4 != 0) {
+    rmsnorm_backward_kernel<1, false><<<blocks, threads, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
+  } else if (aligned_16({dx, dx_codes, dout, out})) {
+    rmsnorm_backward_kernel<4, true><<<blocks, threads, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   } else {
-    rmsnorm_backward_kernel<1><<<row_blocks(rows), kRowWarps * 32, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim,
-                                                                            accumulate);
+    rmsnorm_backward_kernel<4, false><<<blocks, threads, 0, s>>>(dx, dx_codes, dout, out, rstd, rows, dim, accumulate);
   }
   check_launch("rmsnorm_backward_kernel");
 }

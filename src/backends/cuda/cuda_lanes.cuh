@@ -3,6 +3,10 @@
 // every pointer it names allows, else with W = 1. Memory-bound kernels reach the device's
 // bandwidth only with wide accesses and several independent loads in flight per thread.
 //
+// Reductions that must not depend on alignment (their summation order follows W) take W
+// from the shape alone and kWide = false where the pointers forbid wide accesses: the same
+// W-element groups, read and written one element at a time.
+//
 // An op is a struct with
 //   template <int W> __device__ void at(size_t g) const;  // elements [g W, g W + W)
 //   bool vectorisable() const;                              // every pointer 16-byte aligned
@@ -29,10 +33,10 @@ struct Lanes {
 };
 
 // Lanes g of a float array: p[g W .. g W + W).
-template <int W>
+template <int W, bool kWide = true>
 __device__ __forceinline__ Lanes<W> load_lanes(const float* p, size_t g) {
   Lanes<W> out;
-  if constexpr (W == 4) {
+  if constexpr (W == 4 && kWide) {
     const float4 q = reinterpret_cast<const float4*>(p)[g];
     out[0] = q.x, out[1] = q.y, out[2] = q.z, out[3] = q.w;
   } else {
@@ -43,10 +47,10 @@ __device__ __forceinline__ Lanes<W> load_lanes(const float* p, size_t g) {
 }
 
 // Lanes g of a bf16 code array, widened to float (exact).
-template <int W>
+template <int W, bool kWide = true>
 __device__ __forceinline__ Lanes<W> load_lanes(const uint16_t* p, size_t g) {
   Lanes<W> out;
-  if constexpr (W == 4) {
+  if constexpr (W == 4 && kWide) {
     const ushort4 q = reinterpret_cast<const ushort4*>(p)[g];
     out[0] = __bfloat162float(__ushort_as_bfloat16(q.x));
     out[1] = __bfloat162float(__ushort_as_bfloat16(q.y));
@@ -59,9 +63,9 @@ __device__ __forceinline__ Lanes<W> load_lanes(const uint16_t* p, size_t g) {
   return out;
 }
 
-template <int W>
+template <int W, bool kWide = true>
 __device__ __forceinline__ void store_lanes(float* p, size_t g, const Lanes<W>& x) {
-  if constexpr (W == 4) {
+  if constexpr (W == 4 && kWide) {
     reinterpret_cast<float4*>(p)[g] = make_float4(x[0], x[1], x[2], x[3]);
   } else {
 #pragma unroll
@@ -72,10 +76,10 @@ __device__ __forceinline__ void store_lanes(float* p, size_t g, const Lanes<W>& 
 __device__ __forceinline__ uint16_t bf16_code(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 
 // codes[lanes g] = bf16(x) (nearest even), unless codes is null.
-template <int W>
+template <int W, bool kWide = true>
 __device__ __forceinline__ void store_code_lanes(uint16_t* codes, size_t g, const Lanes<W>& x) {
   if (!codes) return;
-  if constexpr (W == 4) {
+  if constexpr (W == 4 && kWide) {
     reinterpret_cast<ushort4*>(codes)[g] = make_ushort4(bf16_code(x[0]), bf16_code(x[1]), bf16_code(x[2]), bf16_code(x[3]));
   } else {
 #pragma unroll
@@ -84,12 +88,12 @@ __device__ __forceinline__ void store_code_lanes(uint16_t* codes, size_t g, cons
 }
 
 // bf16 activations: with `stored`, x is rounded to bf16 in place and its codes stored.
-template <int W>
+template <int W, bool kWide = true>
 __device__ __forceinline__ void keep_lanes(uint16_t* stored, size_t g, Lanes<W>& x) {
   if (!stored) return;
 #pragma unroll
   for (int k = 0; k < W; ++k) x[k] = __bfloat162float(__float2bfloat16_rn(x[k]));
-  store_code_lanes<W>(stored, g, x);
+  store_code_lanes<W, kWide>(stored, g, x);
 }
 
 inline bool aligned_16(std::initializer_list<const void*> pointers) {
