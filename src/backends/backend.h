@@ -12,6 +12,7 @@
 #include <string>
 
 #include "backends/backend_options.h"
+#include "util/error.h"
 
 namespace speedrun {
 
@@ -59,6 +60,13 @@ struct AdamBiasCorrection {
         inv_sqrt_bias2(static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(beta2), step)))) {}
   float step_size(float lr) const { return static_cast<float>(lr / bias1); }
 };
+
+// The contract of the backward ops that may leave dx unwritten (rmsnorm_backward_bf16,
+// relu2_backward_bf16): only when its codes are written and nothing accumulates into it.
+inline void require_codes_for_null_output(const float* dx, const uint16_t* dx_codes, bool accumulate,
+                                          const char* op) {
+  if (!dx && (!dx_codes || accumulate)) throw Error(std::string(op) + ": a null dx needs dx_codes and no accumulation");
+}
 
 // Backend::head_chunk_rows() of each backend, for memory plans made without one.
 inline constexpr int kCpuHeadChunkRows = 256;
@@ -203,7 +211,9 @@ class Backend {
   virtual void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                     float eps) = 0;
   // rmsnorm_backward from the forward's output kept as codes; dx_codes (unless null) = bf16
-  // of the final dx, for a matmul operand held by hold_produced_operand.
+  // of the final dx, for a matmul operand held by hold_produced_operand. dx may be null when
+  // dx_codes is given and nothing is accumulated: the codes alone, where nothing reads the
+  // floats.
   virtual void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
                                      const float* rstd, int rows, int dim, bool accumulate) = 0;
   // In the three relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
@@ -213,7 +223,8 @@ class Backend {
   virtual void relu2_forward_bf16(float* out, uint16_t* out_codes, uint16_t* stored, const float* x, size_t n) = 0;
   // out = relu(x)^2 for x given as codes: relu2_forward_bf16's out again, from what it stored.
   virtual void relu2_from_bf16(float* out, uint16_t* out_codes, const uint16_t* x, size_t n) = 0;
-  // relu2_backward for x given as codes.
+  // relu2_backward for x given as codes; dx may be null when dx_codes is given (the codes
+  // alone).
   virtual void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                                    size_t n) = 0;
   // out = float32(x).

@@ -569,8 +569,9 @@ void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_
   const int rows = T * config_.num_heads, D = config_.head_dim;
   const size_t n = static_cast<size_t>(rows) * D;
   if (bf16_activations_) {
-    backend_.rmsnorm_backward_bf16(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, stored, rstd, rows, D,
-                                   false);
+    // Held, the codes are all the products read: dx's floats are not even written.
+    uint16_t* codes = backend_.hold_produced_operand(kHeldGradient, dx, n);
+    backend_.rmsnorm_backward_bf16(codes ? nullptr : dx, codes, dx, stored, rstd, rows, D, false);
   } else {
     backend_.rmsnorm_backward(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, normed, rstd, rows, D,
                               false);
@@ -591,7 +592,9 @@ void GPT::relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g)
 void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int T) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
-    backend_.relu2_backward_bf16(dh, backend_.hold_produced_operand(kHeldGradient, dh, n), dh, stored, n);
+    // Held, the codes are all c_fc's products read: dh's floats are not even written.
+    uint16_t* codes = backend_.hold_produced_operand(kHeldGradient, dh, n);
+    backend_.relu2_backward_bf16(codes ? nullptr : dh, codes, dh, stored, n);
   } else {
     backend_.relu2_backward(dh, dh, h, n);
     backend_.hold_operand(kHeldGradient, dh, n);

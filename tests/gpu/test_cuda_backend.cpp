@@ -656,6 +656,11 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
                   std::abs(want[i]) * 0x1p-7 + 1e-30)
           << "relu2_backward_bf16 output codes at " << i;
     }
+    // The codes alone (dx null): the same codes, dout untouched.
+    DeviceFloats dout_again(*gpu_, dout), codes_alone(*gpu_, (n + 1) / 2, poison);
+    gpu_->relu2_backward_bf16(nullptr, reinterpret_cast<uint16_t*>(codes_alone.ptr), dout_again.ptr, device_codes, n);
+    EXPECT_EQ(codes_of(codes_alone.get(), n), device_dx_codes) << "relu2_backward_bf16, codes alone";
+    expect_identical(dout_again.get(), dout, "relu2_backward_bf16's dout, codes alone");
   }
   const float eps = 1.1920929e-07f;
   struct Case { int rows, dim; };
@@ -689,6 +694,11 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
     for (size_t i = 0; i < n; ++i) {
       ASSERT_EQ(dx_codes[i], lowp::encode_bf16(gpu_dx[i])) << "rmsnorm_backward_bf16 codes of its dx at " << i;
     }
+    DeviceFloats grad_again(*gpu_, grad), codes_alone(*gpu_, (n + 1) / 2, poison);
+    gpu_->rmsnorm_backward_bf16(nullptr, reinterpret_cast<uint16_t*>(codes_alone.ptr), grad_again.ptr,
+                                reinterpret_cast<const uint16_t*>(cpu_codes.ptr), cpu_rstd.ptr, c.rows, c.dim, false);
+    EXPECT_EQ(codes_of(codes_alone.get(), n), dx_codes) << "rmsnorm_backward_bf16, codes alone";
+    expect_identical(grad_again.get(), grad, "rmsnorm_backward_bf16's dout, codes alone");
   }
 }
 

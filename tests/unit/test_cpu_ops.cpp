@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -247,6 +248,21 @@ TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
   be->rmsnorm_backward(dx_floats.data(), nullptr, dout.data(), out.data(), rstd.data(), rows, dim, true);
   // The same function; the row's dot product may be vectorised in another order.
   for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(dx_codes[i], dx_floats[i], 1e-6f * (1 + std::abs(dx_floats[i]))) << i;
+  // The codes alone (dx null, as when they are a held operand): the same codes, and the
+  // floats dout came in untouched.
+  std::vector<float> with_floats(x.size());
+  std::vector<uint16_t> codes_with_floats(x.size()), codes_alone(x.size());
+  be->rmsnorm_backward_bf16(with_floats.data(), codes_with_floats.data(), dout.data(), codes.data(), rstd.data(), rows,
+                            dim, false);
+  std::vector<float> dout_copy = dout;
+  be->rmsnorm_backward_bf16(nullptr, codes_alone.data(), dout_copy.data(), codes.data(), rstd.data(), rows, dim, false);
+  EXPECT_EQ(codes_alone, codes_with_floats);
+  EXPECT_EQ(dout_copy, dout);
+  EXPECT_THROW(be->rmsnorm_backward_bf16(nullptr, codes_alone.data(), dout.data(), codes.data(), rstd.data(), rows, dim,
+                                         true),
+               Error);  // nothing to accumulate into
+  EXPECT_THROW(be->rmsnorm_backward_bf16(nullptr, nullptr, dout.data(), codes.data(), rstd.data(), rows, dim, false),
+               Error);  // nothing to write at all
 }
 
 TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
@@ -292,6 +308,13 @@ TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
   be->relu2_backward(dx_floats.data(), dout.data(), rounded.data(), n);
   for (size_t i = 1; i < n; ++i) ASSERT_EQ(dx_codes[i], dx_floats[i]) << i;
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(dx_out_codes[i], lowp::encode_bf16(dx_codes[i])) << i;
+  // The codes alone: the same codes, dout untouched.
+  std::vector<uint16_t> codes_alone(n);
+  std::vector<float> dout_copy = dout;
+  be->relu2_backward_bf16(nullptr, codes_alone.data(), dout_copy.data(), codes.data(), n);
+  EXPECT_EQ(codes_alone, dx_out_codes);
+  EXPECT_EQ(std::memcmp(dout_copy.data(), dout.data(), n * sizeof(float)), 0);
+  EXPECT_THROW(be->relu2_backward_bf16(nullptr, nullptr, dout.data(), codes.data(), n), Error);
 }
 
 TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {

@@ -362,8 +362,12 @@ class CpuBackend final : public Backend {
 
   void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
                              int rows, int dim, bool accumulate) override {
-    rmsnorm_backward_rows(dx, dout, out, rstd, rows, dim, accumulate);
-    encode_outputs(dx_codes, dx, static_cast<size_t>(rows) * dim);
+    const size_t n = static_cast<size_t>(rows) * dim;
+    require_codes_for_null_output(dx, dx_codes, accumulate, "rmsnorm_backward_bf16");
+    std::vector<float> unstored(dx ? 0 : n);  // the codes alone: dx's floats are not written
+    float* result = dx ? dx : unstored.data();
+    rmsnorm_backward_rows(result, dout, out, rstd, rows, dim, accumulate);
+    encode_outputs(dx_codes, result, n);
   }
 
   void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
@@ -468,8 +472,11 @@ class CpuBackend final : public Backend {
 
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                            size_t n) override {
-    relu2_backward_values(dx, dout, x, n);
-    encode_outputs(dx_codes, dx, n);
+    require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_bf16");
+    std::vector<float> unstored(dx ? 0 : n);  // the codes alone: dx's floats are not written
+    float* result = dx ? dx : unstored.data();
+    relu2_backward_values(result, dout, x, n);
+    encode_outputs(dx_codes, result, n);
   }
 
   void widen_bf16(float* out, const uint16_t* x, size_t n) override {

@@ -140,8 +140,8 @@ struct Relu2ForwardBf16 {
   bool vectorisable() const { return aligned_16({out, out_codes, stored, x}); }
 };
 
-// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx) unless null.
-// dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes.
+// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx), each unless
+// null. dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes, - 4 n without dx.
 template <typename X>
 struct Relu2Backward {
   float* dx;
@@ -154,7 +154,7 @@ struct Relu2Backward {
     Lanes<W> d = load_lanes<W>(dout, g);
 #pragma unroll
     for (int k = 0; k < W; ++k) d[k] = xi[k] > 0.f ? 2.f * xi[k] * d[k] : 0.f;
-    store_lanes<W>(dx, g, d);
+    if (dx) store_lanes<W>(dx, g, d);
     store_code_lanes<W>(dx_codes, g, d);
   }
   bool vectorisable() const { return aligned_16({dx, dx_codes, dout, x}); }
@@ -290,8 +290,9 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
 
 // One warp per row, W elements per group as in the forward: dx (+)= rstd (dout - out
 // mean(dout out)), out as float32 or bf16 codes. dx may alias dout (each lane reads an
-// element before writing it); dx_codes = bf16(dx) unless null. Traffic: 12 (16
-// accumulating; 2 less with codes in, 2 more with codes out) rows dim bytes.
+// element before writing it); dx_codes = bf16(dx), each unless null (not dx when
+// accumulating). Traffic: 12 (16 accumulating; 2 less with codes in, 2 more with codes out,
+// 4 less without dx) rows dim bytes.
 template <int W, bool kWide, typename Out>
 __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                                         const float* rstd, int rows, int dim, bool accumulate) {
@@ -300,7 +301,7 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
   const size_t off = static_cast<size_t>(row) * dim;
   const float* dr = dout + off;
   const Out* yr = out + off;
-  float* dxr = dx + off;
+  float* dxr = dx ? dx + off : nullptr;
   uint16_t* codes = dx_codes ? dx_codes + off : nullptr;
   const int groups = dim / W;
   float dot = 0.f;
@@ -322,7 +323,7 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
 #pragma unroll
       for (int k = 0; k < W; ++k) result[k] = old[k] + result[k];
     }
-    store_lanes<W, kWide>(dxr, j, result);
+    if (dxr) store_lanes<W, kWide>(dxr, j, result);
     store_code_lanes<W, kWide>(codes, j, result);
   }
 }
@@ -445,6 +446,7 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
 template <class Out>
 void launch_rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const Out* out,
                              const float* rstd, int rows, int dim, bool accumulate) {
+  require_codes_for_null_output(dx, dx_codes, accumulate, "rmsnorm_backward");
   if (rows <= 0) return;
   const unsigned blocks = row_blocks(rows), threads = kRowWarps * 32;
   if (dim % 4 != 0) {
@@ -508,6 +510,7 @@ void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint
 
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                          size_t n) {
+  require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_bf16");
   launch_lanes(s, Relu2Backward<uint16_t>{dx, dx_codes, dout, x}, n, "relu2_backward_bf16");
 }
 
