@@ -229,6 +229,21 @@ class Backend {
                                    size_t n) = 0;
   // out = float32(x).
   virtual void widen_bf16(float* out, const uint16_t* x, size_t n) = 0;
+  // Attention's q or k [T, H, D] as bf16 activations, normalised and rotated in one pass:
+  // normed = the codes of rmsnorm_forward_bf16(x) per head (rstd [T H] saved), rotated = the
+  // codes of rotary(float32(normed)) rounded to bf16, and out (unless null) = float32(rotated).
+  // Exactly rmsnorm_forward_bf16 then rotary with `stored`; out may alias x.
+  virtual void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T,
+                                   int H, int D, float eps, float base) = 0;
+  // The rotation alone from the normalised codes (a recomputation): rotated and out (unless
+  // null) as rmsnorm_rotary_bf16 wrote them.
+  virtual void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
+                                float base) = 0;
+  // Their backward: dx = rmsnorm_backward_bf16 (from normed and rstd) of the inversely
+  // rotated dout, with dx_codes (unless null) = bf16(dx); dx may be null when dx_codes is
+  // given, and may alias dout. Exactly rotary(dout, inverse) then rmsnorm_backward_bf16.
+  virtual void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
+                                            const float* rstd, int T, int H, int D, float base) = 0;
 
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;

@@ -134,6 +134,22 @@ class ProfilingBackend final : public Backend {
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
     timed("widen_bf16", 0, 6.0 * n, [&] { inner_.widen_bf16(o, x, n); });
   }
+  void rmsnorm_rotary_bf16(float* o, uint16_t* normed, uint16_t* rotated, float* r, const float* x, int T, int H, int D,
+                           float eps, float base) override {
+    // x read; normed and rotated codes written, and out when given.
+    timed("rmsnorm + rotary", 0, elements(T, H) * D * (4.0 + 2 + 2 + (o ? 4 : 0)),
+          [&] { inner_.rmsnorm_rotary_bf16(o, normed, rotated, r, x, T, H, D, eps, base); });
+  }
+  void rotary_from_bf16(float* o, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
+                        float base) override {
+    timed("rmsnorm + rotary", 0, elements(T, H) * D * (2.0 + 2 + (o ? 4 : 0)),
+          [&] { inner_.rotary_from_bf16(o, rotated, normed, T, H, D, base); });
+  }
+  void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
+                                    const float* rstd, int T, int H, int D, float base) override {
+    timed("rmsnorm + rotary backward", 0, elements(T, H) * D * (6.0 + (dx ? 4 : 0) + code_bytes(dx_codes)),
+          [&] { inner_.rotary_rmsnorm_backward_bf16(dx, dx_codes, dout, normed, rstd, T, H, D, base); });
+  }
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
     timed("attention", 0, 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });

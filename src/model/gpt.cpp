@@ -494,25 +494,24 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldInput);
-    normalize_heads(a.qn, a.qn_codes, a.q_rstd, T);
-    normalize_heads(a.kn, a.kn_codes, a.k_rstd, T);
-    rotated_copy(a.q_rot, a.q_codes, a.qn, T);
-    rotated_copy(a.k_rot, a.k_codes, a.kn, T);
+    normalize_and_rotate_heads(a.qn, a.qn_codes, a.q_rstd, a.q_rot, a.q_codes, T);
+    normalize_and_rotate_heads(a.kn, a.kn_codes, a.k_rstd, a.k_rot, a.k_codes, T);
     const int ve = look_up_value_embedding(layer, T, m);
     backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // y's bf16 copy for c_proj written by attention itself: the codes bf16 activations keep,
-    // or the held operand's.
+    // or the held operand's. bf16: attention reads its inputs' codes (q's and k's floats are
+    // not even written).
     const size_t nh = static_cast<size_t>(T) * hd;
     if (bf16_activations_) {
       // Held, the codes are all c_proj reads: y's floats are not even written.
       const bool held = backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh);
       backend_.attention_forward_bf16(held ? nullptr : a.y, a.y_codes, a.lse, a.q_rot, a.k_rot, a.v,
-                                      a.input_codes(/*floats_current=*/true), doc_, shape);
+                                      a.input_codes(/*floats_current=*/false), doc_, shape);
     } else {
       backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot,
-                                 a.v, a.input_codes(/*floats_current=*/true), doc_, shape);
+                                 a.v, a.input_codes(/*floats_current=*/false), doc_, shape);
     }
     linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
@@ -549,31 +548,37 @@ int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
   return ve;
 }
 
-void GPT::rotated_copy(float* out, uint16_t* stored, const float* x, int T) {
+void GPT::rotated_copy(float* out, const float* x, int T) {
   if (out != x) backend_.copy(out, x, static_cast<size_t>(T) * config_.hidden_dim());
-  backend_.rotary(out, stored, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base),
+  backend_.rotary(out, nullptr, T, config_.num_heads, config_.head_dim, static_cast<float>(config_.rotary_base),
                   false);
 }
 
-void GPT::normalize_heads(float* x, uint16_t* stored, float* rstd, int T) {
-  const int rows = T * config_.num_heads, D = config_.head_dim;
-  const float eps = static_cast<float>(config_.rmsnorm_eps);
+void GPT::normalize_and_rotate_heads(float* x, uint16_t* normed_codes, float* rstd, float* rotated,
+                                     uint16_t* rotated_codes, int T) {
+  const int H = config_.num_heads, D = config_.head_dim;
+  const float eps = static_cast<float>(config_.rmsnorm_eps), base = static_cast<float>(config_.rotary_base);
   if (bf16_activations_) {
-    backend_.rmsnorm_forward_bf16(x, stored, rstd, x, rows, D, eps);
+    // One pass, codes alone: attention reads them, the backward reads normed_codes.
+    backend_.rmsnorm_rotary_bf16(nullptr, normed_codes, rotated_codes, rstd, x, T, H, D, eps, base);
   } else {
-    backend_.rmsnorm_forward(x, nullptr, rstd, x, rows, D, eps);
+    backend_.rmsnorm_forward(x, nullptr, rstd, x, T * H, D, eps);
+    rotated_copy(rotated, x, T);
   }
 }
 
-void GPT::normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T) {
-  const int rows = T * config_.num_heads, D = config_.head_dim;
-  const size_t n = static_cast<size_t>(rows) * D;
+void GPT::rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd,
+                                 int T) {
+  const int H = config_.num_heads, D = config_.head_dim;
+  const size_t n = static_cast<size_t>(T) * H * D;
+  const float base = static_cast<float>(config_.rotary_base);
   if (bf16_activations_) {
     // Held, the codes are all the products read: dx's floats are not even written.
     uint16_t* codes = backend_.hold_produced_operand(kHeldGradient, dx, n);
-    backend_.rmsnorm_backward_bf16(codes ? nullptr : dx, codes, dx, stored, rstd, rows, D, false);
+    backend_.rotary_rmsnorm_backward_bf16(codes ? nullptr : dx, codes, dx, normed_codes, rstd, T, H, D, base);
   } else {
-    backend_.rmsnorm_backward(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, normed, rstd, rows, D,
+    backend_.rotary(dx, nullptr, T, H, D, base, /*inverse=*/true);
+    backend_.rmsnorm_backward(dx, backend_.hold_produced_operand(kHeldGradient, dx, n), dx, normed, rstd, T * H, D,
                               false);
   }
 }
@@ -624,13 +629,15 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   const size_t n_norm = static_cast<size_t>(T) * config_.model_dim;
   backend_.rmsnorm_forward(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n_norm), a.attn_rstd,
                            a.xm, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
-  if (bf16_activations_) {
-    const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
-    backend_.widen_bf16(a.q_rot, a.qn_codes, n);
-    backend_.widen_bf16(a.k_rot, a.kn_codes, n);
+  if (bf16_activations_) {  // from the normalised codes, codes alone as in the forward
+    const int H = config_.num_heads, D = config_.head_dim;
+    const float base = static_cast<float>(config_.rotary_base);
+    backend_.rotary_from_bf16(nullptr, a.q_codes, a.qn_codes, T, H, D, base);
+    backend_.rotary_from_bf16(nullptr, a.k_codes, a.kn_codes, T, H, D, base);
+  } else {
+    rotated_copy(a.q_rot, a.qn, T);
+    rotated_copy(a.k_rot, a.kn, T);
   }
-  rotated_copy(a.q_rot, a.q_codes, a.qn, T);
-  rotated_copy(a.k_rot, a.k_codes, a.kn, T);
   const int ve = config_.value_embed_of_layer(layer);  // looked up by the caller
   backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? train_->m.ve : nullptr,
                        params_ + block_offsets_[layer].attn_lambdas,
@@ -767,20 +774,17 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     const int ve = look_up_value_embedding(layer, T, b.m);
     recompute_attention_inputs(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
-    // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer;
-    // only recomputed are the shared floats this layer's too.
-    AttentionInputCodes codes = a.input_codes(/*floats_current=*/recompute_);
+    // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer.
+    AttentionInputCodes codes = a.input_codes(/*floats_current=*/false);
     codes.y = a.y_codes;
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
-    backend_.rotary(b.dq, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
-    backend_.rotary(b.dk, nullptr, T, H, D, static_cast<float>(config_.rotary_base), true);
     // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
     // k's gradients come held from their normalisation's backward, each used before the next.
     if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
-    normalize_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
+    rotated_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
     linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     backend_.release_operand(kHeldGradient);
-    normalize_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
+    rotated_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
     linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     if (ve >= 0) backend_.zero(b.dve, nh);

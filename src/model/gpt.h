@@ -149,18 +149,21 @@ class GPT {
   void recompute_mlp_norm(LayerActivations& a, const float* x1, int T);
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
-  // out = rotary(x), in place when out == x; with `stored` (bf16 activations) out rounded
-  // to bf16 and its codes stored.
-  void rotated_copy(float* out, uint16_t* stored, const float* x, int T);
+  // out = rotary(x) (float32 activations), in place when out == x.
+  void rotated_copy(float* out, const float* x, int T);
   // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,
   // cheaper to look up again than to keep per table); returns its table, -1 for none.
   int look_up_value_embedding(int layer, int T, const ModelActivations& m);
-  // The precision-dependent steps: x -> rmsnorm(x) per head in place (codes into `stored`
-  // in bf16, where a training pass keeps them), h -> relu(h)^2, and their backwards.
-  // normalize_heads_backward leaves dx held as kHeldGradient (codes written by the op itself
-  // with bf16 activations) for the products that follow; the caller releases it.
-  void normalize_heads(float* x, uint16_t* stored, float* rstd, int T);
-  void normalize_heads_backward(float* dx, const float* normed, const uint16_t* stored, const float* rstd, int T);
+  // The precision-dependent steps: q or k -> rmsnorm per head -> rotary, h -> relu(h)^2,
+  // and their backwards. float32: x is normalised in place and rotated into `rotated`;
+  // bf16: one pass writes the codes alone, the normalised ones into normed_codes (kept for
+  // the backward) and the rotated ones into rotated_codes (attention's input).
+  // rotated_heads_backward turns dx back and through the norm's backward, leaving it held
+  // as kHeldGradient (codes written by the op itself with bf16 activations) for the
+  // products that follow; the caller releases it.
+  void normalize_and_rotate_heads(float* x, uint16_t* normed_codes, float* rstd, float* rotated,
+                                  uint16_t* rotated_codes, int T);
+  void rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd, int T);
   // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,
   // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward
   // always leaves dh held as kHeldGradient for c_fc's two backward products. The caller

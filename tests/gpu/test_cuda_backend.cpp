@@ -702,6 +702,68 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
   }
 }
 
+// q and k's norm and rotary in one pass: the GPU's own unfused ops in sequence give the same
+// bits (the fused kernels repeat their arithmetic); the CPU's composition the same values up
+// to a bf16 ulp (its sums run in another order). D = 128 and 64 take the fused kernels, D =
+// 12 the unfused fallback.
+TEST_F(CudaBackendTest, FusedHeadNormAndRotaryAreTheOpsInSequence) {
+  SCOPED_TRACE(trace());
+  const float eps = 1.1920929e-07f, base = 1024.f, poison = std::bit_cast<float>(kNaNCodePair);
+  struct Case { int T, H, D; };
+  for (Case c : {Case{300, 6, 128}, Case{77, 4, 64}, Case{50, 3, 12}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) + " D=" + std::to_string(c.D));
+    const int rows = c.T * c.H;
+    const size_t n = static_cast<size_t>(rows) * c.D, words = (n + 1) / 2;
+    const auto x = normal(n, 3.f), dout = normal(n);
+    auto codes = [&](DeviceFloats& f) { return reinterpret_cast<uint16_t*>(f.ptr); };
+    // Unfused, on the GPU.
+    DeviceFloats ux(*gpu_, x), unormed(*gpu_, words, poison), urotated(*gpu_, words, poison), urstd(*gpu_, rows, kNaN);
+    gpu_->rmsnorm_forward_bf16(ux.ptr, codes(unormed), urstd.ptr, ux.ptr, rows, c.D, eps);
+    gpu_->rotary(ux.ptr, codes(urotated), c.T, c.H, c.D, base, false);
+    // Fused, with and without the floats.
+    DeviceFloats fx(*gpu_, x), fout(*gpu_, n, kNaN), fnormed(*gpu_, words, poison), frotated(*gpu_, words, poison),
+        frstd(*gpu_, rows, kNaN), again(*gpu_, words, poison), again_out(*gpu_, n, kNaN);
+    gpu_->rmsnorm_rotary_bf16(fout.ptr, codes(fnormed), codes(frotated), frstd.ptr, fx.ptr, c.T, c.H, c.D, eps, base);
+    expect_identical(fnormed.get(), unormed.get(), "normalised codes");
+    expect_identical(frotated.get(), urotated.get(), "rotated codes");
+    expect_identical(fout.get(), ux.get(), "rotated floats");
+    expect_identical(frstd.get(), urstd.get(), "rstd");
+    expect_identical(fx.get(), x, "x untouched when out is elsewhere");
+    DeviceFloats codes_only(*gpu_, words, poison);
+    gpu_->rmsnorm_rotary_bf16(nullptr, codes(fnormed), codes(codes_only), frstd.ptr, fx.ptr, c.T, c.H, c.D, eps, base);
+    expect_identical(codes_only.get(), urotated.get(), "rotated codes, no floats");
+    // Recomputed from the normalised codes.
+    gpu_->rotary_from_bf16(again_out.ptr, codes(again), codes(fnormed), c.T, c.H, c.D, base);
+    expect_identical(again.get(), urotated.get(), "recomputed rotated codes");
+    expect_identical(again_out.get(), ux.get(), "recomputed rotated floats");
+    // Against the CPU's composition.
+    std::vector<float> cpu_out = x, cpu_rstd(rows);
+    std::vector<uint16_t> cpu_normed(n), cpu_rotated(n);
+    cpu_->rmsnorm_rotary_bf16(cpu_out.data(), cpu_normed.data(), cpu_rotated.data(), cpu_rstd.data(), x.data(), c.T,
+                              c.H, c.D, eps, base);
+    expect_close(fout.get(), cpu_out, 2.0 / 256, 2.0 / 256, "rotated floats against the CPU (a bf16 ulp or two)");
+    expect_close(frstd.get(), cpu_rstd, 1e-5, 0, "rstd against the CPU");
+    // The backward: unfused (inverse rotary in place, then the norm's backward) and fused,
+    // the fused one into codes alone and with dx aliasing dout.
+    DeviceFloats ug(*gpu_, dout), udx_codes(*gpu_, words, poison);
+    gpu_->rotary(ug.ptr, nullptr, c.T, c.H, c.D, base, true);
+    gpu_->rmsnorm_backward_bf16(ug.ptr, codes(udx_codes), ug.ptr, codes(fnormed), frstd.ptr, rows, c.D, false);
+    DeviceFloats fg(*gpu_, dout), fdx_codes(*gpu_, words, poison), alone(*gpu_, words, poison), kept(*gpu_, dout);
+    gpu_->rotary_rmsnorm_backward_bf16(fg.ptr, codes(fdx_codes), fg.ptr, codes(fnormed), frstd.ptr, c.T, c.H, c.D,
+                                       base);
+    expect_identical(fg.get(), ug.get(), "backward dx");
+    expect_identical(fdx_codes.get(), udx_codes.get(), "backward dx codes");
+    gpu_->rotary_rmsnorm_backward_bf16(nullptr, codes(alone), kept.ptr, codes(fnormed), frstd.ptr, c.T, c.H, c.D,
+                                       base);
+    expect_identical(alone.get(), udx_codes.get(), "backward dx codes alone");
+    expect_identical(kept.get(), dout, "dout untouched");
+    std::vector<float> cpu_dx(n);
+    cpu_->rotary_rmsnorm_backward_bf16(cpu_dx.data(), nullptr, dout.data(), codes_of(fnormed.get(), n).data(),
+                                       frstd.get().data(), c.T, c.H, c.D, base);
+    expect_close(fg.get(), cpu_dx, 1e-5, 1e-5, "backward dx against the CPU");
+  }
+}
+
 TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   SCOPED_TRACE(trace());
   for (size_t n : {size_t{1}, size_t{4097}, size_t{300007}}) {

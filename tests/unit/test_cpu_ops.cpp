@@ -265,6 +265,62 @@ TEST_F(CpuOps, Bf16RmsnormRoundsItsOutputAndBackpropagatesFromTheCodes) {
                Error);  // nothing to write at all
 }
 
+// q's and k's norm-then-rotary in one op: the ops in sequence, recomputable from the
+// normalised codes, and a backward that is the gradient of the (float32) forward up to the
+// bf16 rounding of the normalised values it reads.
+TEST_F(CpuOps, FusedHeadNormAndRotaryAreTheOpsInSequenceWithTheirGradient) {
+  const int T = 6, H = 2, D = 16, rows = T * H;
+  const size_t n = static_cast<size_t>(rows) * D;
+  const float eps = 1e-6f, base = 1024.f;
+  const auto x = random_vector(n, 41, 2.f);
+  std::vector<float> out(n), rstd(rows), seq = x, seq_rstd(rows);
+  std::vector<uint16_t> normed(n), rotated(n), seq_normed(n), seq_rotated(n);
+  be->rmsnorm_rotary_bf16(out.data(), normed.data(), rotated.data(), rstd.data(), x.data(), T, H, D, eps, base);
+  be->rmsnorm_forward_bf16(seq.data(), seq_normed.data(), seq_rstd.data(), seq.data(), rows, D, eps);
+  be->rotary(seq.data(), seq_rotated.data(), T, H, D, base, false);
+  EXPECT_EQ(normed, seq_normed);
+  EXPECT_EQ(rotated, seq_rotated);
+  EXPECT_EQ(out, seq);
+  EXPECT_EQ(rstd, seq_rstd);
+  std::vector<uint16_t> again(n), alone(n);
+  std::vector<float> again_out(n);
+  be->rotary_from_bf16(again_out.data(), again.data(), normed.data(), T, H, D, base);
+  EXPECT_EQ(again, rotated);
+  EXPECT_EQ(again_out, out);
+  be->rmsnorm_rotary_bf16(nullptr, normed.data(), alone.data(), rstd.data(), x.data(), T, H, D, eps, base);
+  EXPECT_EQ(alone, rotated);
+
+  // L(x) = <w, rotary(rmsnorm(x))> in float32; its gradient from the fused backward.
+  const auto w = random_vector(n, 42), u = random_vector(n, 43);
+  auto loss = [&](const std::vector<float>& at) {
+    std::vector<float> y(n), r(rows);
+    be->rmsnorm_forward(y.data(), nullptr, r.data(), at.data(), rows, D, eps);
+    be->rotary(y.data(), nullptr, T, H, D, base, false);
+    return dot(w, y);
+  };
+  std::vector<float> dx(n);
+  std::vector<uint16_t> dx_codes(n), codes_alone(n);
+  be->rotary_rmsnorm_backward_bf16(dx.data(), dx_codes.data(), w.data(), normed.data(), rstd.data(), T, H, D, base);
+  const double numeric = testing::directional_derivative(loss, x, u, 1e-3);
+  const double band = 1e-2 * std::abs(numeric) + 1e-3;  // normed read as bf16: ~2^-8 relative
+  EXPECT_NEAR(dot(dx, u), numeric, band);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(dx_codes[i], lowp::encode_bf16(dx[i])) << i;
+  // Rotation and norm in the other order are not the gradient: the test can tell.
+  std::vector<float> wrong = w;
+  be->rmsnorm_backward_bf16(wrong.data(), nullptr, wrong.data(), normed.data(), rstd.data(), rows, D, false);
+  be->rotary(wrong.data(), nullptr, T, H, D, base, true);
+  EXPECT_GT(std::abs(dot(wrong, u) - numeric), 3 * band);
+  // The codes alone, dout untouched; dx aliasing dout.
+  std::vector<float> dout = w;
+  be->rotary_rmsnorm_backward_bf16(nullptr, codes_alone.data(), dout.data(), normed.data(), rstd.data(), T, H, D, base);
+  EXPECT_EQ(codes_alone, dx_codes);
+  EXPECT_EQ(dout, w);
+  be->rotary_rmsnorm_backward_bf16(dout.data(), nullptr, dout.data(), normed.data(), rstd.data(), T, H, D, base);
+  EXPECT_EQ(dout, dx);
+  EXPECT_THROW(be->rotary_rmsnorm_backward_bf16(nullptr, nullptr, w.data(), normed.data(), rstd.data(), T, H, D, base),
+               Error);
+}
+
 TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
   const size_t n = 300;
   auto h = random_vector(n, 23, 4.f);

@@ -484,6 +484,33 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) out[i] = lowp::decode_bf16(x[i]);
   }
 
+  // The three fused q/k ops, as the compositions the contract names (a GPU fuses them).
+  void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T, int H,
+                           int D, float eps, float base) override {
+    const size_t n = static_cast<size_t>(T) * H * D;
+    std::vector<float> unstored(out ? 0 : n);
+    float* values = out ? out : unstored.data();
+    rmsnorm_forward_bf16(values, normed, rstd, x, T * H, D, eps);
+    rotary(values, rotated, T, H, D, base, false);
+  }
+
+  void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
+                        float base) override {
+    const size_t n = static_cast<size_t>(T) * H * D;
+    std::vector<float> unstored(out ? 0 : n);
+    float* values = out ? out : unstored.data();
+    widen_bf16(values, normed, n);
+    rotary(values, rotated, T, H, D, base, false);
+  }
+
+  void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
+                                    const float* rstd, int T, int H, int D, float base) override {
+    require_codes_for_null_output(dx, dx_codes, false, "rotary_rmsnorm_backward_bf16");
+    std::vector<float> turned(dout, dout + static_cast<size_t>(T) * H * D);
+    rotary(turned.data(), nullptr, T, H, D, base, true);
+    rmsnorm_backward_bf16(dx, dx_codes, turned.data(), normed, rstd, T * H, D, false);
+  }
+
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& shape) override {
     const AttentionInputs in(codes, q, k, v, nullptr, static_cast<size_t>(shape.T) * shape.H * shape.D);

@@ -253,6 +253,20 @@ class CudaBackend final : public Backend {
     cuda::relu2_backward_bf16(stream_, dx, dx_codes, dout, x, n);
   }
   void widen_bf16(float* out, const uint16_t* x, size_t n) override { cuda::widen_bf16(stream_, out, x, n); }
+  void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T, int H,
+                           int D, float eps, float base) override {
+    cuda::rmsnorm_rotary_bf16(stream_, *op_scratch_, out, normed, rotated, rstd, x, T, H, D, eps,
+                              rotary_frequencies(D, base));
+  }
+  void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
+                        float base) override {
+    cuda::rotary_from_bf16(stream_, *op_scratch_, out, rotated, normed, T, H, D, rotary_frequencies(D, base));
+  }
+  void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
+                                    const float* rstd, int T, int H, int D, float base) override {
+    cuda::rotary_rmsnorm_backward_bf16(stream_, *op_scratch_, dx, dx_codes, dout, normed, rstd, T, H, D,
+                                       rotary_frequencies(D, base));
+  }
 
   // --- attention ------------------------------------------------------------------------------
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,

@@ -5,6 +5,7 @@
 
 #include "backends/cuda/cuda_kernels.cuh"
 #include "backends/cuda/cuda_lanes.cuh"
+#include "backends/cuda/cuda_row_math.cuh"
 
 namespace speedrun::cuda {
 namespace {
@@ -191,10 +192,7 @@ struct Rotary {
     for (int k = 0; k < W; ++k) {
       const float theta = t * freq[i + k];
       const float c = cosf(theta), s = sign * sinf(theta);
-      const float y1 = x1[k] * c + x2[k] * s;
-      const float y2 = -x1[k] * s + x2[k] * c;
-      x1[k] = y1;
-      x2[k] = y2;
+      rotate_pair(x1[k], x2[k], c, s, x1[k], x2[k]);
     }
     if (stored) {
       keep_lanes<W>(stored + at1, 0, x1);
@@ -266,7 +264,7 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
   for (int j = lane; j < groups; j += 32) {
     const Lanes<W> v = load_lanes<W, kWide>(xr, j);
 #pragma unroll
-    for (int k = 0; k < W; ++k) sum_sq += v[k] * v[k];
+    for (int k = 0; k < W; ++k) sum_sq = multiply_add(v[k], v[k], sum_sq);
   }
   sum_sq = warp_reduce(sum_sq, SumOp{});
   const float s = 1.f / sqrtf(sum_sq / dim + eps);
@@ -308,7 +306,7 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
   for (int j = lane; j < groups; j += 32) {
     const Lanes<W> d = load_lanes<W, kWide>(dr, j), y = load_lanes<W, kWide>(yr, j);
 #pragma unroll
-    for (int k = 0; k < W; ++k) dot += d[k] * y[k];
+    for (int k = 0; k < W; ++k) dot = multiply_add(d[k], y[k], dot);
   }
   dot = warp_reduce(dot, SumOp{});
   const float mean = dot / dim;
@@ -317,7 +315,7 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_codes, const flo
     const Lanes<W> d = load_lanes<W, kWide>(dr, j), y = load_lanes<W, kWide>(yr, j);
     Lanes<W> result;
 #pragma unroll
-    for (int k = 0; k < W; ++k) result[k] = r * (d[k] - y[k] * mean);
+    for (int k = 0; k < W; ++k) result[k] = rmsnorm_gradient(r, d[k], y[k], mean);
     if (accumulate) {
       const Lanes<W> old = load_lanes<W, kWide>(dxr, j);
 #pragma unroll

@@ -54,6 +54,16 @@ void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, i
 // out[i] = the bits of bf16(in[i]), nearest even (the CPU's lowp::round_to_bf16).
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n);
 
+// --- q and k: per-head rmsnorm and rotary in one pass (cuda_qk_norm_rotary.cu) ----------
+// The Backend operations of the same names; freq as rotary's. scratch: for head sizes the
+// fused kernels lack (D % 8 != 0 or D > 128), which run the unfused ones in sequence.
+void rmsnorm_rotary_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                         float* rstd, const float* x, int T, int H, int D, float eps, const float* freq);
+void rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* rotated, const uint16_t* normed, int T,
+                      int H, int D, const float* freq);
+void rotary_rmsnorm_backward_bf16(cudaStream_t s, Scratch& scratch, float* dx, uint16_t* dx_codes, const float* dout,
+                                  const uint16_t* normed, const float* rstd, int T, int H, int D, const float* freq);
+
 // --- reductions and the head (cuda_reduce.cu) ---------------------------------------------
 enum class DotResult {
   kAccumulateFloat,  // out (float*)[b] += float(total)

@@ -1,0 +1,185 @@
+// Attention's q and k as bf16 activations: the per-head rmsnorm and the rotary that follows
+// it in one pass over each head, forward, recomputed and backward (the Backend ops
+// rmsnorm_rotary_bf16, rotary_from_bf16 and rotary_rmsnorm_backward_bf16). One warp per
+// head of D <= 128 (D % 8 == 0): lane L holds elements 4L .. 4L + 3, and the rotation's
+// partner of element i < D/2, i + D/2, sits in lane L + D/8 (a shuffle away). Every step is
+// the unfused kernels' own expression in their order (rmsnorm's sums over the same groups
+// of 4, rotary's theta, cos and sin; cuda_row_math.cuh), so the codes are the same bits
+// either way. Other head sizes run the unfused kernels in sequence.
+#include <cuda_bf16.h>
+
+#include "backends/cuda/cuda_kernels.cuh"
+#include "backends/cuda/cuda_lanes.cuh"
+#include "backends/cuda/cuda_row_math.cuh"
+
+namespace speedrun::cuda {
+namespace {
+
+constexpr int kHeadWarps = 8;  // heads per block
+constexpr int kMaxFusedHead = 128;
+
+bool fusable(int D) { return D % 8 == 0 && D <= kMaxFusedHead; }
+
+// The lanes of the partner group (L +- D/8) for every lane; idle lanes get their own.
+__device__ __forceinline__ Lanes<4> partner_lanes(const Lanes<4>& mine, int lane, int groups) {
+  const int quarter = groups / 2;  // groups per half head
+  int partner = lane;
+  if (lane < quarter) partner = lane + quarter;
+  else if (lane < groups) partner = lane - quarter;
+  Lanes<4> theirs;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) theirs[k] = __shfl_sync(kFullMask, mine[k], partner);
+  return theirs;
+}
+
+// Rotary's step for the lane's four elements (sign -1: the inverse), as rotary_kernel
+// computes it: the first half's element i = x1 c + x2 s, the second half's -x1 s + x2 c,
+// with theta = fl32(t freq[i]).
+__device__ __forceinline__ Lanes<4> rotate(const Lanes<4>& mine, const Lanes<4>& theirs, int lane, int groups,
+                                           float t, const float* freq, float sign) {
+  const int quarter = groups / 2;
+  const bool first_half = lane < quarter;
+  const int i0 = 4 * (first_half ? lane : lane - quarter);
+  Lanes<4> out;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float theta = t * freq[i0 + k];
+    const float c = cosf(theta), s = sign * sinf(theta);
+    float y1, y2;
+    rotate_pair(first_half ? mine[k] : theirs[k], first_half ? theirs[k] : mine[k], c, s, y1, y2);
+    out[k] = first_half ? y1 : y2;
+  }
+  return out;
+}
+
+template <int W>
+__device__ __forceinline__ void round_lanes(Lanes<W>& x) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) x[k] = __bfloat162float(__float2bfloat16_rn(x[k]));
+}
+
+// kNormalise: normed = codes of bf16(rmsnorm(x)) (rstd saved), then rotated; else the
+// rotation of the given normed codes. out (unless null) = float32(rotated). kWide: 16-byte
+// float (8-byte code) accesses. Traffic: 8 T H D bytes (+4 with out; 4 when recomputing).
+template <bool kNormalise, bool kWide>
+__global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x,
+                                   int rows, int H, int D, float eps, const float* freq) {
+  const int row = blockIdx.x * kHeadWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;  // the whole warp: rows are per warp
+  const int groups = D / 4;
+  const bool active = lane < groups;
+  const size_t off = static_cast<size_t>(row) * D;
+  Lanes<4> y{};
+  if constexpr (kNormalise) {
+    if (active) y = load_lanes<4, kWide>(x + off, lane);
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) sum_sq = multiply_add(y[k], y[k], sum_sq);
+    sum_sq = warp_reduce(sum_sq, SumOp{});
+    const float s = 1.f / sqrtf(sum_sq / D + eps);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) y[k] *= s;
+    round_lanes(y);
+    if (active) store_code_lanes<4, kWide>(normed + off, lane, y);
+    if (lane == 0) rstd[row] = s;
+  } else {
+    if (active) y = load_lanes<4, kWide>(normed + off, lane);
+  }
+  const Lanes<4> partner = partner_lanes(y, lane, groups);
+  Lanes<4> turned = rotate(y, partner, lane, groups, static_cast<float>(row / H), freq, 1.f);
+  round_lanes(turned);
+  if (!active) return;
+  store_code_lanes<4, kWide>(rotated + off, lane, turned);
+  if (out) store_lanes<4, kWide>(out + off, lane, turned);
+}
+
+// dx = rmsnorm's backward (from normed, rstd) of the inverse rotation of dout, dx_codes =
+// bf16(dx); each unless null. dx may alias dout. Traffic: 8 T H D bytes (+4 with dx).
+template <bool kWide>
+__global__ void rotary_norm_backward_kernel(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
+                                            const float* rstd, int rows, int H, int D, const float* freq) {
+  const int row = blockIdx.x * kHeadWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int groups = D / 4;
+  const bool active = lane < groups;
+  const size_t off = static_cast<size_t>(row) * D;
+  Lanes<4> g{}, y{};
+  if (active) {
+    g = load_lanes<4, kWide>(dout + off, lane);
+    y = load_lanes<4, kWide>(normed + off, lane);
+  }
+  const Lanes<4> partner = partner_lanes(g, lane, groups);
+  g = rotate(g, partner, lane, groups, static_cast<float>(row / H), freq, -1.f);
+  float dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) dot = multiply_add(g[k], y[k], dot);
+  dot = warp_reduce(dot, SumOp{});
+  const float mean = dot / D;
+  const float r = rstd[row];
+  Lanes<4> result;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) result[k] = rmsnorm_gradient(r, g[k], y[k], mean);
+  if (!active) return;
+  if (dx) store_lanes<4, kWide>(dx + off, lane, result);
+  if (dx_codes) store_code_lanes<4, kWide>(dx_codes + off, lane, result);
+}
+
+unsigned head_blocks(int rows) { return static_cast<unsigned>((rows + kHeadWarps - 1) / kHeadWarps); }
+
+}  // namespace
+
+void rmsnorm_rotary_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                         float* rstd, const float* x, int T, int H, int D, float eps, const float* freq) {
+  const int rows = T * H;
+  if (rows <= 0 || D <= 0) return;
+  if (fusable(D)) {
+    const bool wide = aligned_16({out, normed, rotated, x});
+    auto kernel = wide ? norm_rotary_kernel<true, true> : norm_rotary_kernel<true, false>;
+    kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(out, normed, rotated, rstd, x, rows, H, D, eps, freq);
+    check_launch("norm_rotary_kernel");
+    return;
+  }
+  const size_t n = static_cast<size_t>(rows) * D;
+  float* values = out ? out : static_cast<float*>(scratch.get(n * sizeof(float)));
+  rmsnorm_forward_bf16(s, values, normed, rstd, x, rows, D, eps);
+  rotary(s, values, rotated, T, H, D, freq, false);
+}
+
+void rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* rotated, const uint16_t* normed, int T,
+                      int H, int D, const float* freq) {
+  const int rows = T * H;
+  if (rows <= 0 || D <= 0) return;
+  if (fusable(D)) {
+    auto kernel =
+        aligned_16({out, rotated, normed}) ? norm_rotary_kernel<false, true> : norm_rotary_kernel<false, false>;
+    kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(out, nullptr, rotated, nullptr, nullptr, rows, H, D, 0.f,
+                                                          freq);
+    check_launch("norm_rotary_kernel<recompute>");
+    return;
+  }
+  const size_t n = static_cast<size_t>(rows) * D;
+  float* values = out ? out : static_cast<float*>(scratch.get(n * sizeof(float)));
+  widen_bf16(s, values, normed, n);
+  rotary(s, values, rotated, T, H, D, freq, false);
+}
+
+void rotary_rmsnorm_backward_bf16(cudaStream_t s, Scratch& scratch, float* dx, uint16_t* dx_codes, const float* dout,
+                                  const uint16_t* normed, const float* rstd, int T, int H, int D, const float* freq) {
+  require_codes_for_null_output(dx, dx_codes, false, "rotary_rmsnorm_backward_bf16");
+  const int rows = T * H;
+  if (rows <= 0 || D <= 0) return;
+  if (fusable(D)) {
+    auto kernel = aligned_16({dx, dx_codes, dout, normed}) ? rotary_norm_backward_kernel<true>
+                                                           : rotary_norm_backward_kernel<false>;
+    kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(dx, dx_codes, dout, normed, rstd, rows, H, D, freq);
+    check_launch("rotary_norm_backward_kernel");
+    return;
+  }
+  const size_t n = static_cast<size_t>(rows) * D;
+  float* turned = static_cast<float*>(scratch.get(n * sizeof(float)));
+  SPEEDRUN_CUDA_CHECK(cudaMemcpyAsync(turned, dout, n * sizeof(float), cudaMemcpyDeviceToDevice, s));
+  rotary(s, turned, nullptr, T, H, D, freq, true);
+  rmsnorm_backward_bf16(s, dx, dx_codes, turned, normed, rstd, rows, D, false);
+}
+
+}  // namespace speedrun::cuda
