@@ -152,6 +152,11 @@ class Backend {
   // holding is off): the caller must then make x's floats current itself.
   virtual bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) { return false; }
   virtual void release_operand(int slot) {}
+  // C (bf16 codes [M, N], leading dimension ldc) = bf16(op(A) op(B)), nearest even: a
+  // product whose float32 result is read only rounded (bf16 activations: the MLP's h), so
+  // its floats never reach memory. Operands as gemm's (rounded to bf16 with --matmul bf16).
+  virtual void gemm_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda,
+                            const float* B, int ldb, uint16_t* C, int ldc) = 0;
   // The same over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
                             int lda, size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C,

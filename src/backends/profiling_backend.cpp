@@ -61,6 +61,10 @@ class ProfilingBackend final : public Backend {
             float beta, float* C, int ldc) override {
     timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
   }
+  void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                    uint16_t* C, int ldc) override {
+    timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc); });
+  }
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
                     const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
     timed("matmul (Newton-Schulz)", 2.0 * M * N * K * batch, 0,

@@ -534,9 +534,15 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1,
   const BlockOffsets& offsets = block_offsets_[layer];
   backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1,
                            rows, d, static_cast<float>(config_.rmsnorm_eps));
-  linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, rows, mlp, d);
+  // bf16, training: h is kept as codes alone, rounded where the product computes it.
+  const bool h_as_codes = bf16_activations_ && a.h_codes;
+  if (h_as_codes) {
+    backend_.gemm_to_bf16(false, true, rows, mlp, d, a.mlp_norm, d, params_ + offsets.fc, d, a.h_codes, mlp);
+  } else {
+    linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, rows, mlp, d);
+  }
   backend_.release_operand(kHeldInput);
-  relu2(a.g, a.h_codes, a.h, rows, keeps_g);
+  relu2(a.g, a.h_codes, h_as_codes ? nullptr : a.h, rows, keeps_g);
   linear_forward(x_out, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
   backend_.add(x_out, nullptr, x1, n);
@@ -588,7 +594,12 @@ void GPT::relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g)
   if (bf16_activations_) {
     // Held as codes, g's floats serve only a backward that keeps them (not one that recomputes).
     uint16_t* g_codes = backend_.hold_produced_operand(kHeldInput, g, n);
-    backend_.relu2_forward_bf16(g_codes && !keeps_g ? nullptr : g, g_codes, stored, h, n);
+    float* g_floats = g_codes && !keeps_g ? nullptr : g;
+    if (h) {
+      backend_.relu2_forward_bf16(g_floats, g_codes, stored, h, n);
+    } else {  // h computed as its codes alone
+      backend_.relu2_from_bf16(g_floats, g_codes, stored, n);
+    }
   } else {
     backend_.relu2_forward(g, h, n);
   }

@@ -164,7 +164,8 @@ class GPT {
   void normalize_and_rotate_heads(float* x, uint16_t* normed_codes, float* rstd, float* rotated,
                                   uint16_t* rotated_codes, int T);
   void rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd, int T);
-  // With bf16 activations, relu2 leaves g held as kHeldInput for the product that follows,
+  // With bf16 activations, relu2 reads h as `stored` codes when h is null (the product wrote
+  // them), else rounds h into `stored`; it leaves g held as kHeldInput for the product that follows,
   // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward
   // always leaves dh held as kHeldGradient for c_fc's two backward products. The caller
   // releases them.

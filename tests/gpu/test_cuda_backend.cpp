@@ -353,6 +353,55 @@ TEST_F(GemmTest, Bf16InputsMatchTheCpuEmulation) {
   check({false, true, 128, 2048 + 17, 96, 0, 1.f, 0.f, 1});
 }
 
+// gemm_to_bf16 (the MLP's h kept as codes alone): the codes of the CPU emulation's product
+// up to one bf16 ulp plus the float32 sums' order-dependent error, padding untouched; with
+// float32 products too (the fallback through scratch).
+TEST_F(GemmTest, ProductsIntoCodesAreTheRoundedProduct) {
+  SCOPED_TRACE(trace());
+  for (bool bf16_inputs : {true, false}) {
+    if (bf16_inputs) use_bf16_matmuls();
+    else {
+      gpu_ = make_cuda_backend(0);
+      cpu_ = make_cpu_backend();
+    }
+    struct Shape { bool ta, tb; int M, N, K, pad; };
+    for (Shape p : {Shape{false, true, 300, 768, 128, 0}, Shape{true, false, 37, 129, 65, 3}}) {
+      SCOPED_TRACE(std::string(bf16_inputs ? "bf16" : "fp32") + " M=" + std::to_string(p.M));
+      const int lda = (p.ta ? p.M : p.K) + p.pad, ldb = (p.tb ? p.K : p.N) + p.pad, ldc = p.N + p.pad;
+      const auto A = normal(static_cast<size_t>(p.ta ? p.K : p.M) * lda);
+      const auto B = normal(static_cast<size_t>(p.tb ? p.N : p.K) * ldb);
+      std::vector<float> want(static_cast<size_t>(p.M) * ldc), magnitude(want.size());
+      cpu_->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, A.data(), lda, B.data(), ldb, 0.f, want.data(), ldc);
+      // sum_k |a||b| per element: the scale of the float32 sums' order-dependent error.
+      std::vector<float> abs_a = A, abs_b = B;
+      for (float& v : abs_a) v = std::abs(v);
+      for (float& v : abs_b) v = std::abs(v);
+      make_cpu_backend()->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, abs_a.data(), lda, abs_b.data(), ldb, 0.f,
+                               magnitude.data(), ldc);
+      const float poison = std::bit_cast<float>(kNaNCodePair);
+      DeviceFloats dA(*gpu_, A), dB(*gpu_, B), dC(*gpu_, (want.size() + 1) / 2, poison);
+      gpu_->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, dA.ptr, lda, dB.ptr, ldb, reinterpret_cast<uint16_t*>(dC.ptr), ldc);
+      const auto codes = codes_of(dC.get(), want.size());
+      const uint16_t poison_code = static_cast<uint16_t>(kNaNCodePair & 0xFFFF);
+      size_t bad = 0;
+      for (int r = 0; r < p.M; ++r) {
+        for (int c = 0; c < ldc; ++c) {
+          const size_t i = static_cast<size_t>(r) * ldc + c;
+          if (c >= p.N) {
+            if (codes[i] != poison_code && bad++ < 5) ADD_FAILURE() << "padding written at " << r << "," << c;
+            continue;
+          }
+          const float got = lowp::decode_bf16(codes[i]), rounded = lowp::round_to_bf16(want[i]);
+          if (!(std::abs(got - rounded) <= std::abs(rounded) * 0x1p-7 + 1e-4 * magnitude[i] + 1e-30) && bad++ < 5) {
+            ADD_FAILURE() << "C[" << r << "][" << c << "] got " << got << " want " << rounded;
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0u);
+    }
+  }
+}
+
 // ...and really rounds: against float32 the same product misses that band.
 TEST_F(GemmTest, Bf16InputsDifferFromFloat32) {
   SCOPED_TRACE(trace());

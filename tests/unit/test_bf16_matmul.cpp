@@ -56,6 +56,30 @@ TEST(Bf16Matmul, EqualsTheFloat32ProductOfRoundedOperandsBitForBit) {
   }
 }
 
+// gemm_to_bf16: the codes of the product gemm computes (alpha 1, beta 0), padding between
+// rows left alone, with either kind of product.
+TEST(Bf16Matmul, ProductIntoCodesIsTheRoundedProduct) {
+  for (bool bf16_inputs : {true, false}) {
+    auto be = bf16_inputs ? make_cpu_backend(bf16_matmuls()) : make_cpu_backend();
+    for (const Product p : {Product{false, true, 5, 7, 9, 0}, Product{true, false, 6, 3, 11, 2}}) {
+      SCOPED_TRACE(std::string(bf16_inputs ? "bf16" : "fp32") + " ta=" + std::to_string(p.ta));
+      const int lda = (p.ta ? p.M : p.K) + p.pad, ldb = (p.tb ? p.K : p.N) + p.pad, ldc = p.N + p.pad;
+      const auto A = random_vector(static_cast<size_t>(p.ta ? p.K : p.M) * lda, 4);
+      const auto B = random_vector(static_cast<size_t>(p.tb ? p.N : p.K) * ldb, 5);
+      std::vector<float> product(static_cast<size_t>(p.M) * ldc, 0.f);
+      be->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, A.data(), lda, B.data(), ldb, 0.f, product.data(), ldc);
+      std::vector<uint16_t> codes(product.size(), 0xABCD);
+      be->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, codes.data(), ldc);
+      for (int r = 0; r < p.M; ++r) {
+        for (int c = 0; c < ldc; ++c) {
+          const size_t i = static_cast<size_t>(r) * ldc + c;
+          ASSERT_EQ(codes[i], c < p.N ? lowp::encode_bf16(product[i]) : 0xABCD) << r << "," << c;
+        }
+      }
+    }
+  }
+}
+
 TEST(Bf16Matmul, LeavesTheOperandsUnchanged) {
   auto bf16 = make_cpu_backend(bf16_matmuls());
   const auto A = random_vector(12 * 10, 4), B = random_vector(10 * 8, 5);

@@ -311,6 +311,21 @@ class CpuBackend final : public Backend {
     held.codes_pending = false;
   }
 
+  void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                    uint16_t* C, int ldc) override {
+    if (M <= 0 || N <= 0) return;
+    const size_t count = static_cast<size_t>(M - 1) * ldc + N;
+    std::vector<float> result(count);
+    gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result.data(), ldc);
+    if (ldc == N) {
+      encode_outputs(C, result.data(), count);
+      return;
+    }
+    for (int r = 0; r < M; ++r) {
+      encode_outputs(C + static_cast<size_t>(r) * ldc, result.data() + static_cast<size_t>(r) * ldc, N);
+    }
+  }
+
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
                     const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
                     int batch) override {

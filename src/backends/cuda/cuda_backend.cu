@@ -188,6 +188,28 @@ class CudaBackend final : public Backend {
     gemm_->run(ta, tb, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
   }
 
+  void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                    uint16_t* C, int ldc) override {
+    if (M <= 0 || N <= 0) return;
+    if (K > 0 && gemm_->bf16_inputs()) {
+      gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
+      return;
+    }
+    // float32 products (or K == 0): the float result in scratch, then its codes, row by row
+    // where rows are padded (the padding is not the product's to write).
+    const size_t count = static_cast<size_t>(M - 1) * ldc + N;
+    float* result = static_cast<float*>(op_scratch_->get(count * sizeof(float)));
+    gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result, ldc);
+    if (ldc == N) {
+      cuda::to_bf16(stream_, C, result, count);
+      return;
+    }
+    for (int r = 0; r < M; ++r) {
+      const size_t row = static_cast<size_t>(r) * ldc;
+      cuda::to_bf16(stream_, C + row, result + row, N);
+    }
+  }
+
   // --- embeddings ---------------------------------------------------------------------------
   void embedding_forward(float* out, const float* table, const int32_t* tokens, int T, int dim) override {
     cuda::embedding_forward(stream_, out, table, tokens, T, dim);

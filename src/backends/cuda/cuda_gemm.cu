@@ -96,7 +96,7 @@ void LtGemm::build_plan(const Key& key, Plan& plan) {
   const cudaDataType_t input = bf16_inputs_ ? CUDA_R_16BF : CUDA_R_32F;
   plan.a = make_layout(input, tb ? K : N, tb ? N : K, ldb, batch, stride_b);
   plan.b = make_layout(input, ta ? M : K, ta ? K : M, lda, batch, stride_a);
-  plan.c = make_layout(CUDA_R_32F, N, M, ldc, batch, stride_c);
+  plan.c = make_layout(static_cast<cudaDataType_t>(key[15]), N, M, ldc, batch, stride_c);
 
   const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
   const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
@@ -228,8 +228,25 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 batch,
                 alignment_bytes(a, stride_a, element_bytes, batch),
                 alignment_bytes(b, stride_b, element_bytes, batch),
-                alignment_bytes(C, stride_c, sizeof(float), batch)};
+                alignment_bytes(C, stride_c, sizeof(float), batch),
+                CUDA_R_32F};
   const Plan& plan = plan_for(key);
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
+                                       &plan.algo, workspace_, kWorkspaceBytes, stream_));
+}
+
+void LtGemm::run_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                         uint16_t* C, int ldc) {
+  if (!bf16_inputs_) throw Error("LtGemm::run_to_bf16 needs bf16 inputs");
+  const void* a = rounded_operand(bf16_a_, A, operand_extent(ta ? K : M, ta ? M : K, lda, 0, 1));
+  const void* b = rounded_operand(bf16_b_, B, operand_extent(tb ? N : K, tb ? K : N, ldb, 0, 1));
+  const Key key{ta, tb, M, N, K, lda, ldb, ldc, 0, 0, 0, 1,
+                alignment_bytes(a, 0, sizeof(uint16_t), 1),
+                alignment_bytes(b, 0, sizeof(uint16_t), 1),
+                alignment_bytes(C, 0, sizeof(uint16_t), 1),
+                CUDA_R_16BF};
+  const Plan& plan = plan_for(key);
+  const float alpha = 1.f, beta = 0.f;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
                                        &plan.algo, workspace_, kWorkspaceBytes, stream_));
 }

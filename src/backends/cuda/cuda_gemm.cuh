@@ -41,6 +41,12 @@ class LtGemm {
   void run(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A, int lda,
            size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
            int batch);
+  // Backend::gemm_to_bf16 with bf16 inputs: C (bf16 codes, leading dimension ldc) =
+  // bf16(op(A) op(B)), rounded by cuBLASLt's epilogue from the float32 accumulator. Requires
+  // bf16 inputs and K > 0.
+  void run_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B,
+                   int ldb, uint16_t* C, int ldc);
+  bool bf16_inputs() const { return bf16_inputs_; }
 
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
   // Backend::hold_operand / release_operand (no-ops with float32 inputs).
@@ -59,7 +65,8 @@ class LtGemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's (column-major) operands
     cublasLtMatmulAlgo_t algo{};
   };
-  using Key = std::array<int64_t, 15>;
+  // ta, tb, M, N, K, lda, ldb, ldc, strides a, b, c, batch, alignments a, b, c, C's type.
+  using Key = std::array<int64_t, 16>;
   const Plan& plan_for(const Key& key);
   void build_plan(const Key& key, Plan& plan);  // throws speedrun::Error when no algorithm exists
   static void destroy(const Plan& plan);        // frees what the plan holds (null members skipped)
