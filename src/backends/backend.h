@@ -235,8 +235,9 @@ class Backend {
   // out = float32(x).
   virtual void widen_bf16(float* out, const uint16_t* x, size_t n) = 0;
   // Attention's q or k [T, H, D] as bf16 activations, normalised and rotated in one pass:
-  // normed = the codes of rmsnorm_forward_bf16(x) per head (rstd [T H] saved), rotated = the
-  // codes of rotary(float32(normed)) rounded to bf16, and out (unless null) = float32(rotated).
+  // normed (unless null: a pass without a backward) = the codes of rmsnorm_forward_bf16(x)
+  // per head (rstd [T H] saved), rotated = the codes of rotary(float32 of those) rounded to
+  // bf16, and out (unless null) = float32(rotated).
   // Exactly rmsnorm_forward_bf16 then rotary with `stored`; out may alias x.
   virtual void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T,
                                    int H, int D, float eps, float base) = 0;
@@ -297,6 +298,14 @@ class Backend {
   // dW[V, d] += s (g^T e4m3(2 x)) / 2^20 in float32. Uses the weight kept by the forward.
   virtual void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W,
                                  int rows, int V, int d, float output_scale) = 0;
+  // One chunk of the training head in one call: fp8_head_forward into `logits`, then
+  // softcap_cross_entropy (row_loss, the gradient scaled by loss_scale), then
+  // fp8_head_backward with output_scale. `logits` is rows x V floats of the caller's memory
+  // the op may use for its intermediates in any form (contents undefined afterwards): a
+  // GPU keeps the logits in bf16 and the gradient as its e5m2 cast, never as float32.
+  virtual void fp8_head_loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+                             const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale,
+                             float output_scale, bool requantize_weight) = 0;
 
   // --- optimisers (SPEC §4) -------------------------------------------------------------
   // The operations that change parameters or optimiser state take `skip`: a backend int32

@@ -121,7 +121,7 @@ class ProfilingBackend final : public Backend {
   }
   void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
                              int rows, int dim, bool acc) override {
-    timed("rmsnorm backward", 0, elements(rows, dim) * (10.0 + (acc ? 4 : 0) + code_bytes(dx_codes)),
+    timed("rmsnorm backward", 0, elements(rows, dim) * (6.0 + (dx ? 4 : 0) + (acc ? 4 : 0) + code_bytes(dx_codes)),
           [&] { inner_.rmsnorm_backward_bf16(dx, dx_codes, dout, out, rstd, rows, dim, acc); });
   }
   void relu2_forward_bf16(float* o, uint16_t* o_codes, uint16_t* stored, const float* x, size_t n) override {
@@ -132,7 +132,7 @@ class ProfilingBackend final : public Backend {
     timed("relu2 forward", 0, n * (2.0 + (o ? 4 : 0) + code_bytes(o_codes)), [&] { inner_.relu2_from_bf16(o, o_codes, x, n); });
   }
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x, size_t n) override {
-    timed("relu2 backward", 0, n * (10.0 + code_bytes(dx_codes)),
+    timed("relu2 backward", 0, n * (6.0 + (dx ? 4 : 0) + code_bytes(dx_codes)),
           [&] { inner_.relu2_backward_bf16(dx, dx_codes, dout, x, n); });
   }
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
@@ -141,7 +141,7 @@ class ProfilingBackend final : public Backend {
   void rmsnorm_rotary_bf16(float* o, uint16_t* normed, uint16_t* rotated, float* r, const float* x, int T, int H, int D,
                            float eps, float base) override {
     // x read; normed and rotated codes written, and out when given.
-    timed("rmsnorm + rotary", 0, elements(T, H) * D * (4.0 + 2 + 2 + (o ? 4 : 0)),
+    timed("rmsnorm + rotary", 0, elements(T, H) * D * (4.0 + code_bytes(normed) + 2 + (o ? 4 : 0)),
           [&] { inner_.rmsnorm_rotary_bf16(o, normed, rotated, r, x, T, H, D, eps, base); });
   }
   void rotary_from_bf16(float* o, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
@@ -182,6 +182,14 @@ class ProfilingBackend final : public Backend {
                          int d, float output_scale) override {
     timed("matmul (FP8 head)", 4.0 * rows * V * d, 0,
           [&] { inner_.fp8_head_backward(dx, dW, dlogits, x, W, rows, V, d, output_scale); });
+  }
+  void fp8_head_loss(float* logits, float* loss, float* dx, float* dW, const float* x, const float* W,
+                     const int32_t* t, int rows, int V, int d, float c, float loss_scale, float output_scale,
+                     bool requantize_weight) override {
+    // Its three products; the loss between them is timed with them.
+    timed("matmul (FP8 head)", 6.0 * rows * V * d, 0, [&] {
+      inner_.fp8_head_loss(logits, loss, dx, dW, x, W, t, rows, V, d, c, loss_scale, output_scale, requantize_weight);
+    });
   }
   void adam_update(const AdamTensor* tensors, size_t count, float b1, float b2, float eps, int step,
                    const int32_t* skip) override {

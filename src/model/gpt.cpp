@@ -532,10 +532,11 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1,
   const int d = config_.model_dim, mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(rows) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
-  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1,
-                           rows, d, static_cast<float>(config_.rmsnorm_eps));
-  // bf16, training: h is kept as codes alone, rounded where the product computes it.
-  const bool h_as_codes = bf16_activations_ && a.h_codes;
+  uint16_t* norm_codes = backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n);
+  backend_.rmsnorm_forward(a.mlp_norm, norm_codes, a.mlp_rstd, x1, rows, d, static_cast<float>(config_.rmsnorm_eps));
+  // bf16 activations, training, bf16 products (norm_codes: the product then rounds on the
+  // tensor cores' output): h is kept as codes alone, rounded where the product computes it.
+  const bool h_as_codes = bf16_activations_ && a.h_codes && norm_codes;
   if (h_as_codes) {
     backend_.gemm_to_bf16(false, true, rows, mlp, d, a.mlp_norm, d, params_ + offsets.fc, d, a.h_codes, mlp);
   } else {
@@ -671,21 +672,19 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   for (int r0 = 0; r0 < T; r0 += head_chunk_) {
     const int rows = std::min(head_chunk_, T - r0);
     const float* xr = m.final_norm + static_cast<size_t>(r0) * d;
-    // SPEC §6: training runs the head in FP8 (lm_head_fp8); evaluation uses the plain head.
+    const float softcap = static_cast<float>(config_.logit_softcap);
+    // SPEC §6: training runs the head in FP8 (lm_head_fp8), forward, loss and backward in
+    // one call; evaluation uses the plain head. The FP8 cast sees the sequence's own
+    // mean-loss gradient, as on each of the reference's ranks (e5m2's range is tuned to
+    // it); grad_scale is applied after the cast.
     if (fp8) {
-      backend_.fp8_head_forward(logits_, xr, W, rows, V, d, /*requantize_weight=*/r0 == 0);
-    } else {
-      backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
-    }
-    // The FP8 cast sees the sequence's own mean-loss gradient, as on each of the reference's
-    // ranks (e5m2's range is tuned to it); grad_scale is applied after the cast.
-    backend_.softcap_cross_entropy(logits_, row_loss_ + r0, targets_ + r0, rows, V,
-                                   static_cast<float>(config_.logit_softcap), (fp8 ? 1.f : grad_scale) / T);
-    if (!training) continue;
-    if (fp8) {
-      backend_.fp8_head_backward(train_->dtmp + static_cast<size_t>(r0) * d, dW, logits_, xr, W, rows, V, d, grad_scale);
+      backend_.fp8_head_loss(logits_, row_loss_ + r0, train_->dtmp + static_cast<size_t>(r0) * d, dW, xr, W,
+                             targets_ + r0, rows, V, d, softcap, 1.f / T, grad_scale, /*requantize_weight=*/r0 == 0);
       continue;
     }
+    backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
+    backend_.softcap_cross_entropy(logits_, row_loss_ + r0, targets_ + r0, rows, V, softcap, grad_scale / T);
+    if (!training) continue;
     backend_.hold_operand(kHeldGradient, logits_, static_cast<size_t>(rows) * V);
     backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
     backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, train_->dtmp + static_cast<size_t>(r0) * d, d);

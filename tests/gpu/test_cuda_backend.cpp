@@ -753,13 +753,13 @@ TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
 
 // q and k's norm and rotary in one pass: the GPU's own unfused ops in sequence give the same
 // bits (the fused kernels repeat their arithmetic); the CPU's composition the same values up
-// to a bf16 ulp (its sums run in another order). D = 128 and 64 take the fused kernels, D =
-// 12 the unfused fallback.
+// to a bf16 ulp (its sums run in another order). D = 128, 64, 32 and 8 take the fused
+// kernels (below 128 with idle lanes), D = 12 the unfused fallback.
 TEST_F(CudaBackendTest, FusedHeadNormAndRotaryAreTheOpsInSequence) {
   SCOPED_TRACE(trace());
   const float eps = 1.1920929e-07f, base = 1024.f, poison = std::bit_cast<float>(kNaNCodePair);
   struct Case { int T, H, D; };
-  for (Case c : {Case{300, 6, 128}, Case{77, 4, 64}, Case{50, 3, 12}}) {
+  for (Case c : {Case{300, 6, 128}, Case{77, 4, 64}, Case{64, 2, 32}, Case{40, 3, 8}, Case{50, 3, 12}}) {
     SCOPED_TRACE("T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) + " D=" + std::to_string(c.D));
     const int rows = c.T * c.H;
     const size_t n = static_cast<size_t>(rows) * c.D, words = (n + 1) / 2;
@@ -778,9 +778,23 @@ TEST_F(CudaBackendTest, FusedHeadNormAndRotaryAreTheOpsInSequence) {
     expect_identical(fout.get(), ux.get(), "rotated floats");
     expect_identical(frstd.get(), urstd.get(), "rstd");
     expect_identical(fx.get(), x, "x untouched when out is elsewhere");
-    DeviceFloats codes_only(*gpu_, words, poison);
+    DeviceFloats codes_only(*gpu_, words, poison), no_normed(*gpu_, words, poison);
     gpu_->rmsnorm_rotary_bf16(nullptr, codes(fnormed), codes(codes_only), frstd.ptr, fx.ptr, c.T, c.H, c.D, eps, base);
     expect_identical(codes_only.get(), urotated.get(), "rotated codes, no floats");
+    // A pass without a backward keeps no normalised codes.
+    gpu_->rmsnorm_rotary_bf16(nullptr, nullptr, codes(no_normed), frstd.ptr, fx.ptr, c.T, c.H, c.D, eps, base);
+    expect_identical(no_normed.get(), urotated.get(), "rotated codes, no normalised codes kept");
+    // In place (out == x), and one float off alignment (the scalar accesses).
+    DeviceFloats in_place(*gpu_, x), shifted(*gpu_, n + 1, 0.f), shifted_out(*gpu_, n + 1, kNaN);
+    gpu_->rmsnorm_rotary_bf16(in_place.ptr, nullptr, codes(codes_only), frstd.ptr, in_place.ptr, c.T, c.H, c.D, eps,
+                              base);
+    expect_identical(in_place.get(), ux.get(), "rotated floats in place");
+    gpu_->copy(shifted.ptr + 1, fx.ptr, n);
+    gpu_->rmsnorm_rotary_bf16(shifted_out.ptr + 1, nullptr, codes(codes_only), frstd.ptr, shifted.ptr + 1, c.T, c.H,
+                              c.D, eps, base);
+    const auto shifted_values = shifted_out.get();
+    expect_identical(std::vector<float>(shifted_values.begin() + 1, shifted_values.end()), ux.get(),
+                     "rotated floats, unaligned");
     // Recomputed from the normalised codes.
     gpu_->rotary_from_bf16(again_out.ptr, codes(again), codes(fnormed), c.T, c.H, c.D, base);
     expect_identical(again.get(), urotated.get(), "recomputed rotated codes");

@@ -242,6 +242,27 @@ std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
   return t;
 }
 
+// fp8_head_loss is forward, softcap cross-entropy and backward in turn (the CPU's own
+// definition; a GPU fuses them and is tested against this).
+TEST(Fp8Head, LossInOneCallIsTheThreeStepsInTurn) {
+  auto fused = make_cpu_backend(), in_turn = make_cpu_backend();
+  const HeadCase c;
+  std::vector<int32_t> targets(c.rows);
+  for (int r = 0; r < c.rows; ++r) targets[r] = (r * 37) % c.V;
+  const std::vector<float> dW0 = normal(c.W.size(), 1e-3f, 4);
+  std::vector<float> logits(static_cast<size_t>(c.rows) * c.V), loss(c.rows), dx(c.x.size()), dW = dW0;
+  fused->fp8_head_loss(logits.data(), loss.data(), dx.data(), dW.data(), c.x.data(), c.W.data(), targets.data(), c.rows,
+                       c.V, c.d, 15.f, 1.f / c.rows, 0.5f, true);
+  std::vector<float> logits2(logits.size()), loss2(c.rows), dx2(c.x.size()), dW2 = dW0;
+  in_turn->fp8_head_forward(logits2.data(), c.x.data(), c.W.data(), c.rows, c.V, c.d, true);
+  in_turn->softcap_cross_entropy(logits2.data(), loss2.data(), targets.data(), c.rows, c.V, 15.f, 1.f / c.rows);
+  in_turn->fp8_head_backward(dx2.data(), dW2.data(), logits2.data(), c.x.data(), c.W.data(), c.rows, c.V, c.d, 0.5f);
+  EXPECT_EQ(loss, loss2);
+  EXPECT_EQ(dx, dx2);
+  EXPECT_EQ(dW, dW2);
+  EXPECT_NE(dW, dW0);
+}
+
 TEST(Fp8Head, ModelTrainsWithItAndEvaluatesWithThePlainHead) {
   auto be = make_cpu_backend();
   Config fp32 = Config::preset("micro");

@@ -612,6 +612,13 @@ class CpuBackend final : public Backend {
                          int d, float output_scale) override {
     cpu::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
   }
+  void fp8_head_loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+                     const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale, float output_scale,
+                     bool requantize_weight) override {
+    fp8_head_forward(logits, x, W, rows, V, d, requantize_weight);
+    softcap_cross_entropy(logits, row_loss, targets, rows, V, softcap, loss_scale);
+    fp8_head_backward(dx, dW, logits, x, W, rows, V, d, output_scale);
+  }
 
   void adam_update(const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps, int step,
                    const int32_t* skip) override {

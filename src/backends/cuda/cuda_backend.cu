@@ -30,6 +30,9 @@ void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float*
                       bool requantize_weight);
 void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
                        int rows, int V, int d, float output_scale);
+void fp8_head_loss(Fp8Head& head, float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+                   const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale, float output_scale,
+                   bool requantize_weight);
 
 namespace {
 
@@ -374,6 +377,13 @@ class CudaBackend final : public Backend {
                          int d, float output_scale) override {
     if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_, emulate_fp8_head_);
     cuda::fp8_head_backward(*fp8_head_, dx, dW, dlogits, x, W, rows, V, d, output_scale);
+  }
+  void fp8_head_loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+                     const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale, float output_scale,
+                     bool requantize_weight) override {
+    if (!fp8_head_) fp8_head_ = make_fp8_head(stream_, *gemm_, emulate_fp8_head_);
+    cuda::fp8_head_loss(*fp8_head_, logits, row_loss, dx, dW, x, W, targets, rows, V, d, softcap, loss_scale,
+                        output_scale, requantize_weight);
   }
 
   // --- optimisers ----------------------------------------------------------------------------

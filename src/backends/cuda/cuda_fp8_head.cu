@@ -34,6 +34,7 @@
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/cuda_common.cuh"
 #include "backends/cuda/cuda_gemm.cuh"
+#include "backends/cuda/cuda_kernels.cuh"
 
 namespace speedrun::cuda {
 
@@ -86,6 +87,22 @@ __global__ void scaled_cast_transpose_kernel(__nv_fp8_storage_t* out_t, __nv_fp8
   }
 }
 
+// out_t[c * rows + r] = in[r * cols + c] for bytes (FP8 codes), through a shared tile.
+// Floor: 2 bytes/element.
+__global__ void transpose_bytes_kernel(uint8_t* out_t, const uint8_t* in, int rows, int cols) {
+  __shared__ uint8_t tile[kTile][kTile + 1];
+  const int c0 = blockIdx.x * kTile, r0 = blockIdx.y * kTile;
+  for (int dy = threadIdx.y; dy < kTile; dy += kTileRows) {
+    const int r = r0 + dy, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[dy][threadIdx.x] = in[static_cast<size_t>(r) * cols + c];
+  }
+  __syncthreads();
+  for (int dx = threadIdx.y; dx < kTile; dx += kTileRows) {
+    const int c = c0 + dx, r = r0 + threadIdx.x;
+    if (r < rows && c < cols) out_t[static_cast<size_t>(c) * rows + r] = tile[threadIdx.x][dx];
+  }
+}
+
 // out[i] = float(fp8(in[i] * scale)): the FP8 value, exactly, as a float. Floor: 8 bytes/element.
 template <__nv_fp8_interpretation_t F>
 __global__ void scaled_round_kernel(float* out, const float* in, size_t n, float scale) {
@@ -112,6 +129,14 @@ void scaled_cast_transpose(cudaStream_t s, __nv_fp8_storage_t* out_t, __nv_fp8_s
   if (grid.y > 65535u) throw Error("scaled_cast_transpose: " + std::to_string(rows) + " rows exceed the grid");
   scaled_cast_transpose_kernel<F><<<grid, dim3(kTile, kTileRows), 0, s>>>(out_t, out, in, rows, cols, scale);
   check_launch("scaled_cast_transpose_kernel");
+}
+
+void transpose_bytes(cudaStream_t s, uint8_t* out_t, const uint8_t* in, int rows, int cols) {
+  if (rows == 0 || cols == 0) return;
+  const dim3 grid((cols + kTile - 1) / kTile, (rows + kTile - 1) / kTile);
+  if (grid.y > 65535u) throw Error("transpose_bytes: " + std::to_string(rows) + " rows exceed the grid");
+  transpose_bytes_kernel<<<grid, dim3(kTile, kTileRows), 0, s>>>(out_t, in, rows, cols);
+  check_launch("transpose_bytes_kernel");
 }
 
 template <__nv_fp8_interpretation_t F>
@@ -236,8 +261,56 @@ class Fp8Head {
     round_to_bf16(stream_, dx, nx);
   }
 
+ // Backend::fp8_head_loss. On the tensor cores the logits live in `logits` as bf16 codes
+  // (cuBLASLt's epilogue rounds them: SPEC §6's "product rescaled to bf16"), the loss kernel
+  // writes the gradient's e5m2 cast directly, and a byte transpose makes the dW product's
+  // operand: no float32 logits or gradient in memory. Otherwise the three steps in turn.
+  void loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+            const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale, float output_scale,
+            bool requantize) {
+    require_shape(rows, V, d, "fp8_head_loss");
+    if (requantize || W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
+    if (rows == 0) return;
+    if (!fits_tensor_cores(rows, V, d) || !fused_loss(logits, row_loss, dx, dW, x, targets, rows, V, d, softcap,
+                                                      loss_scale, output_scale)) {
+      forward(logits, x, W, rows, V, d, false);
+      softcap_cross_entropy(stream_, logits, row_loss, targets, rows, V, softcap, loss_scale);
+      backward(dx, dW, logits, x, W, rows, V, d, output_scale);
+    }
+  }
+
  private:
   enum InverseScale { kInvX = 0, kInvW = 1, kInvGrad = 2 };
+
+  // The tensor-core loss; false, dW untouched, when cuBLASLt refuses one of its products.
+  bool fused_loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const int32_t* targets,
+                  int rows, int V, int d, float softcap, float loss_scale, float output_scale) {
+    auto* logits16 = reinterpret_cast<uint16_t*>(logits);  // rows x V codes in the caller's floats
+    const Key forward_key =
+        product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits16, CUDA_R_16BF);
+    const Key dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
+    const Key dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
+    Plan* forward_plan = plan_or_refusal(forward_key);
+    Plan* dx_plan = forward_plan ? plan_or_refusal(dx_key) : nullptr;
+    Plan* dW_plan = dx_plan ? plan_or_refusal(dW_key) : nullptr;
+    if (!dW_plan) return false;
+    const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
+    auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
+    auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
+    scaled_cast_transpose<__NV_E4M3>(stream_, x8t, x8, x, rows, d, kXScale);
+    if (!matmul(forward_key, *forward_plan, weight_e4m3(), x8, 1.f, 0.f, logits16)) return false;
+    auto* g8 = static_cast<uint8_t*>(g_.get(ng));
+    auto* g8t = static_cast<uint8_t*>(g_t_.get(ng));
+    softcap_cross_entropy_to_e5m2(stream_, g8, kGradScale, row_loss, logits16, targets, rows, V, softcap, loss_scale);
+    transpose_bytes(stream_, g8t, g8, rows, V);
+    // A refused dW product leaves dW alone; the caller's fallback then redoes all three.
+    if (!matmul(dx_key, *dx_plan, weight_e4m3_transposed(), g8, output_scale, 0.f, dx) ||
+        !matmul(dW_key, *dW_plan, x8t, g8t, output_scale, 1.f, dW)) {
+      return false;
+    }
+    round_to_bf16(stream_, dx, nx);
+    return true;
+  }
   static constexpr int kScaleSlotFloats = 64;  // 256 bytes per inverse scale
   // Heuristic choices kept per product: cuBLASLt may turn one down at run time (seen on an
   // H200 with CUDA 13), and its sample's advice is to try the next.
@@ -248,8 +321,9 @@ class Fp8Head {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     std::vector<cublasLtMatmulAlgo_t> algorithms;  // best first; one that ran is moved to the front
   };
-  // m, n, k, A type, A scale, B type, B scale, fast accumulation, beta != 0, alignments of A, B, D.
-  using Key = std::array<int64_t, 12>;
+  // m, n, k, A type, A scale, B type, B scale, fast accumulation, beta != 0, alignments of A,
+  // B, D, D's type (float32, or bf16 for the fused head's logits).
+  using Key = std::array<int64_t, 13>;
 
   static void require_shape(int rows, int V, int d, const char* op) {
     if (rows < 0 || V <= 0 || d <= 0) {
@@ -266,10 +340,11 @@ class Fp8Head {
   // The FP8 operands A and B always live in this class's scratch (cudaMalloc: 256-byte
   // aligned), so a plan is known before any of it is allocated.
   static Key product_key(int m, int n, int k, cudaDataType_t a_type, InverseScale a_scale, cudaDataType_t b_type,
-                         InverseScale b_scale, bool fast_accum, bool accumulate, const float* D) {
+                         InverseScale b_scale, bool fast_accum, bool accumulate, const void* D,
+                         cudaDataType_t d_type = CUDA_R_32F) {
     constexpr int64_t kScratchAlignment = 256;
     return Key{m, n, k, a_type, a_scale, b_type, b_scale, fast_accum, accumulate,
-               kScratchAlignment, kScratchAlignment, alignment_of(D)};
+               kScratchAlignment, kScratchAlignment, alignment_of(D), d_type};
   }
 
   // The plan for `key`, or nullptr when cuBLASLt has no FP8 algorithm for it (remembered: the
@@ -326,7 +401,7 @@ class Fp8Head {
   // Tries the plan's algorithms in order while cuBLASLt answers CUBLAS_STATUS_NOT_SUPPORTED
   // (it checks an algorithm against the call only at run time); false, D untouched and the
   // product refused from now on, when it turns every one down.
-  bool matmul(const Key& key, Plan& plan, const void* A, const void* B, float alpha, float beta, float* D) {
+  bool matmul(const Key& key, Plan& plan, const void* A, const void* B, float alpha, float beta, void* D) {
     auto& algorithms = plan.algorithms;
     for (size_t i = 0; i < algorithms.size(); ++i) {
       const cublasStatus_t status =
@@ -373,11 +448,12 @@ class Fp8Head {
     set(plan.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast);
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, static_cast<cudaDataType_t>(key[3]), k, m, k));
     SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, static_cast<cudaDataType_t>(key[5]), k, n, k));
-    SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, m, n, m));
+    SPEEDRUN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, static_cast<cudaDataType_t>(key[12]), m, n, m));
 
     plan.algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.d, plan.d,
                                            static_cast<uint32_t>(key[9]), static_cast<uint32_t>(key[10]),
-                                           static_cast<uint32_t>(key[11]), kCandidateAlgorithms);
+                                           static_cast<uint32_t>(key[11]), kCandidateAlgorithms,
+                                           key[12] == CUDA_R_16BF);
     return !plan.algorithms.empty();
   }
 
@@ -428,6 +504,12 @@ void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float*
 void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
                        int rows, int V, int d, float output_scale) {
   head.backward(dx, dW, dlogits, x, W, rows, V, d, output_scale);
+}
+
+void fp8_head_loss(Fp8Head& head, float* logits, float* row_loss, float* dx, float* dW, const float* x, const float* W,
+                   const int32_t* targets, int rows, int V, int d, float softcap, float loss_scale, float output_scale,
+                   bool requantize_weight) {
+  head.loss(logits, row_loss, dx, dW, x, W, targets, rows, V, d, softcap, loss_scale, output_scale, requantize_weight);
 }
 
 }  // namespace speedrun::cuda

@@ -102,7 +102,7 @@ void LtGemm::build_plan(const Key& key, Plan& plan) {
   const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
   const uint32_t align_c = static_cast<uint32_t>(key[14]);
   const auto algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first,
-                                               align_second, align_c, 1);
+                                               align_second, align_c, 1, key[15] == CUDA_R_16BF);
   if (algorithms.empty()) {
     throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
                 " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
@@ -116,7 +116,7 @@ std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, 
                                                        cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                                        cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
                                                        uint32_t align_a, uint32_t align_b, uint32_t align_c,
-                                                       int wanted) {
+                                                       int wanted, bool rounded_output) {
   cublasLtMatmulPreference_t preference = nullptr;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
   const uint64_t workspace = LtGemm::kWorkspaceBytes;
@@ -131,6 +131,10 @@ std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, 
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
     set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c));
+    if (rounded_output) {  // no split-K, or partial sums kept in the float32 compute type
+      const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+      set(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes));
+    }
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
         handle, desc, a, b, c, d, preference, static_cast<int>(results.size()), results.data(), &returned);
     // Some releases say "no algorithm" with NOT_SUPPORTED rather than a count of 0: the

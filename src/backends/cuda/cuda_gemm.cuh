@@ -22,12 +22,14 @@ namespace speedrun::cuda {
 
 // cuBLASLt's heuristic choices for `desc` over the layouts a, b, c (input) and d (output)
 // within LtGemm's workspace and the given operand alignments in bytes (D shares C's), best
-// first, at most `wanted` of them; empty when it has none for this problem.
+// first, at most `wanted` of them; empty when it has none for this problem. A bf16 output
+// (rounded_output) admits no split-K reduction in the output type: its partial sums would
+// be rounded to bf16 before they are added.
 std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
                                                        cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                                        cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
                                                        uint32_t align_a, uint32_t align_b, uint32_t align_c,
-                                                       int wanted);
+                                                       int wanted, bool rounded_output = false);
 
 class LtGemm {
  public:

@@ -80,6 +80,11 @@ void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_code
                   float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n);
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale);
+// The same from logits kept as bf16 codes, its gradient written as the e5m2 codes of
+// e5m2_scale times it (saturating: the FP8 head's cast) into gradient [rows, V] (bytes).
+void softcap_cross_entropy_to_e5m2(cudaStream_t s, uint8_t* gradient, float e5m2_scale, float* row_loss,
+                                   const uint16_t* logits, const int32_t* targets, int rows, int V, float softcap,
+                                   float grad_scale);
 
 // --- step control (cuda_step_control.cu) -----------------------------------------------
 void fill_i32(cudaStream_t s, int32_t* dst, int32_t value, size_t count);

@@ -34,13 +34,15 @@ __device__ __forceinline__ Lanes<4> partner_lanes(const Lanes<4>& mine, int lane
 
 // Rotary's step for the lane's four elements (sign -1: the inverse), as rotary_kernel
 // computes it: the first half's element i = x1 c + x2 s, the second half's -x1 s + x2 c,
-// with theta = fl32(t freq[i]).
+// with theta = fl32(t freq[i]). Idle lanes (past the head) get zeros and read no freq
+// (it holds D/2 values).
 __device__ __forceinline__ Lanes<4> rotate(const Lanes<4>& mine, const Lanes<4>& theirs, int lane, int groups,
                                            float t, const float* freq, float sign) {
+  Lanes<4> out{};
+  if (lane >= groups) return out;
   const int quarter = groups / 2;
   const bool first_half = lane < quarter;
   const int i0 = 4 * (first_half ? lane : lane - quarter);
-  Lanes<4> out;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const float theta = t * freq[i0 + k];
@@ -58,8 +60,8 @@ __device__ __forceinline__ void round_lanes(Lanes<W>& x) {
   for (int k = 0; k < W; ++k) x[k] = __bfloat162float(__float2bfloat16_rn(x[k]));
 }
 
-// kNormalise: normed = codes of bf16(rmsnorm(x)) (rstd saved), then rotated; else the
-// rotation of the given normed codes. out (unless null) = float32(rotated). kWide: 16-byte
+// kNormalise: normed (unless null) = codes of bf16(rmsnorm(x)) (rstd saved), then rotated;
+// else the rotation of the given normed codes. out (unless null) = float32(rotated). kWide: 16-byte
 // float (8-byte code) accesses. Traffic: 8 T H D bytes (+4 with out; 4 when recomputing).
 template <bool kNormalise, bool kWide>
 __global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x,
@@ -80,7 +82,7 @@ __global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotat
 #pragma unroll
     for (int k = 0; k < 4; ++k) y[k] *= s;
     round_lanes(y);
-    if (active) store_code_lanes<4, kWide>(normed + off, lane, y);
+    if (active && normed) store_code_lanes<4, kWide>(normed + off, lane, y);
     if (lane == 0) rstd[row] = s;
   } else {
     if (active) y = load_lanes<4, kWide>(normed + off, lane);

@@ -1,6 +1,8 @@
 // Deterministic float64 reductions (dot products, sums, Frobenius norms) and the fused
 // softcap + cross-entropy head of the CUDA backend. Every sum uses a fixed partition and
 // a fixed tree, so results are bit-identical run to run.
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -168,24 +170,50 @@ __device__ __forceinline__ void softcap_gradient(Lanes<W>& z, const Softcap& cap
   }
 }
 
-// One block per row of V logits, in place, in groups of W (W divides V; 16-byte accesses
-// when kWide): y = softcap(z); lse = max + log(sum exp(y - max)) from per-thread running
-// sums (float), rescaled to the row's max and combined in float64; row_loss = lse -
-// y[target]; then z <- grad_scale (softmax(y) - onehot) 4 s (1 - s), s = y / 2c, or z <- y
-// when grad_scale == 0. The second pass recomputes y from z (the same expression: the same
-// bits) rather than storing it. Traffic: 8 V bytes, plus a second read of the row (200 KB
-// at V = 50304), often from L2.
+// The e5m2 codes of scale times the lanes (nearest even, saturating: the FP8 head's cast of
+// the loss gradient), at byte offset 4 g.. of `out`; one 4-byte store when kWide.
 template <int W, bool kWide>
+__device__ __forceinline__ void store_e5m2_lanes(uint8_t* out, size_t g, const Lanes<W>& x, float scale) {
+  uint8_t q[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) q[k] = __nv_cvt_float_to_fp8(x[k] * scale, __NV_SATFINITE, __NV_E5M2);
+  if constexpr (W == 4 && kWide) {
+    reinterpret_cast<uint32_t*>(out)[g] = static_cast<uint32_t>(q[0]) | static_cast<uint32_t>(q[1]) << 8 |
+                                          static_cast<uint32_t>(q[2]) << 16 | static_cast<uint32_t>(q[3]) << 24;
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[g * W + k] = q[k];
+  }
+}
+
+// Where the second pass puts a row's results: the floats (in place over float logits), or
+// the e5m2 codes of e5m2_scale times them (the FP8 head's cast, fused).
+struct SoftcapOutput {
+  float* values = nullptr;
+  uint8_t* e5m2 = nullptr;
+  float e5m2_scale = 0.f;
+};
+
+// One block per row of V logits (float32, or bf16 codes), in groups of W (W divides V;
+// 16-byte float / 8-byte code accesses when kWide): y = softcap(z); lse = max + log(sum
+// exp(y - max)) from per-thread running sums (float), rescaled to the row's max and
+// combined in float64; row_loss = lse - y[target]; then the row's output <- grad_scale
+// (softmax(y) - onehot) 4 s (1 - s), s = y / 2c, or y when grad_scale == 0. The second pass
+// recomputes y from z (the same expression: the same bits) rather than storing it.
+// Traffic: 4 (2) V bytes read twice (the second often from L2), 4 (1) V written.
+template <int W, bool kWide, class In>
 __global__ void __launch_bounds__(kHeadThreads)
-    softcap_cross_entropy_kernel(float* logits, float* row_loss, const int32_t* targets, int V, float softcap,
-                                 float grad_scale) {
+    softcap_cross_entropy_kernel(const In* logits, SoftcapOutput output, float* row_loss, const int32_t* targets,
+                                 int V, float softcap, float grad_scale) {
   __shared__ float shared_max[kBlockReduceSlots];
   __shared__ double shared_sum[kBlockReduceSlots];
-  float* z = logits + static_cast<size_t>(blockIdx.x) * V;
+  const size_t row = static_cast<size_t>(blockIdx.x) * V;
+  const In* z = logits + row;
   const Softcap cap{2.f * softcap, 1.f / (2.f * softcap), -2.f / softcap};
   const int groups = V / W;
   const int target = targets[blockIdx.x];
-  const float target_y = cap(z[target]);  // read before the barriers below: the second pass overwrites it
+  // Read before the barriers below: the second pass may overwrite it.
+  const float target_y = cap(load_lanes<1>(z, target)[0]);
   RunningExpSum running;
   for (int j = threadIdx.x; j < groups; j += blockDim.x) {
     const Lanes<W> lanes = load_lanes<W, kWide>(z, j);
@@ -202,8 +230,31 @@ __global__ void __launch_bounds__(kHeadThreads)
   for (int j = threadIdx.x; j < groups; j += blockDim.x) {
     Lanes<W> lanes = load_lanes<W, kWide>(z, j);
     softcap_gradient<W>(lanes, cap, lse, grad_scale, target / W == j ? target % W : -1, target_term);
-    store_lanes<W, kWide>(z, j, lanes);
+    if (output.e5m2) {
+      store_e5m2_lanes<W, kWide>(output.e5m2 + row, j, lanes, output.e5m2_scale);
+    } else {
+      store_lanes<W, kWide>(output.values + row, j, lanes);
+    }
   }
+}
+
+// Groups of 4 where V allows (the summation order then depends on V alone), wide accesses
+// where every pointer allows.
+template <class In>
+void launch_softcap_cross_entropy(cudaStream_t s, const In* logits, const SoftcapOutput& output, float* row_loss,
+                                  const int32_t* targets, int rows, int V, float softcap, float grad_scale) {
+  if (rows <= 0) return;
+  const auto args = [&](auto kernel) {
+    kernel<<<rows, kHeadThreads, 0, s>>>(logits, output, row_loss, targets, V, softcap, grad_scale);
+  };
+  if (V % 4 != 0) {
+    args(softcap_cross_entropy_kernel<1, false, In>);
+  } else if (aligned_16({logits, output.values, output.e5m2})) {
+    args(softcap_cross_entropy_kernel<4, true, In>);
+  } else {
+    args(softcap_cross_entropy_kernel<4, false, In>);
+  }
+  check_launch("softcap_cross_entropy_kernel");
 }
 
 }  // namespace
@@ -243,19 +294,14 @@ void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_code
 
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale) {
-  if (rows <= 0) return;
-  // Groups of 4 where V allows (the summation order then depends on V alone).
-  if (V % 4 != 0) {
-    softcap_cross_entropy_kernel<1, false>
-        <<<rows, kHeadThreads, 0, s>>>(logits, row_loss, targets, V, softcap, grad_scale);
-  } else if (aligned_16({logits})) {
-    softcap_cross_entropy_kernel<4, true>
-        <<<rows, kHeadThreads, 0, s>>>(logits, row_loss, targets, V, softcap, grad_scale);
-  } else {
-    softcap_cross_entropy_kernel<4, false>
-        <<<rows, kHeadThreads, 0, s>>>(logits, row_loss, targets, V, softcap, grad_scale);
-  }
-  check_launch("softcap_cross_entropy_kernel");
+  launch_softcap_cross_entropy(s, logits, SoftcapOutput{logits}, row_loss, targets, rows, V, softcap, grad_scale);
+}
+
+void softcap_cross_entropy_to_e5m2(cudaStream_t s, uint8_t* gradient, float e5m2_scale, float* row_loss,
+                                   const uint16_t* logits, const int32_t* targets, int rows, int V, float softcap,
+                                   float grad_scale) {
+  launch_softcap_cross_entropy(s, logits, SoftcapOutput{nullptr, gradient, e5m2_scale}, row_loss, targets, rows, V,
+                               softcap, grad_scale);
 }
 
 }  // namespace speedrun::cuda
