@@ -187,7 +187,7 @@ class Backend {
   // --- elementwise --------------------------------------------------------------------
   // out = coef[0] * a + coef[1] * b (b may be null: out = coef[0] * a). out may alias a.
   // stored (unless null): bf16 activations: out is rounded to bf16 and its codes stored, for
-  // attention (AttentionInputCodes).
+  // attention (AttentionInputCodes); out may then be null (the codes alone).
   virtual void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                            size_t n) = 0;
   // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;

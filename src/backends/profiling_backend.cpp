@@ -90,7 +90,7 @@ class ProfilingBackend final : public Backend {
           [&] { inner_.rotary(x, stored, T, H, D, base, inverse); });
   }
   void mix_forward(float* o, uint16_t* stored, const float* a, const float* b, const float* c, size_t n) override {
-    timed("mix/residual forward", 0, n * (8.0 + (b ? 4 : 0) + code_bytes(stored)),
+    timed("mix/residual forward", 0, n * (4.0 + (o ? 4 : 0) + (b ? 4 : 0) + code_bytes(stored)),
           [&] { inner_.mix_forward(o, stored, a, b, c, n); });
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,

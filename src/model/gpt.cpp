@@ -497,7 +497,9 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     normalize_and_rotate_heads(a.qn, a.qn_codes, a.q_rstd, a.q_rot, a.q_codes, T);
     normalize_and_rotate_heads(a.kn, a.kn_codes, a.k_rstd, a.k_rot, a.k_codes, T);
     const int ve = look_up_value_embedding(layer, T, m);
-    backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr, params_ + offsets.attn_lambdas,
+    // bf16: v's codes alone, what attention reads.
+    backend_.mix_forward(a.v_codes ? nullptr : a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr,
+                         params_ + offsets.attn_lambdas,
                          static_cast<size_t>(T) * hd);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // y's bf16 copy for c_proj written by attention itself: the codes bf16 activations keep,
@@ -651,7 +653,7 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
     rotated_copy(a.k_rot, a.kn, T);
   }
   const int ve = config_.value_embed_of_layer(layer);  // looked up by the caller
-  backend_.mix_forward(a.v, a.v_codes, a.v_raw, ve >= 0 ? train_->m.ve : nullptr,
+  backend_.mix_forward(a.v_codes ? nullptr : a.v, a.v_codes, a.v_raw, ve >= 0 ? train_->m.ve : nullptr,
                        params_ + block_offsets_[layer].attn_lambdas,
                        static_cast<size_t>(T) * config_.hidden_dim());
 }

@@ -612,6 +612,9 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
           ASSERT_EQ(got_codes[i], lowp::encode_bf16(unrounded[i])) << "mix codes at " << i;
           ASSERT_EQ(rounded[i], lowp::decode_bf16(got_codes[i])) << "rounded mix at " << i;
         }
+        DeviceFloats alone(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));  // out null: codes alone
+        gpu_->mix_forward(nullptr, reinterpret_cast<uint16_t*>(alone.ptr), da.ptr, second, dcoef.ptr, n);
+        EXPECT_EQ(codes_of(alone.get(), n), got_codes) << "mix codes alone";
       }
     }
     {

@@ -256,7 +256,7 @@ double relative_l2(const std::vector<float>& got, const std::vector<float>& want
 }
 
 struct LossOutputs {
-  std::vector<float> row_loss, dx, dW;
+  std::vector<float> row_loss, dx, dW, workspace;  // workspace: the logits buffer afterwards
 };
 
 // fp8_head_loss over a chunk (softcap 15, the loss gradient scaled by 1/rows, output_scale
@@ -277,7 +277,7 @@ LossOutputs run_loss(Backend& be, const Inputs& in, const std::vector<int32_t>& 
     be.fp8_head_loss(logits.ptr, loss.ptr, dx.ptr, dW.ptr, x.ptr, W.ptr, t, s.rows, s.V, s.d, 15.f, loss_scale, 0.5f,
                      true);
   }
-  LossOutputs out{loss.get(), dx.get(), dW.get()};
+  LossOutputs out{loss.get(), dx.get(), dW.get(), logits.get()};
   be.release(t);
   return out;
 }
@@ -300,7 +300,15 @@ TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
     ::testing::internal::CaptureStderr();
     const LossOutputs got = run_loss(*gpu, in, targets, false);
     const std::string warnings = ::testing::internal::GetCapturedStderr();
-    if (s.rows % 16 == 0 && device_has_fp8_tensor_cores()) EXPECT_EQ(warnings, "");
+    if (s.rows % 16 == 0 && device_has_fp8_tensor_cores()) {
+      EXPECT_EQ(warnings, "");
+      // Fused: the bf16 logits filled the workspace's first half; its second half is still
+      // the NaN it was poisoned with (the steps in turn write float32 logits over all of it).
+      const size_t half = got.workspace.size() / 2;
+      size_t untouched = 0;
+      for (size_t i = half; i < got.workspace.size(); ++i) untouched += std::isnan(got.workspace[i]);
+      EXPECT_EQ(untouched, got.workspace.size() - half) << "the fused path did not run";
+    }
     for (const LossOutputs* reference : {&want, &steps}) {
       const bool cpu = reference == &want;
       SCOPED_TRACE(cpu ? "against the CPU" : "against the GPU's steps in turn");

@@ -139,7 +139,11 @@ TEST_F(CpuOps, RotaryAndMixForwardRoundTheirOutputAndStoreItsCodesWhenAsked) {
     be->mix_forward(in_place.data(), in_place_codes.data(), in_place.data(), second, coef.data(), n);
     EXPECT_EQ(in_place, mixed);
     EXPECT_EQ(in_place_codes, codes);
+    std::vector<uint16_t> codes_alone(n);  // out null: the codes alone
+    be->mix_forward(nullptr, codes_alone.data(), x.data(), second, coef.data(), n);
+    EXPECT_EQ(codes_alone, codes);
   }
+  EXPECT_THROW(be->mix_forward(nullptr, nullptr, x.data(), b.data(), coef.data(), n), Error);
 }
 
 TEST_F(CpuOps, RotaryMatchesSpecFormulaAndInverts) {

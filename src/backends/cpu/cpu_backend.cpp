@@ -414,6 +414,9 @@ class CpuBackend final : public Backend {
 
   void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                    size_t n) override {
+    if (!out && !stored) throw Error("mix_forward: a null out needs stored codes");
+    std::vector<float> unstored(out ? 0 : n);  // the codes alone: out's floats are not written
+    if (!out) out = unstored.data();
     const float c0 = coef[0];
     if (b) {
       const float c1 = coef[1];

@@ -41,8 +41,8 @@ struct EmbeddingForward {
 };
 
 // out = coef[0] a + coef[1] b (or coef[0] a); with `stored` (bf16 activations) rounded to
-// bf16 and its codes stored. out may alias a. Traffic: 12 n bytes (8 n without b; +2 n with
-// codes).
+// bf16 and its codes stored (out then may be null). out may alias a. Traffic: 12 n bytes (8
+// n without b; +2 n with codes; -4 n without out).
 struct MixForward {
   float* out;
   uint16_t* stored;
@@ -63,7 +63,7 @@ struct MixForward {
       for (int k = 0; k < W; ++k) x[k] = c0 * x[k];
     }
     keep_lanes<W>(stored, g, x);
-    store_lanes<W>(out, g, x);
+    if (out) store_lanes<W>(out, g, x);
   }
   bool vectorisable() const { return aligned_16({out, stored, a, b}); }
 };
@@ -475,6 +475,7 @@ void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, con
 
 void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n) {
+  if (!out && !stored) throw Error("mix_forward: a null out needs stored codes");
   launch_lanes(s, MixForward{out, stored, a, b, coef}, n, "mix_forward");
 }
 

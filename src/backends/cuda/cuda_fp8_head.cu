@@ -359,6 +359,15 @@ class Fp8Head {
 
   void refuse(const Key& key, const char* why) {
     refused_.insert(key);
+    if (key[12] == CUDA_R_16BF) {  // the fused loss's forward: the float32-output forward follows
+      std::fprintf(stderr,
+                   "speedrun: warning: cuBLASLt %s the lm_head's forward product with a bf16 output m=%lld n=%lld "
+                   "k=%lld on this GPU; the head runs its forward, loss and backward as separate steps instead "
+                   "(same values, more memory traffic)\n",
+                   why, static_cast<long long>(key[0]), static_cast<long long>(key[1]),
+                   static_cast<long long>(key[2]));
+      return;
+    }
     std::fprintf(stderr,
                  "speedrun: warning: cuBLASLt %s the lm_head's product m=%lld n=%lld k=%lld on this GPU; the head "
                  "runs its FP8 casts through bf16/float32 products instead (same values up to summation order, "

@@ -165,8 +165,9 @@ __device__ __forceinline__ void softcap_gradient(Lanes<W>& z, const Softcap& cap
       continue;
     }
     const float sig = y * cap.inv_two_c;
-    z[k] = grad_scale * expf(y - lse) * 4.f * sig * (1.f - sig);
-    if (k == target_lane) z[k] -= target_term;
+    const float g = grad_scale * expf(y - lse) * 4.f * sig * (1.f - sig);
+    // Spelled out so that no instantiation fuses the product into the subtraction.
+    z[k] = k == target_lane ? __fsub_rn(g, target_term) : g;
   }
 }
 
