@@ -194,12 +194,10 @@ class CudaBackend final : public Backend {
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                     uint16_t* C, int ldc) override {
     if (M <= 0 || N <= 0) return;
-    if (K > 0 && gemm_->bf16_inputs()) {
-      gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
-      return;
-    }
-    // float32 products (or K == 0): the float result in scratch, then its codes, row by row
-    // where rows are padded (the padding is not the product's to write).
+    if (K > 0 && gemm_->bf16_inputs() && gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc)) return;
+    // float32 products, K == 0, or no bf16-output algorithm for this shape: the float result
+    // in scratch (M x ldc floats beyond the memory plan), then its codes, row by row where
+    // rows are padded (the padding is not the product's to write).
     const size_t count = static_cast<size_t>(M - 1) * ldc + N;
     float* result = static_cast<float*>(op_scratch_->get(count * sizeof(float)));
     gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result, ldc);

@@ -66,20 +66,25 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-const LtGemm::Plan& LtGemm::plan_for(const Key& key) {
+const LtGemm::Plan* LtGemm::plan_for(const Key& key) {
   auto found = plans_.find(key);
-  if (found != plans_.end()) return found->second;
+  if (found != plans_.end()) return &found->second;
+  if (without_algorithm_.count(key)) return nullptr;
   Plan plan;
   try {
-    build_plan(key, plan);
+    if (!build_plan(key, plan)) {
+      destroy(plan);
+      without_algorithm_.insert(key);
+      return nullptr;
+    }
   } catch (...) {
     destroy(plan);  // what was created before the failure
     throw;
   }
-  return plans_.emplace(key, plan).first->second;
+  return &plans_.emplace(key, plan).first->second;
 }
 
-void LtGemm::build_plan(const Key& key, Plan& plan) {
+bool LtGemm::build_plan(const Key& key, Plan& plan) {
   const bool ta = key[0], tb = key[1];
   const int64_t M = key[2], N = key[3], K = key[4], lda = key[5], ldb = key[6], ldc = key[7];
   const int64_t stride_a = key[8], stride_b = key[9], stride_c = key[10];
@@ -103,13 +108,9 @@ void LtGemm::build_plan(const Key& key, Plan& plan) {
   const uint32_t align_c = static_cast<uint32_t>(key[14]);
   const auto algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first,
                                                align_second, align_c, 1, key[15] == CUDA_R_16BF);
-  if (algorithms.empty()) {
-    throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
-                " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) +
-                " K=" + std::to_string(K) + " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) +
-                " ldc=" + std::to_string(ldc) + " batch=" + std::to_string(batch));
-  }
+  if (algorithms.empty()) return false;
   plan.algo = algorithms.front();
+  return true;
 }
 
 std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
@@ -234,12 +235,19 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 alignment_bytes(b, stride_b, element_bytes, batch),
                 alignment_bytes(C, stride_c, sizeof(float), batch),
                 CUDA_R_32F};
-  const Plan& plan = plan_for(key);
+  const Plan* found = plan_for(key);
+  if (!found) {
+    throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
+                " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc) +
+                " batch=" + std::to_string(batch));
+  }
+  const Plan& plan = *found;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
                                        &plan.algo, workspace_, kWorkspaceBytes, stream_));
 }
 
-void LtGemm::run_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+bool LtGemm::run_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                          uint16_t* C, int ldc) {
   if (!bf16_inputs_) throw Error("LtGemm::run_to_bf16 needs bf16 inputs");
   const void* a = rounded_operand(bf16_a_, A, operand_extent(ta ? K : M, ta ? M : K, lda, 0, 1));
@@ -249,10 +257,12 @@ void LtGemm::run_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, 
                 alignment_bytes(b, 0, sizeof(uint16_t), 1),
                 alignment_bytes(C, 0, sizeof(uint16_t), 1),
                 CUDA_R_16BF};
-  const Plan& plan = plan_for(key);
+  const Plan* plan = plan_for(key);
+  if (!plan) return false;
   const float alpha = 1.f, beta = 0.f;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
-                                       &plan.algo, workspace_, kWorkspaceBytes, stream_));
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, C, plan->c, C,
+                                       plan->c, &plan->algo, workspace_, kWorkspaceBytes, stream_));
+  return true;
 }
 
 }  // namespace speedrun::cuda

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <vector>
 
 #include "backends/backend.h"
@@ -46,7 +47,8 @@ class LtGemm {
   // Backend::gemm_to_bf16 with bf16 inputs: C (bf16 codes, leading dimension ldc) =
   // bf16(op(A) op(B)), rounded by cuBLASLt's epilogue from the float32 accumulator. Requires
   // bf16 inputs and K > 0.
-  void run_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B,
+  // False, nothing written, when cuBLASLt has no algorithm with a bf16 output for it.
+  bool run_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B,
                    int ldb, uint16_t* C, int ldc);
   bool bf16_inputs() const { return bf16_inputs_; }
 
@@ -69,8 +71,9 @@ class LtGemm {
   };
   // ta, tb, M, N, K, lda, ldb, ldc, strides a, b, c, batch, alignments a, b, c, C's type.
   using Key = std::array<int64_t, 16>;
-  const Plan& plan_for(const Key& key);
-  void build_plan(const Key& key, Plan& plan);  // throws speedrun::Error when no algorithm exists
+  // The plan for key; nullptr when cuBLASLt has no algorithm for it (remembered).
+  const Plan* plan_for(const Key& key);
+  bool build_plan(const Key& key, Plan& plan);  // false when no algorithm exists
   static void destroy(const Plan& plan);        // frees what the plan holds (null members skipped)
 
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
@@ -92,6 +95,7 @@ class LtGemm {
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::map<Key, Plan> plans_;
+  std::set<Key> without_algorithm_;  // keys cuBLASLt's heuristic had nothing for
 };
 
 }  // namespace speedrun::cuda
