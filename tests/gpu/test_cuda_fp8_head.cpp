@@ -329,6 +329,27 @@ TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
   EXPECT_EQ(fused.dW, steps.dW);
 }
 
+// With x = I/2 every logit is one product, exact in bf16 whatever the algorithm: the fused
+// head's logits are then exactly the steps' logits, and everything after them (the same loss
+// arithmetic, the same e5m2 casts, the dx and dW products with the same plans) must be the
+// same bits: row loss, dx and dW.
+TEST_F(CudaFp8HeadTest, FusedLossIsBitExactWhenTheLogitsAreExact) {
+  const int n = 64;  // rows = V = d: multiples of 16 (the tensor-core path on FP8 GPUs)
+  Inputs in(Shape{n, n, n}, 31);
+  std::fill(in.x.begin(), in.x.end(), 0.f);
+  for (int i = 0; i < n; ++i) in.x[static_cast<size_t>(i) * n + i] = 0.5f;
+  std::vector<int32_t> targets(n);
+  for (int r = 0; r < n; ++r) targets[r] = (r * 5) % n;
+  for (bool emulated : {false, true}) {
+    SCOPED_TRACE(emulated ? "emulated path" : "default path");
+    auto gpu = cuda_backend(emulated);
+    const LossOutputs fused = run_loss(*gpu, in, targets, false), steps = run_loss(*gpu, in, targets, true);
+    EXPECT_EQ(fused.row_loss, steps.row_loss);
+    EXPECT_EQ(fused.dx, steps.dx);
+    EXPECT_EQ(fused.dW, steps.dW);
+  }
+}
+
 TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
   auto gpu = make_cuda_backend(0);
   Config config = Config::preset("micro");
