@@ -135,6 +135,18 @@ void write_values(float* out, uint16_t* codes, size_t n, Value value) {
   }
 }
 
+// Where an op computes its float output: `out`, or, when out is null (the caller wants the
+// codes alone), a temporary of n floats that lives as long as this object.
+class FloatsOrTemporary {
+ public:
+  FloatsOrTemporary(float* out, size_t n) : temporary_(out ? 0 : n), data_(out ? out : temporary_.data()) {}
+  float* data() const { return data_; }
+
+ private:
+  std::vector<float> temporary_;
+  float* data_;
+};
+
 // codes[i] = bf16(values[i]) for an op's out_codes (nothing when null).
 void encode_outputs(uint16_t* codes, const float* values, size_t n) {
   if (codes) write_values(nullptr, codes, n, [values](size_t i) { return values[i]; });
@@ -379,10 +391,9 @@ class CpuBackend final : public Backend {
                              int rows, int dim, bool accumulate) override {
     const size_t n = static_cast<size_t>(rows) * dim;
     require_codes_for_null_output(dx, dx_codes, accumulate, "rmsnorm_backward_bf16");
-    std::vector<float> unstored(dx ? 0 : n);  // the codes alone: dx's floats are not written
-    float* result = dx ? dx : unstored.data();
-    rmsnorm_backward_rows(result, dout, out, rstd, rows, dim, accumulate);
-    encode_outputs(dx_codes, result, n);
+    const FloatsOrTemporary result(dx, n);
+    rmsnorm_backward_rows(result.data(), dout, out, rstd, rows, dim, accumulate);
+    encode_outputs(dx_codes, result.data(), n);
   }
 
   void rotary(float* x, uint16_t* stored, int T, int H, int D, float base, bool inverse) override {
@@ -415,8 +426,8 @@ class CpuBackend final : public Backend {
   void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                    size_t n) override {
     if (!out && !stored) throw Error("mix_forward: a null out needs stored codes");
-    std::vector<float> unstored(out ? 0 : n);  // the codes alone: out's floats are not written
-    if (!out) out = unstored.data();
+    const FloatsOrTemporary values(out, n);
+    out = values.data();
     const float c0 = coef[0];
     if (b) {
       const float c1 = coef[1];
@@ -491,10 +502,9 @@ class CpuBackend final : public Backend {
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                            size_t n) override {
     require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_bf16");
-    std::vector<float> unstored(dx ? 0 : n);  // the codes alone: dx's floats are not written
-    float* result = dx ? dx : unstored.data();
-    relu2_backward_values(result, dout, x, n);
-    encode_outputs(dx_codes, result, n);
+    const FloatsOrTemporary result(dx, n);
+    relu2_backward_values(result.data(), dout, x, n);
+    encode_outputs(dx_codes, result.data(), n);
   }
 
   void widen_bf16(float* out, const uint16_t* x, size_t n) override {
@@ -506,19 +516,17 @@ class CpuBackend final : public Backend {
   void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T, int H,
                            int D, float eps, float base) override {
     const size_t n = static_cast<size_t>(T) * H * D;
-    std::vector<float> unstored(out ? 0 : n);
-    float* values = out ? out : unstored.data();
-    rmsnorm_forward_bf16(values, normed, rstd, x, T * H, D, eps);
-    rotary(values, rotated, T, H, D, base, false);
+    const FloatsOrTemporary values(out, n);
+    rmsnorm_forward_bf16(values.data(), normed, rstd, x, T * H, D, eps);
+    rotary(values.data(), rotated, T, H, D, base, false);
   }
 
   void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
                         float base) override {
     const size_t n = static_cast<size_t>(T) * H * D;
-    std::vector<float> unstored(out ? 0 : n);
-    float* values = out ? out : unstored.data();
-    widen_bf16(values, normed, n);
-    rotary(values, rotated, T, H, D, base, false);
+    const FloatsOrTemporary values(out, n);
+    widen_bf16(values.data(), normed, n);
+    rotary(values.data(), rotated, T, H, D, base, false);
   }
 
   void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
@@ -542,8 +550,8 @@ class CpuBackend final : public Backend {
                               const AttentionShape& shape) override {
     const size_t n = static_cast<size_t>(shape.T) * shape.H * shape.D;
     const AttentionInputs in(codes, q, k, v, nullptr, n);
-    std::vector<float> unrounded(y ? 0 : n);  // the codes alone: y's floats are not written
-    float* out = y ? y : unrounded.data();
+    const FloatsOrTemporary unrounded(y, n);  // y null: the codes alone
+    float* out = unrounded.data();
     cpu::attention_forward(out, lse, in.q, in.k, in.v, doc, shape);
     write_values(y, stored, n, [out](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(out[i])); });
     scribble_on_loan();
