@@ -671,10 +671,10 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
   // as soon as its logits are (the loss is the last operation), so the head's backward
   // runs chunk by chunk too.
+  const float softcap = static_cast<float>(config_.logit_softcap);
   for (int r0 = 0; r0 < T; r0 += head_chunk_) {
     const int rows = std::min(head_chunk_, T - r0);
     const float* xr = m.final_norm + static_cast<size_t>(r0) * d;
-    const float softcap = static_cast<float>(config_.logit_softcap);
     // SPEC §6: training runs the head in FP8 (lm_head_fp8), forward, loss and backward in
     // one call; evaluation uses the plain head. The FP8 cast sees the sequence's own
     // mean-loss gradient, as on each of the reference's ranks (e5m2's range is tuned to

@@ -200,8 +200,7 @@ class Fp8Head {
     if (requantize || W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, nl = static_cast<size_t>(rows) * V;
-    // Fast accumulation, as the reference's forward.
-    const Key key = product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits);
+    const Key key = forward_key(rows, V, d, logits, CUDA_R_32F);
     Plan* plan = fits_tensor_cores(rows, V, d) ? plan_or_refusal(key) : nullptr;
     bool done = false;
     if (plan) {
@@ -225,27 +224,17 @@ class Fp8Head {
     if (W != source_ || V != V_ || d != d_) invalidate_weight(W, V, d);
     if (rows == 0) return;
     const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
-    // Both products' plans first: either both run on FP8 tensor cores or neither does.
-    Plan* dx_plan = nullptr;
-    Plan* dW_plan = nullptr;
-    // Exact float32 accumulation in the backward, as the reference's.
-    const Key dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
-    const Key dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
-    if (fits_tensor_cores(rows, V, d)) {
-      dx_plan = plan_or_refusal(dx_key);
-      if (dx_plan) dW_plan = plan_or_refusal(dW_key);
-    }
+    BackwardPlans plans;
+    if (fits_tensor_cores(rows, V, d)) plans = backward_plans(rows, V, d, dx, dW);
     bool done = false;
-    if (dx_plan && dW_plan) {
-      const auto* w8t = weight_e4m3_transposed();
+    if (plans.ready()) {
       auto* g8 = static_cast<__nv_fp8_storage_t*>(g_.get(ng));
       auto* g8t = static_cast<__nv_fp8_storage_t*>(g_t_.get(ng));
       auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
       scaled_cast_transpose<__NV_E5M2>(stream_, g8t, g8, dlogits, rows, V, kGradScale);
       scaled_cast_transpose<__NV_E4M3>(stream_, x8t, nullptr, x, rows, d, kXScale);
       // A refused dW product leaves dW alone; dx is overwritten again below.
-      done = matmul(dx_key, *dx_plan, w8t, g8, output_scale, 0.f, dx) &&
-             matmul(dW_key, *dW_plan, x8t, g8t, output_scale, 1.f, dW);
+      done = backward_products(plans, g8, g8t, x8t, output_scale, dx, dW);
     }
     if (!done) {
       const float* wq = weight_emulated();
@@ -286,28 +275,22 @@ class Fp8Head {
   bool fused_loss(float* logits, float* row_loss, float* dx, float* dW, const float* x, const int32_t* targets,
                   int rows, int V, int d, float softcap, float loss_scale, float output_scale) {
     auto* logits16 = reinterpret_cast<uint16_t*>(logits);  // rows x V codes in the caller's floats
-    const Key forward_key =
-        product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits16, CUDA_R_16BF);
-    const Key dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
-    const Key dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
-    Plan* forward_plan = plan_or_refusal(forward_key);
-    Plan* dx_plan = forward_plan ? plan_or_refusal(dx_key) : nullptr;
-    Plan* dW_plan = dx_plan ? plan_or_refusal(dW_key) : nullptr;
-    if (!dW_plan) return false;
+    const Key bf16_forward = forward_key(rows, V, d, logits16, CUDA_R_16BF);
+    Plan* forward_plan = plan_or_refusal(bf16_forward);
+    if (!forward_plan) return false;
+    const BackwardPlans plans = backward_plans(rows, V, d, dx, dW);
+    if (!plans.ready()) return false;
     const size_t nx = static_cast<size_t>(rows) * d, ng = static_cast<size_t>(rows) * V;
     auto* x8 = static_cast<__nv_fp8_storage_t*>(x_.get(nx));
     auto* x8t = static_cast<__nv_fp8_storage_t*>(x_t_.get(nx));
     scaled_cast_transpose<__NV_E4M3>(stream_, x8t, x8, x, rows, d, kXScale);
-    if (!matmul(forward_key, *forward_plan, weight_e4m3(), x8, 1.f, 0.f, logits16)) return false;
+    if (!matmul(bf16_forward, *forward_plan, weight_e4m3(), x8, 1.f, 0.f, logits16)) return false;
     auto* g8 = static_cast<uint8_t*>(g_.get(ng));
     auto* g8t = static_cast<uint8_t*>(g_t_.get(ng));
     softcap_cross_entropy_to_e5m2(stream_, g8, kGradScale, row_loss, logits16, targets, rows, V, softcap, loss_scale);
     transpose_bytes(stream_, g8t, g8, rows, V);
     // A refused dW product leaves dW alone; the caller's fallback then redoes all three.
-    if (!matmul(dx_key, *dx_plan, weight_e4m3_transposed(), g8, output_scale, 0.f, dx) ||
-        !matmul(dW_key, *dW_plan, x8t, g8t, output_scale, 1.f, dW)) {
-      return false;
-    }
+    if (!backward_products(plans, g8, g8t, x8t, output_scale, dx, dW)) return false;
     round_to_bf16(stream_, dx, nx);
     return true;
   }
@@ -324,6 +307,36 @@ class Fp8Head {
   // m, n, k, A type, A scale, B type, B scale, fast accumulation, beta != 0, alignments of A,
   // B, D, D's type (float32, or bf16 for the fused head's logits).
   using Key = std::array<int64_t, 13>;
+
+  // The forward product (fast accumulation, as the reference's), into float32 or bf16 D.
+  static Key forward_key(int rows, int V, int d, const void* logits, cudaDataType_t logits_type) {
+    return product_key(V, rows, d, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E4M3, kInvX, true, false, logits, logits_type);
+  }
+
+  // The backward's two products (exact float32 accumulation, as the reference's): both plans
+  // or neither, so that both run on the FP8 tensor cores or neither does.
+  struct BackwardPlans {
+    Key dx_key{}, dW_key{};
+    Plan* dx = nullptr;
+    Plan* dW = nullptr;
+    bool ready() const { return dx && dW; }
+  };
+  BackwardPlans backward_plans(int rows, int V, int d, const float* dx, const float* dW) {
+    BackwardPlans plans;
+    plans.dx_key = product_key(d, rows, V, CUDA_R_8F_E4M3, kInvW, CUDA_R_8F_E5M2, kInvGrad, false, false, dx);
+    plans.dW_key = product_key(d, V, rows, CUDA_R_8F_E4M3, kInvX, CUDA_R_8F_E5M2, kInvGrad, false, true, dW);
+    plans.dx = plan_or_refusal(plans.dx_key);
+    if (plans.dx) plans.dW = plan_or_refusal(plans.dW_key);
+    return plans;
+  }
+
+  // dx = s g W8 and dW += s g^T x8 from the e5m2 gradient g8 [rows, V], its transpose and
+  // x8^T; false (the rest left alone) at the first product cuBLASLt turns down.
+  bool backward_products(const BackwardPlans& plans, const void* g8, const void* g8t, const void* x8t, float output_scale,
+                         float* dx, float* dW) {
+    return matmul(plans.dx_key, *plans.dx, weight_e4m3_transposed(), g8, output_scale, 0.f, dx) &&
+           matmul(plans.dW_key, *plans.dW, x8t, g8t, output_scale, 1.f, dW);
+  }
 
   static void require_shape(int rows, int V, int d, const char* op) {
     if (rows < 0 || V <= 0 || d <= 0) {
