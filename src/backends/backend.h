@@ -152,11 +152,14 @@ class Backend {
   // holding is off): the caller must then make x's floats current itself.
   virtual bool hold_stored_operand(int slot, const float* x, const uint16_t* codes, size_t count) { return false; }
   virtual void release_operand(int slot) {}
-  // C (bf16 codes [M, N], leading dimension ldc) = bf16(op(A) op(B)), nearest even: a
-  // product whose float32 result is read only rounded (bf16 activations: the MLP's h), so
-  // its floats never reach memory. Operands as gemm's (rounded to bf16 with --matmul bf16).
+  // C (bf16 codes [M, N], leading dimension ldc) = bf16(op(A) op(B) + addend), nearest
+  // even, in one rounding of the float32 sum: a product whose float32 result is read only
+  // rounded (bf16 activations: the MLP's h; a residual add onto the bf16 stream, addend the
+  // stream's codes), so its floats never reach memory. addend: bf16 codes laid out as C, or
+  // null (nothing added); it may be C itself. Operands as gemm's (rounded to bf16 with
+  // --matmul bf16).
   virtual void gemm_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda,
-                            const float* B, int ldb, uint16_t* C, int ldc) = 0;
+                            const float* B, int ldb, const uint16_t* addend, uint16_t* C, int ldc) = 0;
   // The same over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
                             int lda, size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C,
@@ -212,7 +215,8 @@ class Backend {
   // uint16_t buffers hold bf16 codes. Every rounding is to nearest even, NaN stays NaN, so
   // a value is the same whether a backend stores it as a code or as its float32 widening.
   // out = bf16(rmsnorm(x)) widened to float32; stored (unless null) = the same values as
-  // codes; rstd as rmsnorm_forward. out may alias x.
+  // codes; rstd as rmsnorm_forward. out may alias x, and may be null when stored is given
+  // (the codes alone: x0 on the bf16 residual stream).
   virtual void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                                     float eps) = 0;
   // rmsnorm_backward from the forward's output kept as codes; dx_codes (unless null) = bf16
@@ -250,6 +254,30 @@ class Backend {
   // given, and may alias dout. Exactly rotary(dout, inverse) then rmsnorm_backward_bf16.
   virtual void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
                                             const float* rstd, int T, int H, int D, float base) = 0;
+
+  // --- the bf16 residual stream (SPEC §6: the reference's x0, lambda mixes, residual and
+  // skip adds are bf16) ----------------------------------------------------------------------
+  // With bf16 activations the stream between and through the blocks is kept as bf16 codes:
+  // these ops read it as codes and write it rounded to bf16 (nearest even) after float32
+  // arithmetic; the gradients flowing back stay float32. (rmsnorm_forward_bf16 with a null
+  // out makes x0's codes; gemm_to_bf16 with an addend makes the residual adds.)
+  // out = bf16(coef[0] a + coef[1] b) (b may be null: bf16(coef[0] a)); out may alias a or b.
+  virtual void mix_forward_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef,
+                                size_t n) = 0;
+  // mix_backward with a and b given as codes.
+  virtual void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
+                                 const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+                                 size_t n) = 0;
+  // out = bf16(x + weight[0] y): a U-net skip added onto the stream; out may alias x.
+  virtual void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
+                                       size_t n) = 0;
+  // scaled_add_backward with y given as codes.
+  virtual void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y,
+                                        const float* weight, size_t n) = 0;
+  // rmsnorm_forward of x given as codes (out exact, as rmsnorm_forward's; out_codes = bf16(out)
+  // unless null). out may be null when out_codes is given: the codes alone.
+  virtual void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows,
+                                         int dim, float eps) = 0;
 
   // --- attention (SPEC §2.5, §3) -------------------------------------------------------
   // y = softmax(scale q k^T + mask) v per head, visiting only the blocks the mask keeps;

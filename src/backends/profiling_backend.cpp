@@ -62,8 +62,9 @@ class ProfilingBackend final : public Backend {
     timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
   }
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-                    uint16_t* C, int ldc) override {
-    timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc); });
+                    const uint16_t* addend, uint16_t* C, int ldc) override {
+    timed("matmul", 2.0 * M * N * K, 0,
+          [&] { inner_.gemm_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc); });
   }
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
                     const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
@@ -105,6 +106,28 @@ class ProfilingBackend final : public Backend {
   void scaled_add_backward(float* dy, float* dw, const float* dout, const float* y, const float* w, size_t n) override {
     timed("mix/residual backward", 0, 16.0 * n, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
   }
+  void mix_forward_bf16(uint16_t* o, const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
+    timed("mix/residual forward", 0, n * (4.0 + (b ? 2 : 0)), [&] { inner_.mix_forward_bf16(o, a, b, c, n); });
+  }
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout,
+                         const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
+    // As mix_backward's, a and b read as 2-byte codes.
+    timed("mix/residual backward", 0, n * (10.0 + (acc ? 4 : 0) + (b ? 2 : 0) + (db ? 8 : 0) + code_bytes(da_codes)),
+          [&] { inner_.mix_backward_bf16(da, da_codes, acc, db, dc, dout, a, b, c, n); });
+  }
+  void scaled_add_forward_bf16(uint16_t* o, const uint16_t* x, const uint16_t* y, const float* w,
+                               size_t n) override {
+    timed("mix/residual forward", 0, 6.0 * n, [&] { inner_.scaled_add_forward_bf16(o, x, y, w, n); });
+  }
+  void scaled_add_backward_bf16(float* dy, float* dw, const float* dout, const uint16_t* y, const float* w,
+                                size_t n) override {
+    timed("mix/residual backward", 0, 14.0 * n, [&] { inner_.scaled_add_backward_bf16(dy, dw, dout, y, w, n); });
+  }
+  void rmsnorm_forward_from_bf16(float* o, uint16_t* o_codes, float* r, const uint16_t* x, int rows, int dim,
+                                 float eps) override {
+    timed("rmsnorm forward", 0, elements(rows, dim) * (2.0 + (o ? 4 : 0) + code_bytes(o_codes)),
+          [&] { inner_.rmsnorm_forward_from_bf16(o, o_codes, r, x, rows, dim, eps); });
+  }
   void add(float* o, uint16_t* out_codes, const float* x, size_t n) override {
     timed("mix/residual forward", 0, n * (12.0 + code_bytes(out_codes)), [&] { inner_.add(o, out_codes, x, n); });
   }
@@ -116,7 +139,7 @@ class ProfilingBackend final : public Backend {
   }
   void rmsnorm_forward_bf16(float* o, uint16_t* stored, float* r, const float* x, int rows, int dim,
                             float eps) override {
-    timed("rmsnorm forward", 0, elements(rows, dim) * (8.0 + code_bytes(stored)),
+    timed("rmsnorm forward", 0, elements(rows, dim) * (4.0 + (o ? 4 : 0) + code_bytes(stored)),
           [&] { inner_.rmsnorm_forward_bf16(o, stored, r, x, rows, dim, eps); });
   }
   void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,

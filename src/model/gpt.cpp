@@ -12,9 +12,9 @@ namespace speedrun {
 // What one block saves in its forward pass for its backward pass. In the forward-only
 // set some of these are one buffer: an op that allows it then runs in place.
 struct GPT::LayerActivations {
-  float* x_in = nullptr;     // a decoder layer's input (after the skip add) [T, d]
-  float* xm = nullptr;       // lambda mix of x and x0 [T, d] (shared by all layers)
-  float* x1 = nullptr;       // after the attention residual [T, d] (kept only to recompute)
+  StreamTensor x_in;         // a decoder layer's input (after the skip add) [T, d]
+  StreamTensor xm;           // lambda mix of x and x0 [T, d] (shared by all layers)
+  StreamTensor x1;           // after the attention residual [T, d] (kept only to recompute)
   float* attn_norm = nullptr;  // rmsnorm(xm) [T, d]
   float* attn_rstd = nullptr;  // [T]
   float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd] (bf16: q_rot's buffer)
@@ -48,12 +48,14 @@ struct GPT::LayerActivations {
 
 // The activations of a whole pass outside the blocks.
 struct GPT::ModelActivations {
-  float* x0 = nullptr;           // rmsnorm(embed[tok]) [T, d]
+  StreamTensor x0;               // rmsnorm(embed[tok]) [T, d]
+  float* embedded = nullptr;     // embed[tok] [T, d] before its norm: x0's floats (float32
+                                 // stream) or a buffer the pass uses only later (bf16)
   float* x0_rstd = nullptr;      // [T]
   float* ve = nullptr;           // the value embedding of the layer at hand [T, d]: looked
                                  // up for each layer that reads it, again for its backward
-  std::vector<float*> skip_in;   // encoder outputs pushed on the U-net stack [T, d]
-  float* final_x = nullptr;      // last block's output [T, d]
+  std::vector<StreamTensor> skip_in;  // encoder outputs pushed on the U-net stack [T, d]
+  StreamTensor final_x;          // last block's output [T, d]
   float* final_norm = nullptr;   // rmsnorm(final_x) [T, d]
   float* final_rstd = nullptr;   // [T]
 };
@@ -156,6 +158,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
       max_eval_T_(max_eval_T),
       recompute_(activations.memory == ActivationMemory::kRecompute),
       bf16_activations_(activations.precision == ActivationPrecision::kBfloat16),
+      stream_(backend, bf16_activations_),
       forward_mlp_rows_(activations.forward_mlp_rows) {
   config_.validate();
   if (forward_mlp_rows_ <= 0) {
@@ -205,18 +208,20 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   const bool recompute = activations.memory == ActivationMemory::kRecompute;
   const bool bf16 = activations.precision == ActivationPrecision::kBfloat16;
   auto take = [&](size_t n) { return arena.take(n); };
+  auto stream = [&](size_t n) { return ResidualStream::take(arena, n, bf16); };
   TrainingBuffers b;
   ModelActivations& m = b.m;
-  m.x0 = take(T * d);
+  m.x0 = stream(T * d);
   m.x0_rstd = take(T);
   if (config.num_value_embeds > 0) m.ve = take(T * d);
-  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
-  m.final_x = take(T * d);
+  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(stream(T * d));
+  m.final_x = stream(T * d);
   m.final_norm = take(T * d);
   m.final_rstd = take(T);
   b.dx = take(T * d);
   b.dx0 = take(T * d);
   b.dtmp = take(T * d);
+  m.embedded = bf16 ? b.dtmp : m.x0.floats;  // dtmp's first use is the head's backward
   // The MLP's backward is done with dwide before attention's starts: one buffer serves both.
   float* block_gradients = take(std::max(T * mlp, 4 * T * hd));
   b.dwide = block_gradients;
@@ -231,8 +236,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   // is such a buffer in both modes: only recomputation reads it back (it is cheap to
   // redo from the block's input and x0); x1 too unless recomputation needs it for the
   // MLP's rmsnorm.
-  float* shared_xm = take(T * d);
-  float* shared_x1 = recompute ? nullptr : take(T * d);
+  const StreamTensor shared_xm = stream(T * d);
+  const StreamTensor shared_x1 = recompute ? StreamTensor{} : stream(T * d);
   float* shared_norm = recompute ? take(T * d) : nullptr;
   // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); their
   // floats are one buffer each, y's only for products that read float32 operands.
@@ -249,10 +254,10 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
     // An encoder layer reads its input where the previous layer wrote it (x0 or the stack).
-    if (i >= config.num_encoder_layers()) a.x_in = take(T * d);
+    if (i >= config.num_encoder_layers()) a.x_in = stream(T * d);
     a.xm = shared_xm;
     if (config.layer_has_attention(i)) {
-      a.x1 = recompute ? take(T * d) : shared_x1;
+      a.x1 = recompute ? stream(T * d) : shared_x1;
       a.attn_norm = kept(shared_norm, T * d);
       a.attn_rstd = take(T);
       a.q_rot = attention_input(shared_q_rot, T * hd);
@@ -305,25 +310,28 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
                                                size_t T) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   const size_t mlp_rows = static_cast<size_t>(std::max(1, activations.forward_mlp_rows));
+  const bool bf16 = activations.precision == ActivationPrecision::kBfloat16;
   auto take = [&](size_t n) { return arena.take(n); };
+  auto stream = [&](size_t n) { return ResidualStream::take(arena, n, bf16); };
   ForwardBuffers f;
   ModelActivations& m = f.m;
-  m.x0 = take(T * d);
+  m.x0 = stream(T * d);
   m.x0_rstd = take(T);
   if (config.num_value_embeds > 0) m.ve = take(T * d);
-  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(take(T * d));
+  for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(stream(T * d));
   LayerActivations& a = f.slot;
-  a.x_in = take(T * d);
-  a.xm = take(T * d);
-  a.x1 = take(T * d);
+  a.x_in = stream(T * d);
+  a.xm = stream(T * d);
+  a.x1 = stream(T * d);
   a.attn_norm = a.mlp_norm = take(T * d);
+  m.embedded = bf16 ? a.attn_norm : m.x0.floats;  // the norms' buffer is first written after x0
   a.attn_rstd = a.mlp_rstd = take(T);
   a.qn = a.q_rot = take(T * hd);
   a.kn = a.k_rot = take(T * hd);
   a.q_rstd = a.k_rstd = take(T * H);
   a.v_raw = a.v = take(T * hd);
   a.y = take(T * hd);
-  if (activations.precision == ActivationPrecision::kBfloat16) a.y_codes = arena.take_codes(T * hd);
+  if (bf16) a.y_codes = arena.take_codes(T * hd);
   a.lse = take(T * H);
   a.h = a.g = take(std::min(T, mlp_rows) * mlp);
   carve_attention_codes(activations, arena, T * hd).assign_to(a);
@@ -450,25 +458,24 @@ void GPT::run_forward(int T, int long_window, bool training) {
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   ModelActivations& m = pass(training);
-  backend_.embedding_forward(m.x0, params_ + embed_offset_, inputs_, T, d);
-  backend_.rmsnorm_forward(m.x0, nullptr, m.x0_rstd, m.x0, T, d, eps);  // the backward needs only the output
+  backend_.embedding_forward(m.embedded, params_ + embed_offset_, inputs_, T, d);
+  stream_.normalized(m.x0, m.x0_rstd, m.embedded, T, d, eps);  // the backward needs only the output
   const int L = config_.num_layers;
   const int half = config_.num_encoder_layers();
   const float* skip = params_ + skip_offset_;
-  layer_input_.assign(L, nullptr);
-  const float* x = m.x0;
+  layer_input_.assign(L, StreamTensor{});
+  StreamTensor x = m.x0;
   for (int i = 0; i < L; ++i) {
     LayerActivations& a = slot(i, training);
     if (i >= half) {  // decoder: x = x + skip_weights[j] * pop()
       const int j = i - half;
-      if (a.x_in != x) backend_.copy(a.x_in, x, n);
-      backend_.scaled_add_forward(a.x_in, m.skip_in[half - 1 - j], skip + j, n);
+      stream_.skip_add(a.x_in, x, m.skip_in[half - 1 - j], skip + j, n);
       x = a.x_in;
     }
     layer_input_[i] = x;
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
     // (which is this very buffer in a forward-only pass: block_forward allows that).
-    float* out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
+    const StreamTensor out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
     block_forward(i, T, layer_window(i, long_window), a, m, x, out, /*keeps_g=*/training && !recompute_,
                   training ? T : std::min(T, forward_mlp_rows_));
     x = out;
@@ -476,20 +483,20 @@ void GPT::run_forward(int T, int long_window, bool training) {
 }
 
 void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                        const float* x_in, float* x_out, bool keeps_g, int mlp_rows) {
+                        StreamTensor x_in, StreamTensor x_out, bool keeps_g, int mlp_rows) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const size_t n = static_cast<size_t>(T) * d;
   const float eps = static_cast<float>(config_.rmsnorm_eps);
   const BlockOffsets& offsets = block_offsets_[layer];
   // x_in is read only here, so x_out may alias it.
-  backend_.mix_forward(a.xm, nullptr, x_in, m.x0, params_ + offsets.lambdas, n);
-  const float* x1 = a.xm;
+  stream_.mix(a.xm, x_in, m.x0, params_ + offsets.lambdas, n);
+  StreamTensor x1 = a.xm;
   if (config_.layer_has_attention(layer)) {
     const float* qkv = params_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     // One bf16 copy for q, k and v, written by the rmsnorm itself.
-    backend_.rmsnorm_forward(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n), a.attn_rstd,
-                             a.xm, T, d, eps);
+    stream_.rmsnorm(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n), a.attn_rstd, a.xm, T, d,
+                    eps);
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
@@ -515,9 +522,8 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
       backend_.attention_forward(a.y, backend_.hold_produced_operand(kHeldInput, a.y, nh), a.lse, a.q_rot, a.k_rot,
                                  a.v, a.input_codes(/*floats_current=*/false), doc_, shape);
     }
-    linear_forward(a.x1, a.y, params_ + offsets.attn_proj, T, d, hd);
+    stream_.add_linear(a.x1, a.xm, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldInput);
-    backend_.add(a.x1, nullptr, a.xm, n);
     x1 = a.x1;
   }
   for (int r0 = 0; r0 < T; r0 += mlp_rows) {
@@ -526,29 +532,28 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     LayerActivations rows = a;
     rows.mlp_norm += first;
     rows.mlp_rstd += r0;
-    mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1 + first, x_out + first, keeps_g);
+    mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1.at(first), x_out.at(first), keeps_g);
   }
 }
 
-void GPT::mlp_forward(int layer, int rows, LayerActivations& a, const float* x1, float* x_out, bool keeps_g) {
+void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out, bool keeps_g) {
   const int d = config_.model_dim, mlp = config_.mlp_dim();
   const size_t n = static_cast<size_t>(rows) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
   uint16_t* norm_codes = backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n);
-  backend_.rmsnorm_forward(a.mlp_norm, norm_codes, a.mlp_rstd, x1, rows, d, static_cast<float>(config_.rmsnorm_eps));
+  stream_.rmsnorm(a.mlp_norm, norm_codes, a.mlp_rstd, x1, rows, d, static_cast<float>(config_.rmsnorm_eps));
   // bf16 activations, training, bf16 products (norm_codes: the product then rounds on the
   // tensor cores' output): h is kept as codes alone, rounded where the product computes it.
   const bool h_as_codes = bf16_activations_ && a.h_codes && norm_codes;
   if (h_as_codes) {
-    backend_.gemm_to_bf16(false, true, rows, mlp, d, a.mlp_norm, d, params_ + offsets.fc, d, a.h_codes, mlp);
+    backend_.gemm_to_bf16(false, true, rows, mlp, d, a.mlp_norm, d, params_ + offsets.fc, d, nullptr, a.h_codes, mlp);
   } else {
     linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, rows, mlp, d);
   }
   backend_.release_operand(kHeldInput);
   relu2(a.g, a.h_codes, h_as_codes ? nullptr : a.h, rows, keeps_g);
-  linear_forward(x_out, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
+  stream_.add_linear(x_out, x1, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
-  backend_.add(x_out, nullptr, x1, n);
 }
 
 int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
@@ -620,11 +625,11 @@ void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int 
   }
 }
 
-void GPT::recompute_mlp_norm(LayerActivations& a, const float* x1, int T) {
+void GPT::recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T) {
   if (!recompute_) return;
   const size_t n = static_cast<size_t>(T) * config_.model_dim;
-  backend_.rmsnorm_forward(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
-                           config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  stream_.rmsnorm(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
+                  config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
 }
 
 void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
@@ -641,8 +646,8 @@ void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
 void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   if (!recompute_) return;
   const size_t n_norm = static_cast<size_t>(T) * config_.model_dim;
-  backend_.rmsnorm_forward(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n_norm), a.attn_rstd,
-                           a.xm, T, config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  stream_.rmsnorm(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n_norm), a.attn_rstd, a.xm, T,
+                  config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
   if (bf16_activations_) {  // from the normalised codes, codes alone as in the forward
     const int H = config_.num_heads, D = config_.head_dim;
     const float base = static_cast<float>(config_.rotary_base);
@@ -664,8 +669,7 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
   float* dW = grads_ + lm_head_offset_;
   const bool training = grad_scale != 0.f;
   const bool fp8 = training && config_.lm_head_fp8 != 0;
-  backend_.rmsnorm_forward(m.final_norm, nullptr, m.final_rstd, m.final_x, T, d,
-                           static_cast<float>(config_.rmsnorm_eps));
+  stream_.rmsnorm(m.final_norm, nullptr, m.final_rstd, m.final_x, T, d, static_cast<float>(config_.rmsnorm_eps));
   // The bf16 head rounds W once for every chunk (the FP8 head keeps its own copy).
   if (!fp8) backend_.hold_operand(kHeldInput, W, static_cast<size_t>(V) * d);
   // Logits exist only head_chunk_ rows at a time: each chunk's loss gradient is known
@@ -721,14 +725,14 @@ void GPT::run_backward(int T, int long_window) {
     block_backward(i, T, layer_window(i, long_window), slot(i, true), layer_input_[i], next_reads_as_is);
     if (i >= half) {  // x_in = previous output + skip_weights[j] * popped encoder output
       const int j = i - half;
-      backend_.scaled_add_backward(b.dskip_in[half - 1 - j], grads_ + skip_offset_ + j, b.dx,
-                                   m.skip_in[half - 1 - j], skip + j, n);
+      stream_.skip_add_backward(b.dskip_in[half - 1 - j], grads_ + skip_offset_ + j, b.dx, m.skip_in[half - 1 - j],
+                                skip + j, n);
     }
     report_gradients_ready(block_params_begin(i), block_params_begin(i + 1));
   }
   // Layer 0's input is x0 itself.
   backend_.add(b.dx0, nullptr, b.dx, n);
-  backend_.rmsnorm_backward(b.dtmp, nullptr, b.dx0, m.x0, m.x0_rstd, T, d, false);
+  stream_.normalized_backward(b.dtmp, b.dx0, m.x0, m.x0_rstd, T, d);
   backend_.embedding_backward(grads_ + embed_offset_, b.dtmp, inputs_, T, d);
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
@@ -748,7 +752,7 @@ uint16_t* GPT::hold_output_gradient(int T) {
   return backend_.hold_produced_operand(kHeldGradient, train_->dx, static_cast<size_t>(T) * config_.model_dim);
 }
 
-void GPT::block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in,
+void GPT::block_backward(int layer, int T, int window, LayerActivations& a, StreamTensor x_in,
                          bool hold_input_gradient) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const int mlp = config_.mlp_dim();
@@ -756,7 +760,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool has_attention = config_.layer_has_attention(layer);
   TrainingBuffers& b = *train_;
-  if (recompute_) backend_.mix_forward(a.xm, nullptr, x_in, b.m.x0, params_ + offsets.lambdas, n);
+  if (recompute_) stream_.mix(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_activation(a, T);
   linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d, mlp);
@@ -811,9 +815,8 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, cons
     backend_.rmsnorm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
-  backend_.mix_backward(b.dx, hold_input_gradient ? hold_output_gradient(T) : nullptr, false, b.dx0,
-                        grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas,
-                        n);
+  stream_.mix_backward(b.dx, hold_input_gradient ? hold_output_gradient(T) : nullptr, false, b.dx0,
+                       grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas, n);
 }
 
 }  // namespace speedrun

@@ -13,6 +13,7 @@
 #include "model/arena_carver.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "model/residual_stream.h"
 
 namespace speedrun {
 
@@ -23,13 +24,15 @@ namespace speedrun {
 // speedrun's shapes, for one more pass of the lambda mixes, rmsnorm, rotary and relu^2.
 enum class ActivationMemory { kStore, kRecompute };
 
-// How the largest activations kept for the backward are stored. kBfloat16 is SPEC §6's
-// reference precision for them: the MLP's pre-activation h, the normalised q and k,
-// attention's inputs (rotated q and k, mixed v) and its output y are rounded to bf16 where
-// they are computed (so the forward itself uses the rounded values, in every pass) and kept
-// as 16-bit codes, which attention reads (the flash kernel then rounds no copies of its own).
-// The floats of the rotated q and k, v and y are then one buffer each, shared by all layers. kFloat32 keeps them exact (the CPU
-// default, and what finite-difference gradient checks need).
+// How activations are stored. kBfloat16 is SPEC §6's reference precision: the residual
+// stream (x0, block inputs and outputs, lambda mixes, attention residuals, the skip stack;
+// ResidualStream), the MLP's pre-activation h, the normalised q and k, attention's inputs
+// (rotated q and k, mixed v) and its output y are rounded to bf16 where they are computed
+// (so the forward itself uses the rounded values, in every pass) and kept as 16-bit codes,
+// which the ops and attention read (the flash kernel then rounds no copies of its own). The
+// floats of the rotated q and k, v and y are then one buffer each, shared by all layers.
+// Gradients stay float32. kFloat32 keeps them exact (the CPU default, and what
+// finite-difference gradient checks need).
 enum class ActivationPrecision { kFloat32, kBfloat16 };
 
 struct ActivationOptions {
@@ -138,15 +141,15 @@ class GPT {
   // keeps_g: a.g's floats must survive for the backward (a training pass that stores them).
   // The MLP runs mlp_rows rows at a time (the whole sequence in a training pass).
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                     const float* x_in, float* x_out, bool keeps_g, int mlp_rows);
+                     StreamTensor x_in, StreamTensor x_out, bool keeps_g, int mlp_rows);
   // x_out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2) over `rows` rows, a's MLP buffers
   // pointing at those rows.
-  void mlp_forward(int layer, int rows, LayerActivations& a, const float* x1, float* x_out, bool keeps_g);
+  void mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out, bool keeps_g);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
   // rotated q, k and mixed v, recomputed into the shared buffers for the backward. The
   // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
   // the products that read them; the caller releases them.
-  void recompute_mlp_norm(LayerActivations& a, const float* x1, int T);
+  void recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T);
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   // out = rotary(x) (float32 activations), in place when out == x.
@@ -175,7 +178,7 @@ class GPT {
   // that computed it (codes written by that op); on return d(block input), held likewise
   // when hold_input_gradient (the next block reads it as it is). Adds parameter, x0 and
   // value-embedding gradients.
-  void block_backward(int layer, int T, int window, LayerActivations& a, const float* x_in,
+  void block_backward(int layer, int T, int window, LayerActivations& a, StreamTensor x_in,
                       bool hold_input_gradient);
   // hold_produced_operand(kHeldGradient) for the training buffers' dx: the codes buffer for
   // the op about to compute it, nullptr where nothing is held.
@@ -199,6 +202,7 @@ class GPT {
   int max_eval_T_;
   const bool recompute_;
   const bool bf16_activations_;
+  ResidualStream stream_;  // bf16 with bf16 activations
   const int forward_mlp_rows_;
   size_t activation_bytes_ = 0;
   float* params_ = nullptr;
@@ -216,7 +220,7 @@ class GPT {
   std::unique_ptr<ForwardBuffers> forward_;
   float* forward_spare_ = nullptr;  // MemoryPlan::forward_spare_bytes() from here
   size_t forward_spare_bytes_ = 0;
-  std::vector<const float*> layer_input_;  // where each layer's input lives in this pass
+  std::vector<StreamTensor> layer_input_;  // where each layer's input lives in this pass
   int head_chunk_ = 0;
   GradientReadyHook gradient_ready_;
   // Where each parameter lives in the flat layout (params_/grads_ + offset).

@@ -65,6 +65,53 @@ struct DeviceInts {
   DeviceInts(const DeviceInts&) = delete;
 };
 
+std::vector<float> code_words(const std::vector<uint16_t>& codes) {
+  std::vector<float> words((codes.size() + 1) / 2, 0.f);
+  std::memcpy(words.data(), codes.data(), codes.size() * sizeof(uint16_t));
+  return words;
+}
+
+std::vector<float> widened(const std::vector<uint16_t>& codes) {
+  std::vector<float> out(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) out[i] = lowp::decode_bf16(codes[i]);
+  return out;
+}
+
+std::vector<uint16_t> encoded(const std::vector<float>& x) {
+  std::vector<uint16_t> codes(x.size());
+  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
+  return codes;
+}
+
+constexpr uint16_t kNaNCode = static_cast<uint16_t>(kNaNCodePair & 0xFFFF);
+
+// bf16 codes in a backend's float buffer, starting `shift` codes in (1: two bytes off
+// 16-byte alignment, where a kernel must fall back to narrow accesses; the codes before are
+// NaN); get() reads the n codes back.
+struct DeviceCodes {
+  DeviceFloats words;
+  size_t n, shift;
+  uint16_t* ptr;
+  DeviceCodes(Backend& be, const std::vector<uint16_t>& codes, size_t shift_codes = 0)
+      : words(be, code_words(after_nan_codes(codes, shift_codes))),
+        n(codes.size()),
+        shift(shift_codes),
+        ptr(reinterpret_cast<uint16_t*>(words.ptr) + shift_codes) {}
+  // count NaN codes: an output poisoned.
+  DeviceCodes(Backend& be, size_t count, size_t shift_codes = 0)
+      : DeviceCodes(be, std::vector<uint16_t>(count, kNaNCode), shift_codes) {}
+  std::vector<uint16_t> get() const {
+    auto codes = codes_of(words.get(), n + shift);
+    codes.erase(codes.begin(), codes.begin() + static_cast<std::ptrdiff_t>(shift));
+    return codes;
+  }
+  static std::vector<uint16_t> after_nan_codes(const std::vector<uint16_t>& codes, size_t count) {
+    std::vector<uint16_t> shifted(count, kNaNCode);
+    shifted.insert(shifted.end(), codes.begin(), codes.end());
+    return shifted;
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // Comparison helpers
 
@@ -353,11 +400,15 @@ TEST_F(GemmTest, Bf16InputsMatchTheCpuEmulation) {
   check({false, true, 128, 2048 + 17, 96, 0, 1.f, 0.f, 1});
 }
 
-// gemm_to_bf16 (the MLP's h kept as codes alone): the codes of the CPU emulation's product
-// up to one bf16 ulp plus the float32 sums' order-dependent error, padding untouched; with
-// float32 products too (the fallback through scratch).
+// gemm_to_bf16 (the MLP's h kept as codes alone; with an addend, a residual add onto the
+// bf16 stream, in place or into another buffer): the codes of the CPU's gemm_to_bf16 up to
+// one bf16 ulp plus the float32 sums' order-dependent error, padding untouched; with float32
+// products too (the fallback through scratch). The addend's padding holds NaN codes: an
+// addend read with the wrong leading dimension would carry them into C.
 TEST_F(GemmTest, ProductsIntoCodesAreTheRoundedProduct) {
   SCOPED_TRACE(trace());
+  enum class Addend { kNone, kDistinct, kInPlace };
+  const char* const addend_names[] = {"no addend", "addend", "addend in place"};
   for (bool bf16_inputs : {true, false}) {
     if (bf16_inputs) use_bf16_matmuls();
     else {
@@ -366,38 +417,51 @@ TEST_F(GemmTest, ProductsIntoCodesAreTheRoundedProduct) {
     }
     struct Shape { bool ta, tb; int M, N, K, pad; };
     for (Shape p : {Shape{false, true, 300, 768, 128, 0}, Shape{true, false, 37, 129, 65, 3}}) {
-      SCOPED_TRACE(std::string(bf16_inputs ? "bf16" : "fp32") + " M=" + std::to_string(p.M));
       const int lda = (p.ta ? p.M : p.K) + p.pad, ldb = (p.tb ? p.K : p.N) + p.pad, ldc = p.N + p.pad;
+      const size_t count = static_cast<size_t>(p.M) * ldc;
       const auto A = normal(static_cast<size_t>(p.ta ? p.K : p.M) * lda);
       const auto B = normal(static_cast<size_t>(p.tb ? p.N : p.K) * ldb);
-      std::vector<float> want(static_cast<size_t>(p.M) * ldc), magnitude(want.size());
-      cpu_->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, A.data(), lda, B.data(), ldb, 0.f, want.data(), ldc);
       // sum_k |a||b| per element: the scale of the float32 sums' order-dependent error.
+      std::vector<float> magnitude(count);
       std::vector<float> abs_a = A, abs_b = B;
       for (float& v : abs_a) v = std::abs(v);
       for (float& v : abs_b) v = std::abs(v);
       make_cpu_backend()->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, abs_a.data(), lda, abs_b.data(), ldb, 0.f,
                                magnitude.data(), ldc);
-      const float poison = std::bit_cast<float>(kNaNCodePair);
-      DeviceFloats dA(*gpu_, A), dB(*gpu_, B), dC(*gpu_, (want.size() + 1) / 2, poison);
-      gpu_->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, dA.ptr, lda, dB.ptr, ldb, reinterpret_cast<uint16_t*>(dC.ptr), ldc);
-      const auto codes = codes_of(dC.get(), want.size());
-      const uint16_t poison_code = static_cast<uint16_t>(kNaNCodePair & 0xFFFF);
-      size_t bad = 0;
+      // The stream the product is added onto, on the product's scale (sums cancel often).
+      auto addend = encoded(normal(count, 8.f));
       for (int r = 0; r < p.M; ++r) {
-        for (int c = 0; c < ldc; ++c) {
-          const size_t i = static_cast<size_t>(r) * ldc + c;
-          if (c >= p.N) {
-            if (codes[i] != poison_code && bad++ < 5) ADD_FAILURE() << "padding written at " << r << "," << c;
-            continue;
-          }
-          const float got = lowp::decode_bf16(codes[i]), rounded = lowp::round_to_bf16(want[i]);
-          if (!(std::abs(got - rounded) <= std::abs(rounded) * 0x1p-7 + 1e-4 * magnitude[i] + 1e-30) && bad++ < 5) {
-            ADD_FAILURE() << "C[" << r << "][" << c << "] got " << got << " want " << rounded;
+        for (int c = p.N; c < ldc; ++c) addend[static_cast<size_t>(r) * ldc + c] = kNaNCode;
+      }
+      DeviceFloats dA(*gpu_, A), dB(*gpu_, B);
+      for (Addend mode : {Addend::kNone, Addend::kDistinct, Addend::kInPlace}) {
+        SCOPED_TRACE(std::string(bf16_inputs ? "bf16" : "fp32") + " M=" + std::to_string(p.M) + " " +
+                     addend_names[static_cast<int>(mode)]);
+        const uint16_t* cpu_addend = mode == Addend::kNone ? nullptr : addend.data();
+        std::vector<uint16_t> want(count);
+        cpu_->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, cpu_addend, want.data(), ldc);
+        DeviceCodes dC(*gpu_, mode == Addend::kInPlace ? addend : std::vector<uint16_t>(count, kNaNCode));
+        DeviceCodes dAddend(*gpu_, addend);
+        const uint16_t* gpu_addend = mode == Addend::kNone ? nullptr : mode == Addend::kInPlace ? dC.ptr : dAddend.ptr;
+        gpu_->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, dA.ptr, lda, dB.ptr, ldb, gpu_addend, dC.ptr, ldc);
+        const auto codes = dC.get();
+        size_t bad = 0;
+        for (int r = 0; r < p.M; ++r) {
+          for (int c = 0; c < ldc; ++c) {
+            const size_t i = static_cast<size_t>(r) * ldc + c;
+            if (c >= p.N) {
+              if (codes[i] != kNaNCode && bad++ < 5) ADD_FAILURE() << "padding written at " << r << "," << c;
+              continue;
+            }
+            const float got = lowp::decode_bf16(codes[i]), rounded = lowp::decode_bf16(want[i]);
+            if (!(std::abs(got - rounded) <= std::abs(rounded) * 0x1p-7 + 1e-4 * magnitude[i] + 1e-30) &&
+                bad++ < 5) {
+              ADD_FAILURE() << "C[" << r << "][" << c << "] got " << got << " want " << rounded;
+            }
           }
         }
+        EXPECT_EQ(bad, 0u);
       }
-      EXPECT_EQ(bad, 0u);
     }
   }
 }
@@ -650,18 +714,6 @@ TEST_F(CudaBackendTest, ElementwiseOperationsMatchCpu) {
 // bf16 activation storage. Rounding is elementwise and deterministic, so relu^2's codes of
 // the same h are identical on both; rmsnorm's float32 outputs differ by noise before they
 // are rounded, which can move a value by one bf16 ulp (2^-8 relative).
-
-std::vector<float> code_words(const std::vector<uint16_t>& codes) {
-  std::vector<float> words((codes.size() + 1) / 2, 0.f);
-  std::memcpy(words.data(), codes.data(), codes.size() * sizeof(uint16_t));
-  return words;
-}
-
-std::vector<float> widened(const std::vector<uint16_t>& codes) {
-  std::vector<float> out(codes.size());
-  for (size_t i = 0; i < codes.size(); ++i) out[i] = lowp::decode_bf16(codes[i]);
-  return out;
-}
 
 TEST_F(CudaBackendTest, Bf16ActivationStorageMatchesCpu) {
   SCOPED_TRACE(trace());
@@ -946,6 +998,250 @@ TEST_F(CudaBackendTest, UnalignedOperandsGiveTheAlignedResults) {
   }
   expect_identical(loss[1], loss[0], "softcap cross-entropy loss");
   expect_identical(gradient[1], gradient[0], "softcap cross-entropy gradient");
+}
+
+// ---------------------------------------------------------------------------------------
+// The bf16 residual stream: ops that read the stream as codes and write it rounded. Where
+// the GPU contracts a * b + c into an FMA (the mix with b, the skip add) its float32 sum can
+// differ from the CPU's in the last bit, which can move the rounding by one bf16 ulp; a mix
+// without b is one product, rounded alike on both. Each op on codes must also give the very
+// bits of its float32 form on the codes' widening (the same kernel instantiated for codes),
+// which pins its arithmetic and its summation order.
+
+// bf16 codes against the CPU's, at most one bf16 ulp apart: 2^-7 of a value admits one ulp,
+// never two; 1e-6 of the largest magnitude absorbs the cancellation where an FMA's single
+// rounding moves a small sum by more, relatively. A NaN poison code left in place fails.
+void expect_within_a_bf16_ulp(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
+                              const std::string& what) {
+  expect_close(widened(got), widened(want), 0x1p-7, 1e-6, what);
+}
+
+TEST_F(CudaBackendTest, Bf16StreamMixAndSkipMatchCpu) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{100003}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const auto a = encoded(normal(n)), b = encoded(normal(n));
+    const auto coef = normal(2), weight = normal(1);
+    DeviceCodes g_a(*gpu_, a), g_b(*gpu_, b);
+    DeviceFloats g_coef(*gpu_, coef), g_weight(*gpu_, weight), one(*gpu_, std::vector<float>{1.f});
+    {
+      std::vector<uint16_t> want(n);
+      cpu_->mix_forward_bf16(want.data(), a.data(), b.data(), coef.data(), n);
+      DeviceCodes out(*gpu_, n), over_a(*gpu_, a), over_b(*gpu_, b), from_floats(*gpu_, n);
+      gpu_->mix_forward_bf16(out.ptr, g_a.ptr, g_b.ptr, g_coef.ptr, n);
+      const auto got = out.get();
+      expect_within_a_bf16_ulp(got, want, "mix_forward_bf16");
+      DeviceFloats wide_a(*gpu_, widened(a)), wide_b(*gpu_, widened(b));
+      gpu_->mix_forward(nullptr, from_floats.ptr, wide_a.ptr, wide_b.ptr, g_coef.ptr, n);
+      EXPECT_EQ(got, from_floats.get()) << "mix_forward_bf16 against mix_forward's codes of the widening";
+      gpu_->mix_forward_bf16(over_a.ptr, over_a.ptr, g_b.ptr, g_coef.ptr, n);
+      gpu_->mix_forward_bf16(over_b.ptr, g_a.ptr, over_b.ptr, g_coef.ptr, n);
+      EXPECT_EQ(over_a.get(), got) << "mix_forward_bf16 with out == a";
+      EXPECT_EQ(over_b.get(), got) << "mix_forward_bf16 with out == b";
+    }
+    {
+      std::vector<uint16_t> want(n);
+      cpu_->mix_forward_bf16(want.data(), a.data(), nullptr, coef.data(), n);
+      DeviceCodes out(*gpu_, n), over_a(*gpu_, a);
+      gpu_->mix_forward_bf16(out.ptr, g_a.ptr, nullptr, g_coef.ptr, n);
+      gpu_->mix_forward_bf16(over_a.ptr, over_a.ptr, nullptr, g_coef.ptr, n);
+      EXPECT_EQ(out.get(), want) << "mix_forward_bf16 without b (one product: the CPU's bits)";
+      EXPECT_EQ(over_a.get(), want) << "mix_forward_bf16 without b, out == a";
+    }
+    {
+      std::vector<uint16_t> want(n);
+      cpu_->scaled_add_forward_bf16(want.data(), a.data(), b.data(), weight.data(), n);
+      DeviceCodes out(*gpu_, n), over_x(*gpu_, a), from_floats(*gpu_, n);
+      gpu_->scaled_add_forward_bf16(out.ptr, g_a.ptr, g_b.ptr, g_weight.ptr, n);
+      const auto got = out.get();
+      expect_within_a_bf16_ulp(got, want, "scaled_add_forward_bf16");
+      gpu_->scaled_add_forward_bf16(over_x.ptr, over_x.ptr, g_b.ptr, g_weight.ptr, n);
+      EXPECT_EQ(over_x.get(), got) << "scaled_add_forward_bf16 with out == x";
+      // scaled_add_forward on the widening, rounded by a mix that multiplies by 1 (exact).
+      DeviceFloats sum(*gpu_, widened(a)), wide_b(*gpu_, widened(b));
+      gpu_->scaled_add_forward(sum.ptr, wide_b.ptr, g_weight.ptr, n);
+      gpu_->mix_forward(nullptr, from_floats.ptr, sum.ptr, nullptr, one.ptr, n);
+      EXPECT_EQ(got, from_floats.get()) << "scaled_add_forward_bf16 against scaled_add_forward of the widening";
+    }
+  }
+}
+
+// mix_backward_bf16 in every mode of MixAndSkipBackwardMatchCpuInEveryMode, and
+// scaled_add_backward_bf16: the CPU's values within those tests' tolerances, and the bits of
+// the float32 ops on the widened codes (dcoef and dweight: the same sums in the same order).
+TEST_F(CudaBackendTest, Bf16StreamBackwardMatchesCpuInEveryMode) {
+  SCOPED_TRACE(trace());
+  struct MixGradients {
+    std::vector<float> da;
+    std::vector<uint16_t> da_codes;
+    std::vector<float> db, dcoef;
+  };
+  for (size_t n : {size_t{1}, size_t{4097}, size_t{300007}}) {
+    for (int mode = 0; mode < 8; ++mode) {
+      const bool has_b = mode & 1, accumulate = mode & 2, alias = mode & 4;
+      if (alias && accumulate) continue;  // GPT aliases da with dout only when overwriting
+      SCOPED_TRACE("n=" + std::to_string(n) + " b=" + std::to_string(has_b) + " acc=" + std::to_string(accumulate) +
+                   " alias=" + std::to_string(alias));
+      const auto a = encoded(normal(n)), b = encoded(normal(n));
+      const auto dout = normal(n), coef = normal(2), dcoef0 = normal(2), da0 = normal(n), db0 = normal(n);
+      std::vector<float> da = alias ? dout : da0, db = db0, dcoef = dcoef0, grad = dout;
+      cpu_->mix_backward_bf16(alias ? grad.data() : da.data(), nullptr, accumulate, has_b ? db.data() : nullptr,
+                              dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
+      if (alias) da = grad;
+      DeviceCodes g_a(*gpu_, a), g_b(*gpu_, b);
+      DeviceFloats wide_a(*gpu_, widened(a)), wide_b(*gpu_, widened(b)), g_coef(*gpu_, coef);
+      // One GPU run on fresh outputs; `call` gets (da, da_codes, db, dcoef, dout).
+      auto run = [&](auto call) {
+        DeviceFloats g_dout(*gpu_, dout), g_dcoef(*gpu_, dcoef0), g_db(*gpu_, db0);
+        DeviceFloats g_da(*gpu_, accumulate ? da0 : std::vector<float>(n, kNaN));
+        DeviceCodes g_codes(*gpu_, n);
+        call(alias ? g_dout.ptr : g_da.ptr, g_codes.ptr, has_b ? g_db.ptr : nullptr, g_dcoef.ptr, g_dout.ptr);
+        return MixGradients{alias ? g_dout.get() : g_da.get(), g_codes.get(), g_db.get(), g_dcoef.get()};
+      };
+      const auto got = run([&](float* d_a, uint16_t* codes, float* d_b, float* d_coef, float* d_out) {
+        gpu_->mix_backward_bf16(d_a, codes, accumulate, d_b, d_coef, d_out, g_a.ptr, has_b ? g_b.ptr : nullptr,
+                                g_coef.ptr, n);
+      });
+      const auto from_floats = run([&](float* d_a, uint16_t* codes, float* d_b, float* d_coef, float* d_out) {
+        gpu_->mix_backward(d_a, codes, accumulate, d_b, d_coef, d_out, wide_a.ptr, has_b ? wide_b.ptr : nullptr,
+                           g_coef.ptr, n);
+      });
+      expect_close(got.da, da, 1e-5, 1e-6, "mix_backward_bf16 da");
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(got.da_codes[i], lowp::encode_bf16(got.da[i])) << "mix_backward_bf16 codes at " << i;
+      }
+      if (has_b) expect_close(got.db, db, 1e-5, 1e-6, "mix_backward_bf16 db");
+      expect_close(got.dcoef, dcoef, 1e-6, 0, "mix_backward_bf16 dcoef");
+      expect_identical(got.da, from_floats.da, "mix_backward_bf16 da against mix_backward of the widening");
+      EXPECT_EQ(got.da_codes, from_floats.da_codes) << "mix_backward_bf16 codes against mix_backward's";
+      expect_identical(got.db, from_floats.db, "mix_backward_bf16 db against mix_backward's");
+      expect_identical(got.dcoef, from_floats.dcoef, "mix_backward_bf16 dcoef against mix_backward's");
+    }
+    const auto y = encoded(normal(n));
+    const auto dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
+    std::vector<float> dy = dy0, dweight = dweight0;
+    cpu_->scaled_add_backward_bf16(dy.data(), dweight.data(), dout.data(), y.data(), weight.data(), n);
+    DeviceCodes g_y(*gpu_, y);
+    DeviceFloats wide_y(*gpu_, widened(y)), g_dout(*gpu_, dout), g_w(*gpu_, weight);
+    DeviceFloats g_dy(*gpu_, dy0), g_dweight(*gpu_, dweight0), f_dy(*gpu_, dy0), f_dweight(*gpu_, dweight0);
+    gpu_->scaled_add_backward_bf16(g_dy.ptr, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
+    gpu_->scaled_add_backward(f_dy.ptr, f_dweight.ptr, g_dout.ptr, wide_y.ptr, g_w.ptr, n);
+    const auto got_dy = g_dy.get(), got_dweight = g_dweight.get();
+    expect_close(got_dy, dy, 1e-5, 1e-6, "scaled_add_backward_bf16 dy");
+    expect_close(got_dweight, dweight, 1e-6, 0, "scaled_add_backward_bf16 dweight");
+    expect_identical(got_dy, f_dy.get(), "scaled_add_backward_bf16 dy against scaled_add_backward of the widening");
+    expect_identical(got_dweight, f_dweight.get(), "scaled_add_backward_bf16 dweight against scaled_add_backward's");
+  }
+}
+
+// rmsnorm_forward_from_bf16 (the blocks' norms of the stream): out as rmsnorm_forward's on
+// the CPU (and bit for bit on the GPU's widening), its codes those of out, either output
+// alone; and rmsnorm_forward_bf16 into codes alone (x0 on the stream).
+TEST_F(CudaBackendTest, RmsnormOnTheBf16StreamMatchesCpu) {
+  SCOPED_TRACE(trace());
+  const float eps = 1.1920929e-07f;
+  struct Case { int rows, dim; };
+  for (Case c : {Case{1, 8}, Case{7, 768}, Case{1000, 128}, Case{33, 33}}) {
+    SCOPED_TRACE("rows=" + std::to_string(c.rows) + " dim=" + std::to_string(c.dim));
+    const size_t n = static_cast<size_t>(c.rows) * c.dim;
+    const auto x = encoded(normal(n, 3.f));
+    std::vector<float> out(n), rstd(c.rows);
+    std::vector<uint16_t> codes(n);
+    cpu_->rmsnorm_forward_from_bf16(out.data(), codes.data(), rstd.data(), x.data(), c.rows, c.dim, eps);
+    DeviceCodes g_x(*gpu_, x), g_codes(*gpu_, n), codes_alone(*gpu_, n);
+    DeviceFloats g_out(*gpu_, n, kNaN), g_rstd(*gpu_, c.rows, kNaN), alone_rstd(*gpu_, c.rows, kNaN);
+    gpu_->rmsnorm_forward_from_bf16(g_out.ptr, g_codes.ptr, g_rstd.ptr, g_x.ptr, c.rows, c.dim, eps);
+    const auto got = g_out.get(), got_rstd = g_rstd.get();
+    const auto got_codes = g_codes.get();
+    expect_close(got, out, 1e-5, 1e-6, "rmsnorm_forward_from_bf16 out");
+    expect_close(got_rstd, rstd, 1e-5, 0, "rmsnorm_forward_from_bf16 rstd");
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(got_codes[i], lowp::encode_bf16(got[i])) << "rmsnorm_forward_from_bf16 codes of its out at " << i;
+    }
+    expect_within_a_bf16_ulp(got_codes, codes, "rmsnorm_forward_from_bf16 codes against the CPU's");
+    DeviceFloats wide_x(*gpu_, widened(x)), f_out(*gpu_, n, kNaN), f_rstd(*gpu_, c.rows, kNaN);
+    gpu_->rmsnorm_forward(f_out.ptr, nullptr, f_rstd.ptr, wide_x.ptr, c.rows, c.dim, eps);
+    expect_identical(got, f_out.get(), "rmsnorm_forward_from_bf16 against rmsnorm_forward of the widening");
+    expect_identical(got_rstd, f_rstd.get(), "rmsnorm_forward_from_bf16 rstd against rmsnorm_forward's");
+    gpu_->rmsnorm_forward_from_bf16(nullptr, codes_alone.ptr, alone_rstd.ptr, g_x.ptr, c.rows, c.dim, eps);
+    EXPECT_EQ(codes_alone.get(), got_codes) << "rmsnorm_forward_from_bf16, codes alone";
+    expect_identical(alone_rstd.get(), got_rstd, "rmsnorm_forward_from_bf16 rstd, codes alone");
+    DeviceFloats floats_alone(*gpu_, n, kNaN);
+    gpu_->rmsnorm_forward_from_bf16(floats_alone.ptr, nullptr, alone_rstd.ptr, g_x.ptr, c.rows, c.dim, eps);
+    expect_identical(floats_alone.get(), got, "rmsnorm_forward_from_bf16, floats alone");
+    EXPECT_THROW(gpu_->rmsnorm_forward_from_bf16(nullptr, nullptr, g_rstd.ptr, g_x.ptr, c.rows, c.dim, eps), Error);
+
+    const auto x0 = normal(n, 3.f);
+    std::vector<uint16_t> want_x0(n);
+    std::vector<float> x0_rstd(c.rows);
+    cpu_->rmsnorm_forward_bf16(nullptr, want_x0.data(), x0_rstd.data(), x0.data(), c.rows, c.dim, eps);
+    DeviceFloats g_x0(*gpu_, x0), kept(*gpu_, n, kNaN), kept_rstd(*gpu_, c.rows, kNaN), r(*gpu_, c.rows, kNaN);
+    DeviceCodes with_out(*gpu_, n), x0_alone(*gpu_, n);
+    gpu_->rmsnorm_forward_bf16(kept.ptr, with_out.ptr, kept_rstd.ptr, g_x0.ptr, c.rows, c.dim, eps);
+    gpu_->rmsnorm_forward_bf16(nullptr, x0_alone.ptr, r.ptr, g_x0.ptr, c.rows, c.dim, eps);
+    const auto got_x0 = x0_alone.get();
+    EXPECT_EQ(got_x0, with_out.get()) << "rmsnorm_forward_bf16, codes alone";
+    expect_identical(r.get(), kept_rstd.get(), "rmsnorm_forward_bf16 rstd, codes alone");
+    expect_identical(g_x0.get(), x0, "rmsnorm_forward_bf16's x, codes alone");
+    expect_within_a_bf16_ulp(got_x0, want_x0, "rmsnorm_forward_bf16 codes alone against the CPU's");
+    EXPECT_THROW(gpu_->rmsnorm_forward_bf16(nullptr, nullptr, r.ptr, g_x0.ptr, c.rows, c.dim, eps), Error);
+  }
+}
+
+// The stream's ops on operands one element off 16-byte alignment (codes two bytes, floats
+// four) give the bits they give on aligned ones, sums included; gemm_to_bf16's fallback
+// (float32 products) adds a misaligned addend with the same kernel.
+TEST_F(CudaBackendTest, UnalignedStreamOperandsGiveTheAlignedResults) {
+  SCOPED_TRACE(trace());
+  const int rows = 33, dim = 128;
+  const size_t n = static_cast<size_t>(rows) * dim;
+  const auto a = encoded(normal(n)), b = encoded(normal(n));
+  const auto dout = normal(n), coef = normal(2), W = normal(static_cast<size_t>(dim) * dim);
+  DeviceFloats g_coef(*gpu_, coef), g_W(*gpu_, W), g_dout(*gpu_, dout);
+  struct Outputs {
+    std::vector<uint16_t> codes;
+    std::vector<float> out, more, sums;
+  };
+  // One op with its operands `shift` elements in; `op` gets (a, b, dout: codes, codes,
+  // floats; out, more: floats, NaN and zeros; codes out; sums: rows zeros, aligned).
+  auto run = [&](size_t shift, auto op) {
+    DeviceCodes g_a(*gpu_, a, shift), g_b(*gpu_, b, shift), codes(*gpu_, n, shift);
+    DeviceFloats d(*gpu_, shift ? after_one(dout) : dout), out(*gpu_, n + shift, kNaN), more(*gpu_, n + shift, 0.f),
+        sums(*gpu_, rows, 0.f);
+    op(g_a.ptr, g_b.ptr, d.ptr + shift, out.ptr + shift, more.ptr + shift, codes.ptr, sums.ptr);
+    auto drop = [shift](std::vector<float> v) { return shift ? dropping_first(v) : v; };
+    return Outputs{codes.get(), drop(out.get()), drop(more.get()), sums.get()};
+  };
+  auto both = [&](const std::string& what, auto op) {
+    const Outputs aligned = run(0, op), shifted = run(1, op);
+    EXPECT_EQ(shifted.codes, aligned.codes) << what << " codes";
+    expect_identical(shifted.out, aligned.out, what + " out");
+    expect_identical(shifted.more, aligned.more, what + " second output");
+    expect_identical(shifted.sums, aligned.sums, what + " sums");
+  };
+  both("mix_forward_bf16", [&](uint16_t* x, uint16_t* y, float*, float*, float*, uint16_t* codes, float*) {
+    gpu_->mix_forward_bf16(codes, x, y, g_coef.ptr, n);
+  });
+  both("scaled_add_forward_bf16", [&](uint16_t* x, uint16_t* y, float*, float*, float*, uint16_t* codes, float*) {
+    gpu_->scaled_add_forward_bf16(codes, x, y, g_coef.ptr, n);
+  });
+  both("mix_backward_bf16", [&](uint16_t* x, uint16_t* y, float* d, float* da, float* db, uint16_t* codes,
+                                float* dcoef) {
+    gpu_->mix_backward_bf16(da, codes, false, db, dcoef, d, x, y, g_coef.ptr, n);
+  });
+  both("scaled_add_backward_bf16", [&](uint16_t*, uint16_t* y, float* d, float*, float* dy, uint16_t*,
+                                       float* dweight) {
+    gpu_->scaled_add_backward_bf16(dy, dweight, d, y, g_coef.ptr, n);
+  });
+  both("rmsnorm_forward_from_bf16", [&](uint16_t* x, uint16_t*, float*, float* out, float*, uint16_t* codes,
+                                        float* rstd) {
+    gpu_->rmsnorm_forward_from_bf16(out, codes, rstd, x, rows, dim, 1e-6f);
+  });
+  // float32 products (this backend's): the product of aligned operands lands in aligned
+  // scratch (the same algorithm both times), then is added to the shifted addend.
+  both("gemm_to_bf16 with an addend", [&](uint16_t* x, uint16_t*, float*, float*, float*, uint16_t* codes, float*) {
+    gpu_->gemm_to_bf16(false, false, rows, dim, dim, g_dout.ptr, dim, g_W.ptr, dim, x, codes, dim);
+  });
 }
 
 TEST_F(CudaBackendTest, SumToHostIsFloat64AndDeterministic) {

@@ -69,11 +69,29 @@ TEST(Bf16Matmul, ProductIntoCodesIsTheRoundedProduct) {
       std::vector<float> product(static_cast<size_t>(p.M) * ldc, 0.f);
       be->gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, A.data(), lda, B.data(), ldb, 0.f, product.data(), ldc);
       std::vector<uint16_t> codes(product.size(), 0xABCD);
-      be->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, codes.data(), ldc);
+      be->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, nullptr, codes.data(), ldc);
       for (int r = 0; r < p.M; ++r) {
         for (int c = 0; c < ldc; ++c) {
           const size_t i = static_cast<size_t>(r) * ldc + c;
           ASSERT_EQ(codes[i], c < p.N ? lowp::encode_bf16(product[i]) : 0xABCD) << r << "," << c;
+        }
+      }
+      // With an addend (the bf16 residual stream's add): one rounding of the float32 sum,
+      // into a separate output and in place.
+      std::vector<uint16_t> addend(product.size());
+      for (size_t i = 0; i < addend.size(); ++i) addend[i] = lowp::encode_bf16(0.37f * static_cast<float>(i % 11) - 1.f);
+      std::vector<uint16_t> sum(product.size(), 0xABCD);
+      be->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, addend.data(), sum.data(), ldc);
+      std::vector<uint16_t> in_place = addend;
+      be->gemm_to_bf16(p.ta, p.tb, p.M, p.N, p.K, A.data(), lda, B.data(), ldb, in_place.data(), in_place.data(),
+                       ldc);
+      for (int r = 0; r < p.M; ++r) {
+        for (int c = 0; c < ldc; ++c) {
+          const size_t i = static_cast<size_t>(r) * ldc + c;
+          const uint16_t expected =
+              c < p.N ? lowp::encode_bf16(product[i] + lowp::decode_bf16(addend[i])) : uint16_t{0xABCD};
+          ASSERT_EQ(sum[i], expected) << r << "," << c;
+          ASSERT_EQ(in_place[i], c < p.N ? expected : addend[i]) << r << "," << c;
         }
       }
     }

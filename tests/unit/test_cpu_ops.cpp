@@ -377,6 +377,116 @@ TEST_F(CpuOps, Bf16Relu2RoundsItsInputAndBackpropagatesFromTheCodes) {
   EXPECT_THROW(be->relu2_backward_bf16(nullptr, nullptr, dout.data(), codes.data(), n), Error);
 }
 
+// The bf16 residual stream: each op reads the stream as codes and is exactly its float32
+// twin on their widened values, its stream output rounded once (in place too), a NaN
+// passed on; the gradients stay float32.
+std::vector<uint16_t> stream_codes(size_t n, uint64_t seed) {
+  const auto values = random_vector(n, seed, 2.f);
+  std::vector<uint16_t> codes(n);
+  for (size_t i = 0; i < n; ++i) codes[i] = lowp::encode_bf16(values[i]);
+  return codes;
+}
+
+std::vector<float> widened(const std::vector<uint16_t>& codes) {
+  std::vector<float> values(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) values[i] = lowp::decode_bf16(codes[i]);
+  return values;
+}
+
+std::vector<uint16_t> encoded(const std::vector<float>& values) {
+  std::vector<uint16_t> codes(values.size());
+  for (size_t i = 0; i < values.size(); ++i) codes[i] = lowp::encode_bf16(values[i]);
+  return codes;
+}
+
+TEST_F(CpuOps, StreamMixAndSkipAddAreTheirFloatTwinsRoundedOnce) {
+  const size_t n = 203;
+  auto a = stream_codes(n, 31);
+  const auto b = stream_codes(n, 32);
+  a[7] = 0x7FC0;  // NaN
+  const std::vector<float> coef = {0.83f, -0.41f}, weight = {1.37f};
+  for (bool with_b : {true, false}) {
+    SCOPED_TRACE(with_b ? "a and b" : "a alone");
+    std::vector<float> twin(n);
+    be->mix_forward(twin.data(), nullptr, widened(a).data(), with_b ? widened(b).data() : nullptr, coef.data(), n);
+    std::vector<uint16_t> out(n, 0x1234);
+    be->mix_forward_bf16(out.data(), a.data(), with_b ? b.data() : nullptr, coef.data(), n);
+    EXPECT_EQ(out, encoded(twin));
+    EXPECT_TRUE(std::isnan(lowp::decode_bf16(out[7])));
+    std::vector<uint16_t> in_place = a;
+    be->mix_forward_bf16(in_place.data(), in_place.data(), with_b ? b.data() : nullptr, coef.data(), n);
+    EXPECT_EQ(in_place, out);
+  }
+  std::vector<float> sum = widened(a);
+  be->scaled_add_forward(sum.data(), widened(b).data(), weight.data(), n);
+  std::vector<uint16_t> skipped(n, 0x1234);
+  be->scaled_add_forward_bf16(skipped.data(), a.data(), b.data(), weight.data(), n);
+  EXPECT_EQ(skipped, encoded(sum));
+  int changed = 0;  // the sum is rounded: not every value is a bf16 already
+  for (size_t i = 0; i < n; ++i) changed += lowp::decode_bf16(skipped[i]) != sum[i];
+  EXPECT_GT(changed, static_cast<int>(n) / 2);
+  std::vector<uint16_t> in_place = a;
+  be->scaled_add_forward_bf16(in_place.data(), in_place.data(), b.data(), weight.data(), n);
+  EXPECT_EQ(in_place, skipped);
+}
+
+TEST_F(CpuOps, StreamBackwardsReadTheCodesAsTheirFloatTwinsReadTheValues) {
+  const size_t n = 157;
+  const auto a = stream_codes(n, 33), b = stream_codes(n, 34);
+  const auto dout = random_vector(n, 35);
+  const std::vector<float> coef = {0.83f, -0.41f}, weight = {1.37f};
+  for (bool accumulate : {false, true}) {
+    SCOPED_TRACE(accumulate ? "accumulating" : "overwriting");
+    std::vector<float> da(n, 0.5f), db(n, 0.25f), dcoef = {0.1f, 0.2f};
+    std::vector<uint16_t> da_codes(n);
+    be->mix_backward(da.data(), da_codes.data(), accumulate, db.data(), dcoef.data(), dout.data(), widened(a).data(),
+                     widened(b).data(), coef.data(), n);
+    std::vector<float> da2(n, 0.5f), db2(n, 0.25f), dcoef2 = {0.1f, 0.2f};
+    std::vector<uint16_t> da_codes2(n);
+    be->mix_backward_bf16(da2.data(), da_codes2.data(), accumulate, db2.data(), dcoef2.data(), dout.data(), a.data(),
+                          b.data(), coef.data(), n);
+    EXPECT_EQ(da2, da);
+    EXPECT_EQ(db2, db);
+    EXPECT_EQ(dcoef2, dcoef);
+    EXPECT_EQ(da_codes2, da_codes);
+  }
+  std::vector<float> dy(n, 0.5f), dw = {0.3f}, dy2(n, 0.5f), dw2 = {0.3f};
+  be->scaled_add_backward(dy.data(), dw.data(), dout.data(), widened(b).data(), weight.data(), n);
+  be->scaled_add_backward_bf16(dy2.data(), dw2.data(), dout.data(), b.data(), weight.data(), n);
+  EXPECT_EQ(dy2, dy);
+  EXPECT_EQ(dw2, dw);
+  EXPECT_NE(dw[0], 0.3f);
+}
+
+TEST_F(CpuOps, StreamRmsnormReadsCodesAndX0IsWrittenAsCodesAlone) {
+  const int rows = 6, dim = 40;
+  const size_t n = static_cast<size_t>(rows) * dim;
+  const auto x = stream_codes(n, 36);
+  std::vector<float> twin(n), twin_rstd(rows);
+  std::vector<uint16_t> twin_codes(n);
+  be->rmsnorm_forward(twin.data(), twin_codes.data(), twin_rstd.data(), widened(x).data(), rows, dim, 1e-6f);
+  std::vector<float> out(n), rstd(rows);
+  std::vector<uint16_t> codes(n);
+  be->rmsnorm_forward_from_bf16(out.data(), codes.data(), rstd.data(), x.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(out, twin);  // exact, not rounded
+  EXPECT_EQ(codes, twin_codes);
+  EXPECT_EQ(rstd, twin_rstd);
+  std::vector<uint16_t> codes_alone(n);
+  be->rmsnorm_forward_from_bf16(nullptr, codes_alone.data(), rstd.data(), x.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(codes_alone, twin_codes);
+  EXPECT_THROW(be->rmsnorm_forward_from_bf16(nullptr, nullptr, rstd.data(), x.data(), rows, dim, 1e-6f), Error);
+
+  // x0: rmsnorm_forward_bf16's codes without its floats.
+  const auto embedded = random_vector(n, 37, 3.f);
+  std::vector<float> rounded(n), rounded_rstd(rows);
+  std::vector<uint16_t> x0(n), x0_alone(n);
+  be->rmsnorm_forward_bf16(rounded.data(), x0.data(), rounded_rstd.data(), embedded.data(), rows, dim, 1e-6f);
+  be->rmsnorm_forward_bf16(nullptr, x0_alone.data(), rstd.data(), embedded.data(), rows, dim, 1e-6f);
+  EXPECT_EQ(x0_alone, x0);
+  EXPECT_EQ(rstd, rounded_rstd);
+  EXPECT_THROW(be->rmsnorm_forward_bf16(nullptr, nullptr, rstd.data(), embedded.data(), rows, dim, 1e-6f), Error);
+}
+
 TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {
   const int V = 5, dim = 3;
   std::vector<int32_t> tokens = {1, 3, 1};

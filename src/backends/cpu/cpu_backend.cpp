@@ -147,6 +147,22 @@ class FloatsOrTemporary {
   float* data_;
 };
 
+// Codes widened into float32 (a temporary), for an op that reads the bf16 residual stream
+// through its float32 twin: the same arithmetic on the same values. Null stays null.
+class Widened {
+ public:
+  Widened(const uint16_t* codes, size_t n) : floats_(codes ? n : 0) {
+    if (!codes) return;
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) floats_[i] = lowp::decode_bf16(codes[i]);
+  }
+  const float* data() const { return floats_.empty() ? nullptr : floats_.data(); }
+  float* mutable_data() { return floats_.empty() ? nullptr : floats_.data(); }
+
+ private:
+  std::vector<float> floats_;
+};
+
 // codes[i] = bf16(values[i]) for an op's out_codes (nothing when null).
 void encode_outputs(uint16_t* codes, const float* values, size_t n) {
   if (codes) write_values(nullptr, codes, n, [values](size_t i) { return values[i]; });
@@ -324,17 +340,19 @@ class CpuBackend final : public Backend {
   }
 
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-                    uint16_t* C, int ldc) override {
+                    const uint16_t* addend, uint16_t* C, int ldc) override {
     if (M <= 0 || N <= 0) return;
     const size_t count = static_cast<size_t>(M - 1) * ldc + N;
     std::vector<float> result(count);
     gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result.data(), ldc);
-    if (ldc == N) {
-      encode_outputs(C, result.data(), count);
-      return;
-    }
+    // Row by row: padding between rows is not the product's to write.
     for (int r = 0; r < M; ++r) {
-      encode_outputs(C + static_cast<size_t>(r) * ldc, result.data() + static_cast<size_t>(r) * ldc, N);
+      const size_t row = static_cast<size_t>(r) * ldc;
+      float* values = result.data() + row;
+      if (addend) {
+        for (int j = 0; j < N; ++j) values[j] += lowp::decode_bf16(addend[row + j]);
+      }
+      encode_outputs(C + row, values, N);
     }
   }
 
@@ -384,7 +402,9 @@ class CpuBackend final : public Backend {
 
   void rmsnorm_forward_bf16(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
                             float eps) override {
-    rmsnorm_forward_rows(out, stored, /*round=*/true, rstd, x, rows, dim, eps);
+    if (!out && !stored) throw Error("rmsnorm_forward_bf16: a null out needs stored codes");
+    const FloatsOrTemporary values(out, static_cast<size_t>(rows) * dim);
+    rmsnorm_forward_rows(values.data(), stored, /*round=*/true, rstd, x, rows, dim, eps);
   }
 
   void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out, const float* rstd,
@@ -473,6 +493,44 @@ class CpuBackend final : public Backend {
     const float w = weight[0];
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) dy[i] += w * dout[i];
+  }
+
+  // The bf16 residual stream: each op is its float32 twin on the widened codes, its stream
+  // output rounded (a GPU computes the same without the float32 round trip).
+  void mix_forward_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef,
+                        size_t n) override {
+    const Widened wa(a, n), wb(b, n);
+    mix_forward(nullptr, out, wa.data(), wb.data(), coef, n);
+  }
+
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
+                         const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+                         size_t n) override {
+    const Widened wa(a, n), wb(b, n);
+    mix_backward(da, da_codes, accumulate_da, db, dcoef, dout, wa.data(), wb.data(), coef, n);
+  }
+
+  void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
+                               size_t n) override {
+    Widened sum(x, n);
+    const Widened wy(y, n);
+    scaled_add_forward(sum.mutable_data(), wy.data(), weight, n);
+    encode_outputs(out, sum.data(), n);
+  }
+
+  void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y, const float* weight,
+                                size_t n) override {
+    const Widened wy(y, n);
+    scaled_add_backward(dy, dweight, dout, wy.data(), weight, n);
+  }
+
+  void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows, int dim,
+                                 float eps) override {
+    if (!out && !out_codes) throw Error("rmsnorm_forward_from_bf16: a null out needs out_codes");
+    const size_t n = static_cast<size_t>(rows) * dim;
+    const FloatsOrTemporary values(out, n);
+    widen_bf16(values.data(), x, n);  // then normalised in place
+    rmsnorm_forward_rows(values.data(), out_codes, /*round=*/false, rstd, values.data(), rows, dim, eps);
   }
 
   void add(float* out, uint16_t* out_codes, const float* x, size_t n) override {

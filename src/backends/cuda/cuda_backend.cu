@@ -192,23 +192,25 @@ class CudaBackend final : public Backend {
   }
 
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-                    uint16_t* C, int ldc) override {
+                    const uint16_t* addend, uint16_t* C, int ldc) override {
     if (M <= 0 || N <= 0) return;
-    if (K > 0 && gemm_->bf16_inputs() && gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, C, ldc)) return;
+    if (K > 0 && gemm_->bf16_inputs() && gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc)) return;
     // float32 products, K == 0, or no bf16-output algorithm for this shape: the float result
-    // in scratch (M x ldc floats beyond the memory plan), then its codes, row by row where
-    // rows are padded (the padding is not the product's to write).
+    // in scratch (M x ldc floats beyond the memory plan), then its codes (plus the addend,
+    // one rounding of the float sum), row by row where rows are padded (the padding is not
+    // the product's to write).
     const size_t count = static_cast<size_t>(M - 1) * ldc + N;
     float* result = static_cast<float*>(op_scratch_->get(count * sizeof(float)));
     gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result, ldc);
+    auto round = [&](size_t at, size_t n) {
+      if (addend) cuda::to_bf16_plus(stream_, C + at, result + at, addend + at, n);
+      else cuda::to_bf16(stream_, C + at, result + at, n);
+    };
     if (ldc == N) {
-      cuda::to_bf16(stream_, C, result, count);
+      round(0, count);
       return;
     }
-    for (int r = 0; r < M; ++r) {
-      const size_t row = static_cast<size_t>(r) * ldc;
-      cuda::to_bf16(stream_, C + row, result + row, N);
-    }
+    for (int r = 0; r < M; ++r) round(static_cast<size_t>(r) * ldc, N);
   }
 
   // --- embeddings ---------------------------------------------------------------------------
@@ -289,6 +291,28 @@ class CudaBackend final : public Backend {
                                     const float* rstd, int T, int H, int D, float base) override {
     cuda::rotary_rmsnorm_backward_bf16(stream_, *op_scratch_, dx, dx_codes, dout, normed, rstd, T, H, D,
                                        rotary_frequencies(D, base));
+  }
+
+  // --- the bf16 residual stream: the float32 ops' kernels reading (and writing) codes ---------
+  void mix_forward_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef, size_t n) override {
+    cuda::mix_forward_bf16(stream_, out, a, b, coef, n);
+  }
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
+                         const uint16_t* a, const uint16_t* b, const float* coef, size_t n) override {
+    cuda::mix_backward_bf16(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+  }
+  void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
+                               size_t n) override {
+    cuda::scaled_add_forward_bf16(stream_, out, x, y, weight, n);
+  }
+  void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y, const float* weight,
+                                size_t n) override {
+    dot_reduce_bf16(stream_, *reduce_scratch_, dout, y, n, 0, 1, DotResult::kAccumulateFloat, dweight);
+    cuda::scaled_add_backward_elementwise(stream_, dy, dout, weight, n);
+  }
+  void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows, int dim,
+                                 float eps) override {
+    cuda::rmsnorm_forward_from_bf16(stream_, out, out_codes, rstd, x, rows, dim, eps);
   }
 
   // --- attention ------------------------------------------------------------------------------

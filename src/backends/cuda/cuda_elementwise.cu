@@ -26,6 +26,23 @@ struct ToBf16 {
   bool vectorisable() const { return aligned_16({out, in}); }
 };
 
+// out[i] = bf16(in[i] + float32(addend[i])): a float32 product and the bf16 stream it is
+// added onto, rounded once. out may alias addend. Traffic: 8 n bytes.
+struct ToBf16Plus {
+  uint16_t* out;
+  const float* in;
+  const uint16_t* addend;
+  template <int W>
+  __device__ void at(size_t g) const {
+    Lanes<W> x = load_lanes<W>(in, g);
+    const Lanes<W> y = load_lanes<W>(addend, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) x[k] += y[k];
+    store_code_lanes<W>(out, g, x);
+  }
+  bool vectorisable() const { return aligned_16({out, in, addend}); }
+};
+
 // out[t, c] = table[tokens[t], c]. Traffic: 8 T dim bytes (+ 4 T for the ids).
 struct EmbeddingForward {
   float* out;
@@ -40,14 +57,18 @@ struct EmbeddingForward {
   bool vectorisable() const { return dim % 4 == 0 && aligned_16({out, table}); }
 };
 
-// out = coef[0] a + coef[1] b (or coef[0] a); with `stored` (bf16 activations) rounded to
-// bf16 and its codes stored (out then may be null). out may alias a. Traffic: 12 n bytes (8
-// n without b; +2 n with codes; -4 n without out).
+// out = coef[0] a + coef[1] b (or coef[0] a), a and b as float32 or bf16 codes; with
+// `stored` (bf16 activations) rounded to bf16 and its codes stored (out then may be null).
+// out and stored may alias a (or b: each lane reads its inputs before writing). One
+// template for both, so that the bf16 residual stream's mix does the very arithmetic of
+// the float one. Traffic: 12 n bytes (8 n without b; +2 n with codes; -4 n without out;
+// -2 n per operand given as codes: 6 n for codes in and out).
+template <typename In>
 struct MixForward {
   float* out;
   uint16_t* stored;
-  const float* a;
-  const float* b;
+  const In* a;
+  const In* b;
   const float* coef;
   template <int W>
   __device__ void at(size_t g) const {
@@ -68,6 +89,14 @@ struct MixForward {
   bool vectorisable() const { return aligned_16({out, stored, a, b}); }
 };
 
+// o += w v over the lanes: the U-net skip's arithmetic, shared by the float32 and the bf16
+// stream's kernels so that both compute the same values.
+template <int W>
+__device__ __forceinline__ void add_scaled(Lanes<W>& o, float w, const Lanes<W>& v) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) o[k] += w * v[k];
+}
+
 // out += weight[0] y. Traffic: 12 n bytes.
 struct ScaledAdd {
   float* out;
@@ -75,14 +104,27 @@ struct ScaledAdd {
   const float* weight;
   template <int W>
   __device__ void at(size_t g) const {
-    const float w = weight[0];
     Lanes<W> o = load_lanes<W>(out, g);
-    const Lanes<W> v = load_lanes<W>(y, g);
-#pragma unroll
-    for (int k = 0; k < W; ++k) o[k] += w * v[k];
+    add_scaled<W>(o, weight[0], load_lanes<W>(y, g));
     store_lanes<W>(out, g, o);
   }
   bool vectorisable() const { return aligned_16({out, y}); }
+};
+
+// out = bf16(x + weight[0] y), all three bf16 codes: the skip added onto the bf16 stream.
+// out may alias x. Traffic: 6 n bytes.
+struct ScaledAddBf16 {
+  uint16_t* out;
+  const uint16_t* x;
+  const uint16_t* y;
+  const float* weight;
+  template <int W>
+  __device__ void at(size_t g) const {
+    Lanes<W> o = load_lanes<W>(x, g);
+    add_scaled<W>(o, weight[0], load_lanes<W>(y, g));
+    store_code_lanes<W>(out, g, o);
+  }
+  bool vectorisable() const { return aligned_16({out, x, y}); }
 };
 
 // out += x, and the sum's bf16 codes when out_codes. Traffic: 12 n bytes (14 n with codes).
@@ -246,18 +288,19 @@ struct ApplyUpdate {
 };
 
 // One warp per row, W elements per group (W divides dim; lane L sums groups L, L + 32, ...:
-// an order set by the shape alone, 16-byte accesses when kWide): s = 1 / sqrt(mean(x^2) +
-// eps), out = x s (kRound: bf16(x s) widened), rstd = s, and the codes of out into `stored`
-// unless null. out may alias x (each lane rereads only its own elements). Traffic: 8 rows
-// dim bytes (+2 with codes).
-template <int W, bool kWide, bool kRound>
-__global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const float* x, int rows, int dim,
+// an order set by the shape alone, 16-byte float / 8-byte code accesses when kWide): x as
+// float32 or bf16 codes (the bf16 stream), s = 1 / sqrt(mean(x^2) + eps), out = x s
+// (kRound: bf16(x s) widened), rstd = s, and the codes of out into `stored`; out or stored
+// may be null (not both). out may alias x (each lane rereads only its own elements).
+// Traffic: 8 rows dim bytes (-2 with codes in, +2 with codes out, -4 without out).
+template <int W, bool kWide, bool kRound, typename In>
+__global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd, const In* x, int rows, int dim,
                                        float eps) {
   const int row = blockIdx.x * kRowWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
   const size_t off = static_cast<size_t>(row) * dim;
-  const float* xr = x + off;
-  float* yr = out + off;
+  const In* xr = x + off;
+  float* yr = out ? out + off : nullptr;
   uint16_t* codes = stored ? stored + off : nullptr;
   const int groups = dim / W;
   float sum_sq = 0.f;
@@ -281,7 +324,7 @@ __global__ void rmsnorm_forward_kernel(float* out, uint16_t* stored, float* rstd
     } else {
       store_code_lanes<W, kWide>(codes, j, y);
     }
-    store_lanes<W, kWide>(yr, j, y);
+    if (yr) store_lanes<W, kWide>(yr, j, y);
   }
   if (lane == 0) rstd[row] = s;
 }
@@ -403,10 +446,19 @@ __global__ void transpose_kernel(float* out, const float* x, int rows, int cols)
 
 unsigned row_blocks(int rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
 
+// Ops that may write their codes alone (a null float output) need one of the two.
+void require_an_output(const float* out, const uint16_t* codes, const char* op) {
+  if (!out && !codes) throw Error(std::string(op) + ": a null out needs codes");
+}
+
 }  // namespace
 
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n) {
   launch_lanes(s, ToBf16{out, in}, n, "to_bf16");
+}
+
+void to_bf16_plus(cudaStream_t s, uint16_t* out, const float* in, const uint16_t* addend, size_t n) {
+  launch_lanes(s, ToBf16Plus{out, in, addend}, n, "to_bf16_plus");
 }
 
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim) {
@@ -414,9 +466,10 @@ void embedding_forward(cudaStream_t s, float* out, const float* table, const int
 }
 
 // Groups of 4 where dim allows (the summation order then depends on the shape alone),
-// accessed 16 bytes at a time where the pointers allow.
-template <bool kRound>
-void launch_rmsnorm_forward(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
+// accessed 16 bytes at a time where the pointers allow (every pointer 16-byte aligned, codes
+// included as in the backward: a row of codes then starts 8-byte aligned, dim % 4 == 0).
+template <bool kRound, typename In>
+void launch_rmsnorm_forward(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const In* x, int rows,
                             int dim, float eps) {
   if (rows <= 0) return;
   const unsigned blocks = row_blocks(rows), threads = kRowWarps * 32;
@@ -437,7 +490,14 @@ void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rst
 
 void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* rstd, const float* x, int rows,
                           int dim, float eps) {
+  require_an_output(out, stored, "rmsnorm_forward_bf16");
   launch_rmsnorm_forward<true>(s, out, stored, rstd, x, rows, dim, eps);
+}
+
+void rmsnorm_forward_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const uint16_t* x,
+                               int rows, int dim, float eps) {
+  require_an_output(out, out_codes, "rmsnorm_forward_from_bf16");
+  launch_rmsnorm_forward<false>(s, out, out_codes, rstd, x, rows, dim, eps);
 }
 
 // The forward's output as floats or as bf16 codes: one kernel, instantiated for each.
@@ -475,12 +535,23 @@ void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, con
 
 void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n) {
-  if (!out && !stored) throw Error("mix_forward: a null out needs stored codes");
-  launch_lanes(s, MixForward{out, stored, a, b, coef}, n, "mix_forward");
+  require_an_output(out, stored, "mix_forward");
+  launch_lanes(s, MixForward<float>{out, stored, a, b, coef}, n, "mix_forward");
+}
+
+// The float mix with codes in and the codes alone out: stored's rounding is the output's.
+void mix_forward_bf16(cudaStream_t s, uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef,
+                      size_t n) {
+  launch_lanes(s, MixForward<uint16_t>{nullptr, out, a, b, coef}, n, "mix_forward_bf16");
 }
 
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n) {
   launch_lanes(s, ScaledAdd{out, y, weight}, n, "scaled_add");
+}
+
+void scaled_add_forward_bf16(cudaStream_t s, uint16_t* out, const uint16_t* x, const uint16_t* y,
+                             const float* weight, size_t n) {
+  launch_lanes(s, ScaledAddBf16{out, x, y, weight}, n, "scaled_add_forward_bf16");
 }
 
 void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n) {

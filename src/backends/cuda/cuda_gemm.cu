@@ -234,7 +234,8 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 alignment_bytes(a, stride_a, element_bytes, batch),
                 alignment_bytes(b, stride_b, element_bytes, batch),
                 alignment_bytes(C, stride_c, sizeof(float), batch),
-                CUDA_R_32F};
+                CUDA_R_32F,
+                0};
   const Plan* found = plan_for(key);
   if (!found) {
     throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
@@ -247,20 +248,25 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                                        &plan.algo, workspace_, kWorkspaceBytes, stream_));
 }
 
+// The addend is cuBLASLt's C with beta = 1, in D's layout (bf16, ldc): D = AB + C is formed
+// in the float32 compute type and rounded to bf16 once, by the epilogue. Without one, C is
+// D itself with beta = 0 (never read).
 bool LtGemm::run_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-                         uint16_t* C, int ldc) {
+                         const uint16_t* addend, uint16_t* C, int ldc) {
   if (!bf16_inputs_) throw Error("LtGemm::run_to_bf16 needs bf16 inputs");
   const void* a = rounded_operand(bf16_a_, A, operand_extent(ta ? K : M, ta ? M : K, lda, 0, 1));
   const void* b = rounded_operand(bf16_b_, B, operand_extent(tb ? N : K, tb ? K : N, ldb, 0, 1));
+  const void* c = addend ? static_cast<const void*>(addend) : C;
   const Key key{ta, tb, M, N, K, lda, ldb, ldc, 0, 0, 0, 1,
                 alignment_bytes(a, 0, sizeof(uint16_t), 1),
                 alignment_bytes(b, 0, sizeof(uint16_t), 1),
-                alignment_bytes(C, 0, sizeof(uint16_t), 1),
-                CUDA_R_16BF};
+                std::min(alignment_bytes(c, 0, sizeof(uint16_t), 1), alignment_bytes(C, 0, sizeof(uint16_t), 1)),
+                CUDA_R_16BF,
+                addend != nullptr};
   const Plan* plan = plan_for(key);
   if (!plan) return false;
-  const float alpha = 1.f, beta = 0.f;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, C, plan->c, C,
+  const float alpha = 1.f, beta = addend ? 1.f : 0.f;
+  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, c, plan->c, C,
                                        plan->c, &plan->algo, workspace_, kWorkspaceBytes, stream_));
   return true;
 }

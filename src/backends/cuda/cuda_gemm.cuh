@@ -45,11 +45,12 @@ class LtGemm {
            size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
            int batch);
   // Backend::gemm_to_bf16 with bf16 inputs: C (bf16 codes, leading dimension ldc) =
-  // bf16(op(A) op(B)), rounded by cuBLASLt's epilogue from the float32 accumulator. Requires
-  // bf16 inputs and K > 0.
+  // bf16(op(A) op(B) + addend), rounded by cuBLASLt's epilogue from the float32 accumulator
+  // plus the addend (cuBLASLt's C, beta = 1: bf16 codes laid out as C, or null for none; it
+  // may be C itself). Requires bf16 inputs and K > 0.
   // False, nothing written, when cuBLASLt has no algorithm with a bf16 output for it.
   bool run_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda, const float* B,
-                   int ldb, uint16_t* C, int ldc);
+                   int ldb, const uint16_t* addend, uint16_t* C, int ldc);
   bool bf16_inputs() const { return bf16_inputs_; }
 
   static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
@@ -69,8 +70,11 @@ class LtGemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's (column-major) operands
     cublasLtMatmulAlgo_t algo{};
   };
-  // ta, tb, M, N, K, lda, ldb, ldc, strides a, b, c, batch, alignments a, b, c, C's type.
-  using Key = std::array<int64_t, 16>;
+  // ta, tb, M, N, K, lda, ldb, ldc, strides a, b, c, batch, alignments a, b, c (the least of
+  // C's and D's), C's type, whether C is an addend (gemm_to_bf16's; run() reads C as D, in
+  // place). The plan is built alike either way: the last entry keeps apart plans whose C
+  // alignment was measured over different pointers.
+  using Key = std::array<int64_t, 17>;
   // The plan for key; nullptr when cuBLASLt has no algorithm for it (remembered).
   const Plan* plan_for(const Key& key);
   bool build_plan(const Key& key, Plan& plan);  // false when no algorithm exists

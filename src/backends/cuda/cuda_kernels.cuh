@@ -39,6 +39,14 @@ void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                          size_t n);
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
+// The bf16 residual stream: the Backend operations of the same names (the backward ones in
+// cuda_reduce.cu, below).
+void mix_forward_bf16(cudaStream_t s, uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef,
+                      size_t n);
+void scaled_add_forward_bf16(cudaStream_t s, uint16_t* out, const uint16_t* x, const uint16_t* y,
+                             const float* weight, size_t n);
+void rmsnorm_forward_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const uint16_t* x,
+                               int rows, int dim, float eps);
 // Every tensor in launches of up to kAdamTensorsPerLaunch, the list passed by value.
 void adam_update(cudaStream_t s, const AdamTensor* tensors, size_t count, float beta1, float beta2, float eps,
                  const AdamBiasCorrection& bias, const int32_t* skip);
@@ -53,6 +61,8 @@ void scale_matrix(cudaStream_t s, float* C, int M, int N, int ldc, size_t stride
 void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, int batch);
 // out[i] = the bits of bf16(in[i]), nearest even (the CPU's lowp::round_to_bf16).
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n);
+// out[i] = the bits of bf16(in[i] + float32(addend[i])), one rounding; out may alias addend.
+void to_bf16_plus(cudaStream_t s, uint16_t* out, const float* in, const uint16_t* addend, size_t n);
 
 // --- q and k: per-head rmsnorm and rotary in one pass (cuda_qk_norm_rotary.cu) ----------
 // The Backend operations of the same names; freq as rotary's. scratch: for head sizes the
@@ -75,9 +85,18 @@ enum class DotResult {
 // 16-byte loads. scratch: partial sums.
 void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b, size_t n, size_t stride, int batch,
                 DotResult result, void* out, float eps = 0.f);
+// The same with b given as bf16 codes (widened exactly): the same sums in the same order as
+// dot_reduce of b's widening. Named apart so that dot_reduce's null b stays unambiguous.
+void dot_reduce_bf16(cudaStream_t s, Scratch& scratch, const float* a, const uint16_t* b, size_t n, size_t stride,
+                     int batch, DotResult result, void* out, float eps = 0.f);
 // Backend::mix_backward in one pass over its operands (dcoef through partial sums in scratch).
 void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
                   float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n);
+// The same with a and b as bf16 codes (Backend::mix_backward_bf16): the same sums in the same
+// order as mix_backward of their widening.
+void mix_backward_bf16(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                       float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+                       size_t n);
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale);
 // The same from logits kept as bf16 codes, its gradient written as the e5m2 codes of

@@ -28,9 +28,10 @@ int reduce_blocks(size_t n) {
   return static_cast<int>(std::clamp<size_t>(wanted, 1, kMaxReduceBlocks));
 }
 
-// acc += sum over the lanes of a (times b's lanes g when b is not null), in float64.
-template <int W, bool kWide>
-__device__ __forceinline__ void accumulate_dot(double& acc, const Lanes<W>& a, const float* b, size_t g) {
+// acc += sum over the lanes of a (times b's lanes g when b is not null), in float64; b as
+// float32 or bf16 codes (widened exactly: the same sums as over the widening).
+template <int W, bool kWide, typename B>
+__device__ __forceinline__ void accumulate_dot(double& acc, const Lanes<W>& a, const B* b, size_t g) {
   if (b) {
     const Lanes<W> y = load_lanes<W, kWide>(b, g);
 #pragma unroll
@@ -42,9 +43,10 @@ __device__ __forceinline__ void accumulate_dot(double& acc, const Lanes<W>& a, c
 }
 
 // partials[b, block] = sum over this block's grid-stride share of a[b] * bb[b] (or a[b]), in
-// float64, kGroup elements at a time (grid.y = batch). Traffic: 4 (8 with b) batch n bytes.
-template <bool kWide>
-__global__ void dot_partials_kernel(double* partials, const float* a, const float* b, size_t n, size_t stride) {
+// float64, kGroup elements at a time (grid.y = batch); b as float32 or bf16 codes. Traffic:
+// 4 (8 with b, 6 with b as codes) batch n bytes.
+template <bool kWide, typename B>
+__global__ void dot_partials_kernel(double* partials, const float* a, const B* b, size_t n, size_t stride) {
   __shared__ double shared[kBlockReduceSlots];
   const size_t offset = blockIdx.y * stride;
   a += offset;
@@ -60,16 +62,18 @@ __global__ void dot_partials_kernel(double* partials, const float* a, const floa
 
 // mix_backward in one pass: dcoef's two dot products (dout.a, and dout.b when b) into
 // partials [2, blocks], and db += coef[1] dout (when db), da (+)= coef[0] dout with its bf16
-// codes (when da_codes). da may alias dout (each element is read before it is written).
-// Traffic: 12 n bytes, +4 accumulating, +12 with b and db, +2 with codes.
+// codes (when da_codes); a and b as float32 or bf16 codes (the bf16 stream's mix). da may
+// alias dout (each element is read before it is written). Traffic: 12 n bytes, +4
+// accumulating, +12 with b and db, +2 with codes; -2 per operand a, b given as codes.
+template <typename In>
 struct MixBackward {
   float* da;
   uint16_t* da_codes;
   bool accumulate_da;
   float* db;
   const float* dout;
-  const float* a;
-  const float* b;
+  const In* a;
+  const In* b;
   const float* coef;
 
   template <int W, bool kWide>
@@ -97,16 +101,16 @@ struct MixBackward {
   bool vectorisable() const { return aligned_16({da, da_codes, db, dout, a, b}); }
 };
 
-template <bool kWide>
-__global__ void mix_backward_kernel(MixBackward op, size_t n, double* partials) {
+template <bool kWide, typename In>
+__global__ void mix_backward_kernel(MixBackward<In> op, size_t n, double* partials) {
   __shared__ double shared[kBlockReduceSlots];
   const float c0 = op.coef[0];
   const float c1 = op.b ? op.coef[1] : 0.f;
   double dot_a = 0.0, dot_b = 0.0;
   const size_t groups = n / kGroup;
-  SPEEDRUN_GRID_STRIDE(g, groups) op.at<kGroup, kWide>(g, c0, c1, dot_a, dot_b);
+  SPEEDRUN_GRID_STRIDE(g, groups) op.template at<kGroup, kWide>(g, c0, c1, dot_a, dot_b);
   const size_t i = groups * kGroup + static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) op.at<1, false>(i, c0, c1, dot_a, dot_b);
+  if (i < n) op.template at<1, false>(i, c0, c1, dot_a, dot_b);
   dot_a = block_reduce(dot_a, SumOp{}, 0.0, shared);
   dot_b = block_reduce(dot_b, SumOp{}, 0.0, shared);
   if (threadIdx.x == 0) {
@@ -258,39 +262,65 @@ void launch_softcap_cross_entropy(cudaStream_t s, const In* logits, const Softca
   check_launch("softcap_cross_entropy_kernel");
 }
 
-}  // namespace
-
-void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b, size_t n, size_t stride, int batch,
-                DotResult result, void* out, float eps) {
+// dot_reduce over b as float32 or as bf16 codes: one kernel, instantiated for each.
+template <typename B>
+void launch_dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const B* b, size_t n, size_t stride,
+                       int batch, DotResult result, void* out, float eps) {
   if (batch <= 0) return;
   if (batch > 65535) throw Error("dot_reduce: " + std::to_string(batch) + " batches exceed the CUDA grid (65535)");
   const bool wide = (batch == 1 || stride % 4 == 0) && aligned_16({a, b});
   const int blocks = reduce_blocks(n);
   double* partials = static_cast<double*>(scratch.get(sizeof(double) * blocks * batch));
   if (wide) {
-    dot_partials_kernel<true><<<dim3(blocks, batch), kReduceThreads, 0, s>>>(partials, a, b, n, stride);
+    dot_partials_kernel<true, B><<<dim3(blocks, batch), kReduceThreads, 0, s>>>(partials, a, b, n, stride);
   } else {
-    dot_partials_kernel<false><<<dim3(blocks, batch), kReduceThreads, 0, s>>>(partials, a, b, n, stride);
+    dot_partials_kernel<false, B><<<dim3(blocks, batch), kReduceThreads, 0, s>>>(partials, a, b, n, stride);
   }
   check_launch("dot_partials_kernel");
   dot_finish_kernel<<<batch, kReduceThreads, 0, s>>>(out, partials, blocks, result, eps);
   check_launch("dot_finish_kernel");
 }
 
-void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                  float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n) {
+// mix_backward with a and b as float32 or as bf16 codes: one kernel, instantiated for each.
+template <typename In>
+void launch_mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da,
+                         float* db, float* dcoef, const float* dout, const In* a, const In* b, const float* coef,
+                         size_t n) {
   if (n == 0) return;
-  const MixBackward op{da, da_codes, accumulate_da, db, dout, a, b, coef};
+  const MixBackward<In> op{da, da_codes, accumulate_da, db, dout, a, b, coef};
   const int blocks = reduce_blocks(n);
   double* partials = static_cast<double*>(scratch.get(sizeof(double) * blocks * 2));
   if (op.vectorisable()) {
-    mix_backward_kernel<true><<<blocks, kReduceThreads, 0, s>>>(op, n, partials);
+    mix_backward_kernel<true, In><<<blocks, kReduceThreads, 0, s>>>(op, n, partials);
   } else {
-    mix_backward_kernel<false><<<blocks, kReduceThreads, 0, s>>>(op, n, partials);
+    mix_backward_kernel<false, In><<<blocks, kReduceThreads, 0, s>>>(op, n, partials);
   }
   check_launch("mix_backward_kernel");
   dot_finish_kernel<<<b ? 2 : 1, kReduceThreads, 0, s>>>(dcoef, partials, blocks, DotResult::kAccumulateFloat, 0.f);
   check_launch("dot_finish_kernel");
+}
+
+}  // namespace
+
+void dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const float* b, size_t n, size_t stride, int batch,
+                DotResult result, void* out, float eps) {
+  launch_dot_reduce(s, scratch, a, b, n, stride, batch, result, out, eps);
+}
+
+void dot_reduce_bf16(cudaStream_t s, Scratch& scratch, const float* a, const uint16_t* b, size_t n, size_t stride,
+                     int batch, DotResult result, void* out, float eps) {
+  launch_dot_reduce(s, scratch, a, b, n, stride, batch, result, out, eps);
+}
+
+void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                  float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n) {
+  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+}
+
+void mix_backward_bf16(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
+                       float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+                       size_t n) {
+  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
 }
 
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
