@@ -274,8 +274,9 @@ class Backend {
   // scaled_add_backward with y given as codes.
   virtual void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y,
                                         const float* weight, size_t n) = 0;
-  // rmsnorm_forward of x given as codes (out exact, as rmsnorm_forward's; out_codes = bf16(out)
-  // unless null). out may be null when out_codes is given: the codes alone.
+  // rmsnorm_forward_bf16 of x given as codes: out = bf16(rmsnorm(x)) widened (a block's
+  // norm, the final norm), out_codes (unless null) = the same values as codes. out may be
+  // null when out_codes is given: the codes alone.
   virtual void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows,
                                          int dim, float eps) = 0;
 

@@ -15,7 +15,8 @@ struct GPT::LayerActivations {
   StreamTensor x_in;         // a decoder layer's input (after the skip add) [T, d]
   StreamTensor xm;           // lambda mix of x and x0 [T, d] (shared by all layers)
   StreamTensor x1;           // after the attention residual [T, d] (kept only to recompute)
-  float* attn_norm = nullptr;  // rmsnorm(xm) [T, d]
+  float* attn_norm = nullptr;  // rmsnorm(xm) [T, d] (bf16: one buffer all layers share)
+  uint16_t* attn_norm_codes = nullptr;  // bf16: rmsnorm(xm) rounded, kept as codes [T, d]
   float* attn_rstd = nullptr;  // [T]
   float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd] (bf16: q_rot's buffer)
   float* kn = nullptr;
@@ -39,7 +40,8 @@ struct GPT::LayerActivations {
   uint16_t* q_codes = nullptr;
   uint16_t* k_codes = nullptr;
   uint16_t* v_codes = nullptr;
-  float* mlp_norm = nullptr;   // rmsnorm(x1) [T, d]
+  float* mlp_norm = nullptr;   // rmsnorm(x1) [T, d] (bf16: one buffer all layers share)
+  uint16_t* mlp_norm_codes = nullptr;  // bf16: rmsnorm(x1) rounded, kept as codes [T, d]
   float* mlp_rstd = nullptr;   // [T]
   float* h = nullptr;        // c_fc output [T, mlp] (bf16: g's buffer)
   float* g = nullptr;        // relu(h)^2 [T, mlp]
@@ -235,10 +237,16 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   // outputs in one: the backward needs the MLP's before attention's). The lambda mix xm
   // is such a buffer in both modes: only recomputation reads it back (it is cheap to
   // redo from the block's input and x0); x1 too unless recomputation needs it for the
-  // MLP's rmsnorm.
+  // MLP's rmsnorm. bf16: the rmsnorm outputs live on as codes, their floats (written only
+  // for float32 products) one buffer.
   const StreamTensor shared_xm = stream(T * d);
   const StreamTensor shared_x1 = recompute ? StreamTensor{} : stream(T * d);
-  float* shared_norm = recompute ? take(T * d) : nullptr;
+  const bool one_norm_buffer = recompute || bf16;
+  float* shared_norm = one_norm_buffer ? take(T * d) : nullptr;
+  uint16_t* shared_norm_codes = recompute && bf16 ? arena.take_codes(T * d) : nullptr;
+  // (Not shared_norm's nullness: while an arena is only counted, every piece is null.)
+  auto norm_floats = [&] { return one_norm_buffer ? shared_norm : take(T * d); };
+  auto norm_codes = [&] { return !bf16 ? nullptr : recompute ? shared_norm_codes : arena.take_codes(T * d); };
   // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); their
   // floats are one buffer each, y's only for products that read float32 operands.
   const bool shared_attention = recompute || bf16;
@@ -258,7 +266,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
     a.xm = shared_xm;
     if (config.layer_has_attention(i)) {
       a.x1 = recompute ? stream(T * d) : shared_x1;
-      a.attn_norm = kept(shared_norm, T * d);
+      a.attn_norm = norm_floats();
+      a.attn_norm_codes = norm_codes();
       a.attn_rstd = take(T);
       a.q_rot = attention_input(shared_q_rot, T * hd);
       a.k_rot = attention_input(shared_k_rot, T * hd);
@@ -286,7 +295,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.lse = take(T * H);
       (recompute ? recomputed_codes : carve_attention_codes(activations, arena, T * hd)).assign_to(a);
     }
-    a.mlp_norm = kept(shared_norm, T * d);
+    a.mlp_norm = norm_floats();
+    a.mlp_norm_codes = norm_codes();
     a.mlp_rstd = take(T);
     a.g = kept(shared_g, T * mlp);
     // bf16: c_fc writes into g's buffer, relu^2 runs in place, h lives on as codes.
@@ -324,6 +334,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   a.xm = stream(T * d);
   a.x1 = stream(T * d);
   a.attn_norm = a.mlp_norm = take(T * d);
+  if (bf16) a.attn_norm_codes = a.mlp_norm_codes = arena.take_codes(T * d);
   m.embedded = bf16 ? a.attn_norm : m.x0.floats;  // the norms' buffer is first written after x0
   a.attn_rstd = a.mlp_rstd = take(T);
   a.qn = a.q_rot = take(T * hd);
@@ -486,7 +497,6 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
                         StreamTensor x_in, StreamTensor x_out, bool keeps_g, int mlp_rows) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const size_t n = static_cast<size_t>(T) * d;
-  const float eps = static_cast<float>(config_.rmsnorm_eps);
   const BlockOffsets& offsets = block_offsets_[layer];
   // x_in is read only here, so x_out may alias it.
   stream_.mix(a.xm, x_in, m.x0, params_ + offsets.lambdas, n);
@@ -495,8 +505,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     const float* qkv = params_ + offsets.qkv;
     const size_t w = static_cast<size_t>(hd) * d;
     // One bf16 copy for q, k and v, written by the rmsnorm itself.
-    stream_.rmsnorm(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n), a.attn_rstd, a.xm, T, d,
-                    eps);
+    block_norm(a.attn_norm, a.attn_norm_codes, a.attn_rstd, a.xm, T);
     linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
     linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
     linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
@@ -531,6 +540,7 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     // h and relu(h)^2 (with their codes) hold mlp_rows rows: every slice starts at their start.
     LayerActivations rows = a;
     rows.mlp_norm += first;
+    if (rows.mlp_norm_codes) rows.mlp_norm_codes += first;
     rows.mlp_rstd += r0;
     mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1.at(first), x_out.at(first), keeps_g);
   }
@@ -538,13 +548,11 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
 
 void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out, bool keeps_g) {
   const int d = config_.model_dim, mlp = config_.mlp_dim();
-  const size_t n = static_cast<size_t>(rows) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
-  uint16_t* norm_codes = backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n);
-  stream_.rmsnorm(a.mlp_norm, norm_codes, a.mlp_rstd, x1, rows, d, static_cast<float>(config_.rmsnorm_eps));
-  // bf16 activations, training, bf16 products (norm_codes: the product then rounds on the
-  // tensor cores' output): h is kept as codes alone, rounded where the product computes it.
-  const bool h_as_codes = bf16_activations_ && a.h_codes && norm_codes;
+  const bool bf16_products = block_norm(a.mlp_norm, a.mlp_norm_codes, a.mlp_rstd, x1, rows);
+  // bf16 activations, training, bf16 products (the product then rounds on the tensor cores'
+  // output): h is kept as codes alone, rounded where the product computes it.
+  const bool h_as_codes = bf16_activations_ && a.h_codes && bf16_products;
   if (h_as_codes) {
     backend_.gemm_to_bf16(false, true, rows, mlp, d, a.mlp_norm, d, params_ + offsets.fc, d, nullptr, a.h_codes, mlp);
   } else {
@@ -625,11 +633,42 @@ void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int 
   }
 }
 
+bool GPT::block_norm(float* out, uint16_t* codes, float* rstd, StreamTensor x, int rows) {
+  const int d = config_.model_dim;
+  const size_t n = static_cast<size_t>(rows) * d;
+  const float eps = static_cast<float>(config_.rmsnorm_eps);
+  if (codes) {  // bf16 activations: the codes are the products' operand where they read bf16
+    const bool held = backend_.hold_stored_operand(kHeldInput, out, codes, n);
+    stream_.rmsnorm(held ? nullptr : out, codes, rstd, x, rows, d, eps);
+    return held;
+  }
+  uint16_t* produced = backend_.hold_produced_operand(kHeldInput, out, n);
+  stream_.rmsnorm(out, produced, rstd, x, rows, d, eps);
+  return produced != nullptr;
+}
+
+void GPT::hold_block_norm(float* out, const uint16_t* codes, int rows) {
+  const size_t n = static_cast<size_t>(rows) * config_.model_dim;
+  if (!codes) {
+    backend_.hold_operand(kHeldInput, out, n);
+  } else if (!backend_.hold_stored_operand(kHeldInput, out, codes, n)) {
+    backend_.widen_bf16(out, codes, n);  // float32 products: the floats are one shared buffer
+  }
+}
+
+void GPT::block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out,
+                              const uint16_t* codes, const float* rstd, int rows) {
+  const int d = config_.model_dim;
+  if (codes) {
+    backend_.rmsnorm_backward_bf16(dx, dx_codes, dout, codes, rstd, rows, d, true);
+  } else {
+    backend_.rmsnorm_backward(dx, dx_codes, dout, out, rstd, rows, d, true);
+  }
+}
+
 void GPT::recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T) {
   if (!recompute_) return;
-  const size_t n = static_cast<size_t>(T) * config_.model_dim;
-  stream_.rmsnorm(a.mlp_norm, backend_.hold_produced_operand(kHeldInput, a.mlp_norm, n), a.mlp_rstd, x1, T,
-                  config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  block_norm(a.mlp_norm, a.mlp_norm_codes, a.mlp_rstd, x1, T);
 }
 
 void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
@@ -645,9 +684,7 @@ void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
 
 void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
   if (!recompute_) return;
-  const size_t n_norm = static_cast<size_t>(T) * config_.model_dim;
-  stream_.rmsnorm(a.attn_norm, backend_.hold_produced_operand(kHeldInput, a.attn_norm, n_norm), a.attn_rstd, a.xm, T,
-                  config_.model_dim, static_cast<float>(config_.rmsnorm_eps));
+  block_norm(a.attn_norm, a.attn_norm_codes, a.attn_rstd, a.xm, T);
   if (bf16_activations_) {  // from the normalised codes, codes alone as in the forward
     const int H = config_.num_heads, D = config_.head_dim;
     const float base = static_cast<float>(config_.rotary_base);
@@ -767,13 +804,17 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   backend_.release_operand(kHeldGradient);  // b.dx, held by the op that computed it
   backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, a.h, a.h_codes, T);
-  recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
+  if (recompute_) {
+    recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
+  } else {
+    hold_block_norm(a.mlp_norm, a.mlp_norm_codes, T);
+  }
   linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);
   // d x1, held for attention's c_proj backward as the codes the norm's backward writes.
-  backend_.rmsnorm_backward(b.dx, has_attention ? hold_output_gradient(T) : nullptr, b.dtmp, a.mlp_norm, a.mlp_rstd, T,
-                            d, true);
+  block_norm_backward(b.dx, has_attention ? hold_output_gradient(T) : nullptr, b.dtmp, a.mlp_norm, a.mlp_norm_codes,
+                      a.mlp_rstd, T);
   if (has_attention) {
     // Attention: x1 = xm + c_proj(attn(...)); b.dx becomes d xm.
     const float* qkv = params_ + offsets.qkv;
@@ -796,7 +837,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
     // k's gradients come held from their normalisation's backward, each used before the next.
-    if (!recompute_) backend_.hold_operand(kHeldInput, a.attn_norm, n);
+    if (!recompute_) hold_block_norm(a.attn_norm, a.attn_norm_codes, T);
     rotated_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
     linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     backend_.release_operand(kHeldGradient);
@@ -812,7 +853,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
-    backend_.rmsnorm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_rstd, T, d, true);
+    block_norm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_norm_codes, a.attn_rstd, T);
   }
   // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
   stream_.mix_backward(b.dx, hold_input_gradient ? hold_output_gradient(T) : nullptr, false, b.dx0,

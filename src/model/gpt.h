@@ -150,6 +150,15 @@ class GPT {
   // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
   // the products that read them; the caller releases them.
   void recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T);
+  // A block's rmsnorm of the stream into out (float32 activations) or, with bf16 activations,
+  // rounded into `codes` (non-null exactly then; out's floats written only where products
+  // read float32), held as kHeldInput for the products that follow. Returns whether those
+  // read bf16 codes. hold_block_norm holds a kept norm again for the backward's products;
+  // block_norm_backward accumulates its gradient into dx, from the codes when given.
+  bool block_norm(float* out, uint16_t* codes, float* rstd, StreamTensor x, int rows);
+  void hold_block_norm(float* out, const uint16_t* codes, int rows);
+  void block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const uint16_t* codes,
+                           const float* rstd, int rows);
   void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   // out = rotary(x) (float32 activations), in place when out == x.

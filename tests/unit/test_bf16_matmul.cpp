@@ -193,7 +193,9 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       // element, an op writing the codes of its own output 2; a linear layer's two backward
       // products read one copy of their output gradient. The block rmsnorms write their
       // output's codes (forward, and backward when recomputed), which q, k and v share (the
-      // stored attention norm is copied once for the three in the backward); attention writes
+      // stored attention norm is copied once for the three in the backward); with bf16
+      // activations those codes are the norms' kept output, read in place by every product
+      // that reads the norm, forward and backward, stored or recomputed; attention writes
       // those of y (with bf16 activations they are y's kept codes, which c_proj reads in the
       // forward and the backward with no copy or extra write at all). Every linear layer's output gradient is written as codes by the op that
       // computes it (the final norm's backward, the previous block's mix backward or the skip
@@ -210,17 +212,20 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
         saved += (12 - 2) * T * d;                            // c_proj's output gradient
         saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
         if (bf16_activations) saved += passes * (6 - 2) * T * mlp;  // relu(h)^2
-        saved += passes * (6 - 2) * T * d;                            // the MLP's rmsnorm
+        saved += (bf16_activations ? 6 + 6 : passes * (6 - 2)) * T * d;  // the MLP's rmsnorm
         if (config.layer_has_attention(i)) {
-          saved += (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;  // attention's rmsnorm
+          // attention's rmsnorm
+          saved += bf16_activations ? (18 + 18) * T * d : (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;
           saved += (12 - 2) * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
           saved += (bf16_activations ? 6 + 6 : 6 - 2) * T * hd;  // y, for c_proj (bf16: both passes)
         }
       }
       saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx
       for (int i = 0; i < config.num_layers; ++i) {
-        if (config.layer_has_attention(i)) saved += (18 - 2) * T * d + (bf16_activations ? 6 : 6 - 2) * T * hd;
-        saved += (6 - 2) * T * d;
+        if (config.layer_has_attention(i)) {
+          saved += (bf16_activations ? 18 : 18 - 2) * T * d + (bf16_activations ? 6 : 6 - 2) * T * hd;
+        }
+        saved += (bf16_activations ? 6 : 6 - 2) * T * d;
         if (bf16_activations) saved += (6 - 2) * T * mlp;
       }
       EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved);

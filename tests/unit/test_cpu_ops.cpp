@@ -458,18 +458,21 @@ TEST_F(CpuOps, StreamBackwardsReadTheCodesAsTheirFloatTwinsReadTheValues) {
   EXPECT_NE(dw[0], 0.3f);
 }
 
-TEST_F(CpuOps, StreamRmsnormReadsCodesAndX0IsWrittenAsCodesAlone) {
+TEST_F(CpuOps, StreamRmsnormReadsCodesRoundsItsOutputAndX0IsWrittenAsCodesAlone) {
   const int rows = 6, dim = 40;
   const size_t n = static_cast<size_t>(rows) * dim;
   const auto x = stream_codes(n, 36);
   std::vector<float> twin(n), twin_rstd(rows);
   std::vector<uint16_t> twin_codes(n);
-  be->rmsnorm_forward(twin.data(), twin_codes.data(), twin_rstd.data(), widened(x).data(), rows, dim, 1e-6f);
+  be->rmsnorm_forward_bf16(twin.data(), twin_codes.data(), twin_rstd.data(), widened(x).data(), rows, dim, 1e-6f);
   std::vector<float> out(n), rstd(rows);
   std::vector<uint16_t> codes(n);
   be->rmsnorm_forward_from_bf16(out.data(), codes.data(), rstd.data(), x.data(), rows, dim, 1e-6f);
-  EXPECT_EQ(out, twin);  // exact, not rounded
+  EXPECT_EQ(out, twin);  // rounded: the bf16 activation, widened
   EXPECT_EQ(codes, twin_codes);
+  std::vector<float> exact(n);
+  be->rmsnorm_forward(exact.data(), nullptr, rstd.data(), widened(x).data(), rows, dim, 1e-6f);
+  EXPECT_NE(out, exact);
   EXPECT_EQ(rstd, twin_rstd);
   std::vector<uint16_t> codes_alone(n);
   be->rmsnorm_forward_from_bf16(nullptr, codes_alone.data(), rstd.data(), x.data(), rows, dim, 1e-6f);

@@ -221,12 +221,14 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
   const bool bf16 = precision == ActivationPrecision::kBfloat16;
   const size_t attention_inputs = bf16 ? 3 * hd / 2 : 3 * hd;
   const size_t stream = bf16 ? d / 2 : d;  // the residual stream's x1: codes with bf16 activations
+  // The block norms: floats, or with bf16 activations codes (floats one buffer in both modes).
+  const size_t norm = bf16 ? d / 2 : d;
   size_t not_kept = stream;  // floats per token: kept mode's shared x1 buffer
-  size_t kept_to_recompute = d + attention_inputs + mlp;  // the recompute buffers, one of each
+  size_t kept_to_recompute = norm + attention_inputs + mlp;  // the recompute buffers, one of each
   for (int i = 0; i < c.num_layers; ++i) {
-    not_kept += d + mlp;  // mlp_norm, relu(h)^2
+    not_kept += norm + mlp;  // mlp_norm, relu(h)^2
     if (c.layer_has_attention(i)) {
-      not_kept += d + attention_inputs;  // attn_norm, rotated q, k, mixed v
+      not_kept += norm + attention_inputs;  // attn_norm, rotated q, k, mixed v
       kept_to_recompute += stream;  // x1
     }
   }
@@ -271,18 +273,18 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   // The residual stream: x0, the skip stack, the last output, each decoder layer's input,
   // the shared lambda mix and attention residual.
   size_t halved = d * (1 + c.num_encoder_layers() + 1 + (c.num_layers - c.num_encoder_layers()) + 2);  // per token
-  size_t attention_layers = 0;
+  size_t as_codes = 0;  // per token: kept as codes, their floats one buffer for all layers
   for (int i = 0; i < c.num_layers; ++i) {
     halved += mlp;
+    as_codes += d;  // the MLP's norm
     if (c.layer_has_attention(i)) {
-      ++attention_layers;
       halved += 2 * hd;  // normalised q and k
+      as_codes += d + 4 * hd;  // attention's norm; rotated q and k, v and y
     }
   }
-  // Rotated q and k, v and y: kept as codes, their floats one buffer each for all layers.
-  const size_t as_codes = 4 * hd;
+  const size_t shared_floats = d + 4 * hd;  // the norms' buffer; q, k, v and y's
   EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(),
-            (T * halved / 2 + T * as_codes * attention_layers / 2 - T * as_codes) * sizeof(float));
+            (T * halved / 2 + T * as_codes / 2 - T * shared_floats) * sizeof(float));
 }
 
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {

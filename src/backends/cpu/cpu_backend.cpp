@@ -530,7 +530,7 @@ class CpuBackend final : public Backend {
     const size_t n = static_cast<size_t>(rows) * dim;
     const FloatsOrTemporary values(out, n);
     widen_bf16(values.data(), x, n);  // then normalised in place
-    rmsnorm_forward_rows(values.data(), out_codes, /*round=*/false, rstd, values.data(), rows, dim, eps);
+    rmsnorm_forward_rows(values.data(), out_codes, /*round=*/true, rstd, values.data(), rows, dim, eps);
   }
 
   void add(float* out, uint16_t* out_codes, const float* x, size_t n) override {

@@ -497,7 +497,7 @@ void rmsnorm_forward_bf16(cudaStream_t s, float* out, uint16_t* stored, float* r
 void rmsnorm_forward_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const uint16_t* x,
                                int rows, int dim, float eps) {
   require_an_output(out, out_codes, "rmsnorm_forward_from_bf16");
-  launch_rmsnorm_forward<false>(s, out, out_codes, rstd, x, rows, dim, eps);
+  launch_rmsnorm_forward<true>(s, out, out_codes, rstd, x, rows, dim, eps);
 }
 
 // The forward's output as floats or as bf16 codes: one kernel, instantiated for each.
