@@ -168,6 +168,9 @@ class Backend {
   // --- embeddings ---------------------------------------------------------------------
   // out[t] = table[tokens[t]]; rows of width dim.
   virtual void embedding_forward(float* out, const float* table, const int32_t* tokens, int T, int dim) = 0;
+  // out[t] = bf16(table[tokens[t]]) as codes: a value embedding as a bf16 activation (the
+  // reference's tables are bf16; ours are float32 master copies, rounded where looked up).
+  virtual void embedding_forward_bf16(uint16_t* out, const float* table, const int32_t* tokens, int T, int dim) = 0;
   // dtable[tokens[t]] += dout[t], in a deterministic order.
   virtual void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) = 0;
 
@@ -236,6 +239,10 @@ class Backend {
   // alone).
   virtual void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                                    size_t n) = 0;
+  // The same with dout given as codes too (c_proj's input gradient, computed as bf16 by its
+  // product): relu2_backward_bf16 of the widened dout. dx may be null when dx_codes is given.
+  virtual void relu2_backward_from_bf16(float* dx, uint16_t* dx_codes, const uint16_t* dout, const uint16_t* x,
+                                        size_t n) = 0;
   // out = float32(x).
   virtual void widen_bf16(float* out, const uint16_t* x, size_t n) = 0;
   // Attention's q or k [T, H, D] as bf16 activations, normalised and rotated in one pass:
@@ -245,6 +252,10 @@ class Backend {
   // Exactly rmsnorm_forward_bf16 then rotary with `stored`; out may alias x.
   virtual void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T,
                                    int H, int D, float eps, float base) = 0;
+  // rmsnorm_rotary_bf16 of x given as codes (the q or k a product computed as bf16):
+  // exactly rmsnorm_rotary_bf16 of the widened codes. out (unless null) may not alias x.
+  virtual void rmsnorm_rotary_from_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd,
+                                        const uint16_t* x, int T, int H, int D, float eps, float base) = 0;
   // The rotation alone from the normalised codes (a recomputation): rotated and out (unless
   // null) as rmsnorm_rotary_bf16 wrote them.
   virtual void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,

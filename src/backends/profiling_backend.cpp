@@ -74,6 +74,9 @@ class ProfilingBackend final : public Backend {
   void embedding_forward(float* o, const float* t, const int32_t* tok, int T, int d) override {
     timed("embedding", 0, 8.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward(o, t, tok, T, d); });
   }
+  void embedding_forward_bf16(uint16_t* o, const float* t, const int32_t* tok, int T, int d) override {
+    timed("embedding", 0, 6.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward_bf16(o, t, tok, T, d); });
+  }
   void embedding_backward(float* dt, const float* dout, const int32_t* tok, int T, int d) override {
     timed("embedding", 0, 12.0 * T * d + 4.0 * T, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
   }
@@ -158,6 +161,11 @@ class ProfilingBackend final : public Backend {
     timed("relu2 backward", 0, n * (6.0 + (dx ? 4 : 0) + code_bytes(dx_codes)),
           [&] { inner_.relu2_backward_bf16(dx, dx_codes, dout, x, n); });
   }
+  void relu2_backward_from_bf16(float* dx, uint16_t* dx_codes, const uint16_t* dout, const uint16_t* x,
+                                size_t n) override {
+    timed("relu2 backward", 0, n * (4.0 + (dx ? 4 : 0) + code_bytes(dx_codes)),
+          [&] { inner_.relu2_backward_from_bf16(dx, dx_codes, dout, x, n); });
+  }
   void widen_bf16(float* o, const uint16_t* x, size_t n) override {
     timed("widen_bf16", 0, 6.0 * n, [&] { inner_.widen_bf16(o, x, n); });
   }
@@ -166,6 +174,12 @@ class ProfilingBackend final : public Backend {
     // x read; normed and rotated codes written, and out when given.
     timed("rmsnorm + rotary", 0, elements(T, H) * D * (4.0 + code_bytes(normed) + 2 + (o ? 4 : 0)),
           [&] { inner_.rmsnorm_rotary_bf16(o, normed, rotated, r, x, T, H, D, eps, base); });
+  }
+  void rmsnorm_rotary_from_bf16(float* o, uint16_t* normed, uint16_t* rotated, float* r, const uint16_t* x, int T,
+                                int H, int D, float eps, float base) override {
+    // x read as codes; normed and rotated codes written, and out when given.
+    timed("rmsnorm + rotary", 0, elements(T, H) * D * (2.0 + code_bytes(normed) + 2 + (o ? 4 : 0)),
+          [&] { inner_.rmsnorm_rotary_from_bf16(o, normed, rotated, r, x, T, H, D, eps, base); });
   }
   void rotary_from_bf16(float* o, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
                         float base) override {

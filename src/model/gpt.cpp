@@ -18,16 +18,19 @@ struct GPT::LayerActivations {
   float* attn_norm = nullptr;  // rmsnorm(xm) [T, d] (bf16: one buffer all layers share)
   uint16_t* attn_norm_codes = nullptr;  // bf16: rmsnorm(xm) rounded, kept as codes [T, d]
   float* attn_rstd = nullptr;  // [T]
-  float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd] (bf16: q_rot's buffer)
+  float* qn = nullptr;       // rmsnorm(q) per head, before rotary [T, hd] (float32 only)
   float* kn = nullptr;
+  uint16_t* q_pre_codes = nullptr;  // bf16: q and k as their product computed them, codes [T, hd]
+  uint16_t* k_pre_codes = nullptr;  // (one buffer each, all layers: read at once by their norm)
   uint16_t* qn_codes = nullptr;  // bf16: rmsnorm(q) kept for the backward, as codes [T, hd]
   uint16_t* kn_codes = nullptr;
   float* q_rstd = nullptr;   // [T * H]
   float* k_rstd = nullptr;
-  float* q_rot = nullptr;    // rotary(qn) [T, hd]
+  float* q_rot = nullptr;    // rotary(qn) [T, hd] (float32 only: bf16 keeps codes alone)
   float* k_rot = nullptr;
-  float* v_raw = nullptr;    // v before the value-embedding mix [T, hd]
-  float* v = nullptr;        // attention's v [T, hd]
+  float* v_raw = nullptr;    // v before the value-embedding mix [T, hd] (float32 only)
+  uint16_t* v_raw_codes = nullptr;  // bf16: v_raw as codes [T, hd]
+  float* v = nullptr;        // attention's v [T, hd] (float32 only)
   float* y = nullptr;        // attention output [T, hd] (bf16: one buffer all layers share)
   uint16_t* y_codes = nullptr;  // bf16: y kept for the backward, as codes [T, hd]
   float* lse = nullptr;      // [H, T]
@@ -56,6 +59,7 @@ struct GPT::ModelActivations {
   float* x0_rstd = nullptr;      // [T]
   float* ve = nullptr;           // the value embedding of the layer at hand [T, d]: looked
                                  // up for each layer that reads it, again for its backward
+  uint16_t* ve_codes = nullptr;  // bf16: the same as codes (ve null)
   std::vector<StreamTensor> skip_in;  // encoder outputs pushed on the U-net stack [T, d]
   StreamTensor final_x;          // last block's output [T, d]
   float* final_norm = nullptr;   // rmsnorm(final_x) [T, d]
@@ -100,6 +104,18 @@ struct AttentionCodeBuffers {
     a.v_codes = v;
   }
 };
+
+// The value-embedding buffer of a pass [T, d], floats or (bf16) codes; none without tables.
+template <typename Activations>
+void carve_value_embedding(const Config& config, bool bf16, ArenaCarver& arena, size_t T, Activations& m) {
+  if (config.num_value_embeds == 0) return;
+  const size_t n = T * config.model_dim;
+  if (bf16) {
+    m.ve_codes = arena.take_codes(n);
+  } else {
+    m.ve = arena.take(n);
+  }
+}
 
 AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations, ArenaCarver& arena, size_t count) {
   if (activations.precision != ActivationPrecision::kBfloat16) return {};
@@ -215,7 +231,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   ModelActivations& m = b.m;
   m.x0 = stream(T * d);
   m.x0_rstd = take(T);
-  if (config.num_value_embeds > 0) m.ve = take(T * d);
+  carve_value_embedding(config, bf16, arena, T, m);
   for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(stream(T * d));
   m.final_x = stream(T * d);
   m.final_norm = take(T * d);
@@ -247,18 +263,19 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   // (Not shared_norm's nullness: while an arena is only counted, every piece is null.)
   auto norm_floats = [&] { return one_norm_buffer ? shared_norm : take(T * d); };
   auto norm_codes = [&] { return !bf16 ? nullptr : recompute ? shared_norm_codes : arena.take_codes(T * d); };
-  // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); their
-  // floats are one buffer each, y's only for products that read float32 operands.
-  const bool shared_attention = recompute || bf16;
-  float* shared_q_rot = shared_attention ? take(T * hd) : nullptr;
-  float* shared_k_rot = shared_attention ? take(T * hd) : nullptr;
+  // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); the
+  // inputs have no floats at all, y's are one buffer, only for products that read float32.
+  float* shared_q_rot = recompute && !bf16 ? take(T * hd) : nullptr;
+  float* shared_k_rot = recompute && !bf16 ? take(T * hd) : nullptr;
   float* shared_g = recompute ? take(T * mlp) : nullptr;
-  float* shared_v = shared_attention ? take(T * hd) : nullptr;
+  float* shared_v = recompute && !bf16 ? take(T * hd) : nullptr;
+  uint16_t* q_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
+  uint16_t* k_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
   const AttentionCodeBuffers recomputed_codes =
       recompute ? carve_attention_codes(activations, arena, T * hd) : AttentionCodeBuffers{};
   float* shared_y = bf16 ? take(T * hd) : nullptr;
   auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
-  auto attention_input = [&](float* shared, size_t n) { return shared_attention ? shared : take(n); };
+  auto attention_input = [&](float* shared, size_t n) { return bf16 ? nullptr : recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
     // An encoder layer reads its input where the previous layer wrote it (x0 or the stack).
@@ -271,20 +288,21 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.attn_rstd = take(T);
       a.q_rot = attention_input(shared_q_rot, T * hd);
       a.k_rot = attention_input(shared_k_rot, T * hd);
-      // bf16: q and k are normalised in place where rotary then turns them; the
+      // bf16: q and k from their product as codes, normalised and rotated in one pass; the
       // normalised values live on as codes.
       if (bf16) {
-        a.qn = a.q_rot;
-        a.kn = a.k_rot;
+        a.q_pre_codes = q_pre_codes;
+        a.k_pre_codes = k_pre_codes;
         a.qn_codes = arena.take_codes(T * hd);
         a.kn_codes = arena.take_codes(T * hd);
+        a.v_raw_codes = arena.take_codes(T * hd);
       } else {
         a.qn = take(T * hd);
         a.kn = take(T * hd);
+        a.v_raw = take(T * hd);
       }
       a.q_rstd = take(T * H);
       a.k_rstd = take(T * H);
-      a.v_raw = take(T * hd);
       a.v = attention_input(shared_v, T * hd);
       if (bf16) {
         a.y = shared_y;
@@ -327,7 +345,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   ModelActivations& m = f.m;
   m.x0 = stream(T * d);
   m.x0_rstd = take(T);
-  if (config.num_value_embeds > 0) m.ve = take(T * d);
+  carve_value_embedding(config, bf16, arena, T, m);
   for (int i = 0; i < config.num_encoder_layers(); ++i) m.skip_in.push_back(stream(T * d));
   LayerActivations& a = f.slot;
   a.x_in = stream(T * d);
@@ -337,10 +355,16 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   if (bf16) a.attn_norm_codes = a.mlp_norm_codes = arena.take_codes(T * d);
   m.embedded = bf16 ? a.attn_norm : m.x0.floats;  // the norms' buffer is first written after x0
   a.attn_rstd = a.mlp_rstd = take(T);
-  a.qn = a.q_rot = take(T * hd);
-  a.kn = a.k_rot = take(T * hd);
+  if (bf16) {  // q, k and v as codes alone (carve_attention_codes below: rotated, mixed)
+    a.q_pre_codes = arena.take_codes(T * hd);
+    a.k_pre_codes = arena.take_codes(T * hd);
+    a.v_raw_codes = arena.take_codes(T * hd);
+  } else {
+    a.qn = a.q_rot = take(T * hd);
+    a.kn = a.k_rot = take(T * hd);
+    a.v_raw = a.v = take(T * hd);
+  }
   a.q_rstd = a.k_rstd = take(T * H);
-  a.v_raw = a.v = take(T * hd);
   a.y = take(T * hd);
   if (bf16) a.y_codes = arena.take_codes(T * hd);
   a.lse = take(T * H);
@@ -412,10 +436,14 @@ void GPT::linear_forward(float* out, const float* x, const float* weight, int T,
   backend_.gemm(false, true, T, out_dim, in_dim, 1.f, x, in_dim, weight, in_dim, 0.f, out, out_dim);
 }
 
-void GPT::linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
-                          const float* weight, int T, int out_dim, int in_dim) {
-  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W.
+void GPT::linear_backward(float* dx, uint16_t* dx_codes, bool accumulate_dx, float* dweight, const float* dout,
+                          const float* x, const float* weight, int T, int out_dim, int in_dim) {
+  // dW [out, in] += dout^T @ x; dx [T, in] (+)= dout @ W, or its codes alone.
   backend_.gemm(true, false, out_dim, in_dim, T, 1.f, dout, out_dim, x, in_dim, 1.f, dweight, in_dim);
+  if (dx_codes) {
+    backend_.gemm_to_bf16(false, false, T, in_dim, out_dim, dout, out_dim, weight, in_dim, nullptr, dx_codes, in_dim);
+    return;
+  }
   backend_.gemm(false, false, T, in_dim, out_dim, 1.f, dout, out_dim, weight, in_dim, accumulate_dx ? 1.f : 0.f,
                 dx, in_dim);
 }
@@ -506,17 +534,14 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     const size_t w = static_cast<size_t>(hd) * d;
     // One bf16 copy for q, k and v, written by the rmsnorm itself.
     block_norm(a.attn_norm, a.attn_norm_codes, a.attn_rstd, a.xm, T);
-    linear_forward(a.qn, a.attn_norm, qkv, T, hd, d);
-    linear_forward(a.kn, a.attn_norm, qkv + w, T, hd, d);
-    linear_forward(a.v_raw, a.attn_norm, qkv + 2 * w, T, hd, d);
+    // bf16: q, k and v as codes alone, rounded by their products.
+    project(a.qn, a.q_pre_codes, a.attn_norm, qkv, T, hd, d);
+    project(a.kn, a.k_pre_codes, a.attn_norm, qkv + w, T, hd, d);
+    project(a.v_raw, a.v_raw_codes, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldInput);
-    normalize_and_rotate_heads(a.qn, a.qn_codes, a.q_rstd, a.q_rot, a.q_codes, T);
-    normalize_and_rotate_heads(a.kn, a.kn_codes, a.k_rstd, a.k_rot, a.k_codes, T);
-    const int ve = look_up_value_embedding(layer, T, m);
-    // bf16: v's codes alone, what attention reads.
-    backend_.mix_forward(a.v_codes ? nullptr : a.v, a.v_codes, a.v_raw, ve >= 0 ? m.ve : nullptr,
-                         params_ + offsets.attn_lambdas,
-                         static_cast<size_t>(T) * hd);
+    normalize_and_rotate_heads(a.qn, a.q_pre_codes, a.qn_codes, a.q_rstd, a.q_rot, a.q_codes, T);
+    normalize_and_rotate_heads(a.kn, a.k_pre_codes, a.kn_codes, a.k_rstd, a.k_rot, a.k_codes, T);
+    mix_value(layer, a, m, look_up_value_embedding(layer, T, m), T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // y's bf16 copy for c_proj written by attention itself: the codes bf16 activations keep,
     // or the held operand's. bf16: attention reads its inputs' codes (q's and k's floats are
@@ -566,8 +591,52 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1,
 
 int GPT::look_up_value_embedding(int layer, int T, const ModelActivations& m) {
   const int ve = config_.value_embed_of_layer(layer);
-  if (ve >= 0) backend_.embedding_forward(m.ve, params_ + value_embed_offsets_[ve], inputs_, T, config_.model_dim);
+  if (ve < 0) return ve;
+  const float* table = params_ + value_embed_offsets_[ve];
+  if (bf16_activations_) {
+    backend_.embedding_forward_bf16(m.ve_codes, table, inputs_, T, config_.model_dim);
+  } else {
+    backend_.embedding_forward(m.ve, table, inputs_, T, config_.model_dim);
+  }
   return ve;
+}
+
+void GPT::project(float* out, uint16_t* out_codes, const float* x, const float* weight, int T, int out_dim,
+                  int in_dim) {
+  if (out_codes) {
+    backend_.gemm_to_bf16(false, true, T, out_dim, in_dim, x, in_dim, weight, in_dim, nullptr, out_codes, out_dim);
+  } else {
+    linear_forward(out, x, weight, T, out_dim, in_dim);
+  }
+}
+
+void GPT::mix_value(int layer, LayerActivations& a, const ModelActivations& m, int ve, int T) {
+  const float* lambdas = params_ + block_offsets_[layer].attn_lambdas;
+  const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
+  if (bf16_activations_) {  // v's codes alone, what attention reads
+    backend_.mix_forward_bf16(a.v_codes, a.v_raw_codes, ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
+  } else {
+    backend_.mix_forward(a.v, nullptr, a.v_raw, ve >= 0 ? m.ve : nullptr, lambdas, n);
+  }
+}
+
+void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv,
+                             float* dve, int T) {
+  const BlockOffsets& offsets = block_offsets_[layer];
+  const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
+  if (ve >= 0) backend_.zero(dve, n);
+  // v's gradient held as the codes the mix's backward writes, for v's two products.
+  uint16_t* dv_codes = backend_.hold_produced_operand(kHeldGradient, dv, n);
+  float* dlambdas = grads_ + offsets.attn_lambdas;
+  const float* lambdas = params_ + offsets.attn_lambdas;
+  if (bf16_activations_) {
+    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? dve : nullptr, dlambdas, dv, a.v_raw_codes,
+                               ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
+  } else {
+    backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? dve : nullptr, dlambdas, dv, a.v_raw, ve >= 0 ? m.ve : nullptr,
+                          lambdas, n);
+  }
+  if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], dve, inputs_, T, config_.model_dim);
 }
 
 void GPT::rotated_copy(float* out, const float* x, int T) {
@@ -576,13 +645,13 @@ void GPT::rotated_copy(float* out, const float* x, int T) {
                   false);
 }
 
-void GPT::normalize_and_rotate_heads(float* x, uint16_t* normed_codes, float* rstd, float* rotated,
-                                     uint16_t* rotated_codes, int T) {
+void GPT::normalize_and_rotate_heads(float* x, const uint16_t* x_codes, uint16_t* normed_codes, float* rstd,
+                                     float* rotated, uint16_t* rotated_codes, int T) {
   const int H = config_.num_heads, D = config_.head_dim;
   const float eps = static_cast<float>(config_.rmsnorm_eps), base = static_cast<float>(config_.rotary_base);
   if (bf16_activations_) {
     // One pass, codes alone: attention reads them, the backward reads normed_codes.
-    backend_.rmsnorm_rotary_bf16(nullptr, normed_codes, rotated_codes, rstd, x, T, H, D, eps, base);
+    backend_.rmsnorm_rotary_from_bf16(nullptr, normed_codes, rotated_codes, rstd, x_codes, T, H, D, eps, base);
   } else {
     backend_.rmsnorm_forward(x, nullptr, rstd, x, T * H, D, eps);
     rotated_copy(rotated, x, T);
@@ -621,12 +690,12 @@ void GPT::relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g)
   }
 }
 
-void GPT::relu2_backward(float* dh, const float* h, const uint16_t* stored, int T) {
+void GPT::relu2_backward(float* dh, const uint16_t* dg_codes, const float* h, const uint16_t* stored, int T) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
     // Held, the codes are all c_fc's products read: dh's floats are not even written.
     uint16_t* codes = backend_.hold_produced_operand(kHeldGradient, dh, n);
-    backend_.relu2_backward_bf16(codes ? nullptr : dh, codes, dh, stored, n);
+    backend_.relu2_backward_from_bf16(codes ? nullptr : dh, codes, dg_codes, stored, n);
   } else {
     backend_.relu2_backward(dh, dh, h, n);
     backend_.hold_operand(kHeldGradient, dh, n);
@@ -694,10 +763,7 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
     rotated_copy(a.q_rot, a.qn, T);
     rotated_copy(a.k_rot, a.kn, T);
   }
-  const int ve = config_.value_embed_of_layer(layer);  // looked up by the caller
-  backend_.mix_forward(a.v_codes ? nullptr : a.v, a.v_codes, a.v_raw, ve >= 0 ? train_->m.ve : nullptr,
-                       params_ + block_offsets_[layer].attn_lambdas,
-                       static_cast<size_t>(T) * config_.hidden_dim());
+  mix_value(layer, a, train_->m, config_.value_embed_of_layer(layer), T);  // looked up by the caller
 }
 
 void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
@@ -800,16 +866,20 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   if (recompute_) stream_.mix(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
   recompute_mlp_activation(a, T);
-  linear_backward(b.dwide, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d, mlp);
+  // bf16: relu(h)^2's gradient as codes alone, as the reference's bf16 gradient, in g's buffer
+  // (dead once c_proj's weight gradient has read g).
+  uint16_t* dg_codes = bf16_activations_ ? reinterpret_cast<uint16_t*>(a.g) : nullptr;
+  linear_backward(b.dwide, dg_codes, false, grads_ + offsets.mlp_proj, b.dx, a.g, params_ + offsets.mlp_proj, T, d,
+                  mlp);
   backend_.release_operand(kHeldGradient);  // b.dx, held by the op that computed it
   backend_.release_operand(kHeldInput);
-  relu2_backward(b.dwide, a.h, a.h_codes, T);
+  relu2_backward(b.dwide, dg_codes, a.h, a.h_codes, T);
   if (recompute_) {
     recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
   } else {
     hold_block_norm(a.mlp_norm, a.mlp_norm_codes, T);
   }
-  linear_backward(b.dtmp, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
+  linear_backward(b.dtmp, nullptr, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);
   // d x1, held for attention's c_proj backward as the codes the norm's backward writes.
@@ -825,7 +895,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     if (bf16_activations_ && !backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh)) {
       backend_.widen_bf16(a.y, a.y_codes, nh);
     }
-    linear_backward(b.dy, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d, hd);
+    linear_backward(b.dy, nullptr, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d, hd);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     const int ve = look_up_value_embedding(layer, T, b.m);
@@ -839,18 +909,13 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     // k's gradients come held from their normalisation's backward, each used before the next.
     if (!recompute_) hold_block_norm(a.attn_norm, a.attn_norm_codes, T);
     rotated_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
-    linear_backward(b.dtmp, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
+    linear_backward(b.dtmp, nullptr, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     backend_.release_operand(kHeldGradient);
     rotated_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
-    linear_backward(b.dtmp, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
+    linear_backward(b.dtmp, nullptr, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
-    if (ve >= 0) backend_.zero(b.dve, nh);
-    // v's gradient held as the codes the mix's backward writes.
-    backend_.mix_backward(b.dv, backend_.hold_produced_operand(kHeldGradient, b.dv, nh), false,
-                          ve >= 0 ? b.dve : nullptr, grads_ + offsets.attn_lambdas, b.dv, a.v_raw,
-                          ve >= 0 ? b.m.ve : nullptr, params_ + offsets.attn_lambdas, nh);
-    if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], b.dve, inputs_, T, d);
-    linear_backward(b.dtmp, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
+    mix_value_backward(layer, a, b.m, ve, b.dv, b.dve, T);
+    linear_backward(b.dtmp, nullptr, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     block_norm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_norm_codes, a.attn_rstd, T);

@@ -166,15 +166,26 @@ class GPT {
   // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,
   // cheaper to look up again than to keep per table); returns its table, -1 for none.
   int look_up_value_embedding(int layer, int T, const ModelActivations& m);
+  // out [T, out_dim] = x W^T (float32), or with out_codes bf16 of it as codes alone (bf16
+  // activations: q, k and v).
+  void project(float* out, uint16_t* out_codes, const float* x, const float* weight, int T, int out_dim, int in_dim);
+  // Attention's v = lambdas[0] v_raw + lambdas[1] ve (ve: the table looked up into m, < 0 for
+  // none), and its backward: v's gradient dv (in place) held as kHeldGradient for v's
+  // products (the caller releases it), the lambdas' and the table's gradients added (dve:
+  // scratch for the latter).
+  void mix_value(int layer, LayerActivations& a, const ModelActivations& m, int ve, int T);
+  void mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv, float* dve,
+                          int T);
   // The precision-dependent steps: q or k -> rmsnorm per head -> rotary, h -> relu(h)^2,
   // and their backwards. float32: x is normalised in place and rotated into `rotated`;
-  // bf16: one pass writes the codes alone, the normalised ones into normed_codes (kept for
-  // the backward) and the rotated ones into rotated_codes (attention's input).
+  // bf16: one pass from x's codes (x_codes) writes the codes alone, the normalised ones into
+  // normed_codes (kept for the backward) and the rotated ones into rotated_codes
+  // (attention's input).
   // rotated_heads_backward turns dx back and through the norm's backward, leaving it held
   // as kHeldGradient (codes written by the op itself with bf16 activations) for the
   // products that follow; the caller releases it.
-  void normalize_and_rotate_heads(float* x, uint16_t* normed_codes, float* rstd, float* rotated,
-                                  uint16_t* rotated_codes, int T);
+  void normalize_and_rotate_heads(float* x, const uint16_t* x_codes, uint16_t* normed_codes, float* rstd,
+                                  float* rotated, uint16_t* rotated_codes, int T);
   void rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd, int T);
   // With bf16 activations, relu2 reads h as `stored` codes when h is null (the product wrote
   // them), else rounds h into `stored`; it leaves g held as kHeldInput for the product that follows,
@@ -182,7 +193,7 @@ class GPT {
   // always leaves dh held as kHeldGradient for c_fc's two backward products. The caller
   // releases them.
   void relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g);
-  void relu2_backward(float* dh, const float* h, const uint16_t* stored, int T);
+  void relu2_backward(float* dh, const uint16_t* dg_codes, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output), held as kHeldGradient by the op
   // that computed it (codes written by that op); on return d(block input), held likewise
   // when hold_input_gradient (the next block reads it as it is). Adds parameter, x0 and
@@ -193,10 +204,11 @@ class GPT {
   // the op about to compute it, nullptr where nothing is held.
   uint16_t* hold_output_gradient(int T);
   void linear_forward(float* out, const float* x, const float* weight, int T, int out_dim, int in_dim);
-  // dW += dout^T x and dx (+)= dout W: every caller holds dout as kHeldGradient, its codes
+  // dW += dout^T x and dx (+)= dout W, or with dx_codes dx = bf16(dout W) as codes alone
+  // (nothing accumulated, dx unused): every caller holds dout as kHeldGradient, its codes
   // written by the op that computed it, so that both products read one bf16 copy.
-  void linear_backward(float* dx, bool accumulate_dx, float* dweight, const float* dout, const float* x,
-                       const float* weight, int T, int out_dim, int in_dim);
+  void linear_backward(float* dx, uint16_t* dx_codes, bool accumulate_dx, float* dweight, const float* dout,
+                       const float* x, const float* weight, int T, int out_dim, int in_dim);
   int layer_window(int layer, int long_window) const;
 
   // Backend::hold_operand slots: a matmul input shared by several products, and the output

@@ -1244,6 +1244,170 @@ TEST_F(CudaBackendTest, UnalignedStreamOperandsGiveTheAlignedResults) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Ops reading bf16 codes where their twins read float32 (an activation a product computed
+// as bf16, a value embedding as a bf16 activation): each gives the bits of its twin on the
+// codes' widening (into codes: the twin's output encoded), aligned or one element off, and
+// the CPU's values within its twin's tolerance.
+
+// The looked-up rows rounded to bf16: the CPU's bits and those of embedding_forward's rows
+// encoded. Infinities and overflow round alike on both; a NaN stays a NaN (any quiet NaN:
+// its code need not be the CPU's), written over a poison that is no NaN.
+TEST_F(CudaBackendTest, EmbeddingIntoCodesIsTheRoundedLookup) {
+  SCOPED_TRACE(trace());
+  struct Case { int V, T, dim; };
+  for (Case c : {Case{300, 64, 16}, Case{50257, 1000, 64}, Case{7, 333, 33}, Case{300, 2048, 768}, Case{2, 4097, 6}}) {
+    SCOPED_TRACE("V=" + std::to_string(c.V) + " T=" + std::to_string(c.T) + " dim=" + std::to_string(c.dim));
+    const size_t n = static_cast<size_t>(c.T) * c.dim;
+    auto table = normal(static_cast<size_t>(c.V) * c.dim);
+    const auto tokens = uniform_ints(c.T, c.V);
+    std::vector<uint16_t> want(n);
+    cpu_->embedding_forward_bf16(want.data(), table.data(), tokens.data(), c.T, c.dim);
+    DeviceFloats g_table(*gpu_, table), shifted_table(*gpu_, after_one(table)), floats(*gpu_, n, kNaN);
+    DeviceInts g_tokens(*gpu_, tokens);
+    DeviceCodes out(*gpu_, n), shifted_out(*gpu_, n, 1);
+    gpu_->embedding_forward_bf16(out.ptr, g_table.ptr, g_tokens.ptr, c.T, c.dim);
+    gpu_->embedding_forward(floats.ptr, g_table.ptr, g_tokens.ptr, c.T, c.dim);
+    const auto got = out.get();
+    EXPECT_EQ(got, want) << "embedding_forward_bf16 against the CPU's";
+    EXPECT_EQ(got, encoded(floats.get())) << "embedding_forward_bf16 against embedding_forward's rows encoded";
+    gpu_->embedding_forward_bf16(shifted_out.ptr, shifted_table.ptr + 1, g_tokens.ptr, c.T, c.dim);
+    EXPECT_EQ(shifted_out.get(), got) << "embedding_forward_bf16, operands one element off alignment";
+
+    float* row = table.data() + static_cast<size_t>(tokens[0]) * c.dim;  // looked up at t = 0 at least
+    row[0] = kNaN;
+    row[1] = std::numeric_limits<float>::max();  // rounds up to infinity
+    row[c.dim - 1] = -std::numeric_limits<float>::infinity();
+    cpu_->embedding_forward_bf16(want.data(), table.data(), tokens.data(), c.T, c.dim);
+    DeviceFloats special(*gpu_, table);
+    DeviceCodes special_out(*gpu_, std::vector<uint16_t>(n, 0));
+    gpu_->embedding_forward_bf16(special_out.ptr, special.ptr, g_tokens.ptr, c.T, c.dim);
+    const auto got_special = special_out.get();
+    size_t bad = 0, nan = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const bool want_nan = std::isnan(lowp::decode_bf16(want[i]));
+      nan += want_nan;
+      if (want_nan ? !std::isnan(lowp::decode_bf16(got_special[i])) : got_special[i] != want[i]) ++bad;
+    }
+    EXPECT_GT(nan, 0u);
+    EXPECT_EQ(bad, 0u) << "embedding_forward_bf16 of non-finite entries: " << bad << " codes differ";
+  }
+}
+
+// relu2_backward_from_bf16 (c_proj's input gradient as codes): dx and its codes the bits of
+// relu2_backward_bf16 on the widened gradient, either output alone, aligned or not; neither
+// is an error; the CPU's within relu2_backward_bf16's tolerance.
+TEST_F(CudaBackendTest, Relu2BackwardFromCodesIsTheBackwardOfTheWidenedGradient) {
+  SCOPED_TRACE(trace());
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{100003}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    auto h = normal(n, 3.f);
+    for (size_t i = 0; i < n; i += 5) h[i] = 0.f;  // relu's edge
+    const auto x = encoded(h), dout = encoded(normal(n));
+    DeviceCodes g_x(*gpu_, x), g_dout(*gpu_, dout), twin_codes(*gpu_, n);
+    DeviceFloats wide_dout(*gpu_, widened(dout)), twin_dx(*gpu_, n, kNaN);
+    gpu_->relu2_backward_bf16(twin_dx.ptr, twin_codes.ptr, wide_dout.ptr, g_x.ptr, n);
+    const auto want_dx = twin_dx.get();
+    const auto want_codes = twin_codes.get();
+    // (dx, dx_codes) of one run on fresh poisoned outputs, the operands `shift` elements in.
+    auto run = [&](size_t shift, bool with_dx, bool with_codes) {
+      DeviceCodes xs(*gpu_, x, shift), ds(*gpu_, dout, shift), codes(*gpu_, n, shift);
+      DeviceFloats dx(*gpu_, n + shift, kNaN);
+      gpu_->relu2_backward_from_bf16(with_dx ? dx.ptr + shift : nullptr, with_codes ? codes.ptr : nullptr, ds.ptr,
+                                     xs.ptr, n);
+      auto floats = dx.get();
+      floats.erase(floats.begin(), floats.begin() + static_cast<std::ptrdiff_t>(shift));
+      return std::make_pair(floats, codes.get());
+    };
+    const auto got = run(0, true, true);
+    expect_identical(got.first, want_dx, "relu2_backward_from_bf16 against relu2_backward_bf16 of the widening");
+    EXPECT_EQ(got.second, want_codes) << "relu2_backward_from_bf16 codes against relu2_backward_bf16's";
+    const auto shifted = run(1, true, true);
+    expect_identical(shifted.first, want_dx, "relu2_backward_from_bf16, one element off alignment");
+    EXPECT_EQ(shifted.second, want_codes) << "relu2_backward_from_bf16 codes, one element off alignment";
+    EXPECT_EQ(run(0, false, true).second, want_codes) << "relu2_backward_from_bf16, codes alone";
+    expect_identical(run(0, true, false).first, want_dx, "relu2_backward_from_bf16, dx alone");
+    EXPECT_THROW(gpu_->relu2_backward_from_bf16(nullptr, nullptr, g_dout.ptr, g_x.ptr, n), Error);
+
+    std::vector<float> cpu_dx(n);
+    std::vector<uint16_t> cpu_codes(n);
+    cpu_->relu2_backward_from_bf16(cpu_dx.data(), cpu_codes.data(), dout.data(), x.data(), n);
+    expect_close(got.first, cpu_dx, 1e-6, 0, "relu2_backward_from_bf16 against the CPU");
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_NEAR(lowp::decode_bf16(got.second[i]), lowp::decode_bf16(cpu_codes[i]),
+                  std::abs(cpu_dx[i]) * 0x1p-7 + 1e-30)
+          << "relu2_backward_from_bf16 codes against the CPU's at " << i;
+    }
+  }
+}
+
+// rmsnorm_rotary_from_bf16 (q or k from a product computed as bf16): normed, rotated, rstd
+// and out the bits of rmsnorm_rotary_bf16 on the widened codes, through the fused kernel
+// (D = 128, 32, 8) and the unfused fallback (D = 12; D = 6: n not a multiple of 4), with out
+// or normed dropped and the operands one element off alignment; the CPU's values within the
+// fused test's tolerance.
+TEST_F(CudaBackendTest, NormRotaryFromCodesIsTheOpOnTheWidenedCodes) {
+  SCOPED_TRACE(trace());
+  const float eps = 1.1920929e-07f, base = 1024.f;
+  struct Case { int T, H, D; };
+  struct Outputs {
+    std::vector<float> out;
+    std::vector<uint16_t> normed, rotated;
+    std::vector<float> rstd;
+  };
+  for (Case c : {Case{300, 6, 128}, Case{64, 2, 32}, Case{40, 3, 8}, Case{50, 3, 12}, Case{33, 1, 6}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " H=" + std::to_string(c.H) + " D=" + std::to_string(c.D));
+    const int rows = c.T * c.H;
+    const size_t n = static_cast<size_t>(rows) * c.D;
+    const auto x = encoded(normal(n, 3.f));
+    DeviceCodes g_x(*gpu_, x), shifted_x(*gpu_, x, 1);
+    DeviceFloats wide_x(*gpu_, widened(x));
+    // One op on fresh poisoned outputs, `shift` elements in; `op` gets (out, normed, rotated,
+    // rstd, shift), out or normed null unless asked for.
+    auto run = [&](auto op, size_t shift, bool with_out, bool with_normed) {
+      DeviceFloats out(*gpu_, n + shift, kNaN), rstd(*gpu_, rows, kNaN);
+      DeviceCodes normed(*gpu_, n, shift), rotated(*gpu_, n, shift);
+      op(with_out ? out.ptr + shift : nullptr, with_normed ? normed.ptr : nullptr, rotated.ptr, rstd.ptr, shift);
+      auto floats = out.get();
+      floats.erase(floats.begin(), floats.begin() + static_cast<std::ptrdiff_t>(shift));
+      return Outputs{floats, normed.get(), rotated.get(), rstd.get()};
+    };
+    auto from_floats = [&](float* out, uint16_t* normed, uint16_t* rotated, float* rstd, size_t) {
+      gpu_->rmsnorm_rotary_bf16(out, normed, rotated, rstd, wide_x.ptr, c.T, c.H, c.D, eps, base);
+    };
+    auto from_codes = [&](float* out, uint16_t* normed, uint16_t* rotated, float* rstd, size_t shift) {
+      gpu_->rmsnorm_rotary_from_bf16(out, normed, rotated, rstd, shift ? shifted_x.ptr : g_x.ptr, c.T, c.H, c.D, eps,
+                                     base);
+    };
+    const Outputs twin = run(from_floats, 0, true, true);
+    auto expect_twin = [&](const Outputs& got, bool with_out, bool with_normed, const std::string& what) {
+      if (with_out) expect_identical(got.out, twin.out, what + ": out");
+      if (with_normed) {
+        EXPECT_EQ(got.normed, twin.normed) << what << ": normalised codes";
+      }
+      EXPECT_EQ(got.rotated, twin.rotated) << what << ": rotated codes";
+      expect_identical(got.rstd, twin.rstd, what + ": rstd");
+    };
+    const Outputs got = run(from_codes, 0, true, true);
+    expect_twin(got, true, true, "rmsnorm_rotary_from_bf16 against rmsnorm_rotary_bf16 of the widening");
+    expect_twin(run(from_codes, 1, true, true), true, true, "rmsnorm_rotary_from_bf16, one element off alignment");
+    expect_twin(run(from_codes, 0, false, true), false, true, "rmsnorm_rotary_from_bf16, out null");
+    expect_twin(run(from_codes, 0, true, false), true, false, "rmsnorm_rotary_from_bf16, normed null");
+    expect_twin(run(from_codes, 0, false, false), false, false, "rmsnorm_rotary_from_bf16, the rotated codes alone");
+    expect_identical(got.out, widened(got.rotated), "rmsnorm_rotary_from_bf16 out is its rotated codes widened");
+    EXPECT_EQ(g_x.get(), x) << "rmsnorm_rotary_from_bf16's x untouched";
+
+    std::vector<float> cpu_out(n), cpu_rstd(rows);
+    std::vector<uint16_t> cpu_normed(n), cpu_rotated(n);
+    cpu_->rmsnorm_rotary_from_bf16(cpu_out.data(), cpu_normed.data(), cpu_rotated.data(), cpu_rstd.data(), x.data(),
+                                   c.T, c.H, c.D, eps, base);
+    expect_close(got.out, cpu_out, 2.0 / 256, 2.0 / 256, "rotated floats against the CPU (a bf16 ulp or two)");
+    expect_close(widened(got.normed), widened(cpu_normed), 2.0 / 256, 2.0 / 256,
+                 "normalised codes against the CPU (a bf16 ulp or two)");
+    expect_close(got.rstd, cpu_rstd, 1e-5, 0, "rstd against the CPU");
+  }
+}
+
 TEST_F(CudaBackendTest, SumToHostIsFloat64AndDeterministic) {
   SCOPED_TRACE(trace());
   auto sum_on = [](Backend& be, const float* x, size_t n) {

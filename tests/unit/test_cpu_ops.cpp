@@ -490,6 +490,50 @@ TEST_F(CpuOps, StreamRmsnormReadsCodesRoundsItsOutputAndX0IsWrittenAsCodesAlone)
   EXPECT_THROW(be->rmsnorm_forward_bf16(nullptr, nullptr, rstd.data(), embedded.data(), rows, dim, 1e-6f), Error);
 }
 
+// Products computing bf16 activations as codes alone (q, k and v before their norms and mix,
+// relu(h)^2's gradient) feed ops that read codes: each is its float twin on the widened
+// codes; a value embedding is looked up rounded.
+TEST_F(CpuOps, OpsReadingCodesFromProductsAreTheirFloatTwins) {
+  const int T = 5, H = 3, D = 8;
+  const size_t n = static_cast<size_t>(T) * H * D;
+  const auto x = stream_codes(n, 41);
+  std::vector<float> twin(n), twin_rstd(T * H), out(n), rstd(T * H);
+  std::vector<uint16_t> twin_normed(n), twin_rotated(n), normed(n), rotated(n);
+  be->rmsnorm_rotary_bf16(twin.data(), twin_normed.data(), twin_rotated.data(), twin_rstd.data(), widened(x).data(), T,
+                          H, D, 1e-6f, 1024.f);
+  be->rmsnorm_rotary_from_bf16(out.data(), normed.data(), rotated.data(), rstd.data(), x.data(), T, H, D, 1e-6f,
+                               1024.f);
+  EXPECT_EQ(out, twin);
+  EXPECT_EQ(normed, twin_normed);
+  EXPECT_EQ(rotated, twin_rotated);
+  EXPECT_EQ(rstd, twin_rstd);
+  std::vector<uint16_t> rotated_alone(n);
+  be->rmsnorm_rotary_from_bf16(nullptr, nullptr, rotated_alone.data(), rstd.data(), x.data(), T, H, D, 1e-6f, 1024.f);
+  EXPECT_EQ(rotated_alone, twin_rotated);
+
+  const auto dg = stream_codes(n, 42), h = stream_codes(n, 43);
+  std::vector<float> dh_twin(n), dh(n);
+  std::vector<uint16_t> dh_twin_codes(n), dh_codes(n), dh_codes_alone(n);
+  be->relu2_backward_bf16(dh_twin.data(), dh_twin_codes.data(), widened(dg).data(), h.data(), n);
+  be->relu2_backward_from_bf16(dh.data(), dh_codes.data(), dg.data(), h.data(), n);
+  EXPECT_EQ(dh, dh_twin);
+  EXPECT_EQ(dh_codes, dh_twin_codes);
+  be->relu2_backward_from_bf16(nullptr, dh_codes_alone.data(), dg.data(), h.data(), n);
+  EXPECT_EQ(dh_codes_alone, dh_twin_codes);
+  EXPECT_THROW(be->relu2_backward_from_bf16(nullptr, nullptr, dg.data(), h.data(), n), Error);
+
+  const int vocab = 7, dim = 12;
+  auto table = random_vector(static_cast<size_t>(vocab) * dim, 44, 2.f);
+  table[3 * dim + 1] = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<int32_t> tokens = {3, 0, 6, 3, 2};
+  std::vector<float> rows(tokens.size() * dim);
+  be->embedding_forward(rows.data(), table.data(), tokens.data(), static_cast<int>(tokens.size()), dim);
+  std::vector<uint16_t> codes(rows.size());
+  be->embedding_forward_bf16(codes.data(), table.data(), tokens.data(), static_cast<int>(tokens.size()), dim);
+  EXPECT_EQ(codes, encoded(rows));
+  EXPECT_TRUE(std::isnan(lowp::decode_bf16(codes[1])));
+}
+
 TEST_F(CpuOps, EmbeddingBackwardScatterAddsRepeatedTokens) {
   const int V = 5, dim = 3;
   std::vector<int32_t> tokens = {1, 3, 1};

@@ -273,18 +273,20 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   // The residual stream: x0, the skip stack, the last output, each decoder layer's input,
   // the shared lambda mix and attention residual.
   size_t halved = d * (1 + c.num_encoder_layers() + 1 + (c.num_layers - c.num_encoder_layers()) + 2);  // per token
-  size_t as_codes = 0;  // per token: kept as codes, their floats one buffer for all layers
+  halved += d;  // the value embedding looked up
+  size_t as_codes = 0;  // per token: kept as codes, their floats one buffer for all layers or none
   for (int i = 0; i < c.num_layers; ++i) {
     halved += mlp;
     as_codes += d;  // the MLP's norm
     if (c.layer_has_attention(i)) {
-      halved += 2 * hd;  // normalised q and k
+      halved += 3 * hd;  // normalised q and k, v before its mix
       as_codes += d + 4 * hd;  // attention's norm; rotated q and k, v and y
     }
   }
-  const size_t shared_floats = d + 4 * hd;  // the norms' buffer; q, k, v and y's
+  // bf16 alone: the norms' and y's float buffers, q's and k's codes as their products write them.
+  const size_t bf16_only = d + hd + 2 * hd / 2;
   EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(),
-            (T * halved / 2 + T * as_codes / 2 - T * shared_floats) * sizeof(float));
+            (T * halved / 2 + T * as_codes / 2 - T * bf16_only) * sizeof(float));
 }
 
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {

@@ -372,6 +372,13 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void embedding_forward_bf16(uint16_t* out, const float* table, const int32_t* tokens, int T, int dim) override {
+    const size_t n = static_cast<size_t>(T) * dim;
+    std::vector<float> rows(n);
+    embedding_forward(rows.data(), table, tokens, T, dim);
+    encode_outputs(out, rows.data(), n);
+  }
+
   void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) override {
     // Threads own column ranges, tokens go in order: deterministic for any thread count.
     constexpr int kColumns = 16;
@@ -565,6 +572,13 @@ class CpuBackend final : public Backend {
     encode_outputs(dx_codes, result.data(), n);
   }
 
+  void relu2_backward_from_bf16(float* dx, uint16_t* dx_codes, const uint16_t* dout, const uint16_t* x,
+                                size_t n) override {
+    require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_from_bf16");
+    const Widened wide_dout(dout, n);
+    relu2_backward_bf16(dx, dx_codes, wide_dout.data(), x, n);
+  }
+
   void widen_bf16(float* out, const uint16_t* x, size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) out[i] = lowp::decode_bf16(x[i]);
@@ -577,6 +591,12 @@ class CpuBackend final : public Backend {
     const FloatsOrTemporary values(out, n);
     rmsnorm_forward_bf16(values.data(), normed, rstd, x, T * H, D, eps);
     rotary(values.data(), rotated, T, H, D, base, false);
+  }
+
+  void rmsnorm_rotary_from_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const uint16_t* x,
+                                int T, int H, int D, float eps, float base) override {
+    const Widened wide_x(x, static_cast<size_t>(T) * H * D);
+    rmsnorm_rotary_bf16(out, normed, rotated, rstd, wide_x.data(), T, H, D, eps, base);
   }
 
   void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,

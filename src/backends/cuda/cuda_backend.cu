@@ -217,6 +217,9 @@ class CudaBackend final : public Backend {
   void embedding_forward(float* out, const float* table, const int32_t* tokens, int T, int dim) override {
     cuda::embedding_forward(stream_, out, table, tokens, T, dim);
   }
+  void embedding_forward_bf16(uint16_t* out, const float* table, const int32_t* tokens, int T, int dim) override {
+    cuda::embedding_forward_bf16(stream_, out, table, tokens, T, dim);
+  }
   void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) override {
     cuda::embedding_backward(stream_, *op_scratch_, dtable, dout, tokens, T, dim);
   }
@@ -277,11 +280,20 @@ class CudaBackend final : public Backend {
   void relu2_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x, size_t n) override {
     cuda::relu2_backward_bf16(stream_, dx, dx_codes, dout, x, n);
   }
+  void relu2_backward_from_bf16(float* dx, uint16_t* dx_codes, const uint16_t* dout, const uint16_t* x,
+                                size_t n) override {
+    cuda::relu2_backward_from_bf16(stream_, dx, dx_codes, dout, x, n);
+  }
   void widen_bf16(float* out, const uint16_t* x, size_t n) override { cuda::widen_bf16(stream_, out, x, n); }
   void rmsnorm_rotary_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x, int T, int H,
                            int D, float eps, float base) override {
     cuda::rmsnorm_rotary_bf16(stream_, *op_scratch_, out, normed, rotated, rstd, x, T, H, D, eps,
                               rotary_frequencies(D, base));
+  }
+  void rmsnorm_rotary_from_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const uint16_t* x,
+                                int T, int H, int D, float eps, float base) override {
+    cuda::rmsnorm_rotary_from_bf16(stream_, *op_scratch_, out, normed, rotated, rstd, x, T, H, D, eps,
+                                   rotary_frequencies(D, base));
   }
   void rotary_from_bf16(float* out, uint16_t* rotated, const uint16_t* normed, int T, int H, int D,
                         float base) override {

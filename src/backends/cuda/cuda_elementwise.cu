@@ -43,17 +43,28 @@ struct ToBf16Plus {
   bool vectorisable() const { return aligned_16({out, in, addend}); }
 };
 
-// out[t, c] = table[tokens[t], c]. Traffic: 8 T dim bytes (+ 4 T for the ids).
+// Lanes g of an output as float32, or as bf16 codes (nearest even): one body for either.
+template <int W>
+__device__ __forceinline__ void store_out_lanes(float* p, size_t g, const Lanes<W>& x) { store_lanes<W>(p, g, x); }
+template <int W>
+__device__ __forceinline__ void store_out_lanes(uint16_t* p, size_t g, const Lanes<W>& x) {
+  store_code_lanes<W>(p, g, x);
+}
+
+// out[t, c] = table[tokens[t], c], out as float32 or as its bf16 codes (a value embedding
+// as a bf16 activation). Traffic per element: 8 bytes (6 into codes), + 4 T for the ids.
+template <typename Out>
 struct EmbeddingForward {
-  float* out;
+  Out* out;
   const float* table;
   const int32_t* tokens;
   int dim;
   template <int W>
   __device__ void at(size_t g) const {
     const size_t i = g * W, t = i / dim, c = i % dim;  // W divides dim: a group stays in its row
-    store_lanes<W>(out + i, 0, load_lanes<W>(table + static_cast<size_t>(tokens[t]) * dim + c, 0));
+    store_out_lanes<W>(out + i, 0, load_lanes<W>(table + static_cast<size_t>(tokens[t]) * dim + c, 0));
   }
+  // dim % 4 == 0 keeps every row of a 16-byte-aligned out 16 (codes: 8) bytes aligned.
   bool vectorisable() const { return dim % 4 == 0 && aligned_16({out, table}); }
 };
 
@@ -183,13 +194,15 @@ struct Relu2ForwardBf16 {
   bool vectorisable() const { return aligned_16({out, out_codes, stored, x}); }
 };
 
-// dx = x > 0 ? 2 x dout : 0, x as float32 or bf16 codes, dx_codes = bf16(dx), each unless
-// null. dx may alias dout. Traffic: 12 (10) n bytes, + 2 n with codes, - 4 n without dx.
-template <typename X>
+// dx = x > 0 ? 2 x dout : 0, x and dout each as float32 or bf16 codes (one template, so
+// the codes' op is the very expression of the float one), dx_codes = bf16(dx), each unless
+// null. dx may alias a float dout. Traffic: 12 n bytes, - 2 n per operand given as codes,
+// + 2 n with codes out, - 4 n without dx.
+template <typename X, typename Dout = float>
 struct Relu2Backward {
   float* dx;
   uint16_t* dx_codes;
-  const float* dout;
+  const Dout* dout;
   const X* x;
   template <int W>
   __device__ void at(size_t g) const {
@@ -462,7 +475,14 @@ void to_bf16_plus(cudaStream_t s, uint16_t* out, const float* in, const uint16_t
 }
 
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim) {
-  launch_lanes(s, EmbeddingForward{out, table, tokens, dim}, static_cast<size_t>(T) * dim, "embedding_forward");
+  launch_lanes(s, EmbeddingForward<float>{out, table, tokens, dim}, static_cast<size_t>(T) * dim,
+               "embedding_forward");
+}
+
+void embedding_forward_bf16(cudaStream_t s, uint16_t* out, const float* table, const int32_t* tokens, int T,
+                            int dim) {
+  launch_lanes(s, EmbeddingForward<uint16_t>{out, table, tokens, dim}, static_cast<size_t>(T) * dim,
+               "embedding_forward_bf16");
 }
 
 // Groups of 4 where dim allows (the summation order then depends on the shape alone),
@@ -582,6 +602,12 @@ void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const fl
                          size_t n) {
   require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_bf16");
   launch_lanes(s, Relu2Backward<uint16_t>{dx, dx_codes, dout, x}, n, "relu2_backward_bf16");
+}
+
+void relu2_backward_from_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const uint16_t* dout,
+                              const uint16_t* x, size_t n) {
+  require_codes_for_null_output(dx, dx_codes, false, "relu2_backward_from_bf16");
+  launch_lanes(s, Relu2Backward<uint16_t, uint16_t>{dx, dx_codes, dout, x}, n, "relu2_backward_from_bf16");
 }
 
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n) {

@@ -15,6 +15,8 @@ namespace speedrun::cuda {
 
 // --- elementwise, normalisation, position, optimisers (cuda_elementwise.cu) -------------
 void embedding_forward(cudaStream_t s, float* out, const float* table, const int32_t* tokens, int T, int dim);
+void embedding_forward_bf16(cudaStream_t s, uint16_t* out, const float* table, const int32_t* tokens, int T,
+                            int dim);
 void rmsnorm_forward(cudaStream_t s, float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
                      float eps);
 void rmsnorm_backward(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const float* out,
@@ -38,6 +40,8 @@ void relu2_forward_bf16(cudaStream_t s, float* out, uint16_t* out_codes, uint16_
 void relu2_from_bf16(cudaStream_t s, float* out, uint16_t* out_codes, const uint16_t* x, size_t n);
 void relu2_backward_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* x,
                          size_t n);
+void relu2_backward_from_bf16(cudaStream_t s, float* dx, uint16_t* dx_codes, const uint16_t* dout,
+                              const uint16_t* x, size_t n);
 void widen_bf16(cudaStream_t s, float* out, const uint16_t* x, size_t n);
 // The bf16 residual stream: the Backend operations of the same names (the backward ones in
 // cuda_reduce.cu, below).
@@ -69,6 +73,8 @@ void to_bf16_plus(cudaStream_t s, uint16_t* out, const float* in, const uint16_t
 // fused kernels lack (D % 8 != 0 or D > 128), which run the unfused ones in sequence.
 void rmsnorm_rotary_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
                          float* rstd, const float* x, int T, int H, int D, float eps, const float* freq);
+void rmsnorm_rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                              float* rstd, const uint16_t* x, int T, int H, int D, float eps, const float* freq);
 void rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* rotated, const uint16_t* normed, int T,
                       int H, int D, const float* freq);
 void rotary_rmsnorm_backward_bf16(cudaStream_t s, Scratch& scratch, float* dx, uint16_t* dx_codes, const float* dout,

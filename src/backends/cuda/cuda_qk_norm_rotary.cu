@@ -1,12 +1,15 @@
 // Attention's q and k as bf16 activations: the per-head rmsnorm and the rotary that follows
-// it in one pass over each head, forward, recomputed and backward (the Backend ops
-// rmsnorm_rotary_bf16, rotary_from_bf16 and rotary_rmsnorm_backward_bf16). One warp per
-// head of D <= 128 (D % 8 == 0): lane L holds elements 4L .. 4L + 3, and the rotation's
-// partner of element i < D/2, i + D/2, sits in lane L + D/8 (a shuffle away). Every step is
-// the unfused kernels' own expression in their order (rmsnorm's sums over the same groups
-// of 4, rotary's theta, cos and sin; cuda_row_math.cuh), so the codes are the same bits
-// either way. Other head sizes run the unfused kernels in sequence.
+// it in one pass over each head, forward (from floats or from codes), recomputed and backward
+// (the Backend ops rmsnorm_rotary_bf16, rmsnorm_rotary_from_bf16, rotary_from_bf16 and
+// rotary_rmsnorm_backward_bf16). One warp per head of D <= 128 (D % 8 == 0): lane L holds
+// elements 4L .. 4L + 3, and the rotation's partner of element i < D/2, i + D/2, sits in
+// lane L + D/8 (a shuffle away). Every step is the unfused kernels' own expression in their
+// order (rmsnorm's sums over the same groups of 4, rotary's theta, cos and sin;
+// cuda_row_math.cuh), so the codes are the same bits either way. Other head sizes run the
+// unfused kernels in sequence.
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "backends/cuda/cuda_kernels.cuh"
 #include "backends/cuda/cuda_lanes.cuh"
@@ -61,10 +64,12 @@ __device__ __forceinline__ void round_lanes(Lanes<W>& x) {
 }
 
 // kNormalise: normed (unless null) = codes of bf16(rmsnorm(x)) (rstd saved), then rotated;
-// else the rotation of the given normed codes. out (unless null) = float32(rotated). kWide: 16-byte
-// float (8-byte code) accesses. Traffic: 8 T H D bytes (+4 with out; 4 when recomputing).
-template <bool kNormalise, bool kWide>
-__global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const float* x,
+// else the rotation of the given normed codes. x as float32 or bf16 codes (widened exactly:
+// the same values, so the same bits). out (unless null) = float32(rotated). kWide: 16-byte
+// float (8-byte code) accesses. Traffic: 8 T H D bytes (6 from codes; +4 with out; 4 when
+// recomputing).
+template <bool kNormalise, bool kWide, typename In = float>
+__global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const In* x,
                                    int rows, int H, int D, float eps, const float* freq) {
   const int row = blockIdx.x * kHeadWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;  // the whole warp: rows are per warp
@@ -128,23 +133,45 @@ __global__ void rotary_norm_backward_kernel(float* dx, uint16_t* dx_codes, const
 
 unsigned head_blocks(int rows) { return static_cast<unsigned>((rows + kHeadWarps - 1) / kHeadWarps); }
 
-}  // namespace
-
-void rmsnorm_rotary_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
-                         float* rstd, const float* x, int T, int H, int D, float eps, const float* freq) {
+// x as floats or as codes: one kernel, instantiated for each. A lane's wide access is 16
+// bytes of floats or 8 of codes at a multiple of that past x (a head starts a multiple of 32
+// or 16 bytes in), so x needs 16-byte alignment as floats and 8 as codes; asking 16 of every
+// pointer alike, as the other launchers do, suffices for both. The fallback normalises with
+// the rmsnorm of the same input type, whose rounding is rmsnorm_forward_bf16's.
+template <typename In>
+void launch_norm_rotary(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                        float* rstd, const In* x, int T, int H, int D, float eps, const float* freq) {
   const int rows = T * H;
   if (rows <= 0 || D <= 0) return;
   if (fusable(D)) {
     const bool wide = aligned_16({out, normed, rotated, x});
-    auto kernel = wide ? norm_rotary_kernel<true, true> : norm_rotary_kernel<true, false>;
+    auto kernel = wide ? norm_rotary_kernel<true, true, In> : norm_rotary_kernel<true, false, In>;
     kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(out, normed, rotated, rstd, x, rows, H, D, eps, freq);
     check_launch("norm_rotary_kernel");
     return;
   }
   const size_t n = static_cast<size_t>(rows) * D;
   float* values = out ? out : static_cast<float*>(scratch.get(n * sizeof(float)));
-  rmsnorm_forward_bf16(s, values, normed, rstd, x, rows, D, eps);
+  if constexpr (std::is_same_v<In, float>) {
+    rmsnorm_forward_bf16(s, values, normed, rstd, x, rows, D, eps);
+  } else {
+    rmsnorm_forward_from_bf16(s, values, normed, rstd, x, rows, D, eps);
+  }
   rotary(s, values, rotated, T, H, D, freq, false);
+}
+
+}  // namespace
+
+void rmsnorm_rotary_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                         float* rstd, const float* x, int T, int H, int D, float eps, const float* freq) {
+  launch_norm_rotary(s, scratch, out, normed, rotated, rstd, x, T, H, D, eps, freq);
+}
+
+// out may not alias x: a head's floats span twice its codes' bytes, over codes of heads not
+// yet read.
+void rmsnorm_rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* normed, uint16_t* rotated,
+                              float* rstd, const uint16_t* x, int T, int H, int D, float eps, const float* freq) {
+  launch_norm_rotary(s, scratch, out, normed, rotated, rstd, x, T, H, D, eps, freq);
 }
 
 void rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* rotated, const uint16_t* normed, int T,
