@@ -27,7 +27,9 @@ struct AttentionShape {
 
 // Attention's inputs kept as bf16 activations (SPEC §6): q, k, v [T, H, D] as the codes
 // rotary and mix_forward stored (all three or none), and for the backward y as
-// attention_forward_bf16 stored it. What is given is read instead of the floats, which need
+// attention_forward_bf16 stored it and dy as c_proj's backward product computed it
+// (gemm_to_bf16: the gradient as the reference's bf16 one). What is given is read instead of
+// the floats (dy's too), which need
 // not be current (a kept layer's floats share one buffer with every other layer's) unless
 // floats_current says that q's, k's and v's are the codes' widening (just computed or
 // recomputed): a backend that reads floats then need not widen the codes itself.
@@ -36,6 +38,7 @@ struct AttentionInputCodes {
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
   const uint16_t* y = nullptr;
+  const uint16_t* dy = nullptr;
   bool floats_current = false;
   bool given() const { return q != nullptr; }
 };

@@ -895,7 +895,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     if (bf16_activations_ && !backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh)) {
       backend_.widen_bf16(a.y, a.y_codes, nh);
     }
-    linear_backward(b.dy, nullptr, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d, hd);
+    // bf16: attention's output gradient as codes alone, as the flash kernel reads it (in dy's
+    // buffer, read only through them).
+    uint16_t* dy_codes = bf16_activations_ ? reinterpret_cast<uint16_t*>(b.dy) : nullptr;
+    linear_backward(b.dy, dy_codes, false, grads_ + offsets.attn_proj, b.dx, a.y, params_ + offsets.attn_proj, T, d,
+                    hd);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     const int ve = look_up_value_embedding(layer, T, b.m);
@@ -904,6 +908,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer.
     AttentionInputCodes codes = a.input_codes(/*floats_current=*/false);
     codes.y = a.y_codes;
+    codes.dy = dy_codes;
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
     // k's gradients come held from their normalisation's backward, each used before the next.

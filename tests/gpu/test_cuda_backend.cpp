@@ -1618,6 +1618,19 @@ TEST_F(AttentionTest, Bf16OutputIsRoundedAndItsCodesServeTheBackward) {
     expect_identical(dq2.get(), dq.get(), "dq from y's codes");
     expect_identical(dk2.get(), dk.get(), "dk from y's codes");
     expect_identical(dv2.get(), dv.get(), "dv from y's codes");
+    // dy given as codes too (c_proj's product wrote them): the gradients of the widened codes.
+    const auto dy_codes = encoded(dy.get());
+    DeviceCodes g_dy_codes(*gpu_, dy_codes);
+    DeviceFloats dy_rounded(*gpu_, widened(dy_codes));
+    gpu_->attention_backward(dq.ptr, dk.ptr, dv.ptr, dy_rounded.ptr, y16.ptr, lse16.ptr, q.ptr, k.ptr, v.ptr, {},
+                             doc.ptr, shape);
+    AttentionInputCodes both = y_codes;
+    both.dy = g_dy_codes.ptr;
+    gpu_->attention_backward(dq2.ptr, dk2.ptr, dv2.ptr, stale.ptr, stale.ptr, lse16.ptr, q.ptr, k.ptr, v.ptr, both,
+                             doc.ptr, shape);
+    expect_identical(dq2.get(), dq.get(), "dq from dy's codes");
+    expect_identical(dk2.get(), dk.get(), "dk from dy's codes");
+    expect_identical(dv2.get(), dv.get(), "dv from dy's codes");
   }
 }
 

@@ -695,8 +695,9 @@ struct AttentionCall {
 };
 
 // attention_forward_bf16 (bf16 activations): y rounded to bf16 where computed and its codes
-// stored (or the codes alone), lse unchanged; the backward given those codes (AttentionInputCodes::y) reads them,
-// not y's floats, which may then be anything.
+// stored (or the codes alone), lse unchanged; the backward given those codes
+// (AttentionInputCodes::y), and dy's (::dy), reads them, not the floats, which may then be
+// anything.
 TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
   const AttentionCall call(103);
   const auto& [c, n, q, k, v, dy, doc, shape] = call;
@@ -726,6 +727,24 @@ TEST_F(CpuOps, Bf16AttentionRoundsItsOutputAndBackpropagatesFromTheCodes) {
   y_codes.y = stored.data();
   be->attention_backward(dq2.data(), dk2.data(), dv2.data(), dy.data(), stale.data(), lse16.data(), q.data(),
                          k.data(), v.data(), y_codes, doc.data(), shape);
+  EXPECT_EQ(dq2, dq);
+  EXPECT_EQ(dk2, dk);
+  EXPECT_EQ(dv2, dv);
+
+  // dy given as codes (c_proj's product computed it as bf16): read instead of dy's floats,
+  // as the floats of the widened codes would be.
+  std::vector<uint16_t> dy_codes(n);
+  std::vector<float> dy_rounded(n);
+  for (size_t i = 0; i < n; ++i) {
+    dy_codes[i] = lowp::encode_bf16(dy[i]);
+    dy_rounded[i] = lowp::decode_bf16(dy_codes[i]);
+  }
+  be->attention_backward(dq.data(), dk.data(), dv.data(), dy_rounded.data(), y16.data(), lse16.data(), q.data(),
+                         k.data(), v.data(), {}, doc.data(), shape);
+  AttentionInputCodes both = y_codes;
+  both.dy = dy_codes.data();
+  be->attention_backward(dq2.data(), dk2.data(), dv2.data(), stale.data(), stale.data(), lse16.data(), q.data(),
+                         k.data(), v.data(), both, doc.data(), shape);
   EXPECT_EQ(dq2, dq);
   EXPECT_EQ(dk2, dk);
   EXPECT_EQ(dv2, dv);

@@ -182,11 +182,12 @@ struct AttentionInputs {
   const float* k;
   const float* v;
   const float* y;
+  const float* dy;
   AttentionInputs(const AttentionInputCodes& codes, const float* q_, const float* k_, const float* v_, const float* y_,
-                  size_t n)
-      : q(q_), k(k_), v(v_), y(y_) {
+                  size_t n, const float* dy_ = nullptr)
+      : q(q_), k(k_), v(v_), y(y_), dy(dy_) {
     const bool widen_qkv = codes.given() && !codes.floats_current;
-    widened.resize((widen_qkv ? 3 * n : 0) + (codes.y ? n : 0));
+    widened.resize((widen_qkv ? 3 * n : 0) + (codes.y ? n : 0) + (codes.dy ? n : 0));
     float* next = widened.data();
     auto widen = [&](const uint16_t* codes_of, const float*& into) {
       write_values(next, nullptr, n, [codes_of](size_t i) { return lowp::decode_bf16(codes_of[i]); });
@@ -199,6 +200,7 @@ struct AttentionInputs {
       widen(codes.v, v);
     }
     if (codes.y) widen(codes.y, y);
+    if (codes.dy) widen(codes.dy, dy);
   }
 };
 
@@ -638,8 +640,8 @@ class CpuBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& shape) override {
-    const AttentionInputs in(codes, q, k, v, y, static_cast<size_t>(shape.T) * shape.H * shape.D);
-    cpu::attention_backward(dq, dk, dv, dy, in.y, lse, in.q, in.k, in.v, doc, shape);
+    const AttentionInputs in(codes, q, k, v, y, static_cast<size_t>(shape.T) * shape.H * shape.D, dy);
+    cpu::attention_backward(dq, dk, dv, in.dy, in.y, lse, in.q, in.k, in.v, doc, shape);
     scribble_on_loan();
   }
 

@@ -85,17 +85,19 @@ void flash_attention_backward_f32(cudaStream_t s, Scratch& scratch, float* dq, f
                                   const AttentionShape& shape) {
   const FlashAttentionShape f = flash_shape(shape);
   const size_t n = static_cast<size_t>(f.T) * f.H * f.D;
-  const int copies = copies_needed(codes, codes.y ? 1 : 2);
+  // y's and dy's codes: given, or rounded into the tensors after q's, k's and v's.
+  const int copies = copies_needed(codes, (codes.y ? 0 : 1) + (codes.dy ? 0 : 1));
   const Bf16Buffers b = carve_buffers(scratch, f, copies);
   const Bf16Inputs in = bf16_inputs(s, b, q, k, v, codes, n);
-  const uint16_t* y_bf16 = codes.y;
-  if (!y_bf16) {
-    uint16_t* copy = b.tensor[copies - 2];
-    to_bf16(s, copy, y, n);  // y was widened from bf16: this is exact
-    y_bf16 = copy;
-  }
-  uint16_t* dy_bf16 = b.tensor[copies - 1];
-  to_bf16(s, dy_bf16, dy, n);
+  int next_copy = codes.given() ? 0 : 3;
+  auto as_codes = [&](const uint16_t* given, const float* floats) -> const uint16_t* {
+    if (given) return given;
+    uint16_t* copy = b.tensor[next_copy++];
+    to_bf16(s, copy, floats, n);
+    return copy;
+  };
+  const uint16_t* y_bf16 = as_codes(codes.y, y);  // y was widened from bf16: exact
+  const uint16_t* dy_bf16 = as_codes(codes.dy, dy);
   flash_attention_backward(s, b.workspace, dq, dk, dv, dy_bf16, y_bf16, lse, in.q, in.k, in.v, doc, f);
 }
 

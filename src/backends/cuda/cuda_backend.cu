@@ -361,8 +361,8 @@ class CudaBackend final : public Backend {
       return;
     }
     const ReferenceInputs in =
-        reference_inputs(codes, q, k, v, y, false, static_cast<size_t>(shape.T) * shape.H * shape.D);
-    cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, dy, in.y, lse, in.q, in.k, in.v, doc, shape);
+        reference_inputs(codes, q, k, v, y, false, static_cast<size_t>(shape.T) * shape.H * shape.D, dy);
+    cuda::attention_backward(stream_, *op_scratch_, dq, dk, dv, in.dy, in.y, lse, in.q, in.k, in.v, doc, shape);
   }
 
   // The reference attention reads floats: the codes given (AttentionInputCodes) widened into
@@ -372,12 +372,13 @@ class CudaBackend final : public Backend {
     const float* k;
     const float* v;
     const float* y;
+    const float* dy;
     float* out;
   };
   ReferenceInputs reference_inputs(const AttentionInputCodes& codes, const float* q, const float* k, const float* v,
-                                   const float* y, bool needs_out, size_t n) {
+                                   const float* y, bool needs_out, size_t n, const float* dy = nullptr) {
     const bool widen_qkv = codes.given() && !codes.floats_current;
-    const size_t count = (widen_qkv ? 3 : 0) + (codes.y ? 1 : 0) + (needs_out ? 1 : 0);
+    const size_t count = (widen_qkv ? 3 : 0) + (codes.y ? 1 : 0) + (codes.dy ? 1 : 0) + (needs_out ? 1 : 0);
     float* next = count ? static_cast<float*>(reference_inputs_->get(count * n * sizeof(float))) : nullptr;
     auto widened = [&](const uint16_t* from) {
       float* into = next;
@@ -385,13 +386,14 @@ class CudaBackend final : public Backend {
       cuda::widen_bf16(stream_, into, from, n);
       return into;
     };
-    ReferenceInputs in{q, k, v, y, nullptr};
+    ReferenceInputs in{q, k, v, y, dy, nullptr};
     if (widen_qkv) {
       in.q = widened(codes.q);
       in.k = widened(codes.k);
       in.v = widened(codes.v);
     }
     if (codes.y) in.y = widened(codes.y);
+    if (codes.dy) in.dy = widened(codes.dy);
     if (needs_out) in.out = next;
     return in;
   }
