@@ -34,6 +34,7 @@
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
+#include "support/bf16_codes.h"
 #include "support/device.h"
 #include "util/error.h"
 
@@ -71,17 +72,8 @@ std::vector<float> code_words(const std::vector<uint16_t>& codes) {
   return words;
 }
 
-std::vector<float> widened(const std::vector<uint16_t>& codes) {
-  std::vector<float> out(codes.size());
-  for (size_t i = 0; i < codes.size(); ++i) out[i] = lowp::decode_bf16(codes[i]);
-  return out;
-}
-
-std::vector<uint16_t> encoded(const std::vector<float>& x) {
-  std::vector<uint16_t> codes(x.size());
-  for (size_t i = 0; i < x.size(); ++i) codes[i] = lowp::encode_bf16(x[i]);
-  return codes;
-}
+using testing::encoded;
+using testing::widened;
 
 constexpr uint16_t kNaNCode = static_cast<uint16_t>(kNaNCodePair & 0xFFFF);
 
@@ -568,11 +560,16 @@ TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
 // ---------------------------------------------------------------------------------------
 // Normalisation and rotary
 
+// rmsnorm's test shapes: one row of 8, rows of the speedrun's 768, many short rows, an odd
+// width (no groups of 4); and float32's epsilon, as the model's.
+struct RowShape { int rows, dim; };
+constexpr RowShape kRmsnormShapes[] = {{1, 8}, {7, 768}, {1000, 128}, {33, 33}};
+constexpr float kRmsnormEps = 1.1920929e-07f;
+
 TEST_F(CudaBackendTest, RmsnormForwardAndBackwardMatchCpuIncludingInPlace) {
   SCOPED_TRACE(trace());
-  const float eps = 1.1920929e-07f;
-  struct Case { int rows, dim; };
-  for (Case c : {Case{1, 8}, Case{7, 768}, Case{1000, 128}, Case{33, 33}}) {
+  const float eps = kRmsnormEps;
+  for (RowShape c : kRmsnormShapes) {
     SCOPED_TRACE("rows=" + std::to_string(c.rows) + " dim=" + std::to_string(c.dim));
     const size_t n = static_cast<size_t>(c.rows) * c.dim;
     const auto x = normal(n, 3.f);
@@ -1140,9 +1137,8 @@ TEST_F(CudaBackendTest, Bf16StreamBackwardMatchesCpuInEveryMode) {
 // rmsnorm_forward_bf16 into codes alone (x0 on the stream).
 TEST_F(CudaBackendTest, RmsnormOnTheBf16StreamMatchesCpu) {
   SCOPED_TRACE(trace());
-  const float eps = 1.1920929e-07f;
-  struct Case { int rows, dim; };
-  for (Case c : {Case{1, 8}, Case{7, 768}, Case{1000, 128}, Case{33, 33}}) {
+  const float eps = kRmsnormEps;
+  for (RowShape c : kRmsnormShapes) {
     SCOPED_TRACE("rows=" + std::to_string(c.rows) + " dim=" + std::to_string(c.dim));
     const size_t n = static_cast<size_t>(c.rows) * c.dim;
     const auto x = encoded(normal(n, 3.f));

@@ -12,6 +12,7 @@
 #include "backends/backend.h"
 #include "backends/low_precision.h"
 #include "model/attention_mask.h"
+#include "support/bf16_codes.h"
 #include "support/finite_difference.h"
 #include "util/error.h"
 
@@ -19,8 +20,10 @@ namespace speedrun {
 namespace {
 
 using testing::dot;
+using testing::encoded;
 using testing::numerical_gradient;
 using testing::random_vector;
+using testing::widened;
 using testing::worst_error_ratio;
 
 class CpuOps : public ::testing::Test {
@@ -384,18 +387,6 @@ std::vector<uint16_t> stream_codes(size_t n, uint64_t seed) {
   const auto values = random_vector(n, seed, 2.f);
   std::vector<uint16_t> codes(n);
   for (size_t i = 0; i < n; ++i) codes[i] = lowp::encode_bf16(values[i]);
-  return codes;
-}
-
-std::vector<float> widened(const std::vector<uint16_t>& codes) {
-  std::vector<float> values(codes.size());
-  for (size_t i = 0; i < codes.size(); ++i) values[i] = lowp::decode_bf16(codes[i]);
-  return values;
-}
-
-std::vector<uint16_t> encoded(const std::vector<float>& values) {
-  std::vector<uint16_t> codes(values.size());
-  for (size_t i = 0; i < values.size(); ++i) codes[i] = lowp::encode_bf16(values[i]);
   return codes;
 }
 
