@@ -47,7 +47,8 @@ struct GPT::LayerActivations {
   uint16_t* mlp_norm_codes = nullptr;  // bf16: rmsnorm(x1) rounded, kept as codes [T, d]
   float* mlp_rstd = nullptr;   // [T]
   float* h = nullptr;        // c_fc output [T, mlp] (bf16: g's buffer)
-  float* g = nullptr;        // relu(h)^2 [T, mlp]
+  float* g = nullptr;        // relu(h)^2 [T, mlp] (bf16: one buffer all layers share)
+  uint16_t* g_codes = nullptr;  // bf16: relu(h)^2 rounded, as codes [T, mlp] (kept per layer or shared)
   uint16_t* h_codes = nullptr;  // bf16: h kept for the backward, as codes [T, mlp]
 };
 
@@ -267,14 +268,17 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   // inputs have no floats at all, y's are one buffer, only for products that read float32.
   float* shared_q_rot = recompute && !bf16 ? take(T * hd) : nullptr;
   float* shared_k_rot = recompute && !bf16 ? take(T * hd) : nullptr;
-  float* shared_g = recompute ? take(T * mlp) : nullptr;
+  // relu(h)^2: kept per layer as floats, or with bf16 activations as codes (its floats then
+  // one buffer, written only for float32 products), or recomputed into one buffer.
+  const bool one_g_buffer = recompute || bf16;
+  float* shared_g = one_g_buffer ? take(T * mlp) : nullptr;
+  uint16_t* shared_g_codes = recompute && bf16 ? arena.take_codes(T * mlp) : nullptr;
   float* shared_v = recompute && !bf16 ? take(T * hd) : nullptr;
   uint16_t* q_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
   uint16_t* k_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
   const AttentionCodeBuffers recomputed_codes =
       recompute ? carve_attention_codes(activations, arena, T * hd) : AttentionCodeBuffers{};
   float* shared_y = bf16 ? take(T * hd) : nullptr;
-  auto kept = [&](float* shared, size_t n) { return recompute ? shared : take(n); };
   auto attention_input = [&](float* shared, size_t n) { return bf16 ? nullptr : recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
     LayerActivations a;
@@ -316,7 +320,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
     a.mlp_norm = norm_floats();
     a.mlp_norm_codes = norm_codes();
     a.mlp_rstd = take(T);
-    a.g = kept(shared_g, T * mlp);
+    a.g = one_g_buffer ? shared_g : take(T * mlp);
+    if (bf16) a.g_codes = recompute ? shared_g_codes : arena.take_codes(T * mlp);
     // bf16: c_fc writes into g's buffer, relu^2 runs in place, h lives on as codes.
     if (bf16) {
       a.h = a.g;
@@ -369,6 +374,7 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   if (bf16) a.y_codes = arena.take_codes(T * hd);
   a.lse = take(T * H);
   a.h = a.g = take(std::min(T, mlp_rows) * mlp);
+  if (bf16) a.g_codes = arena.take_codes(std::min(T, mlp_rows) * mlp);
   carve_attention_codes(activations, arena, T * hd).assign_to(a);
   m.final_x = a.x_in;
   m.final_norm = a.mlp_norm;
@@ -515,14 +521,14 @@ void GPT::run_forward(int T, int long_window, bool training) {
     // Encoder outputs go on the U-net stack; a decoder output is the next layer's input
     // (which is this very buffer in a forward-only pass: block_forward allows that).
     const StreamTensor out = i < half ? m.skip_in[i] : (i == L - 1 ? m.final_x : slot(i + 1, training).x_in);
-    block_forward(i, T, layer_window(i, long_window), a, m, x, out, /*keeps_g=*/training && !recompute_,
+    block_forward(i, T, layer_window(i, long_window), a, m, x, out,
                   training ? T : std::min(T, forward_mlp_rows_));
     x = out;
   }
 }
 
 void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                        StreamTensor x_in, StreamTensor x_out, bool keeps_g, int mlp_rows) {
+                        StreamTensor x_in, StreamTensor x_out, int mlp_rows) {
   const int d = config_.model_dim, hd = config_.hidden_dim(), H = config_.num_heads, D = config_.head_dim;
   const size_t n = static_cast<size_t>(T) * d;
   const BlockOffsets& offsets = block_offsets_[layer];
@@ -567,11 +573,11 @@ void GPT::block_forward(int layer, int T, int window, LayerActivations& a, const
     rows.mlp_norm += first;
     if (rows.mlp_norm_codes) rows.mlp_norm_codes += first;
     rows.mlp_rstd += r0;
-    mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1.at(first), x_out.at(first), keeps_g);
+    mlp_forward(layer, std::min(mlp_rows, T - r0), rows, x1.at(first), x_out.at(first));
   }
 }
 
-void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out, bool keeps_g) {
+void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out) {
   const int d = config_.model_dim, mlp = config_.mlp_dim();
   const BlockOffsets& offsets = block_offsets_[layer];
   const bool bf16_products = block_norm(a.mlp_norm, a.mlp_norm_codes, a.mlp_rstd, x1, rows);
@@ -584,7 +590,7 @@ void GPT::mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1,
     linear_forward(a.h, a.mlp_norm, params_ + offsets.fc, rows, mlp, d);
   }
   backend_.release_operand(kHeldInput);
-  relu2(a.g, a.h_codes, h_as_codes ? nullptr : a.h, rows, keeps_g);
+  relu2(a.g, a.g_codes, a.h_codes, h_as_codes ? nullptr : a.h, rows);
   stream_.add_linear(x_out, x1, a.g, params_ + offsets.mlp_proj, rows, d, mlp);
   backend_.release_operand(kHeldInput);
 }
@@ -674,17 +680,18 @@ void GPT::rotated_heads_backward(float* dx, const float* normed, const uint16_t*
   }
 }
 
-void GPT::relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g) {
+void GPT::relu2(float* g, uint16_t* g_codes, uint16_t* stored, const float* h, int T) {
   const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {
-    // Held as codes, g's floats serve only a backward that keeps them (not one that recomputes).
-    uint16_t* g_codes = backend_.hold_produced_operand(kHeldInput, g, n);
-    float* g_floats = g_codes && !keeps_g ? nullptr : g;
+    // g rounded, as codes: the products' operand in place, or widened into g's floats (over
+    // h's, read by then) where they read float32.
+    const bool held = backend_.hold_stored_operand(kHeldInput, g, g_codes, n);
     if (h) {
-      backend_.relu2_forward_bf16(g_floats, g_codes, stored, h, n);
+      backend_.relu2_forward_bf16(nullptr, g_codes, stored, h, n);
     } else {  // h computed as its codes alone
-      backend_.relu2_from_bf16(g_floats, g_codes, stored, n);
+      backend_.relu2_from_bf16(nullptr, g_codes, stored, n);
     }
+    if (!held) backend_.widen_bf16(g, g_codes, n);
   } else {
     backend_.relu2_forward(g, h, n);
   }
@@ -716,12 +723,11 @@ bool GPT::block_norm(float* out, uint16_t* codes, float* rstd, StreamTensor x, i
   return produced != nullptr;
 }
 
-void GPT::hold_block_norm(float* out, const uint16_t* codes, int rows) {
-  const size_t n = static_cast<size_t>(rows) * config_.model_dim;
+void GPT::hold_kept_operand(float* floats, const uint16_t* codes, size_t n) {
   if (!codes) {
-    backend_.hold_operand(kHeldInput, out, n);
-  } else if (!backend_.hold_stored_operand(kHeldInput, out, codes, n)) {
-    backend_.widen_bf16(out, codes, n);  // float32 products: the floats are one shared buffer
+    backend_.hold_operand(kHeldInput, floats, n);
+  } else if (!backend_.hold_stored_operand(kHeldInput, floats, codes, n)) {
+    backend_.widen_bf16(floats, codes, n);  // float32 products: the floats are one shared buffer
   }
 }
 
@@ -742,12 +748,10 @@ void GPT::recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T) {
 
 void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
   if (!recompute_) return;
-  const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
   if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
-    uint16_t* g_codes = backend_.hold_produced_operand(kHeldInput, a.g, n);
-    backend_.relu2_from_bf16(g_codes ? nullptr : a.g, g_codes, a.h_codes, n);  // the codes alone serve
+    relu2(a.g, a.g_codes, a.h_codes, nullptr, T);
   } else {
-    backend_.relu2_forward(a.g, a.h, n);
+    backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * config_.mlp_dim());
   }
 }
 
@@ -865,7 +869,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   TrainingBuffers& b = *train_;
   if (recompute_) stream_.mix(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
-  recompute_mlp_activation(a, T);
+  if (recompute_) {
+    recompute_mlp_activation(a, T);
+  } else {
+    hold_kept_operand(a.g, a.g_codes, static_cast<size_t>(T) * mlp);
+  }
   // bf16: relu(h)^2's gradient as codes alone, as the reference's bf16 gradient, in g's buffer
   // (dead once c_proj's weight gradient has read g).
   uint16_t* dg_codes = bf16_activations_ ? reinterpret_cast<uint16_t*>(a.g) : nullptr;
@@ -877,7 +885,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   if (recompute_) {
     recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
   } else {
-    hold_block_norm(a.mlp_norm, a.mlp_norm_codes, T);
+    hold_kept_operand(a.mlp_norm, a.mlp_norm_codes, n);
   }
   linear_backward(b.dtmp, nullptr, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldGradient);
@@ -912,7 +920,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     backend_.attention_backward(b.dq, b.dk, b.dv, b.dy, a.y, a.lse, a.q_rot, a.k_rot, a.v, codes, doc_, shape);
     // One bf16 copy of the rmsnorm output for q, k and v (recomputed: already held); q's and
     // k's gradients come held from their normalisation's backward, each used before the next.
-    if (!recompute_) hold_block_norm(a.attn_norm, a.attn_norm_codes, T);
+    if (!recompute_) hold_kept_operand(a.attn_norm, a.attn_norm_codes, n);
     rotated_heads_backward(b.dq, a.qn, a.qn_codes, a.q_rstd, T);
     linear_backward(b.dtmp, nullptr, false, dqkv, b.dq, a.attn_norm, qkv, T, hd, d);
     backend_.release_operand(kHeldGradient);

@@ -20,19 +20,24 @@ namespace speedrun {
 // What the forward keeps for the backward. kRecompute keeps neither the rmsnorm outputs
 // nor the rotated q and k nor the mixed v nor relu(h)^2 but the attention residual x1,
 // and recomputes them in the backward from what it does keep (bit-identical gradients):
-// a decoder layer with attention keeps 10 d floats per token instead of 18 d at the
-// speedrun's shapes, for one more pass of the lambda mixes, rmsnorm, rotary and relu^2.
+// with float32 activations a decoder layer with attention keeps 10 d floats per token
+// instead of 18 d at the speedrun's shapes, for one more pass of the lambda mixes, rmsnorm,
+// rotary and relu^2.
 enum class ActivationMemory { kStore, kRecompute };
 
 // How activations are stored. kBfloat16 is SPEC §6's reference precision: the residual
 // stream (x0, block inputs and outputs, lambda mixes, attention residuals, the skip stack;
-// ResidualStream), the MLP's pre-activation h, the normalised q and k, attention's inputs
-// (rotated q and k, mixed v) and its output y are rounded to bf16 where they are computed
-// (so the forward itself uses the rounded values, in every pass) and kept as 16-bit codes,
-// which the ops and attention read (the flash kernel then rounds no copies of its own). The
-// floats of the rotated q and k, v and y are then one buffer each, shared by all layers.
-// Gradients stay float32. kFloat32 keeps them exact (the CPU default, and what
-// finite-difference gradient checks need).
+// ResidualStream), the block norms' outputs, q, k and v as their products compute them, the
+// normalised and rotated q and k, the value embeddings, the mixed v, attention's output y,
+// the MLP's h and relu(h)^2 are rounded to bf16 where they are computed (so the forward
+// itself uses the rounded values, in every pass) and kept as 16-bit codes, which the ops,
+// the products and attention read (the flash kernel then rounds no copies of its own).
+// Floats remain only as one buffer shared by all layers where float32 products read them
+// (the norms, relu(h)^2, y); q, k and v have none. Gradients stay float32 but for two
+// computed as codes by their products, as the reference's bf16 ones: relu(h)^2's and y's.
+// The residual adds round once (bf16(stream + product), in the product's epilogue) where
+// the reference rounds the product first. kFloat32 keeps everything exact (the CPU default,
+// and what finite-difference gradient checks need).
 enum class ActivationPrecision { kFloat32, kBfloat16 };
 
 struct ActivationOptions {
@@ -138,13 +143,12 @@ class GPT {
   void run_head(int T, float grad_scale, const ModelActivations& m);
   void run_backward(int T, int long_window);
   LayerActivations& slot(int layer, bool training);
-  // keeps_g: a.g's floats must survive for the backward (a training pass that stores them).
   // The MLP runs mlp_rows rows at a time (the whole sequence in a training pass).
   void block_forward(int layer, int T, int window, LayerActivations& a, const ModelActivations& m,
-                     StreamTensor x_in, StreamTensor x_out, bool keeps_g, int mlp_rows);
+                     StreamTensor x_in, StreamTensor x_out, int mlp_rows);
   // x_out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2) over `rows` rows, a's MLP buffers
   // pointing at those rows.
-  void mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out, bool keeps_g);
+  void mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out);
   // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
   // rotated q, k and mixed v, recomputed into the shared buffers for the backward. The
   // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
@@ -153,10 +157,13 @@ class GPT {
   // A block's rmsnorm of the stream into out (float32 activations) or, with bf16 activations,
   // rounded into `codes` (non-null exactly then; out's floats written only where products
   // read float32), held as kHeldInput for the products that follow. Returns whether those
-  // read bf16 codes. hold_block_norm holds a kept norm again for the backward's products;
-  // block_norm_backward accumulates its gradient into dx, from the codes when given.
+  // read bf16 codes. block_norm_backward accumulates its gradient into dx, from the codes
+  // when given.
   bool block_norm(float* out, uint16_t* codes, float* rstd, StreamTensor x, int rows);
-  void hold_block_norm(float* out, const uint16_t* codes, int rows);
+  // A kept activation (a norm, relu(h)^2: n floats, or with bf16 activations their codes)
+  // held as kHeldInput again for the backward's products: the codes in place, widened into
+  // the floats where products read float32, or the floats' bf16 copy.
+  void hold_kept_operand(float* floats, const uint16_t* codes, size_t n);
   void block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const uint16_t* codes,
                            const float* rstd, int rows);
   void recompute_mlp_activation(LayerActivations& a, int T);
@@ -188,11 +195,11 @@ class GPT {
                                   float* rotated, uint16_t* rotated_codes, int T);
   void rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd, int T);
   // With bf16 activations, relu2 reads h as `stored` codes when h is null (the product wrote
-  // them), else rounds h into `stored`; it leaves g held as kHeldInput for the product that follows,
-  // its codes written by the op itself (and g's floats only when keeps_g); relu2_backward
-  // always leaves dh held as kHeldGradient for c_fc's two backward products. The caller
-  // releases them.
-  void relu2(float* g, uint16_t* stored, const float* h, int T, bool keeps_g);
+  // them), else rounds h into `stored`; it writes g rounded into g_codes and leaves them held
+  // as kHeldInput for the product that follows (g's floats written, the widened codes, only
+  // where the product reads float32); relu2_backward always leaves dh held as kHeldGradient
+  // for c_fc's two backward products. The caller releases them.
+  void relu2(float* g, uint16_t* g_codes, uint16_t* stored, const float* h, int T);
   void relu2_backward(float* dh, const uint16_t* dg_codes, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output), held as kHeldGradient by the op
   // that computed it (codes written by that op); on return d(block input), held likewise

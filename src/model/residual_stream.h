@@ -41,7 +41,8 @@ class ResidualStream {
   // out = x + weight[0] y (a U-net skip); out may alias x.
   void skip_add(StreamTensor out, StreamTensor x, StreamTensor y, const float* weight, size_t n);
   void skip_add_backward(float* dy, float* dweight, const float* dout, StreamTensor y, const float* weight, size_t n);
-  // rmsnorm_forward of the stream (out exact float32, out_codes as rmsnorm_forward's).
+  // rmsnorm of the stream: float32, rmsnorm_forward (out exact, out_codes its codes); bf16,
+  // rmsnorm_forward_from_bf16 (out rounded to bf16 as the reference's norm of a bf16 stream).
   void rmsnorm(float* out, uint16_t* out_codes, float* rstd, StreamTensor x, int rows, int dim, float eps);
   // out = addend + x W^T: a linear layer's output added onto the stream (W [out_dim, in_dim],
   // x [rows, in_dim], operands held as the caller arranged); out must not alias addend

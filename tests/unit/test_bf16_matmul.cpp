@@ -202,8 +202,9 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       // add for the MLP's c_proj; the MLP norm's backward for attention's; the head norms'
       // backward for q and k; the v mix's backward for v), except c_fc's with float32
       // activations (copied once). The head holds one copy of W and, in the backward, of
-      // the logits gradient. With bf16 activations the relu^2 ops write the codes of
-      // relu(h)^2 (forward, and backward when recomputed) and of the MLP's hidden gradient.
+      // the logits gradient. With bf16 activations relu(h)^2's codes are the activation itself
+      // (no extra write), and the relu^2 backward writes the codes of the MLP's hidden
+      // gradient.
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
       const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
@@ -211,7 +212,9 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       for (int i = 0; i < config.num_layers; ++i) {
         saved += (12 - 2) * T * d;                            // c_proj's output gradient
         saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
-        if (bf16_activations) saved += passes * (6 - 2) * T * mlp;  // relu(h)^2
+        // relu(h)^2: its codes (kept, or recomputed into one buffer) the products' operand in
+        // place, forward and backward.
+        if (bf16_activations) saved += (6 + 6) * T * mlp;
         saved += (bf16_activations ? 6 + 6 : passes * (6 - 2)) * T * d;  // the MLP's rmsnorm
         if (config.layer_has_attention(i)) {
           // attention's rmsnorm
@@ -226,7 +229,7 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
           saved += (bf16_activations ? 18 : 18 - 2) * T * d + (bf16_activations ? 6 : 6 - 2) * T * hd;
         }
         saved += (bf16_activations ? 6 : 6 - 2) * T * d;
-        if (bf16_activations) saved += (6 - 2) * T * mlp;
+        if (bf16_activations) saved += 6 * T * mlp;
       }
       EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved);
     }

@@ -221,12 +221,13 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
   const bool bf16 = precision == ActivationPrecision::kBfloat16;
   const size_t attention_inputs = bf16 ? 3 * hd / 2 : 3 * hd;
   const size_t stream = bf16 ? d / 2 : d;  // the residual stream's x1: codes with bf16 activations
-  // The block norms: floats, or with bf16 activations codes (floats one buffer in both modes).
-  const size_t norm = bf16 ? d / 2 : d;
+  // The block norms and relu(h)^2: floats, or with bf16 activations codes (their floats one
+  // buffer in both modes).
+  const size_t norm = bf16 ? d / 2 : d, g = bf16 ? mlp / 2 : mlp;
   size_t not_kept = stream;  // floats per token: kept mode's shared x1 buffer
-  size_t kept_to_recompute = norm + attention_inputs + mlp;  // the recompute buffers, one of each
+  size_t kept_to_recompute = norm + attention_inputs + g;  // the recompute buffers, one of each
   for (int i = 0; i < c.num_layers; ++i) {
-    not_kept += norm + mlp;  // mlp_norm, relu(h)^2
+    not_kept += norm + g;  // mlp_norm, relu(h)^2
     if (c.layer_has_attention(i)) {
       not_kept += norm + attention_inputs;  // attn_norm, rotated q, k, mixed v
       kept_to_recompute += stream;  // x1
@@ -277,14 +278,15 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   size_t as_codes = 0;  // per token: kept as codes, their floats one buffer for all layers or none
   for (int i = 0; i < c.num_layers; ++i) {
     halved += mlp;
-    as_codes += d;  // the MLP's norm
+    as_codes += d + mlp;  // the MLP's norm, relu(h)^2
     if (c.layer_has_attention(i)) {
       halved += 3 * hd;  // normalised q and k, v before its mix
       as_codes += d + 4 * hd;  // attention's norm; rotated q and k, v and y
     }
   }
-  // bf16 alone: the norms' and y's float buffers, q's and k's codes as their products write them.
-  const size_t bf16_only = d + hd + 2 * hd / 2;
+  // bf16 alone: the norms', relu(h)^2's and y's float buffers, q's and k's codes as their
+  // products write them.
+  const size_t bf16_only = d + mlp + hd + 2 * hd / 2;
   EXPECT_EQ(exact.model->activation_bytes() - rounded.model->activation_bytes(),
             (T * halved / 2 + T * as_codes / 2 - T * bf16_only) * sizeof(float));
 }
@@ -345,8 +347,9 @@ TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
       const bool bf16_activations = precision == ActivationPrecision::kBfloat16;
       const double band = bf16_matmul && bf16_activations ? 5e-4 : bf16_matmul || bf16_activations ? 2e-5 : 2e-7;
       EXPECT_NEAR(b.forward(inputs, targets, 3), loss, band);
+      // h and relu(h)^2's floats, and with bf16 activations relu(h)^2's codes.
       EXPECT_EQ(a.activation_bytes() - b.activation_bytes(),
-                static_cast<size_t>(kT - kSlice) * c.mlp_dim() * sizeof(float));
+                static_cast<size_t>(kT - kSlice) * c.mlp_dim() * (sizeof(float) + (bf16_activations ? 2 : 0)));
       EXPECT_EQ(GPT::plan_memory(c, 64, kT, sliced, be->head_chunk_rows()).activation_bytes(), b.activation_bytes());
     }
   }

@@ -151,7 +151,8 @@ class FloatsOrTemporary {
 // through its float32 twin: the same arithmetic on the same values. Null stays null.
 class Widened {
  public:
-  Widened(const uint16_t* codes, size_t n) : floats_(codes ? n : 0) {
+  // (At least one float when codes are given: data() is null exactly for null codes.)
+  Widened(const uint16_t* codes, size_t n) : floats_(codes ? std::max<size_t>(n, 1) : 0) {
     if (!codes) return;
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) floats_[i] = lowp::decode_bf16(codes[i]);
