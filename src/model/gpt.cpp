@@ -900,9 +900,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     const size_t w = static_cast<size_t>(hd) * d;
     const size_t nh = static_cast<size_t>(T) * hd;
     // bf16: y's kept codes are c_proj's operand, or widened into its floats for float32 products.
-    if (bf16_activations_ && !backend_.hold_stored_operand(kHeldInput, a.y, a.y_codes, nh)) {
-      backend_.widen_bf16(a.y, a.y_codes, nh);
-    }
+    if (bf16_activations_) hold_kept_operand(a.y, a.y_codes, nh);
     // bf16: attention's output gradient as codes alone, as the flash kernel reads it (in dy's
     // buffer, read only through them).
     uint16_t* dy_codes = bf16_activations_ ? reinterpret_cast<uint16_t*>(b.dy) : nullptr;

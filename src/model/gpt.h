@@ -160,7 +160,7 @@ class GPT {
   // read bf16 codes. block_norm_backward accumulates its gradient into dx, from the codes
   // when given.
   bool block_norm(float* out, uint16_t* codes, float* rstd, StreamTensor x, int rows);
-  // A kept activation (a norm, relu(h)^2: n floats, or with bf16 activations their codes)
+  // A kept activation (a norm, relu(h)^2, y: n floats, or with bf16 activations their codes)
   // held as kHeldInput again for the backward's products: the codes in place, widened into
   // the floats where products read float32, or the floats' bf16 copy.
   void hold_kept_operand(float* floats, const uint16_t* codes, size_t n);
