@@ -4,16 +4,21 @@
 // without FP8 tensor cores take (forced here with BackendOptions::emulate_fp8_head). Skips when
 // no CUDA device is visible (and in builds without the CUDA backend).
 //
-// Bands: the backward and the emulated path accumulate in float32 like the CPU, so their
-// outputs differ from it by float32 summation order (1e-5 of the sum of absolute products)
-// plus, for bf16 outputs, one bf16 ulp (2^-7 relative: the two sums may straddle a rounding
-// boundary). The tensor-core forward uses fast accumulation (the reference's choice),
-// whose running sum keeps fewer bits: we allow 2^-10 of the sum of absolute products —
-// an estimate to confirm on the first run on an H100.
+// Bands, each a fraction of the sum of absolute products, plus one bf16 ulp for bf16
+// outputs (2^-7 relative: the two sums may straddle a rounding boundary):
+// - the emulated path accumulates in float32 like the CPU: 1e-5 (summation order);
+// - the tensor-core forward uses fast accumulation (the reference's choice), whose running
+//   sum keeps fewer bits: 2^-10;
+// - the tensor-core backward, without fast accumulation, still adds each run of FP8
+//   products in the tensor core's narrower accumulator (about 14 bits on Hopper) before
+//   promoting it to float32: 2^-13. Measured on the H200 (2026-11-30): up to 4.4e-5
+//   (2^-14.5) of the sum, so 1e-5 was too tight.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <random>
@@ -110,7 +115,12 @@ double abs_products(const std::vector<float>& a, size_t i, const std::vector<flo
   return total;
 }
 
-void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs& in, double forward_band) {
+struct Bands {
+  double forward, backward;
+};
+constexpr Bands kEmulatedBands{1e-5, 1e-5}, kTensorCoreBands{0x1p-10, 0x1p-13};
+
+void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs& in, Bands band) {
   const Shape s = in.s;
   using lowp::Fp8Format;
   std::vector<float> xq(in.x.size()), wq(in.W.size()), gq(in.dlogits.size());
@@ -121,13 +131,13 @@ void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs&
     for (int v = 0; v < s.V; ++v) {
       const size_t i = static_cast<size_t>(r) * s.V + v;
       const double terms = abs_products(xq, r, wq, v, s.d, s.d, s.d, 1, 1) / 1024.0;
-      ASSERT_LE(std::abs(got.logits[i] - want.logits[i]), 0x1p-7 * std::abs(want.logits[i]) + forward_band * terms)
+      ASSERT_LE(std::abs(got.logits[i] - want.logits[i]), 0x1p-7 * std::abs(want.logits[i]) + band.forward * terms)
           << "logit " << r << "," << v << " got " << got.logits[i] << " want " << want.logits[i];
     }
     for (int k = 0; k < s.d; ++k) {
       const size_t i = static_cast<size_t>(r) * s.d + k;
       const double terms = 0.5 * abs_products(gq, r, wq, k, s.V, s.V, 1, 1, s.d) / 0x1p28;
-      ASSERT_LE(std::abs(got.dx[i] - want.dx[i]), 0x1p-7 * std::abs(want.dx[i]) + 1e-5 * terms)
+      ASSERT_LE(std::abs(got.dx[i] - want.dx[i]), 0x1p-7 * std::abs(want.dx[i]) + band.backward * terms)
           << "dx " << r << "," << k << " got " << got.dx[i] << " want " << want.dx[i];
     }
   }
@@ -167,7 +177,7 @@ TEST_F(CudaFp8HeadTest, MatchesTheCpuEmulation) {
     ::testing::internal::CaptureStderr();
     const Outputs got = run(*gpu, in);
     const std::string warnings = ::testing::internal::GetCapturedStderr();
-    expect_outputs_close(got, want, in, s.rows % 16 == 0 ? 0x1p-10 : 1e-5);
+    expect_outputs_close(got, want, in, s.rows % 16 == 0 ? kTensorCoreBands : kEmulatedBands);
     // Aligned shapes must really run on the FP8 tensor cores: a fallback warns.
     if (s.rows % 16 == 0 && device_has_fp8_tensor_cores()) EXPECT_EQ(warnings, "");
   }
@@ -178,7 +188,7 @@ TEST_F(CudaFp8HeadTest, EmulatedPathMatchesTheCpuEmulation) {
   for (const Shape s : {Shape{256, 384, 64}, Shape{37, 208, 48}}) {
     SCOPED_TRACE("rows=" + std::to_string(s.rows));
     const Inputs in(s, 12);
-    expect_outputs_close(run(*gpu, in), run(*cpu_, in), in, 1e-5);
+    expect_outputs_close(run(*gpu, in), run(*cpu_, in), in, kEmulatedBands);
   }
 }
 
@@ -192,11 +202,11 @@ TEST_F(CudaFp8HeadTest, ShapesCuBlasLtRefusesTakeTheEmulatedPath) {
   ::testing::internal::CaptureStderr();
   const Outputs got = run(*gpu, in, /*output_offset=*/1);
   const std::string warnings = ::testing::internal::GetCapturedStderr();
-  expect_outputs_close(got, want, in, 1e-5);
+  expect_outputs_close(got, want, in, kEmulatedBands);
   // Refused by the heuristic, or every algorithm it offered turned down at run time.
   if (device_has_fp8_tensor_cores()) EXPECT_NE(warnings.find("FP8 algorithm"), std::string::npos) << warnings;
   // Aligned again, the same backend takes the tensor cores for this shape.
-  expect_outputs_close(run(*gpu, in), want, in, 0x1p-10);
+  expect_outputs_close(run(*gpu, in), want, in, kTensorCoreBands);
 }
 
 // With x = I/2 (so e4m3(2x) = I) each logit is one product: e4m3(2^9 W)[v, r] / 2^10,
@@ -282,12 +292,38 @@ LossOutputs run_loss(Backend& be, const Inputs& in, const std::vector<int32_t>& 
   return out;
 }
 
+// Each row's bound on |loss difference| from logits within `band` of the CPU's:
+// softcap contracts, and the loss (logsumexp minus the target's logit) moves by at most
+// twice the largest logit difference. The logit band is expect_outputs_close's.
+std::vector<double> row_loss_bands(Backend& cpu, const Inputs& in, double band) {
+  const Shape s = in.s;
+  DeviceFloats x(cpu, in.x), W(cpu, in.W), logits(cpu, static_cast<size_t>(s.rows) * s.V, kNaN);
+  cpu.fp8_head_forward(logits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, true);
+  const std::vector<float> z = logits.get();
+  std::vector<float> xq(in.x.size()), wq(in.W.size());
+  lowp::scaled_round_to_fp8(xq.data(), in.x.data(), xq.size(), 2.f, lowp::Fp8Format::kE4M3);
+  lowp::scaled_round_to_fp8(wq.data(), in.W.data(), wq.size(), 512.f, lowp::Fp8Format::kE4M3);
+  std::vector<double> bands(s.rows, 0.0);
+  for (int r = 0; r < s.rows; ++r) {
+    for (int v = 0; v < s.V; ++v) {
+      const double terms = abs_products(xq, r, wq, v, s.d, s.d, s.d, 1, 1) / 1024.0;
+      const double logit_band = 0x1p-7 * std::abs(z[static_cast<size_t>(r) * s.V + v]) + band * terms;
+      bands[r] = std::max(bands[r], 2 * logit_band);
+    }
+  }
+  return bands;
+}
+
 // The fused head (logits kept in bf16 by cuBLASLt, the gradient cast to e5m2 by the loss
-// kernel) against the same three steps on the CPU and on the GPU. Its logits may differ
-// from the steps' by a bf16 ulp (another product algorithm); a gradient straddling an e5m2
-// rounding boundary then moves by one e5m2 step (25%): a few such elements in ~1e5 keep dx
-// and dW within 1e-2 relative L2. Aligned shapes must run fused on FP8 GPUs (no warning);
-// rows = 37 falls back to the steps in turn.
+// kernel) against the same three steps on the CPU and on the GPU. Against the GPU's steps,
+// its logits may differ by a bf16 ulp (another product algorithm): the loss within 1e-3;
+// a gradient straddling an e5m2 rounding boundary then moves by one e5m2 step (25%), and
+// a few such elements in ~1e5 keep dx and dW within 1e-2 relative L2; so against the CPU
+// on the emulated path. Against the CPU on the tensor cores, fast accumulation moves the logits by up to the forward band, many of them across a bf16
+// rounding boundary, and so many more gradients across an e5m2 one: the loss within the
+// band's bound (row_loss_bands), dx and dW within 1e-1 (every element moving one step would
+// be 0.25; the measured values are printed). Aligned shapes must run fused on FP8 GPUs (no
+// warning); rows = 37 falls back to the steps in turn.
 TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
   auto gpu = make_cuda_backend(0);
   for (const Shape s : {Shape{256, 384, 64}, Shape{512, 1024, 768}, Shape{37, 208, 48}}) {
@@ -297,10 +333,13 @@ TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
     std::vector<int32_t> targets(s.rows);
     for (int32_t& t : targets) t = static_cast<int32_t>(rng() % s.V);
     const LossOutputs want = run_loss(*cpu_, in, targets, false), steps = run_loss(*gpu, in, targets, true);
+    const bool tensor_cores = s.rows % 16 == 0 && device_has_fp8_tensor_cores();
+    const std::vector<double> fast_accumulation_loss_bands =
+        tensor_cores ? row_loss_bands(*cpu_, in, kTensorCoreBands.forward) : std::vector<double>{};
     ::testing::internal::CaptureStderr();
     const LossOutputs got = run_loss(*gpu, in, targets, false);
     const std::string warnings = ::testing::internal::GetCapturedStderr();
-    if (s.rows % 16 == 0 && device_has_fp8_tensor_cores()) {
+    if (tensor_cores) {
       EXPECT_EQ(warnings, "");
       // Fused: the bf16 logits filled the workspace's first half; its second half is still
       // the NaN it was poisoned with (the steps in turn write float32 logits over all of it).
@@ -313,10 +352,16 @@ TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
       const bool cpu = reference == &want;
       SCOPED_TRACE(cpu ? "against the CPU" : "against the GPU's steps in turn");
       for (int r = 0; r < s.rows; ++r) {
-        ASSERT_NEAR(got.row_loss[r], reference->row_loss[r], 1e-3 * std::abs(reference->row_loss[r])) << "row " << r;
+        const double band =
+            cpu && tensor_cores ? fast_accumulation_loss_bands[r] : 1e-3 * std::abs(reference->row_loss[r]);
+        ASSERT_NEAR(got.row_loss[r], reference->row_loss[r], band) << "row " << r;
       }
-      EXPECT_LE(relative_l2(got.dx, reference->dx), 1e-2);
-      EXPECT_LE(relative_l2(got.dW, reference->dW), 1e-2);
+      const double dx_l2 = relative_l2(got.dx, reference->dx), dW_l2 = relative_l2(got.dW, reference->dW);
+      std::printf("measured (%s, rows=%d): dx %.3g, dW %.3g relative L2\n", cpu ? "against the CPU" : "against the steps",
+                  s.rows, dx_l2, dW_l2);
+      const double l2_band = cpu && tensor_cores ? 1e-1 : 1e-2;
+      EXPECT_LE(dx_l2, l2_band);
+      EXPECT_LE(dW_l2, l2_band);
     }
   }
   // The emulated path is the steps in turn exactly.
@@ -350,12 +395,18 @@ TEST_F(CudaFp8HeadTest, FusedLossIsBitExactWhenTheLogitsAreExact) {
   }
 }
 
+// The micro model's loss and gradients with the FP8 head on the GPU against the CPU.
+// The emulated head computes the CPU's casts and float32 sums: everything within 2e-2
+// relative L2. The tensor cores' fast-accumulation logits cross bf16 rounding boundaries
+// the CPU's do not, and the e5m2 gradients behind them then move by a whole e5m2 step
+// (25%) where they sit near a boundary: measured on the H200 (2026-11-30), up to 5.8% on
+// a lambda's gradient, which sums over only 64 tokens; 1e-1 there (every gradient moving
+// one step would be 0.25; the measured values are printed).
 TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
-  auto gpu = make_cuda_backend(0);
   Config config = Config::preset("micro");
   config.lm_head_fp8 = 1;
   const int T = 64;
-  GPT on_cpu(config, *cpu_, T, T), on_gpu(config, *gpu, T, T);
+  GPT on_cpu(config, *cpu_, T, T);
   std::vector<float> params = normal(on_cpu.layout().total(), 0.3f, 5);
   for (const ParamSpec& s : on_cpu.layout().specs()) {
     if (s.name.find("lambdas") != std::string::npos || s.name == "skip_weights") {
@@ -367,21 +418,34 @@ TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
   for (int32_t& t : inputs) t = static_cast<int32_t>(rng() % config.vocab_size);
   for (int32_t& t : targets) t = static_cast<int32_t>(rng() % config.vocab_size);
   on_cpu.load_parameters(params);
-  on_gpu.load_parameters(params);
   on_cpu.zero_grad();
-  on_gpu.zero_grad();
   const double cpu_loss = on_cpu.forward_backward(inputs, targets, 2, 0.5f);
-  const double gpu_loss = on_gpu.forward_backward(inputs, targets, 2, 0.5f);
-  // A logit one bf16 ulp apart moves the loss by ~1e-3 of a logit at most.
-  EXPECT_NEAR(gpu_loss, cpu_loss, 1e-3 * std::abs(cpu_loss));
-  const auto cpu_grad = on_cpu.gradients_to_host(), gpu_grad = on_gpu.gradients_to_host();
-  for (const ParamSpec& s : on_cpu.layout().specs()) {
-    double diff = 0, norm = 0;
-    for (size_t i = s.offset; i < s.offset + s.count; ++i) {
-      diff += (gpu_grad[i] - cpu_grad[i]) * static_cast<double>(gpu_grad[i] - cpu_grad[i]);
-      norm += cpu_grad[i] * static_cast<double>(cpu_grad[i]);
+  const std::vector<float> cpu_grad = on_cpu.gradients_to_host();
+  for (bool emulated : {true, false}) {
+    const bool tensor_cores = !emulated && device_has_fp8_tensor_cores();
+    SCOPED_TRACE(tensor_cores ? "FP8 tensor cores" : "emulated head");
+    auto gpu = cuda_backend(emulated);
+    GPT on_gpu(config, *gpu, T, T);
+    on_gpu.load_parameters(params);
+    on_gpu.zero_grad();
+    const double gpu_loss = on_gpu.forward_backward(inputs, targets, 2, 0.5f);
+    // A logit one bf16 ulp apart moves the loss by ~1e-3 of a logit at most.
+    EXPECT_NEAR(gpu_loss, cpu_loss, 1e-3 * std::abs(cpu_loss));
+    const std::vector<float> gpu_grad = on_gpu.gradients_to_host();
+    const double band = tensor_cores ? 1e-1 : 2e-2;
+    double worst = 0;
+    for (const ParamSpec& s : on_cpu.layout().specs()) {
+      double diff = 0, norm = 0;
+      for (size_t i = s.offset; i < s.offset + s.count; ++i) {
+        diff += (gpu_grad[i] - cpu_grad[i]) * static_cast<double>(gpu_grad[i] - cpu_grad[i]);
+        norm += cpu_grad[i] * static_cast<double>(cpu_grad[i]);
+      }
+      EXPECT_LE(std::sqrt(diff), band * std::sqrt(norm) + 1e-12) << s.name;
+      if (norm > 0) worst = std::max(worst, std::sqrt(diff / norm));
     }
-    EXPECT_LE(std::sqrt(diff), 2e-2 * std::sqrt(norm) + 1e-12) << s.name;
+    std::printf("measured (%s): loss %.3g relative, largest gradient difference %.3g relative L2\n",
+                tensor_cores ? "FP8 tensor cores" : "emulated head", std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss),
+                worst);
   }
 }
 

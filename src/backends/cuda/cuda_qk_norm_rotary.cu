@@ -64,7 +64,7 @@ __device__ __forceinline__ void round_lanes(Lanes<W>& x) {
 }
 
 // kNormalise: normed (unless null) = codes of bf16(rmsnorm(x)) (rstd saved), then rotated;
-// else the rotation of the given normed codes. x as float32 or bf16 codes (widened exactly:
+// else x holds the normed codes (In = uint16_t) and is rotated. x as float32 or bf16 codes (widened exactly:
 // the same values, so the same bits). out (unless null) = float32(rotated). kWide: 16-byte
 // float (8-byte code) accesses. Traffic: 8 T H D bytes (6 from codes; +4 with out; 4 when
 // recomputing).
@@ -90,7 +90,7 @@ __global__ void norm_rotary_kernel(float* out, uint16_t* normed, uint16_t* rotat
     if (active && normed) store_code_lanes<4, kWide>(normed + off, lane, y);
     if (lane == 0) rstd[row] = s;
   } else {
-    if (active) y = load_lanes<4, kWide>(normed + off, lane);
+    if (active) y = load_lanes<4, kWide>(x + off, lane);  // x: the normed codes
   }
   const Lanes<4> partner = partner_lanes(y, lane, groups);
   Lanes<4> turned = rotate(y, partner, lane, groups, static_cast<float>(row / H), freq, 1.f);
@@ -179,9 +179,9 @@ void rotary_from_bf16(cudaStream_t s, Scratch& scratch, float* out, uint16_t* ro
   const int rows = T * H;
   if (rows <= 0 || D <= 0) return;
   if (fusable(D)) {
-    auto kernel =
-        aligned_16({out, rotated, normed}) ? norm_rotary_kernel<false, true> : norm_rotary_kernel<false, false>;
-    kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(out, nullptr, rotated, nullptr, nullptr, rows, H, D, 0.f,
+    auto kernel = aligned_16({out, rotated, normed}) ? norm_rotary_kernel<false, true, uint16_t>
+                                                     : norm_rotary_kernel<false, false, uint16_t>;
+    kernel<<<head_blocks(rows), kHeadWarps * 32, 0, s>>>(out, nullptr, rotated, nullptr, normed, rows, H, D, 0.f,
                                                           freq);
     check_launch("norm_rotary_kernel<recompute>");
     return;
