@@ -534,10 +534,10 @@ TEST_F(GemmTest, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
 TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
   SCOPED_TRACE(trace());
   struct Case { int V, T, dim; };
-  // V = 3 and 2: runs of one id thousands of tokens long (a frequent token's), longer than
-  // the block that sums them and scans for their end.
+  // V = 3 and 2: runs of one id thousands of tokens long (a frequent token's). V = 50257,
+  // T = 5000: more runs than the kernel's blocks, which stride over them. T = 1: one run.
   for (Case c : {Case{300, 64, 16}, Case{50257, 1000, 64}, Case{7, 333, 33}, Case{300, 2048, 768}, Case{3, 5000, 130},
-                 Case{2, 4097, 8}}) {
+                 Case{2, 4097, 8}, Case{50257, 5000, 16}, Case{300, 1, 8}}) {
     SCOPED_TRACE("V=" + std::to_string(c.V) + " T=" + std::to_string(c.T) + " dim=" + std::to_string(c.dim));
     const auto table = normal(static_cast<size_t>(c.V) * c.dim);
     const auto tokens = uniform_ints(c.T, c.V);
