@@ -306,6 +306,7 @@ void register_bench_command(CLI::App& app) {
                             {"matmul", matmul_precision_name(backend_options.matmul)},
                             {"attention_kernel", attention_kernel_name(backend_options.attention)},
                             {"recompute_activations", activations.memory == ActivationMemory::kRecompute},
+                            {"activation_memory", ActivationFlags::memory_name(activations.memory)},
                             {"activation_precision", ActivationFlags::precision_name(activations.precision)},
                             {"activation_bytes", model.activation_bytes()},
                             {"processes", comm->size()},

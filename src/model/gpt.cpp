@@ -176,6 +176,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
       max_train_T_(max_train_T),
       max_eval_T_(max_eval_T),
       recompute_(activations.memory == ActivationMemory::kRecompute),
+      recompute_relu2_(activations.memory != ActivationMemory::kStore),
       bf16_activations_(activations.precision == ActivationPrecision::kBfloat16),
       stream_(backend, bf16_activations_),
       forward_mlp_rows_(activations.forward_mlp_rows) {
@@ -225,6 +226,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
                                                  ArenaCarver& arena, size_t T) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   const bool recompute = activations.memory == ActivationMemory::kRecompute;
+  const bool recompute_relu2 = activations.memory != ActivationMemory::kStore;
   const bool bf16 = activations.precision == ActivationPrecision::kBfloat16;
   auto take = [&](size_t n) { return arena.take(n); };
   auto stream = [&](size_t n) { return ResidualStream::take(arena, n, bf16); };
@@ -270,9 +272,9 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_k_rot = recompute && !bf16 ? take(T * hd) : nullptr;
   // relu(h)^2: kept per layer as floats, or with bf16 activations as codes (its floats then
   // one buffer, written only for float32 products), or recomputed into one buffer.
-  const bool one_g_buffer = recompute || bf16;
+  const bool one_g_buffer = recompute_relu2 || bf16;
   float* shared_g = one_g_buffer ? take(T * mlp) : nullptr;
-  uint16_t* shared_g_codes = recompute && bf16 ? arena.take_codes(T * mlp) : nullptr;
+  uint16_t* shared_g_codes = recompute_relu2 && bf16 ? arena.take_codes(T * mlp) : nullptr;
   float* shared_v = recompute && !bf16 ? take(T * hd) : nullptr;
   uint16_t* q_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
   uint16_t* k_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
@@ -321,7 +323,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
     a.mlp_norm_codes = norm_codes();
     a.mlp_rstd = take(T);
     a.g = one_g_buffer ? shared_g : take(T * mlp);
-    if (bf16) a.g_codes = recompute ? shared_g_codes : arena.take_codes(T * mlp);
+    if (bf16) a.g_codes = recompute_relu2 ? shared_g_codes : arena.take_codes(T * mlp);
     // bf16: c_fc writes into g's buffer, relu^2 runs in place, h lives on as codes.
     if (bf16) {
       a.h = a.g;
@@ -747,7 +749,7 @@ void GPT::recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T) {
 }
 
 void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
-  if (!recompute_) return;
+  if (!recompute_relu2_) return;
   if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
     relu2(a.g, a.g_codes, a.h_codes, nullptr, T);
   } else {
@@ -869,7 +871,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   TrainingBuffers& b = *train_;
   if (recompute_) stream_.mix(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
-  if (recompute_) {
+  if (recompute_relu2_) {
     recompute_mlp_activation(a, T);
   } else {
     hold_kept_operand(a.g, a.g_codes, static_cast<size_t>(T) * mlp);

@@ -1914,8 +1914,8 @@ TEST_F(ModelTest, TinyWithRecomputedActivationsMatchesCpu) {
   compare_forward_backward(Config::preset("tiny"), 1024, 8);
 }
 
-// --activations bf16 on both backends (the CPU's is the exact emulation), kept and
-// recomputed on the GPU: as with bf16 matmuls only summation order differs, until float32
+// --activations bf16 on both backends (the CPU's is the exact emulation), kept, recomputed
+// and with relu(h)^2 alone recomputed on the GPU: as with bf16 matmuls only summation order differs, until float32
 // noise flips a rounding by one bf16 ulp; bands as for bf16 matmuls (estimates).
 TEST_F(ModelTest, TinyWithBf16ActivationsMatchesTheCpuEmulation) {
   SCOPED_TRACE(trace());
@@ -1923,6 +1923,8 @@ TEST_F(ModelTest, TinyWithBf16ActivationsMatchesTheCpuEmulation) {
   gpu_activations_.precision = ActivationPrecision::kBfloat16;
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
   gpu_activations_.memory = ActivationMemory::kRecompute;
+  compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
+  gpu_activations_.memory = ActivationMemory::kRecomputeRelu2;
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 1e-4, 2e-2);
 }
 

@@ -238,6 +238,20 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
             T * (not_kept - kept_to_recompute) * sizeof(float));
 }
 
+// Recomputing relu(h)^2 alone (from h, kept) gives the same bits as keeping it, in the
+// memory of every layer's relu(h)^2 but one: floats, or with bf16 activations codes.
+TEST(GPT, RecomputingRelu2AloneGivesBitIdenticalGradientsInLessMemory) {
+  for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
+    SCOPED_TRACE(precision == ActivationPrecision::kBfloat16 ? "bf16" : "fp32");
+    RandomModel kept({ActivationMemory::kStore, precision}), lean({ActivationMemory::kRecomputeRelu2, precision});
+    expect_same_passes(kept, lean);
+    const Config& c = kept.config;
+    const size_t T = 64, g = precision == ActivationPrecision::kBfloat16 ? c.mlp_dim() / 2 : c.mlp_dim();
+    EXPECT_EQ(kept.model->activation_bytes() - lean.model->activation_bytes(),
+              T * (c.num_layers - 1) * g * sizeof(float));
+  }
+}
+
 // bf16 storage rounds the residual stream, h, the normalised q and k, attention's inputs
 // and its output y where they are computed, in the forward of every pass: a small, real
 // change of the loss and the gradients, the same in a training and a forward-only pass, for
@@ -403,7 +417,9 @@ TEST(GPT, MemoryPlanIsWhatTheModelAndTheOptimizerAllocate) {
        {ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kFloat32},
         ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kFloat32},
         ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kBfloat16},
-        ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kBfloat16}}) {
+        ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kBfloat16},
+        ActivationOptions{ActivationMemory::kRecomputeRelu2, ActivationPrecision::kFloat32},
+        ActivationOptions{ActivationMemory::kRecomputeRelu2, ActivationPrecision::kBfloat16}}) {
     for (int eval_T : {64, 4096}) {
       auto be = make_cpu_backend();
       const GPT::MemoryPlan plan = GPT::plan_memory(c, 64, eval_T, activations, be->head_chunk_rows());
