@@ -193,7 +193,7 @@ fp8_diagnosis() {
 #   speedrun-124m-recompute: the same recomputing activations (16.3 GiB);
 #   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context);
 #   speedrun-124m-reference: float32 reference attention;
-#   then the flash kernel alone, and the small presets (tiny on flash, micro's head size 8
+#   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on flash, micro's head size 8
 #   on reference).
 stage_bench() {
   local variant preset flags
@@ -201,16 +201,18 @@ stage_bench() {
     [speedrun-124m-recompute]="--recompute-activations" [speedrun-124m-relu2]="--recompute-relu2")
   # SPEEDRUN_BENCH_VARIANTS (space-separated) runs fewer: the reference variant alone takes
   # about 2 minutes of a 15-minute device budget.
-  for variant in ${SPEEDRUN_BENCH_VARIANTS:-speedrun-124m-relu2 speedrun-124m-recompute speedrun-124m flash-kernel speedrun-124m-reference tiny micro}; do
-    if [ "$variant" = flash-kernel ]; then
-      [ -x "$work/bin/test_flash_attention" ] || continue
-      budget "flash attention benchmark" 120 || continue
-      echo "=== flash attention kernel alone" >>"$out/bench.log"
-      timeout "$limit" "$work/bin/test_flash_attention" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' \
-        >"$work/bench.tmp" 2>&1
+  # Kernel benchmarks: a GPU test program's DISABLED_Benchmark test.
+  declare -A kernel_bench=([flash-kernel]=test_flash_attention [fp8-head]=test_cuda_fp8_head)
+  for variant in ${SPEEDRUN_BENCH_VARIANTS:-speedrun-124m-relu2 speedrun-124m-recompute speedrun-124m flash-kernel fp8-head speedrun-124m-reference tiny micro}; do
+    if [ -n "${kernel_bench[$variant]:-}" ]; then
+      local program=$work/bin/${kernel_bench[$variant]}
+      [ -x "$program" ] || continue
+      budget "$variant benchmark" 120 || continue
+      echo "=== $variant benchmark (${kernel_bench[$variant]})" >>"$out/bench.log"
+      timeout "$limit" "$program" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' >"$work/bench.tmp" 2>&1
       rc=$?
       cat "$work/bench.tmp" >>"$out/bench.log"
-      record "flash attention benchmark" "rc=$rc $(grep -m1 -i 'TFLOP/s' "$work/bench.tmp")"
+      record "$variant benchmark" "rc=$rc $(grep -m1 -i 'TFLOP/s' "$work/bench.tmp")"
       continue
     fi
     budget "bench --device cuda $variant" "$([[ $variant == speedrun-124m* ]] && echo 240 || echo 60)" || continue

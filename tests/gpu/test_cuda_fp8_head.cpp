@@ -21,10 +21,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -450,6 +452,73 @@ TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
                 tensor_cores ? "FP8 tensor cores" : "emulated head", std::abs(gpu_loss - cpu_loss) / std::abs(cpu_loss),
                 worst);
   }
+}
+
+// Not a test: the head's pieces at the speedrun's chunk (2048 rows, the padded vocabulary,
+// d = 768), each timed over repetitions on the device, for `gpu_check.sh` (the bench stage
+// runs it with --gtest_also_run_disabled_tests): the fused training head against its three
+// steps in turn and a bf16 product of the forward's shape, so that the head's share of the
+// step can be split between its FP8 products and the rest.
+double milliseconds_per_call(Backend& be, int repetitions, const std::function<void()>& call) {
+  call();  // plans, workspaces, the weight's FP8 copies
+  be.synchronize();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < repetitions; ++i) call();
+  be.synchronize();
+  const std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;
+  return elapsed.count() / repetitions;
+}
+
+TEST_F(CudaFp8HeadTest, DISABLED_Benchmark) {
+  const int rows = kCudaHeadChunkRows, V = 50304, d = 768, repetitions = 20;
+  auto gpu = make_cuda_backend(0);
+  const Inputs in(Shape{rows, V, d}, 41);
+  std::vector<int32_t> targets(rows);
+  for (int r = 0; r < rows; ++r) targets[r] = (r * 131) % V;
+  DeviceFloats x(*gpu, in.x), W(*gpu, in.W), dW(*gpu, static_cast<size_t>(V) * d, 0.f);
+  DeviceFloats logits(*gpu, static_cast<size_t>(rows) * V, 0.f), loss(*gpu, rows, 0.f);
+  DeviceFloats dx(*gpu, static_cast<size_t>(rows) * d, 0.f);
+  int32_t* t = gpu->alloc_i32(rows);
+  gpu->upload_i32(t, targets.data(), targets.size());
+  const double product = 2.0 * rows * V * d;  // FLOPs of one of the head's three products
+  struct Piece {
+    const char* name;
+    double flops;
+    std::function<void()> call;
+  };
+  const Piece pieces[] = {
+      {"fused head (fp8_head_loss)", 3 * product,
+       [&] {
+         gpu->fp8_head_loss(logits.ptr, loss.ptr, dx.ptr, dW.ptr, x.ptr, W.ptr, t, rows, V, d, 15.f, 1.f / rows, 1.f,
+                            false);
+       }},
+      {"forward (float32 logits)", product,
+       [&] { gpu->fp8_head_forward(logits.ptr, x.ptr, W.ptr, rows, V, d, false); }},
+      {"softcap cross-entropy", 0, [&] { gpu->softcap_cross_entropy(logits.ptr, loss.ptr, t, rows, V, 15.f, 1.f); }},
+      {"backward (dx and dW)", 2 * product,
+       [&] { gpu->fp8_head_backward(dx.ptr, dW.ptr, logits.ptr, x.ptr, W.ptr, rows, V, d, 1.f); }},
+  };
+  std::printf("FP8 head, %d rows x V %d x d %d, %d repetitions:\n", rows, V, d, repetitions);
+  for (const Piece& piece : pieces) {
+    const double ms = milliseconds_per_call(*gpu, repetitions, piece.call);
+    std::printf("  %-28s %8.3f ms", piece.name, ms);
+    if (piece.flops > 0) std::printf("  %7.1f TFLOP/s", piece.flops / (ms * 1e9));
+    std::printf("\n");
+  }
+  // The forward's product in bf16 (float32 output), for comparison.
+  BackendOptions bf16_options;
+  bf16_options.matmul = MatmulPrecision::kBfloat16;
+  auto bf16 = make_cuda_backend(0, bf16_options);
+  DeviceFloats bx(*bf16, in.x), bW(*bf16, in.W), blogits(*bf16, static_cast<size_t>(rows) * V, 0.f);
+  bf16->hold_operand(0, bW.ptr, bW.n);  // the weight's codes rounded once, as the model's
+  const double bf16_ms = milliseconds_per_call(*bf16, repetitions, [&] {
+    bf16->gemm(false, true, rows, V, d, 1.f, bx.ptr, d, bW.ptr, d, 0.f, blogits.ptr, V);
+  });
+  bf16->release_operand(0);
+  std::printf("  %-28s %8.3f ms  %7.1f TFLOP/s\n", "bf16 product, forward's shape", bf16_ms,
+              product / (bf16_ms * 1e9));
+  gpu->release(t);
+  EXPECT_TRUE(std::isfinite(loss.get()[0]));
 }
 
 }  // namespace
