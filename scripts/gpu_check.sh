@@ -193,8 +193,8 @@ fp8_diagnosis() {
 #   speedrun-124m-recompute: the same recomputing activations (16.3 GiB);
 #   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context);
 #   speedrun-124m-reference: float32 reference attention;
-#   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on flash, micro's head size 8
-#   on reference).
+#   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on
+#   flash, micro's head size 8 on reference).
 stage_bench() {
   local variant preset flags
   declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-reference]="--attention-kernel reference"
