@@ -78,7 +78,7 @@ void register_memory_command(CLI::App& app) {
                                {"seq_len", config.seq_len},
                                {"val_seq_len", config.val_seq_len},
                                {"recompute_activations", activations.memory == ActivationMemory::kRecompute},
-                            {"activation_memory", ActivationFlags::memory_name(activations.memory)},
+                               {"activation_memory", ActivationFlags::memory_name(activations.memory)},
                                {"activation_precision", ActivationFlags::precision_name(activations.precision)},
                                {"processes", opts->processes},
                                {"grad_reduce", grad_reduce_name(reduce)},

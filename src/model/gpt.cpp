@@ -743,17 +743,22 @@ void GPT::block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, 
   }
 }
 
-void GPT::recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T) {
-  if (!recompute_) return;
-  block_norm(a.mlp_norm, a.mlp_norm_codes, a.mlp_rstd, x1, T);
+void GPT::mlp_norm_for_backward(LayerActivations& a, StreamTensor x1, int T) {
+  if (recompute_) {
+    block_norm(a.mlp_norm, a.mlp_norm_codes, a.mlp_rstd, x1, T);
+  } else {
+    hold_kept_operand(a.mlp_norm, a.mlp_norm_codes, static_cast<size_t>(T) * config_.model_dim);
+  }
 }
 
-void GPT::recompute_mlp_activation(LayerActivations& a, int T) {
-  if (!recompute_relu2_) return;
-  if (bf16_activations_) {  // g held for c_proj's backward as in the forward (released there)
+void GPT::relu2_for_backward(LayerActivations& a, int T) {
+  const size_t n = static_cast<size_t>(T) * config_.mlp_dim();
+  if (!recompute_relu2_) {
+    hold_kept_operand(a.g, a.g_codes, n);
+  } else if (bf16_activations_) {  // g held for c_proj's backward as in the forward
     relu2(a.g, a.g_codes, a.h_codes, nullptr, T);
   } else {
-    backend_.relu2_forward(a.g, a.h, static_cast<size_t>(T) * config_.mlp_dim());
+    backend_.relu2_forward(a.g, a.h, n);
   }
 }
 
@@ -871,11 +876,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   TrainingBuffers& b = *train_;
   if (recompute_) stream_.mix(a.xm, x_in, b.m.x0, params_ + offsets.lambdas, n);
   // MLP: out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2); b.dx becomes d x1.
-  if (recompute_relu2_) {
-    recompute_mlp_activation(a, T);
-  } else {
-    hold_kept_operand(a.g, a.g_codes, static_cast<size_t>(T) * mlp);
-  }
+  relu2_for_backward(a, T);
   // bf16: relu(h)^2's gradient as codes alone, as the reference's bf16 gradient, in g's buffer
   // (dead once c_proj's weight gradient has read g).
   uint16_t* dg_codes = bf16_activations_ ? reinterpret_cast<uint16_t*>(a.g) : nullptr;
@@ -884,11 +885,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
   backend_.release_operand(kHeldGradient);  // b.dx, held by the op that computed it
   backend_.release_operand(kHeldInput);
   relu2_backward(b.dwide, dg_codes, a.h, a.h_codes, T);
-  if (recompute_) {
-    recompute_mlp_norm(a, has_attention ? a.x1 : a.xm, T);
-  } else {
-    hold_kept_operand(a.mlp_norm, a.mlp_norm_codes, n);
-  }
+  mlp_norm_for_backward(a, has_attention ? a.x1 : a.xm, T);
   linear_backward(b.dtmp, nullptr, false, grads_ + offsets.fc, b.dwide, a.mlp_norm, params_ + offsets.fc, T, mlp, d);
   backend_.release_operand(kHeldGradient);
   backend_.release_operand(kHeldInput);

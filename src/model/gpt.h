@@ -151,11 +151,13 @@ class GPT {
   // x_out = x1 + c_proj(relu(c_fc(rmsnorm(x1)))^2) over `rows` rows, a's MLP buffers
   // pointing at those rows.
   void mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out);
-  // kRecompute: the MLP's rmsnorm output and relu(h)^2, and attention's rmsnorm output,
-  // rotated q, k and mixed v, recomputed into the shared buffers for the backward. The
-  // rmsnorm outputs are left held as kHeldInput (and relu(h)^2 with bf16 activations) for
-  // the products that read them; the caller releases them.
-  void recompute_mlp_norm(LayerActivations& a, StreamTensor x1, int T);
+  // For the backward's products: the MLP's rmsnorm output (kRecompute) and relu(h)^2
+  // (kRecompute, kRecomputeRelu2) recomputed into the shared buffers, else the kept ones;
+  // and attention's rmsnorm output, rotated q, k and mixed v recomputed (kRecompute). The
+  // MLP's norm and relu(h)^2 are left held as kHeldInput (relu(h)^2 recomputed with float32
+  // activations is not), as is attention's norm when recomputed; the caller releases them.
+  void mlp_norm_for_backward(LayerActivations& a, StreamTensor x1, int T);
+  void relu2_for_backward(LayerActivations& a, int T);
   // A block's rmsnorm of the stream into out (float32 activations) or, with bf16 activations,
   // rounded into `codes` (non-null exactly then; out's floats written only where products
   // read float32), held as kHeldInput for the products that follow. Returns whether those
@@ -168,7 +170,6 @@ class GPT {
   void hold_kept_operand(float* floats, const uint16_t* codes, size_t n);
   void block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const uint16_t* codes,
                            const float* rstd, int rows);
-  void recompute_mlp_activation(LayerActivations& a, int T);
   void recompute_attention_inputs(int layer, LayerActivations& a, int T);
   // out = rotary(x) (float32 activations), in place when out == x.
   void rotated_copy(float* out, const float* x, int T);

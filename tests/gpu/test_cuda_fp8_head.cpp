@@ -122,6 +122,21 @@ double abs_products(const std::vector<float>& a, size_t i, const std::vector<flo
   return total;
 }
 
+// The operands' FP8 values (SPEC §6's scales), as the products see them.
+struct QuantisedOperands {
+  std::vector<float> x, W, g;
+  explicit QuantisedOperands(const Inputs& in) : x(in.x.size()), W(in.W.size()), g(in.dlogits.size()) {
+    using lowp::Fp8Format;
+    lowp::scaled_round_to_fp8(x.data(), in.x.data(), x.size(), 2.f, Fp8Format::kE4M3);
+    lowp::scaled_round_to_fp8(W.data(), in.W.data(), W.size(), 512.f, Fp8Format::kE4M3);
+    lowp::scaled_round_to_fp8(g.data(), in.dlogits.data(), g.size(), 524288.f, Fp8Format::kE5M2);
+  }
+  // The sum of |products| behind logit (r, v), at the logits' scale.
+  double logit_terms(const Shape& s, int r, int v) const {
+    return abs_products(x, r, W, v, s.d, s.d, s.d, 1, 1) / 1024.0;
+  }
+};
+
 struct Bands {
   double forward, backward;
 };
@@ -129,21 +144,17 @@ constexpr Bands kEmulatedBands{1e-5, 1e-5}, kTensorCoreBands{0x1p-10, 0x1p-9};
 
 void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs& in, Bands band) {
   const Shape s = in.s;
-  using lowp::Fp8Format;
-  std::vector<float> xq(in.x.size()), wq(in.W.size()), gq(in.dlogits.size());
-  lowp::scaled_round_to_fp8(xq.data(), in.x.data(), xq.size(), 2.f, Fp8Format::kE4M3);
-  lowp::scaled_round_to_fp8(wq.data(), in.W.data(), wq.size(), 512.f, Fp8Format::kE4M3);
-  lowp::scaled_round_to_fp8(gq.data(), in.dlogits.data(), gq.size(), 524288.f, Fp8Format::kE5M2);
+  const QuantisedOperands q(in);
   for (int r = 0; r < s.rows; ++r) {
     for (int v = 0; v < s.V; ++v) {
       const size_t i = static_cast<size_t>(r) * s.V + v;
-      const double terms = abs_products(xq, r, wq, v, s.d, s.d, s.d, 1, 1) / 1024.0;
+      const double terms = q.logit_terms(s, r, v);
       ASSERT_LE(std::abs(got.logits[i] - want.logits[i]), 0x1p-7 * std::abs(want.logits[i]) + band.forward * terms)
           << "logit " << r << "," << v << " got " << got.logits[i] << " want " << want.logits[i];
     }
     for (int k = 0; k < s.d; ++k) {
       const size_t i = static_cast<size_t>(r) * s.d + k;
-      const double terms = 0.5 * abs_products(gq, r, wq, k, s.V, s.V, 1, 1, s.d) / 0x1p28;
+      const double terms = 0.5 * abs_products(q.g, r, q.W, k, s.V, s.V, 1, 1, s.d) / 0x1p28;
       ASSERT_LE(std::abs(got.dx[i] - want.dx[i]), 0x1p-7 * std::abs(want.dx[i]) + band.backward * terms)
           << "dx " << r << "," << k << " got " << got.dx[i] << " want " << want.dx[i];
     }
@@ -151,7 +162,7 @@ void expect_outputs_close(const Outputs& got, const Outputs& want, const Inputs&
   for (int v = 0; v < s.V; ++v) {
     for (int k = 0; k < s.d; ++k) {
       const size_t i = static_cast<size_t>(v) * s.d + k;
-      const double terms = 0.5 * abs_products(gq, v, xq, k, s.rows, 1, 1, s.V, s.d) / 0x1p20;
+      const double terms = 0.5 * abs_products(q.g, v, q.x, k, s.rows, 1, 1, s.V, s.d) / 0x1p20;
       ASSERT_LE(std::abs(got.dW[i] - want.dW[i]), 1e-5 * std::abs(in.dW0[i]) + band.backward * terms)
           << "dW " << v << "," << k << " got " << got.dW[i] << " want " << want.dW[i];
     }
@@ -307,14 +318,12 @@ std::vector<double> row_loss_bands(Backend& cpu, const Inputs& in, double band) 
   DeviceFloats x(cpu, in.x), W(cpu, in.W), logits(cpu, static_cast<size_t>(s.rows) * s.V, kNaN);
   cpu.fp8_head_forward(logits.ptr, x.ptr, W.ptr, s.rows, s.V, s.d, true);
   const std::vector<float> z = logits.get();
-  std::vector<float> xq(in.x.size()), wq(in.W.size());
-  lowp::scaled_round_to_fp8(xq.data(), in.x.data(), xq.size(), 2.f, lowp::Fp8Format::kE4M3);
-  lowp::scaled_round_to_fp8(wq.data(), in.W.data(), wq.size(), 512.f, lowp::Fp8Format::kE4M3);
+  const QuantisedOperands q(in);
   std::vector<double> bands(s.rows, 0.0);
   for (int r = 0; r < s.rows; ++r) {
     for (int v = 0; v < s.V; ++v) {
-      const double terms = abs_products(xq, r, wq, v, s.d, s.d, s.d, 1, 1) / 1024.0;
-      const double logit_band = 0x1p-7 * std::abs(z[static_cast<size_t>(r) * s.V + v]) + band * terms;
+      const double z_rv = z[static_cast<size_t>(r) * s.V + v];
+      const double logit_band = 0x1p-7 * std::abs(z_rv) + band * q.logit_terms(s, r, v);
       bands[r] = std::max(bands[r], 2 * logit_band);
     }
   }
@@ -363,8 +372,8 @@ TEST_F(CudaFp8HeadTest, FusedLossIsTheThreeStepsInTurn) {
         ASSERT_NEAR(got.row_loss[r], reference->row_loss[r], band) << "row " << r;
       }
       const double dx_l2 = relative_l2(got.dx, reference->dx), dW_l2 = relative_l2(got.dW, reference->dW);
-      std::printf("measured (%s, rows=%d): dx %.3g, dW %.3g relative L2\n", cpu ? "against the CPU" : "against the steps",
-                  s.rows, dx_l2, dW_l2);
+      std::printf("measured (%s, rows=%d): dx %.3g, dW %.3g relative L2\n",
+                  cpu ? "against the CPU" : "against the steps", s.rows, dx_l2, dW_l2);
       EXPECT_LE(dx_l2, 1e-2);
       EXPECT_LE(dW_l2, 1e-2);
     }

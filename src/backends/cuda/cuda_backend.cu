@@ -203,10 +203,10 @@ class CudaBackend final : public Backend {
         gemm_->run_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc)) {
       return;
     }
-    // float32 products, K == 0, in place, or no bf16-output algorithm for this shape: the float result
-    // in scratch (M x ldc floats beyond the memory plan), then its codes (plus the addend,
-    // one rounding of the float sum), row by row where rows are padded (the padding is not
-    // the product's to write).
+    // float32 products, K == 0, in place, or no bf16-output algorithm for this shape: the
+    // float result in scratch (M x ldc floats beyond the memory plan), then its codes (plus
+    // the addend, one rounding of the float sum), row by row where rows are padded (the
+    // padding is not the product's to write).
     const size_t count = static_cast<size_t>(M - 1) * ldc + N;
     float* result = static_cast<float*>(op_scratch_->get(count * sizeof(float)));
     gemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, 0.f, result, ldc);

@@ -64,8 +64,8 @@ __device__ __forceinline__ void round_lanes(Lanes<W>& x) {
 }
 
 // kNormalise: normed (unless null) = codes of bf16(rmsnorm(x)) (rstd saved), then rotated;
-// else x holds the normed codes (In = uint16_t) and is rotated. x as float32 or bf16 codes (widened exactly:
-// the same values, so the same bits). out (unless null) = float32(rotated). kWide: 16-byte
+// else x holds the normed codes (In = uint16_t) and is rotated. x as float32 or bf16 codes
+// (widened exactly: the same values, so the same bits). out (unless null) = float32(rotated). kWide: 16-byte
 // float (8-byte code) accesses. Traffic: 8 T H D bytes (6 from codes; +4 with out; 4 when
 // recomputing).
 template <bool kNormalise, bool kWide, typename In = float>
