@@ -191,13 +191,15 @@ fp8_diagnosis() {
 #   speedrun-124m-relu2: the cuda defaults (bf16 matmuls and activations, attention through
 #     the bf16 flash kernel) keeping all activations but relu(h)^2: the <= 24 GB candidate;
 #   speedrun-124m-recompute: the same recomputing activations (16.3 GiB);
-#   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context);
+#   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context),
+#     with cuBLASLt's first 8 algorithms for each product shape timed alone (--sweep-matmuls);
 #   speedrun-124m-reference: float32 reference attention;
 #   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on
 #   flash, micro's head size 8 on reference).
 stage_bench() {
   local variant preset flags
-  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="" [speedrun-124m-reference]="--attention-kernel reference"
+  declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="--sweep-matmuls 8"
+    [speedrun-124m-reference]="--attention-kernel reference"
     [speedrun-124m-recompute]="--recompute-activations" [speedrun-124m-relu2]="--recompute-relu2")
   # SPEEDRUN_BENCH_VARIANTS (space-separated) runs fewer: the reference variant alone takes
   # about 2 minutes of a 15-minute device budget.
@@ -227,6 +229,9 @@ stage_bench() {
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
+    if grep -q 'would save' "$work/bench.tmp"; then
+      record "matmul sweep $variant" "$(grep -m1 'would save' "$work/bench.tmp")"
+    fi
   done
   # At most 8 files come back: the reference and small presets' lines are in bench.log.
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json" "$out/bench_speedrun-124m-reference.json"

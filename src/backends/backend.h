@@ -91,8 +91,10 @@ class Backend {
   // allocations, scratch, library workspaces, the CUDA context); 0 where there is no device.
   virtual size_t device_memory_in_use() const { return 0; }
   // Device-memory traffic so far of the bf16 operand copies --matmul bf16 makes before each
-  // product (4 bytes read and 2 written per element; the CPU's emulated copies are counted
-  // alike): what keeping matmul operands in bf16 would save. 0 with float32 matmuls.
+  // product and hold_operand makes (4 bytes read and 2 written per element; the CPU's
+  // emulated copies are counted alike): what keeping matmul operands in bf16 would save.
+  // The codes an op writes of its own output (hold_produced_operand) are no copy and not
+  // counted. 0 with float32 matmuls.
   virtual size_t operand_copy_traffic_bytes() const { return 0; }
   // Lends the backend `bytes` of memory from its alloc() that the caller leaves untouched
   // until withdraw_scratch(): meanwhile an operation may take its temporaries from there

@@ -7,8 +7,9 @@ namespace {
 
 class ProfilingBackend final : public Backend {
  public:
-  ProfilingBackend(Backend& inner, std::map<std::string, OpStats>& stats, const bool* enabled)
-      : inner_(inner), stats_(stats), enabled_(enabled) {}
+  ProfilingBackend(Backend& inner, std::map<std::string, OpStats>& stats, const bool* enabled,
+                   std::map<std::string, OpStats>* products)
+      : inner_(inner), stats_(stats), enabled_(enabled), products_(products) {}
 
   std::string name() const override { return inner_.name() + "+profile"; }
   float* alloc(size_t n) override { return inner_.alloc(n); }
@@ -59,17 +60,22 @@ class ProfilingBackend final : public Backend {
 
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
             float beta, float* C, int ldc) override {
-    timed("matmul", 2.0 * M * N * K, 0, [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
+    const auto shape = [&] { return product_shape_name({ta, tb, M, N, K, false, beta != 0.f}); };
+    timed_product("matmul", shape, 2.0 * M * N * K,
+                  [&] { inner_.gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
   }
   void gemm_to_bf16(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                     const uint16_t* addend, uint16_t* C, int ldc) override {
-    timed("matmul", 2.0 * M * N * K, 0,
-          [&] { inner_.gemm_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc); });
+    const auto shape = [&] { return product_shape_name({ta, tb, M, N, K, true, addend != nullptr}); };
+    timed_product("matmul", shape, 2.0 * M * N * K,
+                  [&] { inner_.gemm_to_bf16(ta, tb, M, N, K, A, lda, B, ldb, addend, C, ldc); });
   }
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
                     const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
-    timed("matmul (Newton-Schulz)", 2.0 * M * N * K * batch, 0,
-          [&] { inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch); });
+    const auto shape = [&] { return product_shape_name({ta, tb, M, N, K, false, beta != 0.f, batch}); };
+    timed_product("matmul (Newton-Schulz)", shape, 2.0 * M * N * K * batch, [&] {
+      inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+    });
   }
   void embedding_forward(float* o, const float* t, const int32_t* tok, int T, int d) override {
     timed("embedding", 0, 8.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward(o, t, tok, T, d); });
@@ -265,12 +271,32 @@ class ProfilingBackend final : public Backend {
       f();
       return;
     }
+    add(stats_[op], seconds_of(f), flops, bytes);
+  }
+
+  // A product: under its op and, when asked, under its shape (named only when profiling).
+  template <typename Name, typename F>
+  void timed_product(const char* op, Name&& shape, double flops, F&& f) {
+    if (enabled_ && !*enabled_) {
+      f();
+      return;
+    }
+    const double seconds = seconds_of(f);
+    add(stats_[op], seconds, flops, 0);
+    if (products_) add((*products_)[shape()], seconds, flops, 0);
+  }
+
+  template <typename F>
+  double seconds_of(F&& f) {
     const auto start = std::chrono::steady_clock::now();
     f();
     inner_.synchronize();
-    OpStats& s = stats_[op];
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  static void add(OpStats& s, double seconds, double flops, double bytes) {
     s.calls += 1;
-    s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    s.seconds += seconds;
     s.flops += flops;
     s.bytes += bytes;
   }
@@ -278,13 +304,14 @@ class ProfilingBackend final : public Backend {
   Backend& inner_;
   std::map<std::string, OpStats>& stats_;
   const bool* enabled_;
+  std::map<std::string, OpStats>* products_;
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats,
-                                                const bool* enabled) {
-  return std::make_unique<ProfilingBackend>(inner, stats, enabled);
+                                                const bool* enabled, std::map<std::string, OpStats>* products) {
+  return std::make_unique<ProfilingBackend>(inner, stats, enabled, products);
 }
 
 }  // namespace speedrun

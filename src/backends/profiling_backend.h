@@ -8,6 +8,7 @@
 #include <string>
 
 #include "backends/backend.h"
+#include "backends/product_shape.h"
 
 namespace speedrun {
 
@@ -19,8 +20,11 @@ struct OpStats {
 };
 
 // While *enabled is false (when given) calls pass straight through, untimed and without
-// the synchronisations: how `bench` measures the real step before profiling one.
+// the synchronisations: how `bench` measures the real step before profiling one. `products`
+// (when given) also gets every gemm, gemm_to_bf16 and gemm_batched call by shape
+// (product_shape_name): which products of a step take the matmuls' time.
 std::unique_ptr<Backend> make_profiling_backend(Backend& inner, std::map<std::string, OpStats>& stats,
-                                                const bool* enabled = nullptr);
+                                                const bool* enabled = nullptr,
+                                                std::map<std::string, OpStats>* products = nullptr);
 
 }  // namespace speedrun

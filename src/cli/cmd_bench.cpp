@@ -17,6 +17,8 @@
 
 #include "backends/attention_tiles.h"
 #include "backends/backend.h"
+#include "backends/matmul_sweep.h"
+#include "backends/product_shape.h"
 #include "backends/profiling_backend.h"
 #include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
@@ -120,6 +122,60 @@ std::string device_description(const std::string& device, int index) {
   return "cuda";
 }
 
+// The profiled step's products by shape (profiling_backend.h's names), slowest first, printed
+// and returned as JSON: which products take the matmuls' time, and at what rate.
+nlohmann::json print_product_shapes(const std::map<std::string, OpStats>& shapes) {
+  std::vector<std::pair<std::string, OpStats>> rows(shapes.begin(), shapes.end());
+  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+  nlohmann::json out = nlohmann::json::object();
+  if (rows.empty()) return out;
+  std::printf("matmuls by shape (A op, B op, M x N x K, output, +C when added to), profiled step:\n");
+  std::printf("%-38s %10s %10s %12s\n", "shape", "ms/step", "calls/step", "GFLOP/s");
+  for (const auto& [name, s] : rows) {
+    const double gflops = s.seconds > 0 ? s.flops / s.seconds / 1e9 : 0;
+    std::printf("%-38s %10.2f %10lld %12.0f\n", name.c_str(), 1000 * s.seconds, s.calls, gflops);
+    out[name] = {{"ms_per_step", 1000 * s.seconds}, {"calls_per_step", s.calls}, {"gflops", gflops}};
+  }
+  return out;
+}
+
+// --sweep-matmuls: each product shape of the profiled step, slowest first, with cuBLASLt's
+// candidates timed alone; printed with what choosing the fastest would save per step (its
+// calls times the difference), and returned as JSON.
+nlohmann::json sweep_matmul_algorithms(const std::map<std::string, OpStats>& shapes, int device, int candidates) {
+  constexpr int kRepeats = 10;
+  std::vector<std::pair<std::string, OpStats>> rows(shapes.begin(), shapes.end());
+  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+  std::printf("cuBLASLt's algorithms for each shape, alone (median of %d runs; rank 0 is the step's; saves: per "
+              "step, at its calls):\n",
+              kRepeats);
+  std::printf("%-38s %9s %9s %5s %9s  %s\n", "shape", "rank 0 ms", "best ms", "rank", "saves ms", "best's config");
+  nlohmann::json out = nlohmann::json::array();
+  double saving_ms = 0;
+  for (const auto& [name, s] : rows) {
+    const std::vector<AlgorithmTiming> timings =
+        sweep_product_algorithms(device, parse_product_shape(name), candidates, kRepeats);
+    const AlgorithmTiming* best = nullptr;
+    nlohmann::json listed = nlohmann::json::array();
+    for (const AlgorithmTiming& t : timings) {
+      listed.push_back({{"rank", t.rank}, {"ms", t.ms >= 0 ? nlohmann::json(t.ms) : nlohmann::json(nullptr)},
+                        {"config", t.config}});
+      if (t.ms >= 0 && (!best || t.ms < best->ms)) best = &t;
+    }
+    const bool first_ran = !timings.empty() && timings.front().ms >= 0;
+    // What the step would gain per step from the best, at this shape's calls per step.
+    const double gain_ms = first_ran && best ? (timings.front().ms - best->ms) * s.calls : 0;
+    saving_ms += gain_ms;
+    std::printf("%-38s %9.3f %9.3f %5d %9.2f  %s\n", name.c_str(), first_ran ? timings.front().ms : -1.0,
+                best ? best->ms : -1.0, best ? best->rank : -1, gain_ms, best ? best->config.c_str() : "none ran");
+    out.push_back({{"shape", name}, {"calls_per_step", s.calls}, {"saving_ms_per_step", gain_ms},
+                   {"candidates", listed}});
+  }
+  std::printf("choosing each shape's fastest would save %.1f ms per step (profiled calls x difference)\n",
+              saving_ms);
+  return out;
+}
+
 int thread_count() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -140,6 +196,7 @@ void register_bench_command(CLI::App& app) {
     int steps = 3;
     int warmup = 1;
     int window = -1;
+    int sweep_matmuls = 0;
     std::string json_path;
   };
   auto opts = std::make_shared<Options>();
@@ -151,11 +208,18 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
+  cmd->add_option("--sweep-matmuls", opts->sweep_matmuls,
+                  "cuda: also time up to N of cuBLASLt's candidate algorithms for each product shape of the "
+                  "profiled step, each alone, against the first (the one the step runs)")
+      ->check(CLI::Range(0, 64));
   cmd->add_option("--json", opts->json_path, "also write the results to this JSON file");
   cmd->add_option("--grad-reduce", opts->grad_reduce, "multi-process gradient reduction (see train --help)")
       ->check(CLI::IsMember({"auto", "exact", "overlap"}))
       ->capture_default_str();
   cmd->callback([opts] {
+    if (opts->sweep_matmuls > 0 && opts->device != "cuda") {
+      throw UsageError("--sweep-matmuls times cuBLASLt's algorithms: it needs --device cuda");
+    }
     Config config = opts->config.build();
     // Under mpirun every process times its share; rank 0 reports.
     std::unique_ptr<Communicator> process_comm = make_process_communicator();
@@ -169,9 +233,9 @@ void register_bench_command(CLI::App& app) {
     std::unique_ptr<Communicator> nccl;
     if (opts->device == "cuda" && process_comm->size() > 1) nccl = make_nccl_communicator(*process_comm, *device);
     Communicator* comm = nccl ? nccl.get() : process_comm.get();
-    std::map<std::string, OpStats> stats;
+    std::map<std::string, OpStats> stats, product_shapes;
     bool profiling = false;  // the timed steps run unprofiled; one more step is profiled
-    auto backend = make_profiling_backend(*device, stats, &profiling);
+    auto backend = make_profiling_backend(*device, stats, &profiling, &product_shapes);
     const ActivationOptions activations = opts->activations.resolve(opts->device);
     // Sized as a training run sizes it (validation sequences included), so that the peak
     // memory reported is the run's.
@@ -259,6 +323,7 @@ void register_bench_command(CLI::App& app) {
       }
       if (name == "attention") attention_seconds = s.seconds;
     }
+    const nlohmann::json shapes = print_product_shapes(product_shapes);
     const double model_gflops = matmul_seconds > 0 ? matmul_flops / matmul_seconds / 1e9 : 0;
     const double attention_tflops =
         attention_seconds > 0 ? attention_flops(config, inputs, dp.local_ranks(), window) / attention_seconds / 1e12 : 0;
@@ -297,6 +362,9 @@ void register_bench_command(CLI::App& app) {
       std::printf("communication: %.1f ms per step (%s gradient reduction over %s, host time in its calls)\n",
                   communication_ms, grad_reduce_name(dp.mode()).c_str(), comm->name().c_str());
     }
+    const nlohmann::json sweep =
+        opts->sweep_matmuls > 0 ? sweep_matmul_algorithms(product_shapes, device_index, opts->sweep_matmuls)
+                                : nlohmann::json(nullptr);
     if (!opts->json_path.empty()) {
       const char* commit = std::getenv("SPEEDRUN_COMMIT");
       nlohmann::json out = {{"date", iso_date_utc()},
@@ -333,7 +401,9 @@ void register_bench_command(CLI::App& app) {
                             {"reference_sgemm_gflops", sgemm_gflops},
                             {"first_step_seconds", first_step_seconds},
                             {"profiled_step_ms", 1000 * profiled_seconds},
-                            {"ops", ops}};
+                            {"ops", ops},
+                            {"matmul_shapes", shapes},
+                            {"matmul_sweep", sweep}};
       write_file_atomically(opts->json_path, out.dump(2) + "\n");
     }
   });

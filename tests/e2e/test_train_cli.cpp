@@ -341,6 +341,21 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   // 256) + 4 x (c_fc + c_proj = 2 x 1024) + the head, 300 rows padded to 384, x 16.
   EXPECT_EQ(j["matmul_parameters"].get<double>(), 3 * (4 * 256) + 4 * 2048 + 384 * 16);
   EXPECT_TRUE(j["ops"].contains("matmul"));
+  // The same products by shape: together, the calls and time of the two matmul rows.
+  EXPECT_TRUE(contains(r.out, "matmuls by shape")) << r.out;
+  double shape_calls = 0, shape_ms = 0;
+  for (const auto& [name, shape] : j["matmul_shapes"].items()) {
+    shape_calls += shape["calls_per_step"].get<double>();
+    shape_ms += shape["ms_per_step"].get<double>();
+  }
+  const nlohmann::json& ops = j["ops"];
+  EXPECT_EQ(shape_calls, ops["matmul"]["calls_per_step"].get<double>() +
+                             ops["matmul (Newton-Schulz)"]["calls_per_step"].get<double>());
+  EXPECT_NEAR(shape_ms,
+              ops["matmul"]["ms_per_step"].get<double>() + ops["matmul (Newton-Schulz)"]["ms_per_step"].get<double>(),
+              1e-9 * shape_ms + 1e-12);
+  // micro's c_fc forward over its 64 tokens: x [64, 16] times W^T, W [64, 16].
+  EXPECT_TRUE(j["matmul_shapes"].contains("NT 64x64x16 f32")) << j["matmul_shapes"].dump();
   EXPECT_EQ(j["matmul"], "fp32");  // --matmul auto on the CPU: the float32 reference
   EXPECT_EQ(j["attention_kernel"], "reference");
   // Launch counts from exec: at least the time of the steps it contains, and not absurd.
@@ -440,6 +455,16 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   const RunResult unknown = speedrun("train --preset micro --matmul tf32", dir_);
   EXPECT_EQ(unknown.exit_code, 2);
   EXPECT_TRUE(contains(unknown.err, "--matmul")) << unknown.err;
+
+  // The matmul sweep times cuBLASLt's algorithms: refused on the CPU before any step runs.
+  const RunResult sweep = speedrun("bench --preset micro --steps 1 --sweep-matmuls 4", dir_);
+  EXPECT_EQ(sweep.exit_code, 2);
+  EXPECT_TRUE(contains(sweep.err, "--sweep-matmuls")) << sweep.err;
+  EXPECT_TRUE(contains(sweep.err, "--device cuda")) << sweep.err;
+  EXPECT_FALSE(contains(sweep.out, "step: ")) << sweep.out;
+  const RunResult too_many = speedrun("bench --preset micro --device cuda --sweep-matmuls 65", dir_);
+  EXPECT_EQ(too_many.exit_code, 2);
+  EXPECT_TRUE(contains(too_many.err, "--sweep-matmuls")) << too_many.err;
 }
 
 }  // namespace

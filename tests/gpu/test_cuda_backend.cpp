@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -31,6 +32,7 @@
 #include "backends/backend.h"
 #include "backends/cuda_devices.h"
 #include "backends/low_precision.h"
+#include "backends/matmul_sweep.h"
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
@@ -1803,6 +1805,33 @@ TEST_F(GemmTest, AStoredOperandIsReadFromItsCodesWithNoCopy) {
   EXPECT_EQ(gpu_->operand_copy_traffic_bytes() - copied, B.size() * 6) << "only B copied";
   auto float32 = make_cuda_backend(0);
   EXPECT_FALSE(float32->hold_stored_operand(0, dx.ptr, reinterpret_cast<const uint16_t*>(dcodes.ptr), codes.size()));
+}
+
+// The matmul sweep (bench --sweep-matmuls) times the heuristic's candidates in its order for
+// every kind of product the step makes: each runs (or is named as turned down) and its
+// configuration is read back; rank 0 is the algorithm the backend's own plan runs.
+TEST_F(GemmTest, TheSweepTimesEachCandidateInTheHeuristicsOrder) {
+  const ProductShape shapes[] = {
+      {false, true, 1024, 768, 256, true, false},   // a forward product into codes
+      {false, true, 1024, 768, 256, true, true},    // the same adding the bf16 stream
+      {true, false, 768, 256, 1024, false, true},   // a weight gradient, accumulated
+      {false, false, 256, 256, 768, false, false, 3},  // Newton-Schulz's batches
+  };
+  for (const ProductShape& shape : shapes) {
+    SCOPED_TRACE(product_shape_name(shape));
+    const std::vector<AlgorithmTiming> timings = sweep_product_algorithms(0, shape, 4, 3);
+    ASSERT_FALSE(timings.empty());
+    ASSERT_LE(timings.size(), 4u);
+    for (size_t i = 0; i < timings.size(); ++i) {
+      EXPECT_EQ(timings[i].rank, static_cast<int>(i));
+      EXPECT_EQ(timings[i].config.rfind("algo ", 0), 0u) << timings[i].config;
+      EXPECT_TRUE(timings[i].ms > 0 || timings[i].ms == -1) << timings[i].ms;
+      std::printf("  %s rank %zu: %.4f ms, %s\n", product_shape_name(shape).c_str(), i, timings[i].ms,
+                  timings[i].config.c_str());
+    }
+    EXPECT_GT(timings.front().ms, 0) << "the backend's own choice must run";
+  }
+  EXPECT_THROW(sweep_product_algorithms(0, ProductShape{}, 4, 3), Error);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -190,45 +190,43 @@ TEST(Bf16Matmul, HeldOperandsChangeNoResultOnlyTheCopies) {
       EXPECT_EQ(a.forward(inputs, targets, 2), b.forward(inputs, targets, 2));
 
       // Bytes not moved, per training pass then forward-only pass. A copy moves 6 bytes per
-      // element, an op writing the codes of its own output 2; a linear layer's two backward
-      // products read one copy of their output gradient. The block rmsnorms write their
-      // output's codes (forward, and backward when recomputed), which q, k and v share (the
-      // stored attention norm is copied once for the three in the backward); with bf16
+      // element; an op writing the codes of its own output makes none. A linear layer's two
+      // backward products read one copy of their output gradient. The block rmsnorms write
+      // their output's codes (forward, and backward when recomputed), which q, k and v share
+      // (the stored attention norm is copied once for the three in the backward); with bf16
       // activations those codes are the norms' kept output, read in place by every product
       // that reads the norm, forward and backward, stored or recomputed; attention writes
       // those of y (with bf16 activations they are y's kept codes, which c_proj reads in the
-      // forward and the backward with no copy or extra write at all). Every linear layer's output gradient is written as codes by the op that
-      // computes it (the final norm's backward, the previous block's mix backward or the skip
-      // add for the MLP's c_proj; the MLP norm's backward for attention's; the head norms'
-      // backward for q and k; the v mix's backward for v), except c_fc's with float32
-      // activations (copied once). The head holds one copy of W and, in the backward, of
-      // the logits gradient. With bf16 activations relu(h)^2's codes are the activation itself
-      // (no extra write), and the relu^2 backward writes the codes of the MLP's hidden
-      // gradient.
+      // forward and the backward). Every linear layer's output gradient is written as codes
+      // by the op that computes it (the final norm's backward, the previous block's mix
+      // backward or the skip add for the MLP's c_proj; the MLP norm's backward for
+      // attention's; the head norms' backward for q and k; the v mix's backward for v),
+      // except c_fc's with float32 activations (copied once). The head holds one copy of W
+      // and, in the backward, of the logits gradient. With bf16 activations relu(h)^2's codes
+      // are the activation itself, and the relu^2 backward writes the codes of the MLP's
+      // hidden gradient.
       const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim();
       const size_t V = config.padded_vocab();
       const size_t passes = recompute ? 2 : 1;  // a recomputed activation is produced twice
       size_t saved = 0;
       for (int i = 0; i < config.num_layers; ++i) {
-        saved += (12 - 2) * T * d;                            // c_proj's output gradient
-        saved += (bf16_activations ? 12 - 2 : 6) * T * mlp;  // c_fc's output gradient
+        saved += 12 * T * d;                             // c_proj's output gradient
+        saved += (bf16_activations ? 12 : 6) * T * mlp;  // c_fc's output gradient
         // relu(h)^2: its codes (kept, or recomputed into one buffer) the products' operand in
         // place, forward and backward.
         if (bf16_activations) saved += (6 + 6) * T * mlp;
-        saved += (bf16_activations ? 6 + 6 : passes * (6 - 2)) * T * d;  // the MLP's rmsnorm
+        saved += (bf16_activations ? 6 + 6 : passes * 6) * T * d;  // the MLP's rmsnorm
         if (config.layer_has_attention(i)) {
           // attention's rmsnorm
-          saved += bf16_activations ? (18 + 18) * T * d : (18 - 2) * T * d + (recompute ? 18 - 2 : 18 - 6) * T * d;
-          saved += (12 - 2) * (T * d + 3 * T * hd);  // the output gradients of c_proj, q, k and v
-          saved += (bf16_activations ? 6 + 6 : 6 - 2) * T * hd;  // y, for c_proj (bf16: both passes)
+          saved += bf16_activations ? (18 + 18) * T * d : 18 * T * d + (recompute ? 18 : 18 - 6) * T * d;
+          saved += 12 * (T * d + 3 * T * hd);               // the output gradients of c_proj, q, k and v
+          saved += (bf16_activations ? 6 + 6 : 6) * T * hd;  // y, for c_proj (bf16: both passes)
         }
       }
       saved += 6 * (V * d + T * V);  // training head: W for dx, the logits gradient for dx
       for (int i = 0; i < config.num_layers; ++i) {
-        if (config.layer_has_attention(i)) {
-          saved += (bf16_activations ? 18 : 18 - 2) * T * d + (bf16_activations ? 6 : 6 - 2) * T * hd;
-        }
-        saved += (bf16_activations ? 6 : 6 - 2) * T * d;
+        if (config.layer_has_attention(i)) saved += 18 * T * d + 6 * T * hd;
+        saved += 6 * T * d;
         if (bf16_activations) saved += 6 * T * mlp;
       }
       EXPECT_EQ(unheld->operand_copy_traffic_bytes() - held->operand_copy_traffic_bytes(), saved);
@@ -251,13 +249,13 @@ TEST(Bf16Matmul, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
   ASSERT_NE(codes, nullptr);
   std::vector<float> g_again(g.size());
   bf16->relu2_forward_bf16(g_again.data(), codes, nullptr, h.data(), g.size());
-  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, g.size() * sizeof(uint16_t));
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes(), copied) << "the producer's codes are no copy";
   for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(g[i])) << i;
   // The product reads the codes, not g: g's floats changed behind the held copy do not count.
   for (float& x : g) x = 1e6f;
   bf16->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, got.data(), N);
   EXPECT_EQ(got, want);
-  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, (g.size() + B.size() * 3) * sizeof(uint16_t));
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, B.size() * 6) << "only B was copied";
   bf16->release_operand(0);
   bf16->gemm(false, false, M, N, K, 1.f, g.data(), K, B.data(), N, 0.f, got.data(), N);
   EXPECT_NE(got, want) << "released: the product rounds g's floats again";

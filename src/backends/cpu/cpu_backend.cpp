@@ -304,17 +304,16 @@ class CpuBackend final : public Backend {
 
   // A held copy is a produced operand whose producer is the copy itself.
   void hold_operand(int slot, const float* x, size_t count) override {
-    uint16_t* codes = hold_produced_operand(slot, x, count);  // counts the 2-byte write
+    uint16_t* codes = hold_produced_operand(slot, x, count);
     if (!codes) return;
     encode_outputs(codes, x, count);
-    operand_copy_traffic_ += count * sizeof(float);  // and the copy's read of x
+    operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));  // x read, its copy written
   }
 
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     HeldOperand& held = held_.at(static_cast<size_t>(slot));
     if (!bf16_matmul_ || !hold_operands_) return nullptr;
     held.codes.resize(count);
-    operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
     held.source = x;
     held.count = count;
     held.stored = nullptr;

@@ -26,6 +26,22 @@ struct ToBf16 {
   bool vectorisable() const { return aligned_16({out, in}); }
 };
 
+// x[i] = the codes of a bf16 uniform in [-amplitude, amplitude) from a hash of (seed, i):
+// benchmark operands, random rather than zeros (the tensor cores draw less power on zeros).
+// Traffic: 2 n bytes.
+__global__ void fill_random_bf16_kernel(uint16_t* x, size_t n, uint32_t seed, float amplitude) {
+  SPEEDRUN_GRID_STRIDE(i, n) {
+    uint32_t hsh = static_cast<uint32_t>(i) * 2654435761u ^ (seed * 40503u + static_cast<uint32_t>(i >> 32));
+    hsh ^= hsh >> 16;
+    hsh *= 0x7feb352du;
+    hsh ^= hsh >> 15;
+    hsh *= 0x846ca68bu;
+    hsh ^= hsh >> 16;
+    const float u = static_cast<float>(hsh >> 8) * (1.f / 16777216.f);
+    x[i] = __bfloat16_as_ushort(__float2bfloat16_rn((2.f * u - 1.f) * amplitude));
+  }
+}
+
 // out[i] = bf16(in[i] + float32(addend[i])): a float32 product and the bf16 stream it is
 // added onto, rounded once. out may alias addend. Traffic: 8 n bytes.
 struct ToBf16Plus {
@@ -465,6 +481,12 @@ void require_an_output(const float* out, const uint16_t* codes, const char* op) 
 }
 
 }  // namespace
+
+void fill_random_bf16(cudaStream_t s, uint16_t* x, size_t n, uint32_t seed, float amplitude) {
+  if (n == 0) return;
+  fill_random_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(x, n, seed, amplitude);
+  check_launch("fill_random_bf16_kernel");
+}
 
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n) {
   launch_lanes(s, ToBf16{out, in}, n, "to_bf16");

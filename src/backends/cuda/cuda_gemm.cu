@@ -85,6 +85,22 @@ const LtGemm::Plan* LtGemm::plan_for(const Key& key) {
 }
 
 bool LtGemm::build_plan(const Key& key, Plan& plan) {
+  describe(key, plan);
+  const auto algorithms = candidates(key, plan, 1);
+  if (algorithms.empty()) return false;
+  plan.algo = algorithms.front();
+  return true;
+}
+
+std::vector<cublasLtMatmulAlgo_t> LtGemm::candidates(const Key& key, const Plan& plan, int wanted) {
+  const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
+  const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
+  const uint32_t align_c = static_cast<uint32_t>(key[14]);
+  return candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first, align_second, align_c,
+                              wanted, key[15] == CUDA_R_16BF);
+}
+
+void LtGemm::describe(const Key& key, Plan& plan) {
   const bool ta = key[0], tb = key[1];
   const int64_t M = key[2], N = key[3], K = key[4], lda = key[5], ldb = key[6], ldc = key[7];
   const int64_t stride_a = key[8], stride_b = key[9], stride_c = key[10];
@@ -102,15 +118,6 @@ bool LtGemm::build_plan(const Key& key, Plan& plan) {
   plan.a = make_layout(input, tb ? K : N, tb ? N : K, ldb, batch, stride_b);
   plan.b = make_layout(input, ta ? M : K, ta ? K : M, lda, batch, stride_a);
   plan.c = make_layout(static_cast<cudaDataType_t>(key[15]), N, M, ldc, batch, stride_c);
-
-  const uint32_t align_first = static_cast<uint32_t>(key[13]);   // our B
-  const uint32_t align_second = static_cast<uint32_t>(key[12]);  // our A
-  const uint32_t align_c = static_cast<uint32_t>(key[14]);
-  const auto algorithms = candidate_algorithms(handle_, plan.desc, plan.a, plan.b, plan.c, plan.c, align_first,
-                                               align_second, align_c, 1, key[15] == CUDA_R_16BF);
-  if (algorithms.empty()) return false;
-  plan.algo = algorithms.front();
-  return true;
 }
 
 std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
@@ -161,17 +168,16 @@ LtGemm::HeldOperand& LtGemm::held_slot(int slot) {
 
 // A held copy is a produced operand whose producer is the copy itself.
 void LtGemm::hold(int slot, const float* x, size_t count) {
-  uint16_t* codes = hold_produced(slot, x, count);  // counts the 2-byte write
+  uint16_t* codes = hold_produced(slot, x, count);
   if (!codes) return;
   to_bf16(stream_, codes, x, count);
-  operand_copy_traffic_ += count * sizeof(float);  // and the copy's read of x
+  operand_copy_traffic_ += count * (sizeof(float) + sizeof(uint16_t));  // x read, its copy written
 }
 
 uint16_t* LtGemm::hold_produced(int slot, const float* x, size_t count) {
   HeldOperand& held = held_slot(slot);
   if (!bf16_inputs_) return nullptr;
   auto* codes = static_cast<uint16_t*>(held.copy.get(count * sizeof(uint16_t)));
-  operand_copy_traffic_ += count * sizeof(uint16_t);  // the producer's extra write
   held.source = x;
   held.count = count;
   held.stored = nullptr;

@@ -18,6 +18,7 @@
 
 #include "backends/backend.h"
 #include "backends/cuda/cuda_common.cuh"
+#include "backends/matmul_sweep.h"
 
 namespace speedrun::cuda {
 
@@ -63,6 +64,10 @@ class LtGemm {
   void release(int slot);
   // Bytes the bf16 operand copies have moved so far (Backend::operand_copy_traffic_bytes).
   size_t operand_copy_traffic_bytes() const { return operand_copy_traffic_; }
+  // The matmul sweep (matmul_sweep.h; in cuda_matmul_sweep.cu): up to `wanted` of the
+  // heuristic's candidates for a dense product of `shape` with operands aligned as
+  // cudaMalloc's, best first, each timed over `repeats` runs. Requires bf16 inputs.
+  std::vector<AlgorithmTiming> time_candidates(const ProductShape& shape, int wanted, int repeats);
 
  private:
   struct Plan {
@@ -78,6 +83,9 @@ class LtGemm {
   // The plan for key; nullptr when cuBLASLt has no algorithm for it (remembered).
   const Plan* plan_for(const Key& key);
   bool build_plan(const Key& key, Plan& plan);  // false when no algorithm exists
+  void describe(const Key& key, Plan& plan);     // the plan's descriptor and layouts, no algorithm
+  // Up to `wanted` of the heuristic's algorithms for a described plan, best first.
+  std::vector<cublasLtMatmulAlgo_t> candidates(const Key& key, const Plan& plan, int wanted);
   static void destroy(const Plan& plan);        // frees what the plan holds (null members skipped)
 
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.

@@ -63,6 +63,9 @@ void scale_batches(cudaStream_t s, float* x, const float* scale, size_t count, i
 // or 0 when beta == 0: a product with K == 0.
 void scale_matrix(cudaStream_t s, float* C, int M, int N, int ldc, size_t stride_c, int batch, float beta);
 void transpose(cudaStream_t s, float* out, const float* x, int rows, int cols, int batch);
+// x[i] = the codes of a bf16 uniform in [-amplitude, amplitude), a hash of (seed, i):
+// benchmark operands.
+void fill_random_bf16(cudaStream_t s, uint16_t* x, size_t n, uint32_t seed, float amplitude);
 // out[i] = the bits of bf16(in[i]), nearest even (the CPU's lowp::round_to_bf16).
 void to_bf16(cudaStream_t s, uint16_t* out, const float* in, size_t n);
 // out[i] = the bits of bf16(in[i] + float32(addend[i])), one rounding; out may alias addend.
