@@ -199,16 +199,18 @@ class ProfilingBackend final : public Backend {
   }
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
                          const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
+    timed("attention forward", 0, 0, [&] { inner_.attention_forward(y, y_codes, lse, q, k, v, codes, doc, s); });
   }
   void attention_forward_bf16(float* y, uint16_t* stored, float* lse, const float* q, const float* k, const float* v,
                               const AttentionInputCodes& codes, const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, 0, [&] { inner_.attention_forward_bf16(y, stored, lse, q, k, v, codes, doc, s); });
+    timed("attention forward", 0, 0,
+          [&] { inner_.attention_forward_bf16(y, stored, lse, q, k, v, codes, doc, s); });
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
                           const float* q, const float* k, const float* v, const AttentionInputCodes& codes,
                           const int32_t* doc, const AttentionShape& s) override {
-    timed("attention", 0, 0, [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, codes, doc, s); });
+    timed("attention backward", 0, 0,
+          [&] { inner_.attention_backward(dq, dk, dv, dy, y, lse, q, k, v, codes, doc, s); });
   }
   void softcap_cross_entropy(float* logits, float* loss, const int32_t* t, int rows, int V, float c,
                              float g) override {

@@ -81,9 +81,9 @@ double matmul_parameters(const ParamLayout& layout) {
   return n;
 }
 
-// Attention FLOPs of one step of this process: 4 D per visible (query, key) pair and head
-// forward, 2.5 times that backward (FlashAttention's convention), over the mask's
-// visible pairs only (SPEC §3), per layer window.
+// Attention's forward FLOPs in one step of this process: 4 D per visible (query, key) pair
+// and head, over the mask's visible pairs only (SPEC §3), per layer window. The backward's
+// are 2.5 times these (FlashAttention's convention).
 double attention_flops(const Config& config, const std::vector<int32_t>& inputs, int sequences, int long_window) {
   const int T = config.seq_len;
   double pairs = 0;
@@ -97,7 +97,21 @@ double attention_flops(const Config& config, const std::vector<int32_t>& inputs,
       pairs += static_cast<double>(tiles::visible_pairs(bounds, T, config.attn_block_size, window));
     }
   }
-  return pairs * config.num_heads * 4.0 * config.head_dim * 3.5;
+  return pairs * config.num_heads * 4.0 * config.head_dim;
+}
+
+// TFLOP/s of `flops` in `seconds` (0 when nothing was timed).
+double tflops(double flops, double seconds) { return seconds > 0 ? flops / seconds / 1e12 : 0; }
+
+// "12.5 TFLOP/s", or GFLOP/s below 0.1 TFLOP/s (the CPU's).
+std::string rate_text(double tflops) {
+  char text[32];
+  if (tflops >= 0.1) {
+    std::snprintf(text, sizeof(text), "%.3g TFLOP/s", tflops);
+  } else {
+    std::snprintf(text, sizeof(text), "%.3g GFLOP/s", tflops * 1e3);
+  }
+  return text;
 }
 
 // Dense bf16 tensor-core peak of an H100 SXM (the MFU denominator the record uses).
@@ -304,7 +318,7 @@ void register_bench_command(CLI::App& app) {
     std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
     std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
     nlohmann::json ops = nlohmann::json::object();
-    double matmul_flops = 0, matmul_seconds = 0, attention_seconds = 0;
+    double matmul_flops = 0, matmul_seconds = 0, attention_forward_seconds = 0, attention_backward_seconds = 0;
     for (const auto& [name, s] : rows) {
       const double gflops = s.flops > 0 && s.seconds > 0 ? s.flops / s.seconds / 1e9 : 0;
       const double gbps = s.bytes > 0 && s.seconds > 0 ? s.bytes / s.seconds / 1e9 : 0;
@@ -321,12 +335,16 @@ void register_bench_command(CLI::App& app) {
         matmul_flops += s.flops;
         matmul_seconds += s.seconds;
       }
-      if (name == "attention") attention_seconds = s.seconds;
+      if (name == "attention forward") attention_forward_seconds = s.seconds;
+      if (name == "attention backward") attention_backward_seconds = s.seconds;
     }
     const nlohmann::json shapes = print_product_shapes(product_shapes);
     const double model_gflops = matmul_seconds > 0 ? matmul_flops / matmul_seconds / 1e9 : 0;
+    const double attention_forward_flops = attention_flops(config, inputs, dp.local_ranks(), window);
     const double attention_tflops =
-        attention_seconds > 0 ? attention_flops(config, inputs, dp.local_ranks(), window) / attention_seconds / 1e12 : 0;
+        tflops(3.5 * attention_forward_flops, attention_forward_seconds + attention_backward_seconds);
+    const double attention_forward_tflops = tflops(attention_forward_flops, attention_forward_seconds);
+    const double attention_backward_tflops = tflops(2.5 * attention_forward_flops, attention_backward_seconds);
     std::printf("step: %.1f ms | %.0f tokens/s", step_ms, tokens_per_second);
     if (on_gpu) std::printf(" | MFU %.1f%% (6 x %.1fM matmul parameters per token, 989 TFLOP/s)", 100 * mfu,
                             matmul_parameters(model.layout()) / 1e6);
@@ -339,9 +357,9 @@ void register_bench_command(CLI::App& app) {
     } else {
       std::printf("matmuls %.1f TFLOP/s (profiled step)\n", model_gflops / 1e3);
     }
-    std::printf("attention %.3g %s (visible pairs only, forward + backward, profiled step)\n",
-                attention_tflops >= 0.1 ? attention_tflops : attention_tflops * 1e3,
-                attention_tflops >= 0.1 ? "TFLOP/s" : "GFLOP/s");
+    std::printf("attention %s (visible pairs only, forward + backward; forward %s, backward %s; profiled step)\n",
+                rate_text(attention_tflops).c_str(), rate_text(attention_forward_tflops).c_str(),
+                rate_text(attention_backward_tflops).c_str());
     std::printf("peak memory: %.1f MiB (%s)\n", peak_bytes / (1024.0 * 1024.0),
                 on_gpu ? "device memory allocated by the backend" : "host RSS");
     std::printf("memory plan: %.1f MiB (model, optimiser, gradient reduction; speedrun memory), backend "
@@ -392,6 +410,8 @@ void register_bench_command(CLI::App& app) {
                             {"matmul_parameters", matmul_parameters(model.layout())},
                             {"matmul_gflops", model_gflops},
                             {"attention_tflops", attention_tflops},
+                            {"attention_forward_tflops", attention_forward_tflops},
+                            {"attention_backward_tflops", attention_backward_tflops},
                             {"peak_memory_bytes", peak_bytes},
                             {"peak_memory_kind", on_gpu ? "device, backend allocations" : "host RSS"},
                             {"planned_memory_bytes", planned_bytes},

@@ -336,6 +336,14 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   EXPECT_TRUE(j["mfu"].is_null());  // an H100 figure: only on the GPU
   EXPECT_GT(j["peak_memory_bytes"].get<double>(), 1e6);
   EXPECT_GT(j["attention_tflops"].get<double>(), 0);
+  // Forward and backward apart (4 D and 10 D per visible pair): the total's time is theirs.
+  const double forward = j["attention_forward_tflops"].get<double>();
+  const double backward = j["attention_backward_tflops"].get<double>();
+  ASSERT_GT(forward, 0);
+  ASSERT_GT(backward, 0);
+  EXPECT_NEAR(3.5 / j["attention_tflops"].get<double>(), 1 / forward + 2.5 / backward,
+              1e-9 * (1 / forward + 2.5 / backward));
+  EXPECT_TRUE(j["ops"].contains("attention forward") && j["ops"].contains("attention backward")) << j["ops"].dump();
   EXPECT_EQ(j["date"].get<std::string>().size(), 20u);  // 2026-11-23T16:38:14Z
   // micro (d 16, MLP 64, 4 layers, layer 2 without attention): 3 x (qkv 3 x 256 + c_proj
   // 256) + 4 x (c_fc + c_proj = 2 x 1024) + the head, 300 rows padded to 384, x 16.

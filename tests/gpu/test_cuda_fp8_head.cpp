@@ -467,7 +467,8 @@ TEST_F(CudaFp8HeadTest, ModelLossAndGradientsMatchTheCpu) {
 // d = 768), each timed over repetitions on the device, for `gpu_check.sh` (the bench stage
 // runs it with --gtest_also_run_disabled_tests): the fused training head against its three
 // steps in turn and a bf16 product of the forward's shape, so that the head's share of the
-// step can be split between its FP8 products and the rest.
+// step can be split between its FP8 products and the rest; then the fused head at other
+// chunk heights.
 double milliseconds_per_call(Backend& be, int repetitions, const std::function<void()>& call) {
   call();  // plans, workspaces, the weight's FP8 copies
   be.synchronize();
@@ -528,6 +529,27 @@ TEST_F(CudaFp8HeadTest, DISABLED_Benchmark) {
               product / (bf16_ms * 1e9));
   gpu->release(t);
   EXPECT_TRUE(std::isfinite(loss.get()[0]));
+
+  // The fused head at other chunk heights, per 49152-token sequence: a taller chunk adds to
+  // dW fewer times and gives the dx product more output tiles, for more logits memory
+  // (2 bytes per row and vocabulary entry on the tensor cores, 4 in the plan's buffer).
+  std::printf("fused head by chunk height, per 49152-token sequence:\n");
+  for (const int chunk : {1024, 2048, 4096, 8192}) {
+    const std::vector<float> xc = normal(static_cast<size_t>(chunk) * d, 1.f, 43);
+    std::vector<int32_t> tc(chunk);
+    for (int r = 0; r < chunk; ++r) tc[r] = (r * 131) % V;
+    DeviceFloats cx(*gpu, xc), clogits(*gpu, static_cast<size_t>(chunk) * V, 0.f), closs(*gpu, chunk, 0.f);
+    DeviceFloats cdx(*gpu, static_cast<size_t>(chunk) * d, 0.f);
+    int32_t* ct = gpu->alloc_i32(chunk);
+    gpu->upload_i32(ct, tc.data(), tc.size());
+    const double ms = milliseconds_per_call(*gpu, repetitions, [&] {
+      gpu->fp8_head_loss(clogits.ptr, closs.ptr, cdx.ptr, dW.ptr, cx.ptr, W.ptr, ct, chunk, V, d, 15.f, 1.f / chunk,
+                         1.f, false);
+    });
+    gpu->release(ct);
+    std::printf("  %5d rows  %8.3f ms per chunk  %8.2f ms per sequence  %7.1f TFLOP/s  logits %.0f MB\n", chunk, ms,
+                ms * 49152.0 / chunk, 6.0 * chunk * V * d / (ms * 1e9), 4.0 * chunk * V / 1e6);
+  }
 }
 
 }  // namespace
