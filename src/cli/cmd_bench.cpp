@@ -167,8 +167,14 @@ nlohmann::json sweep_matmul_algorithms(const std::map<std::string, OpStats>& sha
   nlohmann::json out = nlohmann::json::array();
   double saving_ms = 0;
   for (const auto& [name, s] : rows) {
-    const std::vector<AlgorithmTiming> timings =
-        sweep_product_algorithms(device, parse_product_shape(name), candidates, kRepeats);
+    std::vector<AlgorithmTiming> timings;
+    try {
+      timings = sweep_product_algorithms(device, parse_product_shape(name), candidates, kRepeats);
+    } catch (const Error& e) {  // a diagnostic: the step's results stand, and the other shapes
+      std::printf("%-38s sweep failed: %s\n", name.c_str(), e.what());
+      out.push_back({{"shape", name}, {"error", e.what()}});
+      continue;
+    }
     const AlgorithmTiming* best = nullptr;
     nlohmann::json listed = nlohmann::json::array();
     for (const AlgorithmTiming& t : timings) {

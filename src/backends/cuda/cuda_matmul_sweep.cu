@@ -4,7 +4,6 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -30,26 +29,27 @@ struct DeviceBytes {
   DeviceBytes& operator=(const DeviceBytes&) = delete;
 };
 
+// One attribute of an algorithm's configuration as text, "?" where cuBLASLt has no value
+// for it (a description must not fail the sweep it describes).
 template <class T>
-T config_attribute(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
+std::string config_attribute(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
   T value{};
   size_t written = 0;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof(value), &written));
-  return value;
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof(value), &written);
+  if (status != CUBLAS_STATUS_SUCCESS || written != sizeof(value)) return "?";
+  return std::to_string(value);
 }
 
 // The ids cublasLt.h enumerates (tile, stages, cluster shape) as numbers, the rest as values.
 std::string describe_algorithm(const cublasLtMatmulAlgo_t& algo) {
-  char text[160];
-  std::snprintf(text, sizeof(text), "algo %d tile %u stages %u split-k %d reduction %u swizzle %u cluster %u",
-                config_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID),
-                config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-                config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
-                config_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-                config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
-                config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-                static_cast<unsigned>(config_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)));
-  return text;
+  return "algo " + config_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID) +
+         " tile " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID) +
+         " stages " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID) +
+         " split-k " + config_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) +
+         " reduction " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME) +
+         " swizzle " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING) +
+         " cluster " + config_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
 }
 
 void check_sweep_arguments(const ProductShape& s, int wanted, int repeats) {
