@@ -14,6 +14,7 @@
 
 #include "backends/allocation_tracker.h"
 #include "backends/backend.h"
+#include "backends/cpu/cpu_fp8_head.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/vector_math.h"
 #include "backends/low_precision.h"
@@ -53,17 +54,6 @@ double deterministic_sum(const float* x, size_t n) {
   for (double p : partial) total += p;
   return total;
 }
-
-// The FP8 lm_head by exact emulation (cpu_fp8_head.cpp); Fp8Head keeps the quantised weight.
-class Fp8Head;
-struct Fp8HeadDeleter {
-  void operator()(Fp8Head* head) const;
-};
-std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head();
-void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float* W, int rows, int V, int d,
-                      bool requantize_weight);
-void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits, const float* x, const float* W,
-                       int rows, int V, int d, float output_scale);
 
 namespace {
 

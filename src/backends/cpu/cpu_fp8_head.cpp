@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/cpu_fp8_head.h"
 #include "backends/low_precision.h"
 #include "util/error.h"
 
@@ -43,9 +44,6 @@ class Fp8Head {
   int V_ = 0, d_ = 0;
 };
 
-struct Fp8HeadDeleter {
-  void operator()(Fp8Head* head) const;
-};
 void Fp8HeadDeleter::operator()(Fp8Head* head) const { delete head; }
 
 std::unique_ptr<Fp8Head, Fp8HeadDeleter> make_fp8_head() {
