@@ -310,7 +310,7 @@ void register_bench_command(CLI::App& app) {
     std::printf("speedrun bench: %s, %d thread(s), %d process(es), %zu parameters, %d x %d tokens per step, "
                 "window %d blocks\n",
                 device_description(opts->device, device_index).c_str(), thread_count(), comm->size(),
-                model.layout().total(), config.world_size, config.seq_len, window);
+                model.layout().parameter_count(), config.world_size, config.seq_len, window);
     std::printf("matmul inputs %s, attention kernel %s, lm_head %s, activations %s (%.1f MiB)\n",
                 matmul_precision_name(backend_options.matmul).c_str(),
                 attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain",

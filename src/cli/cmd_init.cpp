@@ -24,7 +24,7 @@ void register_init_command(CLI::App& app) {
     const int block = config.attn_block_size;
     GPT model(config, *backend, block, block);  // no activations needed beyond one block
     save_model(opts->out, model, 0);
-    std::printf("wrote %s (%zu parameters, seed %lld)\n", opts->out.c_str(), model.layout().total(),
+    std::printf("wrote %s (%zu parameters, seed %lld)\n", opts->out.c_str(), model.layout().parameter_count(),
                 static_cast<long long>(config.seed));
   });
 }

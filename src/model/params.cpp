@@ -59,7 +59,7 @@ void ParamLayout::add(std::string name, std::vector<int64_t> shape, ParamGroup g
   for (int64_t dim : shape) spec.count *= static_cast<size_t>(dim);
   spec.name = std::move(name);
   spec.shape = std::move(shape);
-  spec.offset = total_;
+  spec.offset = (total_ + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
   spec.group = group;
   spec.init = init;
   spec.constant = std::move(constant);
@@ -71,8 +71,14 @@ void ParamLayout::add(std::string name, std::vector<int64_t> shape, ParamGroup g
     spec.rows = static_cast<int>(spec.shape[0]);
     spec.cols = static_cast<int>(spec.shape[1]);
   }
-  total_ += spec.count;
+  total_ = spec.offset + spec.count;
   specs_.push_back(std::move(spec));
+}
+
+size_t ParamLayout::parameter_count() const {
+  size_t n = 0;
+  for (const ParamSpec& spec : specs_) n += spec.count;
+  return n;
 }
 
 const ParamSpec& ParamLayout::at(const std::string& name) const {

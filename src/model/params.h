@@ -1,5 +1,9 @@
 // The model's parameters as one flat float32 buffer: every tensor of SPEC §2's state
-// dict at a fixed offset, with its shape, initialisation and optimiser group.
+// dict at a fixed offset, with its shape, initialisation and optimiser group. Each tensor
+// starts 256-byte aligned (as cudaMalloc's memory does): a weight's gradient is the output
+// of its products, and cuBLASLt's fastest kernels (TMA on Hopper) and the vectorised
+// optimiser kernels want 16-byte-aligned matrices. The padding between tensors is never
+// read as a parameter: checkpoints and the optimisers go tensor by tensor.
 #pragma once
 
 #include <cstddef>
@@ -32,7 +36,11 @@ class ParamLayout {
  public:
   explicit ParamLayout(const Config& config);
   const std::vector<ParamSpec>& specs() const { return specs_; }
+  // Floats of the flat buffer, the padding between tensors included.
   size_t total() const { return total_; }
+  // Parameters: the tensors' elements, no padding.
+  size_t parameter_count() const;
+  static constexpr size_t kAlignFloats = 64;  // each tensor's offset is a multiple of this
   const ParamSpec& at(const std::string& name) const;  // throws Error naming the tensor
   bool contains(const std::string& name) const;
 
