@@ -229,6 +229,9 @@ stage_bench() {
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
+    if grep -q '^attention .*forward' "$work/bench.tmp"; then
+      record "attention $variant" "$(grep -m1 '^attention .*forward' "$work/bench.tmp" | cut -c11-130)"
+    fi
     if grep -q 'would save' "$work/bench.tmp"; then
       record "matmul sweep $variant" "$(grep -m1 'would save' "$work/bench.tmp")"
     fi
