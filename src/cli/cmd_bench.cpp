@@ -136,11 +136,17 @@ std::string device_description(const std::string& device, int index) {
   return "cuda";
 }
 
+// A profile's rows, the most time first.
+std::vector<std::pair<std::string, OpStats>> slowest_first(const std::map<std::string, OpStats>& stats) {
+  std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
+  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+  return rows;
+}
+
 // The profiled step's products by shape (profiling_backend.h's names), slowest first, printed
 // and returned as JSON: which products take the matmuls' time, and at what rate.
 nlohmann::json print_product_shapes(const std::map<std::string, OpStats>& shapes) {
-  std::vector<std::pair<std::string, OpStats>> rows(shapes.begin(), shapes.end());
-  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+  const std::vector<std::pair<std::string, OpStats>> rows = slowest_first(shapes);
   nlohmann::json out = nlohmann::json::object();
   if (rows.empty()) return out;
   std::printf("matmuls by shape (A op, B op, M x N x K, output, +C when added to), profiled step:\n");
@@ -158,8 +164,7 @@ nlohmann::json print_product_shapes(const std::map<std::string, OpStats>& shapes
 // calls times the difference), and returned as JSON.
 nlohmann::json sweep_matmul_algorithms(const std::map<std::string, OpStats>& shapes, int device, int candidates) {
   constexpr int kRepeats = 10;
-  std::vector<std::pair<std::string, OpStats>> rows(shapes.begin(), shapes.end());
-  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+  const std::vector<std::pair<std::string, OpStats>> rows = slowest_first(shapes);
   std::printf("cuBLASLt's algorithms for each shape, alone (median of %d runs; rank 0 is the step's; saves: per "
               "step, at its calls):\n",
               kRepeats);
@@ -321,8 +326,7 @@ void register_bench_command(CLI::App& app) {
     // once) over its time; against the device's bandwidth it says how far a memory-bound
     // kernel is from its floor.
     std::printf("%-26s %10s %10s %8s %12s %10s\n", "op", "ms/step", "calls/step", "share", "GFLOP/s", "GB/s");
-    std::vector<std::pair<std::string, OpStats>> rows(stats.begin(), stats.end());
-    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+    const std::vector<std::pair<std::string, OpStats>> rows = slowest_first(stats);
     nlohmann::json ops = nlohmann::json::object();
     double matmul_flops = 0, matmul_seconds = 0, attention_forward_seconds = 0, attention_backward_seconds = 0;
     for (const auto& [name, s] : rows) {
