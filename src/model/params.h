@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "model/arena_carver.h"
 #include "model/config.h"
 
 namespace speedrun {
@@ -40,7 +41,8 @@ class ParamLayout {
   size_t total() const { return total_; }
   // Parameters: the tensors' elements, no padding.
   size_t parameter_count() const;
-  static constexpr size_t kAlignFloats = 64;  // each tensor's offset is a multiple of this
+  // Each tensor's offset is a multiple of this: the activation arena's alignment.
+  static constexpr size_t kAlignFloats = ArenaCarver::kAlignFloats;
   const ParamSpec& at(const std::string& name) const;  // throws Error naming the tensor
   bool contains(const std::string& name) const;
 

@@ -37,7 +37,7 @@
 #include "backends/attention_tiles.h"
 #include "backends/cuda/cuda_common.cuh"
 #include "backends/cuda/cuda_kernels.cuh"
-#include "backends/cuda/cuda_timing.cuh"
+#include "backends/cuda/cuda_bench_support.cuh"
 #include "backends/flash_attention.h"
 
 namespace speedrun {
@@ -635,15 +635,6 @@ const bf16* as_bf16(const uint16_t* p) { return reinterpret_cast<const bf16*>(p)
 bf16* as_bf16(uint16_t* p) { return reinterpret_cast<bf16*>(p); }
 
 // --- benchmark ------------------------------------------------------------------------------
-
-template <class T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t count) { check_cuda(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc"); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
 
 }  // namespace
 }  // namespace cuda

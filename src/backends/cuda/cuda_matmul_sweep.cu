@@ -11,23 +11,12 @@
 #include "backends/cuda/cuda_common.cuh"
 #include "backends/cuda/cuda_gemm.cuh"
 #include "backends/cuda/cuda_kernels.cuh"
-#include "backends/cuda/cuda_timing.cuh"
+#include "backends/cuda/cuda_bench_support.cuh"
 #include "backends/matmul_sweep.h"
 
 namespace speedrun {
 namespace cuda {
 namespace {
-
-// Device memory freed with its scope.
-struct DeviceBytes {
-  void* ptr = nullptr;
-  explicit DeviceBytes(size_t bytes) {
-    check_cuda(cudaMalloc(&ptr, std::max<size_t>(bytes, 256)), "cudaMalloc (matmul sweep)");
-  }
-  ~DeviceBytes() { cudaFree(ptr); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-};
 
 // One attribute of an algorithm's configuration as text, "?" where cuBLASLt has no value
 // for it (a description must not fail the sweep it describes).
@@ -94,15 +83,16 @@ std::vector<AlgorithmTiming> LtGemm::time_candidates(const ProductShape& s, int 
   describe(key, plan);
   const std::vector<cublasLtMatmulAlgo_t> algorithms = candidates(key, plan, wanted);
 
-  DeviceBytes a(count_a * batch * sizeof(uint16_t)), b(count_b * batch * sizeof(uint16_t));
-  DeviceBytes c(count_c * batch * (s.bf16_output ? sizeof(uint16_t) : sizeof(float)));
-  DeviceBytes addend_codes(addend ? count_c * batch * sizeof(uint16_t) : 0);
-  fill_random_bf16(stream_, static_cast<uint16_t*>(a.ptr), count_a * batch, 1, 1.f);
-  fill_random_bf16(stream_, static_cast<uint16_t*>(b.ptr), count_b * batch, 2, 1.f);
-  if (addend) fill_random_bf16(stream_, static_cast<uint16_t*>(addend_codes.ptr), count_c * batch, 3, 1.f);
-  SPEEDRUN_CUDA_CHECK(cudaMemsetAsync(c.ptr, 0, count_c * batch * (s.bf16_output ? 2 : 4), stream_));
+  const size_t c_bytes = count_c * batch * (s.bf16_output ? sizeof(uint16_t) : sizeof(float));
+  DeviceBuffer<uint16_t> a(count_a * batch), b(count_b * batch), addend_codes(addend ? count_c * batch : 0);
+  DeviceBuffer<unsigned char> c(c_bytes);
+  fill_random_bf16(stream_, a.ptr, count_a * batch, 1, 1.f);
+  fill_random_bf16(stream_, b.ptr, count_b * batch, 2, 1.f);
+  if (addend) fill_random_bf16(stream_, addend_codes.ptr, count_c * batch, 3, 1.f);
+  SPEEDRUN_CUDA_CHECK(cudaMemsetAsync(c.ptr, 0, c_bytes, stream_));
   const float alpha = 1.f, beta = s.adds_to_c ? 1.f : 0.f;
-  const void* c_in = addend ? addend_codes.ptr : c.ptr;  // float32 +C adds in place, as run()
+  // float32 +C adds in place, as run() does
+  const void* c_in = addend ? static_cast<const void*>(addend_codes.ptr) : c.ptr;
 
   std::vector<AlgorithmTiming> timings;
   for (size_t i = 0; i < algorithms.size(); ++i) {

@@ -1,4 +1,5 @@
-// The kernel benchmarks' clock (the flash kernel's benchmark, the matmul sweep).
+// What the kernel benchmarks (the flash kernel's, the matmul sweep) share: device memory
+// freed with its scope, and their clock.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +10,18 @@
 #include "backends/cuda/cuda_check.cuh"
 
 namespace speedrun::cuda {
+
+// `count` T of device memory (at least one), freed with the object.
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  explicit DeviceBuffer(size_t count) {
+    check_cuda(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (benchmark buffer)");
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
 
 // Median milliseconds of `repeats` runs of body() on stream s, timed by events, after two
 // untimed runs (module load, shared-memory attributes, cuBLASLt's first-call setup): the
