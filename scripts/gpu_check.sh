@@ -193,6 +193,8 @@ fp8_diagnosis() {
 #   speedrun-124m-recompute: the same recomputing activations (16.3 GiB);
 #   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context),
 #     with cuBLASLt's first 8 algorithms for each product shape timed alone (--sweep-matmuls);
+#   speedrun-124m-autotune: the same running, for each product plan, the fastest of those 8
+#     (--autotune-matmuls): what the sweep's saving is worth in the step;
 #   speedrun-124m-reference: float32 reference attention;
 #   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on
 #   flash, micro's head size 8 on reference).
@@ -200,12 +202,13 @@ stage_bench() {
   local variant preset flags
   declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="--sweep-matmuls 8"
     [speedrun-124m-reference]="--attention-kernel reference"
-    [speedrun-124m-recompute]="--recompute-activations" [speedrun-124m-relu2]="--recompute-relu2")
+    [speedrun-124m-recompute]="--recompute-activations" [speedrun-124m-relu2]="--recompute-relu2"
+    [speedrun-124m-autotune]="--autotune-matmuls 8")
   # SPEEDRUN_BENCH_VARIANTS (space-separated) runs fewer: the reference variant alone takes
   # about 2 minutes of a 15-minute device budget.
   # Kernel benchmarks: a GPU test program's DISABLED_Benchmark test.
   declare -A kernel_bench=([flash-kernel]=test_flash_attention [fp8-head]=test_cuda_fp8_head)
-  for variant in ${SPEEDRUN_BENCH_VARIANTS:-speedrun-124m-relu2 speedrun-124m-recompute speedrun-124m flash-kernel fp8-head speedrun-124m-reference tiny micro}; do
+  for variant in ${SPEEDRUN_BENCH_VARIANTS:-speedrun-124m-relu2 speedrun-124m-recompute speedrun-124m speedrun-124m-autotune flash-kernel fp8-head speedrun-124m-reference tiny micro}; do
     if [ -n "${kernel_bench[$variant]:-}" ]; then
       local program=$work/bin/${kernel_bench[$variant]}
       [ -x "$program" ] || continue
@@ -222,6 +225,7 @@ stage_bench() {
     preset=${variant%-reference}
     preset=${preset%-recompute}
     preset=${preset%-relu2}
+    preset=${preset%-autotune}
     echo "=== bench --device cuda --preset $preset $flags" >>"$out/bench.log"
     # shellcheck disable=SC2086
     timeout "$limit" "$speedrun" bench --device cuda --preset "$preset" $flags \
@@ -235,9 +239,13 @@ stage_bench() {
     if grep -q 'would save' "$work/bench.tmp"; then
       record "matmul sweep $variant" "$(grep -m1 'would save' "$work/bench.tmp")"
     fi
+    if grep -q '^matmul plans tuned' "$work/bench.tmp"; then
+      record "matmul autotune $variant" "$(grep -m1 '^matmul plans tuned' "$work/bench.tmp" | cut -c1-110)"
+    fi
   done
-  # At most 8 files come back: the reference and small presets' lines are in bench.log.
-  rm -f "$out/bench_micro.json" "$out/bench_tiny.json" "$out/bench_speedrun-124m-reference.json"
+  # At most 8 files come back (5 logs): the other variants' lines are in bench.log.
+  rm -f "$out/bench_micro.json" "$out/bench_tiny.json" "$out/bench_speedrun-124m-reference.json" \
+    "$out/bench_speedrun-124m-recompute.json"
 }
 
 # `speedrun train --device cuda` on the default corpus (carry data/default too): batches

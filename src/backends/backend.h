@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backends/backend_options.h"
+#include "backends/matmul_sweep.h"
 #include "util/error.h"
 
 namespace speedrun {
@@ -96,6 +98,9 @@ class Backend {
   // The codes an op writes of its own output (hold_produced_operand) are no copy and not
   // counted. 0 with float32 matmuls.
   virtual size_t operand_copy_traffic_bytes() const { return 0; }
+  // The product plans whose algorithm was chosen by timing (BackendOptions::autotune_matmuls),
+  // in the order they were made; empty where nothing was tuned.
+  virtual std::vector<MatmulTuning> matmul_tunings() const { return {}; }
   // Lends the backend `bytes` of memory from its alloc() that the caller leaves untouched
   // until withdraw_scratch(): meanwhile an operation may take its temporaries from there
   // instead of growing scratch of its own (a forward-only pass lends the part of the

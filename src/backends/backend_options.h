@@ -23,6 +23,11 @@ struct BackendOptions {
   // CUDA: run the FP8 head's casts into float32 products even where FP8 tensor cores exist
   // (the path GPUs below sm_89 take), so that it can be tested on any GPU.
   bool emulate_fp8_head = false;
+  // CUDA: for each new product plan, time up to this many of cuBLASLt's heuristic candidates
+  // on random operands laid out as the plan's and run the fastest (0 or 1: the heuristic's
+  // first, untimed). Costs milliseconds per plan at its first product; the choice can differ
+  // between processes, so runs are then reproducible within a process only.
+  int autotune_matmuls = 0;
   // CPU: honour Backend::hold_operand (false: round every operand per product, so that a test
   // can show holding changes no result, only the copies made).
   bool hold_operands = true;

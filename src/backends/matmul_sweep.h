@@ -1,6 +1,7 @@
 // cuBLASLt's candidate algorithms for one product of the training step, each timed alone on
 // the GPU: whether the heuristic's first choice, the one the CUDA backend runs (cuda_gemm.cu),
-// is also the fastest, and by how much not. What `speedrun bench --sweep-matmuls` prints.
+// is also the fastest, and by how much not. What `speedrun bench --sweep-matmuls` prints, and
+// what the backend chose where --autotune-matmuls let it choose by timing.
 #pragma once
 
 #include <string>
@@ -14,6 +15,17 @@ struct AlgorithmTiming {
   int rank = 0;        // in the heuristic's order; 0 is the backend's choice
   double ms = -1;      // median of the timed runs; -1 when cuBLASLt turned it down at run time
   std::string config;  // cuBLASLt's algorithm id, tile and stages ids, split-K, reduction, swizzle, cluster
+};
+
+// One product plan of the CUDA backend whose algorithm was chosen by timing its candidates
+// (BackendOptions::autotune_matmuls), on random operands laid out as the plan's.
+struct MatmulTuning {
+  std::string shape;         // product_shape_name of the plan's product
+  int timed = 0;             // candidates timed, in the heuristic's order
+  int chosen_rank = 0;       // the one the plan runs: the fastest that ran
+  double heuristic_ms = -1;  // rank 0's median; -1 when cuBLASLt turned it down at run time
+  double chosen_ms = -1;
+  std::string config;        // the chosen algorithm's configuration (AlgorithmTiming::config)
 };
 
 // Up to `candidates` of cuBLASLt's heuristic choices for `shape` with bf16 inputs (the

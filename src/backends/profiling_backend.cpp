@@ -28,6 +28,7 @@ class ProfilingBackend final : public Backend {
   size_t peak_memory_bytes() const override { return inner_.peak_memory_bytes(); }
   size_t device_memory_in_use() const override { return inner_.device_memory_in_use(); }
   size_t operand_copy_traffic_bytes() const override { return inner_.operand_copy_traffic_bytes(); }
+  std::vector<MatmulTuning> matmul_tunings() const override { return inner_.matmul_tunings(); }
   void hold_operand(int slot, const float* x, size_t count) override {
     timed("hold_operand", 0, 6.0 * count, [&] { inner_.hold_operand(slot, x, count); });
   }

@@ -1,5 +1,9 @@
 #include "cli/backend_flags.h"
 
+#include <string>
+
+#include "util/error.h"
+
 namespace speedrun::cli {
 
 void BackendFlags::add_to(CLI::App* command) {
@@ -15,6 +19,13 @@ void BackendFlags::add_to(CLI::App* command) {
                    "32, 64, 128); auto = flash on cuda where it has the model's head size, else reference")
       ->check(CLI::IsMember({"auto", "reference", "flash"}))
       ->capture_default_str();
+  command
+      ->add_option("--autotune-matmuls", autotune_matmuls,
+                   "cuda: time up to N of cuBLASLt's candidate algorithms for each new product plan (at its "
+                   "first product, on random operands) and run the fastest; 0 = the heuristic's first. The "
+                   "choice can differ between processes")
+      ->check(CLI::Range(0, 64))
+      ->capture_default_str();
 }
 
 BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) const {
@@ -23,6 +34,10 @@ BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) co
                                     : parse_matmul_precision(matmul);
   options.attention =
       attention == "auto" ? default_attention_kernel(device, head_dim) : parse_attention_kernel(attention);
+  if (autotune_matmuls > 0 && device != "cuda") {
+    throw UsageError("--autotune-matmuls times cuBLASLt's algorithms: it needs --device cuda");
+  }
+  options.autotune_matmuls = autotune_matmuls;
   return options;
 }
 
@@ -31,6 +46,7 @@ std::string BackendFlags::non_default_arguments() const {
   std::string words;
   if (matmul != defaults.matmul) words += " --matmul " + matmul;
   if (attention != defaults.attention) words += " --attention-kernel " + attention;
+  if (autotune_matmuls != defaults.autotune_matmuls) words += " --autotune-matmuls " + std::to_string(autotune_matmuls);
   return words;
 }
 

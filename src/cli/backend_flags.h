@@ -1,4 +1,5 @@
-// The backend flags that train and bench share: --matmul and --attention-kernel.
+// The backend flags that train and bench share: --matmul, --attention-kernel and
+// --autotune-matmuls.
 #pragma once
 
 #include <string>
@@ -12,13 +13,15 @@ namespace speedrun::cli {
 struct BackendFlags {
   std::string matmul = "auto";
   std::string attention = "auto";
+  int autotune_matmuls = 0;
 
   void add_to(CLI::App* command);
   // The options for `device` ("cpu" or "cuda") and a model of head size `head_dim`: --matmul
   // auto is SPEC §6's bf16 on cuda and the float32 reference on cpu; --attention-kernel auto
   // is the flash kernel on cuda where it has the head size (32, 64, 128), else reference.
+  // UsageError for --autotune-matmuls on any device but cuda.
   BackendOptions resolve(const std::string& device, int head_dim) const;
-  // " --matmul X --attention-kernel Y" for the flags not at their defaults (resume commands).
+  // " --matmul X --attention-kernel Y --autotune-matmuls N" for the flags not at their defaults (resume commands).
   std::string non_default_arguments() const;
 };
 

@@ -201,6 +201,32 @@ nlohmann::json sweep_matmul_algorithms(const std::map<std::string, OpStats>& sha
   return out;
 }
 
+// --autotune-matmuls: the plans whose algorithm the backend chose by timing, most gained
+// first (the heuristic's first against the chosen, per call, each timed alone), as JSON.
+nlohmann::json report_matmul_tunings(std::vector<MatmulTuning> tunings) {
+  if (tunings.empty()) return nullptr;
+  const auto gain = [](const MatmulTuning& t) {
+    return t.heuristic_ms >= 0 && t.chosen_ms >= 0 ? t.heuristic_ms - t.chosen_ms : 0.0;
+  };
+  std::stable_sort(tunings.begin(), tunings.end(),
+                   [&](const MatmulTuning& a, const MatmulTuning& b) { return gain(a) > gain(b); });
+  const auto changed = std::count_if(tunings.begin(), tunings.end(),
+                                     [](const MatmulTuning& t) { return t.chosen_rank != 0; });
+  std::printf("matmul plans tuned by timing: %zu, of which %ld run another algorithm than the heuristic's first "
+              "(ms per call, each alone):\n",
+              tunings.size(), static_cast<long>(changed));
+  std::printf("%-38s %5s %5s %9s %9s  %s\n", "shape", "timed", "rank", "rank 0 ms", "chosen ms", "chosen config");
+  nlohmann::json out = nlohmann::json::array();
+  for (const MatmulTuning& t : tunings) {
+    std::printf("%-38s %5d %5d %9.3f %9.3f  %s\n", t.shape.c_str(), t.timed, t.chosen_rank, t.heuristic_ms,
+                t.chosen_ms, t.config.c_str());
+    const auto ms = [](double v) { return v >= 0 ? nlohmann::json(v) : nlohmann::json(nullptr); };
+    out.push_back({{"shape", t.shape}, {"timed", t.timed}, {"chosen_rank", t.chosen_rank},
+                   {"heuristic_ms", ms(t.heuristic_ms)}, {"chosen_ms", ms(t.chosen_ms)}, {"config", t.config}});
+  }
+  return out;
+}
+
 int thread_count() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -393,6 +419,7 @@ void register_bench_command(CLI::App& app) {
     const nlohmann::json sweep =
         opts->sweep_matmuls > 0 ? sweep_matmul_algorithms(product_shapes, device_index, opts->sweep_matmuls)
                                 : nlohmann::json(nullptr);
+    const nlohmann::json tunings = report_matmul_tunings(backend->matmul_tunings());
     if (!opts->json_path.empty()) {
       const char* commit = std::getenv("SPEEDRUN_COMMIT");
       nlohmann::json out = {{"date", iso_date_utc()},
@@ -433,7 +460,9 @@ void register_bench_command(CLI::App& app) {
                             {"profiled_step_ms", 1000 * profiled_seconds},
                             {"ops", ops},
                             {"matmul_shapes", shapes},
-                            {"matmul_sweep", sweep}};
+                            {"matmul_sweep", sweep},
+                            {"autotune_matmuls", backend_options.autotune_matmuls},
+                            {"matmul_tunings", tunings}};
       write_file_atomically(opts->json_path, out.dump(2) + "\n");
     }
   });

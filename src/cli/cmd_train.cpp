@@ -3,6 +3,7 @@
 // at the next step with a checkpoint and prints the command that resumes it.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -109,6 +110,17 @@ int gpu_of_process(const Communicator& comm) {
   return visible == 0 ? comm.local_rank() : gpu_for_local_rank(comm.local_rank(), visible);
 }
 
+// --autotune-matmuls: how many product plans were timed, and how many of them run another
+// algorithm than cuBLASLt's heuristic first (`speedrun bench` lists them).
+void report_matmul_tunings(const Backend& backend, const Communicator& comm, bool quiet) {
+  const std::vector<MatmulTuning> tunings = backend.matmul_tunings();
+  if (quiet || comm.rank() != 0 || tunings.empty()) return;
+  const auto changed =
+      std::count_if(tunings.begin(), tunings.end(), [](const MatmulTuning& t) { return t.chosen_rank != 0; });
+  std::printf("matmul plans tuned by timing: %zu, of which %ld run another algorithm than the heuristic's first\n",
+              tunings.size(), static_cast<long>(changed));
+}
+
 void run(const Options& opts, Communicator& comm) {
   TrainOptions train = resolve(opts);
   share_out_dir(comm, train.out_dir);
@@ -124,6 +136,7 @@ void run(const Options& opts, Communicator& comm) {
   clear_interrupt();
   train.stop_requested = pending_interrupt;
   const TrainResult result = speedrun::train(train, *backend);
+  report_matmul_tunings(*backend, comm, train.quiet);
   if (!result.stopped_by_signal) return;
   std::fflush(stdout);
   if (comm.rank() != 0) std::exit(exit_status_for_signal(result.stopped_by_signal));

@@ -366,6 +366,8 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   EXPECT_TRUE(j["matmul_shapes"].contains("NT 64x64x16 f32")) << j["matmul_shapes"].dump();
   EXPECT_EQ(j["matmul"], "fp32");  // --matmul auto on the CPU: the float32 reference
   EXPECT_EQ(j["attention_kernel"], "reference");
+  EXPECT_EQ(j["autotune_matmuls"], 0);  // nothing chosen by timing
+  EXPECT_TRUE(j["matmul_tunings"].is_null()) << j["matmul_tunings"].dump();
   // Launch counts from exec: at least the time of the steps it contains, and not absurd.
   EXPECT_GE(j["first_step_seconds"].get<double>(), j["ms_per_step"].get<double>() / 1000 / 4);
   EXPECT_LT(j["first_step_seconds"].get<double>(), 60);
@@ -473,6 +475,20 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   const RunResult too_many = speedrun("bench --preset micro --device cuda --sweep-matmuls 65", dir_);
   EXPECT_EQ(too_many.exit_code, 2);
   EXPECT_TRUE(contains(too_many.err, "--sweep-matmuls")) << too_many.err;
+  // So does choosing them by timing, in train and bench alike.
+  const std::string tuned_dir = quote((dir_ / "tuned").string());
+  for (const std::string& command : {std::string("bench --preset micro --steps 1"),
+                                     "train --preset micro --steps 1 --out-dir " + tuned_dir}) {
+    const RunResult tuned = speedrun(command + " --autotune-matmuls 4", dir_);
+    EXPECT_EQ(tuned.exit_code, 2) << command;
+    EXPECT_TRUE(contains(tuned.err, "--autotune-matmuls")) << tuned.err;
+    EXPECT_TRUE(contains(tuned.err, "--device cuda")) << tuned.err;
+    EXPECT_FALSE(contains(tuned.out, "step")) << tuned.out;
+    EXPECT_FALSE(fs::exists(dir_ / "tuned")) << command;
+  }
+  const RunResult too_many_tuned = speedrun("train --preset micro --device cuda --autotune-matmuls 65", dir_);
+  EXPECT_EQ(too_many_tuned.exit_code, 2);
+  EXPECT_TRUE(contains(too_many_tuned.err, "--autotune-matmuls")) << too_many_tuned.err;
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -177,12 +178,14 @@ class CudaBackendTest : public ::testing::Test {
     cpu_ = make_cpu_backend();
   }
   std::string trace() const { return "seed " + std::to_string(seed_); }
-  // Both backends with --matmul bf16 (the CPU's is the exact emulation).
-  void use_bf16_matmuls() {
+  // Both backends with --matmul bf16 (the CPU's is the exact emulation); the GPU's choosing
+  // its algorithms by timing `autotune` candidates when above 1.
+  void use_bf16_matmuls(int autotune = 0) {
     BackendOptions bf16;
     bf16.matmul = MatmulPrecision::kBfloat16;
-    gpu_ = make_cuda_backend(0, bf16);
     cpu_ = make_cpu_backend(bf16);
+    bf16.autotune_matmuls = autotune;
+    gpu_ = make_cuda_backend(0, bf16);
   }
 
   std::vector<float> normal(size_t n, float scale = 1.f) {
@@ -351,6 +354,9 @@ class GemmTest : public CudaBackendTest {
     }
     EXPECT_EQ(bad, 0u);
   }
+  // gemm_to_bf16 at two shapes, with and without an addend (distinct or in place), bf16 and
+  // float32 inputs, against the CPU's codes; backends made with `autotune` candidates.
+  void check_products_into_codes(int autotune);
 };
 
 TEST_F(GemmTest, EveryTransposeShapeAndBetaMatchesCpu) {
@@ -401,12 +407,18 @@ TEST_F(GemmTest, Bf16InputsMatchTheCpuEmulation) {
 // addend read with the wrong leading dimension would carry them into C.
 TEST_F(GemmTest, ProductsIntoCodesAreTheRoundedProduct) {
   SCOPED_TRACE(trace());
+  check_products_into_codes(0);
+}
+
+void GemmTest::check_products_into_codes(int autotune) {
   enum class Addend { kNone, kDistinct, kInPlace };
   const char* const addend_names[] = {"no addend", "addend", "addend in place"};
   for (bool bf16_inputs : {true, false}) {
-    if (bf16_inputs) use_bf16_matmuls();
+    if (bf16_inputs) use_bf16_matmuls(autotune);
     else {
-      gpu_ = make_cuda_backend(0);
+      BackendOptions float32;
+      float32.autotune_matmuls = autotune;
+      gpu_ = make_cuda_backend(0, float32);
       cpu_ = make_cpu_backend();
     }
     struct Shape { bool ta, tb; int M, N, K, pad; };
@@ -1832,6 +1844,46 @@ TEST_F(GemmTest, TheSweepTimesEachCandidateInTheHeuristicsOrder) {
     EXPECT_GT(timings.front().ms, 0) << "the backend's own choice must run";
   }
   EXPECT_THROW(sweep_product_algorithms(0, ProductShape{}, 4, 3), Error);
+}
+
+// --autotune-matmuls: each new plan times the heuristic's candidates on operands of its own
+// and runs the fastest. The products still match the CPU, C accumulated into exactly once (the
+// timing never touches the caller's C), and each plan's choice is recorded once.
+TEST_F(GemmTest, AutotunedPlansRunTheFastestCandidateAndStillMatchCpu) {
+  SCOPED_TRACE(trace());
+  constexpr int kCandidates = 4;
+  use_bf16_matmuls(kCandidates);
+  const GemmCase cases[] = {
+      {false, false, 37, 129, 65, 3, 0.7f, 1.3f, 1},
+      {true, false, 768, 256, 1024, 0, 1.f, 1.f, 1},  // a weight gradient, accumulated
+      {false, true, 24, 24, 40, 0, 1.f, 0.f, 3},      // Newton-Schulz's X X^T
+  };
+  for (const GemmCase& g : cases) check(g);
+  const std::vector<MatmulTuning> tunings = gpu_->matmul_tunings();
+  ASSERT_EQ(tunings.size(), std::size(cases));
+  for (size_t i = 0; i < tunings.size(); ++i) {
+    const GemmCase& g = cases[i];
+    const MatmulTuning& t = tunings[i];
+    EXPECT_EQ(t.shape, product_shape_name({g.ta, g.tb, g.M, g.N, g.K, false, g.beta != 0.f, g.batch}));
+    EXPECT_GE(t.timed, 1);
+    EXPECT_LE(t.timed, kCandidates);
+    EXPECT_GE(t.chosen_rank, 0);
+    EXPECT_LT(t.chosen_rank, t.timed);
+    EXPECT_GT(t.chosen_ms, 0) << t.shape;
+    if (t.heuristic_ms >= 0) EXPECT_LE(t.chosen_ms, t.heuristic_ms) << t.shape;
+    EXPECT_EQ(t.config.rfind("algo ", 0), 0u) << t.config;
+    std::printf("  %s: %d timed, rank %d chosen, %.4f ms against rank 0's %.4f, %s\n", t.shape.c_str(), t.timed,
+                t.chosen_rank, t.chosen_ms, t.heuristic_ms, t.config.c_str());
+  }
+  check(cases[0]);  // a plan already made is not tuned again
+  EXPECT_EQ(gpu_->matmul_tunings().size(), std::size(cases));
+  // Products into codes too, bf16 and float32 inputs, with their addends.
+  check_products_into_codes(kCandidates);
+  EXPECT_FALSE(gpu_->matmul_tunings().empty());
+  // Without the option nothing is timed.
+  use_bf16_matmuls();
+  check(cases[0]);
+  EXPECT_TRUE(gpu_->matmul_tunings().empty());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class CudaBackend final : public Backend {
     }
     SPEEDRUN_CUDA_CHECK(cudaSetDevice(device));
     SPEEDRUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    gemm_ = std::make_unique<LtGemm>(stream_, bf16_matmul_);
+    gemm_ = std::make_unique<LtGemm>(stream_, bf16_matmul_, options.autotune_matmuls);
     reduce_scratch_ = std::make_unique<Scratch>(stream_);
     result_scratch_ = std::make_unique<Scratch>(stream_);
     op_scratch_ = std::make_unique<Scratch>(stream_);
@@ -76,6 +76,7 @@ class CudaBackend final : public Backend {
   int head_chunk_rows() const override { return kCudaHeadChunkRows; }
   size_t peak_memory_bytes() const override { return allocations_.peak(); }
   size_t operand_copy_traffic_bytes() const override { return gemm_ ? gemm_->operand_copy_traffic_bytes() : 0; }
+  std::vector<MatmulTuning> matmul_tunings() const override { return gemm_->tunings(); }
   void hold_operand(int slot, const float* x, size_t count) override { gemm_->hold(slot, x, count); }
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     return gemm_->hold_produced(slot, x, count);

@@ -21,13 +21,6 @@ int64_t alignment_bytes(const void* pointer, size_t stride_elements, size_t elem
   return static_cast<int64_t>(bits & (~bits + 1));
 }
 
-// Floats an operand spans: `batch` matrices of rows x cols (leading dimension ld), `stride`
-// apart. The bf16 copy covers the gaps too, so that ld and stride apply to it unchanged.
-size_t operand_extent(int rows, int cols, int ld, size_t stride, int batch) {
-  if (rows == 0 || cols == 0 || batch == 0) return 0;
-  return static_cast<size_t>(batch - 1) * stride + static_cast<size_t>(rows - 1) * ld + cols;
-}
-
 cublasLtMatrixLayout_t make_layout(cudaDataType_t type, uint64_t rows, uint64_t cols, int64_t ld, int batch,
                                    int64_t stride) {
   cublasLtMatrixLayout_t layout = nullptr;
@@ -43,9 +36,15 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t type, uint64_t rows, uint64_t 
 
 }  // namespace
 
-LtGemm::LtGemm(cudaStream_t stream, bool bf16_inputs)
+size_t operand_extent(int rows, int cols, int ld, size_t stride, int batch) {
+  if (rows == 0 || cols == 0 || batch == 0) return 0;
+  return static_cast<size_t>(batch - 1) * stride + static_cast<size_t>(rows - 1) * ld + cols;
+}
+
+LtGemm::LtGemm(cudaStream_t stream, bool bf16_inputs, int autotune_candidates)
     : stream_(stream),
       bf16_inputs_(bf16_inputs),
+      autotune_candidates_(autotune_candidates),
       bf16_a_(stream),
       bf16_b_(stream),
       held_{HeldOperand(stream), HeldOperand(stream)} {
@@ -86,9 +85,10 @@ const LtGemm::Plan* LtGemm::plan_for(const Key& key) {
 
 bool LtGemm::build_plan(const Key& key, Plan& plan) {
   describe(key, plan);
-  const auto algorithms = candidates(key, plan, 1);
+  const bool tuned = autotune_candidates_ > 1;
+  const auto algorithms = candidates(key, plan, tuned ? autotune_candidates_ : 1);
   if (algorithms.empty()) return false;
-  plan.algo = algorithms.front();
+  plan.algo = tuned ? fastest(key, plan, algorithms) : algorithms.front();
   return true;
 }
 
@@ -241,7 +241,7 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 alignment_bytes(b, stride_b, element_bytes, batch),
                 alignment_bytes(C, stride_c, sizeof(float), batch),
                 CUDA_R_32F,
-                0};
+                beta != 0.f};
   const Plan* found = plan_for(key);
   if (!found) {
     throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +

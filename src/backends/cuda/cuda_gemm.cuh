@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <map>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "backends/backend.h"
@@ -33,9 +34,19 @@ std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, 
                                                        uint32_t align_a, uint32_t align_b, uint32_t align_c,
                                                        int wanted, bool rounded_output = false);
 
+// Floats (or codes) an operand spans: `batch` matrices of rows x cols (leading dimension ld),
+// `stride` apart. A bf16 copy covers the gaps too, so that ld and stride apply to it unchanged.
+size_t operand_extent(int rows, int cols, int ld, size_t stride, int batch);
+
+// An algorithm's configuration as text: cuBLASLt's algorithm id, tile and stages ids,
+// split-K, reduction, swizzle, cluster ("?" for what cuBLASLt does not say).
+std::string describe_algorithm(const cublasLtMatmulAlgo_t& algo);
+
 class LtGemm {
  public:
-  LtGemm(cudaStream_t stream, bool bf16_inputs);
+  // autotune_candidates > 1: each new plan times up to that many of the heuristic's
+  // candidates and runs the fastest (BackendOptions::autotune_matmuls).
+  LtGemm(cudaStream_t stream, bool bf16_inputs, int autotune_candidates = 0);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
@@ -68,6 +79,8 @@ class LtGemm {
   // heuristic's candidates for a dense product of `shape` with operands aligned as
   // cudaMalloc's, best first, each timed over `repeats` runs. Requires bf16 inputs.
   std::vector<AlgorithmTiming> time_candidates(const ProductShape& shape, int wanted, int repeats);
+  // The plans whose algorithm was chosen by timing, in the order they were made.
+  const std::vector<MatmulTuning>& tunings() const { return tunings_; }
 
  private:
   struct Plan {
@@ -76,9 +89,9 @@ class LtGemm {
     cublasLtMatmulAlgo_t algo{};
   };
   // ta, tb, M, N, K, lda, ldb, ldc, strides a, b, c, batch, alignments a, b, c (the least of
-  // C's and D's), C's type, whether C is an addend (gemm_to_bf16's; run() reads C as D, in
-  // place). The plan is built alike either way: the last entry keeps apart plans whose C
-  // alignment was measured over different pointers.
+  // C's and D's), C's type, whether C is read (gemm_to_bf16's addend; run()'s C in place when
+  // beta != 0). The plan is built alike either way: the last entry keeps apart plans whose C
+  // alignment was measured over different pointers, and tells a tuning what to time.
   using Key = std::array<int64_t, 17>;
   // The plan for key; nullptr when cuBLASLt has no algorithm for it (remembered).
   const Plan* plan_for(const Key& key);
@@ -87,6 +100,14 @@ class LtGemm {
   // Up to `wanted` of the heuristic's algorithms for a described plan, best first.
   std::vector<cublasLtMatmulAlgo_t> candidates(const Key& key, const Plan& plan, int wanted);
   static void destroy(const Plan& plan);        // frees what the plan holds (null members skipped)
+  // (cuda_gemm_tuning.cu) Each of `algorithms`, candidates for the described plan of `key`,
+  // timed over `repeats` runs on random operands laid out as the key says, in fresh device
+  // memory (the plan's own operands are left alone: C may be accumulated into).
+  std::vector<AlgorithmTiming> time_algorithms(const Key& key, const Plan& plan,
+                                               const std::vector<cublasLtMatmulAlgo_t>& algorithms, int repeats);
+  // The fastest of `algorithms` that ran (the first when none did), recorded in tunings_.
+  cublasLtMatmulAlgo_t fastest(const Key& key, const Plan& plan, const std::vector<cublasLtMatmulAlgo_t>& algorithms);
+  static ProductShape shape_of(const Key& key);
 
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
   const void* rounded_operand(Scratch& buffer, const float* x, size_t extent);
@@ -101,6 +122,8 @@ class LtGemm {
 
   cudaStream_t stream_;
   const bool bf16_inputs_;
+  const int autotune_candidates_;
+  std::vector<MatmulTuning> tunings_;
   Scratch bf16_a_, bf16_b_;  // operand copies (bf16_inputs_); grown to the largest, never shrunk
   size_t operand_copy_traffic_ = 0;
   HeldOperand held_[Backend::kHeldOperands];
