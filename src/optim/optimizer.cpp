@@ -2,40 +2,71 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+
+#include "util/error.h"
 
 namespace speedrun {
 
 namespace {
 
-// Newton-Schulz scratch: the largest Muon tensor and the largest batch of Gram matrices.
+bool is_tall(const ParamSpec& spec) { return spec.rows > spec.cols; }
+
+std::vector<Optimizer::MuonGroup> group_muon_tensors(const ParamLayout& layout) {
+  std::vector<Optimizer::MuonGroup> groups;
+  const auto& specs = layout.specs();
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].group != ParamGroup::kMuon) continue;
+    const int r = std::min(specs[i].rows, specs[i].cols), c = std::max(specs[i].rows, specs[i].cols);
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.r == r && g.c == c; });
+    if (group == groups.end()) group = groups.insert(groups.end(), Optimizer::MuonGroup{r, c, {}});
+    group->specs.push_back(i);
+  }
+  return groups;
+}
+
+// Muon scratch in floats: one momentum update (the largest tensor), a batch of wide matrices,
+// and the Gram matrices of the most matrices a batch of any group can hold.
 struct ScratchSizes {
   size_t largest = 1;
-  size_t largest_gram = 1;
+  size_t batch = 1;
+  size_t gram = 1;
 };
 
-ScratchSizes scratch_sizes(const ParamLayout& layout) {
+ScratchSizes scratch_sizes(const ParamLayout& layout, size_t requested_batch) {
   ScratchSizes sizes;
-  for (const ParamSpec& spec : layout.specs()) {
-    if (spec.group != ParamGroup::kMuon) continue;
-    sizes.largest = std::max(sizes.largest, spec.count);
-    const size_t r = std::min(spec.rows, spec.cols);
-    sizes.largest_gram = std::max(sizes.largest_gram, static_cast<size_t>(spec.matrices) * r * r);
+  const std::vector<Optimizer::MuonGroup> groups = group_muon_tensors(layout);
+  size_t largest_group = 1;
+  for (const Optimizer::MuonGroup& g : groups) {
+    size_t total = 0;
+    for (size_t i : g.specs) {
+      sizes.largest = std::max(sizes.largest, layout.specs()[i].count);
+      total += layout.specs()[i].count;
+    }
+    largest_group = std::max(largest_group, total);
+  }
+  const size_t wanted = requested_batch > 0 ? requested_batch : Optimizer::kMuonBatchFloats;
+  sizes.batch = std::max(sizes.largest, std::min(wanted, largest_group));
+  for (const Optimizer::MuonGroup& g : groups) {
+    const size_t matrix = static_cast<size_t>(g.r) * g.c;
+    sizes.gram = std::max(sizes.gram, sizes.batch / matrix * g.r * g.r);
   }
   return sizes;
 }
 
 }  // namespace
 
-size_t Optimizer::memory_bytes(const ParamLayout& layout) {
+size_t Optimizer::memory_bytes(const ParamLayout& layout, size_t muon_batch_floats) {
   size_t floats = 0;
   for (const ParamSpec& spec : layout.specs()) floats += (spec.group == ParamGroup::kMuon ? 1 : 2) * spec.count;
-  const ScratchSizes scratch = scratch_sizes(layout);
-  floats += 3 * scratch.largest + 2 * scratch.largest_gram;
+  const ScratchSizes scratch = scratch_sizes(layout, muon_batch_floats);
+  floats += scratch.largest + 2 * scratch.batch + 2 * scratch.gram;
   return floats * sizeof(float);
 }
 
-Optimizer::Optimizer(const Config& config, const ParamLayout& layout, Backend& backend)
-    : config_(config), layout_(layout), backend_(backend) {
+Optimizer::Optimizer(const Config& config, const ParamLayout& layout, Backend& backend, size_t muon_batch_floats)
+    : config_(config), layout_(layout), backend_(backend), muon_groups_(group_muon_tensors(layout)) {
+  int muon_tensors = 0;
   for (const ParamSpec& spec : layout_.specs()) {
     float* first = nullptr;
     float* second = nullptr;
@@ -50,13 +81,15 @@ Optimizer::Optimizer(const Config& config, const ParamLayout& layout, Backend& b
     }
     first_state_.push_back(first);
     second_state_.push_back(second);
+    muon_ordinal_.push_back(spec.group == ParamGroup::kMuon ? muon_tensors++ : -1);
   }
-  const ScratchSizes scratch = scratch_sizes(layout_);
+  const ScratchSizes scratch = scratch_sizes(layout_, muon_batch_floats);
+  batch_floats_ = scratch.batch;
   update_ = backend_.alloc(scratch.largest);
-  x_ = backend_.alloc(scratch.largest);
-  x_next_ = backend_.alloc(scratch.largest);
-  gram_ = backend_.alloc(scratch.largest_gram);
-  poly_ = backend_.alloc(scratch.largest_gram);
+  x_ = backend_.alloc(scratch.batch);
+  x_next_ = backend_.alloc(scratch.batch);
+  gram_ = backend_.alloc(scratch.gram);
+  poly_ = backend_.alloc(scratch.gram);
 }
 
 Optimizer::~Optimizer() {
@@ -78,57 +111,107 @@ float Optimizer::adam_lr(const ParamSpec& spec) const {
 void Optimizer::step(float* params, const float* grads, int step, Communicator* comm, const int32_t* skip) {
   const double mult = lr_multiplier(config_, step);
   const float momentum = static_cast<float>(muon_momentum(config_, step));
-  const auto& specs = layout_.specs();
-  const int processes = comm ? comm->size() : 1;
-  int muon_index = 0;
+  for (const MuonGroup& group : muon_groups_) {
+    update_muon_group(group, params, grads, static_cast<float>(config_.lr_muon * mult), momentum, comm, skip);
+  }
   adam_tensors_.clear();
+  const auto& specs = layout_.specs();
   for (size_t i = 0; i < specs.size(); ++i) {
     const ParamSpec& spec = specs[i];
-    float* p = params + spec.offset;
-    const float* g = grads + spec.offset;
-    if (spec.group == ParamGroup::kMuon) {
-      const int owner = muon_index++ % processes;
-      const bool mine = processes == 1 || comm->rank() == owner;
-      muon_update(p, g, first_state_[i], spec, static_cast<float>(config_.lr_muon * mult), momentum, mine, skip);
-      if (processes > 1) comm->broadcast_async(p, spec.count, owner);
-    } else {
-      adam_tensors_.push_back(
-          {p, g, first_state_[i], second_state_[i], spec.count, static_cast<float>(adam_lr(spec) * mult)});
-    }
+    if (spec.group == ParamGroup::kMuon) continue;
+    adam_tensors_.push_back({params + spec.offset, grads + spec.offset, first_state_[i], second_state_[i], spec.count,
+                             static_cast<float>(adam_lr(spec) * mult)});
   }
   backend_.adam_update(adam_tensors_.data(), adam_tensors_.size(), static_cast<float>(config_.adam_beta1),
                        static_cast<float>(config_.adam_beta2), static_cast<float>(config_.adam_eps), step + 1, skip);
   if (comm) comm->wait_all();
 }
 
-void Optimizer::muon_update(float* param, const float* grad, float* buf, const ParamSpec& spec, float lr,
-                            float momentum, bool owner, const int32_t* skip) {
-  // Every process keeps the momentum buffers (they are checkpointed); only the owner
-  // orthogonalises and applies, the others receive the result.
-  backend_.muon_momentum(update_, buf, grad, spec.count, momentum, skip);
-  if (!owner) return;
-  orthogonalize(update_, spec.matrices, spec.rows, spec.cols);
-  const float shape_scale = std::sqrt(std::max(1.f, static_cast<float>(spec.rows) / static_cast<float>(spec.cols)));
-  backend_.apply_update(param, update_, spec.count, lr * shape_scale, skip);
+void Optimizer::update_muon_group(const MuonGroup& group, float* params, const float* grads, float lr,
+                                  float momentum, Communicator* comm, const int32_t* skip) {
+  const auto& specs = layout_.specs();
+  const int processes = comm ? comm->size() : 1;
+  const auto owner = [&](size_t i) { return muon_ordinal_[i] % processes; };
+  std::vector<size_t> batch;  // this process's tensors whose updates are in x_
+  size_t batch_floats = 0;
+  for (size_t i : group.specs) {
+    const ParamSpec& spec = specs[i];
+    // Every process keeps the momentum buffers (they are checkpointed); only the owner
+    // orthogonalises and applies, the others receive the result.
+    if (processes > 1 && comm->rank() != owner(i)) {
+      backend_.muon_momentum(update_, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
+      continue;
+    }
+    if (batch_floats + spec.count > batch_floats_) {
+      orthogonalize_and_apply(batch, static_cast<int>(batch_floats / (static_cast<size_t>(group.r) * group.c)), group,
+                              params, lr, skip);
+      batch.clear();
+      batch_floats = 0;
+    }
+    float* slot = x_ + batch_floats;
+    if (is_tall(spec)) {  // made wide in its slot
+      backend_.muon_momentum(update_, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
+      backend_.transpose(slot, update_, spec.rows, spec.cols, spec.matrices);
+    } else {
+      backend_.muon_momentum(slot, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
+    }
+    batch.push_back(i);
+    batch_floats += spec.count;
+  }
+  if (!batch.empty()) {
+    orthogonalize_and_apply(batch, static_cast<int>(batch_floats / (static_cast<size_t>(group.r) * group.c)), group,
+                            params, lr, skip);
+  }
+  if (processes > 1) {
+    for (size_t i : group.specs) comm->broadcast_async(params + specs[i].offset, specs[i].count, owner(i));
+  }
+}
+
+void Optimizer::orthogonalize_and_apply(const std::vector<size_t>& batch, int matrices, const MuonGroup& group,
+                                        float* params, float lr, const int32_t* skip) {
+  const float* result = newton_schulz(matrices, group.r, group.c);
+  for (size_t i : batch) {
+    const ParamSpec& spec = layout_.specs()[i];
+    const float* update = result;
+    if (is_tall(spec)) {  // back to the parameter's shape
+      backend_.transpose(update_, result, group.r, group.c, spec.matrices);
+      update = update_;
+    }
+    const float shape_scale = std::sqrt(std::max(1.f, static_cast<float>(spec.rows) / static_cast<float>(spec.cols)));
+    backend_.apply_update(params + spec.offset, update, spec.count, lr * shape_scale, skip);
+    result += spec.count;
+  }
 }
 
 void Optimizer::orthogonalize(float* x, int batch, int rows, int cols) {
+  const size_t count = static_cast<size_t>(rows) * cols;
+  if (batch < 1 || rows < 1 || cols < 1 || count * batch > batch_floats_) {
+    throw Error("Optimizer::orthogonalize: " + std::to_string(batch) + " matrices of " + std::to_string(rows) + " x " +
+                std::to_string(cols) + " do not fit a Muon batch of " + std::to_string(batch_floats_) + " floats");
+  }
   // Work on the wide orientation (r <= c) so the Gram matrix X X^T is the small one.
   const bool tall = rows > cols;
-  const int r = tall ? cols : rows;
-  const int c = tall ? rows : cols;
-  const size_t count = static_cast<size_t>(rows) * cols;
-  float* X = x_;
   if (tall) {
-    backend_.transpose(X, x, rows, cols, batch);
+    backend_.transpose(x_, x, rows, cols, batch);
   } else {
-    backend_.copy(X, x, count * batch);
+    backend_.copy(x_, x, count * batch);
   }
+  const float* result = newton_schulz(batch, tall ? cols : rows, tall ? rows : cols);
+  if (tall) {
+    backend_.transpose(x, result, cols, rows, batch);
+  } else {
+    backend_.copy(x, result, count * batch);
+  }
+}
+
+float* Optimizer::newton_schulz(int batch, int r, int c) {
+  const size_t count = static_cast<size_t>(r) * c;
+  float* X = x_;
+  float* Xn = x_next_;
   backend_.normalize_frobenius(X, count, batch, 1e-7f);
   const float a = static_cast<float>(config_.ns_a), b = static_cast<float>(config_.ns_b),
               cc = static_cast<float>(config_.ns_c);
   const size_t rr = static_cast<size_t>(r) * r;
-  float* Xn = x_next_;
   for (int it = 0; it < config_.ns_steps; ++it) {
     // A = X X^T; B = b A + c A A; X = a X + B X.
     backend_.gemm_batched(false, true, r, r, c, 1.f, X, c, count, X, c, count, 0.f, gram_, r, rr, batch);
@@ -138,11 +221,7 @@ void Optimizer::orthogonalize(float* x, int batch, int rows, int cols) {
     backend_.gemm_batched(false, false, r, c, r, 1.f, poly_, r, rr, X, c, count, a, Xn, c, count, batch);
     std::swap(X, Xn);
   }
-  if (tall) {
-    backend_.transpose(x, X, r, c, batch);
-  } else {
-    backend_.copy(x, X, count * batch);
-  }
+  return X;
 }
 
 }  // namespace speedrun

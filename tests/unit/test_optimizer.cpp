@@ -3,8 +3,13 @@
 // and the schedules at named steps.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <map>
+#include <string>
 
+#include "backends/profiling_backend.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
 #include "support/finite_difference.h"
@@ -77,9 +82,10 @@ class OptimizerStep : public ::testing::Test {
                                            testing::random_vector(layout.total(), 3)};
   std::vector<float> zero_grad_tensor_ = std::vector<float>(layout.total(), 0.f);
 
-  // Runs `steps` optimiser steps from `first_step` with grads[s % 2] and returns the params.
-  std::vector<float> run(int first_step, int steps) {
-    Optimizer opt(config, layout, *be);
+  // Runs `steps` optimiser steps from `first_step` with grads[s % 2] and returns the params;
+  // Muon batches of at most `muon_batch_floats` (0: the default).
+  std::vector<float> run(int first_step, int steps, size_t muon_batch_floats = 0) {
+    Optimizer opt(config, layout, *be, muon_batch_floats);
     std::vector<float> p(params);
     for (int s = first_step; s < first_step + steps; ++s) opt.step(p.data(), grads[(s - first_step) % 2].data(), s);
     return p;
@@ -143,6 +149,82 @@ TEST_F(OptimizerStep, MuonMatchesHandComputation) {
   }
   // micro: 3 attention layers x 3 (qkv) + 3 c_proj + 4 x 2 MLP matrices.
   EXPECT_EQ(checked, 3 * 3 + 3 + 4 * 2);
+}
+
+// Muon's matrices of one shape are orthogonalised together (SPEC §4's batched Newton-Schulz):
+// micro's 3 qkv tensors (3 matrices each) and 3 c_proj of 16 x 16 in one group; its 4 c_fc
+// (64 x 16, tall: transposed) and 4 MLP c_proj (16 x 64) in another.
+TEST_F(OptimizerStep, MuonGroupsTheMatricesOfOneShape) {
+  Optimizer opt(config, layout, *be);
+  const auto& groups = opt.muon_groups();
+  ASSERT_EQ(groups.size(), 2u);
+  EXPECT_EQ(groups[0].r, 16);
+  EXPECT_EQ(groups[0].c, 16);
+  EXPECT_EQ(groups[1].r, 16);
+  EXPECT_EQ(groups[1].c, 64);
+  std::map<std::string, int> named;
+  for (const auto& g : groups) {
+    for (size_t i : g.specs) {
+      const ParamSpec& spec = layout.specs()[i];
+      EXPECT_EQ(spec.group, ParamGroup::kMuon) << spec.name;
+      EXPECT_EQ(std::min(spec.rows, spec.cols), g.r) << spec.name;
+      EXPECT_EQ(std::max(spec.rows, spec.cols), g.c) << spec.name;
+      ++named[spec.name];
+    }
+  }
+  EXPECT_EQ(groups[0].specs.size(), 6u);
+  EXPECT_EQ(groups[1].specs.size(), 8u);
+  for (const ParamSpec& spec : layout.specs()) {
+    EXPECT_EQ(named[spec.name], spec.group == ParamGroup::kMuon ? 1 : 0) << spec.name;
+  }
+}
+
+// Batching is how the work is issued, not what it computes: a tensor per batch, a few, or a
+// whole group per batch give the same bits; and the default issues one batch per group, so
+// one step's Newton-Schulz products are groups x steps x 3.
+TEST_F(OptimizerStep, MuonBatchesOfAnySizeGiveTheSameBits) {
+  const std::vector<float> whole_groups = run(3, 2);
+  const std::vector<float> tensor_at_a_time = run(3, 2, 1);  // the bound rises to the largest tensor
+  const std::vector<float> a_few = run(3, 2, 2 * 64 * 16);
+  ASSERT_EQ(whole_groups.size(), tensor_at_a_time.size());
+  for (size_t i = 0; i < whole_groups.size(); ++i) {
+    ASSERT_EQ(std::bit_cast<uint32_t>(whole_groups[i]), std::bit_cast<uint32_t>(tensor_at_a_time[i])) << i;
+    ASSERT_EQ(std::bit_cast<uint32_t>(whole_groups[i]), std::bit_cast<uint32_t>(a_few[i])) << i;
+  }
+  std::map<std::string, OpStats> stats;
+  auto profiled = make_profiling_backend(*be, stats);
+  Optimizer opt(config, layout, *profiled);
+  std::vector<float> p(params);
+  opt.step(p.data(), grads[0].data(), 3);
+  EXPECT_EQ(stats["matmul (Newton-Schulz)"].calls, 2 * config.ns_steps * 3);
+}
+
+// speedrun-124m's Muon scratch: a momentum update of the largest tensor (768 x 3072), two
+// batches of 8M floats (the 768 x 768 group goes 14 matrices at a time: 12, as its tensors
+// are whole) and two sets of 14 Gram matrices of 768 x 768. 142 MB, where a tensor at a time
+// needed 42 MB.
+TEST(OptimizerMemory, MuonScratchIsBoundedByTheBatch) {
+  const Config config = Config::preset("speedrun-124m");
+  const ParamLayout layout(config);
+  size_t state = 0;
+  for (const ParamSpec& spec : layout.specs()) state += (spec.group == ParamGroup::kMuon ? 1 : 2) * spec.count;
+  const size_t scratch = 768 * 3072 + 2 * Optimizer::kMuonBatchFloats + 2 * 14 * 768 * 768;
+  EXPECT_EQ(Optimizer::memory_bytes(layout), (state + scratch) * sizeof(float));
+  // A bound below the largest tensor rises to it; the Gram matrices follow the batch.
+  const size_t smallest = 768 * 3072 + 2 * 768 * 3072 + 2 * 4 * 768 * 768;
+  EXPECT_EQ(Optimizer::memory_bytes(layout, 1), (state + smallest) * sizeof(float));
+}
+
+TEST_F(OptimizerStep, OrthogonalizeRefusesMoreThanABatch) {
+  Optimizer opt(config, layout, *be, 1);  // the bound: micro's largest tensor, a c_fc of 64 x 16
+  std::vector<float> x = testing::random_vector(5 * 16 * 16, 4);
+  EXPECT_NO_THROW(opt.orthogonalize(x.data(), 4, 16, 16));
+  try {
+    opt.orthogonalize(x.data(), 5, 16, 16);
+    FAIL() << "5 matrices of 16 x 16 fit a batch of 1024 floats";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("5 matrices of 16 x 16"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(OptimizerStep, NewtonSchulzOutputIsRoughlyOrthogonal) {
