@@ -206,15 +206,17 @@ class Backend {
   // attention (AttentionInputCodes); out may then be null (the codes alone).
   virtual void mix_forward(float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                            size_t n) = 0;
-  // da (+)= coef[0] * dout; db += coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
+  // da (+)= coef[0] * dout; db (+)= coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
   // da_codes (unless null) = bf16 of the final da, for a matmul operand held by
-  // hold_produced_operand. da may alias dout.
-  virtual void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
-                            const float* dout, const float* a, const float* b, const float* coef, size_t n) = 0;
+  // hold_produced_operand. da may alias dout. Written, not added to, when not accumulating:
+  // a gradient's first contribution needs no zeroed buffer.
+  virtual void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
+                            float* dcoef, const float* dout, const float* a, const float* b, const float* coef,
+                            size_t n) = 0;
   // out += weight[0] * y (a U-net skip).
   virtual void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) = 0;
-  // dy += weight[0] * dout; dweight[0] += <dout, y>.
-  virtual void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y,
+  // dy (+)= weight[0] * dout; dweight[0] += <dout, y>.
+  virtual void scaled_add_backward(float* dy, bool accumulate_dy, float* dweight, const float* dout, const float* y,
                                    const float* weight, size_t n) = 0;
   // out += x; out_codes (unless null) = bf16 of the sum, for a matmul operand held by
   // hold_produced_operand.
@@ -286,15 +288,15 @@ class Backend {
   virtual void mix_forward_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef,
                                 size_t n) = 0;
   // mix_backward with a and b given as codes.
-  virtual void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
-                                 const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
-                                 size_t n) = 0;
+  virtual void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
+                                 float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b,
+                                 const float* coef, size_t n) = 0;
   // out = bf16(x + weight[0] y): a U-net skip added onto the stream; out may alias x.
   virtual void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
                                        size_t n) = 0;
   // scaled_add_backward with y given as codes.
-  virtual void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y,
-                                        const float* weight, size_t n) = 0;
+  virtual void scaled_add_backward_bf16(float* dy, bool accumulate_dy, float* dweight, const float* dout,
+                                        const uint16_t* y, const float* weight, size_t n) = 0;
   // rmsnorm_forward_bf16 of x given as codes: out = bf16(rmsnorm(x)) widened (a block's
   // norm, the final norm), out_codes (unless null) = the same values as codes. out may be
   // null when out_codes is given: the codes alone.

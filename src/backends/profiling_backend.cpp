@@ -104,34 +104,40 @@ class ProfilingBackend final : public Backend {
     timed("mix/residual forward", 0, n * (4.0 + (o ? 4 : 0) + (b ? 4 : 0) + code_bytes(stored)),
           [&] { inner_.mix_forward(o, stored, a, b, c, n); });
   }
-  void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout, const float* a,
-                    const float* b, const float* c, size_t n) override {
-    // dout and a read, da written (read too when accumulating), b read, db updated.
-    timed("mix/residual backward", 0, n * (12.0 + (acc ? 4 : 0) + (b ? 4 : 0) + (db ? 8 : 0) + code_bytes(da_codes)),
-          [&] { inner_.mix_backward(da, da_codes, acc, db, dc, dout, a, b, c, n); });
+  void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, bool acc_db, float* dc, const float* dout,
+                    const float* a, const float* b, const float* c, size_t n) override {
+    // dout and a read, da written (read too when accumulating), b read, db written (read too
+    // when accumulating).
+    timed("mix/residual backward", 0,
+          n * (12.0 + (acc ? 4 : 0) + (b ? 4 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
+          [&] { inner_.mix_backward(da, da_codes, acc, db, acc_db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
     timed("mix/residual forward", 0, 12.0 * n, [&] { inner_.scaled_add_forward(o, y, w, n); });
   }
-  void scaled_add_backward(float* dy, float* dw, const float* dout, const float* y, const float* w, size_t n) override {
-    timed("mix/residual backward", 0, 16.0 * n, [&] { inner_.scaled_add_backward(dy, dw, dout, y, w, n); });
+  void scaled_add_backward(float* dy, bool acc, float* dw, const float* dout, const float* y, const float* w,
+                           size_t n) override {
+    timed("mix/residual backward", 0, (acc ? 16.0 : 12.0) * n,
+          [&] { inner_.scaled_add_backward(dy, acc, dw, dout, y, w, n); });
   }
   void mix_forward_bf16(uint16_t* o, const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
     timed("mix/residual forward", 0, n * (4.0 + (b ? 2 : 0)), [&] { inner_.mix_forward_bf16(o, a, b, c, n); });
   }
-  void mix_backward_bf16(float* da, uint16_t* da_codes, bool acc, float* db, float* dc, const float* dout,
-                         const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool acc, float* db, bool acc_db, float* dc,
+                         const float* dout, const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
     // As mix_backward's, a and b read as 2-byte codes.
-    timed("mix/residual backward", 0, n * (10.0 + (acc ? 4 : 0) + (b ? 2 : 0) + (db ? 8 : 0) + code_bytes(da_codes)),
-          [&] { inner_.mix_backward_bf16(da, da_codes, acc, db, dc, dout, a, b, c, n); });
+    timed("mix/residual backward", 0,
+          n * (10.0 + (acc ? 4 : 0) + (b ? 2 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
+          [&] { inner_.mix_backward_bf16(da, da_codes, acc, db, acc_db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward_bf16(uint16_t* o, const uint16_t* x, const uint16_t* y, const float* w,
                                size_t n) override {
     timed("mix/residual forward", 0, 6.0 * n, [&] { inner_.scaled_add_forward_bf16(o, x, y, w, n); });
   }
-  void scaled_add_backward_bf16(float* dy, float* dw, const float* dout, const uint16_t* y, const float* w,
+  void scaled_add_backward_bf16(float* dy, bool acc, float* dw, const float* dout, const uint16_t* y, const float* w,
                                 size_t n) override {
-    timed("mix/residual backward", 0, 14.0 * n, [&] { inner_.scaled_add_backward_bf16(dy, dw, dout, y, w, n); });
+    timed("mix/residual backward", 0, (acc ? 14.0 : 10.0) * n,
+          [&] { inner_.scaled_add_backward_bf16(dy, acc, dw, dout, y, w, n); });
   }
   void rmsnorm_forward_from_bf16(float* o, uint16_t* o_codes, float* r, const uint16_t* x, int rows, int dim,
                                  float eps) override {
@@ -260,6 +266,8 @@ class ProfilingBackend final : public Backend {
   static double elements(int rows, int cols) { return static_cast<double>(rows) * cols; }
   // Bytes per element of an optional bf16 code output.
   static double code_bytes(const uint16_t* out) { return out ? 2.0 : 0.0; }
+  // A second output gradient: written (4 bytes), read first when added to.
+  static double db_bytes(const float* db, bool accumulate) { return db ? (accumulate ? 8.0 : 4.0) : 0.0; }
   static double adam_elements(const AdamTensor* tensors, size_t count) {
     double n = 0;
     for (size_t i = 0; i < count; ++i) n += static_cast<double>(tensors[i].n);

@@ -632,17 +632,16 @@ void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivati
                              float* dve, int T) {
   const BlockOffsets& offsets = block_offsets_[layer];
   const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
-  if (ve >= 0) backend_.zero(dve, n);
   // v's gradient held as the codes the mix's backward writes, for v's two products.
   uint16_t* dv_codes = backend_.hold_produced_operand(kHeldGradient, dv, n);
   float* dlambdas = grads_ + offsets.attn_lambdas;
   const float* lambdas = params_ + offsets.attn_lambdas;
   if (bf16_activations_) {
-    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? dve : nullptr, dlambdas, dv, a.v_raw_codes,
+    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? dve : nullptr, false, dlambdas, dv, a.v_raw_codes,
                                ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
   } else {
-    backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? dve : nullptr, dlambdas, dv, a.v_raw, ve >= 0 ? m.ve : nullptr,
-                          lambdas, n);
+    backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? dve : nullptr, false, dlambdas, dv, a.v_raw,
+                          ve >= 0 ? m.ve : nullptr, lambdas, n);
   }
   if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], dve, inputs_, T, config_.model_dim);
 }
@@ -826,8 +825,8 @@ void GPT::run_backward(int T, int long_window) {
   const float* skip = params_ + skip_offset_;
   TrainingBuffers& b = *train_;
   const ModelActivations& m = b.m;
-  backend_.zero(b.dx0, n);
-  for (float* p : b.dskip_in) backend_.zero(p, n);
+  // dx0 is written by the last block's mix backward, each skip's gradient by its skip's:
+  // neither is zeroed first.
   // The head's gradient is final since run_head; each block's after its backward.
   report_gradients_ready(block_params_begin(L), layout_.total());
   for (int i = L - 1; i >= 0; --i) {
@@ -930,9 +929,11 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     backend_.release_operand(kHeldInput);
     block_norm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_norm_codes, a.attn_rstd, T);
   }
-  // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in.
+  // xm = lambdas[0] * x_in + lambdas[1] * x0; b.dx becomes d x_in, and x0's share goes to
+  // dx0 (written by the last block, whose backward comes first).
+  const bool first_of_backward = layer == config_.num_layers - 1;
   stream_.mix_backward(b.dx, hold_input_gradient ? hold_output_gradient(T) : nullptr, false, b.dx0,
-                       grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas, n);
+                       !first_of_backward, grads_ + offsets.lambdas, b.dx, x_in, b.m.x0, params_ + offsets.lambdas, n);
 }
 
 }  // namespace speedrun

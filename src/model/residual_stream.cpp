@@ -15,12 +15,13 @@ void ResidualStream::mix(StreamTensor out, StreamTensor a, StreamTensor b, const
   }
 }
 
-void ResidualStream::mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
-                                  const float* dout, StreamTensor a, StreamTensor b, const float* coef, size_t n) {
+void ResidualStream::mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
+                                  float* dcoef, const float* dout, StreamTensor a, StreamTensor b, const float* coef,
+                                  size_t n) {
   if (bf16_) {
-    backend_.mix_backward_bf16(da, da_codes, accumulate_da, db, dcoef, dout, a.codes, b.codes, coef, n);
+    backend_.mix_backward_bf16(da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a.codes, b.codes, coef, n);
   } else {
-    backend_.mix_backward(da, da_codes, accumulate_da, db, dcoef, dout, a.floats, b.floats, coef, n);
+    backend_.mix_backward(da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a.floats, b.floats, coef, n);
   }
 }
 
@@ -36,9 +37,9 @@ void ResidualStream::skip_add(StreamTensor out, StreamTensor x, StreamTensor y, 
 void ResidualStream::skip_add_backward(float* dy, float* dweight, const float* dout, StreamTensor y,
                                        const float* weight, size_t n) {
   if (bf16_) {
-    backend_.scaled_add_backward_bf16(dy, dweight, dout, y.codes, weight, n);
+    backend_.scaled_add_backward_bf16(dy, false, dweight, dout, y.codes, weight, n);
   } else {
-    backend_.scaled_add_backward(dy, dweight, dout, y.floats, weight, n);
+    backend_.scaled_add_backward(dy, false, dweight, dout, y.floats, weight, n);
   }
 }
 

@@ -36,10 +36,11 @@ class ResidualStream {
 
   // out = coef[0] a + coef[1] b (b may be empty); out may alias a.
   void mix(StreamTensor out, StreamTensor a, StreamTensor b, const float* coef, size_t n);
-  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
-                    StreamTensor a, StreamTensor b, const float* coef, size_t n);
+  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db, float* dcoef,
+                    const float* dout, StreamTensor a, StreamTensor b, const float* coef, size_t n);
   // out = x + weight[0] y (a U-net skip); out may alias x.
   void skip_add(StreamTensor out, StreamTensor x, StreamTensor y, const float* weight, size_t n);
+  // dy = weight[0] dout (written: a skip's output has no other reader); dweight[0] += <dout, y>.
   void skip_add_backward(float* dy, float* dweight, const float* dout, StreamTensor y, const float* weight, size_t n);
   // rmsnorm of the stream: float32, rmsnorm_forward (out exact, out_codes its codes); bf16,
   // rmsnorm_forward_from_bf16 (out rounded to bf16 as the reference's norm of a bf16 stream).

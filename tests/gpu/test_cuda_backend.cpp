@@ -897,24 +897,27 @@ TEST_F(CudaBackendTest, FusedHeadNormAndRotaryAreTheOpsInSequence) {
 TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   SCOPED_TRACE(trace());
   for (size_t n : {size_t{1}, size_t{4097}, size_t{300007}}) {
-    for (int mode = 0; mode < 8; ++mode) {
-      const bool has_b = mode & 1, accumulate = mode & 2, alias = mode & 4;
+    for (int mode = 0; mode < 16; ++mode) {
+      const bool has_b = mode & 1, accumulate = mode & 2, alias = mode & 4, accumulate_db = mode & 8;
       if (alias && accumulate) continue;  // GPT aliases da with dout only when overwriting
+      if (!has_b && accumulate_db) continue;
       SCOPED_TRACE("n=" + std::to_string(n) + " b=" + std::to_string(has_b) + " acc=" + std::to_string(accumulate) +
-                   " alias=" + std::to_string(alias));
+                   " alias=" + std::to_string(alias) + " acc_db=" + std::to_string(accumulate_db));
       const auto a = normal(n), b = normal(n), dout = normal(n), coef = normal(2), dcoef0 = normal(2);
       const auto da0 = normal(n), db0 = normal(n);
       std::vector<float> da = alias ? dout : da0, db = db0, dcoef = dcoef0, grad = dout;
       cpu_->mix_backward(alias ? grad.data() : da.data(), nullptr, accumulate, has_b ? db.data() : nullptr,
-                         dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
+                         accumulate_db, dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(),
+                         n);
       if (alias) da = grad;
-      DeviceFloats g_a(*gpu_, a), g_b(*gpu_, b), g_dout(*gpu_, dout), g_coef(*gpu_, coef), g_dcoef(*gpu_, dcoef0),
-          g_db(*gpu_, db0);
+      DeviceFloats g_a(*gpu_, a), g_b(*gpu_, b), g_dout(*gpu_, dout), g_coef(*gpu_, coef), g_dcoef(*gpu_, dcoef0);
+      // What is only written starts as NaN: reading it would show.
+      DeviceFloats g_db(*gpu_, accumulate_db ? db0 : std::vector<float>(n, kNaN));
       DeviceFloats g_da(*gpu_, accumulate ? da0 : std::vector<float>(n, kNaN));
       float* da_ptr = alias ? g_dout.ptr : g_da.ptr;
       DeviceFloats g_codes(*gpu_, (n + 1) / 2, std::bit_cast<float>(kNaNCodePair));
       gpu_->mix_backward(da_ptr, reinterpret_cast<uint16_t*>(g_codes.ptr), accumulate, has_b ? g_db.ptr : nullptr,
-                         g_dcoef.ptr, g_dout.ptr, g_a.ptr, has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
+                         accumulate_db, g_dcoef.ptr, g_dout.ptr, g_a.ptr, has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
       const auto got_da = alias ? g_dout.get() : g_da.get();
       expect_close(got_da, da, 1e-5, 1e-6, "mix_backward da");
       const auto codes = codes_of(g_codes.get(), n);  // of the final da
@@ -923,13 +926,17 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
       // dcoef += float(float64 dot): the two float64 sums differ by ~1e-16, so at most 1 ulp.
       expect_close(g_dcoef.get(), dcoef, 1e-6, 0, "mix_backward dcoef");
     }
-    const auto y = normal(n), dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
-    std::vector<float> dy = dy0, dweight = dweight0;
-    cpu_->scaled_add_backward(dy.data(), dweight.data(), dout.data(), y.data(), weight.data(), n);
-    DeviceFloats g_dy(*gpu_, dy0), g_dweight(*gpu_, dweight0), g_dout(*gpu_, dout), g_y(*gpu_, y), g_w(*gpu_, weight);
-    gpu_->scaled_add_backward(g_dy.ptr, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
-    expect_close(g_dy.get(), dy, 1e-5, 1e-6, "scaled_add_backward dy");
-    expect_close(g_dweight.get(), dweight, 1e-6, 0, "scaled_add_backward dweight");
+    for (bool accumulate : {true, false}) {
+      SCOPED_TRACE(accumulate ? "skip backward accumulating" : "skip backward writing");
+      const auto y = normal(n), dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
+      std::vector<float> dy = dy0, dweight = dweight0;
+      cpu_->scaled_add_backward(dy.data(), accumulate, dweight.data(), dout.data(), y.data(), weight.data(), n);
+      DeviceFloats g_dy(*gpu_, accumulate ? dy0 : std::vector<float>(n, kNaN)), g_dweight(*gpu_, dweight0),
+          g_dout(*gpu_, dout), g_y(*gpu_, y), g_w(*gpu_, weight);
+      gpu_->scaled_add_backward(g_dy.ptr, accumulate, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
+      expect_close(g_dy.get(), dy, 1e-5, 1e-6, "scaled_add_backward dy");
+      expect_close(g_dweight.get(), dweight, 1e-6, 0, "scaled_add_backward dweight");
+    }
   }
 }
 
@@ -994,7 +1001,7 @@ TEST_F(CudaBackendTest, UnalignedOperandsGiveTheAlignedResults) {
   std::vector<float> dcoef[2];  // by whether the operands were aligned (0) or not (1)
   both("mix_backward", [&](float* x, float* y, float* d, float* out, uint16_t* codes) {
     DeviceFloats g_dcoef(*gpu_, 2, 0.f), db(*gpu_, n, 0.f);
-    gpu_->mix_backward(out, codes, true, db.ptr, g_dcoef.ptr, d, x, y, g_coef.ptr, n);
+    gpu_->mix_backward(out, codes, true, db.ptr, true, g_dcoef.ptr, d, x, y, g_coef.ptr, n);
     dcoef[reinterpret_cast<uintptr_t>(x) % 16 != 0] = g_dcoef.get();
   });
   expect_identical(dcoef[1], dcoef[0], "mix_backward dcoef");
@@ -1092,31 +1099,35 @@ TEST_F(CudaBackendTest, Bf16StreamBackwardMatchesCpuInEveryMode) {
     for (int mode = 0; mode < 8; ++mode) {
       const bool has_b = mode & 1, accumulate = mode & 2, alias = mode & 4;
       if (alias && accumulate) continue;  // GPT aliases da with dout only when overwriting
+      // db written (not read) in the modes that alias, as dx0's and dve's first contributions are.
+      const bool accumulate_db = !alias;
       SCOPED_TRACE("n=" + std::to_string(n) + " b=" + std::to_string(has_b) + " acc=" + std::to_string(accumulate) +
                    " alias=" + std::to_string(alias));
       const auto a = encoded(normal(n)), b = encoded(normal(n));
       const auto dout = normal(n), coef = normal(2), dcoef0 = normal(2), da0 = normal(n), db0 = normal(n);
       std::vector<float> da = alias ? dout : da0, db = db0, dcoef = dcoef0, grad = dout;
       cpu_->mix_backward_bf16(alias ? grad.data() : da.data(), nullptr, accumulate, has_b ? db.data() : nullptr,
-                              dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr, coef.data(), n);
+                              accumulate_db, dcoef.data(), grad.data(), a.data(), has_b ? b.data() : nullptr,
+                              coef.data(), n);
       if (alias) da = grad;
       DeviceCodes g_a(*gpu_, a), g_b(*gpu_, b);
       DeviceFloats wide_a(*gpu_, widened(a)), wide_b(*gpu_, widened(b)), g_coef(*gpu_, coef);
       // One GPU run on fresh outputs; `call` gets (da, da_codes, db, dcoef, dout).
       auto run = [&](auto call) {
-        DeviceFloats g_dout(*gpu_, dout), g_dcoef(*gpu_, dcoef0), g_db(*gpu_, db0);
+        DeviceFloats g_dout(*gpu_, dout), g_dcoef(*gpu_, dcoef0);
+        DeviceFloats g_db(*gpu_, accumulate_db ? db0 : std::vector<float>(n, kNaN));
         DeviceFloats g_da(*gpu_, accumulate ? da0 : std::vector<float>(n, kNaN));
         DeviceCodes g_codes(*gpu_, n);
         call(alias ? g_dout.ptr : g_da.ptr, g_codes.ptr, has_b ? g_db.ptr : nullptr, g_dcoef.ptr, g_dout.ptr);
         return MixGradients{alias ? g_dout.get() : g_da.get(), g_codes.get(), g_db.get(), g_dcoef.get()};
       };
       const auto got = run([&](float* d_a, uint16_t* codes, float* d_b, float* d_coef, float* d_out) {
-        gpu_->mix_backward_bf16(d_a, codes, accumulate, d_b, d_coef, d_out, g_a.ptr, has_b ? g_b.ptr : nullptr,
-                                g_coef.ptr, n);
+        gpu_->mix_backward_bf16(d_a, codes, accumulate, d_b, accumulate_db, d_coef, d_out, g_a.ptr,
+                                has_b ? g_b.ptr : nullptr, g_coef.ptr, n);
       });
       const auto from_floats = run([&](float* d_a, uint16_t* codes, float* d_b, float* d_coef, float* d_out) {
-        gpu_->mix_backward(d_a, codes, accumulate, d_b, d_coef, d_out, wide_a.ptr, has_b ? wide_b.ptr : nullptr,
-                           g_coef.ptr, n);
+        gpu_->mix_backward(d_a, codes, accumulate, d_b, accumulate_db, d_coef, d_out, wide_a.ptr,
+                           has_b ? wide_b.ptr : nullptr, g_coef.ptr, n);
       });
       expect_close(got.da, da, 1e-5, 1e-6, "mix_backward_bf16 da");
       for (size_t i = 0; i < n; ++i) {
@@ -1129,20 +1140,25 @@ TEST_F(CudaBackendTest, Bf16StreamBackwardMatchesCpuInEveryMode) {
       expect_identical(got.db, from_floats.db, "mix_backward_bf16 db against mix_backward's");
       expect_identical(got.dcoef, from_floats.dcoef, "mix_backward_bf16 dcoef against mix_backward's");
     }
-    const auto y = encoded(normal(n));
-    const auto dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
-    std::vector<float> dy = dy0, dweight = dweight0;
-    cpu_->scaled_add_backward_bf16(dy.data(), dweight.data(), dout.data(), y.data(), weight.data(), n);
-    DeviceCodes g_y(*gpu_, y);
-    DeviceFloats wide_y(*gpu_, widened(y)), g_dout(*gpu_, dout), g_w(*gpu_, weight);
-    DeviceFloats g_dy(*gpu_, dy0), g_dweight(*gpu_, dweight0), f_dy(*gpu_, dy0), f_dweight(*gpu_, dweight0);
-    gpu_->scaled_add_backward_bf16(g_dy.ptr, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
-    gpu_->scaled_add_backward(f_dy.ptr, f_dweight.ptr, g_dout.ptr, wide_y.ptr, g_w.ptr, n);
-    const auto got_dy = g_dy.get(), got_dweight = g_dweight.get();
-    expect_close(got_dy, dy, 1e-5, 1e-6, "scaled_add_backward_bf16 dy");
-    expect_close(got_dweight, dweight, 1e-6, 0, "scaled_add_backward_bf16 dweight");
-    expect_identical(got_dy, f_dy.get(), "scaled_add_backward_bf16 dy against scaled_add_backward of the widening");
-    expect_identical(got_dweight, f_dweight.get(), "scaled_add_backward_bf16 dweight against scaled_add_backward's");
+    for (bool accumulate : {true, false}) {
+      SCOPED_TRACE(accumulate ? "skip backward accumulating" : "skip backward writing");
+      const auto y = encoded(normal(n));
+      const auto dout = normal(n), weight = normal(1), dy0 = normal(n), dweight0 = normal(1);
+      std::vector<float> dy = dy0, dweight = dweight0;
+      cpu_->scaled_add_backward_bf16(dy.data(), accumulate, dweight.data(), dout.data(), y.data(), weight.data(), n);
+      DeviceCodes g_y(*gpu_, y);
+      DeviceFloats wide_y(*gpu_, widened(y)), g_dout(*gpu_, dout), g_w(*gpu_, weight);
+      const std::vector<float> dy_start = accumulate ? dy0 : std::vector<float>(n, kNaN);
+      DeviceFloats g_dy(*gpu_, dy_start), g_dweight(*gpu_, dweight0), f_dy(*gpu_, dy_start),
+          f_dweight(*gpu_, dweight0);
+      gpu_->scaled_add_backward_bf16(g_dy.ptr, accumulate, g_dweight.ptr, g_dout.ptr, g_y.ptr, g_w.ptr, n);
+      gpu_->scaled_add_backward(f_dy.ptr, accumulate, f_dweight.ptr, g_dout.ptr, wide_y.ptr, g_w.ptr, n);
+      const auto got_dy = g_dy.get(), got_dweight = g_dweight.get();
+      expect_close(got_dy, dy, 1e-5, 1e-6, "scaled_add_backward_bf16 dy");
+      expect_close(got_dweight, dweight, 1e-6, 0, "scaled_add_backward_bf16 dweight");
+      expect_identical(got_dy, f_dy.get(), "scaled_add_backward_bf16 dy against scaled_add_backward of the widening");
+      expect_identical(got_dweight, f_dweight.get(), "scaled_add_backward_bf16 dweight against scaled_add_backward's");
+    }
   }
 }
 
@@ -1238,11 +1254,11 @@ TEST_F(CudaBackendTest, UnalignedStreamOperandsGiveTheAlignedResults) {
   });
   both("mix_backward_bf16", [&](uint16_t* x, uint16_t* y, float* d, float* da, float* db, uint16_t* codes,
                                 float* dcoef) {
-    gpu_->mix_backward_bf16(da, codes, false, db, dcoef, d, x, y, g_coef.ptr, n);
+    gpu_->mix_backward_bf16(da, codes, false, db, true, dcoef, d, x, y, g_coef.ptr, n);
   });
   both("scaled_add_backward_bf16", [&](uint16_t*, uint16_t* y, float* d, float*, float* dy, uint16_t*,
                                        float* dweight) {
-    gpu_->scaled_add_backward_bf16(dy, dweight, d, y, g_coef.ptr, n);
+    gpu_->scaled_add_backward_bf16(dy, true, dweight, d, y, g_coef.ptr, n);
   });
   both("rmsnorm_forward_from_bf16", [&](uint16_t* x, uint16_t*, float*, float* out, float*, uint16_t* codes,
                                         float* rstd) {

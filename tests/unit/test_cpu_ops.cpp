@@ -94,9 +94,9 @@ TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
 
   const auto a = random_vector(n, 35), b = random_vector(n, 36), coef = random_vector(2, 37);
   std::vector<float> da_plain = dout, da = dout, db = dx0, db_plain = dx0, dcoef(2), dcoef_plain(2);
-  be->mix_backward(da_plain.data(), nullptr, false, db_plain.data(), dcoef_plain.data(), da_plain.data(), a.data(),
-                   b.data(), coef.data(), n);
-  be->mix_backward(da.data(), codes.data(), false, db.data(), dcoef.data(), da.data(), a.data(), b.data(),
+  be->mix_backward(da_plain.data(), nullptr, false, db_plain.data(), true, dcoef_plain.data(), da_plain.data(),
+                   a.data(), b.data(), coef.data(), n);
+  be->mix_backward(da.data(), codes.data(), false, db.data(), true, dcoef.data(), da.data(), a.data(), b.data(),
                    coef.data(), n);
   EXPECT_EQ(da, da_plain);
   EXPECT_EQ(db, db_plain);
@@ -188,10 +188,21 @@ TEST_F(CpuOps, MixBackwardMatchesFiniteDifferences) {
     return dot(out, R);
   };
   std::vector<float> da(n), db(n, 0.f), dcoef(2, 0.f);
-  be->mix_backward(da.data(), nullptr, false, db.data(), dcoef.data(), R.data(), a.data(), b.data(), coef.data(), n);
+  be->mix_backward(da.data(), nullptr, false, db.data(), true, dcoef.data(), R.data(), a.data(), b.data(), coef.data(),
+                   n);
   EXPECT_LE(worst_error_ratio(dcoef, numerical_gradient(loss_coef, coef, 1e-2), 1e-3, 1e-3), 1.0);
   EXPECT_LE(worst_error_ratio(da, numerical_gradient(loss_a, a, 1e-2), 1e-3, 1e-3), 1.0);
   for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(db[i], -0.3f * R[i]);
+  // db's first contribution is written: whatever was there (NaN here) is not read.
+  std::vector<float> written(n, std::numeric_limits<float>::quiet_NaN()), added(n, 2.f), dcoef2(2, 0.f);
+  be->mix_backward(da.data(), nullptr, false, written.data(), false, dcoef2.data(), R.data(), a.data(), b.data(),
+                   coef.data(), n);
+  be->mix_backward(da.data(), nullptr, false, added.data(), true, dcoef2.data(), R.data(), a.data(), b.data(),
+                   coef.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    EXPECT_EQ(written[i], db[i]) << i;
+    EXPECT_FLOAT_EQ(added[i], 2.f + db[i]) << i;  // within an FMA's rounding
+  }
 }
 
 TEST_F(CpuOps, ScaledAddBackwardMatchesFiniteDifferences) {
@@ -204,9 +215,17 @@ TEST_F(CpuOps, ScaledAddBackwardMatchesFiniteDifferences) {
     return dot(out, R);
   };
   std::vector<float> dy(n, 0.f), dw(1, 0.f);
-  be->scaled_add_backward(dy.data(), dw.data(), R.data(), y.data(), w.data(), n);
+  be->scaled_add_backward(dy.data(), true, dw.data(), R.data(), y.data(), w.data(), n);
   EXPECT_LE(worst_error_ratio(dw, numerical_gradient(loss_w, w, 1e-2), 1e-3, 1e-3), 1.0);
   for (size_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(dy[i], 1.3f * R[i]);
+  // Not accumulating, dy is written (NaN there is not read); accumulating, added to.
+  std::vector<float> written(n, std::numeric_limits<float>::quiet_NaN()), added(n, 2.f), dw2(1, 0.f);
+  be->scaled_add_backward(written.data(), false, dw2.data(), R.data(), y.data(), w.data(), n);
+  be->scaled_add_backward(added.data(), true, dw2.data(), R.data(), y.data(), w.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    EXPECT_EQ(written[i], dy[i]) << i;
+    EXPECT_FLOAT_EQ(added[i], 2.f + dy[i]) << i;  // within an FMA's rounding
+  }
 }
 
 TEST_F(CpuOps, Relu2BackwardMatchesFiniteDifferences) {
@@ -430,23 +449,23 @@ TEST_F(CpuOps, StreamBackwardsReadTheCodesAsTheirFloatTwinsReadTheValues) {
     SCOPED_TRACE(accumulate ? "accumulating" : "overwriting");
     std::vector<float> da(n, 0.5f), db(n, 0.25f), dcoef = {0.1f, 0.2f};
     std::vector<uint16_t> da_codes(n);
-    be->mix_backward(da.data(), da_codes.data(), accumulate, db.data(), dcoef.data(), dout.data(), widened(a).data(),
-                     widened(b).data(), coef.data(), n);
+    be->mix_backward(da.data(), da_codes.data(), accumulate, db.data(), accumulate, dcoef.data(), dout.data(),
+                     widened(a).data(), widened(b).data(), coef.data(), n);
     std::vector<float> da2(n, 0.5f), db2(n, 0.25f), dcoef2 = {0.1f, 0.2f};
     std::vector<uint16_t> da_codes2(n);
-    be->mix_backward_bf16(da2.data(), da_codes2.data(), accumulate, db2.data(), dcoef2.data(), dout.data(), a.data(),
-                          b.data(), coef.data(), n);
+    be->mix_backward_bf16(da2.data(), da_codes2.data(), accumulate, db2.data(), accumulate, dcoef2.data(),
+                          dout.data(), a.data(), b.data(), coef.data(), n);
     EXPECT_EQ(da2, da);
     EXPECT_EQ(db2, db);
     EXPECT_EQ(dcoef2, dcoef);
     EXPECT_EQ(da_codes2, da_codes);
+    std::vector<float> dy(n, 0.5f), dw = {0.3f}, dy2(n, 0.5f), dw2 = {0.3f};
+    be->scaled_add_backward(dy.data(), accumulate, dw.data(), dout.data(), widened(b).data(), weight.data(), n);
+    be->scaled_add_backward_bf16(dy2.data(), accumulate, dw2.data(), dout.data(), b.data(), weight.data(), n);
+    EXPECT_EQ(dy2, dy);
+    EXPECT_EQ(dw2, dw);
+    EXPECT_NE(dw[0], 0.3f);
   }
-  std::vector<float> dy(n, 0.5f), dw = {0.3f}, dy2(n, 0.5f), dw2 = {0.3f};
-  be->scaled_add_backward(dy.data(), dw.data(), dout.data(), widened(b).data(), weight.data(), n);
-  be->scaled_add_backward_bf16(dy2.data(), dw2.data(), dout.data(), b.data(), weight.data(), n);
-  EXPECT_EQ(dy2, dy);
-  EXPECT_EQ(dw2, dw);
-  EXPECT_NE(dw[0], 0.3f);
 }
 
 TEST_F(CpuOps, StreamRmsnormReadsCodesRoundsItsOutputAndX0IsWrittenAsCodesAlone) {

@@ -56,8 +56,11 @@ TEST_F(ProfilingBackendTest, MixCountsItsOperandsAndCodes) {
 
   float *dout = filled(n, 1.f), *da = filled(n, 0.f), *db = filled(n, 0.f), *dcoef = filled(2, 0.f);
   // dout, a and b read, da read and written (accumulating), db read and written.
-  profiled_->mix_backward(da, nullptr, true, db, dcoef, dout, a, b, coef, n);
+  profiled_->mix_backward(da, nullptr, true, db, true, dcoef, dout, a, b, coef, n);
   EXPECT_EQ(stats_["mix/residual backward"].bytes, n * (4 + 4 + 4 + 8 + 8.0));
+  // Writing da and db without reading them first: 8 bytes less per element.
+  profiled_->mix_backward(da, nullptr, false, db, false, dcoef, dout, a, b, coef, n);
+  EXPECT_EQ(stats_["mix/residual backward"].bytes, n * (4 + 4 + 4 + 8 + 8.0) + n * (4 + 4 + 4 + 4 + 4.0));
 }
 
 TEST_F(ProfilingBackendTest, RowOpsCountRowsTimesWidth) {

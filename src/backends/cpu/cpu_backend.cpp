@@ -164,6 +164,17 @@ void round_and_store(float* x, uint16_t* stored, size_t n) {
   if (stored) write_values(x, stored, n, [x](size_t i) { return lowp::decode_bf16(lowp::encode_bf16(x[i])); });
 }
 
+// out (+)= scale * x: a gradient's contribution, added or (its first) written.
+void scale_into(float* out, bool accumulate, float scale, const float* x, size_t n) {
+  if (accumulate) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) out[i] += scale * x[i];
+  } else {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; ++i) out[i] = scale * x[i];
+  }
+}
+
 // Attention's inputs as floats: the given codes widened (AttentionInputCodes), else as passed.
 struct AttentionInputs {
   AttentionInputs(const AttentionInputs&) = delete;  // points into its own storage
@@ -459,17 +470,14 @@ class CpuBackend final : public Backend {
     round_and_store(out, stored, n);
   }
 
-  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
-                    const float* a, const float* b, const float* coef, size_t n) override {
+  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db, float* dcoef,
+                    const float* dout, const float* a, const float* b, const float* coef, size_t n) override {
     // Coefficient gradients first: da may alias dout.
     dcoef[0] += static_cast<float>(deterministic_dot(dout, a, n));
     if (b) dcoef[1] += static_cast<float>(deterministic_dot(dout, b, n));
     const float c0 = coef[0];
     const float c1 = b ? coef[1] : 0.f;
-    if (db) {
-#pragma omp parallel for simd schedule(static)
-      for (size_t i = 0; i < n; ++i) db[i] += c1 * dout[i];
-    }
+    if (db) scale_into(db, accumulate_db, c1, dout, n);
     if (accumulate_da) {
 #pragma omp parallel for simd schedule(static)
       for (size_t i = 0; i < n; ++i) da[i] += c0 * dout[i];
@@ -486,12 +494,10 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) out[i] += w * y[i];
   }
 
-  void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y, const float* weight,
-                           size_t n) override {
+  void scaled_add_backward(float* dy, bool accumulate_dy, float* dweight, const float* dout, const float* y,
+                           const float* weight, size_t n) override {
     dweight[0] += static_cast<float>(deterministic_dot(dout, y, n));
-    const float w = weight[0];
-#pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; ++i) dy[i] += w * dout[i];
+    scale_into(dy, accumulate_dy, weight[0], dout, n);
   }
 
   // The bf16 residual stream: each op is its float32 twin on the widened codes, its stream
@@ -502,11 +508,11 @@ class CpuBackend final : public Backend {
     mix_forward(nullptr, out, wa.data(), wb.data(), coef, n);
   }
 
-  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef,
-                         const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
+                         float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
                          size_t n) override {
     const Widened wa(a, n), wb(b, n);
-    mix_backward(da, da_codes, accumulate_da, db, dcoef, dout, wa.data(), wb.data(), coef, n);
+    mix_backward(da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, wa.data(), wb.data(), coef, n);
   }
 
   void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
@@ -517,10 +523,10 @@ class CpuBackend final : public Backend {
     encode_outputs(out, sum.data(), n);
   }
 
-  void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y, const float* weight,
-                                size_t n) override {
+  void scaled_add_backward_bf16(float* dy, bool accumulate_dy, float* dweight, const float* dout, const uint16_t* y,
+                                const float* weight, size_t n) override {
     const Widened wy(y, n);
-    scaled_add_backward(dy, dweight, dout, wy.data(), weight, n);
+    scaled_add_backward(dy, accumulate_dy, dweight, dout, wy.data(), weight, n);
   }
 
   void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows, int dim,

@@ -251,17 +251,18 @@ class CudaBackend final : public Backend {
                    size_t n) override {
     cuda::mix_forward(stream_, out, stored, a, b, coef, n);
   }
-  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
-                    const float* a, const float* b, const float* coef, size_t n) override {
-    cuda::mix_backward(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+  void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db, float* dcoef,
+                    const float* dout, const float* a, const float* b, const float* coef, size_t n) override {
+    cuda::mix_backward(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a, b,
+                       coef, n);
   }
   void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {
     cuda::scaled_add_forward(stream_, out, y, weight, n);
   }
-  void scaled_add_backward(float* dy, float* dweight, const float* dout, const float* y, const float* weight,
-                           size_t n) override {
+  void scaled_add_backward(float* dy, bool accumulate_dy, float* dweight, const float* dout, const float* y,
+                           const float* weight, size_t n) override {
     dot_reduce(stream_, *reduce_scratch_, dout, y, n, 0, 1, DotResult::kAccumulateFloat, dweight);
-    cuda::scaled_add_backward_elementwise(stream_, dy, dout, weight, n);
+    cuda::scaled_add_backward_elementwise(stream_, dy, accumulate_dy, dout, weight, n);
   }
   void add(float* out, uint16_t* out_codes, const float* x, size_t n) override {
     cuda::add(stream_, out, out_codes, x, n);
@@ -318,18 +319,20 @@ class CudaBackend final : public Backend {
   void mix_forward_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, const float* coef, size_t n) override {
     cuda::mix_forward_bf16(stream_, out, a, b, coef, n);
   }
-  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, float* dcoef, const float* dout,
-                         const uint16_t* a, const uint16_t* b, const float* coef, size_t n) override {
-    cuda::mix_backward_bf16(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+  void mix_backward_bf16(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
+                         float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
+                         size_t n) override {
+    cuda::mix_backward_bf16(stream_, *reduce_scratch_, da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a,
+                            b, coef, n);
   }
   void scaled_add_forward_bf16(uint16_t* out, const uint16_t* x, const uint16_t* y, const float* weight,
                                size_t n) override {
     cuda::scaled_add_forward_bf16(stream_, out, x, y, weight, n);
   }
-  void scaled_add_backward_bf16(float* dy, float* dweight, const float* dout, const uint16_t* y, const float* weight,
-                                size_t n) override {
+  void scaled_add_backward_bf16(float* dy, bool accumulate_dy, float* dweight, const float* dout, const uint16_t* y,
+                                const float* weight, size_t n) override {
     dot_reduce_bf16(stream_, *reduce_scratch_, dout, y, n, 0, 1, DotResult::kAccumulateFloat, dweight);
-    cuda::scaled_add_backward_elementwise(stream_, dy, dout, weight, n);
+    cuda::scaled_add_backward_elementwise(stream_, dy, accumulate_dy, dout, weight, n);
   }
   void rmsnorm_forward_from_bf16(float* out, uint16_t* out_codes, float* rstd, const uint16_t* x, int rows, int dim,
                                  float eps) override {

@@ -596,8 +596,13 @@ void scaled_add_forward_bf16(cudaStream_t s, uint16_t* out, const uint16_t* x, c
   launch_lanes(s, ScaledAddBf16{out, x, y, weight}, n, "scaled_add_forward_bf16");
 }
 
-void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n) {
-  scaled_add_forward(s, dy, dout, weight, n);  // dy += weight[0] dout
+void scaled_add_backward_elementwise(cudaStream_t s, float* dy, bool accumulate, const float* dout,
+                                     const float* weight, size_t n) {
+  if (accumulate) {
+    scaled_add_forward(s, dy, dout, weight, n);  // dy += weight[0] dout
+  } else {
+    mix_forward(s, dy, nullptr, dout, nullptr, weight, n);  // dy = weight[0] dout
+  }
 }
 
 void add(cudaStream_t s, float* out, uint16_t* out_codes, const float* x, size_t n) {

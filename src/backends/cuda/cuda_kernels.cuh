@@ -27,7 +27,9 @@ void rotary(cudaStream_t s, float* x, uint16_t* stored, int T, int H, int D, con
 void mix_forward(cudaStream_t s, float* out, uint16_t* stored, const float* a, const float* b, const float* coef,
                  size_t n);
 void scaled_add_forward(cudaStream_t s, float* out, const float* y, const float* weight, size_t n);
-void scaled_add_backward_elementwise(cudaStream_t s, float* dy, const float* dout, const float* weight, size_t n);
+// dy (+)= weight[0] dout: the skip's gradient, added or (its first contribution) written.
+void scaled_add_backward_elementwise(cudaStream_t s, float* dy, bool accumulate, const float* dout,
+                                     const float* weight, size_t n);
 void add(cudaStream_t s, float* out, uint16_t* out_codes, const float* x, size_t n);
 void relu2_forward(cudaStream_t s, float* out, const float* x, size_t n);
 void relu2_backward(cudaStream_t s, float* dx, const float* dout, const float* x, size_t n);
@@ -100,12 +102,13 @@ void dot_reduce_bf16(cudaStream_t s, Scratch& scratch, const float* a, const uin
                      int batch, DotResult result, void* out, float eps = 0.f);
 // Backend::mix_backward in one pass over its operands (dcoef through partial sums in scratch).
 void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                  float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n);
+                  bool accumulate_db, float* dcoef, const float* dout, const float* a, const float* b,
+                  const float* coef, size_t n);
 // The same with a and b as bf16 codes (Backend::mix_backward_bf16): the same sums in the same
 // order as mix_backward of their widening.
 void mix_backward_bf16(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                       float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
-                       size_t n);
+                       bool accumulate_db, float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b,
+                       const float* coef, size_t n);
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
                            float softcap, float grad_scale);
 // The same from logits kept as bf16 codes, its gradient written as the e5m2 codes of

@@ -61,16 +61,17 @@ __global__ void dot_partials_kernel(double* partials, const float* a, const B* b
 }
 
 // mix_backward in one pass: dcoef's two dot products (dout.a, and dout.b when b) into
-// partials [2, blocks], and db += coef[1] dout (when db), da (+)= coef[0] dout with its bf16
-// codes (when da_codes); a and b as float32 or bf16 codes (the bf16 stream's mix). da may
-// alias dout (each element is read before it is written). Traffic: 12 n bytes, +4
-// accumulating, +12 with b and db, +2 with codes; -2 per operand a, b given as codes.
+// partials [2, blocks], and db (+)= coef[1] dout (when db), da (+)= coef[0] dout with its
+// bf16 codes (when da_codes); a and b as float32 or bf16 codes (the bf16 stream's mix). da
+// may alias dout (each element is read before it is written). Traffic: 12 n bytes, +4 per
+// gradient accumulated, +8 with b and db, +2 with codes; -2 per operand a, b given as codes.
 template <typename In>
 struct MixBackward {
   float* da;
   uint16_t* da_codes;
   bool accumulate_da;
   float* db;
+  bool accumulate_db;
   const float* dout;
   const In* a;
   const In* b;
@@ -81,11 +82,16 @@ struct MixBackward {
     const Lanes<W> d = load_lanes<W, kWide>(dout, g);
     accumulate_dot<W, kWide>(dot_a, d, a, g);
     if (b) accumulate_dot<W, kWide>(dot_b, d, b, g);
-    if (db) {
+    if (db && accumulate_db) {
       Lanes<W> old = load_lanes<W, kWide>(db, g);
 #pragma unroll
       for (int k = 0; k < W; ++k) old[k] += c1 * d[k];
       store_lanes<W, kWide>(db, g, old);
+    } else if (db) {  // its first contribution: written, no zeroed buffer read
+      Lanes<W> first;
+#pragma unroll
+      for (int k = 0; k < W; ++k) first[k] = c1 * d[k];
+      store_lanes<W, kWide>(db, g, first);
     }
     Lanes<W> result;
 #pragma unroll
@@ -284,10 +290,10 @@ void launch_dot_reduce(cudaStream_t s, Scratch& scratch, const float* a, const B
 // mix_backward with a and b as float32 or as bf16 codes: one kernel, instantiated for each.
 template <typename In>
 void launch_mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da,
-                         float* db, float* dcoef, const float* dout, const In* a, const In* b, const float* coef,
-                         size_t n) {
+                         float* db, bool accumulate_db, float* dcoef, const float* dout, const In* a, const In* b,
+                         const float* coef, size_t n) {
   if (n == 0) return;
-  const MixBackward<In> op{da, da_codes, accumulate_da, db, dout, a, b, coef};
+  const MixBackward<In> op{da, da_codes, accumulate_da, db, accumulate_db, dout, a, b, coef};
   const int blocks = reduce_blocks(n);
   double* partials = static_cast<double*>(scratch.get(sizeof(double) * blocks * 2));
   if (op.vectorisable()) {
@@ -313,14 +319,15 @@ void dot_reduce_bf16(cudaStream_t s, Scratch& scratch, const float* a, const uin
 }
 
 void mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                  float* dcoef, const float* dout, const float* a, const float* b, const float* coef, size_t n) {
-  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+                  bool accumulate_db, float* dcoef, const float* dout, const float* a, const float* b,
+                  const float* coef, size_t n) {
+  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a, b, coef, n);
 }
 
 void mix_backward_bf16(cudaStream_t s, Scratch& scratch, float* da, uint16_t* da_codes, bool accumulate_da, float* db,
-                       float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b, const float* coef,
-                       size_t n) {
-  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, dcoef, dout, a, b, coef, n);
+                       bool accumulate_db, float* dcoef, const float* dout, const uint16_t* a, const uint16_t* b,
+                       const float* coef, size_t n) {
+  launch_mix_backward(s, scratch, da, da_codes, accumulate_da, db, accumulate_db, dcoef, dout, a, b, coef, n);
 }
 
 void softcap_cross_entropy(cudaStream_t s, float* logits, float* row_loss, const int32_t* targets, int rows, int V,
