@@ -35,25 +35,46 @@ __device__ __forceinline__ Lanes<4> partner_lanes(const Lanes<4>& mine, int lane
   return theirs;
 }
 
+// cos and sin of theta = fl32(t f), as rotary_kernel computes them; a frequency of 0 (the
+// half-truncated rotary's second half) gives exactly cosf(0) = 1 and sinf(0) = 0 uncomputed.
+__device__ __forceinline__ void turn_angle(float t, float f, float& c, float& s) {
+  if (f == 0.f) {
+    c = 1.f;
+    s = 0.f;
+    return;
+  }
+  const float theta = t * f;
+  c = cosf(theta);
+  s = sinf(theta);
+}
+
 // Rotary's step for the lane's four elements (sign -1: the inverse), as rotary_kernel
 // computes it: the first half's element i = x1 c + x2 s, the second half's -x1 s + x2 c,
-// with theta = fl32(t freq[i]). Idle lanes (past the head) get zeros and read no freq
-// (it holds D/2 values).
+// with theta = fl32(t freq[i]). Each of the D/2 <= 64 angles is computed once, by lane i % 32
+// (its first or second), and shuffled to the four lanes that turn by it: 2 cosf/sinf pairs per
+// lane (1 where the second 32 frequencies are all 0, as at D = 128) instead of 4, and
+// warp-uniform. Every lane takes part in the shuffles; idle lanes (past the head) get zeros.
 __device__ __forceinline__ Lanes<4> rotate(const Lanes<4>& mine, const Lanes<4>& theirs, int lane, int groups,
                                            float t, const float* freq, float sign) {
-  Lanes<4> out{};
-  if (lane >= groups) return out;
+  const int angles = 2 * groups;  // D/2, freq's length
+  float c_first = 1.f, s_first = 0.f, c_second = 1.f, s_second = 0.f;
+  if (lane < angles) turn_angle(t, freq[lane], c_first, s_first);
+  if (lane + 32 < angles) turn_angle(t, freq[lane + 32], c_second, s_second);
   const int quarter = groups / 2;
   const bool first_half = lane < quarter;
   const int i0 = 4 * (first_half ? lane : lane - quarter);
+  Lanes<4> out{};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float theta = t * freq[i0 + k];
-    const float c = cosf(theta), s = sign * sinf(theta);
+    const int i = i0 + k, source = i % 32;
+    const float c1 = __shfl_sync(kFullMask, c_first, source), c2 = __shfl_sync(kFullMask, c_second, source);
+    const float s1 = __shfl_sync(kFullMask, s_first, source), s2 = __shfl_sync(kFullMask, s_second, source);
+    const float c = i < 32 ? c1 : c2, s = sign * (i < 32 ? s1 : s2);
     float y1, y2;
     rotate_pair(first_half ? mine[k] : theirs[k], first_half ? theirs[k] : mine[k], c, s, y1, y2);
     out[k] = first_half ? y1 : y2;
   }
+  if (lane >= groups) return Lanes<4>{};
   return out;
 }
 
