@@ -76,6 +76,11 @@ inline void require_codes_for_null_output(const float* dx, const uint16_t* dx_co
 // Backend::head_chunk_rows() of each backend, for memory plans made without one.
 inline constexpr int kCpuHeadChunkRows = 256;
 inline constexpr int kCudaHeadChunkRows = 2048;
+// The rows per logits chunk a backend of `device` ("cpu", "cuda") runs with `options`.
+inline int head_chunk_rows_for(const std::string& device, const BackendOptions& options) {
+  if (options.head_chunk_rows > 0) return options.head_chunk_rows;
+  return device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
+}
 
 class Backend {
  public:

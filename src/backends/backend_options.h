@@ -28,6 +28,10 @@ struct BackendOptions {
   // first, untimed). Costs milliseconds per plan at its first product; the choice can differ
   // between processes, so runs are then reproducible within a process only.
   int autotune_matmuls = 0;
+  // Rows of the lm_head's logits computed at a time (Backend::head_chunk_rows); 0: the
+  // backend's default (kCpuHeadChunkRows, kCudaHeadChunkRows). Taller chunks hold more
+  // logits and add into the head's dW less often.
+  int head_chunk_rows = 0;
   // CPU: honour Backend::hold_operand (false: round every operand per product, so that a test
   // can show holding changes no result, only the copies made).
   bool hold_operands = true;

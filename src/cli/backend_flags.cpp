@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "backends/backend.h"
 #include "util/error.h"
 
 namespace speedrun::cli {
@@ -26,6 +27,17 @@ void BackendFlags::add_to(CLI::App* command) {
                    "choice can differ between processes")
       ->check(CLI::Range(0, 64))
       ->capture_default_str();
+  add_head_chunk_rows(command, head_chunk_rows);
+}
+
+CLI::Option* BackendFlags::add_head_chunk_rows(CLI::App* command, int& rows) {
+  return command
+      ->add_option("--head-chunk-rows", rows,
+                   "rows of lm_head logits computed at a time (memory: rows x padded vocabulary floats; taller "
+                   "chunks add into the head's weight gradient less often); 0 = the backend's default (cpu " +
+                       std::to_string(kCpuHeadChunkRows) + ", cuda " + std::to_string(kCudaHeadChunkRows) + ")")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
 }
 
 BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) const {
@@ -38,6 +50,7 @@ BackendOptions BackendFlags::resolve(const std::string& device, int head_dim) co
     throw UsageError("--autotune-matmuls times cuBLASLt's algorithms: it needs --device cuda");
   }
   options.autotune_matmuls = autotune_matmuls;
+  options.head_chunk_rows = head_chunk_rows;
   return options;
 }
 
@@ -47,6 +60,7 @@ std::string BackendFlags::non_default_arguments() const {
   if (matmul != defaults.matmul) words += " --matmul " + matmul;
   if (attention != defaults.attention) words += " --attention-kernel " + attention;
   if (autotune_matmuls != defaults.autotune_matmuls) words += " --autotune-matmuls " + std::to_string(autotune_matmuls);
+  if (head_chunk_rows != defaults.head_chunk_rows) words += " --head-chunk-rows " + std::to_string(head_chunk_rows);
   return words;
 }
 

@@ -462,6 +462,7 @@ void register_bench_command(CLI::App& app) {
                             {"matmul_shapes", shapes},
                             {"matmul_sweep", sweep},
                             {"autotune_matmuls", backend_options.autotune_matmuls},
+                            {"head_chunk_rows", backend->head_chunk_rows()},
                             {"matmul_tunings", tunings}};
       write_file_atomically(opts->json_path, out.dump(2) + "\n");
     }

@@ -8,6 +8,7 @@
 
 #include "backends/backend.h"
 #include "cli/activation_flags.h"
+#include "cli/backend_flags.h"
 #include "cli/commands.h"
 #include "cli/config_options.h"
 #include "train/run_memory.h"
@@ -33,6 +34,7 @@ void register_memory_command(CLI::App& app) {
     std::string device = "cpu";
     ActivationFlags activations;
     int processes = 1;
+    int head_chunk_rows = 0;
     bool json = false;
   };
   auto opts = std::make_shared<Options>();
@@ -42,6 +44,7 @@ void register_memory_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
   opts->activations.add_to(cmd);
+  BackendFlags::add_head_chunk_rows(cmd, opts->head_chunk_rows);
   cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -49,7 +52,9 @@ void register_memory_command(CLI::App& app) {
   cmd->callback([opts] {
     const Config config = opts->config.build();
     const ActivationOptions activations = opts->activations.resolve(opts->device);
-    const int head_rows = opts->device == "cuda" ? kCudaHeadChunkRows : kCpuHeadChunkRows;
+    BackendOptions backend;
+    backend.head_chunk_rows = opts->head_chunk_rows;
+    const int head_rows = head_chunk_rows_for(opts->device, backend);
     if (config.world_size % opts->processes != 0) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
                        std::to_string(config.world_size));
@@ -82,6 +87,7 @@ void register_memory_command(CLI::App& app) {
                                {"activation_precision", ActivationFlags::precision_name(activations.precision)},
                                {"processes", opts->processes},
                                {"grad_reduce", grad_reduce_name(reduce)},
+                               {"head_chunk_rows", head_rows},
                                {"total_bytes", total}};
       for (const MemoryLine& line : lines) record[line.key] = line.bytes;
       std::printf("%s\n", record.dump().c_str());

@@ -367,6 +367,7 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   EXPECT_EQ(j["matmul"], "fp32");  // --matmul auto on the CPU: the float32 reference
   EXPECT_EQ(j["attention_kernel"], "reference");
   EXPECT_EQ(j["autotune_matmuls"], 0);  // nothing chosen by timing
+  EXPECT_EQ(j["head_chunk_rows"], 256);  // the CPU's default
   EXPECT_TRUE(j["matmul_tunings"].is_null()) << j["matmul_tunings"].dump();
   // Launch counts from exec: at least the time of the steps it contains, and not absurd.
   EXPECT_GE(j["first_step_seconds"].get<double>(), j["ms_per_step"].get<double>() / 1000 / 4);
@@ -444,6 +445,14 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_LT(lean_plan["total_bytes"].get<double>(), 24e9 - 1.25e9);
   EXPECT_LT(lean_plan["total_bytes"].get<double>(), kept_plan["total_bytes"].get<double>());
   EXPECT_GT(lean_plan["total_bytes"].get<double>(), nlohmann::json::parse(target.out)["total_bytes"].get<double>());
+  // --head-chunk-rows: the logits chunk is that many rows of the padded vocabulary.
+  const RunResult tall = speedrun("memory --preset speedrun-124m --device cuda --head-chunk-rows 4096 --json", dir_);
+  ASSERT_EQ(tall.exit_code, 0) << tall.err;
+  const nlohmann::json tall_plan = nlohmann::json::parse(tall.out);
+  EXPECT_EQ(tall_plan["head_chunk_rows"], 4096);
+  EXPECT_EQ(tall_plan["logits_bytes"].get<double>(), 4096.0 * 50304 * 4);
+  EXPECT_EQ(kept_plan["head_chunk_rows"], 2048);
+  EXPECT_EQ(tall_plan["total_bytes"].get<double>() - kept_plan["total_bytes"].get<double>(), 2048.0 * 50304 * 4);
   const RunResult both = speedrun("memory --preset micro --recompute-activations --recompute-relu2", dir_);
   EXPECT_EQ(both.exit_code, 2);
   EXPECT_TRUE(contains(both.err, "--recompute-relu2")) << both.err;

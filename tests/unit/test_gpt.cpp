@@ -146,7 +146,8 @@ struct RandomModel {
   std::vector<int32_t> inputs, targets;
   int window = 2;
 
-  explicit RandomModel(ActivationOptions activations = {}) {
+  explicit RandomModel(ActivationOptions activations = {}, const BackendOptions& backend = {}) {
+    be = make_cpu_backend(backend);
     model = std::make_unique<GPT>(config, *be, 64, 64, activations);
     params = random_vector(model->layout().total(), 42, 0.5f);
     for (const ParamSpec& s : model->layout().specs()) {
@@ -221,6 +222,36 @@ TEST(GPT, GradientMatchesFiniteDifferencesForEveryTensor) {
     ++checked;
   }
   EXPECT_EQ(checked, static_cast<int>(m.model->layout().specs().size()));
+}
+
+// --head-chunk-rows: the head's logits computed 8 rows at a time, 24 (the last chunk 16), or
+// all 64 at once give the same loss and gradients up to float32 rounding: the chunks change
+// only sums' order (the loss over rows, the head's weight gradient over chunks, and OpenBLAS's
+// blocking of products of another height).
+TEST(GPT, TheHeadsChunkHeightChangesOnlyTheOrderOfSums) {
+  std::vector<std::vector<float>> grads;
+  std::vector<double> losses;
+  for (int rows : {64, 8, 24}) {
+    BackendOptions options;
+    options.head_chunk_rows = rows;
+    RandomModel m({}, options);
+    ASSERT_EQ(m.be->head_chunk_rows(), rows);
+    m.model->load_parameters(m.params);
+    m.model->zero_grad();
+    losses.push_back(m.model->forward_backward(m.inputs, m.targets, m.window, 1.f));
+    grads.push_back(m.model->gradients_to_host());
+  }
+  for (size_t k = 1; k < grads.size(); ++k) {
+    EXPECT_NEAR(losses[k], losses[0], 1e-6 * std::abs(losses[0]));
+    double worst = 0;
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+      const double error = std::abs(grads[k][i] - grads[0][i]) / (1e-6 + std::abs(grads[0][i]));
+      worst = std::max(worst, error);
+      ASSERT_NEAR(grads[k][i], grads[0][i], 1e-4 * std::abs(grads[0][i]) + 1e-7) << i;
+    }
+    std::printf("chunks of %d rows: loss %.9g against %.9g, worst gradient error %.3g (relative to 1e-6 + |g|)\n",
+                k == 1 ? 8 : 24, losses[k], losses[0], worst);
+  }
 }
 
 TEST(GPT, GradientAccumulatesScaledOverSequences) {

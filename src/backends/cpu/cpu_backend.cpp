@@ -228,13 +228,15 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(const BackendOptions& options)
       : bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
         hold_operands_(options.hold_operands),
-        poison_lent_scratch_(options.poison_lent_scratch) {
+        poison_lent_scratch_(options.poison_lent_scratch),
+        head_chunk_rows_(head_chunk_rows_for("cpu", options)) {
     if (options.attention == AttentionKernel::kFlash) {
       throw UsageError("--attention-kernel flash is the CUDA backend's kernel; the CPU backend has reference only");
     }
   }
 
   std::string name() const override { return "cpu"; }
+  int head_chunk_rows() const override { return head_chunk_rows_; }
   size_t operand_copy_traffic_bytes() const override { return operand_copy_traffic_; }
 
   // The CPU's temporaries are few and small: it borrows nothing, but with
@@ -766,6 +768,7 @@ class CpuBackend final : public Backend {
   const bool bf16_matmul_;
   const bool hold_operands_;
   const bool poison_lent_scratch_;
+  const int head_chunk_rows_;
   float* loan_ = nullptr;  // Backend::lend_scratch
   size_t loan_floats_ = 0;
   void scribble_on_loan() {

@@ -42,7 +42,8 @@ class CudaBackend final : public Backend {
       : device_(device),
         flash_attention_(options.attention == AttentionKernel::kFlash),
         bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
-        emulate_fp8_head_(options.emulate_fp8_head) {
+        emulate_fp8_head_(options.emulate_fp8_head),
+        head_chunk_rows_(head_chunk_rows_for("cuda", options)) {
     int count = 0;
     SPEEDRUN_CUDA_CHECK(cudaGetDeviceCount(&count));
     if (device < 0 || device >= count) {
@@ -71,9 +72,9 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
-  // 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an H100,
-  // and dW's [V, d] is read and written T / 2048 times instead of T / 256.
-  int head_chunk_rows() const override { return kCudaHeadChunkRows; }
+  // By default 2048 x 50304 floats = 412 MB: products of this height fill all 132 SMs of an
+  // H100, and dW's [V, d] is read and written T / 2048 times instead of T / 256.
+  int head_chunk_rows() const override { return head_chunk_rows_; }
   size_t peak_memory_bytes() const override { return allocations_.peak(); }
   size_t operand_copy_traffic_bytes() const override { return gemm_ ? gemm_->operand_copy_traffic_bytes() : 0; }
   std::vector<MatmulTuning> matmul_tunings() const override { return gemm_->tunings(); }
@@ -508,6 +509,7 @@ class CudaBackend final : public Backend {
   const bool flash_attention_;  // the bf16 flash kernel instead of the float32 warp-per-query one
   const bool bf16_matmul_;      // operands rounded to bf16 copies, float32 accumulation
   const bool emulate_fp8_head_;
+  const int head_chunk_rows_;
   cudaStream_t stream_ = nullptr;
   // Model, optimiser and scratch allocations through alloc (cuBLASLt's workspace and
   // the scratch buffers' own growth are not counted).
