@@ -480,13 +480,7 @@ class CpuBackend final : public Backend {
     const float c0 = coef[0];
     const float c1 = b ? coef[1] : 0.f;
     if (db) scale_into(db, accumulate_db, c1, dout, n);
-    if (accumulate_da) {
-#pragma omp parallel for simd schedule(static)
-      for (size_t i = 0; i < n; ++i) da[i] += c0 * dout[i];
-    } else {
-#pragma omp parallel for simd schedule(static)
-      for (size_t i = 0; i < n; ++i) da[i] = c0 * dout[i];
-    }
+    scale_into(da, accumulate_da, c0, dout, n);  // after db: da may alias dout
     encode_outputs(da_codes, da, n);
   }
 
