@@ -21,11 +21,11 @@ struct AlgorithmTiming {
 // (BackendOptions::autotune_matmuls), on random operands laid out as the plan's.
 struct MatmulTuning {
   std::string shape;         // product_shape_name of the plan's product
-  int timed = 0;             // candidates timed, in the heuristic's order
+  int timed = 0;             // candidates timed, in the heuristic's order (0: none could be: see config)
   int chosen_rank = 0;       // the one the plan runs: the fastest that ran
   double heuristic_ms = -1;  // rank 0's median; -1 when cuBLASLt turned it down at run time
   double chosen_ms = -1;
-  std::string config;        // the chosen algorithm's configuration (AlgorithmTiming::config)
+  std::string config;        // the chosen algorithm's configuration (AlgorithmTiming::config), or why none was timed
 };
 
 // Up to `candidates` of cuBLASLt's heuristic choices for `shape` with bf16 inputs (the

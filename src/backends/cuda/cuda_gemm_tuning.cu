@@ -105,13 +105,24 @@ std::vector<AlgorithmTiming> LtGemm::time_algorithms(const Key& key, const Plan&
 
 cublasLtMatmulAlgo_t LtGemm::fastest(const Key& key, const Plan& plan,
                                      const std::vector<cublasLtMatmulAlgo_t>& algorithms) {
-  const std::vector<AlgorithmTiming> timings = time_algorithms(key, plan, algorithms, kTuningRepeats);
+  MatmulTuning tuning;
+  tuning.shape = product_shape_name(shape_of(key));
+  std::vector<AlgorithmTiming> timings;
+  try {
+    timings = time_algorithms(key, plan, algorithms, kTuningRepeats);
+  } catch (const Error& e) {
+    // No memory for the timing's operands (the run itself may still fit): the heuristic's
+    // first, said so in the record, rather than a failed step. The allocation's error is not
+    // sticky; it is cleared so that the next launch check does not report it.
+    cudaGetLastError();
+    tuning.config = std::string("not timed: ") + e.what();
+    tunings_.push_back(tuning);
+    return algorithms.front();
+  }
   size_t chosen = 0;
   for (size_t i = 0; i < timings.size(); ++i) {
     if (timings[i].ms >= 0 && (timings[chosen].ms < 0 || timings[i].ms < timings[chosen].ms)) chosen = i;
   }
-  MatmulTuning tuning;
-  tuning.shape = product_shape_name(shape_of(key));
   tuning.timed = static_cast<int>(timings.size());
   tuning.chosen_rank = static_cast<int>(chosen);
   tuning.heuristic_ms = timings.front().ms;
