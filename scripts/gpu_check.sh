@@ -219,7 +219,7 @@ stage_bench() {
       timeout "$limit" "$program" --gtest_also_run_disabled_tests --gtest_filter='*Benchmark*' >"$work/bench.tmp" 2>&1
       rc=$?
       cat "$work/bench.tmp" >>"$out/bench.log"
-      record "$variant benchmark" "rc=$rc $(grep -m1 -i 'TFLOP/s' "$work/bench.tmp")"
+      record "$variant benchmark" "rc=$rc $(grep -m3 -i 'TFLOP/s' "$work/bench.tmp" | tr -s ' ' | paste -sd';' | cut -c1-240)"
       continue
     fi
     budget "bench --device cuda $variant" "$([[ $variant == speedrun-124m* ]] && echo 240 || echo 60)" || continue

@@ -26,6 +26,9 @@ struct FlashAttentionShape {
   int block_size = 128;    // attention block size B (SPEC §3)
   int window_blocks = 1;   // window N in blocks; 0 behaves as 1
   float scale = 0.12f;     // logit scale
+  // Forward blocks resident per SM: 2, the kernel measured on the H200; 3, Q's tile kept in
+  // K's second stage and registers capped to fit a third (the same bits; not yet measured).
+  int forward_blocks_per_sm = 2;
 };
 
 // The head sizes the kernel is built for.
@@ -34,13 +37,16 @@ inline bool flash_attention_supports_head_size(int D) { return D == 32 || D == 6
 // Throws Error unless the shape is supported (positive sizes and scale, D in {32, 64, 128}):
 // the running maximum of the online softmax assumes scaling keeps the order of the scores.
 inline void check_flash_attention_shape(const FlashAttentionShape& s) {
-  const bool sizes_ok = s.T > 0 && s.H > 0 && s.block_size > 0 && s.window_blocks >= 0 && s.scale > 0.f;
+  const bool sizes_ok = s.T > 0 && s.H > 0 && s.block_size > 0 && s.window_blocks >= 0 && s.scale > 0.f &&
+                        (s.forward_blocks_per_sm == 2 || s.forward_blocks_per_sm == 3);
   const bool head_ok = flash_attention_supports_head_size(s.D);
   if (!sizes_ok || !head_ok) {
     throw Error("flash attention: unsupported shape T=" + std::to_string(s.T) + " H=" + std::to_string(s.H) +
                 " D=" + std::to_string(s.D) + " block_size=" + std::to_string(s.block_size) +
                 " window_blocks=" + std::to_string(s.window_blocks) + " scale=" + std::to_string(s.scale) +
-                " (needs positive T, H, block_size, scale, window_blocks >= 0 and D in {32, 64, 128})");
+                " forward_blocks_per_sm=" + std::to_string(s.forward_blocks_per_sm) +
+                " (needs positive T, H, block_size, scale, window_blocks >= 0, D in {32, 64, 128} and "
+                "forward_blocks_per_sm 2 or 3)");
   }
 }
 
@@ -74,6 +80,7 @@ struct FlashAttentionBenchmark {
   double visible_pairs = 0;  // per head
   double forward_ms = 0, backward_ms = 0;  // medians
   double forward_tflops = 0, backward_tflops = 0;
+  double compact_forward_ms = 0, compact_forward_tflops = 0;  // forward_blocks_per_sm = 3
 };
 void run_flash_attention_benchmark(FlashAttentionBenchmark& bench);
 

@@ -56,6 +56,19 @@ TEST(FlashAttention, RejectsUnsupportedShapes) {
     shape.scale = scale;
     EXPECT_THROW(check_flash_attention_shape(shape), Error) << scale;  // the online softmax needs scale > 0
   }
+  shape.scale = 0.12f;
+  shape.forward_blocks_per_sm = 3;
+  EXPECT_NO_THROW(check_flash_attention_shape(shape));
+  for (int blocks : {0, 1, 4}) {
+    shape.forward_blocks_per_sm = blocks;
+    try {
+      check_flash_attention_shape(shape);
+      FAIL() << "forward_blocks_per_sm = " << blocks << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("forward_blocks_per_sm=" + std::to_string(blocks)), std::string::npos)
+          << e.what();
+    }
+  }
 }
 
 #ifndef SPEEDRUN_HAVE_CUDA
@@ -209,6 +222,20 @@ void run_case(const Case& c, uint64_t seed) {
   double lse_error = 0;
   for (size_t i = 0; i < rows; ++i) lse_error = std::max(lse_error, std::fabs(static_cast<double>(lse[i]) - lse_ref[i]));
   EXPECT_LT(lse_error, 2e-3) << "lse max abs error";
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  // The compact forward (three blocks per SM, Q's tile in K's second stage) computes the same bits.
+  FlashAttentionShape compact = shape;
+  compact.forward_blocks_per_sm = 3;
+  Device<uint16_t> y_compact(n);
+  Device<float> lse_compact(rows);
+  y_compact.poison();
+  lse_compact.poison();
+  flash_attention_forward(nullptr, workspace.ptr, y_compact.ptr, lse_compact.ptr, q_d.ptr, k_d.ptr, v_d.ptr, doc_d.ptr,
+                          compact);
+  EXPECT_TRUE(y_compact.get() == y_codes) << "the compact forward's y differs";
+  EXPECT_TRUE(same_bits(lse_compact.get(), lse)) << "the compact forward's lse differs";
 
   dq_d.poison();
   dk_d.poison();
@@ -229,9 +256,6 @@ void run_case(const Case& c, uint64_t seed) {
   dv_d.poison();
   flash_attention_backward(nullptr, workspace.ptr, dq_d.ptr, dk_d.ptr, dv_d.ptr, dy_d.ptr, y_d.ptr, lse_d.ptr, q_d.ptr,
                            k_d.ptr, v_d.ptr, doc_d.ptr, shape);
-  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-  };
   EXPECT_TRUE(same_bits(dq_d.get(), dq)) << "dq not bit-identical across runs";
   EXPECT_TRUE(same_bits(dk_d.get(), dk)) << "dk not bit-identical across runs";
   EXPECT_TRUE(same_bits(dv_d.get(), dv)) << "dv not bit-identical across runs";
@@ -303,9 +327,11 @@ TEST(FlashAttention, DISABLED_Benchmark) {
   std::printf(
       "flash attention T=%d H=%d D=%d window=%d, documents ~%d tokens: %.3g visible pairs per head\n"
       "  forward  %.3f ms  %.1f TFLOP/s (4 D per visible pair)\n"
+      "  forward, compact (3 blocks per SM) %.3f ms  %.1f TFLOP/s\n"
       "  backward %.3f ms  %.1f TFLOP/s (10 D per visible pair; 14 D executed)\n",
       bench.shape.T, bench.shape.H, bench.shape.D, bench.shape.window_blocks, bench.document_length,
-      bench.visible_pairs, bench.forward_ms, bench.forward_tflops, bench.backward_ms, bench.backward_tflops);
+      bench.visible_pairs, bench.forward_ms, bench.forward_tflops, bench.compact_forward_ms,
+      bench.compact_forward_tflops, bench.backward_ms, bench.backward_tflops);
   EXPECT_GT(bench.forward_tflops, 0);
 }
 
