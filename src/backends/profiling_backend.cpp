@@ -56,7 +56,7 @@ class ProfilingBackend final : public Backend {
     timed("fault check", 0, 4.0 * n, [&] { inner_.flag_nonfinite(flag, x, n); });
   }
   void document_ids(int32_t* doc, const int32_t* tok, int T, int32_t sep) override {
-    timed("embedding", 0, 0, [&] { inner_.document_ids(doc, tok, T, sep); });
+    timed("document ids", 0, 0, [&] { inner_.document_ids(doc, tok, T, sep); });
   }
 
   void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
@@ -79,13 +79,13 @@ class ProfilingBackend final : public Backend {
     });
   }
   void embedding_forward(float* o, const float* t, const int32_t* tok, int T, int d) override {
-    timed("embedding", 0, 8.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward(o, t, tok, T, d); });
+    timed("embedding lookup", 0, 8.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward(o, t, tok, T, d); });
   }
   void embedding_forward_bf16(uint16_t* o, const float* t, const int32_t* tok, int T, int d) override {
-    timed("embedding", 0, 6.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward_bf16(o, t, tok, T, d); });
+    timed("embedding lookup", 0, 6.0 * T * d + 4.0 * T, [&] { inner_.embedding_forward_bf16(o, t, tok, T, d); });
   }
   void embedding_backward(float* dt, const float* dout, const int32_t* tok, int T, int d) override {
-    timed("embedding", 0, 12.0 * T * d + 4.0 * T, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
+    timed("embedding backward", 0, 12.0 * T * d + 4.0 * T, [&] { inner_.embedding_backward(dt, dout, tok, T, d); });
   }
   void rmsnorm_forward(float* o, uint16_t* o_codes, float* r, const float* x, int rows, int dim, float eps) override {
     timed("rmsnorm forward", 0, elements(rows, dim) * (8.0 + code_bytes(o_codes)),
