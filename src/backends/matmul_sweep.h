@@ -4,6 +4,7 @@
 // what the backend chose where --autotune-matmuls let it choose by timing.
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,15 @@ struct MatmulTuning {
   double chosen_ms = -1;
   std::string config;        // the chosen algorithm's configuration (AlgorithmTiming::config), or why none was timed
 };
+
+// "matmul plans tuned by timing: N, of which M run another algorithm than the heuristic's
+// first": what train and bench say of a run's tunings.
+inline std::string summarize_tunings(const std::vector<MatmulTuning>& tunings) {
+  const auto changed =
+      std::count_if(tunings.begin(), tunings.end(), [](const MatmulTuning& t) { return t.chosen_rank != 0; });
+  return "matmul plans tuned by timing: " + std::to_string(tunings.size()) + ", of which " + std::to_string(changed) +
+         " run another algorithm than the heuristic's first";
+}
 
 // Up to `candidates` of cuBLASLt's heuristic choices for `shape` with bf16 inputs (the
 // backend's --matmul bf16 products) on CUDA device `device`, in the heuristic's order, each

@@ -25,7 +25,8 @@ struct BackendFlags {
   // is the flash kernel on cuda where it has the head size (32, 64, 128), else reference.
   // UsageError for --autotune-matmuls on any device but cuda.
   BackendOptions resolve(const std::string& device, int head_dim) const;
-  // " --matmul X --attention-kernel Y --autotune-matmuls N --head-chunk-rows R" for the flags not at their defaults (resume commands).
+  // " --matmul X --attention-kernel Y --autotune-matmuls N --head-chunk-rows R" for the flags
+  // not at their defaults (resume commands).
   std::string non_default_arguments() const;
 };
 

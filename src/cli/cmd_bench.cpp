@@ -210,11 +210,7 @@ nlohmann::json report_matmul_tunings(std::vector<MatmulTuning> tunings) {
   };
   std::stable_sort(tunings.begin(), tunings.end(),
                    [&](const MatmulTuning& a, const MatmulTuning& b) { return gain(a) > gain(b); });
-  const auto changed = std::count_if(tunings.begin(), tunings.end(),
-                                     [](const MatmulTuning& t) { return t.chosen_rank != 0; });
-  std::printf("matmul plans tuned by timing: %zu, of which %ld run another algorithm than the heuristic's first "
-              "(ms per call, each alone):\n",
-              tunings.size(), static_cast<long>(changed));
+  std::printf("%s (ms per call, each alone):\n", summarize_tunings(tunings).c_str());
   std::printf("%-38s %5s %5s %9s %9s  %s\n", "shape", "timed", "rank", "rank 0 ms", "chosen ms", "chosen config");
   nlohmann::json out = nlohmann::json::array();
   for (const MatmulTuning& t : tunings) {

@@ -3,7 +3,6 @@
 // at the next step with a checkpoint and prints the command that resumes it.
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -115,10 +114,7 @@ int gpu_of_process(const Communicator& comm) {
 void report_matmul_tunings(const Backend& backend, const Communicator& comm, bool quiet) {
   const std::vector<MatmulTuning> tunings = backend.matmul_tunings();
   if (quiet || comm.rank() != 0 || tunings.empty()) return;
-  const auto changed =
-      std::count_if(tunings.begin(), tunings.end(), [](const MatmulTuning& t) { return t.chosen_rank != 0; });
-  std::printf("matmul plans tuned by timing: %zu, of which %ld run another algorithm than the heuristic's first\n",
-              tunings.size(), static_cast<long>(changed));
+  std::printf("%s\n", summarize_tunings(tunings).c_str());
 }
 
 void run(const Options& opts, Communicator& comm) {

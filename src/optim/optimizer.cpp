@@ -132,45 +132,38 @@ void Optimizer::update_muon_group(const MuonGroup& group, float* params, const f
   const auto& specs = layout_.specs();
   const int processes = comm ? comm->size() : 1;
   const auto owner = [&](size_t i) { return muon_ordinal_[i] % processes; };
-  std::vector<size_t> batch;  // this process's tensors whose updates are in x_
+  muon_batch_.clear();  // this process's tensors whose updates are in x_, batch_floats of them
   size_t batch_floats = 0;
   for (size_t i : group.specs) {
     const ParamSpec& spec = specs[i];
     // Every process keeps the momentum buffers (they are checkpointed); only the owner
     // orthogonalises and applies, the others receive the result.
-    if (processes > 1 && comm->rank() != owner(i)) {
-      backend_.muon_momentum(update_, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
-      continue;
-    }
-    if (batch_floats + spec.count > batch_floats_) {
-      orthogonalize_and_apply(batch, static_cast<int>(batch_floats / (static_cast<size_t>(group.r) * group.c)), group,
-                              params, lr, skip);
-      batch.clear();
+    const bool mine = processes == 1 || comm->rank() == owner(i);
+    if (mine && batch_floats + spec.count > batch_floats_) {
+      orthogonalize_and_apply(group, params, lr, skip);
       batch_floats = 0;
     }
     float* slot = x_ + batch_floats;
-    if (is_tall(spec)) {  // made wide in its slot
-      backend_.muon_momentum(update_, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
-      backend_.transpose(slot, update_, spec.rows, spec.cols, spec.matrices);
-    } else {
-      backend_.muon_momentum(slot, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
-    }
-    batch.push_back(i);
+    // A wide tensor's update goes straight into its slot, a tall one's is made wide there.
+    float* update = mine && !is_tall(spec) ? slot : update_;
+    backend_.muon_momentum(update, first_state_[i], grads + spec.offset, spec.count, momentum, skip);
+    if (!mine) continue;
+    if (is_tall(spec)) backend_.transpose(slot, update_, spec.rows, spec.cols, spec.matrices);
+    muon_batch_.push_back(i);
     batch_floats += spec.count;
   }
-  if (!batch.empty()) {
-    orthogonalize_and_apply(batch, static_cast<int>(batch_floats / (static_cast<size_t>(group.r) * group.c)), group,
-                            params, lr, skip);
-  }
+  orthogonalize_and_apply(group, params, lr, skip);
   if (processes > 1) {
     for (size_t i : group.specs) comm->broadcast_async(params + specs[i].offset, specs[i].count, owner(i));
   }
 }
 
-void Optimizer::orthogonalize_and_apply(const std::vector<size_t>& batch, int matrices, const MuonGroup& group,
-                                        float* params, float lr, const int32_t* skip) {
+void Optimizer::orthogonalize_and_apply(const MuonGroup& group, float* params, float lr, const int32_t* skip) {
+  if (muon_batch_.empty()) return;
+  int matrices = 0;
+  for (size_t i : muon_batch_) matrices += layout_.specs()[i].matrices;
   const float* result = newton_schulz(matrices, group.r, group.c);
-  for (size_t i : batch) {
+  for (size_t i : muon_batch_) {
     const ParamSpec& spec = layout_.specs()[i];
     const float* update = result;
     if (is_tall(spec)) {  // back to the parameter's shape
@@ -181,6 +174,7 @@ void Optimizer::orthogonalize_and_apply(const std::vector<size_t>& batch, int ma
     backend_.apply_update(params + spec.offset, update, spec.count, lr * shape_scale, skip);
     result += spec.count;
   }
+  muon_batch_.clear();
 }
 
 void Optimizer::orthogonalize(float* x, int batch, int rows, int cols) {

@@ -67,10 +67,9 @@ class Optimizer {
   // and applied; then each tensor broadcast from its owner (every process in the same order).
   void update_muon_group(const MuonGroup& group, float* params, const float* grads, float lr, float momentum,
                          Communicator* comm, const int32_t* skip);
-  // The batch of tensors `batch` (their momentum updates laid out wide in x_, `matrices` in
-  // all) orthogonalised and applied to their parameters.
-  void orthogonalize_and_apply(const std::vector<size_t>& batch, int matrices, const MuonGroup& group, float* params,
-                               float lr, const int32_t* skip);
+  // The tensors of muon_batch_ (their momentum updates laid out wide in x_) orthogonalised
+  // and applied to their parameters; the batch is empty afterwards.
+  void orthogonalize_and_apply(const MuonGroup& group, float* params, float lr, const int32_t* skip);
   // Newton-Schulz on the `batch` wide r x c matrices in x_; returns the buffer holding the result.
   float* newton_schulz(int batch, int r, int c);
 
@@ -83,6 +82,7 @@ class Optimizer {
   std::vector<AdamTensor> adam_tensors_;  // a step's Adam update, one call (capacity kept)
   std::vector<MuonGroup> muon_groups_;
   std::vector<int> muon_ordinal_;     // per spec: its place among the Muon tensors (owner: ordinal % processes)
+  std::vector<size_t> muon_batch_;    // the spec indices whose updates x_ holds (capacity kept)
   size_t batch_floats_ = 0;           // a Muon batch's bound (ScratchSizes::batch)
   float* update_ = nullptr;           // Muon scratch: a momentum update [largest tensor]
   float* x_ = nullptr;                // Newton-Schulz iterate [a batch]

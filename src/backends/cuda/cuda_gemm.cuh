@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <map>
 #include <set>
-#include <string>
 #include <vector>
 
 #include "backends/backend.h"
@@ -37,10 +36,6 @@ std::vector<cublasLtMatmulAlgo_t> candidate_algorithms(cublasLtHandle_t handle, 
 // Floats (or codes) an operand spans: `batch` matrices of rows x cols (leading dimension ld),
 // `stride` apart. A bf16 copy covers the gaps too, so that ld and stride apply to it unchanged.
 size_t operand_extent(int rows, int cols, int ld, size_t stride, int batch);
-
-// An algorithm's configuration as text: cuBLASLt's algorithm id, tile and stages ids,
-// split-K, reduction, swizzle, cluster ("?" for what cuBLASLt does not say).
-std::string describe_algorithm(const cublasLtMatmulAlgo_t& algo);
 
 class LtGemm {
  public:

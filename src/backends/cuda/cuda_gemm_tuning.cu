@@ -35,9 +35,8 @@ void fill_random(cudaStream_t stream, void* x, size_t count, size_t bytes_per_el
   fill_random_bf16(stream, static_cast<uint16_t*>(x), count * (bytes_per_element / sizeof(uint16_t)), seed, 1.f);
 }
 
-}  // namespace
-
-// The ids cublasLt.h enumerates (tile, stages, cluster shape) as numbers, the rest as values.
+// An algorithm's configuration as text: cuBLASLt's algorithm id, tile and stages ids (the
+// numbers cublasLt.h enumerates), split-K, reduction, swizzle, cluster.
 std::string describe_algorithm(const cublasLtMatmulAlgo_t& algo) {
   return "algo " + config_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID) +
          " tile " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID) +
@@ -47,6 +46,8 @@ std::string describe_algorithm(const cublasLtMatmulAlgo_t& algo) {
          " swizzle " + config_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING) +
          " cluster " + config_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
 }
+
+}  // namespace
 
 ProductShape LtGemm::shape_of(const Key& key) {
   ProductShape shape;
