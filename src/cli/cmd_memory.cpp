@@ -76,8 +76,11 @@ void register_memory_command(CLI::App& app) {
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
         {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, forward_only.c_str()},
         {"sequence_bytes", "sequence", plan.sequence_bytes, "tokens, targets, document ids, token losses"},
-        {"logits_bytes", "logits chunk", plan.logits_bytes, "head rows at a time x padded vocabulary"},
     };
+    // Inside each pass's share above, not added to the total.
+    const MemoryLine logits{"logits_bytes", "  logits chunk", plan.logits_bytes,
+                            "head rows at a time x padded vocabulary, inside each pass's share (in training, the "
+                            "block gradients' buffer)"};
     if (opts->json) {
       nlohmann::json record = {{"device", opts->device},
                                {"seq_len", config.seq_len},
@@ -90,6 +93,7 @@ void register_memory_command(CLI::App& app) {
                                {"head_chunk_rows", head_rows},
                                {"total_bytes", total}};
       for (const MemoryLine& line : lines) record[line.key] = line.bytes;
+      record[logits.key] = logits.bytes;
       std::printf("%s\n", record.dump().c_str());
       return;
     }
@@ -99,7 +103,12 @@ void register_memory_command(CLI::App& app) {
         opts->processes, config.world_size / opts->processes, config.world_size, config.seq_len, config.val_seq_len,
         ActivationFlags::describe(activations).c_str(), opts->device.c_str(), head_rows,
         grad_reduce_name(reduce).c_str());
-    for (const MemoryLine& line : lines) std::printf("%-20s %9.3f GiB  %s\n", line.label, gib(line.bytes), line.what);
+    for (const MemoryLine& line : lines) {
+      std::printf("%-20s %9.3f GiB  %s\n", line.label, gib(line.bytes), line.what);
+      if (line.key == std::string("forward_only_bytes")) {
+        std::printf("%-20s %9.3f GiB  %s\n", logits.label, gib(logits.bytes), logits.what);
+      }
+    }
     std::printf("%-20s %9.3f GiB  plus the backend's own scratch (matmul workspace, bf16 operand copies)\n", "total",
                 gib(total));
   });

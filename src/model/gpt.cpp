@@ -50,6 +50,9 @@ struct GPT::LayerActivations {
   float* g = nullptr;        // relu(h)^2 [T, mlp] (bf16: one buffer all layers share)
   uint16_t* g_codes = nullptr;  // bf16: relu(h)^2 rounded, as codes [T, mlp] (kept per layer or shared)
   uint16_t* h_codes = nullptr;  // bf16: h kept for the backward, as codes [T, mlp]
+  // Training: the layer's value-embedding gradient [T, d], scattered into its table's at once
+  // (in its h where that has room: carve_gradients_in_dead_h).
+  float* dve = nullptr;
 };
 
 // The activations of a whole pass outside the blocks.
@@ -65,6 +68,9 @@ struct GPT::ModelActivations {
   StreamTensor final_x;          // last block's output [T, d]
   float* final_norm = nullptr;   // rmsnorm(final_x) [T, d]
   float* final_rstd = nullptr;   // [T]
+  // One chunk of the head's logits [min(head chunk, T), padded vocab], in a buffer the pass
+  // has no other use for while the head runs (carve_training_buffers, carve_forward_buffers).
+  float* logits = nullptr;
 };
 
 // Everything a training pass uses besides parameters, gradients and the sequence itself.
@@ -80,9 +86,8 @@ struct GPT::TrainingBuffers {
   float* dk = nullptr;
   float* dv = nullptr;
   float* dy = nullptr;
-  float* dve = nullptr;          // [T, d] one layer's value-embedding gradient, scattered
-                                 // into its table's at once
-  std::vector<float*> dskip_in;  // [T, d] per encoder output
+  std::vector<float*> dskip_in;  // [T, d] per encoder output (in its decoder's h, where that
+                                 // has room: carve_gradients_in_dead_h)
 };
 
 // What a forward-only pass uses: one set of layer buffers for every layer.
@@ -127,6 +132,11 @@ AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations,
   return codes;
 }
 
+// The floats of one chunk of the head's logits in a pass of sequences up to T tokens.
+size_t logits_floats(const Config& config, size_t T, int head_chunk_rows) {
+  return std::min(T, static_cast<size_t>(std::max(1, head_chunk_rows))) * config.padded_vocab();
+}
+
 // Backend::lend_scratch for a scope.
 class ScratchLoan {
  public:
@@ -156,8 +166,8 @@ GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_
                                  ActivationOptions activations, int head_chunk_rows) {
   const size_t T_all = std::max(max_train_T, max_eval_T);
   ArenaCarver training, forward;
-  carve_training_buffers(config, activations, training, max_train_T);
-  carve_forward_buffers(config, activations, forward, T_all);
+  carve_training_buffers(config, activations, training, max_train_T, head_chunk_rows);
+  carve_forward_buffers(config, activations, forward, T_all, head_chunk_rows);
   MemoryPlan plan;
   plan.parameter_bytes = ParamLayout(config).total() * sizeof(float);
   plan.gradient_bytes = plan.parameter_bytes;
@@ -165,7 +175,7 @@ GPT::MemoryPlan GPT::plan_memory(const Config& config, int max_train_T, int max_
   plan.forward_only_bytes = forward.used() * sizeof(float);
   // inputs, targets, document ids (int32) and token losses
   plan.sequence_bytes = T_all * (3 * sizeof(int32_t) + sizeof(float));
-  plan.logits_bytes = static_cast<size_t>(std::max(1, head_chunk_rows)) * config.padded_vocab() * sizeof(float);
+  plan.logits_bytes = logits_floats(config, T_all, head_chunk_rows) * sizeof(float);
   return plan;
 }
 
@@ -206,14 +216,13 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
   doc_ = i32(T_all);
   row_loss_ = f(T_all);
   head_chunk_ = std::max(1, backend_.head_chunk_rows());
-  logits_ = f(static_cast<size_t>(head_chunk_) * config_.padded_vocab());
   const MemoryPlan plan = plan_memory(config_, max_train_T, max_eval_T, activations, head_chunk_);
   float* arena = f(plan.arena_bytes() / sizeof(float));
   ArenaCarver training_arena(arena), forward_arena(arena);
   train_ = std::make_unique<TrainingBuffers>(
-      carve_training_buffers(config_, activations, training_arena, max_train_T));
+      carve_training_buffers(config_, activations, training_arena, max_train_T, head_chunk_));
   forward_ = std::make_unique<ForwardBuffers>(
-      carve_forward_buffers(config_, activations, forward_arena, T_all));
+      carve_forward_buffers(config_, activations, forward_arena, T_all, head_chunk_));
   forward_spare_bytes_ = plan.forward_spare_bytes();
   if (forward_spare_bytes_ > 0) forward_spare_ = arena + forward_arena.used();
   loss_sum_host_ = static_cast<double*>(backend_.alloc_host(sizeof(double)));
@@ -223,7 +232,7 @@ GPT::GPT(const Config& config, Backend& backend, int max_train_T, int max_eval_T
 }
 
 GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, ActivationOptions activations,
-                                                 ArenaCarver& arena, size_t T) {
+                                                 ArenaCarver& arena, size_t T, int head_chunk_rows) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   const bool recompute = activations.memory == ActivationMemory::kRecompute;
   const bool recompute_relu2 = activations.memory != ActivationMemory::kStore;
@@ -243,15 +252,15 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   b.dx0 = take(T * d);
   b.dtmp = take(T * d);
   m.embedded = bf16 ? b.dtmp : m.x0.floats;  // dtmp's first use is the head's backward
-  // The MLP's backward is done with dwide before attention's starts: one buffer serves both.
-  float* block_gradients = take(std::max(T * mlp, 4 * T * hd));
+  // The MLP's backward is done with dwide before attention's starts: one buffer serves both,
+  // and before them the head's logits (the head's chunks all run before any block's backward).
+  float* block_gradients = take(std::max({T * mlp, 4 * T * hd, logits_floats(config, T, head_chunk_rows)}));
+  m.logits = block_gradients;
   b.dwide = block_gradients;
   b.dq = block_gradients;
   b.dk = block_gradients + T * hd;
   b.dv = block_gradients + 2 * T * hd;
   b.dy = block_gradients + 3 * T * hd;
-  if (config.num_value_embeds > 0) b.dve = take(T * d);
-  for (int i = 0; i < config.num_encoder_layers(); ++i) b.dskip_in.push_back(take(T * d));
   // Recomputed activations live in one buffer each, shared by all layers (both rmsnorm
   // outputs in one: the backward needs the MLP's before attention's). The lambda mix xm
   // is such a buffer in both modes: only recomputation reads it back (it is cheap to
@@ -333,7 +342,31 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
     }
     b.layers.push_back(a);
   }
+  carve_gradients_in_dead_h(config, bf16, arena, T, b);
   return b;
+}
+
+// A layer's h (floats, or with bf16 activations codes) is dead once its backward has read it,
+// in the MLP's part: where it has room for T x d floats, it then holds two gradients that
+// would otherwise take memory of their own.
+// - The layer's value-embedding gradient, written and read in attention's part, later.
+// - A decoder's skip gradient: written after the decoder's backward, read by the backward of
+//   the encoder whose output the decoder added, later still.
+void GPT::carve_gradients_in_dead_h(const Config& config, bool bf16, ArenaCarver& arena, size_t T,
+                                    TrainingBuffers& b) {
+  const size_t d = config.model_dim, mlp = config.mlp_dim();
+  const bool h_has_room = (bf16 ? mlp / 2 : mlp) >= d;
+  auto dead_h = [&](const LayerActivations& a) { return bf16 ? reinterpret_cast<float*>(a.h_codes) : a.h; };
+  // Without room: one buffer for every layer's value-embedding gradient.
+  float* shared_dve = !h_has_room && config.num_value_embeds > 0 ? arena.take(T * d) : nullptr;
+  for (int i = 0; i < config.num_layers; ++i) {
+    if (config.value_embed_of_layer(i) >= 0) b.layers[i].dve = h_has_room ? dead_h(b.layers[i]) : shared_dve;
+  }
+  const int half = config.num_encoder_layers();
+  b.dskip_in.assign(half, nullptr);
+  for (int j = 0; j < half; ++j) {
+    b.dskip_in[half - 1 - j] = h_has_room ? dead_h(b.layers[half + j]) : arena.take(T * d);
+  }
 }
 
 // One set for every layer. The rmsnorm outputs share a buffer, as do q before and after
@@ -342,7 +375,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
 // block's norm buffer. That is 8 d floats per token where a training layer keeps 18 d,
 // and h for mlp_rows rows (the MLP runs a slice of rows at a time).
 GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationOptions activations, ArenaCarver& arena,
-                                               size_t T) {
+                                               size_t T, int head_chunk_rows) {
   const size_t d = config.model_dim, hd = config.hidden_dim(), mlp = config.mlp_dim(), H = config.num_heads;
   const size_t mlp_rows = static_cast<size_t>(std::max(1, activations.forward_mlp_rows));
   const bool bf16 = activations.precision == ActivationPrecision::kBfloat16;
@@ -381,6 +414,9 @@ GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationO
   m.final_x = a.x_in;
   m.final_norm = a.mlp_norm;
   m.final_rstd = a.mlp_rstd;
+  // The head's logits in y's floats, dead once the last block has run, where they fit.
+  const size_t logits = logits_floats(config, T, head_chunk_rows);
+  m.logits = logits <= T * hd ? a.y : take(logits);
   return f;
 }
 
@@ -628,8 +664,7 @@ void GPT::mix_value(int layer, LayerActivations& a, const ModelActivations& m, i
   }
 }
 
-void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv,
-                             float* dve, int T) {
+void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv, int T) {
   const BlockOffsets& offsets = block_offsets_[layer];
   const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
   // v's gradient held as the codes the mix's backward writes, for v's two products.
@@ -637,13 +672,13 @@ void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivati
   float* dlambdas = grads_ + offsets.attn_lambdas;
   const float* lambdas = params_ + offsets.attn_lambdas;
   if (bf16_activations_) {
-    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? dve : nullptr, false, dlambdas, dv, a.v_raw_codes,
+    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? a.dve : nullptr, false, dlambdas, dv, a.v_raw_codes,
                                ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
   } else {
-    backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? dve : nullptr, false, dlambdas, dv, a.v_raw,
+    backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? a.dve : nullptr, false, dlambdas, dv, a.v_raw,
                           ve >= 0 ? m.ve : nullptr, lambdas, n);
   }
-  if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], dve, inputs_, T, config_.model_dim);
+  if (ve >= 0) backend_.embedding_backward(grads_ + value_embed_offsets_[ve], a.dve, inputs_, T, config_.model_dim);
 }
 
 void GPT::rotated_copy(float* out, const float* x, int T) {
@@ -797,16 +832,17 @@ void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
     // mean-loss gradient, as on each of the reference's ranks (e5m2's range is tuned to
     // it); grad_scale is applied after the cast.
     if (fp8) {
-      backend_.fp8_head_loss(logits_, row_loss_ + r0, train_->dtmp + static_cast<size_t>(r0) * d, dW, xr, W,
+      backend_.fp8_head_loss(m.logits, row_loss_ + r0, train_->dtmp + static_cast<size_t>(r0) * d, dW, xr, W,
                              targets_ + r0, rows, V, d, softcap, 1.f / T, grad_scale, /*requantize_weight=*/r0 == 0);
       continue;
     }
-    backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, logits_, V);
-    backend_.softcap_cross_entropy(logits_, row_loss_ + r0, targets_ + r0, rows, V, softcap, grad_scale / T);
+    backend_.gemm(false, true, rows, V, d, 1.f, xr, d, W, d, 0.f, m.logits, V);
+    backend_.softcap_cross_entropy(m.logits, row_loss_ + r0, targets_ + r0, rows, V, softcap, grad_scale / T);
     if (!training) continue;
-    backend_.hold_operand(kHeldGradient, logits_, static_cast<size_t>(rows) * V);
-    backend_.gemm(true, false, V, d, rows, 1.f, logits_, V, xr, d, 1.f, dW, d);
-    backend_.gemm(false, false, rows, d, V, 1.f, logits_, V, W, d, 0.f, train_->dtmp + static_cast<size_t>(r0) * d, d);
+    backend_.hold_operand(kHeldGradient, m.logits, static_cast<size_t>(rows) * V);
+    backend_.gemm(true, false, V, d, rows, 1.f, m.logits, V, xr, d, 1.f, dW, d);
+    backend_.gemm(false, false, rows, d, V, 1.f, m.logits, V, W, d, 0.f, train_->dtmp + static_cast<size_t>(r0) * d,
+                  d);
     backend_.release_operand(kHeldGradient);
   }
   backend_.release_operand(kHeldInput);
@@ -923,7 +959,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     rotated_heads_backward(b.dk, a.kn, a.kn_codes, a.k_rstd, T);
     linear_backward(b.dtmp, nullptr, true, dqkv + w, b.dk, a.attn_norm, qkv + w, T, hd, d);
     backend_.release_operand(kHeldGradient);
-    mix_value_backward(layer, a, b.m, ve, b.dv, b.dve, T);
+    mix_value_backward(layer, a, b.m, ve, b.dv, T);
     linear_backward(b.dtmp, nullptr, true, dqkv + 2 * w, b.dv, a.attn_norm, qkv + 2 * w, T, hd, d);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);

@@ -74,11 +74,13 @@ class GPT {
     size_t training_bytes = 0;      // a training pass's activations and gradient scratch
     size_t forward_only_bytes = 0;  // a forward-only pass's, in the same arena
     size_t sequence_bytes = 0;      // inputs, targets, document ids, token losses
-    size_t logits_bytes = 0;        // one chunk of the head's logits
+    // One chunk of the head's logits (the longer pass's), inside each pass's share of the
+    // arena: counted in training_bytes and forward_only_bytes, not on top of them.
+    size_t logits_bytes = 0;
     size_t arena_bytes() const { return std::max(training_bytes, forward_only_bytes); }
     // The arena a forward-only pass leaves unused, lent to the backend's scratch meanwhile.
     size_t forward_spare_bytes() const { return arena_bytes() - forward_only_bytes; }
-    size_t activation_bytes() const { return arena_bytes() + sequence_bytes + logits_bytes; }
+    size_t activation_bytes() const { return arena_bytes() + sequence_bytes; }
     size_t total_bytes() const { return parameter_bytes + gradient_bytes + activation_bytes(); }
   };
   static MemoryPlan plan_memory(const Config& config, int max_train_T, int max_eval_T, ActivationOptions activations,
@@ -132,10 +134,13 @@ class GPT {
   struct TrainingBuffers;
   struct ForwardBuffers;
   // Each pass's buffers, pointing into the arena (counting only, when the carver has no memory).
+  // head_chunk_rows: the rows of logits the head computes at a time.
   static TrainingBuffers carve_training_buffers(const Config& config, ActivationOptions activations,
-                                                ArenaCarver& arena, size_t T);
+                                                ArenaCarver& arena, size_t T, int head_chunk_rows);
   static ForwardBuffers carve_forward_buffers(const Config& config, ActivationOptions activations, ArenaCarver& arena,
-                                              size_t T);
+                                              size_t T, int head_chunk_rows);
+  static void carve_gradients_in_dead_h(const Config& config, bool bf16, ArenaCarver& arena, size_t T,
+                                        TrainingBuffers& b);
   ModelActivations& pass(bool training);
   void run_forward(int T, int long_window, bool training);
   void resolve_offsets();
@@ -181,11 +186,10 @@ class GPT {
   void project(float* out, uint16_t* out_codes, const float* x, const float* weight, int T, int out_dim, int in_dim);
   // Attention's v = lambdas[0] v_raw + lambdas[1] ve (ve: the table looked up into m, < 0 for
   // none), and its backward: v's gradient dv (in place) held as kHeldGradient for v's
-  // products (the caller releases it), the lambdas' and the table's gradients added (dve:
+  // products (the caller releases it), the lambdas' and the table's gradients added (a.dve:
   // scratch for the latter).
   void mix_value(int layer, LayerActivations& a, const ModelActivations& m, int ve, int T);
-  void mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv, float* dve,
-                          int T);
+  void mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv, int T);
   // The precision-dependent steps: q or k -> rmsnorm per head -> rotary, h -> relu(h)^2,
   // and their backwards. float32: x is normalised in place and rotated into `rotated`;
   // bf16: one pass from x's codes (x_codes) writes the codes alone, the normalised ones into
@@ -246,7 +250,6 @@ class GPT {
   int32_t* targets_ = nullptr;
   int32_t* doc_ = nullptr;
   float* row_loss_ = nullptr;     // [T]
-  float* logits_ = nullptr;       // [head_chunk, padded_vocab]
   // Activations of a training pass and of a forward-only one, carved from one arena.
   std::unique_ptr<TrainingBuffers> train_;
   std::unique_ptr<ForwardBuffers> forward_;

@@ -385,8 +385,12 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
             (T * halved / 2 + T * as_codes / 2 - T * bf16_only) * sizeof(float));
 }
 
+// (The head's logits 64 rows at a time: micro's chunk of 256 rows would outweigh all its
+// other activations, and a taller one in a longer pass would not fit the training buffers.)
 TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
-  auto be = make_cpu_backend();
+  BackendOptions chunk_of_64;
+  chunk_of_64.head_chunk_rows = 64;
+  auto be = make_cpu_backend(chunk_of_64);
   const Config c = Config::preset("micro");
   GPT short_eval(c, *be, 64, 64), long_eval(c, *be, 64, 256), long_train(c, *be, 256, 256);
   constexpr size_t kPerTokenBuffers = 4;
@@ -466,9 +470,10 @@ TEST(GPT, AForwardOnlyPassLendsTheArenaItLeavesUnusedAndReadsNoneOfIt) {
   const Config c = Config::preset("micro");
   for (ActivationOptions activations : {ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kFloat32},
                                         ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kBfloat16}}) {
-    BackendOptions poisoned;
+    BackendOptions clean_options, poisoned;
+    clean_options.head_chunk_rows = poisoned.head_chunk_rows = 32;  // as above: micro's logits outweigh the rest
     poisoned.poison_lent_scratch = true;
-    auto clean_be = make_cpu_backend(), poisoned_be = make_cpu_backend(poisoned);
+    auto clean_be = make_cpu_backend(clean_options), poisoned_be = make_cpu_backend(poisoned);
     std::map<std::string, OpStats> stats;
     auto counted = make_profiling_backend(*poisoned_be, stats);
     GPT clean(c, *clean_be, 256, 128, activations), lender(c, *counted, 256, 128, activations);
@@ -495,23 +500,44 @@ TEST(GPT, AForwardOnlyPassLendsTheArenaItLeavesUnusedAndReadsNoneOfIt) {
 
 // The plan `speedrun memory` prints is what the model and the optimiser allocate, in
 // both activation modes, whether the training or the forward-only buffers fill the arena.
-TEST(GPT, MemoryPlanIsWhatTheModelAndTheOptimizerAllocate) {
+// The head's logits chunk takes no memory of its own while it fits the training pass's
+// block-gradient buffer (micro at T = 64: max(T x 4d, 4 T hd) = 4096 floats, 10 rows of its
+// padded vocabulary of 384), and beyond that only what it adds to that buffer. A forward-only
+// pass holds it beside its own buffers where y's floats are too small for it.
+TEST(GPT, TheLogitsChunkLivesInTheBlockGradientsBuffer) {
   const Config c = Config::preset("micro");
-  for (ActivationOptions activations :
-       {ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kFloat32},
-        ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kFloat32},
-        ActivationOptions{ActivationMemory::kStore, ActivationPrecision::kBfloat16},
-        ActivationOptions{ActivationMemory::kRecompute, ActivationPrecision::kBfloat16},
-        ActivationOptions{ActivationMemory::kRecomputeRelu2, ActivationPrecision::kFloat32},
-        ActivationOptions{ActivationMemory::kRecomputeRelu2, ActivationPrecision::kBfloat16}}) {
-    for (int eval_T : {64, 4096}) {
-      auto be = make_cpu_backend();
-      const GPT::MemoryPlan plan = GPT::plan_memory(c, 64, eval_T, activations, be->head_chunk_rows());
-      GPT model(c, *be, 64, eval_T, activations);
-      Optimizer optimizer(c, model.layout(), *be);
-      EXPECT_EQ(model.activation_bytes(), plan.activation_bytes()) << eval_T;
-      EXPECT_EQ(be->peak_memory_bytes(), plan.total_bytes() + Optimizer::memory_bytes(model.layout())) << eval_T;
-      EXPECT_EQ(plan.arena_bytes(), eval_T == 4096 ? plan.forward_only_bytes : plan.training_bytes) << eval_T;
+  const size_t V = c.padded_vocab(), block_gradients = 64 * c.mlp_dim();
+  ASSERT_EQ(V, 384u);
+  ASSERT_EQ(block_gradients, 4u * 64 * c.hidden_dim());
+  auto training_bytes = [&](int rows) { return GPT::plan_memory(c, 64, 64, {}, rows).training_bytes; };
+  EXPECT_EQ(training_bytes(10), training_bytes(1));
+  EXPECT_EQ(training_bytes(32) - training_bytes(1), (32 * V - block_gradients) * sizeof(float));
+  // Rows beyond the pass's sequence are never computed: a chunk taller than it holds its T rows.
+  EXPECT_EQ(training_bytes(256), training_bytes(64));
+  auto forward_bytes = [&](int rows) { return GPT::plan_memory(c, 64, 256, {}, rows).forward_only_bytes; };
+  EXPECT_EQ(forward_bytes(32) - forward_bytes(16), 16 * V * sizeof(float));
+}
+
+// (mlp_ratio 1: h too small to hold the skip and value-embedding gradients as bf16 codes.)
+void expect_plan_is_allocated(const Config& c, ActivationOptions activations, int eval_T) {
+  auto be = make_cpu_backend();
+  const GPT::MemoryPlan plan = GPT::plan_memory(c, 64, eval_T, activations, be->head_chunk_rows());
+  GPT model(c, *be, 64, eval_T, activations);
+  Optimizer optimizer(c, model.layout(), *be);
+  EXPECT_EQ(model.activation_bytes(), plan.activation_bytes()) << eval_T;
+  EXPECT_EQ(be->peak_memory_bytes(), plan.total_bytes() + Optimizer::memory_bytes(model.layout())) << eval_T;
+  EXPECT_EQ(plan.arena_bytes(), eval_T == 4096 ? plan.forward_only_bytes : plan.training_bytes) << eval_T;
+}
+
+TEST(GPT, MemoryPlanIsWhatTheModelAndTheOptimizerAllocate) {
+  Config narrow = Config::preset("micro");
+  narrow.mlp_ratio = 1;
+  for (const Config& c : {Config::preset("micro"), narrow}) {
+    for (ActivationMemory memory :
+         {ActivationMemory::kStore, ActivationMemory::kRecompute, ActivationMemory::kRecomputeRelu2}) {
+      for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
+        for (int eval_T : {64, 4096}) expect_plan_is_allocated(c, {memory, precision}, eval_T);
+      }
     }
   }
 }
