@@ -150,14 +150,22 @@ class Backend {
   virtual void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A, int lda,
                     const float* B, int ldb, float beta, float* C, int ldc) = 0;
   // --matmul bf16 (a no-op otherwise): rounds x[0..count) into held operand `slot` (below
-  // kHeldOperands) once; until release_operand(slot), a product whose operand starts at x and
-  // lies within those floats reads that copy instead of rounding its own. For an operand that
-  // several products share (x must not change meanwhile); results are unchanged.
+  // kHeldOperands) once; until release_operand(slot), a product whose operand lies within
+  // those floats (from x or further in) reads that copy instead of rounding its own. For an
+  // operand that several products share (x must not change meanwhile); results are unchanged.
   static constexpr int kHeldOperands = 2;
+  // Whether held floats [source, source + count) contain an operand [x, x + extent).
+  static bool held_floats_cover(const float* source, size_t count, const float* x, size_t extent) {
+    const auto begin = reinterpret_cast<uintptr_t>(source), at = reinterpret_cast<uintptr_t>(x);
+    if (at < begin || (at - begin) % sizeof(float) != 0) return false;
+    const size_t offset = (at - begin) / sizeof(float);
+    return offset <= count && extent <= count - offset;
+  }
   virtual void hold_operand(int slot, const float* x, size_t count) {}
   // The same for an x not yet computed, whose producing op writes the codes itself: returns
   // the slot's buffer for count bf16 codes, to be passed as that op's `out_codes` (which
-  // must then write bf16(x) there before any product reads x). The operand never makes
+  // must then write bf16(x) there before any product reads from x[0..count): ops that make
+  // parts of it write theirs, at their offsets, before the first product). The operand never makes
   // the round trip through float32 memory that hold_operand's copy costs. Returns nullptr
   // (the op then writes no codes) when matmuls do not round their operands or holding is off.
   virtual uint16_t* hold_produced_operand(int slot, const float* x, size_t count) { return nullptr; }

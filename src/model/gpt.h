@@ -185,22 +185,27 @@ class GPT {
   // activations: q, k and v).
   void project(float* out, uint16_t* out_codes, const float* x, const float* weight, int T, int out_dim, int in_dim);
   // Attention's v = lambdas[0] v_raw + lambdas[1] ve (ve: the table looked up into m, < 0 for
-  // none), and its backward: v's gradient dv (in place) held as kHeldGradient for v's
-  // products (the caller releases it), the lambdas' and the table's gradients added (a.dve:
-  // scratch for the latter).
+  // none), and its backward: v's gradient dv in place, and its bf16 codes into dv_codes
+  // (held by the caller for v's products; null: none), the lambdas' and the table's
+  // gradients added (a.dve: scratch for the latter).
   void mix_value(int layer, LayerActivations& a, const ModelActivations& m, int ve, int T);
-  void mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv, int T);
+  void mix_value_backward(int layer, LayerActivations& a, const ModelActivations& m, int ve, float* dv,
+                          uint16_t* dv_codes, int T);
   // The precision-dependent steps: q or k -> rmsnorm per head -> rotary, h -> relu(h)^2,
   // and their backwards. float32: x is normalised in place and rotated into `rotated`;
   // bf16: one pass from x's codes (x_codes) writes the codes alone, the normalised ones into
   // normed_codes (kept for the backward) and the rotated ones into rotated_codes
   // (attention's input).
-  // rotated_heads_backward turns dx back and through the norm's backward, leaving it held
-  // as kHeldGradient (codes written by the op itself with bf16 activations) for the
-  // products that follow; the caller releases it.
+  // rotated_heads_backward turns dx back and through the norm's backward, writing its bf16
+  // codes into dx_codes (held by the caller for the products that follow; null: none; with
+  // bf16 activations dx's floats are then not even written).
   void normalize_and_rotate_heads(float* x, const uint16_t* x_codes, uint16_t* normed_codes, float* rstd,
                                   float* rotated, uint16_t* rotated_codes, int T);
-  void rotated_heads_backward(float* dx, const float* normed, const uint16_t* normed_codes, const float* rstd, int T);
+  void rotated_heads_backward(float* dx, uint16_t* dx_codes, const float* normed, const uint16_t* normed_codes,
+                              const float* rstd, int T);
+  // dx = dq Wq + dk Wk + dv Wv and the three weight gradients added into dqkv, from the
+  // training buffers' dq, dk, dv (adjacent) and the attention norm x, as linear_backward.
+  void qkv_backward(float* dx, float* dqkv, const float* x, const float* qkv, int T);
   // With bf16 activations, relu2 reads h as `stored` codes when h is null (the product wrote
   // them), else rounds h into `stored`; it writes g rounded into g_codes and leaves them held
   // as kHeldInput for the product that follows (g's floats written, the widened codes, only

@@ -545,6 +545,32 @@ TEST_F(GemmTest, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
   expect_identical(dg.get(), g, "relu2 output beside its codes");
 }
 
+// A produced operand held over three adjacent matrices (the model's q, k and v gradients):
+// a batched product over the parts with one shared B (batch stride 0) and a product starting
+// inside it read the codes the parts' producers wrote (the floats stay NaN), as on the CPU.
+TEST_F(GemmTest, AHeldOperandServesProductsOfItsParts) {
+  SCOPED_TRACE(trace());
+  use_bf16_matmuls();
+  const int M = 128, N = 96, K = 256, kParts = 3;
+  const size_t part = static_cast<size_t>(M) * K, out = static_cast<size_t>(M) * N;
+  const auto h = normal(kParts * part, 2.f), B = normal(static_cast<size_t>(K) * N);
+  std::vector<float> g(h.size()), want(kParts * out);
+  cpu_->relu2_forward_bf16(g.data(), nullptr, nullptr, h.data(), g.size());
+  cpu_->gemm_batched(false, false, M, N, K, 1.f, g.data(), K, part, B.data(), N, 0, 0.f, want.data(), N, out, kParts);
+  DeviceFloats dh(*gpu_, h), dg(*gpu_, g.size(), kNaN), dB(*gpu_, B), dC(*gpu_, want.size(), kNaN),
+      d_last(*gpu_, out, kNaN);
+  uint16_t* codes = gpu_->hold_produced_operand(0, dg.ptr, g.size());
+  ASSERT_NE(codes, nullptr);
+  for (int i = 0; i < kParts; ++i) {
+    gpu_->relu2_forward_bf16(nullptr, codes + i * part, nullptr, dh.ptr + i * part, part);
+  }
+  gpu_->gemm_batched(false, false, M, N, K, 1.f, dg.ptr, K, part, dB.ptr, N, 0, 0.f, dC.ptr, N, out, kParts);
+  gpu_->gemm(false, false, M, N, K, 1.f, dg.ptr + 2 * part, K, dB.ptr, N, 0.f, d_last.ptr, N);
+  gpu_->release_operand(0);
+  expect_close(dC.get(), want, 1e-4, 1e-4, "batched over the held parts, B shared");
+  expect_close(d_last.get(), std::vector<float>(want.end() - out, want.end()), 1e-4, 1e-4, "the last part alone");
+}
+
 TEST_F(CudaBackendTest, EmbeddingForwardAndBackwardAreBitIdenticalToCpu) {
   SCOPED_TRACE(trace());
   struct Case { int V, T, dim; };

@@ -267,6 +267,39 @@ TEST(Bf16Matmul, AProducedOperandIsReadFromTheCodesItsProducerWrote) {
   EXPECT_ANY_THROW(bf16->hold_produced_operand(Backend::kHeldOperands, g.data(), g.size()));
 }
 
+// A produced operand held over several adjacent matrices (the model's q, k and v gradients)
+// serves products of each part, a batch over the parts with one shared B (stride 0), and
+// single products starting inside it: all read the codes the parts' producers wrote, with
+// no copy of them, and give what products of the rounded floats give.
+TEST(Bf16Matmul, AHeldOperandServesProductsOfItsParts) {
+  const int M = 6, N = 5, K = 7, kParts = 3;
+  const size_t part = static_cast<size_t>(M) * K;
+  const auto h = random_vector(kParts * part, 13, 2.f), B = random_vector(static_cast<size_t>(K) * N, 14);
+  auto bf16 = make_cpu_backend(bf16_matmuls());
+  std::vector<float> g(h.size());
+  bf16->relu2_forward_bf16(g.data(), nullptr, nullptr, h.data(), g.size());  // the floats the codes round
+  std::vector<float> want(kParts * static_cast<size_t>(M) * N), got(want.size(), 0.f), one(static_cast<size_t>(M) * N);
+  for (int i = 0; i < kParts; ++i) {
+    bf16->gemm(false, false, M, N, K, 1.f, g.data() + i * part, K, B.data(), N, 0.f, want.data() + i * M * N, N);
+  }
+  uint16_t* codes = bf16->hold_produced_operand(1, g.data(), g.size());
+  ASSERT_NE(codes, nullptr);
+  for (int i = 0; i < kParts; ++i) {  // each part's producer writes its own codes
+    bf16->relu2_forward_bf16(nullptr, codes + i * part, nullptr, h.data() + i * part, part);
+  }
+  for (float& x : g) x = std::numeric_limits<float>::quiet_NaN();  // read through the codes only
+  const size_t copied = bf16->operand_copy_traffic_bytes();
+  bf16->gemm_batched(false, false, M, N, K, 1.f, g.data(), K, part, B.data(), N, 0, 0.f, got.data(), N,
+                     static_cast<size_t>(M) * N, kParts);
+  EXPECT_EQ(got, want);
+  for (int i = 1; i < kParts; ++i) {
+    bf16->gemm(false, false, M, N, K, 1.f, g.data() + i * part, K, B.data(), N, 0.f, one.data(), N);
+    EXPECT_EQ(one, std::vector<float>(want.begin() + i * M * N, want.begin() + (i + 1) * M * N)) << i;
+  }
+  EXPECT_EQ(bf16->operand_copy_traffic_bytes() - copied, (kParts + kParts - 1) * B.size() * 6) << "B alone copied";
+  bf16->release_operand(1);
+}
+
 // hold_stored_operand: codes kept elsewhere (an activation stored as bf16) are the operand,
 // read where they are when the product runs (so they may be written after the hold), with
 // no copy and no extra write counted; x's floats are not read. Refused (false) where matmuls

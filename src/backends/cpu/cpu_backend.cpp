@@ -783,18 +783,18 @@ class CpuBackend final : public Backend {
 
   // A rounded copy of the rows x cols matrix at `x` (leading dimension ld) in `copy`, laid
   // out as the original so that the same ld applies; the gaps between rows are rounded too.
-  // (A held operand's copy instead, when one holds this matrix.)
+  // (A held operand's copy instead, when one holds this matrix, from its start or inside it.)
   const float* rounded_to_bf16(std::vector<float>& copy, const float* x, int rows, int cols, int ld) {
     const size_t extent = rows > 0 && cols > 0 ? static_cast<size_t>(rows - 1) * ld + cols : 0;
     if (extent == 0) return x;
     for (HeldOperand& held : held_) {
-      if (held.source != x || extent > held.count) continue;
+      if (!held.source || !held_floats_cover(held.source, held.count, x, extent)) continue;
       if (held.codes_pending) {  // emulation only: a GPU's product reads the codes themselves
         held.rounded.resize(held.count);
         widen_bf16(held.rounded.data(), held.stored ? held.stored : held.codes.data(), held.count);
         held.codes_pending = false;
       }
-      return held.rounded.data();
+      return held.rounded.data() + (x - held.source);
     }
     if (copy.size() < extent) copy.resize(extent);
     lowp::copy_rounded_to_bf16(copy.data(), x, extent);

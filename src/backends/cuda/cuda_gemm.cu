@@ -200,11 +200,14 @@ void LtGemm::release(int slot) {
   held.stored = nullptr;
 }
 
-// A held operand's copy when one holds [x, x + extent), else a fresh copy in `buffer`.
+// A held operand's copy when one holds [x, x + extent) (from its start or inside it), else a
+// fresh copy in `buffer`.
 const void* LtGemm::rounded_operand(Scratch& buffer, const float* x, size_t extent) {
   for (HeldOperand& held : held_) {
-    if (held.source != x || extent > held.count) continue;
-    return held.stored ? static_cast<const void*>(held.stored) : held.copy.get(held.count * sizeof(uint16_t));
+    if (!held.source || !Backend::held_floats_cover(held.source, held.count, x, extent)) continue;
+    const auto* codes =
+        held.stored ? held.stored : static_cast<const uint16_t*>(held.copy.get(held.count * sizeof(uint16_t)));
+    return codes + (x - held.source);
   }
   auto* copy = static_cast<uint16_t*>(buffer.get(extent * sizeof(uint16_t)));
   to_bf16(stream_, copy, x, extent);
@@ -243,6 +246,10 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 CUDA_R_32F,
                 beta != 0.f};
   const Plan* found = plan_for(key);
+  if (!found && batch > 1) {  // e.g. a batch stride of 0 that this cuBLASLt has no algorithm for
+    run_each(ta, tb, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
+    return;
+  }
   if (!found) {
     throw Error(std::string("cuBLASLt found no ") + (bf16_inputs_ ? "bf16-input" : "float32") +
                 " algorithm for M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
@@ -252,6 +259,15 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
   const Plan& plan = *found;
   SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
                                        &plan.algo, workspace_, kWorkspaceBytes, stream_));
+}
+
+// A batch as that many single products (the same sums, each matrix alone).
+void LtGemm::run_each(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
+                      const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c,
+                      int batch) {
+  for (int i = 0; i < batch; ++i) {
+    run(ta, tb, M, N, K, alpha, A + i * stride_a, lda, 0, B + i * stride_b, ldb, 0, beta, C + i * stride_c, ldc, 0, 1);
+  }
 }
 
 // The addend is cuBLASLt's C with beta = 1, in D's layout (bf16, ldc): D = AB + C is formed

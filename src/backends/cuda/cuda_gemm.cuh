@@ -104,6 +104,9 @@ class LtGemm {
   cublasLtMatmulAlgo_t fastest(const Key& key, const Plan& plan, const std::vector<cublasLtMatmulAlgo_t>& algorithms);
   static ProductShape shape_of(const Key& key);
 
+  // run() over a batch one matrix at a time: for a batched layout cuBLASLt has no algorithm for.
+  void run_each(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t stride_a,
+                const float* B, int ldb, size_t stride_b, float beta, float* C, int ldc, size_t stride_c, int batch);
   // The bf16 copy of an operand spanning `extent` floats from x, in `buffer`.
   const void* rounded_operand(Scratch& buffer, const float* x, size_t extent);
   struct HeldOperand {
