@@ -221,8 +221,9 @@ class Backend {
                            size_t n) = 0;
   // da (+)= coef[0] * dout; db (+)= coef[1] * dout; dcoef[0] += <dout, a>; dcoef[1] += <dout, b>;
   // da_codes (unless null) = bf16 of the final da, for a matmul operand held by
-  // hold_produced_operand. da may alias dout. Written, not added to, when not accumulating:
-  // a gradient's first contribution needs no zeroed buffer.
+  // hold_produced_operand. da may alias dout, and may be null when written as da_codes alone
+  // (not accumulating). Written, not added to, when not accumulating: a gradient's first
+  // contribution needs no zeroed buffer.
   virtual void mix_backward(float* da, uint16_t* da_codes, bool accumulate_da, float* db, bool accumulate_db,
                             float* dcoef, const float* dout, const float* a, const float* b, const float* coef,
                             size_t n) = 0;

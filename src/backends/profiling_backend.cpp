@@ -106,10 +106,10 @@ class ProfilingBackend final : public Backend {
   }
   void mix_backward(float* da, uint16_t* da_codes, bool acc, float* db, bool acc_db, float* dc, const float* dout,
                     const float* a, const float* b, const float* c, size_t n) override {
-    // dout and a read, da written (read too when accumulating), b read, db written (read too
-    // when accumulating).
+    // dout and a read, da written unless null (read too when accumulating), b read, db
+    // written (read too when accumulating).
     timed("mix/residual backward", 0,
-          n * (12.0 + (acc ? 4 : 0) + (b ? 4 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
+          n * (8.0 + (da ? 4 : 0) + (acc ? 4 : 0) + (b ? 4 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
           [&] { inner_.mix_backward(da, da_codes, acc, db, acc_db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward(float* o, const float* y, const float* w, size_t n) override {
@@ -127,7 +127,7 @@ class ProfilingBackend final : public Backend {
                          const float* dout, const uint16_t* a, const uint16_t* b, const float* c, size_t n) override {
     // As mix_backward's, a and b read as 2-byte codes.
     timed("mix/residual backward", 0,
-          n * (10.0 + (acc ? 4 : 0) + (b ? 2 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
+          n * (6.0 + (da ? 4 : 0) + (acc ? 4 : 0) + (b ? 2 : 0) + db_bytes(db, acc_db) + code_bytes(da_codes)),
           [&] { inner_.mix_backward_bf16(da, da_codes, acc, db, acc_db, dc, dout, a, b, c, n); });
   }
   void scaled_add_forward_bf16(uint16_t* o, const uint16_t* x, const uint16_t* y, const float* w,

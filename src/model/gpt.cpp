@@ -670,9 +670,9 @@ void GPT::mix_value_backward(int layer, LayerActivations& a, const ModelActivati
   const size_t n = static_cast<size_t>(T) * config_.hidden_dim();
   float* dlambdas = grads_ + offsets.attn_lambdas;
   const float* lambdas = params_ + offsets.attn_lambdas;
-  if (bf16_activations_) {
-    backend_.mix_backward_bf16(dv, dv_codes, false, ve >= 0 ? a.dve : nullptr, false, dlambdas, dv, a.v_raw_codes,
-                               ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
+  if (bf16_activations_) {  // held, the codes are all v's products read: dv's floats are not even written
+    backend_.mix_backward_bf16(dv_codes ? nullptr : dv, dv_codes, false, ve >= 0 ? a.dve : nullptr, false, dlambdas,
+                               dv, a.v_raw_codes, ve >= 0 ? m.ve_codes : nullptr, lambdas, n);
   } else {
     backend_.mix_backward(dv, dv_codes, false, ve >= 0 ? a.dve : nullptr, false, dlambdas, dv, a.v_raw,
                           ve >= 0 ? m.ve : nullptr, lambdas, n);

@@ -966,6 +966,35 @@ TEST_F(CudaBackendTest, MixAndSkipBackwardMatchCpuInEveryMode) {
   }
 }
 
+// mix_backward(_bf16) with a null da writes da's codes alone (v's gradient held for its
+// products), the same codes, db and dcoef as with da's floats; a null da accumulating, or
+// without codes, is refused.
+TEST_F(CudaBackendTest, MixBackwardWritesTheCodesAloneWhenDaIsNull) {
+  SCOPED_TRACE(trace());
+  const size_t n = 300007;
+  const auto a = encoded(normal(n)), b = encoded(normal(n));
+  const auto dout = normal(n), coef = normal(2), db0 = normal(n);
+  std::vector<float> da(n), db = db0, dcoef(2, 0.f);
+  std::vector<uint16_t> codes(n);
+  cpu_->mix_backward_bf16(da.data(), codes.data(), false, db.data(), true, dcoef.data(), dout.data(), a.data(),
+                          b.data(), coef.data(), n);
+  DeviceCodes g_a(*gpu_, a), g_b(*gpu_, b), g_codes(*gpu_, n);
+  DeviceFloats g_dout(*gpu_, dout), g_coef(*gpu_, coef), g_db(*gpu_, db0), g_dcoef(*gpu_, std::vector<float>(2, 0.f));
+  gpu_->mix_backward_bf16(nullptr, g_codes.ptr, false, g_db.ptr, true, g_dcoef.ptr, g_dout.ptr, g_a.ptr, g_b.ptr,
+                          g_coef.ptr, n);
+  // Written, da is coef[0] * dout: one float32 multiply, the same bits on both.
+  EXPECT_EQ(g_codes.get(), codes);
+  expect_close(g_db.get(), db, 1e-5, 1e-6, "db");
+  expect_close(g_dcoef.get(), dcoef, 1e-6, 0, "dcoef");
+  expect_identical(g_dout.get(), dout, "dout untouched");
+  EXPECT_THROW(gpu_->mix_backward_bf16(nullptr, nullptr, false, g_db.ptr, true, g_dcoef.ptr, g_dout.ptr, g_a.ptr,
+                                       g_b.ptr, g_coef.ptr, n),
+               Error);
+  EXPECT_THROW(gpu_->mix_backward_bf16(nullptr, g_codes.ptr, true, g_db.ptr, true, g_dcoef.ptr, g_dout.ptr, g_a.ptr,
+                                       g_b.ptr, g_coef.ptr, n),
+               Error);
+}
+
 // The kernels read and write 16 bytes at a time where every pointer is 16-byte aligned,
 // one element at a time otherwise, and their sums run in an order set by the shape alone:
 // operands one element off their alignment (as a view into a larger buffer can be) must

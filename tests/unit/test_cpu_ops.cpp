@@ -102,6 +102,20 @@ TEST_F(CpuOps, BackwardOpsWriteTheCodesOfTheirFinalOutputWhenAsked) {
   EXPECT_EQ(db, db_plain);
   EXPECT_EQ(dcoef, dcoef_plain);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(codes[i], lowp::encode_bf16(da[i])) << "mix_backward " << i;
+  // The codes alone (v's gradient held for its products): da null, the rest as before.
+  std::vector<uint16_t> alone(n);
+  std::vector<float> db_alone = dx0, dcoef_alone(2);
+  be->mix_backward(nullptr, alone.data(), false, db_alone.data(), true, dcoef_alone.data(), dout.data(), a.data(),
+                   b.data(), coef.data(), n);
+  EXPECT_EQ(alone, codes);
+  EXPECT_EQ(db_alone, db_plain);
+  EXPECT_EQ(dcoef_alone, dcoef_plain);
+  EXPECT_THROW(be->mix_backward(nullptr, nullptr, false, db_alone.data(), true, dcoef_alone.data(), dout.data(),
+                                a.data(), b.data(), coef.data(), n),
+               Error);
+  EXPECT_THROW(be->mix_backward(nullptr, alone.data(), true, db_alone.data(), true, dcoef_alone.data(), dout.data(),
+                                a.data(), b.data(), coef.data(), n),
+               Error);
 
   std::vector<float> sum = dx0, sum_plain = dx0;
   be->add(sum_plain.data(), nullptr, dout.data(), n);

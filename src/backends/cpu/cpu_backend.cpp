@@ -477,11 +477,13 @@ class CpuBackend final : public Backend {
     // Coefficient gradients first: da may alias dout.
     dcoef[0] += static_cast<float>(deterministic_dot(dout, a, n));
     if (b) dcoef[1] += static_cast<float>(deterministic_dot(dout, b, n));
+    if (!da && (!da_codes || accumulate_da)) throw Error("mix_backward: a null da needs da_codes, not accumulating");
     const float c0 = coef[0];
     const float c1 = b ? coef[1] : 0.f;
     if (db) scale_into(db, accumulate_db, c1, dout, n);
-    scale_into(da, accumulate_da, c0, dout, n);  // after db: da may alias dout
-    encode_outputs(da_codes, da, n);
+    const FloatsOrTemporary result(da, n);
+    scale_into(result.data(), accumulate_da, c0, dout, n);  // after db: da may alias dout
+    encode_outputs(da_codes, result.data(), n);
   }
 
   void scaled_add_forward(float* out, const float* y, const float* weight, size_t n) override {

@@ -101,7 +101,7 @@ struct MixBackward {
 #pragma unroll
       for (int k = 0; k < W; ++k) result[k] = old[k] + result[k];
     }
-    store_lanes<W, kWide>(da, g, result);
+    if (da) store_lanes<W, kWide>(da, g, result);
     store_code_lanes<W, kWide>(da_codes, g, result);
   }
   bool vectorisable() const { return aligned_16({da, da_codes, db, dout, a, b}); }
@@ -293,6 +293,7 @@ void launch_mix_backward(cudaStream_t s, Scratch& scratch, float* da, uint16_t* 
                          float* db, bool accumulate_db, float* dcoef, const float* dout, const In* a, const In* b,
                          const float* coef, size_t n) {
   if (n == 0) return;
+  if (!da && (!da_codes || accumulate_da)) throw Error("mix_backward: a null da needs da_codes, not accumulating");
   const MixBackward<In> op{da, da_codes, accumulate_da, db, accumulate_db, dout, a, b, coef};
   const int blocks = reduce_blocks(n);
   double* partials = static_cast<double*>(scratch.get(sizeof(double) * blocks * 2));
