@@ -257,7 +257,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* block_gradients = take(std::max({T * mlp, 4 * T * hd, logits_floats(config, T, head_chunk_rows)}));
   m.logits = block_gradients;
   b.dwide = block_gradients;
-  b.dq = block_gradients;
+  b.dq = block_gradients;  // dq, dk, dv adjacent: one [3, T, hd] operand for qkv_backward
   b.dk = block_gradients + T * hd;
   b.dv = block_gradients + 2 * T * hd;
   b.dy = block_gradients + 3 * T * hd;
@@ -882,17 +882,14 @@ void GPT::run_backward(int T, int long_window) {
   report_gradients_ready(0, block_params_begin(0));  // skip weights and embeddings
 }
 
-void GPT::qkv_backward(float* dx, float* dqkv, const float* x, const float* qkv, int T) {
+void GPT::qkv_backward(float* dx, float* dqkv, const float* dout, const float* x, const float* qkv, int T) {
   const int d = config_.model_dim, hd = config_.hidden_dim();
   const size_t nh = static_cast<size_t>(T) * hd, w = static_cast<size_t>(hd) * d;
-  const TrainingBuffers& b = *train_;
   // The three [hd, d] weight gradients at once: 3 x 36 output tiles of 128^2 at speedrun-124m
   // in one product, where each alone leaves most of an H100's 132 SMs idle.
-  backend_.gemm_batched(true, false, hd, d, T, 1.f, b.dq, hd, nh, x, d, 0, 1.f, dqkv, d, w, 3);
-  int i = 0;
-  for (const float* dout : {b.dq, b.dk, b.dv}) {
-    backend_.gemm(false, false, T, d, hd, 1.f, dout, hd, qkv + i * w, d, i > 0 ? 1.f : 0.f, dx, d);
-    ++i;
+  backend_.gemm_batched(true, false, hd, d, T, 1.f, dout, hd, nh, x, d, 0, 1.f, dqkv, d, w, 3);
+  for (int i = 0; i < 3; ++i) {
+    backend_.gemm(false, false, T, d, hd, 1.f, dout + i * nh, hd, qkv + i * w, d, i > 0 ? 1.f : 0.f, dx, d);
   }
 }
 
@@ -968,7 +965,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     rotated_heads_backward(b.dq, codes_of(0), a.qn, a.qn_codes, a.q_rstd, T);
     rotated_heads_backward(b.dk, codes_of(1), a.kn, a.kn_codes, a.k_rstd, T);
     mix_value_backward(layer, a, b.m, ve, b.dv, codes_of(2), T);
-    qkv_backward(b.dtmp, dqkv, a.attn_norm, qkv, T);
+    qkv_backward(b.dtmp, dqkv, b.dq, a.attn_norm, qkv, T);
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     block_norm_backward(b.dx, nullptr, b.dtmp, a.attn_norm, a.attn_norm_codes, a.attn_rstd, T);

@@ -203,9 +203,9 @@ class GPT {
                                   float* rotated, uint16_t* rotated_codes, int T);
   void rotated_heads_backward(float* dx, uint16_t* dx_codes, const float* normed, const uint16_t* normed_codes,
                               const float* rstd, int T);
-  // dx = dq Wq + dk Wk + dv Wv and the three weight gradients added into dqkv, from the
-  // training buffers' dq, dk, dv (adjacent) and the attention norm x, as linear_backward.
-  void qkv_backward(float* dx, float* dqkv, const float* x, const float* qkv, int T);
+  // dx = dq Wq + dk Wk + dv Wv and the three weight gradients added into dqkv, from dout =
+  // [dq; dk; dv] ([3, T, hd], held as one operand) and the attention norm x, as linear_backward.
+  void qkv_backward(float* dx, float* dqkv, const float* dout, const float* x, const float* qkv, int T);
   // With bf16 activations, relu2 reads h as `stored` codes when h is null (the product wrote
   // them), else rounds h into `stored`; it writes g rounded into g_codes and leaves them held
   // as kHeldInput for the product that follows (g's floats written, the widened codes, only
