@@ -245,6 +245,10 @@ stage_bench() {
     if grep -q '^matmul plans tuned' "$work/bench.tmp"; then
       record "matmul autotune $variant" "$(grep -m1 '^matmul plans tuned' "$work/bench.tmp" | cut -c1-110)"
     fi
+    # A fallback the backend took (a batch run unbatched, the FP8 head's refusal) says so once.
+    if grep -q '^speedrun: warning' "$work/bench.tmp"; then
+      record "warnings $variant" "$(grep '^speedrun: warning' "$work/bench.tmp" | cut -c20-150 | paste -sd';')"
+    fi
   done
   # At most 8 files come back (5 logs): the other variants' lines are in bench.log.
   rm -f "$out/bench_micro.json" "$out/bench_tiny.json" "$out/bench_speedrun-124m-reference.json" \

@@ -5,6 +5,7 @@
 #include "backends/cuda/cuda_gemm.cuh"
 
 #include <algorithm>
+#include <cstdio>
 #include <string>
 
 #include "backends/cuda/cuda_check.cuh"
@@ -247,6 +248,13 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 beta != 0.f};
   const Plan* found = plan_for(key);
   if (!found && batch > 1) {  // e.g. a batch stride of 0 that this cuBLASLt has no algorithm for
+    if (!warned_unbatched_) {
+      std::fprintf(stderr,
+                   "speedrun: warning: cuBLASLt has no algorithm for a batch of %d products M=%d N=%d K=%d (batch "
+                   "strides %zu, %zu, %zu); they run one at a time (same values, more launches)\n",
+                   batch, M, N, K, stride_a, stride_b, stride_c);
+      warned_unbatched_ = true;
+    }
     run_each(ta, tb, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
     return;
   }

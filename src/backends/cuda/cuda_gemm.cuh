@@ -122,6 +122,7 @@ class LtGemm {
   const bool bf16_inputs_;
   const int autotune_candidates_;
   std::vector<MatmulTuning> tunings_;
+  bool warned_unbatched_ = false;  // run_each's warning, printed once
   Scratch bf16_a_, bf16_b_;  // operand copies (bf16_inputs_); grown to the largest, never shrunk
   size_t operand_copy_traffic_ = 0;
   HeldOperand held_[Backend::kHeldOperands];
