@@ -84,6 +84,7 @@ class Optimizer {
   std::vector<int> muon_ordinal_;     // per spec: its place among the Muon tensors (owner: ordinal % processes)
   std::vector<size_t> muon_batch_;    // the spec indices whose updates x_ holds (capacity kept)
   size_t batch_floats_ = 0;           // a Muon batch's bound (ScratchSizes::batch)
+  size_t gram_floats_ = 0;            // the Gram matrices' bound (ScratchSizes::gram)
   float* update_ = nullptr;           // Muon scratch: a momentum update [largest tensor]
   float* x_ = nullptr;                // Newton-Schulz iterate [a batch]
   float* x_next_ = nullptr;

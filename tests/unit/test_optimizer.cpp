@@ -227,6 +227,21 @@ TEST_F(OptimizerStep, OrthogonalizeRefusesMoreThanABatch) {
   }
 }
 
+// A batch bound of 1100 floats holds four of micro's 16 x 16 Gram matrices (1024 floats):
+// one 33 x 33 matrix fits the batch (1089 floats) but its Gram matrix does not.
+TEST_F(OptimizerStep, OrthogonalizeRefusesGramMatricesLargerThanTheLayouts) {
+  Optimizer opt(config, layout, *be, 1100);
+  std::vector<float> x = testing::random_vector(33 * 33, 5);
+  try {
+    opt.orthogonalize(x.data(), 1, 33, 33);
+    FAIL() << "a 33 x 33 Gram matrix fits 1024 floats";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("1 matrices of 33 x 33 (1089 floats) do not fit the 1024"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_NO_THROW(opt.orthogonalize(x.data(), 1, 32, 32));
+}
+
 TEST_F(OptimizerStep, NewtonSchulzOutputIsRoughlyOrthogonal) {
   // After 5 iterations the singular values sit in roughly [0.7, 1.2] (the quintic's band).
   Optimizer opt(config, layout, *be);
