@@ -506,4 +506,18 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   EXPECT_TRUE(contains(too_many_tuned.err, "--autotune-matmuls")) << too_many_tuned.err;
 }
 
+// Where the CUDA backend is compiled in but no device can be used (this project's CI), a
+// run on it fails at once, saying so, and writes nothing. Skipped where a GPU answers.
+TEST_F(TrainCli, CudaWithoutAUsableDeviceSaysSoAndWritesNothing) {
+  const RunResult device = speedrun("device", dir_);
+  ASSERT_EQ(device.exit_code, 0) << device.err;
+  if (!contains(device.out, "no usable CUDA device")) GTEST_SKIP() << "a CUDA device answers, or CUDA is not compiled in";
+  const RunResult run = speedrun("train --preset micro --device cuda --steps 1 --out-dir " +
+                                 quote((dir_ / "cuda").string()), dir_);
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_TRUE(contains(run.err, "no usable CUDA device")) << run.err;
+  EXPECT_TRUE(contains(run.err, "speedrun device")) << run.err;
+  EXPECT_FALSE(fs::exists(dir_ / "cuda"));
+}
+
 }  // namespace

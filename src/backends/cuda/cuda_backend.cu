@@ -45,7 +45,13 @@ class CudaBackend final : public Backend {
         emulate_fp8_head_(options.emulate_fp8_head),
         head_chunk_rows_(head_chunk_rows_for("cuda", options)) {
     int count = 0;
-    SPEEDRUN_CUDA_CHECK(cudaGetDeviceCount(&count));
+    const cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it for whoever asks next
+      // A machine without a GPU or its driver lands here: say so, not which call failed.
+      throw Error(std::string("the CUDA backend found no usable CUDA device (") + cudaGetErrorName(status) + ": " +
+                  cudaGetErrorString(status) + "); `speedrun device` lists what this machine has");
+    }
     if (device < 0 || device >= count) {
       throw Error("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) +
                   " device(s) visible)");
