@@ -181,15 +181,16 @@ void Optimizer::orthogonalize_and_apply(const MuonGroup& group, float* params, f
 void Optimizer::orthogonalize(float* x, int batch, int rows, int cols) {
   const size_t count = static_cast<size_t>(rows) * cols;
   const size_t r = static_cast<size_t>(std::min(rows, cols));  // the Gram matrices are r x r
-  const std::string matrices =
-      std::to_string(batch) + " matrices of " + std::to_string(rows) + " x " + std::to_string(cols);
+  auto matrices = [&] {
+    return std::to_string(batch) + " matrices of " + std::to_string(rows) + " x " + std::to_string(cols);
+  };
   if (batch < 1 || rows < 1 || cols < 1 || count * batch > batch_floats_) {
-    throw Error("Optimizer::orthogonalize: " + matrices + " do not fit a Muon batch of " +
+    throw Error("Optimizer::orthogonalize: " + matrices() + " do not fit a Muon batch of " +
                 std::to_string(batch_floats_) + " floats");
   }
   // The Gram scratch is sized for the layout's own shapes, which can be flatter than these.
   if (r * r * batch > gram_floats_) {
-    throw Error("Optimizer::orthogonalize: the Gram matrices of " + matrices + " (" + std::to_string(r * r * batch) +
+    throw Error("Optimizer::orthogonalize: the Gram matrices of " + matrices() + " (" + std::to_string(r * r * batch) +
                 " floats) do not fit the " + std::to_string(gram_floats_) + " this layout's Muon batches need");
   }
   // Work on the wide orientation (r <= c) so the Gram matrix X X^T is the small one.

@@ -14,6 +14,7 @@
 
 #include "backends/allocation_tracker.h"
 #include "backends/backend.h"
+#include "backends/cuda_devices.h"
 #include "backends/cuda/cuda_gemm.cuh"
 #include "backends/cuda/cuda_kernels.cuh"
 
@@ -44,14 +45,12 @@ class CudaBackend final : public Backend {
         bf16_matmul_(options.matmul == MatmulPrecision::kBfloat16),
         emulate_fp8_head_(options.emulate_fp8_head),
         head_chunk_rows_(head_chunk_rows_for("cuda", options)) {
-    int count = 0;
-    const cudaError_t status = cudaGetDeviceCount(&count);
-    if (status != cudaSuccess) {
-      cudaGetLastError();  // not sticky: clear it for whoever asks next
-      // A machine without a GPU or its driver lands here: say so, not which call failed.
-      throw Error(std::string("the CUDA backend found no usable CUDA device (") + cudaGetErrorName(status) + ": " +
-                  cudaGetErrorString(status) + "); `speedrun device` lists what this machine has");
+    // A machine without a GPU or its driver fails here: say so, not which call failed.
+    const CudaDeviceQuery visible = query_cuda_devices();
+    if (!visible.error.empty()) {
+      throw Error("the CUDA backend: " + visible.error + "; `speedrun device` lists what this machine has");
     }
+    const int count = static_cast<int>(visible.devices.size());
     if (device < 0 || device >= count) {
       throw Error("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) +
                   " device(s) visible)");
