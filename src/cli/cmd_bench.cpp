@@ -23,6 +23,7 @@
 #include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "cli/config_options.h"
 #include "backends/cuda_devices.h"
 #include "comm/communicator.h"
@@ -252,9 +253,10 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   opts->backend.add_to(cmd);
   opts->activations.add_to(cmd);
-  cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)");
+  cmd->add_option("--steps", opts->steps, "timed steps")->check(whole_number(1))->capture_default_str();
+  cmd->add_option("--warmup", opts->warmup, "untimed steps first")->check(whole_number(0))->capture_default_str();
+  cmd->add_option("--window", opts->window, "long attention window in blocks (default: the last step's)")
+      ->check(whole_number(1));
   cmd->add_option("--sweep-matmuls", opts->sweep_matmuls,
                   "cuda: also time up to N of cuBLASLt's candidate algorithms for each product shape of the "
                   "profiled step, each alone, against the first (the one the step runs)")
@@ -295,6 +297,10 @@ void register_bench_command(CLI::App& app) {
     const std::vector<int32_t> targets = synthetic_tokens(local_tokens, config.vocab_size, 100 + comm->rank());
     // The step index picks the window: the last step's unless --window says otherwise.
     int step = config.num_iterations - 1;
+    if (opts->window > long_window_blocks(config, step)) {
+      throw UsageError("--window " + std::to_string(opts->window) + " is longer than this config's longest window (" +
+                       std::to_string(long_window_blocks(config, step)) + " blocks, at its last step)");
+    }
     if (opts->window >= 0) {
       while (step > 0 && long_window_blocks(config, step) > opts->window) --step;
     }

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "model/gpt.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -26,11 +27,11 @@ void register_eval_command(CLI::App& app) {
   cmd->add_option("--ckpt", opts->checkpoint, "model checkpoint (FILE.safetensors)")->required();
   cmd->add_option("--val", opts->val_glob, "glob of validation shards (default: the default corpus)");
   cmd->add_option("--val-seq-len", opts->val_seq_len, "tokens per validation sequence (default: the checkpoint's)")
-      ->check(CLI::PositiveNumber);
+      ->check(whole_number(1));
   cmd->add_option("--val-tokens", opts->val_tokens, "validation tokens (default: the checkpoint's)")
-      ->check(CLI::PositiveNumber);
+      ->check(whole_number(1, std::numeric_limits<int64_t>::max()));
   cmd->add_option("--step", opts->step, "use the attention window of this step (default: the checkpoint's step)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(whole_number(0));
   cmd->add_flag("--json", opts->json, "print {\"val_loss\", \"step\", ...} as one JSON line");
   cmd->callback([opts] {
     Config config = read_checkpoint_config(opts->checkpoint);

@@ -1,5 +1,6 @@
 // speedrun init: writes a freshly initialised model checkpoint (SPEC §2's init).
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "cli/config_options.h"
 #include "model/gpt.h"
 #include "train/checkpoint.h"
@@ -15,7 +16,9 @@ void register_init_command(CLI::App& app) {
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("init", "write an initialised model as safetensors (PyTorch state-dict names)");
   opts->config.add_to(cmd, "tiny");
-  cmd->add_option("--seed", opts->seed, "initialisation seed")->capture_default_str();
+  cmd->add_option("--seed", opts->seed, "initialisation seed")
+      ->check(whole_number(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()))
+      ->capture_default_str();
   cmd->add_option("--out", opts->out, "output FILE.safetensors")->required();
   cmd->callback([opts] {
     Config config = opts->config.build();

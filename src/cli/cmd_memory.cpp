@@ -10,6 +10,7 @@
 #include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "cli/config_options.h"
 #include "train/run_memory.h"
 #include "util/error.h"
@@ -47,7 +48,7 @@ void register_memory_command(CLI::App& app) {
   BackendFlags::add_head_chunk_rows(cmd, opts->head_chunk_rows);
   cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(whole_number(1));
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();

@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
@@ -58,12 +59,15 @@ void register_prepare_command(CLI::App& app) {
   cmd->add_option("--val-tokens", args->val_tokens,
                   "Tokens in val_000000.bin (0: none). A val shard must hold val_tokens + 2 tokens to serve\n"
                   "val_tokens of validation (SPEC 1), so the default 65538 serves val_tokens up to 65536")
+      ->check(unsigned_whole_number())
       ->capture_default_str();
   cmd->add_option("--shard-tokens", args->shard_tokens, "Tokens per train shard (the last one may be shorter)")
+      ->check(unsigned_whole_number())
       ->capture_default_str();
   cmd->add_flag("--force", args->force,
                 "Replace existing train_*/val_* shards in --out (only once the new ones are complete)");
   cmd->add_option("--threads", args->threads, "Encoding threads (default 0: every core); output does not depend on it")
+      ->check(whole_number(0, 4096))
       ->capture_default_str();
   // A repeated option takes its last value, as in most command-line tools.
   for (const char* name : {"--format", "--out", "--val-tokens", "--shard-tokens", "--threads"}) {

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "data/tokenizer.h"
 #include "model/gpt.h"
 #include "model/sampler.h"
@@ -22,15 +23,17 @@ void register_sample_command(CLI::App& app) {
   cmd->add_option("--ckpt", opts->checkpoint, "model checkpoint (FILE.safetensors)")->required();
   cmd->add_option("--prompt", opts->prompt, "text to continue (a new document)")->capture_default_str();
   cmd->add_option("--max-new-tokens", opts->max_new_tokens, "tokens to generate")
-      ->check(CLI::NonNegativeNumber)
+      ->check(whole_number(0))
       ->capture_default_str();
   cmd->add_option("--temperature", opts->sampling.temperature, "softmax temperature; 0 picks the likeliest token")
-      ->check(CLI::NonNegativeNumber)
+      ->check(finite_number(0, false))
       ->capture_default_str();
   cmd->add_option("--top-k", opts->sampling.top_k, "sample among the k likeliest tokens (0: all)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(whole_number(0))
       ->capture_default_str();
-  cmd->add_option("--seed", opts->sampling.seed, "random seed (same seed, same text)")->capture_default_str();
+  cmd->add_option("--seed", opts->sampling.seed, "random seed (same seed, same text)")
+      ->check(unsigned_whole_number())
+      ->capture_default_str();
   cmd->callback([opts] {
     const Config config = read_checkpoint_config(opts->checkpoint);
     const Tokenizer tokenizer = Tokenizer::load_default();

@@ -15,6 +15,7 @@
 #include "cli/commands.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
+#include "util/input_file.h"
 
 namespace speedrun::cli {
 namespace {
@@ -34,6 +35,9 @@ std::string read_stream(std::istream& in) {
 std::string read_input(const TokenizeOptions& options) {
   if (options.text_option->count() > 0) return options.text;
   if (options.file_option->count() > 0) {
+    if (const std::string problem = input_file_problem(options.file); !problem.empty()) {
+      throw Error("input file '" + options.file + "' " + problem);
+    }
     std::ifstream in(options.file, std::ios::binary);
     if (!in) throw Error("cannot open input file '" + options.file + "': " + std::strerror(errno));
     std::string content = read_stream(in);

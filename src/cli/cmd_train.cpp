@@ -12,6 +12,7 @@
 #include "cli/activation_flags.h"
 #include "cli/backend_flags.h"
 #include "cli/commands.h"
+#include "cli/number_checks.h"
 #include "cli/config_options.h"
 #include "backends/cuda_devices.h"
 #include "comm/communicator.h"
@@ -39,11 +40,14 @@ struct Options {
   double grad_bucket_mb = 25;
 };
 
+// runs/DATE-TIME, with -2, -3, ... when a run started in the same second already has it.
 std::string timestamped_run_dir() {
   const std::time_t now = std::time(nullptr);
   char name[64];
   std::strftime(name, sizeof name, "runs/%Y%m%d-%H%M%S", std::localtime(&now));
-  return name;
+  std::string dir = name;
+  for (int n = 2; std::filesystem::exists(dir); ++n) dir = std::string(name) + "-" + std::to_string(n);
+  return dir;
 }
 
 // Every process must write into rank 0's directory (a timestamp could differ).
@@ -81,6 +85,10 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
 TrainOptions resolve(const Options& opts) {
   TrainOptions train = opts.train;
   if (!train.resume_path.empty() && !train.init_path.empty()) throw UsageError("--init and --resume exclude each other");
+  if (!train.resume_path.empty() && !opts.config.given_base_flag().empty()) {
+    throw UsageError("--resume continues with the checkpoint's own config; " + opts.config.given_base_flag() +
+                     " cannot replace it (--set key=value can still change single keys)");
+  }
   if (!train.resume_path.empty()) {
     // A resumed run continues with its own config; --set may still change e.g. val_every.
     train.config = opts.config.apply_assignments(read_checkpoint_config(train.resume_path));
@@ -161,17 +169,17 @@ void register_train_command(CLI::App& app) {
   auto* train_glob = cmd->add_option("--train", t.train_glob, "glob of training shards (default: the default corpus)");
   auto* val_glob = cmd->add_option("--val", t.val_glob, "glob of validation shards (default: the default corpus)");
   auto* steps = cmd->add_option("--steps", t.steps, "stop after this many steps (the schedules still follow num_iterations)")
-                    ->check(CLI::NonNegativeNumber);
+                    ->check(whole_number(0));
   auto* metrics = cmd->add_option("--metrics", t.metrics_path, "metrics JSONL file (default: OUT_DIR/metrics.jsonl)");
   cmd->add_option("--out-dir", t.out_dir, "run directory for config, metrics, checkpoints and plots (default: runs/DATE-TIME)");
   cmd->add_option("--log-every", t.log_every, "without a terminal, print a line every N steps")
-      ->check(CLI::PositiveNumber)
+      ->check(whole_number(1))
       ->capture_default_str();
   cmd->add_option("--save-every", t.save_every, "also save a checkpoint every N steps (0: only at the end)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(whole_number(0))
       ->capture_default_str();
   cmd->add_option("--keep", t.keep, "checkpoints of this run kept on disk, newest first (the final one always)")
-      ->check(CLI::PositiveNumber)
+      ->check(whole_number(1))
       ->capture_default_str();
   cmd->add_flag("--quiet", t.quiet, "print nothing but errors");
   cmd->add_option("--on-nonfinite", opts->on_nonfinite,
@@ -181,7 +189,9 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--on-loss-spike", opts->on_spike, "a loss spike (z-score over the last 128 losses): warn or skip")
       ->check(CLI::IsMember({"warn", "skip"}))
       ->capture_default_str();
-  cmd->add_option("--loss-spike-z", t.faults.spike_zscore, "z-score that flags a loss spike")->capture_default_str();
+  cmd->add_option("--loss-spike-z", t.faults.spike_zscore, "z-score that flags a loss spike")
+      ->check(finite_number(0, true))
+      ->capture_default_str();
   cmd->add_option("--grad-reduce", opts->grad_reduce,
                   "multi-process gradient reduction: exact (bit-identical for any process count), overlap "
                   "(each process's sequences accumulated in place, bucketed all-reduce during the backward), auto "
@@ -189,10 +199,10 @@ void register_train_command(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "exact", "overlap"}))
       ->capture_default_str();
   cmd->add_option("--grad-bucket-mb", opts->grad_bucket_mb, "smallest all-reduce of --grad-reduce overlap, in MiB")
-      ->check(CLI::PositiveNumber)
+      ->check(finite_number(0, true, 1 << 20))
       ->capture_default_str();
   cmd->add_option("--grad-check-every", t.faults.grad_check_every, "check the gradients for non-finite values every N steps")
-      ->check(CLI::PositiveNumber)
+      ->check(whole_number(1))
       ->capture_default_str();
   cmd->callback([opts, train_glob, val_glob, steps, metrics] {
     opts->explicit_train = train_glob->count() > 0;

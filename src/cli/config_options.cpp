@@ -8,11 +8,20 @@ void ConfigOptions::add_to(CLI::App* command, const std::string& default_preset)
   std::string names;
   for (const std::string& n : Config::preset_names()) names += (names.empty() ? "" : ", ") + n;
   preset = default_preset;
-  auto* p = command->add_option("--preset", preset, "model and recipe preset (" + names + ")")
-                ->capture_default_str();
-  command->add_option("--config", config_file, "JSON config file: {\"preset\": base, key: value, ...}")
-      ->excludes(p);
+  preset_option = command->add_option("--preset", preset, "model and recipe preset (" + names + ")")
+                      ->capture_default_str();
+  config_option = command
+                      ->add_option("--config", config_file,
+                                   "JSON config file: {\"preset\": base, key: value, ...}; without \"preset\" the "
+                                   "base is speedrun-124m (src/model/config.h's defaults)")
+                      ->excludes(preset_option);
   command->add_option("--set", assignments, "override a config key: --set key=value (repeatable)");
+}
+
+std::string ConfigOptions::given_base_flag() const {
+  if (preset_option && preset_option->count() > 0) return "--preset";
+  if (config_option && config_option->count() > 0) return "--config";
+  return "";
 }
 
 Config ConfigOptions::apply_assignments(Config base) const {

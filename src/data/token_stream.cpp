@@ -18,6 +18,9 @@ size_t windows_in_shard(size_t n, size_t window) {
   return n >= window + 2 ? (n - window - 2) / window + 1 : 0;
 }
 
+// The same count for a shard already read up to pos.
+size_t windows_from(size_t n, size_t pos, size_t window) { return n >= pos ? windows_in_shard(n - pos, window) : 0; }
+
 }  // namespace
 
 struct TokenStream::Impl {
@@ -25,6 +28,7 @@ struct TokenStream::Impl {
   int world_size = 0;
   int seq_len = 0;
   uint32_t vocab_size = 0;
+  Purpose purpose = Purpose::kTraining;
   StreamPosition position;
   std::optional<ShardReader> shard;  // opened lazily: the shard at shard_open_index
   size_t shard_open_index = 0;
@@ -60,12 +64,14 @@ struct TokenStream::Impl {
       total_tokens += reader.num_tokens();
       total_windows += windows_in_shard(reader.num_tokens(), window());
     }
-    throw Error("out of training data: the " + std::to_string(paths.size()) + " shard(s) from '" + paths.front() +
+    const bool training = purpose == Purpose::kTraining;
+    throw Error(std::string(training ? "out of training data" : "out of validation data") + ": the " +
+                std::to_string(paths.size()) + " shard(s) from '" + paths.front() +
                 "' to '" + paths.back() + "' hold " + std::to_string(total_tokens) + " tokens, which serve " +
                 std::to_string(total_windows) + " windows of world_size * seq_len = " + std::to_string(world_size) +
                 " * " + std::to_string(seq_len) + " = " + std::to_string(window()) +
-                " tokens (+1 for the last target); all of them have been read and another window was asked for "
-                "(add shards or train for fewer steps)");
+                " tokens (+1 for the last target); all of them have been read and another window was asked for " +
+                (training ? "(add shards or train for fewer steps)" : "(add shards or lower val_tokens)"));
   }
 
   void check_vocab(const ShardReader& reader, size_t begin, size_t end) const {
@@ -79,7 +85,8 @@ struct TokenStream::Impl {
   }
 };
 
-TokenStream::TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size)
+TokenStream::TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size,
+                         Purpose purpose)
     : impl_(std::make_unique<Impl>()) {
   if (shard_paths.empty()) throw UsageError("the token stream needs at least one shard; the list is empty");
   if (world_size < 1) throw UsageError("world_size " + std::to_string(world_size) + " must be at least 1");
@@ -90,6 +97,7 @@ TokenStream::TokenStream(std::vector<std::string> shard_paths, int world_size, i
   impl_->world_size = world_size;
   impl_->seq_len = seq_len;
   impl_->vocab_size = vocab_size;
+  impl_->purpose = purpose;
 }
 
 TokenStream::~TokenStream() = default;
@@ -123,6 +131,16 @@ TokenBatch TokenStream::next(int first_rank, int num_ranks) {
 }
 
 StreamPosition TokenStream::position() const { return impl_->position; }
+
+size_t TokenStream::windows_left() const {
+  const Impl& s = *impl_;
+  size_t windows = 0;
+  for (size_t i = s.position.shard_index; i < s.paths.size(); ++i) {
+    const size_t n = ShardReader(s.paths[i]).num_tokens();
+    windows += i == s.position.shard_index ? windows_from(n, s.position.pos, s.window()) : windows_in_shard(n, s.window());
+  }
+  return windows;
+}
 
 void TokenStream::seek(const StreamPosition& position) {
   Impl& s = *impl_;

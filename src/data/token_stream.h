@@ -41,9 +41,13 @@ struct TokenBatch {
 // Running out of shards throws speedrun::Error; so does a token id >= vocab_size.
 class TokenStream {
  public:
+  // What the stream feeds, named in its out-of-data error with the fix that applies.
+  enum class Purpose { kTraining, kValidation };
+
   // shard_paths are sorted by filename here; an empty list is an error. Shards are
   // opened (and validated) when the stream first reads from them.
-  TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size);
+  TokenStream(std::vector<std::string> shard_paths, int world_size, int seq_len, uint32_t vocab_size,
+              Purpose purpose = Purpose::kTraining);
   ~TokenStream();
   TokenStream(TokenStream&&) noexcept;
   TokenStream& operator=(TokenStream&&) noexcept;
@@ -52,6 +56,9 @@ class TokenStream {
   // A UsageError when the rank range is not inside [0, world_size).
   TokenBatch next(int first_rank, int num_ranks);
   StreamPosition position() const;
+  // Windows next() can still return from the current position (reads every shard's
+  // header), so that a run can know before it starts whether its data suffices.
+  size_t windows_left() const;
   // Validated against the shards: shard_index must name a shard and pos be at most
   // its token count (a pos past the last window just moves on at the next read).
   void seek(const StreamPosition& position);

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/input_file.h"
 #include "util/paths.h"
 
 namespace speedrun {
@@ -102,6 +103,9 @@ bool key_to_bytes(const std::string& key, const std::unordered_map<uint32_t, uns
 }
 
 std::string read_file_or_throw(const std::string& path) {
+  if (input_file_problem(path) == "is a directory, not a file") {
+    throw Error("tokenizer file '" + path + "' is a directory, not a file");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error("cannot open tokenizer file '" + path + "' (run scripts/setup.sh to download it)");
   std::stringstream ss;

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/input_file.h"
 
 namespace speedrun {
 namespace {
@@ -20,15 +21,19 @@ using nlohmann::json;
 std::string show(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 // Strict JSON -> field conversions: a wrong type is an error naming the key.
-void read_field(const json& v, int& out, const std::string& key, const std::string& origin) {
-  if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + show(v));
-  int64_t x = v.get<int64_t>();
-  if (x < INT32_MIN || x > INT32_MAX) throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
-  out = static_cast<int>(x);
-}
 void read_field(const json& v, int64_t& out, const std::string& key, const std::string& origin) {
   if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + show(v));
+  // JSON reads integers above int64's range as unsigned: get<int64_t> would wrap them.
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+    throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
+  }
   out = v.get<int64_t>();
+}
+void read_field(const json& v, int& out, const std::string& key, const std::string& origin) {
+  int64_t x = 0;
+  read_field(v, x, key, origin);
+  if (x < INT32_MIN || x > INT32_MAX) throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
+  out = static_cast<int>(x);
 }
 void read_field(const json& v, double& out, const std::string& key, const std::string& origin) {
   if (!v.is_number()) throw UsageError(origin + ": '" + key + "' must be a number, got " + show(v));
@@ -166,6 +171,14 @@ void Config::validate() const {
   require(val_every >= 1, "val_every must be >= 1, got " + str(val_every));
   require(window_final_tokens >= 0, "window_final_tokens must be >= 0");
   require(logit_softcap > 0, "logit_softcap must be > 0");
+  require(rotary_base > 0, "rotary_base must be > 0");
+  require(lr_lm_head >= 0 && lr_embed >= 0 && lr_scalar >= 0 && lr_muon >= 0,
+          "learning rates (lr_lm_head, lr_embed, lr_scalar, lr_muon) must be >= 0");
+  require(adam_eps > 0, "adam_eps must be > 0 (it keeps Adam's update finite where a gradient is 0)");
+  require(final_lr_frac >= 0, "final_lr_frac must be >= 0");
+  require(embed_init_std >= 0 && matrix_init_scale >= 0, "embed_init_std and matrix_init_scale must be >= 0");
+  require(muon_momentum_start >= 0 && muon_momentum_start < 1 && muon_momentum_end >= 0 && muon_momentum_end < 1,
+          "Muon momenta (muon_momentum_start, muon_momentum_end) must be in [0, 1)");
   require(rmsnorm_eps >= 0, "rmsnorm_eps must be >= 0");
   require(adam_beta1 >= 0 && adam_beta1 < 1 && adam_beta2 >= 0 && adam_beta2 < 1, "Adam betas must be in [0, 1)");
   require(cooldown_frac >= 0 && cooldown_frac <= 1, "cooldown_frac must be in [0, 1]");
@@ -221,6 +234,9 @@ Config Config::preset(const std::string& name) {
 }
 
 Config Config::from_file(const std::string& path) {
+  if (const std::string problem = input_file_problem(path); !problem.empty()) {
+    throw UsageError("config file '" + path + "' " + problem);
+  }
   std::ifstream in(path);
   if (!in) throw UsageError("cannot read config file '" + path + "'");
   json object = json::parse(in, nullptr, /*allow_exceptions=*/false);

@@ -15,6 +15,7 @@
 #include "plot/svg_canvas.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "util/input_file.h"
 
 namespace speedrun::plot {
 namespace {
@@ -101,6 +102,9 @@ double number_field(const nlohmann::json& record, const char* key, const std::st
 }  // namespace
 
 RunCurves read_run_curves(const std::string& metrics_path) {
+  if (const std::string problem = input_file_problem(metrics_path); !problem.empty()) {
+    throw Error("metrics file '" + metrics_path + "' " + problem);
+  }
   std::ifstream in(metrics_path);
   if (!in) throw Error("cannot read metrics file '" + metrics_path + "'");
   RunCurves run;
@@ -116,6 +120,8 @@ RunCurves read_run_curves(const std::string& metrics_path) {
     }
     const bool train = record.contains("train_loss"), val = record.contains("val_loss");
     if (!train && !val) continue;
+    // A skipped non-finite step records its loss as null: nothing a log axis can show.
+    if (record[train ? "train_loss" : "val_loss"].is_null()) continue;
     const double step = number_field(record, "step", metrics_path, number);
     const double time = number_field(record, "elapsed_s", metrics_path, number);
     const double loss = number_field(record, train ? "train_loss" : "val_loss", metrics_path, number);

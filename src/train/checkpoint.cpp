@@ -136,7 +136,12 @@ TrainingState load_checkpoint(const std::string& path, GPT& model, Optimizer& op
   TrainingState state;
   state.step = load_model(path, model);
   const SafetensorsFile file = SafetensorsFile::open(state_path);
-  require_same_model(model.config(), config_from_metadata(file), state_path);
+  // The files disagree with each other, not with the command line: bad data, not usage.
+  try {
+    require_same_model(model.config(), config_from_metadata(file), state_path);
+  } catch (const UsageError& e) {
+    throw Error(std::string(e.what()) + " (the config of its model checkpoint '" + path + "')");
+  }
   if (parse_int_metadata(file, "step") != state.step) {
     throw Error("'" + path + "' and '" + state_path + "' are from different steps");
   }

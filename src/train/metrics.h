@@ -1,8 +1,8 @@
-// The metrics file: one JSON object per line, flushed as each line is written so a
-// crashed or interrupted run keeps everything it measured.
+// The metrics file: one JSON object per line, each written by one system call so a
+// crashed or interrupted run keeps everything it measured, and a write that fails (a full
+// disk) is cut back off rather than left as half a line.
 #pragma once
 
-#include <cstdio>
 #include <string>
 
 #include <nlohmann/json_fwd.hpp>
@@ -23,7 +23,7 @@ class MetricsWriter {
 
  private:
   std::string path_;
-  std::FILE* file_ = nullptr;
+  int fd_ = -1;
 };
 
 }  // namespace speedrun

@@ -12,6 +12,7 @@
 
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "util/input_file.h"
 
 namespace speedrun {
 namespace {
@@ -62,6 +63,9 @@ uint64_t read_u64_le(const std::byte* p) {
 // Reads the file, but first checks its size and header length so that a
 // corrupt length is reported without loading a huge file into memory.
 std::vector<std::byte> read_checked_file(const std::string& path) {
+  if (const std::string problem = input_file_problem(path); !problem.empty()) {
+    throw Error("safetensors file '" + path + "' " + problem);
+  }
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw Error("cannot open safetensors file '" + path + "': " + std::strerror(errno));
   const std::streamoff size = in.tellg();

@@ -53,6 +53,34 @@ void prepare_out_dir(const std::string& out_dir) {
   }
 }
 
+// A new run refuses a directory or metrics file that already holds another run's: their
+// config, metrics and checkpoints would be mixed (a resumed run continues its own).
+void refuse_existing_run(const TrainOptions& options, const std::string& metrics_path) {
+  if (!options.resume_path.empty()) return;
+  std::vector<std::string> found;
+  std::string newest_checkpoint;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(options.out_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool checkpoint = name.rfind("step_", 0) == 0 && entry.path().extension() == ".safetensors" &&
+                            name.find(".optim.") == std::string::npos;
+    if (checkpoint && entry.path().string() > newest_checkpoint) newest_checkpoint = entry.path().string();
+    if (name == "config.json" || name == "metrics.jsonl" || checkpoint) found.push_back(name);
+  }
+  std::sort(found.begin(), found.end());
+  if (!found.empty()) {
+    std::string names;
+    for (size_t i = 0; i < found.size() && i < 4; ++i) names += (i ? ", " : "") + found[i];
+    if (found.size() > 4) names += ", ...";
+    throw UsageError("--out-dir '" + options.out_dir + "' already holds a run (" + names +
+                     "); choose another directory" +
+                     (newest_checkpoint.empty() ? "" : ", or continue that run with --resume " + newest_checkpoint));
+  }
+  if (fs::file_size(metrics_path, ec) > 0 && !ec) {
+    throw UsageError("--metrics '" + metrics_path + "' already holds another run's metrics; choose another file");
+  }
+}
+
 // What the metrics file already records of a run being resumed: its clocks continue
 // from there, and a target reached before the interruption stays reached.
 struct PriorRun {
@@ -100,6 +128,10 @@ class CheckpointRotation {
   std::deque<std::string> kept_;
 };
 
+std::string metrics_path_of(const TrainOptions& options) {
+  return options.metrics_path.empty() ? (fs::path(options.out_dir) / "metrics.jsonl").string() : options.metrics_path;
+}
+
 int end_step_of(const TrainOptions& options) {
   const int n = options.config.num_iterations;
   return options.steps < 0 ? n : std::min(options.steps, n);
@@ -117,6 +149,34 @@ ProgressOptions progress_options(const TrainOptions& options, bool leader) {
   progress.end_step = end_step_of(options);
   progress.tokens_per_step = tokens_per_step(options.config);
   return progress;
+}
+
+TokenStream validation_stream(const std::vector<std::string>& val_files, const Config& config) {
+  return TokenStream(val_files, config.world_size, config.val_seq_len, static_cast<uint32_t>(config.vocab_size),
+                     TokenStream::Purpose::kValidation);
+}
+
+std::string shard_range(const TokenStream& stream) {
+  const std::vector<std::string>& paths = stream.shard_paths();
+  return std::to_string(paths.size()) + " shard(s) from '" + paths.front() + "' to '" + paths.back() + "'";
+}
+
+std::string window_shape(const TokenStream& stream) {
+  return "world_size * seq_len = " + std::to_string(stream.world_size()) + " * " + std::to_string(stream.seq_len()) +
+         " tokens";
+}
+
+// Refuses, before anything is written, a run whose shards cannot feed the steps it is
+// asked for (one window a step), rather than failing when they run out with no checkpoint.
+void require_training_data(const TokenStream& stream, int first_step, int end_step) {
+  const size_t needed = static_cast<size_t>(std::max(end_step - first_step, 0));
+  const size_t left = stream.windows_left();
+  if (left >= needed) return;
+  throw Error("not enough training data: the " + shard_range(stream) + " serve " + std::to_string(left) +
+              " more windows of " + window_shape(stream) + (first_step > 0 ? " after step " + std::to_string(first_step) : "") +
+              ", but steps " + std::to_string(first_step) + " to " + std::to_string(end_step - 1) + " need " +
+              std::to_string(needed) + " (add shards, or train fewer steps: --steps " +
+              std::to_string(first_step + static_cast<int>(left)) + ")");
 }
 
 std::vector<std::string> directory_listing(const std::string& dir) {
@@ -173,8 +233,7 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
     : options_(options),
       config_(options.config),
       val_files_(expand_glob(options.val_glob)),
-      metrics_path_(options.metrics_path.empty() ? (fs::path(options.out_dir) / "metrics.jsonl").string()
-                                                 : options.metrics_path),
+      metrics_path_(metrics_path_of(options)),
       batch_memory_([&backend](size_t bytes) { return backend.alloc_host(bytes); },
                     [&backend](void* pointer) { backend.release_host(pointer); }),
       model_(config_, backend, config_.seq_len, config_.val_seq_len, options.activations),
@@ -190,17 +249,24 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
   const std::vector<std::string> train_files = expand_glob(options.train_glob);
   if (!options.resume_path.empty()) {
     state_ = load_checkpoint(options.resume_path, model_, optimizer_);
+    if (end_step() <= state_.step) {
+      throw UsageError("'" + options.resume_path + "' is at step " + std::to_string(state_.step) +
+                       " and this run would end at step " + std::to_string(end_step()) +
+                       ": nothing left to train (raise --steps, or num_iterations with --set)");
+    }
     prior_ = read_prior_run(metrics_path_, state_.step, config_.target_val_loss);
   } else if (!options.init_path.empty()) {
     load_model(options.init_path, model_);
   }
+  TokenStream train_stream(train_files, config_.world_size, config_.seq_len,
+                           static_cast<uint32_t>(config_.vocab_size));
+  train_stream.seek(state_.data_position);
+  require_training_data(train_stream, state_.step, end_step());
+  require_validation_data(val_files_, config_);
   if (leader_) {
     write_file_atomically((fs::path(options.out_dir) / "config.json").string(), config_.to_json().dump(2) + "\n");
   }
   metrics_.emplace(leader_ ? metrics_path_ : std::string());
-  TokenStream train_stream(train_files, config_.world_size, config_.seq_len,
-                           static_cast<uint32_t>(config_.vocab_size));
-  train_stream.seek(state_.data_position);
   prefetcher_.emplace(std::move(train_stream), dp_.first_rank(), dp_.local_ranks());
 
   tokens_per_step_ = tokens_per_step(config_);
@@ -395,11 +461,24 @@ double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const
   return loss;
 }
 
-double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,
-                DataParallel* dp) {
+void require_validation_data(const std::vector<std::string>& val_files, const Config& config) {
   const size_t windows = validation_windows(static_cast<size_t>(config.val_tokens), config.world_size,
                                             config.val_seq_len);
-  TokenStream stream(val_files, config.world_size, config.val_seq_len, static_cast<uint32_t>(config.vocab_size));
+  const TokenStream stream = validation_stream(val_files, config);
+  const size_t left = stream.windows_left();
+  if (left >= windows) return;
+  throw Error("not enough validation data: val_tokens = " + std::to_string(config.val_tokens) + " needs " +
+              std::to_string(windows) + " windows of world_size * val_seq_len = " +
+              std::to_string(config.world_size) + " * " + std::to_string(config.val_seq_len) + " tokens, but the " +
+              shard_range(stream) + " serve " + std::to_string(left) + " (add shards or lower val_tokens)");
+}
+
+double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,
+                DataParallel* dp) {
+  require_validation_data(val_files, config);
+  const size_t windows = validation_windows(static_cast<size_t>(config.val_tokens), config.world_size,
+                                            config.val_seq_len);
+  TokenStream stream = validation_stream(val_files, config);
   const int window = long_window_blocks(config, step);
   const int first_rank = dp ? dp->first_rank() : 0;
   const int ranks = dp ? dp->local_ranks() : config.world_size;
@@ -426,6 +505,8 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
   validation_windows(static_cast<size_t>(options.config.val_tokens), options.config.world_size,
                      options.config.val_seq_len);
   prepare_out_dir(options.out_dir);
+  // Rank 0 alone: it may already have written its config when another process looks.
+  if (!options.comm || options.comm->rank() == 0) refuse_existing_run(options, metrics_path_of(options));
   TrainingRun run(options, backend);
   return run.run();
 }

@@ -73,6 +73,10 @@ double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const
                          std::span<const int32_t> targets, int step, FaultMonitor* monitor = nullptr,
                          StepVerdict* verdict = nullptr, DeviceFaultFlag* flag = nullptr);
 
+// Throws, naming val_tokens and the shards, unless the validation shards hold the
+// val_tokens that evaluate() reads.
+void require_validation_data(const std::vector<std::string>& val_files, const Config& config);
+
 // Mean validation loss over val_tokens (SPEC §1) with the window of `step`.
 // With dp, each process evaluates its own ranks' sequences of every window.
 double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,

@@ -63,9 +63,11 @@ class ErrorCli : public ::testing::Test {
 
   std::string data(const std::string& name) const { return (dir_ / "data" / name).string(); }
 
-  // `speedrun train` on micro with the test's data; extra arguments appended.
+  // `speedrun train` on micro with the test's data; extra arguments appended. A resumed
+  // run keeps its checkpoint's config (naming a preset beside --resume is refused).
   RunResult train(const std::string& extra, const std::string& env = "") {
-    return run(env + " " + quote(SPEEDRUN_BINARY) + " train --preset micro --quiet --train " +
+    const std::string base = contains(extra, "--resume") ? "" : " --preset micro";
+    return run(env + " " + quote(SPEEDRUN_BINARY) + " train" + base + " --quiet --train " +
                quote(data("train_*.bin")) + " --val " + quote(data("val_*.bin")) + " " + extra);
   }
 
@@ -120,9 +122,50 @@ TEST_F(ErrorCli, TokenIdAtVocabSizeNamesIdAndFile) {
                  {data("train_000000.bin"), "token id 300 at offset 100", "vocab_size 300"});
 }
 
-TEST_F(ErrorCli, TooLittleDataForTheStepsIsAnError) {
+// Known before the first step, from the shards' headers: nothing is written, rather than a
+// run that dies when the data runs out with no checkpoint.
+TEST_F(ErrorCli, TooLittleDataForTheStepsIsAnErrorBeforeTraining) {
   speedrun::write_shard(data("train_000000.bin"), ramp(1000));  // 7 windows of 128 (+1)
-  expect_failure(train("--steps 10 --out-dir " + out_dir()), 1, {"out of training data", "serve 7 windows"});
+  expect_failure(train("--steps 10 --out-dir " + out_dir()), 1,
+                 {"not enough training data", "serve 7 more windows", "steps 0 to 9 need 10", "--steps 7"});
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "config.json"));
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "metrics.jsonl"));
+  const RunResult seven = train("--steps 7 --out-dir " + out_dir());
+  EXPECT_EQ(seven.exit_code, 0) << seven.err;
+}
+
+TEST_F(ErrorCli, TooLittleValidationDataIsAnErrorBeforeTraining) {
+  speedrun::write_shard(data("val_000000.bin"), ramp(100));  // micro validates 2 x 128 tokens
+  expect_failure(train("--steps 2 --out-dir " + out_dir()), 1,
+                 {"not enough validation data", "val_tokens = 256", "serve 0", "lower val_tokens"});
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "config.json"));
+}
+
+// A new run into a directory that holds one would mix their configs, metrics and checkpoints.
+TEST_F(ErrorCli, ANewRunRefusesADirectoryHoldingAnotherRun) {
+  const RunResult first = train("--steps 1 --out-dir " + out_dir());
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const std::string config = read_all((dir_ / "out" / "config.json").string());
+  const std::string metrics = read_all((dir_ / "out" / "metrics.jsonl").string());
+  expect_failure(train("--steps 2 --set seed=3 --out-dir " + out_dir()), 2,
+                 {"already holds a run", "config.json", "--resume " + (dir_ / "out" / "step_000001.safetensors").string()});
+  EXPECT_EQ(read_all((dir_ / "out" / "config.json").string()), config);
+  EXPECT_EQ(read_all((dir_ / "out" / "metrics.jsonl").string()), metrics);
+  // Another run's metrics file, named on its own.
+  expect_failure(train("--steps 1 --metrics " + quote((dir_ / "out" / "metrics.jsonl").string()) + " --out-dir " +
+                       quote((dir_ / "other").string())),
+                 2, {"already holds another run's metrics"});
+}
+
+TEST_F(ErrorCli, ResumeRefusesAPresetOrConfigAndAnEndAlreadyReached) {
+  ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
+  const std::string checkpoint = quote((dir_ / "out" / "step_000002.safetensors").string());
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " train --resume " + checkpoint + " --preset tiny"), 2,
+                 {"--preset cannot replace it"});
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " train --resume " + checkpoint + " --config x.json"), 2,
+                 {"--config cannot replace it"});
+  expect_failure(train("--resume " + checkpoint + " --steps 1"), 2,
+                 {"is at step 2 and this run would end at step 1", "nothing left to train"});
 }
 
 TEST_F(ErrorCli, ValTokensNotDivisibleIsAUsageError) {

@@ -218,7 +218,11 @@ TEST(Safetensors, AbsurdHeaderLengthIsRejected) {
 
 TEST(Safetensors, MissingFileIsAnErrorNamingIt) {
   fs::path p = fresh_dir("missing") / "nope.safetensors";
-  expect_open_error(p, "cannot open");
+  expect_open_error(p, "does not exist");
+}
+
+TEST(Safetensors, ADirectoryIsAnErrorNamingIt) {
+  expect_open_error(fresh_dir("a_directory"), "is a directory, not a file");
 }
 
 TEST(Safetensors, MalformedHeadersAreRejected) {
