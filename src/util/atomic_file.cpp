@@ -42,6 +42,12 @@ bool consume_budget(size_t bytes) {
 
 void set_write_budget_for_testing(long long bytes) { g_write_budget.store(bytes); }
 
+size_t bytes_the_write_budget_allows(size_t bytes) {
+  const long long budget = g_write_budget.load();
+  if (budget < 0) return bytes;
+  return consume_budget(bytes) ? bytes : static_cast<size_t>(budget);
+}
+
 AtomicFileWriter::AtomicFileWriter(std::string target_path) : target_(std::move(target_path)) {
   temp_ = target_ + ".tmp." + std::to_string(::getpid());
   file_ = std::fopen(temp_.c_str(), "wb");

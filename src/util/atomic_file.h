@@ -34,7 +34,10 @@ void write_file_atomically(const std::string& path, const void* data, size_t byt
 void write_file_atomically(const std::string& path, const std::string& text);
 
 // Test hook: when set, write() fails with ENOSPC once this many bytes have been
-// written through AtomicFileWriter in the process (simulates a full disk).
+// written through AtomicFileWriter and the metrics file in the process (simulates a full disk).
 void set_write_budget_for_testing(long long bytes);  // negative: unlimited
+// How many of `bytes` the test budget lets a writer of its own (the metrics file) write:
+// all of them unless a budget is set, else what is left of it (then nothing is left).
+size_t bytes_the_write_budget_allows(size_t bytes);
 
 }  // namespace speedrun

@@ -222,6 +222,57 @@ TEST_F(ErrorCli, UnwritableOutDirNamesTheDirectory) {
   expect_failure(train("--steps 1 --out-dir " + quote(out)), 1, {"cannot create output directory", out});
 }
 
+// CLI11 would print "Value 0 not in range 0.000000 to 1.79...e+308", wrap -1 into an
+// unsigned seed and saturate an integer too large: each flag's text is checked instead.
+TEST_F(ErrorCli, NumericFlagsAreCheckedOnTheirText) {
+  const std::string speedrun = quote(SPEEDRUN_BINARY);
+  const std::string model = quote((dir_ / "model.safetensors").string());
+  const struct {
+    std::string command;
+    std::string said;
+  } cases[] = {
+      {" train --log-every 0", "--log-every: expected a whole number >= 1, got 0"},
+      {" train --steps abc", "--steps: expected a whole number >= 0, got 'abc'"},
+      {" train --steps 99999999999", "--steps: expected a whole number >= 0, got 99999999999"},
+      {" train --grad-bucket-mb nan", "--grad-bucket-mb: expected a finite number > 0 and <= 1048576, got 'nan'"},
+      {" sample --ckpt " + model + " --seed -1", "--seed: expected a whole number in [0, 18446744073709551615]"},
+      {" sample --ckpt " + model + " --temperature -1", "--temperature: expected a finite number >= 0, got '-1'"},
+      {" init --seed 99999999999999999999 --out " + model, "--seed: expected a whole number in [-2^63, 2^63 - 1]"},
+      {" prepare --input x.txt --out shards --val-tokens -5", "--val-tokens: expected a whole number in [0, "},
+      {" bench --preset micro --window 0", "--window: expected a whole number >= 1, got 0"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.command);
+    expect_failure(run(speedrun + c.command), 2, {c.said});
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "model.safetensors"));
+  expect_failure(run(speedrun + " bench --preset micro --window 99"), 2,
+                 {"--window 99 is longer than this config's longest window"});
+}
+
+// A directory opens as a stream on Linux: without a check first, reading it fails later
+// with a message that names neither the file nor the problem.
+TEST_F(ErrorCli, ADirectoryGivenAsAnInputFileIsNamedAsSuch) {
+  const std::string speedrun = quote(SPEEDRUN_BINARY), data_dir = quote((dir_ / "data").string());
+  const struct {
+    std::string command;
+    int code;
+    std::string said;
+  } cases[] = {
+      {" eval --ckpt " + data_dir, 1, "safetensors file '" + (dir_ / "data").string() + "' is a directory, not a file"},
+      {" sample --ckpt " + data_dir, 1, "is a directory, not a file"},
+      {" train --resume " + data_dir, 1, "is a directory, not a file"},
+      {" train --init " + data_dir + " --preset micro", 1, "is a directory, not a file"},
+      {" train --config " + data_dir, 2, "config file '" + (dir_ / "data").string() + "' is a directory, not a file"},
+      {" tokenize --file " + data_dir, 1, "input file '" + (dir_ / "data").string() + "' is a directory, not a file"},
+      {" plot " + data_dir + " --out p.svg", 2, "metrics: File is actually a directory: " + (dir_ / "data").string()},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.command);
+    expect_failure(run(speedrun + c.command), c.code, {c.said});
+  }
+}
+
 // Malformed copies of a good checkpoint, each with the good optimiser state beside it
 // (so that --resume gets as far as the model file).
 class MalformedCheckpoints : public ErrorCli {
@@ -322,6 +373,18 @@ TEST_F(MalformedCheckpoints, ConfigThatDoesNotMatchIsAUsageError) {
                    2, {"step_000001.safetensors", "vocab_size = 300 but the config asks for 400"});
   }
   EXPECT_EQ(read_all(good_), good_bytes_);
+}
+
+// The state file beside a checkpoint belongs to another model: the files disagree with each
+// other, not with the command line, so it is a data error (1), not a usage error (2).
+TEST_F(MalformedCheckpoints, AStateFileOfAnotherModelIsADataError) {
+  const RunResult other = train("--steps 1 --set vocab_size=400 --out-dir " + out_dir("other"));
+  ASSERT_EQ(other.exit_code, 0) << other.err;
+  const std::string path = with_bytes("mixed.safetensors", good_bytes_);
+  write_all(speedrun::optimizer_state_path(path),
+            read_all(speedrun::optimizer_state_path((dir_ / "other" / "step_000001.safetensors").string())));
+  expect_failure(train("--resume " + quote(path) + " --steps 2 --out-dir " + out_dir()), 1,
+                 {"mixed.optim.safetensors", "vocab_size = 400", "its model checkpoint"});
 }
 
 TEST_F(MalformedCheckpoints, FullDiskWhileCheckpointingKeepsEarlierCheckpoints) {

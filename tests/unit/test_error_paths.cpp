@@ -27,6 +27,7 @@
 #include "optim/optimizer.h"
 #include "support/temp_dir.h"
 #include "train/checkpoint.h"
+#include "train/metrics.h"
 #include "train/safetensors.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
@@ -113,6 +114,47 @@ TEST(DataErrors, TooLittleDataForTheStepsIsAnErrorNotAWrap) {
   expect_error([&] { stream.next(0, 2); }, ExitCode::kRuntime, {"out of training data", "300 tokens", "2 windows"});
 }
 
+// What the run checks before its first step: windows_left() counts exactly the windows
+// next() still serves, from the start and from any position reached.
+TEST(DataErrors, WindowsLeftCountsWhatTheStreamStillServes) {
+  TempDir dir("err_windows_left");
+  write_shard(dir / "train_000000.bin", ramp(300));  // pos 0 and 128 fit (+1); 256 does not
+  write_shard(dir / "train_000001.bin", ramp(129));  // 129 tokens: not even one window (needs 130)
+  write_shard(dir / "train_000002.bin", ramp(400));  // pos 0, 128, 256
+  TokenStream stream({dir / "train_000000.bin", dir / "train_000001.bin", dir / "train_000002.bin"}, 2, 64, 300);
+  for (size_t left = 5; left > 0; --left) {
+    EXPECT_EQ(stream.windows_left(), left);
+    stream.next(0, 2);
+  }
+  EXPECT_EQ(stream.windows_left(), 0u);
+  EXPECT_THROW(stream.next(0, 2), Error);
+}
+
+TEST(DataErrors, OutOfValidationDataSaysValidationAndItsFix) {
+  TempDir dir("err_out_of_val");
+  write_shard(dir / "val_000000.bin", ramp(200));
+  TokenStream stream({dir / "val_000000.bin"}, 2, 64, 300, TokenStream::Purpose::kValidation);
+  stream.next(0, 2);
+  expect_error([&] { stream.next(0, 2); }, ExitCode::kRuntime, {"out of validation data", "lower val_tokens"});
+}
+
+// A metrics line that does not fit (a full disk) is cut back off: the file keeps whole
+// lines only, which resume and plot read.
+TEST(WriteErrors, AMetricsLineThatDoesNotFitIsCutBackOff) {
+  TempDir dir("err_metrics_full");
+  const std::string path = dir / "metrics.jsonl";
+  {
+    MetricsWriter metrics(path);
+    metrics.write({{"step", 0}, {"train_loss", 5.5}});
+    set_write_budget_for_testing(10);
+    expect_error([&] { metrics.write({{"step", 1}, {"train_loss", 5.25}}); }, ExitCode::kRuntime,
+                 {path, std::strerror(ENOSPC)});
+    set_write_budget_for_testing(-1);
+    metrics.write({{"step", 1}, {"train_loss", 5.25}});
+  }
+  EXPECT_EQ(read_bytes(path), "{\"step\":0,\"train_loss\":5.5}\n{\"step\":1,\"train_loss\":5.25}\n");
+}
+
 TEST(DataErrors, ValTokensNotDivisibleNamesTheThreeValues) {
   expect_error([] { validation_windows(1000, 2, 64); }, ExitCode::kUsage, {"val_tokens 1000", "128"});
   Config config = Config::preset("micro");
@@ -139,6 +181,11 @@ const std::vector<BadValue>& bad_values() {
       {"seq_len", "4294967296", "out of range"},
       {"lr_muon", "[1]", "must be a number"},
       {"no_such_key", "1", "unknown config key 'no_such_key'"},
+      {"rotary_base", "0", "must be > 0"},
+      {"lr_muon", "-1", "must be >= 0"},
+      {"adam_eps", "-1e-10", "must be > 0"},
+      {"muon_momentum_end", "1", "must be in [0, 1)"},
+      {"seed", "18446744073709551615", "out of range: 18446744073709551615"},  // not wrapped to -1
   };
   return cases;
 }

@@ -64,6 +64,17 @@ TEST(Plot, ReadsCurvesAndNamesRunsByDirectory) {
   EXPECT_DOUBLE_EQ(run.train_loss[0], 11.2);
 }
 
+// train writes a skipped non-finite step's loss as null, and its fault as a record of its own.
+TEST(Plot, SkipsTheNullLossOfASkippedStep) {
+  testing::TempDir dir("plot_null");
+  const std::string path = write_metrics(dir, "skipped", 3.0);
+  std::ofstream(path, std::ios::app) << "{\"step\":41,\"fault\":\"training loss is nan\"}\n"
+                                     << "{\"step\":41,\"train_loss\":null,\"elapsed_s\":83}\n";
+  const RunCurves run = read_run_curves(path);
+  EXPECT_EQ(run.train_step.size(), 40u);
+  EXPECT_EQ(run.train_step.back(), 39);
+}
+
 TEST(Plot, SvgHasAPolylinePerRunSeriesAndPanelAndALegend) {
   testing::TempDir dir("plot_svg");
   const LossChart chart({read_run_curves(write_metrics(dir, "alpha", 3.0)),

@@ -126,6 +126,7 @@ TEST(TokenStream, MatchesBruteForceReference) {
     ASSERT_FALSE(expected.empty());
     TokenStream stream(shards.paths, world_size, seq_len, kVocab);
     for (size_t w = 0; w < expected.size(); ++w) {
+      ASSERT_EQ(stream.windows_left(), expected.size() - w);
       TokenBatch batch = stream.next(0, world_size);
       ASSERT_EQ(batch.inputs.size(), static_cast<size_t>(world_size * seq_len));
       ASSERT_EQ(batch.targets.size(), batch.inputs.size());
@@ -134,6 +135,7 @@ TEST(TokenStream, MatchesBruteForceReference) {
         ASSERT_EQ(rank_slice(batch.targets, r, seq_len), expected[w].targets[r]) << "window " << w << " rank " << r;
       }
     }
+    EXPECT_EQ(stream.windows_left(), 0u);
     std::string message = error_of([&] { stream.next(0, world_size); });
     EXPECT_NE(message.find("serve " + std::to_string(expected.size()) + " windows"), std::string::npos) << message;
   }
