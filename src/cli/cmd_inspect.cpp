@@ -82,6 +82,16 @@ std::string first_document_preview(const ShardReader& shard, const Tokenizer& to
   return preview;
 }
 
+// train stops at a token id its vocabulary does not have: the first such id, said here.
+std::string id_outside_vocabulary(const ShardReader& shard, uint32_t vocab_size) {
+  std::span<const uint16_t> tokens = shard.tokens();
+  const auto outside = std::find_if(tokens.begin(), tokens.end(), [&](uint16_t id) { return id >= vocab_size; });
+  if (outside == tokens.end()) return "";
+  return "token shard '" + shard.path() + "': token id " + std::to_string(*outside) + " at offset " +
+         std::to_string(outside - tokens.begin()) + " is not below the GPT-2 vocabulary's " +
+         std::to_string(vocab_size) + " (train with the GPT-2 vocab_size stops there)";
+}
+
 void run_inspect(const std::vector<std::string>& arguments) {
   std::vector<std::string> paths = shard_paths(arguments);
   std::optional<Tokenizer> tokenizer;
@@ -97,8 +107,13 @@ void run_inspect(const std::vector<std::string>& arguments) {
     }
     if (!tokenizer) tokenizer.emplace(Tokenizer::load_default());
     size_t documents = std::count(shard->tokens().begin(), shard->tokens().end(), Tokenizer::kEndOfText);
-    std::printf("%s: %zu tokens, %zu documents\n", path.c_str(), shard->num_tokens(), documents);
+    std::printf("%s: %zu tokens, %zu %s\n", path.c_str(), shard->num_tokens(), documents,
+                documents == 1 ? "document" : "documents");
     std::printf("  first document: %s\n", first_document_preview(*shard, *tokenizer).c_str());
+    if (const std::string problem = id_outside_vocabulary(*shard, tokenizer->vocab_size()); !problem.empty()) {
+      std::printf("  INVALID (see below)\n");
+      failures.push_back(problem);
+    }
   }
   if (failures.size() == 1) throw Error(failures.front());
   if (!failures.empty()) {
@@ -115,8 +130,9 @@ void register_inspect_command(CLI::App& app) {
   auto paths = std::make_shared<std::vector<std::string>>();
   CLI::App* cmd = app.add_subcommand(
       "inspect",
-      "Validate token shards and show each one's token count, number of documents (tokens 50256)\n"
-      "and the beginning of its first document. A directory means the .bin files in it.");
+      "Validate token shards (header, size, every token id below the GPT-2 vocabulary's 50257) and\n"
+      "show each one's token count, number of documents (tokens 50256) and the beginning of its\n"
+      "first document. A directory means the .bin files in it.");
   cmd->add_option("paths", *paths, "Shard files (.bin) or directories of them")->required()->expected(1, -1);
   cmd->callback([paths] { run_inspect(*paths); });
 }

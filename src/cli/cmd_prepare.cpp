@@ -1,10 +1,12 @@
 // `speedrun prepare`: turns text files and JSONL records into FineWeb-format token shards.
 #include <cstdio>
+#include <cstdlib>
 
 #include "cli/commands.h"
 #include "cli/number_checks.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
+#include "train/interrupt.h"
 #include "util/error.h"
 
 namespace speedrun::cli {
@@ -30,9 +32,20 @@ void run_prepare(const PrepareArgs& args) {
   options.force = args.force;
   options.threads = args.threads;
   Tokenizer tokenizer = Tokenizer::load_default();
-  PrepareResult result = prepare_dataset(options, tokenizer);
+  // Ctrl-C or SIGTERM stops between chunks, the staging folder removed and out_dir as it was.
+  InterruptGuard guard;
+  clear_interrupt();
+  options.stop_requested = pending_interrupt;
+  PrepareResult result;
+  try {
+    result = prepare_dataset(options, tokenizer);
+  } catch (const Interrupted& stopped) {
+    std::fprintf(stderr, "speedrun: prepare stopped by %s; nothing was written\n", signal_name(stopped.signal_number));
+    std::exit(exit_status_for_signal(stopped.signal_number));
+  }
 
-  std::printf("prepared %zu documents, %zu tokens into %s", result.documents, result.tokens, args.out_dir.c_str());
+  std::printf("prepared %zu %s, %zu tokens into %s", result.documents, result.documents == 1 ? "document" : "documents",
+              result.tokens, args.out_dir.c_str());
   if (result.empty_skipped > 0) std::printf(" (%zu empty documents skipped)", result.empty_skipped);
   std::printf("\n%zu shard(s) written:\n", result.shards.size());
   for (size_t i = 0; i < result.shards.size(); ++i) {

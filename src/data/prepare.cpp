@@ -2,9 +2,13 @@
 // chunks, and cuts the token stream into a val shard and fixed-size train shards.
 #include "data/prepare.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -81,7 +85,8 @@ class CreatedDir {
 class StagingDir {
  public:
   explicit StagingDir(const fs::path& out_dir)
-      : path_(out_dir / (".speedrun-prepare-" + std::to_string(::getpid()))) {
+      : path_(out_dir / (std::string(kPrefix) + std::to_string(::getpid()))) {
+    remove_abandoned(out_dir);
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
@@ -92,6 +97,23 @@ class StagingDir {
   const fs::path& path() const { return path_; }
 
  private:
+  static constexpr const char* kPrefix = ".speedrun-prepare-";
+
+  // Staging folders of runs whose process no longer exists (killed, or SIGKILLed).
+  static void remove_abandoned(const fs::path& out_dir) {
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(out_dir, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind(kPrefix, 0) != 0) continue;
+      const std::string pid_text = name.substr(std::strlen(kPrefix));
+      char* end = nullptr;
+      const long pid = std::strtol(pid_text.c_str(), &end, 10);
+      const bool gone = !pid_text.empty() && *end == '\0' && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 &&
+                        errno == ESRCH;
+      if (gone) fs::remove_all(entry.path(), ec);
+    }
+  }
+
   fs::path path_;
 };
 
@@ -202,6 +224,7 @@ PrepareResult prepare_into(const PrepareOptions& options, const Tokenizer& token
   std::string text;
   bool more = true;
   while (more) {
+    if (const int signal = options.stop_requested ? options.stop_requested() : 0) throw Interrupted(signal);
     chunk.clear();
     size_t chunk_bytes = 0;
     while (chunk.size() < kChunkDocuments && chunk_bytes < kChunkBytes && (more = reader.next(text))) {

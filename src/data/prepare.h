@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "data/document_reader.h"
+#include "util/error.h"
 
 namespace speedrun {
 
@@ -22,6 +23,15 @@ struct PrepareOptions {
   size_t shard_tokens = 100'000'000;  // per train shard; the last one may be shorter
   bool force = false;                 // replace existing train_*/val_* shards in out_dir
   int threads = 0;                    // encoding threads; 0: every core
+  // Polled between chunks of documents: a nonzero signal number stops the run with an
+  // Interrupted error, out_dir left as it was.
+  int (*stop_requested)() = nullptr;
+};
+
+// prepare_dataset stopped by stop_requested: nothing was written.
+struct Interrupted : Error {
+  explicit Interrupted(int signal) : Error("interrupted; nothing was written"), signal_number(signal) {}
+  int signal_number;
 };
 
 struct PrepareResult {
@@ -34,7 +44,8 @@ struct PrepareResult {
 
 // Each document becomes 50256 followed by its tokens, in input order whatever the
 // thread count. Shards are produced in a staging folder inside out_dir and moved in
-// only once all of them are complete, so a failure leaves out_dir as it was.
+// only once all of them are complete, so a failure leaves out_dir as it was. A staging
+// folder left by a killed run (its process gone) is removed.
 PrepareResult prepare_dataset(const PrepareOptions& options, const Tokenizer& tokenizer);
 
 }  // namespace speedrun

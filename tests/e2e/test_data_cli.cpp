@@ -66,7 +66,7 @@ TEST_F(DataCli, PrepareThenInspect) {
                                          quote((out / "train_000000.bin").string()),
                                      dir_);
   ASSERT_EQ(inspected.exit_code, 0) << inspected.err;
-  EXPECT_TRUE(contains(inspected.out, (out / "val_000000.bin").string() + ": 8 tokens, 1 documents"))
+  EXPECT_TRUE(contains(inspected.out, (out / "val_000000.bin").string() + ": 8 tokens, 1 document"))
       << inspected.out;
   EXPECT_TRUE(contains(inspected.out, "first document: \"Once upon a time")) << inspected.out;
 
@@ -143,6 +143,19 @@ TEST_F(DataCli, InspectReportsCorruptShardAfterTheGoodOnes) {
 
   r = run_speedrun("inspect", dir_);
   EXPECT_EQ(r.exit_code, 2);
+}
+
+// A shard whose header and size are right but which holds an id train would stop at.
+TEST_F(DataCli, InspectRefusesATokenIdOutsideTheVocabulary) {
+  std::vector<uint16_t> tokens(2000, 464);
+  tokens[0] = 50256;
+  tokens[1500] = 60000;
+  const std::string shard = (dir_ / "outside.bin").string();
+  speedrun::write_shard(shard, tokens);
+  RunResult r = run_speedrun("inspect " + quote(shard), dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.out, shard + ": 2000 tokens, 1 document")) << r.out;
+  EXPECT_TRUE(contains(r.err, "token id 60000 at offset 1500 is not below the GPT-2 vocabulary's 50257")) << r.err;
 }
 
 }  // namespace

@@ -240,6 +240,26 @@ TEST(Prepare, FailedForceLeavesOldShardsUntouched) {
   EXPECT_EQ(bin_files(out), before);
 }
 
+// Ctrl-C between chunks: an Interrupted error and out_dir as it was, no staging folder left.
+// A staging folder whose process is gone (a run killed outright) is removed by the next run;
+// one whose process is alive is another run's and stays.
+TEST(Prepare, AnInterruptedRunLeavesNothingAndAKilledRunsStagingIsRemoved) {
+  fs::path dir = fresh_dir("prepare_interrupted");
+  std::string good = write_text(dir / "good.txt", "words to tokenize, twice over: words to tokenize");
+  fs::path out = dir / "out";
+  fs::create_directories(out / ".speedrun-prepare-2147483647");  // no such process
+  const std::string alive = ".speedrun-prepare-" + std::to_string(::getppid());
+  fs::create_directories(out / alive);
+  PrepareOptions options = options_for({good}, out, 2, 5);
+  options.stop_requested = [] { return 2; };
+  EXPECT_EQ(error_of<speedrun::Interrupted>(options), "interrupted; nothing was written");
+  EXPECT_EQ(bin_files(out), std::vector<std::string>{alive});
+  options.stop_requested = nullptr;
+  speedrun::prepare_dataset(options, tokenizer());
+  EXPECT_TRUE(fs::exists(out / alive));
+  EXPECT_TRUE(fs::exists(out / "val_000000.bin"));
+}
+
 TEST(Prepare, InputErrorsNameTheProblem) {
   fs::path dir = fresh_dir("prepare_errors");
   fs::path out = dir / "out";
