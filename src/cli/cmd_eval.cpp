@@ -9,6 +9,7 @@
 #include "model/gpt.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
+#include "util/error.h"
 #include "util/paths.h"
 
 namespace speedrun::cli {
@@ -38,6 +39,10 @@ void register_eval_command(CLI::App& app) {
     if (opts->val_seq_len > 0) config.val_seq_len = opts->val_seq_len;
     if (opts->val_tokens > 0) config.val_tokens = opts->val_tokens;
     config.validate();
+    if (opts->step > config.num_iterations) {
+      throw UsageError("--step " + std::to_string(opts->step) + " is past the checkpoint's num_iterations (" +
+                       std::to_string(config.num_iterations) + "), whose window schedule it would extrapolate");
+    }
     const std::string val_glob = opts->val_glob.empty() ? default_data_dir() + "/val_*.bin" : opts->val_glob;
     const std::vector<std::string> val_files = expand_glob(val_glob);
     auto backend = make_cpu_backend();

@@ -34,6 +34,12 @@ long long parse_int_metadata(const SafetensorsFile& file, const std::string& key
 }
 
 Config config_from_metadata(const SafetensorsFile& file) {
+  const auto format = file.metadata().find("format");
+  if (format == file.metadata().end() || format->second != kFormat) {
+    throw Error(file.path() + ": not a speedrun checkpoint: its 'format' metadata is " +
+                (format == file.metadata().end() ? std::string("missing") : "'" + format->second + "'") +
+                ", expected '" + kFormat + "'");
+  }
   auto it = file.metadata().find("config");
   if (it == file.metadata().end()) throw Error(file.path() + ": not a speedrun checkpoint (no 'config' metadata)");
   nlohmann::json j = nlohmann::json::parse(it->second, nullptr, false);
@@ -120,12 +126,17 @@ void require_same_model(const Config& expected, const Config& stored, const std:
 
 int load_model(const std::string& path, GPT& model) {
   const SafetensorsFile file = SafetensorsFile::open(path);
-  require_same_model(model.config(), config_from_metadata(file), path);
-  const int step = static_cast<int>(parse_int_metadata(file, "step"));  // before the model changes
+  const Config stored = config_from_metadata(file);
+  require_same_model(model.config(), stored, path);
+  const long long step = parse_int_metadata(file, "step");  // before the model changes
+  if (step > stored.num_iterations) {
+    throw Error(path + ": metadata step " + std::to_string(step) + " is past its config's num_iterations (" +
+                std::to_string(stored.num_iterations) + ")");
+  }
   std::vector<float> params;
   read_tensors_into(file, model.layout(), "", params);
   model.load_parameters(params);
-  return step;
+  return static_cast<int>(step);
 }
 
 TrainingState load_checkpoint(const std::string& path, GPT& model, Optimizer& optimizer) {

@@ -198,6 +198,7 @@ class TrainingRun {
   void validate(int step);
   void train_one_step(int step);
   void report_fault(int step, const StepVerdict& verdict);
+  bool parameters_finite();  // one read of the parameters, on the device
   void save_checkpoint_at_step();
   void write_plots();
   void finish_summary();
@@ -341,9 +342,23 @@ void TrainingRun::report_fault(int step, const StepVerdict& verdict) {
   }
   if (verdict.action == StepAction::kStop) {
     save_checkpoint_at_step();  // state_ is still the state before this step
-    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path);
+    // An earlier update may have overflowed the parameters themselves (its own loss and
+    // gradients finite): the state is saved for inspection, but no command can load it.
+    const std::string overflowed =
+        parameters_finite() ? ""
+                            : ", but its parameters are already non-finite (an earlier step's update overflowed "
+                              "them: lower the learning rates), so it cannot be resumed or evaluated";
+    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path + overflowed);
   }
   if (verdict.action == StepAction::kSkip) result_.skipped_steps.push_back(step);
+}
+
+bool TrainingRun::parameters_finite() {
+  fault_flag_.clear();
+  fault_flag_.check(model_.params(), model_.layout().total());
+  fault_flag_.copy_to_host();
+  model_.backend().synchronize();
+  return !fault_flag_.raised();
 }
 
 void TrainingRun::save_checkpoint_at_step() {

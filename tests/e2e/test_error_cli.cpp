@@ -387,6 +387,13 @@ TEST_F(MalformedCheckpoints, AStateFileOfAnotherModelIsADataError) {
                  {"mixed.optim.safetensors", "vocab_size = 400", "its model checkpoint"});
 }
 
+// The window schedule ends at num_iterations; a step past it would be extrapolated.
+TEST_F(MalformedCheckpoints, EvalRefusesAStepPastTheSchedule) {
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " eval --ckpt " + quote(good_) + " --val " + quote(data("val_*.bin")) +
+                     " --step 999999"),
+                 2, {"--step 999999 is past the checkpoint's num_iterations"});
+}
+
 TEST_F(MalformedCheckpoints, FullDiskWhileCheckpointingKeepsEarlierCheckpoints) {
   const fs::path run_dir = dir_ / "good";
   // Enough for config.json, not for the next checkpoint.
