@@ -8,6 +8,7 @@
 #include "model/gpt.h"
 #include "model/sampler.h"
 #include "train/checkpoint.h"
+#include "util/error.h"
 
 namespace speedrun::cli {
 
@@ -36,6 +37,11 @@ void register_sample_command(CLI::App& app) {
       ->capture_default_str();
   cmd->callback([opts] {
     const Config config = read_checkpoint_config(opts->checkpoint);
+    if (config.vocab_size <= static_cast<int>(Tokenizer::kEndOfText)) {
+      throw UsageError("sample encodes text with GPT-2's tokenizer, whose ids reach " +
+                       std::to_string(Tokenizer::kEndOfText) + "; the model of '" + opts->checkpoint +
+                       "' has vocab_size " + std::to_string(config.vocab_size));
+    }
     const Tokenizer tokenizer = Tokenizer::load_default();
     auto backend = make_cpu_backend();
     GPT model(config, *backend, config.attn_block_size, config.attn_block_size);

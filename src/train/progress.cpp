@@ -136,6 +136,12 @@ std::string format_summary(const RunSummary& s) {
   } else {
     row("target " + target, "not reached");
   }
+  if (!s.skipped_steps.empty()) {
+    std::string steps;
+    for (size_t i = 0; i < s.skipped_steps.size() && i < 8; ++i) steps += (i ? ", " : "") + std::to_string(s.skipped_steps[i]);
+    if (s.skipped_steps.size() > 8) steps += ", ...";
+    row("skipped updates", std::to_string(s.skipped_steps.size()) + " (steps " + steps + "; see the metrics' faults)");
+  }
   row("tokens seen", format_count(s.tokens_seen) + " in this run");
   const double rate = s.training_seconds > 0 ? s.tokens_seen / s.training_seconds : 0;
   row("throughput", format_count(rate) + " tok/s (" + format_duration(s.training_seconds) + " of training)");

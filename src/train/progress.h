@@ -73,6 +73,7 @@ struct RunSummary {
   double target_val_loss = 0;
   std::optional<int> target_step;            // first validation at or below the target
   std::optional<double> target_train_seconds;  // training time (validation excluded) then
+  std::vector<int> skipped_steps;            // updates skipped by this run (non-finite, spikes)
   double tokens_seen = 0;                    // by this run
   double training_seconds = 0;               // this run, validation excluded
   double wall_seconds = 0;

@@ -388,6 +388,7 @@ void TrainingRun::finish_summary() {
   RunSummary& s = result_.summary;
   s.steps_completed = state_.step;
   s.steps_this_run = state_.step - result_.first_step;
+  s.skipped_steps = result_.skipped_steps;
   if (!result_.val_losses.empty()) s.final_val_loss = result_.val_losses.back().second;
   s.target_val_loss = config_.target_val_loss;
   s.tokens_seen = tokens_per_step_ * s.steps_this_run;

@@ -387,6 +387,24 @@ TEST_F(MalformedCheckpoints, AStateFileOfAnotherModelIsADataError) {
                  {"mixed.optim.safetensors", "vocab_size = 400", "its model checkpoint"});
 }
 
+// init replaces a file (a trained checkpoint, say) only when told to.
+TEST_F(MalformedCheckpoints, InitRefusesToReplaceAFileWithoutForce) {
+  const std::string init = quote(SPEEDRUN_BINARY) + " init --preset micro --seed 1 --out " + quote(good_);
+  expect_failure(run(init), 2, {"--out '" + good_ + "' exists; pass --force to replace it"});
+  EXPECT_EQ(read_all(good_), good_bytes_);
+  const RunResult forced = run(init + " --force");
+  EXPECT_EQ(forced.exit_code, 0) << forced.err;
+  EXPECT_NE(read_all(good_), good_bytes_);
+}
+
+// micro's 300-token vocabulary has no GPT-2 end-of-text token for the prompt to start with:
+// refused before any text is printed.
+TEST_F(MalformedCheckpoints, SampleRefusesAModelWithoutTheGpt2Vocabulary) {
+  const RunResult r = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(good_) + " --prompt hello");
+  expect_failure(r, 2, {"GPT-2's tokenizer", "vocab_size 300"});
+  EXPECT_EQ(r.out, "");
+}
+
 // The window schedule ends at num_iterations; a step past it would be extrapolated.
 TEST_F(MalformedCheckpoints, EvalRefusesAStepPastTheSchedule) {
   expect_failure(run(quote(SPEEDRUN_BINARY) + " eval --ckpt " + quote(good_) + " --val " + quote(data("val_*.bin")) +

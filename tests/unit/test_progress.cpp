@@ -142,8 +142,13 @@ TEST(Progress, SummaryNamesTargetTokensThroughputMemoryAndFiles) {
   EXPECT_NE(text.find("throughput        10.2k tok/s (20.0s of training)"), std::string::npos) << text;
   EXPECT_NE(text.find("peak memory       512.0 MiB"), std::string::npos) << text;
   EXPECT_NE(text.find("out dir           runs/x: config.json, metrics.jsonl"), std::string::npos) << text;
+  EXPECT_EQ(text.find("skipped updates"), std::string::npos) << text;  // only when there were some
   s.target_step.reset();
   EXPECT_NE(format_summary(s).find("target 3.28       not reached"), std::string::npos);
+  s.skipped_steps = {3, 4, 5, 6, 7, 8, 9, 10, 11};
+  EXPECT_NE(format_summary(s).find("skipped updates   9 (steps 3, 4, 5, 6, 7, 8, 9, 10, ...; see the metrics' faults)"),
+            std::string::npos)
+      << format_summary(s);
 }
 
 TEST(Progress, PeakMemoryIsMeasured) { EXPECT_GT(peak_rss_bytes(), 1024.0 * 1024.0); }
