@@ -137,7 +137,8 @@ size_t TokenStream::windows_left() const {
   size_t windows = 0;
   for (size_t i = s.position.shard_index; i < s.paths.size(); ++i) {
     const size_t n = ShardReader(s.paths[i]).num_tokens();
-    windows += i == s.position.shard_index ? windows_from(n, s.position.pos, s.window()) : windows_in_shard(n, s.window());
+    const bool current = i == s.position.shard_index;
+    windows += current ? windows_from(n, s.position.pos, s.window()) : windows_in_shard(n, s.window());
   }
   return windows;
 }

@@ -138,7 +138,9 @@ std::string format_summary(const RunSummary& s) {
   }
   if (!s.skipped_steps.empty()) {
     std::string steps;
-    for (size_t i = 0; i < s.skipped_steps.size() && i < 8; ++i) steps += (i ? ", " : "") + std::to_string(s.skipped_steps[i]);
+    for (size_t i = 0; i < s.skipped_steps.size() && i < 8; ++i) {
+      steps += (i ? ", " : "") + std::to_string(s.skipped_steps[i]);
+    }
     if (s.skipped_steps.size() > 8) steps += ", ...";
     row("skipped updates", std::to_string(s.skipped_steps.size()) + " (steps " + steps + "; see the metrics' faults)");
   }

@@ -172,9 +172,9 @@ void require_training_data(const TokenStream& stream, int first_step, int end_st
   const size_t needed = static_cast<size_t>(std::max(end_step - first_step, 0));
   const size_t left = stream.windows_left();
   if (left >= needed) return;
+  const std::string after = first_step > 0 ? " after step " + std::to_string(first_step) : "";
   throw Error("not enough training data: the " + shard_range(stream) + " serve " + std::to_string(left) +
-              " more windows of " + window_shape(stream) + (first_step > 0 ? " after step " + std::to_string(first_step) : "") +
-              ", but steps " + std::to_string(first_step) + " to " + std::to_string(end_step - 1) + " need " +
+              " more windows of " + window_shape(stream) + after + ", but steps " + std::to_string(first_step) + " to " + std::to_string(end_step - 1) + " need " +
               std::to_string(needed) + " (add shards, or train fewer steps: --steps " +
               std::to_string(first_step + static_cast<int>(left)) + ")");
 }
@@ -264,10 +264,11 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
   train_stream.seek(state_.data_position);
   require_training_data(train_stream, state_.step, end_step());
   require_validation_data(val_files_, config_);
+  // The metrics file first: a --metrics path that cannot be opened leaves no config behind.
+  metrics_.emplace(leader_ ? metrics_path_ : std::string());
   if (leader_) {
     write_file_atomically((fs::path(options.out_dir) / "config.json").string(), config_.to_json().dump(2) + "\n");
   }
-  metrics_.emplace(leader_ ? metrics_path_ : std::string());
   prefetcher_.emplace(std::move(train_stream), dp_.first_rank(), dp_.local_ranks());
 
   tokens_per_step_ = tokens_per_step(config_);

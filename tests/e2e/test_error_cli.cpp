@@ -147,8 +147,9 @@ TEST_F(ErrorCli, ANewRunRefusesADirectoryHoldingAnotherRun) {
   ASSERT_EQ(first.exit_code, 0) << first.err;
   const std::string config = read_all((dir_ / "out" / "config.json").string());
   const std::string metrics = read_all((dir_ / "out" / "metrics.jsonl").string());
+  const std::string checkpoint = (dir_ / "out" / "step_000001.safetensors").string();
   expect_failure(train("--steps 2 --set seed=3 --out-dir " + out_dir()), 2,
-                 {"already holds a run", "config.json", "--resume " + (dir_ / "out" / "step_000001.safetensors").string()});
+                 {"already holds a run", "config.json", "--resume " + checkpoint});
   EXPECT_EQ(read_all((dir_ / "out" / "config.json").string()), config);
   EXPECT_EQ(read_all((dir_ / "out" / "metrics.jsonl").string()), metrics);
   // Another run's metrics file, named on its own.
@@ -214,6 +215,13 @@ TEST_F(ErrorCli, BadConfigValuesViaConfigFileAreUsageErrors) {
   write_all(file, "{\"preset\": \"micro\",");
   expect_failure(run(quote(SPEEDRUN_BINARY) + " train --config " + quote(file.string())), 2,
                  {file.string(), "not valid JSON"});
+}
+
+TEST_F(ErrorCli, AMetricsFileThatCannotBeOpenedLeavesNoConfigBehind) {
+  const std::string metrics = (dir_ / "no_such_dir" / "m.jsonl").string();
+  expect_failure(train("--steps 1 --metrics " + quote(metrics) + " --out-dir " + out_dir()), 1,
+                 {"cannot open metrics file '" + metrics + "'"});
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "config.json"));
 }
 
 TEST_F(ErrorCli, UnwritableOutDirNamesTheDirectory) {

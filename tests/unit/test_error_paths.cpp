@@ -353,9 +353,11 @@ TEST_F(CheckpointErrors, MissingOrBadConfigMetadataIsNamed) {
   expect_load_fails(bad, {"bad_meta.safetensors", "'config' metadata is not valid JSON"});
   const std::string step = rewritten("bad_step.safetensors", [](auto&, auto& metadata) { metadata["step"] = "-4"; });
   expect_load_fails(step, {"bad_step.safetensors", "'step' is not a non-negative integer: '-4'"});
-  const std::string other = rewritten("other.safetensors", [](auto&, auto& metadata) { metadata["format"] = "other-9"; });
+  const std::string other =
+      rewritten("other.safetensors", [](auto&, auto& metadata) { metadata["format"] = "other-9"; });
   expect_load_fails(other, {"other.safetensors", "'format' metadata is 'other-9', expected 'speedrun-checkpoint-1'"});
-  const std::string no_format = rewritten("no_format.safetensors", [](auto&, auto& metadata) { metadata.erase("format"); });
+  const std::string no_format =
+      rewritten("no_format.safetensors", [](auto&, auto& metadata) { metadata.erase("format"); });
   expect_load_fails(no_format, {"no_format.safetensors", "'format' metadata is missing"});
   const std::string past = rewritten("past.safetensors", [&](auto&, auto& metadata) {
     metadata["step"] = std::to_string(config_.num_iterations + 1);
