@@ -29,8 +29,12 @@ class ProfilingBackend final : public Backend {
   size_t device_memory_in_use() const override { return inner_.device_memory_in_use(); }
   size_t operand_copy_traffic_bytes() const override { return inner_.operand_copy_traffic_bytes(); }
   std::vector<MatmulTuning> matmul_tunings() const override { return inner_.matmul_tunings(); }
+  // Its traffic is what the backend counts for the copy it makes: none where products
+  // read float32 (the operand is used in place).
   void hold_operand(int slot, const float* x, size_t count) override {
-    timed("hold_operand", 0, 6.0 * count, [&] { inner_.hold_operand(slot, x, count); });
+    const size_t copied_before = inner_.operand_copy_traffic_bytes();
+    timed_counting_bytes("hold_operand", [&] { inner_.hold_operand(slot, x, count); },
+                         [&] { return static_cast<double>(inner_.operand_copy_traffic_bytes() - copied_before); });
   }
   uint16_t* hold_produced_operand(int slot, const float* x, size_t count) override {
     return inner_.hold_produced_operand(slot, x, count);
@@ -283,6 +287,17 @@ class ProfilingBackend final : public Backend {
       return;
     }
     add(stats_[op], seconds_of(f), flops, bytes);
+  }
+
+  // An op whose traffic is known only once it has run.
+  template <typename F, typename Bytes>
+  void timed_counting_bytes(const char* op, F&& f, Bytes&& bytes) {
+    if (enabled_ && !*enabled_) {
+      f();
+      return;
+    }
+    const double seconds = seconds_of(f);
+    add(stats_[op], seconds, 0, bytes());
   }
 
   // A product: under its op and, when asked, under its shape (named only when profiling).

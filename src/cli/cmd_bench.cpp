@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <thread>
@@ -270,6 +271,14 @@ void register_bench_command(CLI::App& app) {
       throw UsageError("--sweep-matmuls times cuBLASLt's algorithms: it needs --device cuda");
     }
     Config config = opts->config.build();
+    // Where the JSON goes is checked before minutes of timing, not after.
+    if (!opts->json_path.empty()) {
+      const std::filesystem::path json(opts->json_path);
+      const std::filesystem::path parent = json.parent_path().empty() ? "." : json.parent_path();
+      if (std::filesystem::is_directory(json) || !std::filesystem::is_directory(parent)) {
+        throw UsageError("--json '" + opts->json_path + "' must name a file in an existing directory");
+      }
+    }
     // Under mpirun every process times its share; rank 0 reports.
     std::unique_ptr<Communicator> process_comm = make_process_communicator();
     const int visible_gpus = static_cast<int>(query_cuda_devices().devices.size());
@@ -400,7 +409,8 @@ void register_bench_command(CLI::App& app) {
                 rate_text(attention_backward_tflops).c_str());
     std::printf("peak memory: %.1f MiB (%s)\n", peak_bytes / (1024.0 * 1024.0),
                 on_gpu ? "device memory allocated by the backend" : "host RSS");
-    std::printf("memory plan: %.1f MiB (model, optimiser, gradient reduction; speedrun memory), backend "
+    std::printf("memory plan: %.1f MiB (parameters, gradients, optimiser, gradient reduction, activations; speedrun "
+                "memory), backend "
                 "allocations %.1f MiB",
                 planned_bytes / (1024.0 * 1024.0), backend_peak_bytes / (1024.0 * 1024.0));
     if (on_gpu) {

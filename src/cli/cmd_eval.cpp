@@ -1,5 +1,6 @@
 // speedrun eval: the validation loss of a checkpoint (SPEC §1), with the window of the
 // checkpoint's step (SPEC §3) — so it reproduces the run's own validation exactly.
+#include <cmath>
 #include <cstdio>
 
 #include <nlohmann/json.hpp>
@@ -51,6 +52,10 @@ void register_eval_command(CLI::App& app) {
     const int checkpoint_step = load_model(opts->checkpoint, model);
     const int step = opts->step >= 0 ? opts->step : checkpoint_step;
     const double loss = evaluate(model, val_files, config, step);
+    if (!std::isfinite(loss)) {
+      throw Error("the validation loss of '" + opts->checkpoint + "' is not finite (" + std::to_string(loss) +
+                  "): its weights have overflowed");
+    }
     const int window = long_window_blocks(config, step);
     if (opts->json) {
       const nlohmann::json record = {{"val_loss", loss},         {"step", step},

@@ -26,6 +26,9 @@ void register_init_command(CLI::App& app) {
   cmd->add_option("--out", opts->out, "output FILE.safetensors")->required();
   cmd->add_flag("--force", opts->force, "replace --out if it exists (a trained checkpoint, say)");
   cmd->callback([opts] {
+    if (opts->out.empty() || std::filesystem::is_directory(opts->out)) {
+      throw UsageError("--out '" + opts->out + "' must name a file, not a directory");
+    }
     if (!opts->force && std::filesystem::exists(opts->out)) {
       throw UsageError("--out '" + opts->out + "' exists; pass --force to replace it");
     }

@@ -79,6 +79,19 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
   command += opts.backend.non_default_arguments();
   command += opts.activations.non_default_arguments();
   if (opts.grad_reduce != "auto") command += " --grad-reduce " + opts.grad_reduce;
+  // The run's other non-default choices, so that the resumed run behaves as this one did.
+  const TrainOptions defaults;
+  if (train.save_every != defaults.save_every) command += " --save-every " + std::to_string(train.save_every);
+  if (train.keep != defaults.keep) command += " --keep " + std::to_string(train.keep);
+  if (train.log_every != defaults.log_every) command += " --log-every " + std::to_string(train.log_every);
+  if (opts.on_nonfinite != "stop") command += " --on-nonfinite " + opts.on_nonfinite;
+  if (opts.on_spike != "warn") command += " --on-loss-spike " + opts.on_spike;
+  if (train.faults.spike_zscore != defaults.faults.spike_zscore) {
+    command += " --loss-spike-z " + shell_word(std::to_string(train.faults.spike_zscore));
+  }
+  if (train.faults.grad_check_every != defaults.faults.grad_check_every) {
+    command += " --grad-check-every " + std::to_string(train.faults.grad_check_every);
+  }
   return command;
 }
 
@@ -101,7 +114,10 @@ TrainOptions resolve(const Options& opts) {
   if (train.train_glob.empty()) train.train_glob = default_data_dir() + "/train_*.bin";
   if (train.val_glob.empty()) train.val_glob = default_data_dir() + "/val_*.bin";
   if (train.out_dir.empty()) train.out_dir = timestamped_run_dir();
-  train.live_progress = ::isatty(::fileno(stdout)) == 1;
+  // Under mpirun the ranks' stdout is a pseudo-terminal even when mpirun's own output is a
+  // file: plain lines there.
+  const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
+  train.live_progress = ::isatty(::fileno(stdout)) == 1 && !under_mpirun;
   train.faults.non_finite = parse_non_finite_policy(opts.on_nonfinite);
   train.faults.spike = parse_spike_policy(opts.on_spike);
   validate(train.faults);

@@ -22,8 +22,13 @@ std::string show(const json& v) { return v.dump(-1, ' ', false, json::error_hand
 
 // Strict JSON -> field conversions: a wrong type is an error naming the key.
 void read_field(const json& v, int64_t& out, const std::string& key, const std::string& origin) {
+  // JSON reads an integer below int64's range as a float, above it as unsigned (which
+  // get<int64_t> would wrap).
+  const bool whole_float = v.is_number_float() && std::floor(v.get<double>()) == v.get<double>();
+  if (whole_float && std::fabs(v.get<double>()) >= 9.2e18) {
+    throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
+  }
   if (!v.is_number_integer()) throw UsageError(origin + ": '" + key + "' must be an integer, got " + show(v));
-  // JSON reads integers above int64's range as unsigned: get<int64_t> would wrap them.
   if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
     throw UsageError(origin + ": '" + key + "' is out of range: " + show(v));
   }

@@ -210,6 +210,13 @@ double TokenChooser::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.
 
 int32_t TokenChooser::choose(std::span<const float> logits) {
   const int n = std::min<int>(vocab_size_, static_cast<int>(logits.size()));
+  // A NaN logit would make any choice arbitrary (argmax over NaN gives token 0).
+  for (int i = 0; i < n; ++i) {
+    if (!std::isfinite(logits[i])) {
+      throw Error("the model's logit for token " + std::to_string(i) + " is not finite (" +
+                  std::to_string(logits[i]) + "): its weights have overflowed, so it cannot be sampled");
+    }
+  }
   if (options_.temperature == 0) {
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.begin() + n) - logits.begin());
   }

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -53,31 +54,60 @@ void prepare_out_dir(const std::string& out_dir) {
   }
 }
 
-// A new run refuses a directory or metrics file that already holds another run's: their
-// config, metrics and checkpoints would be mixed (a resumed run continues its own).
-void refuse_existing_run(const TrainOptions& options, const std::string& metrics_path) {
-  if (!options.resume_path.empty()) return;
-  std::vector<std::string> found;
-  std::string newest_checkpoint;
+// A run's checkpoints in dir (model files, step_NNNNNN.safetensors) by step.
+std::map<int, std::string> checkpoints_in(const std::string& dir) {
+  std::map<int, std::string> found;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(options.out_dir, ec)) {
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    int step = -1, length = 0;
     const std::string name = entry.path().filename().string();
-    const bool checkpoint = name.rfind("step_", 0) == 0 && entry.path().extension() == ".safetensors" &&
-                            name.find(".optim.") == std::string::npos;
-    if (checkpoint && entry.path().string() > newest_checkpoint) newest_checkpoint = entry.path().string();
-    if (name == "config.json" || name == "metrics.jsonl" || checkpoint) found.push_back(name);
+    if (std::sscanf(name.c_str(), "step_%d.safetensors%n", &step, &length) == 1 &&
+        length == static_cast<int>(name.size()) && step >= 0) {
+      found[step] = entry.path().string();
+    }
   }
-  std::sort(found.begin(), found.end());
+  return found;
+}
+
+// A directory or metrics file that already holds a run is refused: the runs' configs,
+// metrics and checkpoints would be mixed. `what` says who asks.
+void refuse_a_run_in(const std::string& out_dir, const std::string& metrics_path, const std::string& what) {
+  std::vector<std::string> found;
+  for (const char* name : {"config.json", "metrics.jsonl"}) {
+    if (fs::exists(fs::path(out_dir) / name)) found.push_back(name);
+  }
+  const std::map<int, std::string> checkpoints = checkpoints_in(out_dir);
+  for (const auto& [step, path] : checkpoints) found.push_back(fs::path(path).filename().string());
   if (!found.empty()) {
     std::string names;
     for (size_t i = 0; i < found.size() && i < 4; ++i) names += (i ? ", " : "") + found[i];
     if (found.size() > 4) names += ", ...";
-    throw UsageError("--out-dir '" + options.out_dir + "' already holds a run (" + names +
+    throw UsageError(what + ": --out-dir '" + out_dir + "' already holds a run (" + names +
                      "); choose another directory" +
-                     (newest_checkpoint.empty() ? "" : ", or continue that run with --resume " + newest_checkpoint));
+                     (checkpoints.empty() ? "" : ", or continue that run with --resume " + checkpoints.rbegin()->second));
   }
+  std::error_code ec;
   if (fs::file_size(metrics_path, ec) > 0 && !ec) {
-    throw UsageError("--metrics '" + metrics_path + "' already holds another run's metrics; choose another file");
+    throw UsageError(what + ": --metrics '" + metrics_path + "' already holds another run's metrics; choose another file");
+  }
+}
+
+// A resumed run continues its own directory, or starts an empty one. In its own, a later
+// checkpoint means the run went on past this one: resuming would overwrite that timeline.
+void refuse_forking_a_run(const TrainOptions& options, const std::string& metrics_path, int resume_step) {
+  const fs::path own = fs::path(options.resume_path).parent_path();
+  std::error_code ec;
+  if (!fs::equivalent(options.out_dir, own.empty() ? fs::path(".") : own, ec)) {
+    refuse_a_run_in(options.out_dir, metrics_path, "a run resumed into another directory");
+    return;
+  }
+  const std::map<int, std::string> checkpoints = checkpoints_in(options.out_dir);
+  const auto later = checkpoints.upper_bound(resume_step);
+  if (later != checkpoints.end()) {
+    throw UsageError("'" + options.out_dir + "' holds a later checkpoint of this run (" +
+                     fs::path(later->second).filename().string() + "): resuming from step " +
+                     std::to_string(resume_step) + " would overwrite it and fork the run's metrics; resume from " +
+                     checkpoints.rbegin()->second + ", or give another --out-dir");
   }
 }
 
@@ -88,21 +118,36 @@ struct PriorRun {
   double train_time_s = 0;
   std::optional<int> target_step;
   std::optional<double> target_train_seconds;
+  std::optional<int> last_val_step;  // the latest step validated, up to the resumed one
 };
+
+// A record's number field, `fallback` when absent or null (a skipped step's loss); any
+// other type is an error naming the file, line and field.
+double number_in(const nlohmann::json& record, const char* key, double fallback, const std::string& path, int line) {
+  const auto it = record.find(key);
+  if (it == record.end() || it->is_null()) return fallback;
+  if (!it->is_number()) {
+    throw Error(path + ":" + std::to_string(line) + ": expected a number in field '" + key + "', got " + it->dump());
+  }
+  return it->get<double>();
+}
 
 PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double target) {
   PriorRun prior;
   std::ifstream in(metrics_path);
   std::string line;
-  while (std::getline(in, line)) {
+  for (int number = 1; std::getline(in, line); ++number) {
     const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
     if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
-    if (record["step"].get<int>() > resume_step) continue;
-    prior.elapsed_s = std::max(prior.elapsed_s, record.value("elapsed_s", 0.0));
-    prior.train_time_s = std::max(prior.train_time_s, record.value("train_time_s", 0.0));
-    if (!prior.target_step && record.contains("val_loss") && record["val_loss"].get<double>() <= target) {
-      prior.target_step = record["step"].get<int>();
-      prior.target_train_seconds = record.value("train_time_s", 0.0);
+    const double step = number_in(record, "step", -1, metrics_path, number);
+    if (step < 0 || step > resume_step) continue;
+    prior.elapsed_s = std::max(prior.elapsed_s, number_in(record, "elapsed_s", 0, metrics_path, number));
+    prior.train_time_s = std::max(prior.train_time_s, number_in(record, "train_time_s", 0, metrics_path, number));
+    const double val_loss = number_in(record, "val_loss", NAN, metrics_path, number);
+    if (record.contains("val_loss")) prior.last_val_step = static_cast<int>(step);
+    if (!prior.target_step && val_loss <= target) {
+      prior.target_step = static_cast<int>(step);
+      prior.target_train_seconds = number_in(record, "train_time_s", 0, metrics_path, number);
     }
   }
   return prior;
@@ -175,8 +220,10 @@ void require_training_data(const TokenStream& stream, int first_step, int end_st
   const std::string after = first_step > 0 ? " after step " + std::to_string(first_step) : "";
   throw Error("not enough training data: the " + shard_range(stream) + " serve " + std::to_string(left) +
               " more windows of " + window_shape(stream) + after + ", but steps " + std::to_string(first_step) + " to " + std::to_string(end_step - 1) + " need " +
-              std::to_string(needed) + " (add shards, or train fewer steps: --steps " +
-              std::to_string(first_step + static_cast<int>(left)) + ")");
+              std::to_string(needed) +
+              (left == 0 ? " (add shards: these are used up)"
+                         : " (add shards, or train fewer steps: --steps " + std::to_string(first_step + static_cast<int>(left)) +
+                               ")"));
 }
 
 std::vector<std::string> directory_listing(const std::string& dir) {
@@ -250,6 +297,7 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
   const std::vector<std::string> train_files = expand_glob(options.train_glob);
   if (!options.resume_path.empty()) {
     state_ = load_checkpoint(options.resume_path, model_, optimizer_);
+    if (leader_) refuse_forking_a_run(options, metrics_path_, state_.step);
     if (end_step() <= state_.step) {
       throw UsageError("'" + options.resume_path + "' is at step " + std::to_string(state_.step) +
                        " and this run would end at step " + std::to_string(end_step()) +
@@ -404,7 +452,9 @@ TrainResult TrainingRun::run() {
   progress_.begin(state_.step);
   const int last = end_step();
   for (int step = state_.step; step < last && !stop_requested(); ++step) {
-    if (step % config_.val_every == 0) validate(step);
+    // A resumed run's first step may have been validated already (where its run stopped).
+    const bool validated_before = step == result_.first_step && prior_.last_val_step == step;
+    if (step % config_.val_every == 0 && !validated_before) validate(step);
     train_one_step(step);
     const bool periodic = options_.save_every > 0 && state_.step % options_.save_every == 0;
     if (periodic && state_.step != last) save_checkpoint_at_step();
@@ -518,14 +568,28 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
   if (options.steps < -1) throw UsageError("--steps must be >= 0, got " + std::to_string(options.steps));
   if (options.save_every < 0) throw UsageError("--save-every must be >= 0, got " + std::to_string(options.save_every));
   if (options.keep < 1) throw UsageError("--keep must be >= 1, got " + std::to_string(options.keep));
+  if (options.steps > options.config.num_iterations) {
+    throw UsageError("--steps " + std::to_string(options.steps) + " is past num_iterations (" +
+                     std::to_string(options.config.num_iterations) +
+                     "), where the schedules end (--set num_iterations=N trains longer)");
+  }
   // Fail on indivisible val_tokens before spending any time training.
   validation_windows(static_cast<size_t>(options.config.val_tokens), options.config.world_size,
                      options.config.val_seq_len);
+  const bool creates_out_dir = !fs::exists(options.out_dir);
   prepare_out_dir(options.out_dir);
-  // Rank 0 alone: it may already have written its config when another process looks.
-  if (!options.comm || options.comm->rank() == 0) refuse_existing_run(options, metrics_path_of(options));
-  TrainingRun run(options, backend);
-  return run.run();
+  try {
+    // Rank 0 alone: it may already have written its config when another process looks.
+    const bool leader = !options.comm || options.comm->rank() == 0;
+    if (leader && options.resume_path.empty()) refuse_a_run_in(options.out_dir, metrics_path_of(options), "a new run");
+    TrainingRun run(options, backend);
+    return run.run();
+  } catch (...) {
+    // A run refused before it wrote anything leaves no empty directory of its own behind.
+    std::error_code ec;
+    if (creates_out_dir && fs::is_empty(options.out_dir, ec) && !ec) fs::remove(options.out_dir, ec);
+    throw;
+  }
 }
 
 }  // namespace speedrun

@@ -158,6 +158,66 @@ TEST_F(ErrorCli, ANewRunRefusesADirectoryHoldingAnotherRun) {
                  2, {"already holds another run's metrics"});
 }
 
+// A resumed run continues its own directory, or an empty one: never another run's, and never
+// from an older checkpoint of its own when a later one exists (that would fork the run).
+TEST_F(ErrorCli, ResumeRefusesAnotherRunsDirectoryAndALaterTimeline) {
+  ASSERT_EQ(train("--steps 4 --save-every 2 --keep 3 --out-dir " + out_dir("a")).exit_code, 0);
+  ASSERT_EQ(train("--steps 1 --out-dir " + out_dir("b")).exit_code, 0);
+  const std::string older = quote((dir_ / "a" / "step_000002.safetensors").string());
+  const std::string b_config = read_all((dir_ / "b" / "config.json").string());
+  expect_failure(train("--resume " + older + " --steps 3 --out-dir " + out_dir("b")), 2,
+                 {"a run resumed into another directory", "already holds a run"});
+  EXPECT_EQ(read_all((dir_ / "b" / "config.json").string()), b_config);
+  expect_failure(train("--resume " + older + " --steps 3"), 2,
+                 {"holds a later checkpoint of this run (step_000004.safetensors)", "resuming from step 2"});
+  const RunResult elsewhere = train("--resume " + older + " --steps 3 --out-dir " + out_dir("c"));
+  EXPECT_EQ(elsewhere.exit_code, 0) << elsewhere.err;
+}
+
+// Resuming where the stopped run validated (its last step, a val_every multiple) does not
+// validate that step again.
+TEST_F(ErrorCli, ResumeDoesNotValidateAStepTwice) {
+  ASSERT_EQ(train("--steps 10 --out-dir " + out_dir()).exit_code, 0);  // micro validates every 10
+  const RunResult resumed = train("--resume " + quote((dir_ / "out" / "step_000010.safetensors").string()) + " --steps 12");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  std::istringstream metrics(read_all((dir_ / "out" / "metrics.jsonl").string()));
+  int step_10_validations = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    step_10_validations += contains(line, "\"step\":10,") && contains(line, "val_loss");
+  }
+  EXPECT_EQ(step_10_validations, 1);
+}
+
+TEST_F(ErrorCli, AMalformedMetricsRecordOnResumeIsNamed) {
+  ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
+  const fs::path metrics = dir_ / "out" / "metrics.jsonl";
+  write_all(metrics, "{\"step\":0,\"elapsed_s\":\"soon\"}\n" + read_all(metrics.string()));
+  expect_failure(train("--resume " + quote((dir_ / "out" / "step_000002.safetensors").string()) + " --steps 3"), 1,
+                 {metrics.string() + ":1: expected a number in field 'elapsed_s'"});
+}
+
+// Weights so large (finite) that the forward pass is NaN: eval says so and fails, rather
+// than printing "val loss -nan" with exit 0.
+TEST_F(ErrorCli, EvalOfOverflowedWeightsIsAnError) {
+  const RunResult blown = train("--set lr_scalar=1e30 --set lr_embed=1e30 --set lr_lm_head=1e30 --out-dir " + out_dir());
+  ASSERT_EQ(blown.exit_code, 1) << blown.err;
+  ASSERT_TRUE(contains(blown.err, "not finite")) << blown.err;
+  const std::string checkpoint = (dir_ / "out" / "step_000002.safetensors").string();
+  ASSERT_TRUE(fs::exists(checkpoint)) << blown.err;
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " eval --ckpt " + quote(checkpoint) + " --val " + quote(data("val_*.bin"))),
+                 1, {"the validation loss of '" + checkpoint + "' is not finite", "overflowed"});
+}
+
+// Failed before writing anything: no empty directory of its own is left behind.
+TEST_F(ErrorCli, ARefusedRunLeavesNoEmptyOutDir) {
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " train --preset micro --quiet --train " + quote(data("nope_*.bin")) +
+                     " --val " + quote(data("val_*.bin")) + " --out-dir " + out_dir()),
+                 1, {"no file matches"});
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+  expect_failure(train("--steps 30 --out-dir " + out_dir()), 2, {"--steps 30 is past num_iterations (20)"});
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+}
+
 TEST_F(ErrorCli, ResumeRefusesAPresetOrConfigAndAnEndAlreadyReached) {
   ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
   const std::string checkpoint = quote((dir_ / "out" / "step_000002.safetensors").string());

@@ -201,7 +201,7 @@ TEST_F(TrainCli, SigtermSavesAResumableCheckpointAndTheResumeIsExact) {
   const RunResult whole = speedrun(train_args("whole", schedule + " --quiet"), dir_);
   ASSERT_EQ(whole.exit_code, 0) << whole.err;
 
-  const RunResult stopped = run_and_terminate(train_args("stopped", schedule), "step 3/40 |", dir_);
+  const RunResult stopped = run_and_terminate(train_args("stopped", schedule + " --keep 3"), "step 3/40 |", dir_);
   ASSERT_EQ(stopped.exit_code, 143) << stopped.out << stopped.err;
   const std::string marker = "resume with: ";
   ASSERT_TRUE(contains(stopped.err, "speedrun: stopped by SIGTERM after step ")) << stopped.err;
@@ -209,6 +209,7 @@ TEST_F(TrainCli, SigtermSavesAResumableCheckpointAndTheResumeIsExact) {
   std::string resume = stopped.err.substr(stopped.err.find(marker) + marker.size());
   resume = resume.substr(0, resume.find('\n'));
   ASSERT_EQ(resume.rfind("speedrun train --resume " + (dir_ / "stopped/step_0000").string(), 0), 0u) << resume;
+  EXPECT_TRUE(contains(resume, " --keep 3")) << "the run's non-default flags are repeated: " << resume;
   const Metrics partial = read_metrics(dir_ / "stopped/metrics.jsonl");
   ASSERT_GE(partial.train_losses.size(), 3u);
   ASSERT_LT(partial.train_losses.size(), 40u) << "the signal came after the run had finished";

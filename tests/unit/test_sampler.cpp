@@ -2,6 +2,8 @@
 // document boundaries and sliding windows, and the determinism of sampling.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include <cmath>
 #include <random>
 
@@ -153,6 +155,18 @@ TEST(Sampler, TopKRestrictsTheCandidates) {
   EXPECT_GT(seen[3], 0);
   EXPECT_GT(seen[7], 0);
   EXPECT_EQ(seen[3] + seen[7], 400);
+}
+
+// Overflowed weights give NaN logits: choosing among them would print arbitrary text.
+TEST(Sampler, ANonFiniteLogitIsAnErrorNotAChoice) {
+  std::vector<float> logits(10, 1.f);
+  logits[4] = std::numeric_limits<float>::quiet_NaN();
+  for (const double temperature : {0.0, 1.0}) {
+    SamplingOptions options;
+    options.temperature = temperature;
+    TokenChooser chooser(options, 10);
+    EXPECT_THROW(chooser.choose(logits), Error) << temperature;
+  }
 }
 
 TEST(Sampler, RejectsTokensOutsideTheVocabulary) {
