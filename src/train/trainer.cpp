@@ -82,13 +82,15 @@ void refuse_a_run_in(const std::string& out_dir, const std::string& metrics_path
     std::string names;
     for (size_t i = 0; i < found.size() && i < 4; ++i) names += (i ? ", " : "") + found[i];
     if (found.size() > 4) names += ", ...";
+    const std::string resume =
+        checkpoints.empty() ? "" : ", or continue that run with --resume " + checkpoints.rbegin()->second;
     throw UsageError(what + ": --out-dir '" + out_dir + "' already holds a run (" + names +
-                     "); choose another directory" +
-                     (checkpoints.empty() ? "" : ", or continue that run with --resume " + checkpoints.rbegin()->second));
+                     "); choose another directory" + resume);
   }
   std::error_code ec;
   if (fs::file_size(metrics_path, ec) > 0 && !ec) {
-    throw UsageError(what + ": --metrics '" + metrics_path + "' already holds another run's metrics; choose another file");
+    throw UsageError(what + ": --metrics '" + metrics_path +
+                     "' already holds another run's metrics; choose another file");
   }
 }
 
@@ -211,6 +213,13 @@ std::string window_shape(const TokenStream& stream) {
          " tokens";
 }
 
+// What to do about too little data: a --steps that fits, when one does.
+std::string fewer_steps_hint(int first_step, size_t windows_left) {
+  if (windows_left == 0) return " (add shards: these are used up)";
+  return " (add shards, or train fewer steps: --steps " + std::to_string(first_step + static_cast<int>(windows_left)) +
+         ")";
+}
+
 // Refuses, before anything is written, a run whose shards cannot feed the steps it is
 // asked for (one window a step), rather than failing when they run out with no checkpoint.
 void require_training_data(const TokenStream& stream, int first_step, int end_step) {
@@ -220,10 +229,7 @@ void require_training_data(const TokenStream& stream, int first_step, int end_st
   const std::string after = first_step > 0 ? " after step " + std::to_string(first_step) : "";
   throw Error("not enough training data: the " + shard_range(stream) + " serve " + std::to_string(left) +
               " more windows of " + window_shape(stream) + after + ", but steps " + std::to_string(first_step) + " to " + std::to_string(end_step - 1) + " need " +
-              std::to_string(needed) +
-              (left == 0 ? " (add shards: these are used up)"
-                         : " (add shards, or train fewer steps: --steps " + std::to_string(first_step + static_cast<int>(left)) +
-                               ")"));
+              std::to_string(needed) + fewer_steps_hint(first_step, left));
 }
 
 std::vector<std::string> directory_listing(const std::string& dir) {
@@ -454,7 +460,10 @@ TrainResult TrainingRun::run() {
   for (int step = state_.step; step < last && !stop_requested(); ++step) {
     // A resumed run's first step may have been validated already (where its run stopped).
     const bool validated_before = step == result_.first_step && prior_.last_val_step == step;
-    if (step % config_.val_every == 0 && !validated_before) validate(step);
+    if (step % config_.val_every == 0 && !validated_before) {
+      validate(step);
+      if (stop_requested()) break;  // a signal during a long validation stops before the next step
+    }
     train_one_step(step);
     const bool periodic = options_.save_every > 0 && state_.step % options_.save_every == 0;
     if (periodic && state_.step != last) save_checkpoint_at_step();

@@ -257,7 +257,8 @@ TEST_F(TrainCli, StopRightAfterAPeriodicSaveKeepsThatCheckpoint) {
   options.save_every = 3;
   options.keep = 1;
   int polls = 0;
-  options.stop_requested = [&polls] { return ++polls == 4 ? SIGTERM : 0; };  // polled before steps 0, 1, 2, 3
+  // Polled before steps 0, 1, 2, 3, and once after step 0's validation.
+  options.stop_requested = [&polls] { return ++polls == 5 ? SIGTERM : 0; };
   auto backend = speedrun::make_cpu_backend();
   const speedrun::TrainResult result = speedrun::train(options, *backend);
   EXPECT_EQ(result.stopped_by_signal, SIGTERM);

@@ -135,6 +135,23 @@ TEST(Training, NonFiniteGradientStopsWithTheStepAndACheckpoint) {
   EXPECT_THROW(load_model(data / "run/step_000001.safetensors", model), Error);
 }
 
+// A signal that arrives during a validation stops the run right after it, before another
+// step trains (validation at 124M takes as long as many steps).
+TEST(Training, ASignalDuringValidationStopsBeforeTheNextStep) {
+  testing::TempDir data("train_signal_in_validation");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  TrainOptions o = micro_options(data, data / "run", 6);
+  int polls = 0;
+  o.stop_requested = [&polls] { return ++polls >= 2 ? 15 : 0; };  // the first poll after step 0's validation
+  const TrainResult result = train(o, *be);
+  EXPECT_EQ(result.stopped_by_signal, 15);
+  EXPECT_EQ(result.last_step, 0);
+  EXPECT_TRUE(result.train_losses.empty());
+  EXPECT_EQ(result.val_losses.size(), 1u);
+  EXPECT_TRUE(std::filesystem::exists(data / "run/step_000000.safetensors"));
+}
+
 // Every tensor's bytes of a checkpoint's model and optimiser files (non-finite values
 // included, which load_checkpoint would refuse).
 std::map<std::string, std::vector<std::byte>> checkpoint_bytes(const std::string& path) {
