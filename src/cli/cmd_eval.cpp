@@ -46,6 +46,7 @@ void register_eval_command(CLI::App& app) {
     }
     const std::string val_glob = opts->val_glob.empty() ? default_data_dir() + "/val_*.bin" : opts->val_glob;
     const std::vector<std::string> val_files = expand_glob(val_glob);
+    require_validation_data(val_files, config);
     auto backend = make_cpu_backend();
     // Forward passes only: no training activations beyond one block.
     GPT model(config, *backend, config.attn_block_size, config.val_seq_len);

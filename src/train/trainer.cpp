@@ -551,7 +551,6 @@ void require_validation_data(const std::vector<std::string>& val_files, const Co
 
 double evaluate(GPT& model, const std::vector<std::string>& val_files, const Config& config, int step,
                 DataParallel* dp) {
-  require_validation_data(val_files, config);
   const size_t windows = validation_windows(static_cast<size_t>(config.val_tokens), config.world_size,
                                             config.val_seq_len);
   TokenStream stream = validation_stream(val_files, config);
