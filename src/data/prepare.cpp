@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cerrno>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -18,6 +17,7 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
+#include "util/process_liveness.h"
 
 namespace fs = std::filesystem;
 
@@ -105,12 +105,7 @@ class StagingDir {
     for (const auto& entry : fs::directory_iterator(out_dir, ec)) {
       const std::string name = entry.path().filename().string();
       if (name.rfind(kPrefix, 0) != 0) continue;
-      const std::string pid_text = name.substr(std::strlen(kPrefix));
-      char* end = nullptr;
-      const long pid = std::strtol(pid_text.c_str(), &end, 10);
-      const bool gone = !pid_text.empty() && *end == '\0' && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 &&
-                        errno == ESRCH;
-      if (gone) fs::remove_all(entry.path(), ec);
+      if (names_a_dead_process(name.substr(std::strlen(kPrefix)))) fs::remove_all(entry.path(), ec);
     }
   }
 

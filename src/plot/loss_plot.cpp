@@ -13,6 +13,7 @@
 #include "plot/png.h"
 #include "plot/raster_canvas.h"
 #include "plot/svg_canvas.h"
+#include "train/metrics.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/input_file.h"
@@ -91,14 +92,6 @@ const std::vector<double>& xs(const RunCurves& run, XAxis axis, bool val) {
   return val ? run.val_time : run.train_time;
 }
 
-double number_field(const nlohmann::json& record, const char* key, const std::string& path, int line) {
-  const auto it = record.find(key);
-  if (it == record.end() || !it->is_number()) {
-    throw Error(path + ":" + std::to_string(line) + ": expected a number in field '" + key + "'");
-  }
-  return it->get<double>();
-}
-
 }  // namespace
 
 RunCurves read_run_curves(const std::string& metrics_path) {
@@ -122,9 +115,9 @@ RunCurves read_run_curves(const std::string& metrics_path) {
     if (!train && !val) continue;
     // A skipped non-finite step records its loss as null: nothing a log axis can show.
     if (record[train ? "train_loss" : "val_loss"].is_null()) continue;
-    const double step = number_field(record, "step", metrics_path, number);
-    const double time = number_field(record, "elapsed_s", metrics_path, number);
-    const double loss = number_field(record, train ? "train_loss" : "val_loss", metrics_path, number);
+    const double step = metrics_number(record, "step", metrics_path, number);
+    const double time = metrics_number(record, "elapsed_s", metrics_path, number);
+    const double loss = metrics_number(record, train ? "train_loss" : "val_loss", metrics_path, number);
     if (!(loss > 0) || !std::isfinite(loss)) continue;  // a log axis cannot show it
     (train ? run.train_step : run.val_step).push_back(step);
     (train ? run.train_time : run.val_time).push_back(time);

@@ -42,4 +42,16 @@ void MetricsWriter::write(const nlohmann::json& record) {
   throw Error("cannot write metrics file '" + path_ + "': " + reason);
 }
 
+double metrics_number(const nlohmann::json& record, const char* key, const std::string& path, int line,
+                      std::optional<double> when_absent) {
+  const auto it = record.find(key);
+  const bool absent = it == record.end() || it->is_null();
+  if (absent && when_absent) return *when_absent;
+  if (absent || !it->is_number()) {
+    throw Error(path + ":" + std::to_string(line) + ": expected a number in field '" + key + "', got " +
+                (it == record.end() ? std::string("none") : it->dump()));
+  }
+  return it->get<double>();
+}
+
 }  // namespace speedrun

@@ -3,6 +3,7 @@
 // disk) is cut back off rather than left as half a line.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include <nlohmann/json_fwd.hpp>
@@ -25,5 +26,11 @@ class MetricsWriter {
   std::string path_;
   int fd_ = -1;
 };
+
+// A metrics record's number field. `when_absent`, if given, stands for a field that is
+// absent or null (a skipped step's loss); any other field that is not a number is an
+// error naming the file, line and field, as is an absent one without `when_absent`.
+double metrics_number(const nlohmann::json& record, const char* key, const std::string& path, int line,
+                      std::optional<double> when_absent = std::nullopt);
 
 }  // namespace speedrun

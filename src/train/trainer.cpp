@@ -123,17 +123,6 @@ struct PriorRun {
   std::optional<int> last_val_step;  // the latest step validated, up to the resumed one
 };
 
-// A record's number field, `fallback` when absent or null (a skipped step's loss); any
-// other type is an error naming the file, line and field.
-double number_in(const nlohmann::json& record, const char* key, double fallback, const std::string& path, int line) {
-  const auto it = record.find(key);
-  if (it == record.end() || it->is_null()) return fallback;
-  if (!it->is_number()) {
-    throw Error(path + ":" + std::to_string(line) + ": expected a number in field '" + key + "', got " + it->dump());
-  }
-  return it->get<double>();
-}
-
 PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double target) {
   PriorRun prior;
   std::ifstream in(metrics_path);
@@ -141,15 +130,15 @@ PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double
   for (int number = 1; std::getline(in, line); ++number) {
     const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
     if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
-    const double step = number_in(record, "step", -1, metrics_path, number);
+    const double step = metrics_number(record, "step", metrics_path, number, -1);
     if (step < 0 || step > resume_step) continue;
-    prior.elapsed_s = std::max(prior.elapsed_s, number_in(record, "elapsed_s", 0, metrics_path, number));
-    prior.train_time_s = std::max(prior.train_time_s, number_in(record, "train_time_s", 0, metrics_path, number));
-    const double val_loss = number_in(record, "val_loss", NAN, metrics_path, number);
+    prior.elapsed_s = std::max(prior.elapsed_s, metrics_number(record, "elapsed_s", metrics_path, number, 0));
+    prior.train_time_s = std::max(prior.train_time_s, metrics_number(record, "train_time_s", metrics_path, number, 0));
+    const double val_loss = metrics_number(record, "val_loss", metrics_path, number, NAN);
     if (record.contains("val_loss")) prior.last_val_step = static_cast<int>(step);
     if (!prior.target_step && val_loss <= target) {
       prior.target_step = static_cast<int>(step);
-      prior.target_train_seconds = number_in(record, "train_time_s", 0, metrics_path, number);
+      prior.target_train_seconds = metrics_number(record, "train_time_s", metrics_path, number, 0);
     }
   }
   return prior;
@@ -250,8 +239,10 @@ class TrainingRun {
   bool stop_requested();
   void validate(int step);
   void train_one_step(int step);
-  void report_fault(int step, const StepVerdict& verdict);
+  void report_fault(int step, double loss, const StepVerdict& verdict);
   bool parameters_finite();  // one read of the parameters, on the device
+  // The stop message's end: why the saved state may not train on when resumed.
+  std::string what_resuming_the_saved_state_gives(double loss);
   void save_checkpoint_at_step();
   void write_plots();
   void finish_summary();
@@ -373,7 +364,7 @@ void TrainingRun::train_one_step(int step) {
   StepVerdict verdict;
   const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step, &monitor_, &verdict,
                                         &fault_flag_);
-  report_fault(step, verdict);
+  report_fault(step, loss, verdict);
   state_.step = step + 1;
   state_.data_position = batch.position_after;
   const double step_seconds = seconds_since(start);
@@ -390,22 +381,32 @@ void TrainingRun::train_one_step(int step) {
   progress_.step_done(step, loss, step_seconds);
 }
 
-void TrainingRun::report_fault(int step, const StepVerdict& verdict) {
+void TrainingRun::report_fault(int step, double loss, const StepVerdict& verdict) {
   if (!verdict.message.empty()) {
     metrics_->write({{"step", step}, {"fault", verdict.message}});
     progress_.note("warning: " + verdict.message);
   }
   if (verdict.action == StepAction::kStop) {
     save_checkpoint_at_step();  // state_ is still the state before this step
-    // An earlier update may have overflowed the parameters themselves (its own loss and
-    // gradients finite): the state is saved for inspection, but no command can load it.
-    const std::string overflowed =
-        parameters_finite() ? ""
-                            : ", but its parameters are already non-finite (an earlier step's update overflowed "
-                              "them: lower the learning rates), so it cannot be resumed or evaluated";
-    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path + overflowed);
+    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path +
+                what_resuming_the_saved_state_gives(loss));
   }
   if (verdict.action == StepAction::kSkip) result_.skipped_steps.push_back(step);
+}
+
+std::string TrainingRun::what_resuming_the_saved_state_gives(double loss) {
+  // An earlier update may have overflowed the parameters themselves (its own loss and
+  // gradients finite): the state is saved for inspection, but no command can load it.
+  if (!parameters_finite()) {
+    return ", but its parameters are already non-finite (an earlier step's update overflowed them: lower the "
+           "learning rates), so it cannot be resumed or evaluated";
+  }
+  // Finite parameters that gave a non-finite loss give it again from the same batch.
+  if (!std::isfinite(loss)) {
+    return "; its parameters gave this loss themselves, so resuming repeats it (finite but too large: an earlier "
+           "update overflowed them; or a batch they cannot handle, which --on-nonfinite skip passes over)";
+  }
+  return "";
 }
 
 bool TrainingRun::parameters_finite() {
@@ -589,6 +590,8 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
   try {
     // Rank 0 alone: it may already have written its config when another process looks.
     const bool leader = !options.comm || options.comm->rank() == 0;
+    // A process killed while saving (SIGKILL, mpirun's own Ctrl-C) left its temporaries.
+    if (leader) remove_abandoned_temporaries(options.out_dir);
     if (leader && options.resume_path.empty()) refuse_a_run_in(options.out_dir, metrics_path_of(options), "a new run");
     TrainingRun run(options, backend);
     return run.run();

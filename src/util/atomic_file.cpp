@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "util/error.h"
+#include "util/process_liveness.h"
 
 namespace speedrun {
 namespace {
@@ -24,6 +25,9 @@ long long initial_write_budget() {
 }
 
 std::atomic<long long> g_write_budget{initial_write_budget()};
+
+// A temporary is its target's name, this mark and the writer's process id.
+constexpr const char* kTemporaryMark = ".tmp.";
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -49,7 +53,7 @@ size_t bytes_the_write_budget_allows(size_t bytes) {
 }
 
 AtomicFileWriter::AtomicFileWriter(std::string target_path) : target_(std::move(target_path)) {
-  temp_ = target_ + ".tmp." + std::to_string(::getpid());
+  temp_ = target_ + kTemporaryMark + std::to_string(::getpid());
   file_ = std::fopen(temp_.c_str(), "wb");
   if (!file_) {
     throw Error("cannot write '" + target_ + "': " + errno_text(errno));
@@ -93,6 +97,18 @@ void write_file_atomically(const std::string& path, const void* data, size_t byt
 
 void write_file_atomically(const std::string& path, const std::string& text) {
   write_file_atomically(path, text.data(), text.size());
+}
+
+void remove_abandoned_temporaries(const std::string& dir) {
+  std::error_code ec;  // a folder that cannot be listed holds nothing to remove
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const size_t mark = name.rfind(kTemporaryMark);
+    if (mark == std::string::npos || mark == 0 || !entry.is_regular_file(ec)) continue;
+    if (names_a_dead_process(name.substr(mark + std::strlen(kTemporaryMark)))) {
+      std::filesystem::remove(entry.path(), ec);
+    }
+  }
 }
 
 }  // namespace speedrun

@@ -33,6 +33,10 @@ class AtomicFileWriter {
 void write_file_atomically(const std::string& path, const void* data, size_t bytes);
 void write_file_atomically(const std::string& path, const std::string& text);
 
+// Removes the temporaries in `dir` of writers whose process no longer exists (killed
+// mid-write, so that no destructor ran); those of running processes stay.
+void remove_abandoned_temporaries(const std::string& dir);
+
 // Test hook: when set, write() fails with ENOSPC once this many bytes have been
 // written through AtomicFileWriter and the metrics file in the process (simulates a full disk).
 void set_write_budget_for_testing(long long bytes);  // negative: unlimited

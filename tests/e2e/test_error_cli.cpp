@@ -188,6 +188,22 @@ TEST_F(ErrorCli, ResumeDoesNotValidateAStepTwice) {
   EXPECT_EQ(step_10_validations, 1);
 }
 
+// A process killed while saving (SIGKILL; mpirun's own Ctrl-C) leaves its temporaries:
+// the next run in that directory removes those of dead processes.
+TEST_F(ErrorCli, ResumeRemovesTheTemporariesOfAKilledSave) {
+  ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
+  const fs::path model_temp = dir_ / "out" / "step_000003.safetensors.tmp.2147483647";  // no such process
+  const fs::path state_temp = dir_ / "out" / "step_000003.optim.safetensors.tmp.2147483647";
+  write_all(model_temp, "half a checkpoint");
+  write_all(state_temp, "half a state");
+  const std::string checkpoint = quote((dir_ / "out" / "step_000002.safetensors").string());
+  const RunResult resumed = train("--resume " + checkpoint + " --steps 3");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_FALSE(fs::exists(model_temp));
+  EXPECT_FALSE(fs::exists(state_temp));
+  EXPECT_TRUE(fs::exists(dir_ / "out" / "step_000003.safetensors"));
+}
+
 TEST_F(ErrorCli, AMalformedMetricsRecordOnResumeIsNamed) {
   ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
   const fs::path metrics = dir_ / "out" / "metrics.jsonl";
@@ -202,6 +218,9 @@ TEST_F(ErrorCli, EvalOfOverflowedWeightsIsAnError) {
   const RunResult blown = train("--set lr_scalar=1e30 --set lr_embed=1e30 --set lr_lm_head=1e30 --out-dir " + out_dir());
   ASSERT_EQ(blown.exit_code, 1) << blown.err;
   ASSERT_TRUE(contains(blown.err, "not finite")) << blown.err;
+  // Its saved (finite) parameters gave the non-finite loss: the stop message says that
+  // resuming them repeats it, rather than offering them as a state to go on from.
+  EXPECT_TRUE(contains(blown.err, "its parameters gave this loss themselves, so resuming repeats it")) << blown.err;
   const std::string checkpoint = (dir_ / "out" / "step_000002.safetensors").string();
   ASSERT_TRUE(fs::exists(checkpoint)) << blown.err;
   expect_failure(run(quote(SPEEDRUN_BINARY) + " eval --ckpt " + quote(checkpoint) + " --val " + quote(data("val_*.bin"))),

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -48,6 +50,25 @@ TEST(AtomicFile, UnwritableDirectoryIsAnErrorNamingThePath) {
   } catch (const speedrun::Error& e) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent_dir_xyz/file.bin"), std::string::npos);
   }
+}
+
+// A writer killed mid-write leaves `target.tmp.<pid>`; only those of dead processes go.
+TEST(AtomicFile, RemovesTemporariesOfDeadProcessesOnly) {
+  fs::path dir = fresh_dir("atomic_abandoned");
+  const std::string dead = "step_000010.safetensors.tmp.2147483647";  // above any pid_max
+  const std::string alive = "step_000020.safetensors.tmp." + std::to_string(::getppid());
+  const std::vector<std::string> kept = {alive, "notes.tmp.abc", "step_000010.safetensors", ".tmp.2147483647",
+                                         "a.tmp.", "b.tmp.0", "c.tmp.-5", "d.tmp.99999999999999999999"};
+  for (const std::string& name : kept) std::ofstream(dir / name) << "x";
+  std::ofstream(dir / dead) << "half a checkpoint";
+  fs::create_directories(dir / "folder.tmp.2147483647");  // not a writer's temporary: a folder
+
+  speedrun::remove_abandoned_temporaries(dir.string());
+
+  EXPECT_FALSE(fs::exists(dir / dead));
+  for (const std::string& name : kept) EXPECT_TRUE(fs::exists(dir / name)) << name;
+  EXPECT_TRUE(fs::exists(dir / "folder.tmp.2147483647"));
+  speedrun::remove_abandoned_temporaries((dir / "missing").string());  // nothing to list: no error
 }
 
 }  // namespace
