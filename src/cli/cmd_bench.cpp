@@ -50,11 +50,16 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Tokens with a document boundary every ~700 tokens on average, as in web text.
-std::vector<int32_t> synthetic_tokens(size_t n, int vocab, uint64_t seed) {
+// Tokens with a document boundary every ~700 tokens on average, as in web text (none when
+// the separator is outside the vocabulary).
+std::vector<int32_t> synthetic_tokens(size_t n, const Config& config, uint64_t seed) {
   std::mt19937_64 rng(seed);
+  const bool separated = config.document_separator < config.vocab_size;
   std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = (rng() % 700 == 0) ? 50256 % vocab : static_cast<int32_t>(rng() % vocab);
+  for (int32_t& x : t) {
+    const bool starts_document = rng() % 700 == 0;
+    x = separated && starts_document ? config.document_separator : static_cast<int32_t>(rng() % config.vocab_size);
+  }
   return t;
 }
 
@@ -91,7 +96,7 @@ double attention_flops(const Config& config, const std::vector<int32_t>& inputs,
   double pairs = 0;
   for (int r = 0; r < sequences; ++r) {
     const std::span<const int32_t> seq(inputs.data() + static_cast<size_t>(r) * T, T);
-    const std::vector<int32_t> doc = document_ids(seq, 50256);
+    const std::vector<int32_t> doc = document_ids(seq, config.document_separator);
     const tiles::DocumentBounds bounds = tiles::document_bounds(doc.data(), T);
     for (int layer = 0; layer < config.num_layers; ++layer) {
       if (!config.layer_has_attention(layer)) continue;
@@ -302,8 +307,8 @@ void register_bench_command(CLI::App& app) {
     DataParallel dp(*comm, model, {parse_grad_reduce(opts->grad_reduce)});
     const size_t tokens = static_cast<size_t>(config.world_size) * config.seq_len;
     const size_t local_tokens = static_cast<size_t>(dp.local_ranks()) * config.seq_len;
-    const std::vector<int32_t> inputs = synthetic_tokens(local_tokens, config.vocab_size, 1 + comm->rank());
-    const std::vector<int32_t> targets = synthetic_tokens(local_tokens, config.vocab_size, 100 + comm->rank());
+    const std::vector<int32_t> inputs = synthetic_tokens(local_tokens, config, 1 + comm->rank());
+    const std::vector<int32_t> targets = synthetic_tokens(local_tokens, config, 100 + comm->rank());
     // The step index picks the window: the last step's unless --window says otherwise.
     int step = config.num_iterations - 1;
     if (opts->window > long_window_blocks(config, step)) {

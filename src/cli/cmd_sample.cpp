@@ -48,8 +48,8 @@ void register_sample_command(CLI::App& app) {
     const int step = load_model(opts->checkpoint, model);
     Sampler sampler(model, long_window_blocks(config, step));
     TokenChooser chooser(opts->sampling, config.vocab_size);
-    // The prompt is a document of its own: it starts after an end-of-text token.
-    std::vector<int32_t> prompt = {static_cast<int32_t>(Tokenizer::kEndOfText)};
+    // The prompt is a document of its own: it starts after the model's separator (50256).
+    std::vector<int32_t> prompt = {config.document_separator};
     for (uint32_t id : tokenizer.encode(opts->prompt)) prompt.push_back(static_cast<int32_t>(id));
     std::fwrite(opts->prompt.data(), 1, opts->prompt.size(), stdout);
     generate(sampler, prompt, opts->max_new_tokens, chooser, [&](int32_t token) {

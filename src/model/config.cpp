@@ -93,6 +93,7 @@ Config micro_preset() {
   Config c;
   c.vocab_size = 300;
   c.vocab_pad_multiple = 128;
+  c.document_separator = 299;  // the vocabulary's last token, as 50256 is GPT-2's: micro data has documents
   c.num_layers = 4;
   c.model_dim = 16;
   c.num_heads = 2;
@@ -139,6 +140,8 @@ void Config::validate() const {
   require(vocab_size >= 1 && vocab_size <= 65536, "vocab_size must be in [1, 65536] (tokens are uint16), got " + str(vocab_size));
   require(vocab_pad_multiple >= 1 && vocab_pad_multiple <= 65536,
           "vocab_pad_multiple must be in [1, 65536], got " + str(vocab_pad_multiple));
+  require(document_separator >= 0 && document_separator <= 65535,
+          "document_separator must be a token id in [0, 65535], got " + str(document_separator));
   require(num_layers >= 2 && num_layers % 2 == 0, "num_layers must be even and >= 2, got " + str(num_layers));
   require(model_dim >= 1, "model_dim must be >= 1, got " + str(model_dim));
   // Bounds that keep every derived size (products of these) far inside int.

@@ -16,6 +16,7 @@ namespace speedrun {
   /* model (SPEC §2) */                                                                           \
   X(int, vocab_size, 50257, "rows of the embedding tables")                                       \
   X(int, vocab_pad_multiple, 128, "lm_head rows are vocab_size rounded up to this")               \
+  X(int, document_separator, 50256, "token starting each document (GPT-2's <|endoftext|>; >= vocab_size: none)") \
   X(int, num_layers, 12, "transformer blocks (even; first half encoder, second half decoder)")    \
   X(int, model_dim, 768, "residual width d")                                                      \
   X(int, num_heads, 6, "attention heads H (H * head_dim == model_dim)")                           \

@@ -515,7 +515,7 @@ void GPT::forward_backward_async(std::span<const int32_t> inputs, std::span<cons
   const int T = static_cast<int>(inputs.size());
   backend_.upload_i32(inputs_, inputs.data(), T);
   backend_.upload_i32(targets_, targets.data(), T);
-  backend_.document_ids(doc_, inputs_, T, static_cast<int32_t>(Tokenizer::kEndOfText));
+  backend_.document_ids(doc_, inputs_, T, config_.document_separator);
   {
     // A forward-only pass leaves part of the arena unused: the backend may take its
     // temporaries from there (withdrawn on every way out, exceptions included).

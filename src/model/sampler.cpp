@@ -56,7 +56,7 @@ const std::vector<float>& Sampler::feed(int32_t token) {
   }
   const int d = config_.model_dim;
   token_ = token;
-  if (token == static_cast<int32_t>(Tokenizer::kEndOfText)) ++doc_now_;
+  if (token == config_.document_separator) ++doc_now_;
   doc_.push_back(doc_now_);
 
   // x0 = rmsnorm(embed[tok]); the value embeddings of this token.

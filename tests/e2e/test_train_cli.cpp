@@ -84,14 +84,14 @@ class TrainCli : public ::testing::Test {
     dir_ = *root_ / ::testing::UnitTest::GetInstance()->current_test_info()->name();
     fs::create_directories(dir_);
   }
-  // micro's model with GPT-2's vocabulary on the prepared shards.
+  // micro's model with GPT-2's vocabulary (and its <|endoftext|>) on the prepared shards.
   static std::string data_args() {
     return "--train " + quote((*root_ / "data/train_*.bin").string()) + " --val " +
            quote((*root_ / "data/val_*.bin").string());
   }
   std::string train_args(const std::string& run, const std::string& extra = "") const {
-    return "train --preset micro --set vocab_size=50257 " + data_args() + " --out-dir " + quote((dir_ / run).string()) +
-           " " + extra;
+    return "train --preset micro --set vocab_size=50257 --set document_separator=50256 " + data_args() +
+           " --out-dir " + quote((dir_ / run).string()) + " " + extra;
   }
 
   static fs::path* root_;

@@ -1991,7 +1991,7 @@ class ModelTest : public CudaBackendTest {
     SCOPED_TRACE("T=" + std::to_string(T) + " window=" + std::to_string(window));
     GPT on_cpu(config, *cpu_, T, T, cpu_activations_), on_gpu(config, *gpu_, T, T, gpu_activations_);
     const auto params = random_parameters(on_cpu.layout(), rng_);
-    const int eot = 50256 % config.vocab_size;
+    const int eot = config.document_separator;
     const auto inputs = tokens_with_documents(rng_, T, config.vocab_size, eot);
     const auto targets = tokens_with_documents(rng_, T, config.vocab_size, eot);
     on_cpu.load_parameters(params);

@@ -17,13 +17,17 @@ namespace {
 using testing::dot;
 using testing::random_vector;
 
-std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed, int end_of_text_every = 0) {
+std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<int32_t> t(n);
   for (int32_t& x : t) x = static_cast<int32_t>(rng() % vocab);
-  if (end_of_text_every > 0) {
-    for (int i = 0; i < n; i += end_of_text_every) t[i] = 50256 % vocab;
-  }
+  return t;
+}
+
+// Random tokens of the config's vocabulary with its document separator every `every` tokens.
+std::vector<int32_t> tokens_with_documents(int n, const Config& c, uint64_t seed, int every) {
+  std::vector<int32_t> t = random_tokens(n, c.vocab_size, seed);
+  for (int i = 0; i < n; i += every) t[i] = c.document_separator;
   return t;
 }
 
@@ -87,7 +91,7 @@ TEST(GPT, PaddingBetweenTensorsIsNeverRead) {
     std::copy_n(params.begin() + s.offset, s.count, poisoned.begin() + s.offset);
   }
   ASSERT_LT(layout.parameter_count(), layout.total()) << "micro's layout has padding to poison";
-  const auto inputs = random_tokens(64, c.vocab_size, 3, 11), targets = random_tokens(64, c.vocab_size, 4);
+  const auto inputs = tokens_with_documents(64, c, 3, 11), targets = random_tokens(64, c.vocab_size, 4);
   auto loss_and_gradients = [&](const std::vector<float>& p) {
     model.load_parameters(p);
     model.zero_grad();
@@ -103,6 +107,44 @@ TEST(GPT, PaddingBetweenTensorsIsNeverRead) {
   ASSERT_TRUE(std::isfinite(clean_loss));
   EXPECT_EQ(loss, clean_loss);
   EXPECT_EQ(grads, clean_grads);
+}
+
+// SPEC §2's table, tensor by tensor: the distribution (checked by its range and moments)
+// or the exact values of every initial parameter.
+TEST(GPT, EveryTensorStartsAsTheSpecsTable) {
+  const Config c = Config::preset("micro");
+  const ParamLayout layout(c);
+  std::vector<float> p;
+  initialize_parameters(c, layout, p);
+  auto ends_with = [](const std::string& name, const std::string& end) {
+    return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
+  };
+  const double bound = std::sqrt(3.0) * 0.5 / std::sqrt(static_cast<double>(c.model_dim));
+  for (const ParamSpec& spec : layout.specs()) {
+    SCOPED_TRACE(spec.name);
+    const std::vector<float> v(p.begin() + spec.offset, p.begin() + spec.offset + spec.count);
+    double sum = 0, squares = 0, largest = 0;
+    for (float x : v) sum += x, squares += double{x} * x, largest = std::max(largest, std::abs(double{x}));
+    const double mean = sum / v.size(), mean_square = squares / v.size();
+    if (spec.name == "embed.weight" || spec.name.rfind("value_embeds.embed.", 0) == 0) {  // N(0, 1)
+      EXPECT_NEAR(mean, 0.0, 0.06);
+      EXPECT_NEAR(mean_square, 1.0, 0.08);
+    } else if (ends_with(spec.name, "attn.qkv_w") || ends_with(spec.name, "mlp.c_fc.weight")) {  // U(+-bound)
+      EXPECT_LE(largest, bound);
+      EXPECT_GE(largest, 0.95 * bound);
+      EXPECT_NEAR(mean_square, bound * bound / 3, 0.12 * bound * bound / 3);
+    } else if (ends_with(spec.name, "c_proj.weight") || spec.name == "lm_head.weight") {
+      EXPECT_EQ(largest, 0.0);
+    } else if (ends_with(spec.name, "attn.lambdas")) {
+      EXPECT_EQ(v, (std::vector<float>{0.5f, 0.5f}));
+    } else if (ends_with(spec.name, "lambdas")) {
+      EXPECT_EQ(v, (std::vector<float>{1.f, 0.f}));
+    } else if (spec.name == "skip_weights") {
+      EXPECT_EQ(v, std::vector<float>(c.num_layers / 2, 1.f));
+    } else {
+      ADD_FAILURE() << "a tensor SPEC §2's table does not name";
+    }
+  }
 }
 
 TEST(GPT, InitialisationFollowsSpec) {
@@ -155,8 +197,8 @@ struct RandomModel {
         for (size_t i = 0; i < s.count; ++i) params[s.offset + i] = 0.6f + 0.3f * params[s.offset + i];
       }
     }
-    inputs = random_tokens(64, config.vocab_size, 3, 11);
-    inputs[5] = 50256 % config.vocab_size;
+    inputs = tokens_with_documents(64, config, 3, 11);
+    inputs[5] = config.document_separator;
     targets = random_tokens(64, config.vocab_size, 4);
   }
   double loss(const std::vector<float>& p) {
@@ -396,7 +438,7 @@ TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
   constexpr size_t kPerTokenBuffers = 4;
   EXPECT_EQ(long_eval.activation_bytes() - short_eval.activation_bytes(), (256 - 64) * kPerTokenBuffers * 4);
   const auto params = random_vector(short_eval.layout().total(), 7, 0.5f);
-  const auto inputs = random_tokens(256, c.vocab_size, 8, 37), targets = random_tokens(256, c.vocab_size, 9);
+  const auto inputs = tokens_with_documents(256, c, 8, 37), targets = random_tokens(256, c.vocab_size, 9);
   long_eval.load_parameters(params);
   long_train.load_parameters(params);
   long_train.zero_grad();
@@ -426,7 +468,7 @@ TEST(GPT, ForwardOnlyPassesRunInTheTrainingBuffers) {
 TEST(GPT, ForwardOnlyMlpRunsInSlicesOfRowsWithTheSameLoss) {
   const Config c = Config::preset("micro");
   constexpr int kT = 320, kSlice = 128;  // slices of 128, 128 and 64 rows
-  const auto inputs = random_tokens(kT, c.vocab_size, 8, 37), targets = random_tokens(kT, c.vocab_size, 9);
+  const auto inputs = tokens_with_documents(kT, c, 8, 37), targets = random_tokens(kT, c.vocab_size, 9);
   for (MatmulPrecision matmul : {MatmulPrecision::kFloat32, MatmulPrecision::kBfloat16}) {
     for (ActivationPrecision precision : {ActivationPrecision::kFloat32, ActivationPrecision::kBfloat16}) {
       BackendOptions options;
@@ -482,12 +524,12 @@ TEST(GPT, AForwardOnlyPassLendsTheArenaItLeavesUnusedAndReadsNoneOfIt) {
     const auto params = random_vector(clean.layout().total(), 7, 0.5f);
     clean.load_parameters(params);
     lender.load_parameters(params);
-    const auto short_in = random_tokens(128, c.vocab_size, 8, 37), short_out = random_tokens(128, c.vocab_size, 9);
+    const auto short_in = tokens_with_documents(128, c, 8, 37), short_out = random_tokens(128, c.vocab_size, 9);
     const double loss = clean.forward(short_in, short_out, 3);
     ASSERT_TRUE(std::isfinite(loss));
     EXPECT_EQ(lender.forward(short_in, short_out, 3), loss);
     EXPECT_EQ(stats["lend_scratch"].calls, 1);
-    const auto in = random_tokens(256, c.vocab_size, 10, 37), out = random_tokens(256, c.vocab_size, 11);
+    const auto in = tokens_with_documents(256, c, 10, 37), out = random_tokens(256, c.vocab_size, 11);
     clean.zero_grad();
     lender.zero_grad();
     EXPECT_EQ(lender.forward_backward(in, out, 3, 1.f), clean.forward_backward(in, out, 3, 1.f));

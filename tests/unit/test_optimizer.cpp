@@ -113,6 +113,53 @@ TEST_F(OptimizerStep, AdamGroupsMatchHandComputation) {
   }
 }
 
+// SPEC §5b: with gradients near 1e-10 (the lambdas' at step 1) Adam's update is set by
+// its epsilon, 1e-10: lr * g / (|g| + 1e-10) on the first step.
+TEST_F(OptimizerStep, AdamEpsilonSetsTheUpdateOfTinyGradients) {
+  for (float& g : grads[0]) g *= 1e-10f;
+  const std::vector<float> got = run(0, 1);
+  int checked = 0;
+  for (const ParamSpec& spec : layout.specs()) {
+    if (spec.group == ParamGroup::kMuon) continue;
+    const double lr = spec.group == ParamGroup::kLmHead ? 0.008 : spec.group == ParamGroup::kEmbedding ? 0.6 : 0.04;
+    for (size_t i = 0; i < spec.count; i += std::max<size_t>(1, spec.count / 20)) {
+      const double g = grads[0][spec.offset + i];
+      const double expected = params[spec.offset + i] - lr * g / (std::abs(g) + 1e-10);  // t = 1: no bias left
+      ASSERT_NEAR(got[spec.offset + i], expected, 1e-6 * lr + 1e-6 * std::abs(expected)) << spec.name << "[" << i << "]";
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 20);
+}
+
+// SPEC §4's groups, by name: lm_head (Adam 0.008), the four embedding tables (Adam 0.6),
+// every lambdas and skip_weights (Adam 0.04), every matrix inside blocks (Muon 0.05).
+TEST(OptimizerGroups, EachTensorIsInTheSpecsGroup) {
+  const ParamLayout layout(Config::preset("speedrun-124m"));
+  auto ends_with = [](const std::string& name, const std::string& end) {
+    return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
+  };
+  int muon = 0;
+  for (const ParamSpec& spec : layout.specs()) {
+    ParamGroup expected = ParamGroup::kMuon;
+    if (spec.name == "lm_head.weight") {
+      expected = ParamGroup::kLmHead;
+    } else if (spec.name == "embed.weight" || spec.name.rfind("value_embeds.embed.", 0) == 0) {
+      expected = ParamGroup::kEmbedding;
+    } else if (ends_with(spec.name, "lambdas") || spec.name == "skip_weights") {
+      expected = ParamGroup::kScalar;
+    } else {
+      ASSERT_EQ(spec.name.rfind("blocks.", 0), 0u) << spec.name;
+      ASSERT_TRUE(ends_with(spec.name, "attn.qkv_w") || ends_with(spec.name, "c_proj.weight") ||
+                  ends_with(spec.name, "mlp.c_fc.weight"))
+          << spec.name;
+      ++muon;
+    }
+    EXPECT_EQ(spec.group, expected) << spec.name;
+  }
+  EXPECT_EQ(muon, 11 * 2 + 12 * 2);  // qkv_w and attn.c_proj in 11 blocks, c_fc and c_proj in 12
+}
+
 TEST_F(OptimizerStep, MuonMatchesHandComputation) {
   const int first = 3, steps = 2;  // momentum still warming up (micro: 10 steps)
   const std::vector<float> got = run(first, steps);

@@ -26,6 +26,7 @@ struct RandomModel {
   explicit RandomModel(int T) {
     config = Config::preset("micro");
     config.vocab_size = 50257;
+    config.document_separator = kEot;
     model = std::make_unique<GPT>(config, *be, T, T);
     std::mt19937_64 rng(42);
     std::uniform_real_distribution<float> noise(-1.f, 1.f);

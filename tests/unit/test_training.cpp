@@ -13,6 +13,7 @@
 
 #include "support/files.h"
 #include "data/shard.h"
+#include "data/token_stream.h"
 #include "support/temp_dir.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
@@ -60,6 +61,53 @@ TEST(Training, SameSeedGivesBitIdenticalLossesAndLossFalls) {
   EXPECT_NEAR(a.train_losses[0], std::log(384.0), 1e-5);  // zero head: ln(padded vocab)
   EXPECT_LT(a.val_losses.back().second, a.val_losses.front().second - 0.5);  // 20 micro steps learn the bigram rule
   EXPECT_EQ(read_bytes(a.checkpoint_path), read_bytes(b.checkpoint_path));
+}
+
+// SPEC §4's order of a step s, replayed from the parts: validate with window(s) when
+// s % val_every == 0, the step's gradients with window(s), the update with lr_mult(s) and
+// momentum(s); after the last step, validate with window(num_iterations). micro's 20 steps
+// cross every schedule's bend (the long window grows at steps 6, 11 and 16, the momentum
+// warmup ends at 10, the cooldown starts after 12), so a step index off by one shows.
+TEST(Training, StepsFollowTheSpecsOrderAndIndices) {
+  testing::TempDir data("train_order");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  const TrainResult run = train(micro_options(data, data / "run", 20), *be);
+
+  const Config c = Config::preset("micro");
+  GPT model(c, *be, c.seq_len, c.val_seq_len);  // the seed's initialisation, as the run's
+  Optimizer optimizer(c, model.layout(), *be);
+  const auto comm = make_single_process_communicator();
+  DataParallel dp(*comm, model);
+  const std::vector<std::string> val_files = expand_glob(data / "val_*.bin");
+  TokenStream stream(expand_glob(data / "train_*.bin"), c.world_size, c.seq_len, c.vocab_size);
+  std::vector<double> train_losses;
+  std::vector<std::pair<int, double>> val_losses;
+  for (int s = 0; s < c.num_iterations; ++s) {
+    if (s % c.val_every == 0) val_losses.emplace_back(s, evaluate(model, val_files, c, s));
+    const TokenBatch batch = stream.next(0, c.world_size);
+    train_losses.push_back(dp.compute_gradients(batch.inputs, batch.targets, long_window_blocks(c, s)));
+    optimizer.step(model.params(), model.grads(), s);
+  }
+  val_losses.emplace_back(c.num_iterations, evaluate(model, val_files, c, c.num_iterations));
+
+  EXPECT_EQ(run.train_losses, train_losses);
+  EXPECT_EQ(run.val_losses, val_losses);
+  // Validation at step s uses window(s): the forward passes of its windows, by hand.
+  const int s = c.num_iterations;
+  TokenStream val(val_files, c.world_size, c.val_seq_len, c.vocab_size);
+  double sum = 0;
+  const int windows = static_cast<int>(c.val_tokens / (c.world_size * c.val_seq_len));
+  for (int w = 0; w < windows; ++w) {
+    const TokenBatch batch = val.next(0, c.world_size);
+    for (int r = 0; r < c.world_size; ++r) {
+      const size_t at = static_cast<size_t>(r) * c.val_seq_len;
+      sum += model.forward(std::span(batch.inputs).subspan(at, c.val_seq_len),
+                           std::span(batch.targets).subspan(at, c.val_seq_len), long_window_blocks(c, s));
+    }
+  }
+  EXPECT_NEAR(val_losses.back().second, sum / (windows * c.world_size), 1e-12);
+  EXPECT_EQ(long_window_blocks(c, s), 4);  // 32 tokens of 8-token blocks at the last step
 }
 
 TEST(Training, ResumeIsBitIdenticalToAnUninterruptedRun) {
