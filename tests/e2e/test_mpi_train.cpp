@@ -100,7 +100,8 @@ double checkpoint_difference(const std::string& a_path, const std::string& b_pat
     double scale = 0, difference = 0;
     for (size_t i = 0; i < x.size(); ++i) {
       scale = std::max(scale, std::abs(static_cast<double>(x[i])));
-      difference = std::max(difference, std::abs(static_cast<double>(x[i]) - y[i]));
+      const double gap = std::abs(static_cast<double>(x[i]) - y[i]);
+      difference = std::isfinite(gap) ? std::max(difference, gap) : INFINITY;  // std::max drops a NaN
     }
     if (scale > 0 && difference / scale > worst) {
       worst = difference / scale;

@@ -294,10 +294,16 @@ TEST_F(TrainCli, EvalReproducesTheRunsLastValidationLossAndSampleIsSeeded) {
   const RunResult c = speedrun(sample + "--seed 8", dir_);
   EXPECT_EQ(a.out.rfind("The jury said", 0), 0u) << a.out;
   EXPECT_GT(a.out.size(), std::string("The jury said\n").size());
+  for (const RunResult* r : {&b, &c}) ASSERT_EQ(r->exit_code, 0) << r->err;
   EXPECT_EQ(a.out, b.out);
   EXPECT_NE(a.out, c.out);
   const RunResult g1 = speedrun(sample + "--temperature 0 --seed 1", dir_);
   const RunResult g2 = speedrun(sample + "--temperature 0 --seed 2", dir_);
+  for (const RunResult* r : {&g1, &g2}) {
+    ASSERT_EQ(r->exit_code, 0) << r->err;
+    EXPECT_EQ(r->out.rfind("The jury said", 0), 0u) << r->out;
+    EXPECT_GT(r->out.size(), std::string("The jury said\n").size());
+  }
   EXPECT_EQ(g1.out, g2.out);
 }
 

@@ -50,11 +50,14 @@ inline std::vector<double> numerical_gradient(const std::function<double(const s
   return g;
 }
 
-// Largest |a - b| / (atol + rtol * |b|) over elements: <= 1 means within tolerance.
+// Largest |a - b| / (atol + rtol * |b|) over elements: <= 1 means within tolerance. A
+// non-finite value on either side is infinitely wrong (std::max would drop a NaN ratio).
 inline double worst_error_ratio(const std::vector<float>& analytic, const std::vector<double>& numeric, double atol,
                                 double rtol) {
+  if (analytic.size() != numeric.size()) return INFINITY;
   double worst = 0;
   for (size_t i = 0; i < analytic.size(); ++i) {
+    if (!std::isfinite(analytic[i]) || !std::isfinite(numeric[i])) return INFINITY;
     worst = std::max(worst, std::abs(analytic[i] - numeric[i]) / (atol + rtol * std::abs(numeric[i])));
   }
   return worst;

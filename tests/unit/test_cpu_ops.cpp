@@ -662,16 +662,35 @@ std::vector<float> dense_attention(const AttentionCase& c, const std::vector<flo
   return y;
 }
 
+// Short documents (about 5 tokens) over the first quarter, then one document to the end:
+// the document mask cuts early on, the window late (the long document spans more blocks
+// than any window these tests use: window_cuts checks).
 AttentionCase make_case(int T, int H, int D, int block, int window, uint64_t seed) {
   AttentionCase c{T, H, D, block, window, std::vector<int32_t>(T, 5)};
   std::mt19937_64 rng(seed);
-  for (int32_t& t : c.tokens) t = (rng() % 9 == 0) ? 50256 : 5;
+  for (int t = 0; t < T / 4; ++t) c.tokens[t] = (rng() % 5 == 0) ? 50256 : 5;
+  c.tokens[T / 4] = 50256;
   return c;
+}
+
+// Whether the case's window hides pairs that one block more would show: else a wrong
+// window rule could pass.
+bool window_cuts(const AttentionCase& c) {
+  const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
+  for (int q = 0; q < c.T; ++q) {
+    for (int k = 0; k <= q; ++k) {
+      if (key_visible(doc.data(), q, k, c.block, c.window + 1) != key_visible(doc.data(), q, k, c.block, c.window)) {
+        return true;
+      }
+    }
+  }
+  return false;
 }
 
 TEST_F(CpuOps, AttentionForwardMatchesDenseMaskedSoftmax) {
   for (int window : {0, 1, 2, 3, 5}) {
-    AttentionCase c = make_case(48, 2, 8, 8, window, 100 + window);
+    AttentionCase c = make_case(96, 2, 8, 8, window, 100 + window);
+    ASSERT_TRUE(window == 0 || window_cuts(c)) << "window " << window;  // 0 acts as 1 (SPEC §3)
     const int n = c.T * c.H * c.D;
     const auto q = random_vector(n, 14, 2.f), k = random_vector(n, 15, 2.f), v = random_vector(n, 16);
     const std::vector<int32_t> doc = document_ids(c.tokens, 50256);
@@ -700,7 +719,7 @@ TEST_F(CpuOps, AttentionForwardWritesTheCodesOfItsOutputWhenAsked) {
 }
 
 // The inputs of one attention call and its backward: 48 tokens of 2 heads of 8 in blocks of 8,
-// window 2, documents of about 9 tokens, random q, k, v and dy from `seed`.
+// window 2, make_case's documents, random q, k, v and dy from `seed`.
 struct AttentionCall {
   AttentionCase c;
   size_t n;
@@ -823,7 +842,8 @@ TEST_F(CpuOps, AttentionReadsTheInputCodesItIsGiven) {
 }
 
 TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
-  AttentionCase c = make_case(32, 2, 8, 8, 2, 77);
+  AttentionCase c = make_case(40, 2, 8, 8, 2, 77);
+  ASSERT_TRUE(window_cuts(c));
   const int n = c.T * c.H * c.D;
   const auto q = random_vector(n, 17, 2.f), k = random_vector(n, 18, 2.f), v = random_vector(n, 19);
   const auto R = random_vector(n, 20);
@@ -844,6 +864,15 @@ TEST_F(CpuOps, AttentionBackwardMatchesFiniteDifferences) {
   EXPECT_LE(worst_error_ratio(dq, numeric_q, 1e-3, 2e-2), 1.0);
   EXPECT_LE(worst_error_ratio(dk, numeric_k, 1e-3, 2e-2), 1.0);
   EXPECT_LE(worst_error_ratio(dv, numeric_v, 1e-3, 2e-2), 1.0);
+}
+
+// The gradient checks' measure: a NaN or an infinity on either side is never within tolerance.
+TEST(FiniteDifferenceCheck, ANonFiniteValueIsInfinitelyWrong) {
+  EXPECT_LE(worst_error_ratio({1.f, 2.f}, {1.0, 2.0}, 1e-3, 1e-3), 1.0);
+  EXPECT_EQ(worst_error_ratio({1.f, NAN}, {1.0, 2.0}, 1e-3, 1e-3), INFINITY);
+  EXPECT_EQ(worst_error_ratio({1.f, 2.f}, {NAN, 2.0}, 1e-3, 1e-3), INFINITY);
+  EXPECT_EQ(worst_error_ratio({INFINITY}, {1.0}, 1e-3, 1e-3), INFINITY);
+  EXPECT_EQ(worst_error_ratio({1.f}, {1.0, 2.0}, 1e-3, 1e-3), INFINITY);  // sizes differ
 }
 
 TEST_F(CpuOps, GemmFollowsRowMajorConventions) {

@@ -239,8 +239,9 @@ TEST(GPT, GradientMatchesFiniteDifferencesForEveryTensor) {
   const std::vector<float> grad = m.model->gradients_to_host();
   int checked = 0;
   for (const ParamSpec& spec : m.model->layout().specs()) {
-    // Direction: the tensor's own gradient plus noise, unit norm: a wrong gradient of any
-    // element changes the directional derivative.
+    // Direction: the tensor's own gradient plus noise, unit norm: a wrong scale, sign or
+    // direction of the tensor's gradient shows. An error on a few entries only is diluted
+    // here; GradientMatchesFiniteDifferencesRowByRow catches those.
     std::vector<float> u(m.params.size(), 0.f);
     const auto noise = random_vector(spec.count, 1000 + checked);
     double g_norm = 0, n_norm = 0;
@@ -264,6 +265,47 @@ TEST(GPT, GradientMatchesFiniteDifferencesForEveryTensor) {
     ++checked;
   }
   EXPECT_EQ(checked, static_cast<int>(m.model->layout().specs().size()));
+}
+
+// The same, row by row: directions drawn independently of the analytic gradient, each on
+// one row of a tensor (a row of a matrix, an embedding row, one scalar), so a gradient that
+// is wrong or missing on a few entries only (one token's embedding row, one head's rows)
+// cannot hide among the rest of the tensor. Embedding rows: the inputs' first tokens, one
+// token that occurs nowhere (its gradient must be zero) and the last position's token.
+TEST(GPT, GradientMatchesFiniteDifferencesRowByRow) {
+  RandomModel m;
+  m.model->load_parameters(m.params);
+  m.model->zero_grad();
+  m.model->forward_backward(m.inputs, m.targets, m.window, 1.f);
+  const std::vector<float> grad = m.model->gradients_to_host();
+  int absent = 0;
+  while (std::find(m.inputs.begin(), m.inputs.end(), absent) != m.inputs.end()) ++absent;
+  int checked = 0, seed = 5000;
+  for (const ParamSpec& spec : m.model->layout().specs()) {
+    const size_t row = spec.shape.size() == 1 ? 1 : static_cast<size_t>(spec.shape.back());
+    const size_t rows = spec.count / row;
+    std::vector<size_t> picks;
+    if (spec.group == ParamGroup::kEmbedding) {
+      picks = {static_cast<size_t>(m.inputs[0]), static_cast<size_t>(m.inputs[1]),
+               static_cast<size_t>(m.inputs.back()), static_cast<size_t>(absent)};
+    } else {
+      picks = {0, rows / 2, rows - 1};
+    }
+    picks.erase(std::unique(picks.begin(), picks.end()), picks.end());  // a 2-float tensor has 2 rows
+    for (size_t r : picks) {
+      std::vector<float> u(m.params.size(), 0.f);
+      const auto noise = random_vector(row, ++seed);
+      double norm = 0;
+      for (float x : noise) norm += double{x} * x;
+      for (size_t i = 0; i < row; ++i) u[spec.offset + r * row + i] = static_cast<float>(noise[i] / std::sqrt(norm));
+      const double analytic = dot(grad, u);
+      const double numeric =
+          testing::directional_derivative([&](const std::vector<float>& p) { return m.loss(p); }, m.params, u, 1e-2);
+      EXPECT_NEAR(analytic, numeric, 1e-4 + 1e-2 * std::abs(numeric)) << spec.name << " row " << r;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 2 * static_cast<int>(m.model->layout().specs().size()));
 }
 
 // --head-chunk-rows: the head's logits computed 8 rows at a time, 24 (the last chunk 16), or
@@ -404,6 +446,18 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   }
   EXPECT_GT(std::sqrt(diff / norm), 1e-4);
   EXPECT_LT(std::sqrt(diff / norm), 2e-2);
+  // Tensor by tensor too: a wrong gradient of a small tensor (a lambda pair, the skip
+  // weights) would vanish in the norm of the whole.
+  for (const ParamSpec& spec : exact.model->layout().specs()) {
+    double tensor_diff = 0, tensor_norm = 0;
+    for (size_t i = spec.offset; i < spec.offset + spec.count; ++i) {
+      tensor_diff += (grads[0][i] - grads[1][i]) * (grads[0][i] - grads[1][i]);
+      tensor_norm += grads[0][i] * grads[0][i];
+    }
+    // Measured: 0.35% (blocks.3.lambdas) to 2.6% for most, 4.7% and 14% for the first
+    // block's lambdas (a nearly cancelling gradient); a sign error or a lost term gives ~1.
+    EXPECT_LT(std::sqrt(tensor_diff / tensor_norm), 0.3) << spec.name;
+  }
 
   const Config& c = exact.config;
   const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();

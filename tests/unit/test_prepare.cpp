@@ -223,16 +223,21 @@ TEST(Prepare, FailedForceLeavesOldShardsUntouched) {
   std::vector<std::string> before = bin_files(out);
   std::string old_last = read_all(out / before.back());
 
-  // A bad record late in the input: shards were already staged when it is found.
-  std::string bad = write_text(dir / "bad.jsonl", "{\"text\": \"" + std::string(200, 'y') + "\"}\n{oops\n");
-  PrepareOptions forced = options_for({bad}, out, 2, 5);
-  forced.force = true;
-  EXPECT_NE(error_of(forced).find("line 2"), std::string::npos);
+  // A bad record late in the input: shards were already staged when it is found (prepare
+  // tokenizes 8192 documents at a time; the first chunk's are cut into shards before the
+  // second chunk, which holds the bad record, is read).
+  std::string records;
+  for (int i = 0; i < 8192 + 10; ++i) records += "{\"text\": \"record " + std::to_string(i) + " of the new data\"}\n";
+  std::string bad = write_text(dir / "bad.jsonl", records + "{oops\n");
+  PrepareOptions bad_run = options_for({bad}, out, 2, 4096);
+  bad_run.force = true;
+  EXPECT_NE(error_of(bad_run).find("line 8203"), std::string::npos);
   EXPECT_EQ(bin_files(out), before);
   EXPECT_EQ(read_all(out / before.back()), old_last);
 
   // A full disk part way through behaves the same.
-  forced.inputs = {good};
+  PrepareOptions forced = options_for({good}, out, 2, 5);
+  forced.force = true;
   speedrun::set_write_budget_for_testing(3000);
   std::string message = error_of(forced);
   speedrun::set_write_budget_for_testing(-1);
