@@ -34,6 +34,7 @@
 #include "backends/cuda_devices.h"
 #include "backends/low_precision.h"
 #include "backends/matmul_sweep.h"
+#include "model/attention_mask.h"
 #include "model/gpt.h"
 #include "model/params.h"
 #include "optim/optimizer.h"
@@ -1960,11 +1961,28 @@ TEST_F(GemmTest, AutotunedPlansRunTheFastestCandidateAndStillMatchCpu) {
 // ---------------------------------------------------------------------------------------
 // The whole model and the optimiser
 
+// Documents of 1 to 97 tokens over the first quarter, then one to the end: the document
+// mask cuts early on, the sliding window late (long_window_cuts checks it).
 std::vector<int32_t> tokens_with_documents(std::mt19937_64& rng, int n, int vocab, int end_of_text) {
   std::vector<int32_t> t(n);
   for (int32_t& x : t) x = static_cast<int32_t>(rng() % vocab);
-  for (int i = 0; i < n; i += 1 + static_cast<int>(rng() % 97)) t[i] = end_of_text;
+  for (int32_t& x : t) x = x == end_of_text ? (x + 1) % vocab : x;
+  for (int i = 0; i < n / 4; i += 1 + static_cast<int>(rng() % 97)) t[i] = end_of_text;
+  t[n / 4] = end_of_text;
   return t;
+}
+
+// Whether a long window of `window` blocks hides pairs that one block more would show:
+// else the model tests could not tell a kernel that ignores the window.
+bool long_window_cuts(const std::vector<int32_t>& tokens, int end_of_text, int block, int window) {
+  const std::vector<int32_t> doc = document_ids(tokens, end_of_text);
+  const int T = static_cast<int>(tokens.size());
+  for (int q = 0; q < T; ++q) {
+    for (int k = 0; k <= q; ++k) {
+      if (key_visible(doc.data(), q, k, block, window) != key_visible(doc.data(), q, k, block, window + 1)) return true;
+    }
+  }
+  return false;
 }
 
 // Random parameters everywhere (no zero head or projections) so every gradient path carries
@@ -1994,6 +2012,7 @@ class ModelTest : public CudaBackendTest {
     const int eot = config.document_separator;
     const auto inputs = tokens_with_documents(rng_, T, config.vocab_size, eot);
     const auto targets = tokens_with_documents(rng_, T, config.vocab_size, eot);
+    ASSERT_TRUE(window == 0 || long_window_cuts(inputs, eot, config.attn_block_size, window));
     on_cpu.load_parameters(params);
     on_gpu.load_parameters(params);
     on_cpu.zero_grad();
@@ -2034,6 +2053,7 @@ TEST_F(ModelTest, MicroForwardBackwardMatchesCpu) {
 TEST_F(ModelTest, TinyForwardBackwardMatchesCpuOverTheFullVocabulary) {
   SCOPED_TRACE(trace());
   compare_forward_backward(Config::preset("tiny"), 1024, 8);
+  compare_forward_backward(Config::preset("tiny"), 1024, 3);  // long 3 blocks, short 1
 }
 
 // --attention-kernel flash: attention in bf16 inside the float32 model. The bands are
@@ -2046,6 +2066,7 @@ TEST_F(ModelTest, TinyWithTheFlashAttentionKernelMatchesCpuWithinBf16) {
   options.attention = AttentionKernel::kFlash;
   gpu_ = make_cuda_backend(0, options);
   compare_forward_backward(Config::preset("tiny"), 1024, 8, 2e-3, 3e-2);
+  compare_forward_backward(Config::preset("tiny"), 1024, 3, 2e-3, 3e-2);  // blocks of 64, windows 3 and 1
 }
 
 // --matmul bf16 on both backends: the GPU's tensor cores against the CPU's emulation, so
