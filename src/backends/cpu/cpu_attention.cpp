@@ -85,47 +85,134 @@ struct TransposedRows {
 
 int block_count(const AttentionShape& s) { return (s.T + s.block_size - 1) / s.block_size; }
 
+// One call's tensors ([T, H, D] rows, lse and delta [H, T]) and its documents' ranges.
+struct AttentionTensors {
+  const AttentionShape& s;
+  const DocumentRanges& ranges;
+  size_t row;  // floats between consecutive tokens: H * D
+  const float *q, *k, *v, *dy, *lse, *delta;
+  float *y, *lse_out, *dq, *dk, *dv;
+  const float* at(const float* x, int t, int h) const { return x + t * row + h * s.D; }
+  float* at(float* x, int t, int h) const { return x + t * row + h * s.D; }
+};
+
+// A thread's working memory, reused across its tasks.
+struct AttentionScratch {
+  std::vector<float> logit, dp, p, ds;
+  TransposedRows first, second;
+  void resize(int n) {
+    logit.resize(n);
+    dp.resize(n);
+    p.resize(n);
+    ds.resize(n);
+  }
+  // dS = P * (dP - delta), P recomputed from the saved lse, for a run of pairs that share a
+  // query (stride 0 into lse and delta) or a key (stride 1: one query each).
+  void probabilities_and_score_gradients(int n, const float* lse, const float* delta, int stride) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {
+      p[j] = exp_approx(logit[j] - lse[j * stride]);
+      ds[j] = p[j] * (dp[j] - delta[j * stride]);
+    }
+  }
+};
+
+// The forward of one block of queries of head h: the block's keys transposed once, then
+// each query's visible run.
+void forward_block(const AttentionTensors& a, int h, int b, AttentionScratch& scratch) {
+  const AttentionShape& s = a.s;
+  const int t0 = b * s.block_size, t1 = std::min(s.T, t0 + s.block_size);
+  const int first_key = first_visible_key(a.ranges, t0, s);  // the block's earliest
+  scratch.first.load(a.k, a.row, h, s.D, first_key, t1 - first_key);
+  for (int t = t0; t < t1; ++t) {
+    const int k0 = first_visible_key(a.ranges, t, s), n = t - k0 + 1;
+    scratch.resize(n);
+    float* scores = scratch.logit.data();
+    scratch.first.dots(scores, a.at(a.q, t, h), s.scale, k0, n, s.D);
+    float max_score = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < n; ++j) max_score = std::max(max_score, scores[j]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int j = 0; j < n; ++j) {
+      scores[j] = exp_approx(scores[j] - max_score);
+      total += scores[j];
+    }
+    float* yt = a.at(a.y, t, h);
+    std::fill(yt, yt + s.D, 0.f);
+    const float inv_total = 1.f / total;
+    for (int j = 0; j < n; ++j) axpy(yt, scores[j] * inv_total, a.at(a.v, k0 + j, h), s.D);
+    a.lse_out[static_cast<size_t>(h) * s.T + t] = max_score + std::log(total);
+  }
+}
+
+// dq of one block of queries of head h (its keys and values transposed once).
+void query_gradients_of_block(const AttentionTensors& a, int h, int b, AttentionScratch& scratch) {
+  const AttentionShape& s = a.s;
+  const int t0 = b * s.block_size, t1 = std::min(s.T, t0 + s.block_size);
+  const int first_key = first_visible_key(a.ranges, t0, s);
+  scratch.first.load(a.k, a.row, h, s.D, first_key, t1 - first_key);
+  scratch.second.load(a.v, a.row, h, s.D, first_key, t1 - first_key);
+  for (int t = t0; t < t1; ++t) {
+    const int k0 = first_visible_key(a.ranges, t, s), n = t - k0 + 1;
+    scratch.resize(n);
+    scratch.first.dots(scratch.logit.data(), a.at(a.q, t, h), s.scale, k0, n, s.D);
+    scratch.second.dots(scratch.dp.data(), a.at(a.dy, t, h), 1.f, k0, n, s.D);
+    const size_t at = static_cast<size_t>(h) * s.T + t;
+    scratch.probabilities_and_score_gradients(n, a.lse + at, a.delta + at, 0);
+    float* dqt = a.at(a.dq, t, h);
+    std::fill(dqt, dqt + s.D, 0.f);
+    for (int j = 0; j < n; ++j) axpy(dqt, s.scale * scratch.ds[j], a.at(a.k, k0 + j, h), s.D);
+  }
+}
+
+// dk and dv of one block of keys of head h (the queries and output gradients that see it
+// transposed once).
+void key_gradients_of_block(const AttentionTensors& a, int h, int b, AttentionScratch& scratch) {
+  const AttentionShape& s = a.s;
+  const int k0 = b * s.block_size, k1 = std::min(s.T, k0 + s.block_size);
+  const int query_end = last_seeing_query_end(a.ranges, k1 - 1, s);  // the block's latest
+  scratch.first.load(a.q, a.row, h, s.D, k0, query_end - k0);
+  scratch.second.load(a.dy, a.row, h, s.D, k0, query_end - k0);
+  for (int ki = k0; ki < k1; ++ki) {
+    const int n = last_seeing_query_end(a.ranges, ki, s) - ki;
+    scratch.resize(n);
+    scratch.first.dots(scratch.logit.data(), a.at(a.k, ki, h), s.scale, ki, n, s.D);
+    scratch.second.dots(scratch.dp.data(), a.at(a.v, ki, h), 1.f, ki, n, s.D);
+    const size_t at = static_cast<size_t>(h) * s.T + ki;
+    scratch.probabilities_and_score_gradients(n, a.lse + at, a.delta + at, 1);
+    float* dkt = a.at(a.dk, ki, h);
+    float* dvt = a.at(a.dv, ki, h);
+    std::fill(dkt, dkt + s.D, 0.f);
+    std::fill(dvt, dvt + s.D, 0.f);
+    for (int m = 0; m < n; ++m) {
+      axpy(dkt, s.scale * scratch.ds[m], a.at(a.q, ki + m, h), s.D);
+      axpy(dvt, scratch.p[m], a.at(a.dy, ki + m, h), s.D);
+    }
+  }
+}
+
+// Runs task(h, b, scratch) for every head and block, one scratch per thread.
+template <typename Task>
+void for_each_head_and_block(const AttentionShape& s, Task task) {
+  const int blocks = block_count(s);
+#pragma omp parallel
+  {
+    AttentionScratch scratch;
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int h = 0; h < s.H; ++h) {
+      for (int b = 0; b < blocks; ++b) task(h, b, scratch);
+    }
+  }
+}
+
 }  // namespace
 
 void attention_forward(float* y, float* lse, const float* q, const float* k, const float* v, const int32_t* doc,
                        const AttentionShape& s) {
   const DocumentRanges ranges = document_ranges(doc, s.T);
-  const size_t row = static_cast<size_t>(s.H) * s.D;
-  const int blocks = block_count(s);
-#pragma omp parallel
-  {
-    std::vector<float> scores;
-    TransposedRows keys;
-    // A block of queries and a head per task: the block's keys are transposed once.
-#pragma omp for collapse(2) schedule(dynamic)
-    for (int h = 0; h < s.H; ++h) {
-      for (int b = 0; b < blocks; ++b) {
-        const int t0 = b * s.block_size, t1 = std::min(s.T, t0 + s.block_size);
-        const int first_key = first_visible_key(ranges, t0, s);  // the block's earliest
-        keys.load(k, row, h, s.D, first_key, t1 - first_key);
-        for (int t = t0; t < t1; ++t) {
-          const float* qt = q + t * row + h * s.D;
-          const int k0 = first_visible_key(ranges, t, s);
-          const int n = t - k0 + 1;
-          scores.resize(n);
-          keys.dots(scores.data(), qt, s.scale, k0, n, s.D);
-          float max_score = -std::numeric_limits<float>::infinity();
-          for (int j = 0; j < n; ++j) max_score = std::max(max_score, scores[j]);
-          float total = 0.f;
-#pragma omp simd reduction(+ : total)
-          for (int j = 0; j < n; ++j) {
-            scores[j] = exp_approx(scores[j] - max_score);
-            total += scores[j];
-          }
-          float* yt = y + t * row + h * s.D;
-          std::fill(yt, yt + s.D, 0.f);
-          const float inv_total = 1.f / total;
-          for (int j = 0; j < n; ++j) axpy(yt, scores[j] * inv_total, v + (k0 + j) * row + h * s.D, s.D);
-          lse[static_cast<size_t>(h) * s.T + t] = max_score + std::log(total);
-        }
-      }
-    }
-  }
+  const AttentionTensors a{s, ranges, static_cast<size_t>(s.H) * s.D, q, k, v, nullptr, nullptr, nullptr,
+                           y, lse, nullptr, nullptr, nullptr};
+  for_each_head_and_block(s, [&](int h, int b, AttentionScratch& scratch) { forward_block(a, h, b, scratch); });
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
@@ -133,7 +220,6 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dy, const 
                         const AttentionShape& s) {
   const DocumentRanges ranges = document_ranges(doc, s.T);
   const size_t row = static_cast<size_t>(s.H) * s.D;
-  const int blocks = block_count(s);
   // delta[h, t] = <dy_t, y_t>: the softmax backward's row term.
   std::vector<float> delta(static_cast<size_t>(s.H) * s.T);
 #pragma omp parallel for collapse(2) schedule(static)
@@ -142,77 +228,12 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dy, const 
       delta[static_cast<size_t>(h) * s.T + t] = dot(dy + t * row + h * s.D, y + t * row + h * s.D, s.D);
     }
   }
-  // dS[q,k] = P[q,k] * (<dy_q, v_k> - delta_q), P recomputed from the saved lse, for a run
-  // of pairs that share a query (one key each) or a key (one query each): the dot products
-  // first, then the run's exps and dS in one vectorised loop.
-  struct PairRun {
-    std::vector<float> p, ds;
-    void compute(int n, const float* logit, const float* dp, const float* lse, const float* delta, int stride) {
-      p.resize(n);
-      ds.resize(n);
-#pragma omp simd
-      for (int j = 0; j < n; ++j) {
-        p[j] = exp_approx(logit[j] - lse[j * stride]);
-        ds[j] = p[j] * (dp[j] - delta[j * stride]);
-      }
-    }
-  };
-  // dq per query and dk, dv per key in two passes, each over (head, block) tasks whose
-  // block's keys (queries) are transposed once: every sum has one fixed order.
-#pragma omp parallel
-  {
-    std::vector<float> logit, dp;
-    PairRun run;
-    TransposedRows keys, values;
-#pragma omp for collapse(2) schedule(dynamic)
-    for (int h = 0; h < s.H; ++h) {
-      for (int b = 0; b < blocks; ++b) {
-        const int t0 = b * s.block_size, t1 = std::min(s.T, t0 + s.block_size);
-        const int first_key = first_visible_key(ranges, t0, s);
-        keys.load(k, row, h, s.D, first_key, t1 - first_key);
-        values.load(v, row, h, s.D, first_key, t1 - first_key);
-        for (int t = t0; t < t1; ++t) {
-          const int k0 = first_visible_key(ranges, t, s), n = t - k0 + 1;
-          logit.resize(n);
-          dp.resize(n);
-          keys.dots(logit.data(), q + t * row + h * s.D, s.scale, k0, n, s.D);
-          values.dots(dp.data(), dy + t * row + h * s.D, 1.f, k0, n, s.D);
-          const size_t at = static_cast<size_t>(h) * s.T + t;
-          run.compute(n, logit.data(), dp.data(), lse + at, delta.data() + at, 0);
-          float* dqt = dq + t * row + h * s.D;
-          std::fill(dqt, dqt + s.D, 0.f);
-          for (int j = 0; j < n; ++j) axpy(dqt, s.scale * run.ds[j], k + (k0 + j) * row + h * s.D, s.D);
-        }
-      }
-    }
-    TransposedRows queries, output_grads;
-#pragma omp for collapse(2) schedule(dynamic)
-    for (int h = 0; h < s.H; ++h) {
-      for (int b = 0; b < blocks; ++b) {
-        const int k0 = b * s.block_size, k1 = std::min(s.T, k0 + s.block_size);
-        const int query_end = last_seeing_query_end(ranges, k1 - 1, s);  // the block's latest
-        queries.load(q, row, h, s.D, k0, query_end - k0);
-        output_grads.load(dy, row, h, s.D, k0, query_end - k0);
-        for (int ki = k0; ki < k1; ++ki) {
-          const int n = last_seeing_query_end(ranges, ki, s) - ki;
-          logit.resize(n);
-          dp.resize(n);
-          queries.dots(logit.data(), k + ki * row + h * s.D, s.scale, ki, n, s.D);
-          output_grads.dots(dp.data(), v + ki * row + h * s.D, 1.f, ki, n, s.D);
-          const size_t at = static_cast<size_t>(h) * s.T + ki;
-          run.compute(n, logit.data(), dp.data(), lse + at, delta.data() + at, 1);
-          float* dkt = dk + ki * row + h * s.D;
-          float* dvt = dv + ki * row + h * s.D;
-          std::fill(dkt, dkt + s.D, 0.f);
-          std::fill(dvt, dvt + s.D, 0.f);
-          for (int m = 0; m < n; ++m) {
-            axpy(dkt, s.scale * run.ds[m], q + (ki + m) * row + h * s.D, s.D);
-            axpy(dvt, run.p[m], dy + (ki + m) * row + h * s.D, s.D);
-          }
-        }
-      }
-    }
-  }
+  // dq per query, then dk and dv per key: every sum has one fixed order, whatever the threads.
+  const AttentionTensors a{s, ranges, row, q, k, v, dy, lse, delta.data(), nullptr, nullptr, dq, dk, dv};
+  for_each_head_and_block(s, [&](int h, int b, AttentionScratch& scratch) {
+    query_gradients_of_block(a, h, b, scratch);
+  });
+  for_each_head_and_block(s, [&](int h, int b, AttentionScratch& scratch) { key_gradients_of_block(a, h, b, scratch); });
 }
 
 }  // namespace speedrun::cpu
