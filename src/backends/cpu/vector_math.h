@@ -10,8 +10,11 @@
 // A hot loop's function compiled twice by GCC's function multiversioning: for AVX-512
 // (x86-64-v4) and for the build's baseline (x86-64-v3); the loader runs the one the CPU
 // supports. Vector sums then differ in their last bits between CPUs of the two kinds, as
-// OpenBLAS's kernels (chosen per CPU) already make every product differ.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// OpenBLAS's kernels (chosen per CPU) already make every product differ. Not under the
+// sanitizers: the loader runs the clones' resolver before ThreadSanitizer's runtime is up,
+// and an instrumented resolver crashes the program at start-up.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__) && \
+    !defined(__SANITIZE_ADDRESS__)
 #define SPEEDRUN_AVX512_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 #else
 #define SPEEDRUN_AVX512_CLONES
