@@ -69,12 +69,17 @@ prepare_carry() {
 
 # Directory holding libnccl.so.2 on the device (218 MB: never carried): the toolkit's,
 # else the one in PyTorch's wheels.
+# $SPEEDRUN_NCCL_DIR first; the wheels' usual places before a search of the whole disk
+# (which skips /proc, /sys and /dev rather than walking them).
 find_nccl_dir() {
   local d
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu; do
+  if [ -n "${SPEEDRUN_NCCL_DIR:-}" ]; then echo "$SPEEDRUN_NCCL_DIR"; return; fi
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu \
+           /usr/local/lib/python3*/*-packages/nvidia/nccl/lib /usr/lib/python3*/*-packages/nvidia/nccl/lib \
+           /opt/conda/lib/python3*/site-packages/nvidia/nccl/lib; do
     [ -e "$d/libnccl.so.2" ] && { echo "$d"; return; }
   done
-  d=$(find / -name 'libnccl.so.2*' -not -path '/proc/*' 2>/dev/null | head -1)
+  d=$(find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -name 'libnccl.so.2*' -print 2>/dev/null | head -1)
   [ -n "$d" ] && dirname "$d"
 }
 
@@ -236,8 +241,8 @@ stage_bench() {
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
-    if grep -q '^attention .*forward' "$work/bench.tmp"; then
-      record "attention $variant" "$(grep -m1 '^attention .*forward' "$work/bench.tmp" | cut -c11-130)"
+    if grep -q '^attention .*visible pairs' "$work/bench.tmp"; then
+      record "attention $variant" "$(grep -m1 '^attention .*visible pairs' "$work/bench.tmp" | cut -c11-130)"
     fi
     if grep -q 'would save' "$work/bench.tmp"; then
       record "matmul sweep $variant" "$(grep -m1 'would save' "$work/bench.tmp")"

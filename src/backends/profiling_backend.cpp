@@ -78,7 +78,7 @@ class ProfilingBackend final : public Backend {
   void gemm_batched(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, size_t sa,
                     const float* B, int ldb, size_t sb, float beta, float* C, int ldc, size_t sc, int batch) override {
     const auto shape = [&] { return product_shape_name({ta, tb, M, N, K, false, beta != 0.f, batch}); };
-    timed_product("matmul (Newton-Schulz)", shape, 2.0 * M * N * K * batch, [&] {
+    timed_product("matmul (batched)", shape, 2.0 * M * N * K * batch, [&] {
       inner_.gemm_batched(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
     });
   }

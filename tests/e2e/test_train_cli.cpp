@@ -366,9 +366,9 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   }
   const nlohmann::json& ops = j["ops"];
   EXPECT_EQ(shape_calls, ops["matmul"]["calls_per_step"].get<double>() +
-                             ops["matmul (Newton-Schulz)"]["calls_per_step"].get<double>());
+                             ops["matmul (batched)"]["calls_per_step"].get<double>());
   EXPECT_NEAR(shape_ms,
-              ops["matmul"]["ms_per_step"].get<double>() + ops["matmul (Newton-Schulz)"]["ms_per_step"].get<double>(),
+              ops["matmul"]["ms_per_step"].get<double>() + ops["matmul (batched)"]["ms_per_step"].get<double>(),
               1e-9 * shape_ms + 1e-12);
   // micro's c_fc forward over its 64 tokens: x [64, 16] times W^T, W [64, 16].
   EXPECT_TRUE(j["matmul_shapes"].contains("NT 64x64x16 f32")) << j["matmul_shapes"].dump();

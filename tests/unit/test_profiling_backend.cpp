@@ -122,10 +122,10 @@ TEST_F(ProfilingBackendTest, ProductsAreCountedByShapeAsWellAsByOp) {
   EXPECT_EQ(shapes_["TN 5x5x4 f32 x2"].flops, 2 * 2.0 * K * K * M);
   // Every product is in its op's row too, with the same time.
   EXPECT_EQ(stats_["matmul"].calls, 4);
-  EXPECT_EQ(stats_["matmul (Newton-Schulz)"].calls, 1);
+  EXPECT_EQ(stats_["matmul (batched)"].calls, 1);
   double shape_seconds = 0;
   for (const auto& [name, s] : shapes_) shape_seconds += s.seconds;
-  EXPECT_DOUBLE_EQ(shape_seconds, stats_["matmul"].seconds + stats_["matmul (Newton-Schulz)"].seconds);
+  EXPECT_DOUBLE_EQ(shape_seconds, stats_["matmul"].seconds + stats_["matmul (batched)"].seconds);
   std::vector<float> host(M * N);
   profiled_->download(host.data(), C, M * N);
   EXPECT_EQ(host[0], 2.f * K);  // computed by the wrapped backend: C = A B, all ones times twos

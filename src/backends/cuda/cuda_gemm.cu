@@ -247,7 +247,7 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 CUDA_R_32F,
                 beta != 0.f};
   const Plan* found = plan_for(key);
-  if (!found && batch > 1) {  // e.g. a batch stride of 0 that this cuBLASLt has no algorithm for
+  auto unbatched = [&] {
     if (!warned_unbatched_) {
       std::fprintf(stderr,
                    "speedrun: warning: cuBLASLt has no algorithm for a batch of %d products M=%d N=%d K=%d (batch "
@@ -256,6 +256,9 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
       warned_unbatched_ = true;
     }
     run_each(ta, tb, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
+  };
+  if (!found && batch > 1) {  // e.g. a batch stride of 0 that this cuBLASLt has no algorithm for
+    unbatched();
     return;
   }
   if (!found) {
@@ -265,8 +268,18 @@ void LtGemm::run(bool ta, bool tb, int M, int N, int K, float alpha, const float
                 " batch=" + std::to_string(batch));
   }
   const Plan& plan = *found;
-  SPEEDRUN_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C, plan.c,
-                                       &plan.algo, workspace_, kWorkspaceBytes, stream_));
+  const cublasStatus_t status = cublasLtMatmul(handle_, plan.desc, &alpha, b, plan.a, a, plan.b, &beta, C, plan.c, C,
+                                               plan.c, &plan.algo, workspace_, kWorkspaceBytes, stream_);
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED && batch > 1) {
+    // The heuristic's algorithm refused at the call (as FP8's are on the H200, cuda_fp8_head):
+    // this batch shape runs one product at a time from now on.
+    destroy(plan);
+    plans_.erase(key);
+    without_algorithm_.insert(key);
+    unbatched();
+    return;
+  }
+  SPEEDRUN_CUBLAS_CHECK(status);
 }
 
 // A batch as that many single products (the same sums, each matrix alone).

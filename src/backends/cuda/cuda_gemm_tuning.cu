@@ -112,8 +112,8 @@ cublasLtMatmulAlgo_t LtGemm::fastest(const Key& key, const Plan& plan,
   try {
     timings = time_algorithms(key, plan, algorithms, kTuningRepeats);
   } catch (const Error& e) {
-    // No memory for the timing's operands (the run itself may still fit): the heuristic's
-    // first, said so in the record, rather than a failed step. The allocation's error is not
+    // No memory for the timing's operands (the run itself may still fit), or another failure
+    // of the timing alone: the heuristic's first, said so in the record, rather than a failed step. The allocation's error is not
     // sticky; it is cleared so that the next launch check does not report it.
     cudaGetLastError();
     tuning.config = std::string("not timed: ") + e.what();
@@ -123,6 +123,11 @@ cublasLtMatmulAlgo_t LtGemm::fastest(const Key& key, const Plan& plan,
   size_t chosen = 0;
   for (size_t i = 0; i < timings.size(); ++i) {
     if (timings[i].ms >= 0 && (timings[chosen].ms < 0 || timings[i].ms < timings[chosen].ms)) chosen = i;
+  }
+  if (timings.empty() || timings[chosen].ms < 0) {  // every candidate refused at the call: as untuned
+    tuning.config = "not timed: cuBLASLt refused every candidate at the call";
+    tunings_.push_back(tuning);
+    return algorithms.front();
   }
   tuning.timed = static_cast<int>(timings.size());
   tuning.chosen_rank = static_cast<int>(chosen);
