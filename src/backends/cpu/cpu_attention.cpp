@@ -106,9 +106,15 @@ struct AttentionScratch {
     p.resize(n);
     ds.resize(n);
   }
-  // dS = P * (dP - delta), P recomputed from the saved lse, for a run of pairs that share a
-  // query (stride 0 into lse and delta) or a key (stride 1: one query each).
-  void probabilities_and_score_gradients(int n, const float* lse, const float* delta, int stride) {
+  // For a run of n pairs that share a query (x, g: its q and dy; rows: the keys' k and v
+  // from `from`) or a key (x, g: its k and v; rows: the queries' q and dy): logit =
+  // scale <x, first row>, dP = <g, second row>, then P recomputed from the saved lse and
+  // dS = P * (dP - delta). lse and delta advance by `stride` per pair (0 for one query).
+  void pair_run(const float* x, const float* g, float scale, int from, int n, int D, const float* lse,
+                const float* delta, int stride) {
+    resize(n);
+    first.dots(logit.data(), x, scale, from, n, D);
+    second.dots(dp.data(), g, 1.f, from, n, D);
 #pragma omp simd
     for (int j = 0; j < n; ++j) {
       p[j] = exp_approx(logit[j] - lse[j * stride]);
@@ -154,11 +160,8 @@ void query_gradients_of_block(const AttentionTensors& a, int h, int b, Attention
   scratch.second.load(a.v, a.row, h, s.D, first_key, t1 - first_key);
   for (int t = t0; t < t1; ++t) {
     const int k0 = first_visible_key(a.ranges, t, s), n = t - k0 + 1;
-    scratch.resize(n);
-    scratch.first.dots(scratch.logit.data(), a.at(a.q, t, h), s.scale, k0, n, s.D);
-    scratch.second.dots(scratch.dp.data(), a.at(a.dy, t, h), 1.f, k0, n, s.D);
     const size_t at = static_cast<size_t>(h) * s.T + t;
-    scratch.probabilities_and_score_gradients(n, a.lse + at, a.delta + at, 0);
+    scratch.pair_run(a.at(a.q, t, h), a.at(a.dy, t, h), s.scale, k0, n, s.D, a.lse + at, a.delta + at, 0);
     float* dqt = a.at(a.dq, t, h);
     std::fill(dqt, dqt + s.D, 0.f);
     for (int j = 0; j < n; ++j) axpy(dqt, s.scale * scratch.ds[j], a.at(a.k, k0 + j, h), s.D);
@@ -175,11 +178,8 @@ void key_gradients_of_block(const AttentionTensors& a, int h, int b, AttentionSc
   scratch.second.load(a.dy, a.row, h, s.D, k0, query_end - k0);
   for (int ki = k0; ki < k1; ++ki) {
     const int n = last_seeing_query_end(a.ranges, ki, s) - ki;
-    scratch.resize(n);
-    scratch.first.dots(scratch.logit.data(), a.at(a.k, ki, h), s.scale, ki, n, s.D);
-    scratch.second.dots(scratch.dp.data(), a.at(a.v, ki, h), 1.f, ki, n, s.D);
     const size_t at = static_cast<size_t>(h) * s.T + ki;
-    scratch.probabilities_and_score_gradients(n, a.lse + at, a.delta + at, 1);
+    scratch.pair_run(a.at(a.k, ki, h), a.at(a.v, ki, h), s.scale, ki, n, s.D, a.lse + at, a.delta + at, 1);
     float* dkt = a.at(a.dk, ki, h);
     float* dvt = a.at(a.dv, ki, h);
     std::fill(dkt, dkt + s.D, 0.f);
