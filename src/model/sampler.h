@@ -22,9 +22,9 @@ class Sampler {
   Sampler(GPT& model, int long_window_blocks);
 
   // Runs token at the next absolute position (0, 1, ...) and returns the softcapped
-  // logits of the next token over all padded_vocab columns. The config's document_separator
-  // (50256) starts a document:
-  // no earlier key is visible from it or after it.
+  // logits of the next token over all padded_vocab columns. The config's
+  // document_separator (50256) starts a document: no earlier key is visible from it or
+  // after it.
   const std::vector<float>& feed(int32_t token);
   int position() const { return position_; }
   // Positions whose keys are still cached (old ones no query can see are dropped).

@@ -590,9 +590,10 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
   try {
     // Rank 0 alone: it may already have written its config when another process looks.
     const bool leader = !options.comm || options.comm->rank() == 0;
-    // A process killed while saving (SIGKILL, mpirun's own Ctrl-C) left its temporaries.
-    if (leader) remove_abandoned_temporaries(options.out_dir);
     if (leader && options.resume_path.empty()) refuse_a_run_in(options.out_dir, metrics_path_of(options), "a new run");
+    // A process killed while saving (SIGKILL, mpirun's own Ctrl-C) left its temporaries in
+    // this run's directory (removed after the refusal above: never in another run's).
+    if (leader) remove_abandoned_temporaries(options.out_dir);
     TrainingRun run(options, backend);
     return run.run();
   } catch (...) {

@@ -113,8 +113,9 @@ cublasLtMatmulAlgo_t LtGemm::fastest(const Key& key, const Plan& plan,
     timings = time_algorithms(key, plan, algorithms, kTuningRepeats);
   } catch (const Error& e) {
     // No memory for the timing's operands (the run itself may still fit), or another failure
-    // of the timing alone: the heuristic's first, said so in the record, rather than a failed step. The allocation's error is not
-    // sticky; it is cleared so that the next launch check does not report it.
+    // of the timing alone: the heuristic's first, said so in the record, rather than a
+    // failed step. The allocation's error is not sticky; it is cleared so that the next
+    // launch check does not report it.
     cudaGetLastError();
     tuning.config = std::string("not timed: ") + e.what();
     tunings_.push_back(tuning);
