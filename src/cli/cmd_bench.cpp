@@ -320,15 +320,23 @@ void register_bench_command(CLI::App& app) {
     }
     const int window = long_window_blocks(config, step);
     double first_step_seconds = -1;  // from exec to the end of the first step, warm-up or timed
+    // A step returns with its optimiser update still queued on a device: the first step's
+    // clock and the window's two ends wait for the device, so the window holds exactly
+    // the work of its steps.
     auto training_step = [&] {
       run_training_step(dp, optimizer, inputs, targets, step);
-      if (first_step_seconds < 0) first_step_seconds = seconds_since_process_start();
+      if (first_step_seconds < 0) {
+        backend->synchronize();
+        first_step_seconds = seconds_since_process_start();
+      }
     };
     for (int i = 0; i < opts->warmup; ++i) training_step();
+    backend->synchronize();
     const double communication_before = dp.communication_seconds();
     const size_t operand_copies_before = backend->operand_copy_traffic_bytes();
     const auto start = Clock::now();
     for (int i = 0; i < opts->steps; ++i) training_step();
+    backend->synchronize();
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     // The bf16 operand copies' traffic: at ~3 TB/s an H100 spends ~1/3 ms per GB on it.
     const double operand_copy_gb_per_step =
@@ -337,7 +345,8 @@ void register_bench_command(CLI::App& app) {
     const double tokens_per_second = tokens * opts->steps / seconds;
     const double communication_ms = 1000 * (dp.communication_seconds() - communication_before) / opts->steps;
     const bool on_gpu = opts->device == "cuda";
-    const double mfu = 6 * matmul_parameters(model.layout()) * tokens_per_second / kH100PeakFlops;
+    // Per GPU: the step's tokens are every process's, each process on its own GPU.
+    const double mfu = 6 * matmul_parameters(model.layout()) * tokens_per_second / (comm->size() * kH100PeakFlops);
     // What `speedrun memory` plans, against what the backend allocated and, on a GPU, what
     // the device has in use (its allocations only grow, so after the steps that is their
     // peak; it adds the matmul workspace, operand copies and the CUDA context).
@@ -458,6 +467,7 @@ void register_bench_command(CLI::App& app) {
                             {"window_blocks", window},
                             {"tokens_per_step", tokens},
                             {"steps_timed", opts->steps},
+                            {"warmup_steps", opts->warmup},
                             {"ms_per_step", step_ms},
                             {"tokens_per_second", tokens_per_second},
                             {"mfu", on_gpu ? nlohmann::json(mfu) : nlohmann::json(nullptr)},
@@ -472,7 +482,8 @@ void register_bench_command(CLI::App& app) {
                             {"backend_peak_memory_bytes", backend_peak_bytes},
                             {"device_memory_in_use_bytes",
                              on_gpu ? nlohmann::json(device_in_use_bytes) : nlohmann::json(nullptr)},
-                            {"reference_sgemm_gflops", sgemm_gflops},
+                            {"reference_sgemm_gflops",
+                             on_gpu ? nlohmann::json(nullptr) : nlohmann::json(sgemm_gflops)},
                             {"first_step_seconds", first_step_seconds},
                             {"profiled_step_ms", 1000 * profiled_seconds},
                             {"ops", ops},

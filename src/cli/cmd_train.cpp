@@ -161,7 +161,7 @@ void run(const Options& opts, Communicator& comm) {
   std::fflush(stdout);
   if (comm.rank() != 0) std::exit(exit_status_for_signal(result.stopped_by_signal));
   std::fprintf(stderr,
-               "speedrun: stopped by %s after step %d of %d; checkpoint saved.\n"
+               "speedrun: stopped by %s after %d of %d steps; checkpoint saved.\n"
                "resume with: %s\n",
                signal_name(result.stopped_by_signal), result.last_step, train.config.num_iterations,
                resume_command(opts, train, result.checkpoint_path).c_str());

@@ -119,9 +119,19 @@ RunCurves read_run_curves(const std::string& metrics_path) {
     const double time = metrics_number(record, "elapsed_s", metrics_path, number);
     const double loss = metrics_number(record, train ? "train_loss" : "val_loss", metrics_path, number);
     if (!(loss > 0) || !std::isfinite(loss)) continue;  // a log axis cannot show it
-    (train ? run.train_step : run.val_step).push_back(step);
-    (train ? run.train_time : run.val_time).push_back(time);
-    (train ? run.train_loss : run.val_loss).push_back(loss);
+    auto& steps = train ? run.train_step : run.val_step;
+    auto& times = train ? run.train_time : run.val_time;
+    auto& losses = train ? run.train_loss : run.val_loss;
+    // A run resumed from an earlier checkpoint (after a crash) appends steps its file already
+    // holds: the later timeline replaces the abandoned one, so the curve never runs back.
+    while (!steps.empty() && steps.back() >= step) {
+      steps.pop_back();
+      times.pop_back();
+      losses.pop_back();
+    }
+    steps.push_back(step);
+    times.push_back(time);
+    losses.push_back(loss);
   }
   return run;
 }

@@ -3,6 +3,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -61,11 +62,27 @@ std::string ProgressReporter::status_text(int steps_completed, double train_loss
   if (options_.mfu) text += " | MFU " + printf_string("%.1f%%", 100 * options_.mfu(tokens_per_second));
   const double elapsed = clock_() - begin_time_;
   text += " | " + format_duration(elapsed);
+  if (steps_completed < options_.end_step && steps_completed > first_step_) {
+    text += " | ETA " + format_duration(seconds_remaining(steps_completed, elapsed));
+  }
+  return text;
+}
+
+// A validation (step 0's among them) is not spread over the steps: at 124M it takes as long
+// as dozens of steps, and the first line's ETA would be that many times too long.
+double ProgressReporter::seconds_remaining(int steps_completed, double elapsed) const {
   const int done = steps_completed - first_step_;
   const int remaining = options_.end_step - steps_completed;
-  // The ETA uses wall time per step (validation included): that is what the user waits.
-  if (remaining > 0 && done > 0) text += " | ETA " + format_duration(elapsed / done * remaining);
-  return text;
+  const double per_step = std::max(0.0, elapsed - validation_seconds_) / done;
+  double validations_due = 0;
+  if (options_.val_every > 0) {
+    const int v = options_.val_every;
+    // Multiples of v in [steps_completed, end_step), each validated before its step, and the
+    // final validation after the last step.
+    validations_due = (options_.end_step + v - 1) / v - (steps_completed + v - 1) / v + 1;
+  }
+  const double per_validation = validations_ > 0 ? validation_seconds_ / validations_ : 0;
+  return per_step * remaining + per_validation * validations_due;
 }
 
 void ProgressReporter::clear_live_line() {
@@ -102,6 +119,8 @@ void ProgressReporter::step_done(int step, double train_loss, double step_second
 }
 
 void ProgressReporter::validation(int step, double val_loss, double seconds) {
+  validation_seconds_ += seconds;
+  ++validations_;
   note("step " + std::to_string(step) + "/" + std::to_string(options_.total_steps) + " | val loss " +
        loss_text(val_loss) + " | " + format_duration(seconds));
 }

@@ -22,6 +22,7 @@ struct ProgressOptions {
   int log_every = 1;
   int total_steps = 0;   // the schedule's length (num_iterations), shown as step/total
   int end_step = 0;      // where this run stops; the ETA counts down to it
+  int val_every = 0;     // validations still due count in the ETA (0: none expected)
   double tokens_per_step = 0;
   // Model FLOPs utilisation from the measured tokens/s, for backends that know their
   // peak; empty: no MFU column.
@@ -59,6 +60,12 @@ class ProgressReporter {
   // Compute time and steps since the last printed status, for tokens/s.
   double window_seconds_ = 0;
   int window_steps_ = 0;
+  // Validations reported since begin(): the ETA separates their time from the steps'.
+  double validation_seconds_ = 0;
+  int validations_ = 0;
+  // Seconds still to wait from `steps_completed`: the steps' wall time per step (without
+  // validations) and the validations still due at their mean duration.
+  double seconds_remaining(int steps_completed, double elapsed) const;
 };
 
 // "850ms", "42.0s", "3m05s", "1h02m".

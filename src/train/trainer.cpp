@@ -131,11 +131,14 @@ PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double
     const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
     if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
     const double step = metrics_number(record, "step", metrics_path, number, -1);
-    if (step < 0 || step > resume_step) continue;
+    // Step resume_step's own training (after its checkpoint, in a run that then died) is
+    // trained again: only its validation, which came before, counts.
+    const bool validation = record.contains("val_loss");
+    if (step < 0 || step > resume_step || (step == resume_step && !validation)) continue;
     prior.elapsed_s = std::max(prior.elapsed_s, metrics_number(record, "elapsed_s", metrics_path, number, 0));
     prior.train_time_s = std::max(prior.train_time_s, metrics_number(record, "train_time_s", metrics_path, number, 0));
     const double val_loss = metrics_number(record, "val_loss", metrics_path, number, NAN);
-    if (record.contains("val_loss")) prior.last_val_step = static_cast<int>(step);
+    if (validation) prior.last_val_step = static_cast<int>(step);
     if (!prior.target_step && val_loss <= target) {
       prior.target_step = static_cast<int>(step);
       prior.target_train_seconds = metrics_number(record, "train_time_s", metrics_path, number, 0);
@@ -183,6 +186,7 @@ ProgressOptions progress_options(const TrainOptions& options, bool leader) {
   progress.log_every = options.log_every;
   progress.total_steps = options.config.num_iterations;
   progress.end_step = end_step_of(options);
+  progress.val_every = options.config.val_every;
   progress.tokens_per_step = tokens_per_step(options.config);
   return progress;
 }

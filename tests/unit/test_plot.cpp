@@ -75,6 +75,22 @@ TEST(Plot, SkipsTheNullLossOfASkippedStep) {
   EXPECT_EQ(run.train_step.back(), 39);
 }
 
+// A run that died after its last checkpoint and was resumed from it appends steps its
+// file already holds: the resumed timeline replaces the abandoned one.
+TEST(Plot, AResumedTimelineReplacesTheAbandonedOne) {
+  testing::TempDir dir("plot_resumed");
+  const std::string path = write_metrics(dir, "resumed", 3.0);  // train steps 0..39
+  std::ofstream(path, std::ios::app) << "{\"step\":38,\"train_loss\":2.5,\"elapsed_s\":90}\n"
+                                     << "{\"step\":39,\"train_loss\":2.4,\"elapsed_s\":91}\n"
+                                     << "{\"step\":40,\"train_loss\":2.3,\"elapsed_s\":92}\n";
+  const RunCurves run = read_run_curves(path);
+  ASSERT_EQ(run.train_step.size(), 41u);
+  for (size_t i = 0; i < run.train_step.size(); ++i) EXPECT_EQ(run.train_step[i], static_cast<double>(i));
+  EXPECT_EQ(run.train_loss[38], 2.5);
+  EXPECT_EQ(run.train_time[39], 91);
+  EXPECT_EQ(run.train_loss.back(), 2.3);
+}
+
 TEST(Plot, SvgHasAPolylinePerRunSeriesAndPanelAndALegend) {
   testing::TempDir dir("plot_svg");
   const LossChart chart({read_run_curves(write_metrics(dir, "alpha", 3.0)),

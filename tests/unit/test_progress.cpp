@@ -70,8 +70,26 @@ TEST(Progress, LiveLineIsRewrittenInPlaceAndThrottled) {
   EXPECT_EQ(out.str(),
             "\rstep 1/10 | loss 4.0000 | 2.0k tok/s | 1.0s | ETA 4.0s\033[K"
             "\r\033[Kstep 2/10 | val loss 3.2500 | 200ms\n"
-            "\rstep 3/10 | loss 3.0000 | 2.0k tok/s | 1.1s | ETA 740ms\033[K"
+            "\rstep 3/10 | loss 3.0000 | 2.0k tok/s | 1.1s | ETA 607ms\033[K"
             "\n");
+}
+
+// The ETA: the steps' wall time without validations, per step, for the steps left, and
+// the mean validation for each validation still due (steps 2 and 4 here, and the final
+// one). Spreading step 0's 3 s validation over one step instead would say 14 s.
+TEST(Progress, EtaCountsValidationsApartFromSteps) {
+  std::ostringstream out;
+  FakeClock t;
+  ProgressOptions o = options(ProgressMode::kLines);
+  o.val_every = 2;
+  ProgressReporter p(out, o, t.clock());
+  p.begin(0);
+  t.now += 3;
+  p.validation(0, 10.8, 3.0);
+  t.now += 0.5;
+  p.step_done(0, 5.0, 0.5);
+  EXPECT_NE(out.str().find("step 1/10 | loss 5.0000 | 2.0k tok/s | 3.5s | ETA 11.0s\n"), std::string::npos)
+      << out.str();
 }
 
 TEST(Progress, LastStepIsAlwaysDrawnLive) {

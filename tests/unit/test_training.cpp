@@ -129,6 +129,37 @@ TEST(Training, ResumeIsBitIdenticalToAnUninterruptedRun) {
             read_bytes(optimizer_state_path(whole.checkpoint_path)));
 }
 
+// A run that died after training past its last checkpoint: resumed from it, its clocks
+// continue from the last step before the checkpoint, not from the abandoned step the
+// resumed run trains again (that step's time would count twice).
+TEST(Training, ResumeAfterACrashDoesNotCountTheAbandonedStepsTime) {
+  testing::TempDir data("train_resume_crash");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  TrainOptions first = micro_options(data, data / "run", 3);
+  first.save_every = 2;
+  first.keep = 5;
+  train(first, *be);
+  std::filesystem::remove(data / "run/step_000003.safetensors");  // died before saving step 3
+  std::filesystem::remove(optimizer_state_path(data / "run/step_000003.safetensors"));
+  TrainOptions resume = micro_options(data, data / "run", 3);
+  resume.resume_path = data / "run/step_000002.safetensors";
+  train(resume, *be);
+  std::vector<nlohmann::json> step_1, step_2;
+  std::ifstream metrics(data / "run/metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);) {
+    const nlohmann::json record = nlohmann::json::parse(line);
+    if (!record.contains("train_loss")) continue;
+    if (record["step"] == 1) step_1.push_back(record);
+    if (record["step"] == 2) step_2.push_back(record);
+  }
+  ASSERT_EQ(step_1.size(), 1u);
+  ASSERT_EQ(step_2.size(), 2u);  // the abandoned timeline's and the resumed run's
+  const nlohmann::json& resumed = step_2.back();
+  EXPECT_NEAR(resumed["train_time_s"].get<double>() - resumed["step_seconds"].get<double>(),
+              step_1[0]["train_time_s"].get<double>(), 1e-9);
+}
+
 TEST(Training, CheckpointHasStateDictNamesShapesAndConfig) {
   testing::TempDir data("train_ckpt");
   write_micro_shards(data);
