@@ -123,6 +123,16 @@ struct PriorRun {
   std::optional<int> last_val_step;  // the latest step validated, up to the resumed one
 };
 
+// Where a resumed run's history is: its own metrics file, or, for a run resumed into a new
+// directory (its file still empty), the metrics beside the checkpoint it resumes from, so
+// that its clocks and a target already reached carry over.
+std::string prior_metrics_path(const TrainOptions& options, const std::string& metrics_path) {
+  std::error_code ec;
+  if (fs::file_size(metrics_path, ec) > 0 && !ec) return metrics_path;
+  const fs::path beside = fs::path(options.resume_path).parent_path() / "metrics.jsonl";
+  return fs::exists(beside, ec) ? beside.string() : metrics_path;
+}
+
 PriorRun read_prior_run(const std::string& metrics_path, int resume_step, double target) {
   PriorRun prior;
   std::ifstream in(metrics_path);
@@ -304,7 +314,7 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
                        " and this run would end at step " + std::to_string(end_step()) +
                        ": nothing left to train (raise --steps, or num_iterations with --set)");
     }
-    prior_ = read_prior_run(metrics_path_, state_.step, config_.target_val_loss);
+    prior_ = read_prior_run(prior_metrics_path(options, metrics_path_), state_.step, config_.target_val_loss);
   } else if (!options.init_path.empty()) {
     load_model(options.init_path, model_);
   }

@@ -160,6 +160,32 @@ TEST(Training, ResumeAfterACrashDoesNotCountTheAbandonedStepsTime) {
               step_1[0]["train_time_s"].get<double>(), 1e-9);
 }
 
+// Resumed into a new directory: the clocks continue from the checkpoint's own run (its
+// metrics beside the checkpoint), not from zero.
+TEST(Training, ResumeIntoANewDirectoryContinuesTheClocks) {
+  testing::TempDir data("train_resume_elsewhere");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  const TrainResult first = train(micro_options(data, data / "a", 2), *be);
+  TrainOptions resume = micro_options(data, data / "b", 3);
+  resume.resume_path = first.checkpoint_path;
+  train(resume, *be);
+  auto train_record = [](const std::filesystem::path& metrics_path, int step) {
+    std::ifstream metrics(metrics_path);
+    for (std::string line; std::getline(metrics, line);) {
+      const nlohmann::json record = nlohmann::json::parse(line);
+      if (record.contains("train_loss") && record["step"] == step) return record;
+    }
+    ADD_FAILURE() << "no train record of step " << step << " in " << metrics_path;
+    return nlohmann::json::object();
+  };
+  const nlohmann::json before = train_record(data / "a/metrics.jsonl", 1);
+  const nlohmann::json resumed = train_record(data / "b/metrics.jsonl", 2);
+  EXPECT_NEAR(resumed["train_time_s"].get<double>() - resumed["step_seconds"].get<double>(),
+              before["train_time_s"].get<double>(), 1e-9);
+  EXPECT_GT(resumed["elapsed_s"].get<double>(), before["elapsed_s"].get<double>());
+}
+
 TEST(Training, CheckpointHasStateDictNamesShapesAndConfig) {
   testing::TempDir data("train_ckpt");
   write_micro_shards(data);
