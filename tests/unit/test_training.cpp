@@ -129,6 +129,17 @@ TEST(Training, ResumeIsBitIdenticalToAnUninterruptedRun) {
             read_bytes(optimizer_state_path(whole.checkpoint_path)));
 }
 
+// The train records of one step in a metrics file, in file order.
+std::vector<nlohmann::json> train_records(const std::filesystem::path& metrics_path, int step) {
+  std::vector<nlohmann::json> found;
+  std::ifstream metrics(metrics_path);
+  for (std::string line; std::getline(metrics, line);) {
+    const nlohmann::json record = nlohmann::json::parse(line);
+    if (record.contains("train_loss") && record["step"] == step) found.push_back(record);
+  }
+  return found;
+}
+
 // A run that died after training past its last checkpoint: resumed from it, its clocks
 // continue from the last step before the checkpoint, not from the abandoned step the
 // resumed run trains again (that step's time would count twice).
@@ -145,14 +156,8 @@ TEST(Training, ResumeAfterACrashDoesNotCountTheAbandonedStepsTime) {
   TrainOptions resume = micro_options(data, data / "run", 3);
   resume.resume_path = data / "run/step_000002.safetensors";
   train(resume, *be);
-  std::vector<nlohmann::json> step_1, step_2;
-  std::ifstream metrics(data / "run/metrics.jsonl");
-  for (std::string line; std::getline(metrics, line);) {
-    const nlohmann::json record = nlohmann::json::parse(line);
-    if (!record.contains("train_loss")) continue;
-    if (record["step"] == 1) step_1.push_back(record);
-    if (record["step"] == 2) step_2.push_back(record);
-  }
+  const std::vector<nlohmann::json> step_1 = train_records(data / "run/metrics.jsonl", 1);
+  const std::vector<nlohmann::json> step_2 = train_records(data / "run/metrics.jsonl", 2);
   ASSERT_EQ(step_1.size(), 1u);
   ASSERT_EQ(step_2.size(), 2u);  // the abandoned timeline's and the resumed run's
   const nlohmann::json& resumed = step_2.back();
@@ -170,17 +175,11 @@ TEST(Training, ResumeIntoANewDirectoryContinuesTheClocks) {
   TrainOptions resume = micro_options(data, data / "b", 3);
   resume.resume_path = first.checkpoint_path;
   train(resume, *be);
-  auto train_record = [](const std::filesystem::path& metrics_path, int step) {
-    std::ifstream metrics(metrics_path);
-    for (std::string line; std::getline(metrics, line);) {
-      const nlohmann::json record = nlohmann::json::parse(line);
-      if (record.contains("train_loss") && record["step"] == step) return record;
-    }
-    ADD_FAILURE() << "no train record of step " << step << " in " << metrics_path;
-    return nlohmann::json::object();
-  };
-  const nlohmann::json before = train_record(data / "a/metrics.jsonl", 1);
-  const nlohmann::json resumed = train_record(data / "b/metrics.jsonl", 2);
+  const std::vector<nlohmann::json> step_1 = train_records(data / "a/metrics.jsonl", 1);
+  const std::vector<nlohmann::json> step_2 = train_records(data / "b/metrics.jsonl", 2);
+  ASSERT_EQ(step_1.size(), 1u);
+  ASSERT_EQ(step_2.size(), 1u);
+  const nlohmann::json &before = step_1[0], &resumed = step_2[0];
   EXPECT_NEAR(resumed["train_time_s"].get<double>() - resumed["step_seconds"].get<double>(),
               before["train_time_s"].get<double>(), 1e-9);
   EXPECT_GT(resumed["elapsed_s"].get<double>(), before["elapsed_s"].get<double>());
