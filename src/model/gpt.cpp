@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "data/tokenizer.h"
 #include "model/attention_mask.h"
 #include "util/error.h"
 

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <numeric>
 
-#include "data/tokenizer.h"
 #include "util/error.h"
 
 namespace speedrun {

@@ -132,7 +132,7 @@ void forward_block(const AttentionTensors& a, int h, int b, AttentionScratch& sc
   scratch.first.load(a.k, a.row, h, s.D, first_key, t1 - first_key);
   for (int t = t0; t < t1; ++t) {
     const int k0 = first_visible_key(a.ranges, t, s), n = t - k0 + 1;
-    scratch.resize(n);
+    scratch.logit.resize(n);  // the scores, then their exps
     float* scores = scratch.logit.data();
     scratch.first.dots(scores, a.at(a.q, t, h), s.scale, k0, n, s.D);
     float max_score = -std::numeric_limits<float>::infinity();
