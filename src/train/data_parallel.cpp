@@ -115,13 +115,16 @@ GradReduce resolve_grad_reduce(GradReduce requested, bool device_backend) {
   return device_backend ? GradReduce::kOverlap : GradReduce::kExact;
 }
 
-// Exact: the running sum of this process's ranks, and for the multi-process gather every
-// rank's gradients. Overlap works in the model's own gradients alone.
+// Exact: one process with several ranks keeps the running sum of all but the last; several
+// processes keep their own ranks' gradients and gather every rank's. One rank per process,
+// and overlap, work in the model's own gradients alone.
 DataParallel::GradientBufferSizes DataParallel::gradient_buffer_sizes(size_t parameters, int world_size,
                                                                       int processes, GradReduce mode) {
   const int local_ranks = world_size / processes;
   GradientBufferSizes sizes;
-  if (mode == GradReduce::kExact) sizes.sum = parameters;
+  // One process sums its ranks in sum_ when it has several; the last rank's gradient is
+  // added to that sum in the model's own buffer. Several processes gather instead.
+  if (mode == GradReduce::kExact && processes == 1 && local_ranks > 1) sizes.sum = parameters;
   if (mode == GradReduce::kExact && processes > 1) {
     sizes.local = parameters * local_ranks;
     sizes.all = parameters * world_size;
@@ -166,30 +169,37 @@ void DataParallel::enqueue_gradients(std::span<const int32_t> inputs, std::span<
   }
   Backend& be = model_.backend();
   const bool distributed = comm_.size() > 1;
+  float* grads = model_.grads();
   for (int r = 0; r < local_ranks_; ++r) {
     model_.zero_grad();
     model_.forward_backward_async(inputs.subspan(r * seq, seq), targets.subspan(r * seq, seq), long_window,
                                   grad_scale, &loss_sums_[r]);
+    const bool last = r + 1 == local_ranks_;
     if (distributed) {
-      be.copy(local_grads_ + r * count_, model_.grads(), count_);
+      be.copy(local_grads_ + r * count_, grads, count_);
+    } else if (last) {
+      // sum + g_last, written where the optimiser reads it: float addition commutes, so
+      // these are the bits of sum += g_last, without copying the sum back afterwards.
+      if (r > 0) be.add(grads, nullptr, sum_, count_);
     } else if (r == 0) {
-      be.copy(sum_, model_.grads(), count_);
+      be.copy(sum_, grads, count_);
     } else {
-      be.add(sum_, nullptr, model_.grads(), count_);
+      be.add(sum_, nullptr, grads, count_);
     }
   }
   if (distributed) reduce_exact();
-  be.copy(model_.grads(), sum_, count_);
 }
 
-// The same additions as one process: sum = g_0, then sum += g_r in logical-rank order.
+// The same additions as one process, in the model's gradients: g_0, then += g_r in
+// logical-rank order.
 void DataParallel::reduce_exact() {
   Backend& be = model_.backend();
   const auto start = std::chrono::steady_clock::now();
   comm_.all_gather(local_grads_, all_grads_, count_ * local_ranks_);
   communication_seconds_ += seconds_since(start);
-  be.copy(sum_, all_grads_, count_);
-  for (int r = 1; r < model_.config().world_size; ++r) be.add(sum_, nullptr, all_grads_ + r * count_, count_);
+  float* grads = model_.grads();
+  be.copy(grads, all_grads_, count_);
+  for (int r = 1; r < model_.config().world_size; ++r) be.add(grads, nullptr, all_grads_ + r * count_, count_);
 }
 
 // This process's ranks accumulate in the model's gradients (GPT::forward_backward adds to

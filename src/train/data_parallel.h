@@ -117,7 +117,7 @@ class DataParallel {
   int first_rank_ = 0;
   int local_ranks_ = 1;
   size_t count_ = 0;
-  float* sum_ = nullptr;         // backend memory: running sum of this process's ranks
+  float* sum_ = nullptr;         // backend memory: running sum of this process's ranks but the last (exact, P = 1)
   float* local_grads_ = nullptr;  // backend memory: this process's per-rank gradients (exact, P > 1)
   float* all_grads_ = nullptr;    // backend memory: every rank's gradients (exact, P > 1)
   double* loss_sums_ = nullptr;  // Backend::alloc_host: each local rank's summed token losses

@@ -265,6 +265,35 @@ TEST(DataParallelModes, AutoIsExactOnHostMemoryAndNamesParse) {
   EXPECT_EQ(grad_reduce_name(GradReduce::kOverlap), "overlap");
 }
 
+// Exact on one process: each rank's gradient computed alone from zero, then summed
+// g_0 + g_1 + ... in rank order, bit for bit (the sum that 1, 2, 4 or 8 processes repeat).
+TEST(DataParallelExact, OneProcessSumsItsRanksGradientsInRankOrder) {
+  for (int world : {1, 2, 4}) {
+    MicroModel ranks(world), reduced(world);
+    std::vector<std::vector<float>> each(world);
+    for (int r = 0; r < world; ++r) {
+      ranks.model->zero_grad();
+      ranks.model->forward_backward(ranks.in(r), ranks.out(r), 2, 1.f / world);
+      each[r] = ranks.model->gradients_to_host();
+    }
+    std::vector<float> in_order = each[0], reversed = each[world - 1];
+    for (int r = 1; r < world; ++r) {
+      for (size_t i = 0; i < in_order.size(); ++i) {
+        in_order[i] += each[r][i];
+        reversed[i] += each[world - 1 - r][i];
+      }
+    }
+    auto comm = make_single_process_communicator();
+    DataParallel exact(*comm, *reduced.model, {GradReduce::kExact});
+    exact.compute_gradients(reduced.inputs, reduced.targets, 2);
+    const std::vector<float> got = reduced.model->gradients_to_host();
+    ASSERT_EQ(got.size(), in_order.size());
+    EXPECT_EQ(std::memcmp(got.data(), in_order.data(), got.size() * sizeof(float)), 0) << "world " << world;
+    // Sensitive to the order: with three terms or more another order gives other bits.
+    if (world > 2) EXPECT_NE(std::memcmp(reversed.data(), in_order.data(), got.size() * sizeof(float)), 0);
+  }
+}
+
 // What `speedrun memory` adds for the gradient reduction is what DataParallel allocates.
 TEST(DataParallelModes, MemoryBytesAreWhatTheConstructorAllocates) {
   for (GradReduce mode : {GradReduce::kExact, GradReduce::kOverlap}) {
@@ -276,12 +305,15 @@ TEST(DataParallelModes, MemoryBytesAreWhatTheConstructorAllocates) {
       DataParallel dp(*comm, *m.model, {mode});
       const size_t expected = DataParallel::memory_bytes(m.model->layout().total(), world, 1, mode);
       EXPECT_EQ(be.peak_memory_bytes() - before, expected) << grad_reduce_name(mode) << " world " << world;
-      // Overlap reduces in the model's gradients; exact holds one gradient sum.
-      EXPECT_EQ(expected, mode == GradReduce::kOverlap ? 0 : m.model->layout().total() * sizeof(float));
+      // Overlap reduces in the model's gradients; exact holds one gradient sum for the
+      // ranks before the last, which is added in the model's gradients.
+      const bool sums = mode == GradReduce::kExact && world > 1;
+      EXPECT_EQ(expected, sums ? m.model->layout().total() * sizeof(float) : 0);
     }
   }
-  // The exact gather of P processes holds every rank's gradients too.
-  EXPECT_EQ(DataParallel::memory_bytes(10, 8, 2, GradReduce::kExact), (10 + 40 + 80) * sizeof(float));
+  // The exact gather of P processes holds this process's ranks' gradients and every rank's,
+  // summed in the model's gradients.
+  EXPECT_EQ(DataParallel::memory_bytes(10, 8, 2, GradReduce::kExact), (40 + 80) * sizeof(float));
   EXPECT_EQ(resolve_grad_reduce(GradReduce::kAuto, true), GradReduce::kOverlap);
   EXPECT_EQ(resolve_grad_reduce(GradReduce::kAuto, false), GradReduce::kExact);
 }

@@ -266,9 +266,19 @@ class CpuBackend final : public Backend {
   void upload_i32(int32_t* dst, const int32_t* host, size_t count) override {
     move_bytes(dst, host, count * sizeof(int32_t));
   }
-  void zero(float* dst, size_t count) override { std::memset(dst, 0, count * sizeof(float)); }
+  void zero(float* dst, size_t count) override {
+    auto* bytes = reinterpret_cast<char*>(dst);
+    over_pieces(count * sizeof(float), [&](size_t at, size_t n) { std::memset(bytes + at, 0, n); });
+  }
   void copy(float* dst, const float* src, size_t count) override {
-    move_bytes(dst, src, count * sizeof(float));
+    const size_t size = count * sizeof(float);
+    if (ranges_overlap(dst, src, size)) {
+      move_bytes(dst, src, size);
+    } else {
+      auto* to = reinterpret_cast<char*>(dst);
+      const auto* from = reinterpret_cast<const char*>(src);
+      over_pieces(size, [&](size_t at, size_t n) { std::memcpy(to + at, from + at, n); });
+    }
     scribble_on_loan();
   }
   void fill_i32(int32_t* dst, int32_t value, size_t count) override { std::fill(dst, dst + count, value); }
@@ -766,6 +776,21 @@ class CpuBackend final : public Backend {
     lowp::copy_rounded_to_bf16(copy.data(), x, extent);
     operand_copy_traffic_ += extent * (sizeof(float) + sizeof(uint16_t));
     return copy.data();
+  }
+
+  // fn(offset, length) over [0, bytes) in 1 MiB pieces shared by the threads: one core
+  // alone moves about a third of what two do here (zeroing 65 MB of gradients: 3.2 ms on
+  // one thread, 1.2 ms on two).
+  template <class Fn>
+  static void over_pieces(size_t bytes, const Fn& fn) {
+    constexpr size_t kPiece = size_t{1} << 20;
+    const size_t pieces = (bytes + kPiece - 1) / kPiece;
+#pragma omp parallel for schedule(static) if (pieces > 1)
+    for (size_t p = 0; p < pieces; ++p) fn(p * kPiece, std::min(kPiece, bytes - p * kPiece));
+  }
+  static bool ranges_overlap(const void* a, const void* b, size_t bytes) {
+    const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+    return x < y + bytes && y < x + bytes;
   }
 
   // memmove that accepts the null data() of an empty vector when there is nothing to move.
