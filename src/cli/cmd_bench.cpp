@@ -272,6 +272,13 @@ void register_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "exact", "overlap"}))
       ->capture_default_str();
   cmd->callback([opts] {
+    // The sweep measures each shape's candidates against the heuristic's first, which tuning
+    // replaces by its own choice: its "saves" would be against an algorithm the step never ran.
+    if (opts->sweep_matmuls > 0 && opts->backend.autotune_matmuls > 0) {
+      throw UsageError("--sweep-matmuls compares cuBLASLt's candidates with the heuristic's first algorithm, which "
+                       "--autotune-matmuls replaces (its report lists each tuned plan against that first): use one "
+                       "or the other");
+    }
     if (opts->sweep_matmuls > 0 && opts->device != "cuda") {
       throw UsageError("--sweep-matmuls times cuBLASLt's algorithms: it needs --device cuda");
     }

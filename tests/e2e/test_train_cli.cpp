@@ -501,6 +501,15 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
   const RunResult too_many = speedrun("bench --preset micro --device cuda --sweep-matmuls 65", dir_);
   EXPECT_EQ(too_many.exit_code, 2);
   EXPECT_TRUE(contains(too_many.err, "--sweep-matmuls")) << too_many.err;
+  // The sweep's savings are against the heuristic's first, which tuning replaces: refused
+  // together, on any device, before a step.
+  for (const std::string device : {"cpu", "cuda"}) {
+    const RunResult both =
+        speedrun("bench --preset micro --steps 1 --device " + device + " --sweep-matmuls 4 --autotune-matmuls 4", dir_);
+    EXPECT_EQ(both.exit_code, 2) << device;
+    EXPECT_TRUE(contains(both.err, "use one or the other")) << both.err;
+    EXPECT_FALSE(contains(both.out, "step: ")) << both.out;
+  }
   // So does choosing them by timing, in train and bench alike.
   const std::string tuned_dir = quote((dir_ / "tuned").string());
   for (const std::string& command : {std::string("bench --preset micro --steps 1"),
