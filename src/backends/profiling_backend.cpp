@@ -231,19 +231,19 @@ class ProfilingBackend final : public Backend {
   }
   void fp8_head_forward(float* logits, const float* x, const float* W, int rows, int V, int d,
                         bool requantize_weight) override {
-    timed("matmul (FP8 head)", 2.0 * rows * V * d, 0,
+    timed(kFp8HeadOp, 2.0 * rows * V * d, 0,
           [&] { inner_.fp8_head_forward(logits, x, W, rows, V, d, requantize_weight); });
   }
   void fp8_head_backward(float* dx, float* dW, const float* dlogits, const float* x, const float* W, int rows, int V,
                          int d, float output_scale) override {
-    timed("matmul (FP8 head)", 4.0 * rows * V * d, 0,
+    timed(kFp8HeadOp, 4.0 * rows * V * d, 0,
           [&] { inner_.fp8_head_backward(dx, dW, dlogits, x, W, rows, V, d, output_scale); });
   }
   void fp8_head_loss(float* logits, float* loss, float* dx, float* dW, const float* x, const float* W,
                      const int32_t* t, int rows, int V, int d, float c, float loss_scale, float output_scale,
                      bool requantize_weight) override {
     // Its three products; the loss between them is timed with them.
-    timed("matmul (FP8 head)", 6.0 * rows * V * d, 0, [&] {
+    timed(kFp8HeadOp, 6.0 * rows * V * d, 0, [&] {
       inner_.fp8_head_loss(logits, loss, dx, dW, x, W, t, rows, V, d, c, loss_scale, output_scale, requantize_weight);
     });
   }

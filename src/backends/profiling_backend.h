@@ -12,6 +12,9 @@
 
 namespace speedrun {
 
+// The profiled name of the FP8 lm_head's ops (its products, casts and fused loss, timed as one).
+inline constexpr const char* kFp8HeadOp = "matmul (FP8 head)";
+
 struct OpStats {
   long long calls = 0;
   double seconds = 0;

@@ -380,9 +380,34 @@ TEST_F(TrainCli, BenchReportsTheStepAndWritesItsJson) {
   EXPECT_EQ(j["autotune_matmuls"], 0);  // nothing chosen by timing
   EXPECT_EQ(j["head_chunk_rows"], 256);  // the CPU's default
   EXPECT_TRUE(j["matmul_tunings"].is_null()) << j["matmul_tunings"].dump();
+  EXPECT_TRUE(j["fp8_head_gflops"].is_null());  // a plain head
   // Launch counts from exec: at least the time of the steps it contains, and not absurd.
   EXPECT_GE(j["first_step_seconds"].get<double>(), j["ms_per_step"].get<double>() / 1000 / 4);
   EXPECT_LT(j["first_step_seconds"].get<double>(), 60);
+}
+
+// The FP8 head's op (products, casts and fused loss timed as one) has a rate of its own,
+// kept out of the products' aggregate rate.
+TEST_F(TrainCli, BenchReportsTheFp8HeadApartFromTheProducts) {
+  const fs::path json = dir_ / "bench_fp8.json";
+  const RunResult r =
+      speedrun("bench --preset micro --steps 1 --set lm_head_fp8=1 --json " + quote(json.string()), dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "lm_head FP8 ")) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(read_all(json));
+  const nlohmann::json& ops = j["ops"];
+  ASSERT_TRUE(ops.contains("matmul (FP8 head)")) << ops.dump();
+  const double head_gflops = ops["matmul (FP8 head)"]["gflops"].get<double>();
+  ASSERT_GT(head_gflops, 0);
+  EXPECT_NEAR(j["fp8_head_gflops"].get<double>(), head_gflops, 1e-9 * head_gflops);
+  double gflop = 0, ms = 0;  // the other products: GFLOP/s x ms / 1000 each
+  for (const auto& [name, op] : ops.items()) {
+    if (name.rfind("matmul", 0) != 0 || name == "matmul (FP8 head)") continue;
+    gflop += op["gflops"].get<double>() * op["ms_per_step"].get<double>() / 1000;
+    ms += op["ms_per_step"].get<double>();
+  }
+  ASSERT_GT(ms, 0);
+  EXPECT_NEAR(j["matmul_gflops"].get<double>(), gflop / ms * 1000, 1e-9 * gflop / ms * 1000);
 }
 
 TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheCpu) {
