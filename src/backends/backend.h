@@ -66,8 +66,9 @@ struct AdamBiasCorrection {
   float step_size(float lr) const { return static_cast<float>(lr / bias1); }
 };
 
-// The contract of the backward ops that may leave dx unwritten (rmsnorm_backward_bf16,
-// relu2_backward_bf16): only when its codes are written and nothing accumulates into it.
+// The contract of the bf16 backward ops that may leave dx unwritten (rmsnorm_backward_bf16,
+// relu2_backward_bf16, relu2_backward_from_bf16, rotary_rmsnorm_backward_bf16): only when
+// its codes are written and nothing accumulates into it.
 inline void require_codes_for_null_output(const float* dx, const uint16_t* dx_codes, bool accumulate,
                                           const char* op) {
   if (!dx && (!dx_codes || accumulate)) throw Error(std::string(op) + ": a null dx needs dx_codes and no accumulation");
@@ -183,7 +184,7 @@ class Backend {
   // --matmul bf16).
   virtual void gemm_to_bf16(bool transpose_a, bool transpose_b, int M, int N, int K, const float* A, int lda,
                             const float* B, int ldb, const uint16_t* addend, uint16_t* C, int ldc) = 0;
-  // The same over `batch` matrices spaced by the given strides (in elements).
+  // gemm over `batch` matrices spaced by the given strides (in elements).
   virtual void gemm_batched(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const float* A,
                             int lda, size_t stride_a, const float* B, int ldb, size_t stride_b, float beta, float* C,
                             int ldc, size_t stride_c, int batch) = 0;
@@ -198,12 +199,12 @@ class Backend {
   virtual void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int T, int dim) = 0;
 
   // --- normalisation and position ---------------------------------------------------
-  // out = x / sqrt(mean(x^2) + eps) per row; rstd saved for the backward; out_codes (unless
-  // null) = bf16(out), for a matmul operand held by hold_produced_operand.
+  // out = x / sqrt(mean(x^2) + eps) per row (out may be x); rstd saved for the backward;
+  // out_codes (unless null) = bf16(out), for a matmul operand held by hold_produced_operand.
   virtual void rmsnorm_forward(float* out, uint16_t* out_codes, float* rstd, const float* x, int rows, int dim,
                                float eps) = 0;
-  // dx (+)= rstd * (dout - out * mean(dout * out)), from the forward's out and rstd;
-  // dx_codes (unless null) = bf16 of the final dx, for a matmul operand held by
+  // dx (+)= rstd * (dout - out * mean(dout * out)), from the forward's out and rstd (dx may
+  // be dout when not accumulating); dx_codes (unless null) = bf16 of the final dx, for a matmul operand held by
   // hold_produced_operand.
   virtual void rmsnorm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const float* rstd,
                                 int rows, int dim, bool accumulate) = 0;
@@ -237,7 +238,7 @@ class Backend {
   virtual void add(float* out, uint16_t* out_codes, const float* x, size_t n) = 0;
   // out = relu(x)^2.
   virtual void relu2_forward(float* out, const float* x, size_t n) = 0;
-  // dx = dout * 2 relu(x).
+  // dx = dout * 2 relu(x); dx may be dout.
   virtual void relu2_backward(float* dx, const float* dout, const float* x, size_t n) = 0;
 
   // --- bfloat16 activation storage (SPEC §6: the reference keeps activations in bf16) ------
@@ -254,7 +255,7 @@ class Backend {
   // floats.
   virtual void rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* out,
                                      const float* rstd, int rows, int dim, bool accumulate) = 0;
-  // In the three relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
+  // In the four relu^2 ops below, out_codes / dx_codes (unless null) = bf16 of the float
   // output as well: a matmul operand held by hold_produced_operand. The two forward ones
   // take a null out when out_codes is given: the codes alone, where nothing reads the floats.
   // stored (unless null) = bf16(x); out = relu(bf16(x))^2. out may alias x.

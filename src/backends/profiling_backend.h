@@ -1,6 +1,7 @@
-// A Backend decorator that times every op (synchronising the wrapped backend around
-// each call) and counts matmul FLOPs and the memory-traffic floor of memory-bound ops:
-// what `speedrun bench` reports per op.
+// A Backend decorator that times every compute and transfer op (synchronising the wrapped
+// backend around each call; fills, operand holds and allocations pass through untimed) and
+// counts matmul FLOPs and the memory-traffic floor of memory-bound ops: what `speedrun
+// bench` reports per op.
 #pragma once
 
 #include <map>
@@ -18,7 +19,7 @@ inline constexpr const char* kFp8HeadOp = "matmul (FP8 head)";
 struct OpStats {
   long long calls = 0;
   double seconds = 0;
-  double flops = 0;  // counted for gemm and attention
+  double flops = 0;  // counted for the products (gemm, gemm_to_bf16, gemm_batched, the FP8 head)
   double bytes = 0;  // the floor of memory traffic, counted for memory-bound ops
 };
 

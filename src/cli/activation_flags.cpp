@@ -14,8 +14,9 @@ void ActivationFlags::add_to(CLI::App* command) {
       ->excludes(all);
   command
       ->add_option("--activations", precision,
-                   "storage of the MLP's pre-activation and the normalised q and k: bf16 (rounded where computed "
-                   "and kept as 16-bit codes; SPEC §6) or fp32; auto = bf16 on cuda, fp32 on cpu")
+                   "storage precision of the activations (residual stream, norms, q/k/v, attention output, MLP): "
+                   "bf16 (rounded where computed and kept as 16-bit codes; SPEC §6) or fp32; auto = bf16 on cuda, "
+                   "fp32 on cpu")
       ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
       ->capture_default_str();
 }

@@ -72,7 +72,7 @@ void register_memory_command(CLI::App& app) {
         {"gradient_bytes", "gradients", plan.gradient_bytes, "float32"},
         {"optimizer_bytes", "optimizer state", run.optimizer_bytes, "Adam m and v, Muon momentum, Newton-Schulz scratch"},
         {"gradient_reduction_bytes", "gradient reduction", run.gradient_reduction_bytes,
-         "exact reduction only: the sum over this process's sequences, the gather's copies"},
+         "exact reduction only: one process's running sum of its sequences but the last, or the gathered copies"},
         {"arena_bytes", "activations", plan.arena_bytes(), "the larger of the two passes below, in one arena"},
         {"training_bytes", "  training pass", plan.training_bytes, "activations kept for the backward, gradient scratch"},
         {"forward_only_bytes", "  forward-only pass", plan.forward_only_bytes, forward_only.c_str()},

@@ -48,7 +48,8 @@ void register_sample_command(CLI::App& app) {
     const int step = load_model(opts->checkpoint, model);
     Sampler sampler(model, long_window_blocks(config, step));
     TokenChooser chooser(opts->sampling, config.vocab_size);
-    // The prompt is a document of its own: it starts after the model's separator (50256).
+    // The prompt is a document of its own: it starts after the config's document_separator
+    // (50256 by default).
     std::vector<int32_t> prompt = {config.document_separator};
     for (uint32_t id : tokenizer.encode(opts->prompt)) prompt.push_back(static_cast<int32_t>(id));
     std::fwrite(opts->prompt.data(), 1, opts->prompt.size(), stdout);

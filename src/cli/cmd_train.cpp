@@ -209,7 +209,8 @@ void register_train_command(CLI::App& app) {
       ->check(finite_number(0, true))
       ->capture_default_str();
   cmd->add_option("--grad-reduce", opts->grad_reduce,
-                  "multi-process gradient reduction: exact (bit-identical for any process count), overlap "
+                  "gradient reduction over the logical ranks and processes: exact (bit-identical for any process "
+                  "count), overlap "
                   "(each process's sequences accumulated in place, bucketed all-reduce during the backward), auto "
                   "(overlap on cuda, else exact)")
       ->check(CLI::IsMember({"auto", "exact", "overlap"}))

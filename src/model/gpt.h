@@ -114,7 +114,8 @@ class GPT {
   void set_fault_flag(int32_t* flag) { fault_flag_ = flag; }
 
   // Mean cross-entropy of one packed sequence (host tokens, T a multiple of the block
-  // size, T <= max_train_T, or <= max_eval_T when grad_scale == 0) with the given long window (blocks). When grad_scale != 0, also
+  // size, T <= max_train_T, or <= max(max_train_T, max_eval_T) when grad_scale == 0) with
+  // the given long window (blocks). When grad_scale != 0, also
   // adds grad_scale * d(mean loss)/d(params) to the gradients.
   double forward_backward(std::span<const int32_t> inputs, std::span<const int32_t> targets, int long_window,
                           float grad_scale);
@@ -215,8 +216,8 @@ class GPT {
   void relu2_backward(float* dh, const uint16_t* dg_codes, const float* h, const uint16_t* stored, int T);
   // On entry the training buffers' dx holds d(block output), held as kHeldGradient by the op
   // that computed it (codes written by that op); on return d(block input), held likewise
-  // when hold_input_gradient (the next block reads it as it is). Adds parameter, x0 and
-  // value-embedding gradients.
+  // when hold_input_gradient (the next block reads it as it is). Adds parameter and
+  // value-embedding gradients; x0's into dx0 (written by the last layer, added by the others).
   void block_backward(int layer, int T, int window, LayerActivations& a, StreamTensor x_in,
                       bool hold_input_gradient);
   // hold_produced_operand(kHeldGradient) for the training buffers' dx: the codes buffer for

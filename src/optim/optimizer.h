@@ -32,8 +32,9 @@ class Optimizer {
 
   // Applies the update of step s (0-based) to params from grads. With a communicator of
   // P > 1 processes (all holding the same grads), Muon is sharded as in the record: the
-  // i-th Muon matrix tensor is orthogonalised by process i % P and broadcast
-  // asynchronously while the next is computed; Adam runs replicated (its cost is a few
+  // i-th Muon matrix tensor is orthogonalised by process i % P; each shape group's tensors
+  // are broadcast asynchronously once the group is applied, overlapping the next group's
+  // work; Adam runs replicated (its cost is a few
   // elementwise passes, so sharding its state would save memory, not time).
   // With `skip` (a backend int32, see Backend::adam_update) set to non-zero by the time the
   // queued update runs, nothing changes: the host need not wait for a fault verdict.

@@ -1,4 +1,4 @@
-// Data parallelism over logical ranks: the exact (rank-ordered gather) and overlapped
+// Data parallelism over logical ranks: the exact (rank-ordered sum, gathered across processes) and overlapped
 // (bucketed all-reduce during the backward) gradient reductions, and the loss average.
 #include "train/data_parallel.h"
 

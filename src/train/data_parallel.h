@@ -1,7 +1,7 @@
 // Data parallelism over logical ranks (SPEC §4): world_size sequences per step are
 // shared by the P processes of the run (world_size / P each), in one of two gradient
-// reductions. `exact`: every rank's gradient is gathered and summed in logical-rank order —
-// the same float additions for any P — so 1, 2, 4 or 8 processes train bit-identical
+// reductions. `exact`: every rank's gradient is summed in logical-rank order (gathered
+// first when P > 1) — the same float additions for any P — so 1, 2, 4 or 8 processes train bit-identical
 // models. `overlap`: each process adds its ranks' gradients straight into the model's
 // (no buffer), and the all-reduce of each bucket of final gradients starts during the
 // last rank's backward pass (rounding then depends on P and differs from exact's).

@@ -23,7 +23,7 @@ struct FaultMonitorOptions {
   NonFinitePolicy non_finite = NonFinitePolicy::kStop;
   SpikePolicy spike = SpikePolicy::kWarn;
   // Gradients are checked on steps s with s % grad_check_every == 0. The loss is checked
-  // every step: it reaches the host anyway. 1 on the CPU (a cheap pass over the gradient).
+  // every step: it reaches the host anyway. Default 1 (one cheap pass over the gradient).
   int grad_check_every = 1;
   int spike_window = 128;       // losses the running mean and std are taken over
   double spike_zscore = 5.0;    // a step whose loss has z > this is a spike

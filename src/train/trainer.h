@@ -34,7 +34,8 @@ struct TrainOptions {
   int save_every = 0;              // also save every N steps (0: only at the end)
   int keep = 2;                    // checkpoints of this run kept on disk, newest first
   bool write_plots = true;         // loss.svg and loss.png in out_dir at the end
-  // Polled after every step: a signal number stops the run there with a checkpoint.
+  // Polled before every step and after every validation: a signal number stops the run
+  // there with a checkpoint.
   std::function<int()> stop_requested;
   // The run's processes (mpirun): null means this process alone. Only rank 0 prints,
   // writes metrics, plots and checkpoints.
@@ -55,8 +56,8 @@ struct TrainResult {
   std::string checkpoint_path;       // the last checkpoint saved
   std::vector<std::string> checkpoints_kept;  // this run's checkpoints still on disk, oldest first
   double seconds = 0;                // training time, validation excluded
-  int stopped_by_signal = 0;
-  std::vector<int> skipped_steps;    // steps whose update a fault policy skipped         // the signal that stopped the run early, or 0
+  int stopped_by_signal = 0;         // the signal that stopped the run early, or 0
+  std::vector<int> skipped_steps;    // steps whose update a fault policy skipped
   RunSummary summary;
 };
 

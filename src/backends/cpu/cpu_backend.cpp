@@ -240,8 +240,8 @@ class CpuBackend final : public Backend {
 
   // The CPU's temporaries are few and small: it borrows nothing, but with
   // poison_lent_scratch it scribbles NaN over the loan where CUDA's ops take temporaries
-  // from it (copy, embedding_backward, attention) and after every product, so that a
-  // loan overlapping a live buffer shows.
+  // from it (copy, embedding_backward, attention, the fused q/k norm and rotary ops) and
+  // after every product, so that a loan overlapping a live buffer shows.
   void lend_scratch(float* memory, size_t bytes) override {
     loan_ = memory;
     loan_floats_ = bytes / sizeof(float);
@@ -596,6 +596,7 @@ class CpuBackend final : public Backend {
     const FloatsOrTemporary values(out, n);
     rmsnorm_forward_bf16(values.data(), normed, rstd, x, T * H, D, eps);
     rotary(values.data(), rotated, T, H, D, base, false);
+    if (!out) scribble_on_loan();  // CUDA's values then live in its scratch
   }
 
   void rmsnorm_rotary_from_bf16(float* out, uint16_t* normed, uint16_t* rotated, float* rstd, const uint16_t* x,
@@ -610,6 +611,7 @@ class CpuBackend final : public Backend {
     const FloatsOrTemporary values(out, n);
     widen_bf16(values.data(), normed, n);
     rotary(values.data(), rotated, T, H, D, base, false);
+    if (!out) scribble_on_loan();  // CUDA's values then live in its scratch
   }
 
   void rotary_rmsnorm_backward_bf16(float* dx, uint16_t* dx_codes, const float* dout, const uint16_t* normed,
@@ -618,6 +620,7 @@ class CpuBackend final : public Backend {
     std::vector<float> turned(dout, dout + static_cast<size_t>(T) * H * D);
     rotary(turned.data(), nullptr, T, H, D, base, true);
     rmsnorm_backward_bf16(dx, dx_codes, turned.data(), normed, rstd, T * H, D, false);
+    scribble_on_loan();  // CUDA turns dout back in its scratch
   }
 
   void attention_forward(float* y, uint16_t* y_codes, float* lse, const float* q, const float* k, const float* v,
