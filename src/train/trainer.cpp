@@ -247,6 +247,9 @@ class TrainingRun {
  public:
   TrainingRun(const TrainOptions& options, Backend& backend);
   TrainResult run();
+  // Whether this run trained a step or saved a checkpoint: a failed run that did neither
+  // leaves nothing worth keeping.
+  bool made_progress() const { return !result_.checkpoint_path.empty() || state_.step > result_.first_step; }
 
  private:
   int end_step() const;
@@ -258,6 +261,7 @@ class TrainingRun {
   // The stop message's end: why the saved state may not train on when resumed.
   std::string what_resuming_the_saved_state_gives(double loss);
   void save_checkpoint_at_step();
+  TokenBatch next_batch(int step);
   void write_plots();
   void finish_summary();
 
@@ -374,7 +378,7 @@ void TrainingRun::validate(int step) {
 
 void TrainingRun::train_one_step(int step) {
   const auto start = Clock::now();
-  TokenBatch batch = prefetcher_->next();
+  TokenBatch batch = next_batch(step);
   StepVerdict verdict;
   const double loss = run_training_step(dp_, optimizer_, batch.inputs, batch.targets, step, &monitor_, &verdict,
                                         &fault_flag_);
@@ -393,6 +397,21 @@ void TrainingRun::train_one_step(int step) {
                    {"elapsed_s", prior_.elapsed_s + seconds_since(launch_)},
                    {"train_time_s", prior_.train_time_s + result_.seconds}});
   progress_.step_done(step, loss, step_seconds);
+}
+
+// A shard's bad token (an id past the vocabulary) is found when the stream reaches it: the
+// state before this step is whole then, so one process saves it for a resume once the
+// shard is mended. (With several processes the failing one may not be the one that saves.)
+TokenBatch TrainingRun::next_batch(int step) {
+  try {
+    return prefetcher_->next();
+  } catch (const Error& e) {
+    if (comm_.size() > 1) throw;
+    save_checkpoint_at_step();
+    throw Error(std::string(e.what()) + "; the state before step " + std::to_string(step) + " was saved as " +
+                result_.checkpoint_path + ": mend or replace the shard, then continue with --resume " +
+                result_.checkpoint_path);
+  }
 }
 
 void TrainingRun::report_fault(int step, double loss, const StepVerdict& verdict) {
@@ -557,7 +576,14 @@ void require_validation_data(const std::vector<std::string>& val_files, const Co
                                             config.val_seq_len);
   const TokenStream stream = validation_stream(val_files, config);
   const size_t left = stream.windows_left();
-  if (left >= windows) return;
+  if (left >= windows) {
+    // Every token the validations read is checked against the vocabulary now, before a run
+    // writes anything: the stream checks what it serves, and validation reads all of it
+    // (val_tokens: a few MB) every time anyway.
+    TokenStream ids = validation_stream(val_files, config);
+    for (size_t w = 0; w < windows; ++w) ids.next(0, config.world_size);
+    return;
+  }
   throw Error("not enough validation data: val_tokens = " + std::to_string(config.val_tokens) + " needs " +
               std::to_string(windows) + " windows of world_size * val_seq_len = " +
               std::to_string(config.world_size) + " * " + std::to_string(config.val_seq_len) + " tokens, but the " +
@@ -600,19 +626,34 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
   validation_windows(static_cast<size_t>(options.config.val_tokens), options.config.world_size,
                      options.config.val_seq_len);
   const bool creates_out_dir = !fs::exists(options.out_dir);
+  const std::string metrics_path = metrics_path_of(options);
+  const bool creates_metrics = !fs::exists(metrics_path);
   prepare_out_dir(options.out_dir);
+  // Rank 0 alone: it may already have written its config when another process looks.
+  const bool leader = !options.comm || options.comm->rank() == 0;
+  bool owns_new_run_files = false;  // the config and metrics this new run writes are its own
+  std::optional<TrainingRun> run;
   try {
-    // Rank 0 alone: it may already have written its config when another process looks.
-    const bool leader = !options.comm || options.comm->rank() == 0;
-    if (leader && options.resume_path.empty()) refuse_a_run_in(options.out_dir, metrics_path_of(options), "a new run");
+    if (leader && options.resume_path.empty()) {
+      refuse_a_run_in(options.out_dir, metrics_path, "a new run");
+      owns_new_run_files = true;
+    }
     // A process killed while saving (SIGKILL, mpirun's own Ctrl-C) left its temporaries in
     // this run's directory (removed after the refusal above: never in another run's).
     if (leader) remove_abandoned_temporaries(options.out_dir);
-    TrainingRun run(options, backend);
-    return run.run();
+    run.emplace(options, backend);
+    return run->run();
   } catch (...) {
-    // A run refused before it wrote anything leaves no empty directory of its own behind.
+    // A new run that failed before training a step or saving a checkpoint (a validation
+    // loss that is not finite at step 0, say) removes its config and metrics: they would
+    // only make the directory refuse the corrected run. No empty directory of its own stays.
+    const bool nothing_to_keep = owns_new_run_files && (!run || !run->made_progress());
+    run.reset();
     std::error_code ec;
+    if (nothing_to_keep) {
+      fs::remove(fs::path(options.out_dir) / "config.json", ec);
+      if (creates_metrics) fs::remove(metrics_path, ec);
+    }
     if (creates_out_dir && fs::is_empty(options.out_dir, ec) && !ec) fs::remove(options.out_dir, ec);
     throw;
   }

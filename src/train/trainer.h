@@ -75,7 +75,8 @@ double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const
                          StepVerdict* verdict = nullptr, DeviceFaultFlag* flag = nullptr);
 
 // Throws, naming val_tokens and the shards, unless the validation shards hold the
-// val_tokens that evaluate() reads. Callers check once, before the first evaluation.
+// val_tokens that evaluate() reads, or naming the shard and offset of a token they read
+// that is not below vocab_size. Callers check once, before the first evaluation.
 void require_validation_data(const std::vector<std::string>& val_files, const Config& config);
 
 // Mean validation loss over val_tokens (SPEC §1) with the window of `step`.

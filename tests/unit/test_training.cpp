@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <random>
@@ -254,6 +255,98 @@ TEST(Training, ASignalDuringValidationStopsBeforeTheNextStep) {
   EXPECT_TRUE(result.train_losses.empty());
   EXPECT_EQ(result.val_losses.size(), 1u);
   EXPECT_TRUE(std::filesystem::exists(data / "run/step_000000.safetensors"));
+}
+
+// A token past the vocabulary in a train shard stops the run when the stream reaches it,
+// with the state before that step saved; once the shard is mended, resuming that state
+// gives the uninterrupted run's checkpoint, bit for bit.
+TEST(Training, ABadTokenMidRunSavesTheStateBeforeItsStepAndResumesOnceMended) {
+  testing::TempDir data("train_bad_token");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  const TrainResult whole = train(micro_options(data, data / "whole", 14), *be);
+  std::vector<uint16_t> tokens = rule_tokens(6000, 1);
+  const std::vector<uint16_t> good = tokens;
+  tokens[650] = 350;  // micro's vocabulary has 300 tokens; about the sixth window of 129
+  write_shard(data / "train_000000.bin", tokens);
+  std::string message;
+  try {
+    train(micro_options(data, data / "run", 14), *be);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("train_000000.bin': token id 350 at offset 650"), std::string::npos) << message;
+  std::vector<std::string> saved;
+  for (const auto& entry : std::filesystem::directory_iterator(data / "run")) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && name.find(".optim.") == std::string::npos) saved.push_back(entry.path());
+  }
+  ASSERT_EQ(saved.size(), 1u) << message;
+  EXPECT_NE(message.find("--resume " + saved[0]), std::string::npos) << message;
+  int step = -1;
+  ASSERT_EQ(std::sscanf(std::filesystem::path(saved[0]).filename().c_str(), "step_%d", &step), 1);
+  EXPECT_GT(step, 2);  // the windows before the bad token trained
+  EXPECT_LT(step, 8);
+  write_shard(data / "train_000000.bin", good);
+  TrainOptions resume = micro_options(data, data / "run", 14);
+  resume.resume_path = saved[0];
+  const TrainResult resumed = train(resume, *be);
+  EXPECT_EQ(read_bytes(resumed.checkpoint_path), read_bytes(whole.checkpoint_path));
+}
+
+// The validation's tokens are checked against the vocabulary up front, every one that
+// validation reads (micro: two windows of 128 tokens and a last target) and no further.
+TEST(Training, ValidationTokensAreCheckedBeforeTheRunStarts) {
+  testing::TempDir data("train_bad_val");
+  const Config c = Config::preset("micro");
+  for (const size_t at : {size_t{0}, size_t{256}, size_t{257}}) {
+    std::vector<uint16_t> tokens = rule_tokens(600, 3);
+    tokens[at] = 300;
+    write_shard(data / "val_000000.bin", tokens);
+    const std::vector<std::string> files = expand_glob(data / "val_*.bin");
+    if (at <= 256) {
+      EXPECT_THROW(
+          {
+            try {
+              require_validation_data(files, c);
+            } catch (const Error& e) {
+              EXPECT_NE(std::string(e.what()).find("token id 300 at offset " + std::to_string(at)), std::string::npos)
+                  << e.what();
+              throw;
+            }
+          },
+          Error);
+    } else {
+      EXPECT_NO_THROW(require_validation_data(files, c));  // past what validation reads
+    }
+  }
+}
+
+// A new run that fails before training a step or saving a checkpoint takes its config and
+// metrics away again (they would make the directory refuse the corrected run); one that
+// trained keeps them.
+TEST(Training, ANewRunThatFailsBeforeItsFirstStepLeavesNothing) {
+  testing::TempDir data("train_early_failure");
+  write_micro_shards(data);
+  auto be = make_cpu_backend();
+  for (const bool dir_existed : {false, true}) {
+    const std::filesystem::path out = data / (dir_existed ? "existing" : "created");
+    if (dir_existed) std::filesystem::create_directory(out);
+    TrainOptions o = micro_options(data, out, 6);
+    o.stop_requested = []() -> int { throw Error("injected failure"); };  // polled before step 0
+    EXPECT_THROW(train(o, *be), Error);
+    EXPECT_EQ(std::filesystem::exists(out), dir_existed);
+    if (dir_existed) EXPECT_TRUE(std::filesystem::is_empty(out));
+  }
+  TrainOptions later = micro_options(data, data / "trained", 6);
+  int polls = 0;
+  later.stop_requested = [&polls]() -> int {
+    if (++polls > 2) throw Error("injected failure");
+    return 0;
+  };
+  EXPECT_THROW(train(later, *be), Error);
+  EXPECT_TRUE(std::filesystem::exists(data / "trained/config.json"));
+  EXPECT_EQ(train_records(data / "trained/metrics.jsonl", 0).size(), 1u);  // step 0 trained
 }
 
 // Every tensor's bytes of a checkpoint's model and optimiser files (non-finite values
