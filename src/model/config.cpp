@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -58,6 +59,14 @@ void read_field(const json& v, std::vector<int>& out, const std::string& key, co
     values.push_back(x);
   }
   out = std::move(values);
+}
+
+// Within float32's normal range: neither 0 nor infinite (nor subnormal) once rounded.
+bool positive_float32(double x) {
+  return x >= std::numeric_limits<float>::min() && x <= std::numeric_limits<float>::max();
+}
+std::string float32_range() {
+  return "from " + show(std::numeric_limits<float>::min()) + " to " + show(std::numeric_limits<float>::max());
 }
 
 void require(bool ok, const std::string& message) {
@@ -178,8 +187,16 @@ void Config::validate() const {
   require(num_iterations >= 1, "num_iterations must be >= 1, got " + str(num_iterations));
   require(val_every >= 1, "val_every must be >= 1, got " + str(val_every));
   require(window_final_tokens >= 0, "window_final_tokens must be >= 0");
-  require(logit_softcap > 0, "logit_softcap must be > 0");
-  require(rotary_base > 0, "rotary_base must be > 0");
+  // The model's constants are float32 on every backend: one that rounds to 0 or infinity
+  // there makes every loss NaN, whatever the weights.
+  require(positive_float32(logit_softcap),
+          "logit_softcap must be > 0 and a normal float32 (" + float32_range() + "), got " + show(logit_softcap));
+  require(positive_float32(attn_scale),
+          "attn_scale must be > 0 and a normal float32 (" + float32_range() + "), got " + show(attn_scale));
+  require(rotary_base > 1 && positive_float32(rotary_base),
+          "rotary_base must be > 1 (frequencies (1/base)^(i/(D/4-1)) fall with i) and at most " +
+              show(std::numeric_limits<float>::max()) + ", got " + show(rotary_base));
+  require(rmsnorm_eps <= std::numeric_limits<float>::max(), "rmsnorm_eps must be a float32, got " + show(rmsnorm_eps));
   require(lr_lm_head >= 0 && lr_embed >= 0 && lr_scalar >= 0 && lr_muon >= 0,
           "learning rates (lr_lm_head, lr_embed, lr_scalar, lr_muon) must be >= 0");
   require(adam_eps > 0, "adam_eps must be > 0 (it keeps Adam's update finite where a gradient is 0)");

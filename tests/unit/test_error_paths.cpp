@@ -181,7 +181,13 @@ const std::vector<BadValue>& bad_values() {
       {"seq_len", "4294967296", "out of range"},
       {"lr_muon", "[1]", "must be a number"},
       {"no_such_key", "1", "unknown config key 'no_such_key'"},
-      {"rotary_base", "0", "must be > 0"},
+      {"rotary_base", "0", "must be > 1"},
+      {"rotary_base", "1", "must be > 1"},
+      {"rotary_base", "1e300", "got 1e+300"},  // infinite in float32
+      {"logit_softcap", "1e-50", "normal float32"},  // 0 in float32: every loss NaN
+      {"logit_softcap", "0", "must be > 0"},
+      {"attn_scale", "-0.12", "must be > 0"},
+      {"attn_scale", "1e39", "got 1e+39"},
       {"lr_muon", "-1", "must be >= 0"},
       {"adam_eps", "-1e-10", "must be > 0"},
       {"muon_momentum_end", "1", "must be in [0, 1)"},
