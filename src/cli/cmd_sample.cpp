@@ -37,10 +37,19 @@ void register_sample_command(CLI::App& app) {
       ->capture_default_str();
   cmd->callback([opts] {
     const Config config = read_checkpoint_config(opts->checkpoint);
-    if (config.vocab_size <= static_cast<int>(Tokenizer::kEndOfText)) {
-      throw UsageError("sample encodes text with GPT-2's tokenizer, whose ids reach " +
-                       std::to_string(Tokenizer::kEndOfText) + "; the model of '" + opts->checkpoint +
-                       "' has vocab_size " + std::to_string(config.vocab_size));
+    // Text goes in and out through GPT-2's tokenizer: a model of another vocabulary would
+    // read ids it was not trained on, or choose ids that have no text, partway through.
+    constexpr int kGpt2Vocabulary = static_cast<int>(Tokenizer::kEndOfText) + 1;
+    if (config.vocab_size != kGpt2Vocabulary) {
+      throw UsageError("sample encodes and decodes text with GPT-2's tokenizer (" + std::to_string(kGpt2Vocabulary) +
+                       " ids); the model of '" + opts->checkpoint + "' has vocab_size " +
+                       std::to_string(config.vocab_size));
+    }
+    const bool has_separator = config.document_separator < config.vocab_size;
+    if (!has_separator && opts->prompt.empty()) {
+      throw UsageError("the model of '" + opts->checkpoint + "' has no document separator (document_separator " +
+                       std::to_string(config.document_separator) + " is past its vocabulary): give a --prompt to "
+                       "start from");
     }
     const Tokenizer tokenizer = Tokenizer::load_default();
     auto backend = make_cpu_backend();
@@ -49,8 +58,9 @@ void register_sample_command(CLI::App& app) {
     Sampler sampler(model, long_window_blocks(config, step));
     TokenChooser chooser(opts->sampling, config.vocab_size);
     // The prompt is a document of its own: it starts after the config's document_separator
-    // (50256 by default).
-    std::vector<int32_t> prompt = {config.document_separator};
+    // (50256 by default), where the model has one.
+    std::vector<int32_t> prompt;
+    if (has_separator) prompt.push_back(config.document_separator);
     for (uint32_t id : tokenizer.encode(opts->prompt)) prompt.push_back(static_cast<int32_t>(id));
     std::fwrite(opts->prompt.data(), 1, opts->prompt.size(), stdout);
     generate(sampler, prompt, opts->max_new_tokens, chooser, [&](int32_t token) {

@@ -490,6 +490,21 @@ TEST_F(MalformedCheckpoints, SampleRefusesAModelWithoutTheGpt2Vocabulary) {
   const RunResult r = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(good_) + " --prompt hello");
   expect_failure(r, 2, {"GPT-2's tokenizer", "vocab_size 300"});
   EXPECT_EQ(r.out, "");
+  // A vocabulary past GPT-2's would choose ids without text partway through: refused too.
+  const std::string wide = (dir_ / "wide.safetensors").string();
+  const std::string init = quote(SPEEDRUN_BINARY) + " init --preset micro --set vocab_size=";
+  ASSERT_EQ(run(init + "50300 --out " + quote(wide)).exit_code, 0);
+  const RunResult w = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(wide) + " --prompt hello");
+  expect_failure(w, 2, {"GPT-2's tokenizer (50257 ids)", "vocab_size 50300"});
+  EXPECT_EQ(w.out, "");
+  // Without a separator in its vocabulary the prompt alone starts the text: none, refused.
+  const std::string plain = (dir_ / "plain.safetensors").string();
+  ASSERT_EQ(run(init + "50257 --set document_separator=60000 --out " + quote(plain)).exit_code, 0);
+  const RunResult p = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(plain) + " --max-new-tokens 3");
+  expect_failure(p, 2, {"no document separator", "document_separator 60000", "--prompt"});
+  const RunResult ok = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(plain) + " --prompt hi --max-new-tokens 3");
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out.rfind("hi", 0), 0u) << ok.out;
 }
 
 // The window schedule ends at num_iterations; a step past it would be extrapolated.
