@@ -1,6 +1,8 @@
 #include "train/checkpoint.h"
 
 #include <filesystem>
+#include <set>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -49,14 +51,27 @@ Config config_from_metadata(const SafetensorsFile& file) {
     config.update_from_json(j, file.path() + " config");
     config.validate();
   } catch (const Error& e) {
-    throw Error(std::string("checkpoint ") + e.what());
+    throw Error(file.path() + ": checkpoint " + e.what());
   }
   return config;
+}
+
+// A tensor the model (or optimiser) has no place for means the file is not what its config
+// says (an attention layer's weights under a config without that layer): refused, not ignored.
+void require_only(const SafetensorsFile& file, const std::set<std::string>& expected) {
+  for (const std::string& name : file.names()) {
+    if (!expected.count(name)) {
+      throw Error(file.path() + ": tensor '" + name + "' has no place in the model its config describes");
+    }
+  }
 }
 
 void read_tensors_into(const SafetensorsFile& file, const ParamLayout& layout, const std::string& prefix,
                        std::vector<float>& out) {
   out.assign(layout.total(), 0.f);
+  std::set<std::string> expected;
+  for (const ParamSpec& spec : layout.specs()) expected.insert(prefix + spec.name);
+  require_only(file, expected);
   for (const ParamSpec& spec : layout.specs()) {
     const std::string name = prefix + spec.name;
     if (!file.contains(name)) throw Error(file.path() + ": missing tensor '" + name + "'");
@@ -156,6 +171,9 @@ TrainingState load_checkpoint(const std::string& path, GPT& model, Optimizer& op
   if (parse_int_metadata(file, "step") != state.step) {
     throw Error("'" + path + "' and '" + state_path + "' are from different steps");
   }
+  std::set<std::string> expected;
+  for (const Optimizer::NamedState& s : optimizer.state()) expected.insert(s.name);
+  require_only(file, expected);
   for (const Optimizer::NamedState& s : optimizer.state()) {
     if (!file.contains(s.name)) throw Error(state_path + ": missing tensor '" + s.name + "'");
     const std::vector<float> values = file.read_f32(s.name, s.spec->shape);

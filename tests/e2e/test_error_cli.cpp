@@ -13,6 +13,8 @@
 #include <initializer_list>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "support/cli.h"
 #include "support/files.h"
 #include "data/shard.h"
@@ -442,6 +444,42 @@ TEST_F(MalformedCheckpoints, MissingTensor) {
                               std::erase_if(tensors, [](const auto& t) { return t.name == "blocks.1.mlp.c_fc.weight"; });
                             }),
                   "missing tensor 'blocks.1.mlp.c_fc.weight'");
+}
+
+// A tensor the config's model has no place for (a layer the config has not, a stray name)
+// is refused, in the model file and in the optimiser's: not silently left out.
+TEST_F(MalformedCheckpoints, ExtraTensor) {
+  const std::vector<float> value = {1.f, 2.f};
+  expect_rejected(rewritten("extra.safetensors",
+                            [&](auto& tensors) {
+                              tensors.push_back({"extra.weight", "F32", {2}, std::as_bytes(std::span(value))});
+                            }),
+                  "tensor 'extra.weight' has no place");
+  const std::string state = (dir_ / "extra_state.optim.safetensors").string();
+  const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(speedrun::optimizer_state_path(good_));
+  std::vector<speedrun::TensorView> tensors;
+  for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+  tensors.push_back({"adam_m.extra.weight", "F32", {2}, std::as_bytes(std::span(value))});
+  speedrun::write_safetensors(state, tensors, file.metadata());
+  const std::string model = (dir_ / "extra_state.safetensors").string();
+  write_all(model, good_bytes_);
+  expect_failure(train("--resume " + quote(model) + " --steps 2 --out-dir " + out_dir()), 1,
+                 {"extra_state.optim.safetensors", "tensor 'adam_m.extra.weight' has no place"});
+}
+
+// A checkpoint whose config breaks a rule: the message names the file as well as the key.
+TEST_F(MalformedCheckpoints, InvalidConfigNamesTheFile) {
+  const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(good_);
+  std::vector<speedrun::TensorView> tensors;
+  for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+  auto metadata = file.metadata();
+  nlohmann::json config = nlohmann::json::parse(metadata.at("config"));
+  config["num_layers"] = 3;
+  metadata["config"] = config.dump();
+  const std::string path = (dir_ / "odd_layers.safetensors").string();
+  speedrun::write_safetensors(path, tensors, metadata);
+  write_all(speedrun::optimizer_state_path(path), good_state_bytes_);
+  expect_rejected(path, "checkpoint config: num_layers must be even and >= 2, got 3");
 }
 
 TEST_F(MalformedCheckpoints, WrongDtype) {
