@@ -27,7 +27,8 @@ void register_eval_command(CLI::App& app) {
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("eval", "validation loss of a checkpoint");
   cmd->add_option("--ckpt", opts->checkpoint, "model checkpoint (FILE.safetensors)")->required();
-  cmd->add_option("--val", opts->val_glob, "glob of validation shards (default: the default corpus)");
+  cmd->add_option("--val", opts->val_glob, "glob of validation shards (default: the default corpus)")
+      ->check(shard_glob());
   cmd->add_option("--val-seq-len", opts->val_seq_len, "tokens per validation sequence (default: the checkpoint's)")
       ->check(whole_number(1));
   cmd->add_option("--val-tokens", opts->val_tokens, "validation tokens (default: the checkpoint's)")

@@ -182,8 +182,10 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--init", t.init_path, "start from this model checkpoint (fresh optimiser)");
   cmd->add_option("--resume", t.resume_path,
                   "resume a run exactly from a checkpoint written by train (default out-dir: the checkpoint's)");
-  auto* train_glob = cmd->add_option("--train", t.train_glob, "glob of training shards (default: the default corpus)");
-  auto* val_glob = cmd->add_option("--val", t.val_glob, "glob of validation shards (default: the default corpus)");
+  auto* train_glob = cmd->add_option("--train", t.train_glob, "glob of training shards (default: the default corpus)")
+                         ->check(shard_glob());
+  auto* val_glob = cmd->add_option("--val", t.val_glob, "glob of validation shards (default: the default corpus)")
+                       ->check(shard_glob());
   auto* steps = cmd->add_option("--steps", t.steps, "stop after this many steps (the schedules still follow num_iterations)")
                     ->check(whole_number(0));
   auto* metrics = cmd->add_option("--metrics", t.metrics_path, "metrics JSONL file (default: OUT_DIR/metrics.jsonl)");

@@ -9,11 +9,9 @@
 namespace speedrun::cli {
 namespace {
 
+// Both ends, always: a value past the upper one (an int's 2147483647) must say why it fails.
 std::string bound_text(int64_t min, int64_t max) {
   if (min == std::numeric_limits<int64_t>::min()) return "in [-2^63, 2^63 - 1]";
-  if (max == std::numeric_limits<int32_t>::max() || max == std::numeric_limits<int64_t>::max()) {
-    return ">= " + std::to_string(min);
-  }
   return "in [" + std::to_string(min) + ", " + std::to_string(max) + "]";
 }
 
@@ -67,6 +65,15 @@ CLI::Validator finite_number(double min, bool exclusive, double max) {
         return std::string();
       },
       "NUMBER " + bound);
+}
+
+CLI::Validator shard_glob() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        return text.empty() ? "expected a glob of token shards, got an empty one (omit the flag for the default corpus)"
+                            : std::string();
+      },
+      "GLOB");
 }
 
 }  // namespace speedrun::cli

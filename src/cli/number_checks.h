@@ -18,5 +18,8 @@ CLI::Validator whole_number(int64_t min, int64_t max = std::numeric_limits<int32
 CLI::Validator unsigned_whole_number();
 // A finite number >= min (> min when exclusive), and at most max.
 CLI::Validator finite_number(double min, bool exclusive, double max = std::numeric_limits<double>::max());
+// A shard glob given on the command line: an empty one is refused rather than read as
+// "not given" (which means the default corpus).
+CLI::Validator shard_glob();
 
 }  // namespace speedrun::cli

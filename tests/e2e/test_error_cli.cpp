@@ -320,15 +320,19 @@ TEST_F(ErrorCli, NumericFlagsAreCheckedOnTheirText) {
     std::string command;
     std::string said;
   } cases[] = {
-      {" train --log-every 0", "--log-every: expected a whole number >= 1, got 0"},
-      {" train --steps abc", "--steps: expected a whole number >= 0, got 'abc'"},
-      {" train --steps 99999999999", "--steps: expected a whole number >= 0, got 99999999999"},
+      {" train --log-every 0", "--log-every: expected a whole number in [1, 2147483647], got 0"},
+      {" train --steps abc", "--steps: expected a whole number in [0, 2147483647], got 'abc'"},
+      {" train --steps 99999999999", "--steps: expected a whole number in [0, 2147483647], got 99999999999"},
       {" train --grad-bucket-mb nan", "--grad-bucket-mb: expected a finite number > 0 and <= 1048576, got 'nan'"},
       {" sample --ckpt " + model + " --seed -1", "--seed: expected a whole number in [0, 18446744073709551615]"},
       {" sample --ckpt " + model + " --temperature -1", "--temperature: expected a finite number >= 0, got '-1'"},
       {" init --seed 99999999999999999999 --out " + model, "--seed: expected a whole number in [-2^63, 2^63 - 1]"},
       {" prepare --input x.txt --out shards --val-tokens -5", "--val-tokens: expected a whole number in [0, "},
-      {" bench --preset micro --window 0", "--window: expected a whole number >= 1, got 0"},
+      {" bench --preset micro --window 0", "--window: expected a whole number in [1, 2147483647], got 0"},
+      // An empty glob is not "omitted": it would quietly mean the default corpus.
+      {" train --train '' --steps 1", "--train: expected a glob of token shards, got an empty one"},
+      {" train --val '' --steps 1", "--val: expected a glob of token shards, got an empty one"},
+      {" eval --ckpt " + model + " --val ''", "--val: expected a glob of token shards, got an empty one"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.command);
