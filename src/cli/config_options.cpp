@@ -31,7 +31,16 @@ Config ConfigOptions::apply_assignments(Config base) const {
 }
 
 Config ConfigOptions::build() const {
-  return apply_assignments(config_file.empty() ? Config::preset(preset) : Config::from_file(config_file));
+  if (config_file.empty()) return apply_assignments(Config::preset(preset));
+  try {
+    return apply_assignments(Config::from_file(config_file));
+  } catch (const UsageError& e) {
+    // A rule the file's values break names the file too (its keys' own errors already do).
+    const std::string message = e.what();
+    if (message.find(config_file) != std::string::npos) throw;
+    throw UsageError(message + " (config file '" + config_file + "'" + (assignments.empty() ? "" : " with --set") +
+                     ")");
+  }
 }
 
 }  // namespace speedrun::cli

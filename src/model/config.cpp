@@ -5,6 +5,7 @@
 #include <limits>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -59,6 +60,13 @@ void read_field(const json& v, std::vector<int>& out, const std::string& key, co
     values.push_back(x);
   }
   out = std::move(values);
+}
+
+// nlohmann's exception text without its "[json.exception.parse_error.101] " tag: "parse
+// error at line L, column C: ...".
+std::string json_error_detail(const std::string& what) {
+  const size_t tag_end = what.find("] ");
+  return tag_end == std::string::npos ? what : what.substr(tag_end + 2);
 }
 
 // Within float32's normal range: neither 0 nor infinite (nor subnormal) once rounded.
@@ -264,8 +272,25 @@ Config Config::from_file(const std::string& path) {
   }
   std::ifstream in(path);
   if (!in) throw UsageError("cannot read config file '" + path + "'");
-  json object = json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (object.is_discarded()) throw UsageError("config file '" + path + "' is not valid JSON");
+  json object;
+  // A key given twice in one object would silently take its last value.
+  std::vector<std::set<std::string>> keys;  // per open object
+  std::string repeated;
+  const json::parser_callback_t note_keys = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    if (event == json::parse_event_t::object_end) keys.pop_back();
+    if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second &&
+        repeated.empty()) {
+      repeated = parsed.get<std::string>();
+    }
+    return true;
+  };
+  try {
+    object = json::parse(in, note_keys);
+  } catch (const json::exception& e) {
+    throw UsageError("config file '" + path + "' is not valid JSON: " + json_error_detail(e.what()));
+  }
+  if (!repeated.empty()) throw UsageError("config file '" + path + "' gives key '" + repeated + "' twice");
   if (!object.is_object()) throw UsageError("config file '" + path + "' must hold a JSON object");
   Config config;
   if (object.contains("preset")) {

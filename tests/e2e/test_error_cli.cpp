@@ -104,6 +104,16 @@ TEST_F(ErrorCli, MissingShardsNameThePattern) {
                  1, {"no file matches the shard pattern", pattern});
 }
 
+// A config file whose values break a rule between keys: the message names the file.
+TEST_F(ErrorCli, AConfigFilesBrokenRuleNamesTheFile) {
+  const std::string config = (dir_ / "negative.json").string();
+  write_all(config, "{\"preset\": \"micro\", \"seq_len\": -64}");
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " memory --config " + quote(config)), 2,
+                 {"seq_len must be a positive multiple", "got -64", "(config file '" + config + "')"});
+  expect_failure(run(quote(SPEEDRUN_BINARY) + " memory --config " + quote(config) + " --set seq_len=60"), 2,
+                 {"got 60", "(config file '" + config + "' with --set)"});
+}
+
 TEST_F(ErrorCli, TruncatedShardNamesTheFile) {
   fs::resize_file(data("train_000000.bin"), fs::file_size(data("train_000000.bin")) - 1);
   expect_failure(train("--steps 1 --out-dir " + out_dir()), 1, {data("train_000000.bin"), "truncated or corrupt"});
