@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
@@ -117,6 +118,15 @@ RunCurves read_run_curves(const std::string& metrics_path) {
     if (record[train ? "train_loss" : "val_loss"].is_null()) continue;
     const double step = metrics_number(record, "step", metrics_path, number);
     const double time = metrics_number(record, "elapsed_s", metrics_path, number);
+    // train writes whole steps from 0 and times from launch: anything else is not its file.
+    if (!(step >= 0 && step <= std::numeric_limits<int>::max() && std::floor(step) == step)) {
+      throw Error(metrics_path + ":" + std::to_string(number) + ": 'step' must be a whole number >= 0, got " +
+                  record["step"].dump());
+    }
+    if (!(time >= 0)) {
+      throw Error(metrics_path + ":" + std::to_string(number) + ": 'elapsed_s' must be >= 0, got " +
+                  record["elapsed_s"].dump());
+    }
     const double loss = metrics_number(record, train ? "train_loss" : "val_loss", metrics_path, number);
     if (!(loss > 0) || !std::isfinite(loss)) continue;  // a log axis cannot show it
     auto& steps = train ? run.train_step : run.val_step;
@@ -270,7 +280,12 @@ void write_loss_plot(const std::vector<std::string>& metrics_paths, const std::s
     throw UsageError("plot output '" + out_path + "' must end in .svg or .png");
   }
   std::vector<RunCurves> runs;
-  for (const std::string& path : metrics_paths) runs.push_back(read_run_curves(path));
+  for (const std::string& path : metrics_paths) {
+    runs.push_back(read_run_curves(path));
+    if (runs.back().train_step.empty() && runs.back().val_step.empty()) {
+      throw Error("metrics file '" + path + "' holds no loss to plot (no train_loss or val_loss record)");
+    }
+  }
   const LossChart chart(std::move(runs), x);
   if (extension == ".svg") {
     write_file_atomically(out_path, render_svg(chart));

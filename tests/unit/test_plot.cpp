@@ -75,6 +75,36 @@ TEST(Plot, SkipsTheNullLossOfASkippedStep) {
   EXPECT_EQ(run.train_step.back(), 39);
 }
 
+// What train cannot have written is an error naming the file and line, and a file with
+// no loss at all is refused rather than drawn as an empty chart.
+TEST(Plot, RefusesStepsAndTimesTrainCannotWriteAndFilesWithoutLosses) {
+  testing::TempDir dir("plot_bad_records");
+  const std::string path = dir / "metrics.jsonl";
+  const std::pair<std::string, std::string> cases[] = {
+      {"{\"step\":-1,\"train_loss\":5,\"elapsed_s\":1}", ":2: 'step' must be a whole number >= 0, got -1"},
+      {"{\"step\":1e30,\"train_loss\":5,\"elapsed_s\":1}", ":2: 'step' must be a whole number >= 0, got 1e+30"},
+      {"{\"step\":2.5,\"val_loss\":5,\"elapsed_s\":1}", ":2: 'step' must be a whole number >= 0, got 2.5"},
+      {"{\"step\":3,\"train_loss\":5,\"elapsed_s\":-4}", ":2: 'elapsed_s' must be >= 0, got -4"},
+  };
+  for (const auto& [record, said] : cases) {
+    std::ofstream(path) << "{\"step\":0,\"val_loss\":9,\"elapsed_s\":0.5}\n" << record << "\n";
+    try {
+      read_run_curves(path);
+      ADD_FAILURE() << record << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(path + said), std::string::npos) << e.what();
+    }
+  }
+  std::ofstream(path) << "\n{\"step\":0,\"fault\":\"x\"}\n";
+  try {
+    write_loss_plot({path}, dir / "empty.svg");
+    ADD_FAILURE() << "a file without losses was plotted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'" + path + "' holds no loss to plot"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "empty.svg"));
+}
+
 // A run that died after its last checkpoint and was resumed from it appends steps its
 // file already holds: the resumed timeline replaces the abandoned one.
 TEST(Plot, AResumedTimelineReplacesTheAbandonedOne) {
