@@ -90,7 +90,7 @@ void refuse_a_run_in(const std::string& out_dir, const std::string& metrics_path
   std::error_code ec;
   if (fs::file_size(metrics_path, ec) > 0 && !ec) {
     throw UsageError(what + ": --metrics '" + metrics_path +
-                     "' already holds another run's metrics; choose another file");
+                     "' is not empty (another run's metrics, or another file); choose another file");
   }
 }
 

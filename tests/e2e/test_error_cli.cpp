@@ -167,7 +167,7 @@ TEST_F(ErrorCli, ANewRunRefusesADirectoryHoldingAnotherRun) {
   // Another run's metrics file, named on its own.
   expect_failure(train("--steps 1 --metrics " + quote((dir_ / "out" / "metrics.jsonl").string()) + " --out-dir " +
                        quote((dir_ / "other").string())),
-                 2, {"already holds another run's metrics"});
+                 2, {"is not empty (another run's metrics, or another file)"});
 }
 
 // A resumed run continues its own directory, or an empty one: never another run's, and never
