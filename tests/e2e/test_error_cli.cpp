@@ -376,6 +376,13 @@ TEST_F(ErrorCli, ADirectoryGivenAsAnInputFileIsNamedAsSuch) {
   }
 }
 
+// Every tensor of a safetensors file, as views into it (for writing altered copies).
+std::vector<speedrun::TensorView> tensors_of(const speedrun::SafetensorsFile& file) {
+  std::vector<speedrun::TensorView> tensors;
+  for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+  return tensors;
+}
+
 // Malformed copies of a good checkpoint, each with the good optimiser state beside it
 // (so that --resume gets as far as the model file).
 class MalformedCheckpoints : public ErrorCli {
@@ -396,8 +403,7 @@ class MalformedCheckpoints : public ErrorCli {
 
   std::string rewritten(const std::string& name, const std::function<void(std::vector<speedrun::TensorView>&)>& edit) {
     const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(good_);
-    std::vector<speedrun::TensorView> tensors;
-    for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+    std::vector<speedrun::TensorView> tensors = tensors_of(file);
     edit(tensors);
     const std::string path = (dir_ / name).string();
     speedrun::write_safetensors(path, tensors, file.metadata());
@@ -471,8 +477,7 @@ TEST_F(MalformedCheckpoints, ExtraTensor) {
                   "tensor 'extra.weight' has no place");
   const std::string state = (dir_ / "extra_state.optim.safetensors").string();
   const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(speedrun::optimizer_state_path(good_));
-  std::vector<speedrun::TensorView> tensors;
-  for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+  std::vector<speedrun::TensorView> tensors = tensors_of(file);
   tensors.push_back({"adam_m.extra.weight", "F32", {2}, std::as_bytes(std::span(value))});
   speedrun::write_safetensors(state, tensors, file.metadata());
   const std::string model = (dir_ / "extra_state.safetensors").string();
@@ -484,8 +489,7 @@ TEST_F(MalformedCheckpoints, ExtraTensor) {
 // A checkpoint whose config breaks a rule: the message names the file as well as the key.
 TEST_F(MalformedCheckpoints, InvalidConfigNamesTheFile) {
   const speedrun::SafetensorsFile file = speedrun::SafetensorsFile::open(good_);
-  std::vector<speedrun::TensorView> tensors;
-  for (const std::string& t : file.names()) tensors.push_back({t, file.info(t).dtype, file.info(t).shape, file.bytes(t)});
+  std::vector<speedrun::TensorView> tensors = tensors_of(file);
   auto metadata = file.metadata();
   nlohmann::json config = nlohmann::json::parse(metadata.at("config"));
   config["num_layers"] = 3;
@@ -554,7 +558,8 @@ TEST_F(MalformedCheckpoints, SampleRefusesAModelWithoutTheGpt2Vocabulary) {
   ASSERT_EQ(run(init + "50257 --set document_separator=60000 --out " + quote(plain)).exit_code, 0);
   const RunResult p = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(plain) + " --max-new-tokens 3");
   expect_failure(p, 2, {"no document separator", "document_separator 60000", "--prompt"});
-  const RunResult ok = run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(plain) + " --prompt hi --max-new-tokens 3");
+  const RunResult ok =
+      run(quote(SPEEDRUN_BINARY) + " sample --ckpt " + quote(plain) + " --prompt hi --max-new-tokens 3");
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
   EXPECT_EQ(ok.out.rfind("hi", 0), 0u) << ok.out;
 }

@@ -225,7 +225,8 @@ TEST(ConfigErrors, MalformedOrMissingConfigFileNamesTheFile) {
   write_bytes(path, "{\"preset\": \"micro\", \"seq_len\": ");
   expect_error([&] { Config::from_file(path); }, ExitCode::kUsage, {path, "not valid JSON"});
   write_bytes(path, "{\"preset\": \"micro\",\n \"seq_len\": 6x}");  // where: line 2, column 14
-  expect_error([&] { Config::from_file(path); }, ExitCode::kUsage, {path, "not valid JSON: parse error at line 2, column 14"});
+  expect_error([&] { Config::from_file(path); }, ExitCode::kUsage,
+               {path, "not valid JSON: parse error at line 2, column 14"});
   write_bytes(path, "{\"preset\": \"micro\", \"seq_len\": 64, \"seq_len\": 128}");
   expect_error([&] { Config::from_file(path); }, ExitCode::kUsage, {path, "gives key 'seq_len' twice"});
   write_bytes(path, "[1, 2]");
