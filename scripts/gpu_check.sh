@@ -264,7 +264,8 @@ stage_bench() {
 # through pinned host memory from the prefetcher, the device-side fault flag every step,
 # validation and checkpoints; then runs whose embedding rate (1e39: inf in float32)
 # overflows the weights: the fault flag must stop the first with the step named and a
-# checkpoint (exit 1), and make the second (--on-nonfinite skip) skip its updates.
+# checkpoint (exit 1), and the second (--on-nonfinite skip) must skip the first non-finite
+# step's update and stop there, its parameters being non-finite already (exit 1).
 stage_train() {
   local data=$ROOT/data/default
   [ -f "$data/val_000000.bin" ] || { record "train" "skipped: no data/default (carry it)"; return; }
@@ -276,7 +277,7 @@ stage_train() {
   train_run "train --device cuda, overflowed steps skipped" 60 skipped --steps 5 "${overflow[@]}" \
     --on-nonfinite skip || return
   record "train --device cuda, overflowed steps skipped" \
-    "rc=$rc (want 1: skipped, then the final validation refuses) $(grep -c "update skipped" "$work/train.tmp") skipped"
+    "rc=$rc (want 1: one step skipped, then 'cannot help') $(grep -c "update skipped" "$work/train.tmp") skipped"
 }
 
 # train_run NAME LIMIT OUT_DIR ARGS...: tiny on the default corpus with ARGS, output in

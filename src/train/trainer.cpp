@@ -424,7 +424,16 @@ void TrainingRun::report_fault(int step, double loss, const StepVerdict& verdict
     throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path +
                 what_resuming_the_saved_state_gives(loss));
   }
-  if (verdict.action == StepAction::kSkip) result_.skipped_steps.push_back(step);
+  if (verdict.action != StepAction::kSkip) return;
+  // Skipping passes over a bad batch; it cannot mend parameters an earlier update already
+  // overflowed, which would skip every step left and fail only at the next validation.
+  if (!parameters_finite()) {
+    save_checkpoint_at_step();
+    throw Error(verdict.message + "; skipping its update cannot help: the state before the step (saved as " +
+                result_.checkpoint_path + ") has non-finite parameters already (an earlier step's update " +
+                "overflowed them: lower the learning rates), so it cannot be resumed or evaluated");
+  }
+  result_.skipped_steps.push_back(step);
 }
 
 std::string TrainingRun::what_resuming_the_saved_state_gives(double loss) {
