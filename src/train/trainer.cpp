@@ -650,7 +650,13 @@ TrainResult train(const TrainOptions& options, Backend& backend) {
     // A process killed while saving (SIGKILL, mpirun's own Ctrl-C) left its temporaries in
     // this run's directory (removed after the refusal above: never in another run's).
     if (leader) remove_abandoned_temporaries(options.out_dir);
-    run.emplace(options, backend);
+    try {
+      run.emplace(options, backend);
+    } catch (const OutOfMemoryError& e) {
+      throw OutOfMemoryError(std::string(e.what()) + " for this run's model, optimiser and activations: `speedrun "
+                             "memory` with the same preset, --set and activation flags shows the plan (a shorter "
+                             "seq_len or val_seq_len, or --recompute-activations, needs less)");
+    }
     return run->run();
   } catch (...) {
     // A new run that failed before training a step or saving a checkpoint (a validation

@@ -28,4 +28,11 @@ class UsageError : public Error {
   explicit UsageError(const std::string& message) : Error(message, ExitCode::kUsage) {}
 };
 
+// A backend could not allocate memory (host or device): callers that know what the memory
+// was for (a training run's model) add how to see and shrink the plan.
+class OutOfMemoryError : public Error {
+ public:
+  explicit OutOfMemoryError(const std::string& message) : Error(message) {}
+};
+
 }  // namespace speedrun

@@ -114,6 +114,14 @@ TEST_F(ErrorCli, AConfigFilesBrokenRuleNamesTheFile) {
                  {"got 60", "(config file '" + config + "' with --set)"});
 }
 
+// A config whose model cannot be allocated (1.2 TiB of activations at this seq_len) fails
+// before anything is written, pointing at the plan rather than at an anonymous allocation.
+TEST_F(ErrorCli, AModelTooLargeForMemorySaysWhereThePlanIs) {
+  expect_failure(train("--set seq_len=268435456 --steps 1 --out-dir " + out_dir()), 1,
+                 {"out of host memory allocating", "speedrun memory", "seq_len"});
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+}
+
 TEST_F(ErrorCli, TruncatedShardNamesTheFile) {
   fs::resize_file(data("train_000000.bin"), fs::file_size(data("train_000000.bin")) - 1);
   expect_failure(train("--steps 1 --out-dir " + out_dir()), 1, {data("train_000000.bin"), "truncated or corrupt"});

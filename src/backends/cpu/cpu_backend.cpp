@@ -803,7 +803,7 @@ class CpuBackend final : public Backend {
 
   static void* zeroed(size_t bytes) {
     void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
-    if (!p) throw Error("out of host memory allocating " + std::to_string(bytes) + " bytes");
+    if (!p) throw OutOfMemoryError("out of host memory allocating " + std::to_string(bytes) + " bytes");
     return p;
   }
 

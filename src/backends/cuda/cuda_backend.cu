@@ -466,7 +466,16 @@ class CudaBackend final : public Backend {
   void* allocate_zeroed(size_t bytes) {
     void* pointer = nullptr;
     const size_t size = std::max<size_t>(bytes, 256);
-    check_cuda(cudaMalloc(&pointer, size), ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
+    const cudaError_t allocated = cudaMalloc(&pointer, size);
+    if (allocated == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // not sticky: clear it, so later calls report their own errors
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      throw OutOfMemoryError("out of device memory allocating " + std::to_string(size) + " bytes (" +
+                             std::to_string(free_bytes >> 20) + " MiB free of " + std::to_string(total_bytes >> 20) +
+                             " MiB)");
+    }
+    check_cuda(allocated, ("cudaMalloc of " + std::to_string(size) + " bytes").c_str());
     const cudaError_t status = cudaMemsetAsync(pointer, 0, size, stream_);
     if (status != cudaSuccess) {
       cudaFree(pointer);
