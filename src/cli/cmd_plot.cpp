@@ -15,8 +15,7 @@ void register_plot_command(CLI::App& app) {
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("plot", "plot the loss curves of runs (metrics.jsonl files) as SVG or PNG");
   cmd->add_option("metrics", opts->metrics, "metrics.jsonl of each run (the legend names runs by directory)")
-      ->required()
-      ->check(CLI::ExistingFile);
+      ->required();
   cmd->add_option("--out", opts->out, "output FILE.svg or FILE.png")->required();
   cmd->add_option("--x", opts->x, "x axis: step, time or both (two panels)")
       ->check(CLI::IsMember({"step", "time", "both"}))

@@ -24,9 +24,9 @@ bool is_blank(std::string_view line) {
 void check_readable_file(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
-    throw UsageError("input file '" + path + "': " + std::strerror(errno));
+    throw Error("input file '" + path + "': " + std::strerror(errno));
   }
-  if (!S_ISREG(st.st_mode)) throw UsageError("input '" + path + "' is not a regular file");
+  if (!S_ISREG(st.st_mode)) throw Error("input '" + path + "' is not a regular file");
 }
 
 std::string read_whole_file(const std::string& path) {

@@ -376,7 +376,13 @@ TEST_F(ErrorCli, ADirectoryGivenAsAnInputFileIsNamedAsSuch) {
       {" train --init " + data_dir + " --preset micro", 1, "is a directory, not a file"},
       {" train --config " + data_dir, 2, "config file '" + (dir_ / "data").string() + "' is a directory, not a file"},
       {" tokenize --file " + data_dir, 1, "input file '" + (dir_ / "data").string() + "' is a directory, not a file"},
-      {" plot " + data_dir + " --out p.svg", 2, "metrics: File is actually a directory: " + (dir_ / "data").string()},
+      // Files named on the command line are data: a missing or unusable one exits 1, as a bad
+      // one does (config files are usage: 2).
+      {" plot " + data_dir + " --out p.svg", 1, "metrics file '" + (dir_ / "data").string() + "' is a directory"},
+      {" plot " + quote((dir_ / "none.jsonl").string()) + " --out p.svg", 1, "none.jsonl' does not exist"},
+      {" prepare --input " + data_dir + " --out " + quote((dir_ / "shards").string()), 1, "is not a regular file"},
+      {" prepare --input " + quote((dir_ / "none.txt").string()) + " --out " + quote((dir_ / "shards").string()), 1,
+       "none.txt': No such file or directory"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.command);

@@ -269,7 +269,7 @@ TEST(Prepare, InputErrorsNameTheProblem) {
   fs::path dir = fresh_dir("prepare_errors");
   fs::path out = dir / "out";
   std::string missing = (dir / "missing.txt").string();
-  std::string message = error_of<speedrun::UsageError>(options_for({missing}, out, 0, 10));
+  std::string message = error_of(options_for({missing}, out, 0, 10));
   EXPECT_NE(message.find(missing), std::string::npos) << message;
 
   std::string bad_json = write_text(dir / "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": \"ok\"}\n{\"text\": broken}\n");
