@@ -159,13 +159,17 @@ void run(const Options& opts, Communicator& comm) {
   report_matmul_tunings(*backend, comm, train.quiet);
   if (!result.stopped_by_signal) return;
   std::fflush(stdout);
-  if (comm.rank() != 0) std::exit(exit_status_for_signal(result.stopped_by_signal));
-  std::fprintf(stderr,
-               "speedrun: stopped by %s after %d of %d steps; checkpoint saved.\n"
-               "resume with: %s\n",
-               signal_name(result.stopped_by_signal), result.last_step, train.config.num_iterations,
-               resume_command(opts, train, result.checkpoint_path).c_str());
-  std::fflush(stderr);
+  if (comm.rank() == 0) {
+    std::fprintf(stderr,
+                 "speedrun: stopped by %s after %d of %d steps; checkpoint saved.\n"
+                 "resume with: %s\n",
+                 signal_name(result.stopped_by_signal), result.last_step, result.end_step,
+                 resume_command(opts, train, result.checkpoint_path).c_str());
+    std::fflush(stderr);
+  }
+  // Every process leaves with the signal's status, and none before rank 0 has saved and
+  // said so: mpirun ends the whole job at the first non-zero exit.
+  comm.barrier();
   std::exit(exit_status_for_signal(result.stopped_by_signal));
 }
 
@@ -234,6 +238,15 @@ void register_train_command(CLI::App& app) {
     if (comm->size() == 1) return run(*opts, *comm);
     try {
       run(*opts, *comm);
+    } catch (const AgreedError& e) {
+      // Every process failed here alike, rank 0's checkpoint saved: one message, then all
+      // leave together (an abort could still cut rank 0's output short).
+      if (comm->rank() == 0) {
+        std::fprintf(stderr, "speedrun: error: %s\n", e.what());
+        std::fflush(stderr);
+      }
+      comm->barrier();
+      std::exit(static_cast<int>(e.code()));
     } catch (const Error& e) {
       comm->abort(e.what(), static_cast<int>(e.code()));
     } catch (const std::exception& e) {

@@ -3,6 +3,7 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -82,8 +83,11 @@ void refuse_a_run_in(const std::string& out_dir, const std::string& metrics_path
     std::string names;
     for (size_t i = 0; i < found.size() && i < 4; ++i) names += (i ? ", " : "") + found[i];
     if (found.size() > 4) names += ", ...";
-    const std::string resume =
-        checkpoints.empty() ? "" : ", or continue that run with --resume " + checkpoints.rbegin()->second;
+    // A run that stopped before saving (killed, or failed before its first checkpoint with
+    // several processes) leaves nothing to resume: say so rather than leave the user guessing.
+    const std::string resume = checkpoints.empty()
+                                   ? ", or remove it (that run saved no checkpoint to resume)"
+                                   : ", or continue that run with --resume " + checkpoints.rbegin()->second;
     throw UsageError(what + ": --out-dir '" + out_dir + "' already holds a run (" + names +
                      "); choose another directory" + resume);
   }
@@ -261,6 +265,9 @@ class TrainingRun {
   // The stop message's end: why the saved state may not train on when resumed.
   std::string what_resuming_the_saved_state_gives(double loss);
   void save_checkpoint_at_step();
+  // Saves the state before this step and fails the run, on every process alike (the leader's
+  // save finished before any process leaves: see AgreedError). message: after the save.
+  [[noreturn]] void fail_after_saving(const std::function<std::string()>& message);
   TokenBatch next_batch(int step);
   void write_plots();
   void finish_summary();
@@ -336,6 +343,7 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
 
   tokens_per_step_ = tokens_per_step(config_);
   result_.first_step = state_.step;
+  result_.end_step = end_step();
   if (prior_.target_step) {
     result_.summary.target_step = prior_.target_step;
     result_.summary.target_train_seconds = prior_.target_train_seconds;
@@ -399,19 +407,43 @@ void TrainingRun::train_one_step(int step) {
   progress_.step_done(step, loss, step_seconds);
 }
 
+void TrainingRun::fail_after_saving(const std::function<std::string()>& message) {
+  save_checkpoint_at_step();
+  comm_.barrier();
+  throw AgreedError(message());
+}
+
 // A shard's bad token (an id past the vocabulary) is found when the stream reaches it: the
-// state before this step is whole then, so one process saves it for a resume once the
-// shard is mended. (With several processes the failing one may not be the one that saves.)
+// state before this step is whole then, so it is saved for a resume once the shard is
+// mended. With several processes they first agree whether any batch failed (one more tiny
+// collective a step), and take the first failing process's message.
 TokenBatch TrainingRun::next_batch(int step) {
+  std::optional<TokenBatch> batch;
+  std::string error;
   try {
-    return prefetcher_->next();
+    batch.emplace(prefetcher_->next());
   } catch (const Error& e) {
-    if (comm_.size() > 1) throw;
-    save_checkpoint_at_step();
-    throw Error(std::string(e.what()) + "; the state before step " + std::to_string(step) + " was saved as " +
-                result_.checkpoint_path + ": mend or replace the shard, then continue with --resume " +
-                result_.checkpoint_path);
+    error = e.what();
   }
+  int failed = error.empty() ? -1 : comm_.rank();
+  if (comm_.size() > 1) {
+    const double mine = error.empty() ? 0 : 1;
+    std::vector<double> all(comm_.size());
+    comm_.all_gather(&mine, all.data(), 1);
+    const auto first = std::find(all.begin(), all.end(), 1.0);
+    failed = first == all.end() ? -1 : static_cast<int>(first - all.begin());
+    if (failed >= 0) {
+      std::array<char, 2048> text{};
+      error.copy(text.data(), text.size() - 1);
+      comm_.broadcast(text.data(), text.size(), failed);
+      error = text.data();
+    }
+  }
+  if (failed < 0) return std::move(*batch);
+  fail_after_saving([&] {
+    return error + "; the state before step " + std::to_string(step) + " was saved as " + result_.checkpoint_path +
+           ": mend or replace the shard, then continue with --resume " + result_.checkpoint_path;
+  });
 }
 
 void TrainingRun::report_fault(int step, double loss, const StepVerdict& verdict) {
@@ -419,19 +451,21 @@ void TrainingRun::report_fault(int step, double loss, const StepVerdict& verdict
     metrics_->write({{"step", step}, {"fault", verdict.message}});
     progress_.note("warning: " + verdict.message);
   }
-  if (verdict.action == StepAction::kStop) {
-    save_checkpoint_at_step();  // state_ is still the state before this step
-    throw Error(verdict.message + "; the state before the step was saved as " + result_.checkpoint_path +
-                what_resuming_the_saved_state_gives(loss));
+  if (verdict.action == StepAction::kStop) {  // state_ is still the state before this step
+    fail_after_saving([&] {
+      return verdict.message + "; the state before the step was saved as " + result_.checkpoint_path +
+             what_resuming_the_saved_state_gives(loss);
+    });
   }
   if (verdict.action != StepAction::kSkip) return;
   // Skipping passes over a bad batch; it cannot mend parameters an earlier update already
   // overflowed, which would skip every step left and fail only at the next validation.
   if (!parameters_finite()) {
-    save_checkpoint_at_step();
-    throw Error(verdict.message + "; skipping its update cannot help: the state before the step (saved as " +
-                result_.checkpoint_path + ") has non-finite parameters already (an earlier step's update " +
-                "overflowed them: lower the learning rates), so it cannot be resumed or evaluated");
+    fail_after_saving([&] {
+      return verdict.message + "; skipping its update cannot help: the state before the step (saved as " +
+             result_.checkpoint_path + ") has non-finite parameters already (an earlier step's update " +
+             "overflowed them: lower the learning rates), so it cannot be resumed or evaluated";
+    });
   }
   result_.skipped_steps.push_back(step);
 }

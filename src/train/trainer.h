@@ -51,6 +51,7 @@ struct TrainOptions {
 struct TrainResult {
   int first_step = 0;
   int last_step = 0;                 // steps completed at the end
+  int end_step = 0;                  // where this run was to end (--steps, else num_iterations)
   std::vector<double> train_losses;  // per step run
   std::vector<std::pair<int, double>> val_losses;
   std::string checkpoint_path;       // the last checkpoint saved

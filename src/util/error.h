@@ -28,6 +28,14 @@ class UsageError : public Error {
   explicit UsageError(const std::string& message) : Error(message, ExitCode::kUsage) {}
 };
 
+// A failure every process of a run raises at the same point with the same message, after
+// whatever had to finish (rank 0's checkpoint) has finished: rank 0 alone reports it, and
+// no process aborts the others (which could cut rank 0's save short).
+class AgreedError : public Error {
+ public:
+  explicit AgreedError(const std::string& message) : Error(message) {}
+};
+
 // A backend could not allocate memory (host or device): callers that know what the memory
 // was for (a training run's model) add how to see and shrink the plan.
 class OutOfMemoryError : public Error {

@@ -172,6 +172,11 @@ TEST_F(ErrorCli, ANewRunRefusesADirectoryHoldingAnotherRun) {
                  {"already holds a run", "config.json", "--resume " + checkpoint});
   EXPECT_EQ(read_all((dir_ / "out" / "config.json").string()), config);
   EXPECT_EQ(read_all((dir_ / "out" / "metrics.jsonl").string()), metrics);
+  // A run killed before its first save left nothing to resume: the message says so.
+  fs::create_directory(dir_ / "killed");
+  write_all(dir_ / "killed" / "config.json", config);
+  expect_failure(train("--steps 1 --out-dir " + out_dir("killed")), 2,
+                 {"already holds a run (config.json)", "remove it (that run saved no checkpoint to resume)"});
   // Another run's metrics file, named on its own.
   expect_failure(train("--steps 1 --metrics " + quote((dir_ / "out" / "metrics.jsonl").string()) + " --out-dir " +
                        quote((dir_ / "other").string())),

@@ -5,9 +5,11 @@
 // the backward) sums in MPI's order instead: the same within float rounding.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <algorithm>
 #include <cmath>
@@ -142,6 +144,35 @@ TEST_F(MpiTrain, OverlappedReductionMatchesOneProcessWithinRounding) {
     EXPECT_LT(difference, 1e-3) << processes << " processes, worst in " << worst_tensor;
     EXPECT_GT(difference, 0.0) << "bit-identical: was the overlap mode used at all?";
   }
+}
+
+// A bad token that only process 1 reads (ranks 2-3 of step 3's window): every process
+// stops at that step together, rank 0 saves the state before it and reports process 1's
+// message once (no process aborts the others mid-save); once the shard is mended, resuming
+// gives the uninterrupted run's checkpoint, bit for bit.
+TEST_F(MpiTrain, ABadTokenOneProcessReadsStopsEveryProcessWithACheckpoint) {
+  std::vector<uint16_t> tokens = rule_tokens(20000, 1);
+  const std::vector<uint16_t> good = tokens;
+  tokens[3 * 256 + 128 + 40] = 350;  // micro's vocabulary has 300 tokens
+  write_shard(dir / "train_000000.bin", tokens);
+  const std::string err = dir / "err.txt";
+  const std::string command = "OMP_NUM_THREADS=1 " + mpirun(2) + SPEEDRUN_BINARY + common + " --steps 10 --out-dir " +
+                              (dir / "bad") + data_args() + " 2> " + err;
+  const int status = std::system(command.c_str());
+  ASSERT_TRUE(WIFEXITED(status)) << command;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << read_bytes(err);
+  const std::string said = read_bytes(err);
+  const std::string what = "token id 350 at offset 936";
+  ASSERT_NE(said.find(what), std::string::npos) << said;
+  EXPECT_EQ(said.find(what, said.find(what) + 1), std::string::npos) << "reported more than once:\n" << said;
+  EXPECT_EQ(said.find("error (rank"), std::string::npos) << "a process aborted the run:\n" << said;
+  const std::string saved = dir / "bad/step_000003.safetensors";
+  EXPECT_NE(said.find("was saved as " + saved), std::string::npos) << said;
+  ASSERT_TRUE(std::filesystem::exists(saved));
+  write_shard(dir / "train_000000.bin", good);
+  run("", " train --quiet --steps 10 --resume " + saved + data_args());  // the checkpoint's config
+  run("", common + " --steps 10 --out-dir " + (dir / "whole") + data_args());
+  EXPECT_TRUE(read_run(dir / "bad", 10).checkpoint == read_run(dir / "whole", 10).checkpoint);
 }
 
 TEST_F(MpiTrain, ProcessCountMustDivideWorldSize) {

@@ -253,6 +253,7 @@ TEST(Training, ASignalDuringValidationStopsBeforeTheNextStep) {
   const TrainResult result = train(o, *be);
   EXPECT_EQ(result.stopped_by_signal, 15);
   EXPECT_EQ(result.last_step, 0);
+  EXPECT_EQ(result.end_step, 6);  // --steps 6 of micro's 20: what "after 0 of 6 steps" says
   EXPECT_TRUE(result.train_losses.empty());
   EXPECT_EQ(result.val_losses.size(), 1u);
   EXPECT_TRUE(std::filesystem::exists(data / "run/step_000000.safetensors"));
