@@ -383,27 +383,39 @@ TEST(Training, NonFiniteSkipStopsWhereTheParametersAreAlreadyNonFinite) {
   EXPECT_EQ(faulted, (std::vector<int>{1}));
 }
 
-// A step the device's fault flag skips (its gradient not finite) changes neither the
-// parameters nor the optimiser's state: the update is queued, and drops itself.
-TEST(Training, ASkippedNonFiniteStepChangesNeitherParametersNorOptimizerState) {
-  Config config = Config::preset("micro");
-  config.world_size = 1;
-  auto be = make_cpu_backend();
-  GPT model(config, *be, config.seq_len, config.val_seq_len);
-  Optimizer optimizer(config, model.layout(), *be);
-  auto comm = make_single_process_communicator();
-  DataParallel dp(*comm, model);
-  std::vector<float> params = model.parameters_to_host();
-  params[model.layout().at("lm_head.weight").offset] = std::numeric_limits<float>::quiet_NaN();
-  model.load_parameters(params);
-  FaultMonitorOptions options;
-  options.non_finite = NonFinitePolicy::kSkip;
-  FaultMonitor monitor(options);
-  DeviceFaultFlag flag(*be);
-  const std::vector<uint16_t> rule = rule_tokens(config.seq_len + 1, 7);
-  const std::vector<int32_t> tokens(rule.begin(), rule.end());
-  const std::span<const int32_t> all(tokens);
-  auto state_bytes = [&] {
+// micro on one rank with a sequence of its rule tokens, for steps run one at a time
+// through run_training_step (the fault monitor and the device's flag included).
+struct OneRankMicro {
+  static Config one_rank() {
+    Config c = Config::preset("micro");
+    c.world_size = 1;
+    return c;
+  }
+  Config config = one_rank();
+  std::unique_ptr<Backend> be = make_cpu_backend();
+  GPT model{config, *be, config.seq_len, config.val_seq_len};
+  Optimizer optimizer{config, model.layout(), *be};
+  std::unique_ptr<Communicator> comm = make_single_process_communicator();
+  DataParallel dp{*comm, model};
+  DeviceFaultFlag flag{*be};
+  std::vector<int32_t> tokens = [this] {
+    const std::vector<uint16_t> rule = rule_tokens(config.seq_len + 1, 7);
+    return std::vector<int32_t>(rule.begin(), rule.end());
+  }();
+
+  StepVerdict step(int s, FaultMonitor& monitor) {
+    const std::span<const int32_t> all(tokens);
+    StepVerdict verdict;
+    run_training_step(dp, optimizer, all.first(config.seq_len), all.subspan(1), s, &monitor, &verdict, &flag);
+    return verdict;
+  }
+  void set_head_weight(float value) {
+    std::vector<float> params = model.parameters_to_host();
+    params[model.layout().at("lm_head.weight").offset] = value;
+    model.load_parameters(params);
+  }
+  // The parameters' and the optimiser state's bytes (NaN compares as bytes).
+  std::string state_bytes() {
     std::string bytes;
     for (const Optimizer::NamedState& s : optimizer.state()) {
       std::vector<float> host(s.spec->count);
@@ -412,21 +424,24 @@ TEST(Training, ASkippedNonFiniteStepChangesNeitherParametersNorOptimizerState) {
     }
     const std::vector<float> now = model.parameters_to_host();
     return bytes.append(reinterpret_cast<const char*>(now.data()), now.size() * sizeof(float));
-  };
+  }
+};
+
+// A step the device's fault flag skips (its gradient not finite) changes neither the
+// parameters nor the optimiser's state: the update is queued, and drops itself.
+TEST(Training, ASkippedNonFiniteStepChangesNeitherParametersNorOptimizerState) {
+  OneRankMicro m;
+  FaultMonitorOptions options;
+  options.non_finite = NonFinitePolicy::kSkip;
+  FaultMonitor monitor(options);
   // A first, applied step gives the optimiser a state that is not all zeros.
-  params[model.layout().at("lm_head.weight").offset] = 0.f;
-  model.load_parameters(params);
-  StepVerdict applied;
-  run_training_step(dp, optimizer, all.first(config.seq_len), all.subspan(1), 0, &monitor, &applied, &flag);
+  const StepVerdict applied = m.step(0, monitor);
   ASSERT_EQ(applied.action, StepAction::kApply) << applied.message;
-  params = model.parameters_to_host();
-  params[model.layout().at("lm_head.weight").offset] = std::numeric_limits<float>::quiet_NaN();
-  model.load_parameters(params);
-  const std::string before = state_bytes();
-  StepVerdict verdict;
-  run_training_step(dp, optimizer, all.first(config.seq_len), all.subspan(1), 1, &monitor, &verdict, &flag);
+  m.set_head_weight(std::numeric_limits<float>::quiet_NaN());
+  const std::string before = m.state_bytes();
+  const StepVerdict verdict = m.step(1, monitor);
   EXPECT_EQ(verdict.action, StepAction::kSkip) << verdict.message;
-  EXPECT_TRUE(state_bytes() == before) << "a skipped update changed the parameters or the optimiser's state";
+  EXPECT_TRUE(m.state_bytes() == before) << "a skipped update changed the parameters or the optimiser's state";
 }
 
 // One run_training_step of the micro model after the monitor has seen two losses near 1:
@@ -436,27 +451,17 @@ struct SpikeStep {
   StepVerdict verdict;
 };
 SpikeStep step_after_low_losses(SpikePolicy policy) {
-  Config config = Config::preset("micro");
-  config.world_size = 1;
-  auto be = make_cpu_backend();
-  GPT model(config, *be, config.seq_len, config.val_seq_len);
-  Optimizer optimizer(config, model.layout(), *be);
-  auto comm = make_single_process_communicator();
-  DataParallel dp(*comm, model);
+  OneRankMicro m;
   FaultMonitorOptions options;
   options.spike = policy;
   options.spike_window = 2;
   FaultMonitor monitor(options);
   monitor.check_step(0, 1.0);
   monitor.check_step(1, 1.1);
-  DeviceFaultFlag flag(*be);
-  const std::vector<uint16_t> rule = rule_tokens(config.seq_len + 1, 7);
-  const std::vector<int32_t> tokens(rule.begin(), rule.end());
-  const std::span<const int32_t> all(tokens);
   SpikeStep result;
-  result.before = model.parameters_to_host();
-  run_training_step(dp, optimizer, all.first(config.seq_len), all.subspan(1), 2, &monitor, &result.verdict, &flag);
-  result.after = model.parameters_to_host();
+  result.before = m.model.parameters_to_host();
+  result.verdict = m.step(2, monitor);
+  result.after = m.model.parameters_to_host();
   return result;
 }
 
