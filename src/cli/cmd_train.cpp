@@ -141,6 +141,19 @@ void report_matmul_tunings(const Backend& backend, const Communicator& comm, boo
   std::printf("%s\n", summarize_tunings(tunings).c_str());
 }
 
+// Every process of the run exits with `status` once rank 0 has said `message` (after
+// "speedrun: "): none leaves before, since mpirun ends the whole job at the first non-zero
+// exit and could cut rank 0's save or output short.
+[[noreturn]] void leave_together(Communicator& comm, const std::string& message, int status) {
+  std::fflush(stdout);
+  if (comm.rank() == 0) {
+    std::fprintf(stderr, "speedrun: %s\n", message.c_str());
+    std::fflush(stderr);
+  }
+  comm.barrier();
+  std::exit(status);
+}
+
 void run(const Options& opts, Communicator& comm) {
   TrainOptions train = resolve(opts);
   share_out_dir(comm, train.out_dir);
@@ -158,19 +171,11 @@ void run(const Options& opts, Communicator& comm) {
   const TrainResult result = speedrun::train(train, *backend);
   report_matmul_tunings(*backend, comm, train.quiet);
   if (!result.stopped_by_signal) return;
-  std::fflush(stdout);
-  if (comm.rank() == 0) {
-    std::fprintf(stderr,
-                 "speedrun: stopped by %s after %d of %d steps; checkpoint saved.\n"
-                 "resume with: %s\n",
-                 signal_name(result.stopped_by_signal), result.last_step, result.end_step,
-                 resume_command(opts, train, result.checkpoint_path).c_str());
-    std::fflush(stderr);
-  }
-  // Every process leaves with the signal's status, and none before rank 0 has saved and
-  // said so: mpirun ends the whole job at the first non-zero exit.
-  comm.barrier();
-  std::exit(exit_status_for_signal(result.stopped_by_signal));
+  char message[128];
+  std::snprintf(message, sizeof message, "stopped by %s after %d of %d steps; checkpoint saved.",
+                signal_name(result.stopped_by_signal), result.last_step, result.end_step);
+  leave_together(comm, message + ("\nresume with: " + resume_command(opts, train, result.checkpoint_path)),
+                 exit_status_for_signal(result.stopped_by_signal));
 }
 
 }  // namespace
@@ -238,15 +243,8 @@ void register_train_command(CLI::App& app) {
     if (comm->size() == 1) return run(*opts, *comm);
     try {
       run(*opts, *comm);
-    } catch (const AgreedError& e) {
-      // Every process failed here alike, rank 0's checkpoint saved: one message, then all
-      // leave together (an abort could still cut rank 0's output short).
-      if (comm->rank() == 0) {
-        std::fprintf(stderr, "speedrun: error: %s\n", e.what());
-        std::fflush(stderr);
-      }
-      comm->barrier();
-      std::exit(static_cast<int>(e.code()));
+    } catch (const AgreedError& e) {  // every process failed here alike, rank 0's checkpoint saved
+      leave_together(*comm, std::string("error: ") + e.what(), static_cast<int>(e.code()));
     } catch (const Error& e) {
       comm->abort(e.what(), static_cast<int>(e.code()));
     } catch (const std::exception& e) {

@@ -32,14 +32,13 @@ Config ConfigOptions::apply_assignments(Config base) const {
 
 Config ConfigOptions::build() const {
   if (config_file.empty()) return apply_assignments(Config::preset(preset));
+  Config base = Config::from_file(config_file);  // its errors name the file already
   try {
-    return apply_assignments(Config::from_file(config_file));
+    return apply_assignments(std::move(base));
   } catch (const UsageError& e) {
-    // A rule the file's values break names the file too (its keys' own errors already do).
-    const std::string message = e.what();
-    if (message.find(config_file) != std::string::npos) throw;
-    throw UsageError(message + " (config file '" + config_file + "'" + (assignments.empty() ? "" : " with --set") +
-                     ")");
+    // A rule the file's values (with the --set ones) break names the file too.
+    throw UsageError(std::string(e.what()) + " (config file '" + config_file + "'" +
+                     (assignments.empty() ? "" : " with --set") + ")");
   }
 }
 

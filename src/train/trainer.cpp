@@ -617,14 +617,13 @@ double run_training_step(DataParallel& dp, Optimizer& optimizer, std::span<const
 void require_validation_data(const std::vector<std::string>& val_files, const Config& config) {
   const size_t windows = validation_windows(static_cast<size_t>(config.val_tokens), config.world_size,
                                             config.val_seq_len);
-  const TokenStream stream = validation_stream(val_files, config);
+  TokenStream stream = validation_stream(val_files, config);
   const size_t left = stream.windows_left();
   if (left >= windows) {
     // Every token the validations read is checked against the vocabulary now, before a run
     // writes anything: the stream checks what it serves, and validation reads all of it
     // (val_tokens: a few MB) every time anyway.
-    TokenStream ids = validation_stream(val_files, config);
-    for (size_t w = 0; w < windows; ++w) ids.next(0, config.world_size);
+    for (size_t w = 0; w < windows; ++w) stream.next(0, config.world_size);
     return;
   }
   throw Error("not enough validation data: val_tokens = " + std::to_string(config.val_tokens) + " needs " +
