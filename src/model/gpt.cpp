@@ -25,7 +25,7 @@ struct GPT::LayerActivations {
   uint16_t* kn_codes = nullptr;
   float* q_rstd = nullptr;   // [T * H]
   float* k_rstd = nullptr;
-  float* q_rot = nullptr;    // rotary(qn) [T, hd] (float32 only: bf16 keeps codes alone)
+  float* q_rot = nullptr;    // rotary(qn) [T, hd] (float32 only, one buffer all layers share)
   float* k_rot = nullptr;
   float* v_raw = nullptr;    // v before the value-embedding mix [T, hd] (float32 only)
   uint16_t* v_raw_codes = nullptr;  // bf16: v_raw as codes [T, hd]
@@ -33,7 +33,8 @@ struct GPT::LayerActivations {
   float* y = nullptr;        // attention output [T, hd] (bf16: one buffer all layers share)
   uint16_t* y_codes = nullptr;  // bf16: y kept for the backward, as codes [T, hd]
   float* lse = nullptr;      // [H, T]
-  // bf16: q_rot, k_rot and v kept as codes [T, hd] (one set all layers share when recomputed).
+  // bf16: q_rot, k_rot and v as codes [T, hd] (rotated q and k one buffer each all layers
+  // share, rotated again in the backward; v too when recomputed).
   AttentionInputCodes input_codes(bool floats_current) const {
     AttentionInputCodes codes{q_codes, k_codes, v_codes};
     codes.floats_current = floats_current;
@@ -122,12 +123,13 @@ void carve_value_embedding(const Config& config, bool bf16, ArenaCarver& arena, 
   }
 }
 
-AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations, ArenaCarver& arena, size_t count) {
+AttentionCodeBuffers carve_attention_codes(const ActivationOptions& activations, ArenaCarver& arena, size_t count,
+                                           bool with_v = true) {
   if (activations.precision != ActivationPrecision::kBfloat16) return {};
   AttentionCodeBuffers codes;
   codes.q = arena.take_codes(count);
   codes.k = arena.take_codes(count);
-  codes.v = arena.take_codes(count);
+  if (with_v) codes.v = arena.take_codes(count);
   return codes;
 }
 
@@ -274,10 +276,13 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   // (Not shared_norm's nullness: while an arena is only counted, every piece is null.)
   auto norm_floats = [&] { return one_norm_buffer ? shared_norm : take(T * d); };
   auto norm_codes = [&] { return !bf16 ? nullptr : recompute ? shared_norm_codes : arena.take_codes(T * d); };
-  // bf16: attention's inputs and output live on as codes (q, k, v recomputed: one set); the
-  // inputs have no floats at all, y's are one buffer, only for products that read float32.
-  float* shared_q_rot = recompute && !bf16 ? take(T * hd) : nullptr;
-  float* shared_k_rot = recompute && !bf16 ? take(T * hd) : nullptr;
+  // Rotated q and k, attention's inputs, are one buffer each in every mode: the backward
+  // rotates the kept normalised q and k again (one rotary pass, the same bits) instead of
+  // keeping both per layer (1.55 GiB at speedrun-124m with bf16 activations). bf16:
+  // attention's inputs and output live on as codes (v recomputed: one set); the inputs have
+  // no floats at all, y's are one buffer, only for products that read float32.
+  float* shared_q_rot = !bf16 ? take(T * hd) : nullptr;
+  float* shared_k_rot = !bf16 ? take(T * hd) : nullptr;
   // relu(h)^2: kept per layer as floats, or with bf16 activations as codes (its floats then
   // one buffer, written only for float32 products), or recomputed into one buffer.
   const bool one_g_buffer = recompute_relu2 || bf16;
@@ -286,8 +291,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   float* shared_v = recompute && !bf16 ? take(T * hd) : nullptr;
   uint16_t* q_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
   uint16_t* k_pre_codes = bf16 ? arena.take_codes(T * hd) : nullptr;
-  const AttentionCodeBuffers recomputed_codes =
-      recompute ? carve_attention_codes(activations, arena, T * hd) : AttentionCodeBuffers{};
+  const AttentionCodeBuffers shared_codes = carve_attention_codes(activations, arena, T * hd, recompute);
   float* shared_y = bf16 ? take(T * hd) : nullptr;
   auto attention_input = [&](float* shared, size_t n) { return bf16 ? nullptr : recompute ? shared : take(n); };
   for (int i = 0; i < config.num_layers; ++i) {
@@ -300,8 +304,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
       a.attn_norm = norm_floats();
       a.attn_norm_codes = norm_codes();
       a.attn_rstd = take(T);
-      a.q_rot = attention_input(shared_q_rot, T * hd);
-      a.k_rot = attention_input(shared_k_rot, T * hd);
+      a.q_rot = shared_q_rot;
+      a.k_rot = shared_k_rot;
       // bf16: q and k from their product as codes, normalised and rotated in one pass; the
       // normalised values live on as codes.
       if (bf16) {
@@ -325,7 +329,8 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
         a.y = take(T * hd);
       }
       a.lse = take(T * H);
-      (recompute ? recomputed_codes : carve_attention_codes(activations, arena, T * hd)).assign_to(a);
+      shared_codes.assign_to(a);
+      if (bf16 && !recompute) a.v_codes = arena.take_codes(T * hd);
     }
     a.mlp_norm = norm_floats();
     a.mlp_norm_codes = norm_codes();
@@ -371,7 +376,7 @@ void GPT::carve_gradients_in_dead_h(const Config& config, bool bf16, ArenaCarver
 // One set for every layer. The rmsnorm outputs share a buffer, as do q before and after
 // rotary, k likewise, v before and after its value-embedding mix, and h and relu(h)^2;
 // the last block writes its output over its input, and the head normalises into the
-// block's norm buffer. That is 8 d floats per token where a training layer keeps 18 d,
+// block's norm buffer. That is 8 d floats per token where a training layer keeps 16 d,
 // and h for mlp_rows rows (the MLP runs a slice of rows at a time).
 GPT::ForwardBuffers GPT::carve_forward_buffers(const Config& config, ActivationOptions activations, ArenaCarver& arena,
                                                size_t T, int head_chunk_rows) {
@@ -791,9 +796,8 @@ void GPT::relu2_for_backward(LayerActivations& a, int T) {
   }
 }
 
-void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
-  if (!recompute_) return;
-  block_norm(a.attn_norm, a.attn_norm_codes, a.attn_rstd, a.xm, T);
+void GPT::prepare_attention_inputs_for_backward(int layer, LayerActivations& a, int T) {
+  if (recompute_) block_norm(a.attn_norm, a.attn_norm_codes, a.attn_rstd, a.xm, T);
   if (bf16_activations_) {  // from the normalised codes, codes alone as in the forward
     const int H = config_.num_heads, D = config_.head_dim;
     const float base = static_cast<float>(config_.rotary_base);
@@ -803,7 +807,7 @@ void GPT::recompute_attention_inputs(int layer, LayerActivations& a, int T) {
     rotated_copy(a.q_rot, a.qn, T);
     rotated_copy(a.k_rot, a.kn, T);
   }
-  mix_value(layer, a, train_->m, config_.value_embed_of_layer(layer), T);  // looked up by the caller
+  if (recompute_) mix_value(layer, a, train_->m, config_.value_embed_of_layer(layer), T);  // looked up by the caller
 }
 
 void GPT::run_head(int T, float grad_scale, const ModelActivations& m) {
@@ -948,7 +952,7 @@ void GPT::block_backward(int layer, int T, int window, LayerActivations& a, Stre
     backend_.release_operand(kHeldGradient);
     backend_.release_operand(kHeldInput);
     const int ve = look_up_value_embedding(layer, T, b.m);
-    recompute_attention_inputs(layer, a, T);
+    prepare_attention_inputs_for_backward(layer, a, T);
     const AttentionShape shape{T, H, D, config_.attn_block_size, window, static_cast<float>(config_.attn_scale)};
     // bf16: attention reads its inputs and y as the codes kept (or recomputed) for this layer.
     AttentionInputCodes codes = a.input_codes(/*floats_current=*/false);

@@ -17,12 +17,14 @@
 
 namespace speedrun {
 
-// What the forward keeps for the backward. kRecompute keeps neither the rmsnorm outputs
-// nor the rotated q and k nor the mixed v nor relu(h)^2 but the attention residual x1,
-// and recomputes them in the backward from what it does keep (bit-identical gradients):
-// with float32 activations a decoder layer with attention keeps 10 d floats per token
-// instead of 18 d at the speedrun's shapes, for one more pass of the lambda mixes, rmsnorm,
-// rotary and relu^2. kRecomputeRelu2 keeps everything but relu(h)^2, the largest piece
+// What the forward keeps for the backward. Every mode keeps q and k normalised but not
+// rotated: the backward rotates them again, one rotary pass for 2 hd values per token and
+// attention layer (1.55 GiB at speedrun-124m with bf16 activations; bit-identical
+// gradients). kRecompute keeps neither the rmsnorm outputs nor the mixed v nor relu(h)^2
+// but the attention residual x1, and recomputes them in the backward from what it does keep
+// (bit-identical gradients): with float32 activations a decoder layer with attention keeps
+// 10 d floats per token instead of 16 d at the speedrun's shapes, for one more pass of the
+// lambda mixes, rmsnorm and relu^2. kRecomputeRelu2 keeps everything but relu(h)^2, the largest piece
 // with h (4 d per token), and recomputes it from h in the backward: one more relu^2
 // pass; with bf16 activations 3.1 GiB less for speedrun-124m (bit-identical gradients).
 enum class ActivationMemory { kStore, kRecompute, kRecomputeRelu2 };
@@ -159,8 +161,8 @@ class GPT {
   void mlp_forward(int layer, int rows, LayerActivations& a, StreamTensor x1, StreamTensor x_out);
   // For the backward's products: the MLP's rmsnorm output (kRecompute) and relu(h)^2
   // (kRecompute, kRecomputeRelu2) recomputed into the shared buffers, else the kept ones;
-  // and attention's rmsnorm output, rotated q, k and mixed v recomputed (kRecompute). The
-  // MLP's norm and relu(h)^2 are left held as kHeldInput (relu(h)^2 recomputed with float32
+  // and attention's rotated q and k recomputed from the kept normalised ones (every mode),
+  // its rmsnorm output and mixed v too (kRecompute). The MLP's norm and relu(h)^2 are left held as kHeldInput (relu(h)^2 recomputed with float32
   // activations is not), as is attention's norm when recomputed; the caller releases them.
   void mlp_norm_for_backward(LayerActivations& a, StreamTensor x1, int T);
   void relu2_for_backward(LayerActivations& a, int T);
@@ -176,7 +178,7 @@ class GPT {
   void hold_kept_operand(float* floats, const uint16_t* codes, size_t n);
   void block_norm_backward(float* dx, uint16_t* dx_codes, const float* dout, const float* out, const uint16_t* codes,
                            const float* rstd, int rows);
-  void recompute_attention_inputs(int layer, LayerActivations& a, int T);
+  void prepare_attention_inputs_for_backward(int layer, LayerActivations& a, int T);
   // out = rotary(x) (float32 activations), in place when out == x.
   void rotated_copy(float* out, const float* x, int T);
   // Looks up the value embedding `layer` mixes into v into m.ve (one buffer for all layers,

@@ -379,20 +379,20 @@ void expect_recomputation_is_exact(ActivationPrecision precision) {
   expect_same_passes(kept, recomputed);
   const Config& c = kept.config;
   const size_t T = 64, d = c.model_dim, hd = c.hidden_dim(), mlp = c.mlp_dim();
-  // Rotated q and k and mixed v per layer: floats, or with bf16 activations codes (whose
-  // floats are one shared buffer in both modes).
+  // Mixed v per layer: floats, or with bf16 activations codes (whose floats are one shared
+  // buffer in both modes). Rotated q and k are one buffer each in both modes.
   const bool bf16 = precision == ActivationPrecision::kBfloat16;
-  const size_t attention_inputs = bf16 ? 3 * hd / 2 : 3 * hd;
+  const size_t v = bf16 ? hd / 2 : hd;
   const size_t stream = bf16 ? d / 2 : d;  // the residual stream's x1: codes with bf16 activations
   // The block norms and relu(h)^2: floats, or with bf16 activations codes (their floats one
   // buffer in both modes).
   const size_t norm = bf16 ? d / 2 : d, g = bf16 ? mlp / 2 : mlp;
   size_t not_kept = stream;  // floats per token: kept mode's shared x1 buffer
-  size_t kept_to_recompute = norm + attention_inputs + g;  // the recompute buffers, one of each
+  size_t kept_to_recompute = norm + v + g;  // the recompute buffers, one of each
   for (int i = 0; i < c.num_layers; ++i) {
     not_kept += norm + g;  // mlp_norm, relu(h)^2
     if (c.layer_has_attention(i)) {
-      not_kept += norm + attention_inputs;  // attn_norm, rotated q, k, mixed v
+      not_kept += norm + v;  // attn_norm, mixed v
       kept_to_recompute += stream;  // x1
     }
   }
@@ -465,13 +465,14 @@ TEST(GPT, Bf16ActivationsRoundTheLargestBuffersAndHalveTheirMemory) {
   // the shared lambda mix and attention residual.
   size_t halved = d * (1 + c.num_encoder_layers() + 1 + (c.num_layers - c.num_encoder_layers()) + 2);  // per token
   halved += d;  // the value embedding looked up
+  halved += 2 * hd;  // rotated q and k, one buffer each for all layers
   size_t as_codes = 0;  // per token: kept as codes, their floats one buffer for all layers or none
   for (int i = 0; i < c.num_layers; ++i) {
     halved += mlp;
     as_codes += d + mlp;  // the MLP's norm, relu(h)^2
     if (c.layer_has_attention(i)) {
       halved += 3 * hd;  // normalised q and k, v before its mix
-      as_codes += d + 4 * hd;  // attention's norm; rotated q and k, v and y
+      as_codes += d + 2 * hd;  // attention's norm; v and y
     }
   }
   // bf16 alone: the norms', relu(h)^2's and y's float buffers, q's and k's codes as their
