@@ -382,8 +382,9 @@ void register_bench_command(CLI::App& app) {
                 matmul_precision_name(backend_options.matmul).c_str(),
                 attention_kernel_name(backend_options.attention).c_str(), config.lm_head_fp8 ? "fp8" : "plain",
                 ActivationFlags::describe(activations).c_str(), model.activation_bytes() / (1024.0 * 1024.0));
-    std::printf("per op, one profiled step (%.1f ms with a synchronisation around every op):\n",
-                1000 * profiled_seconds);
+    // Under mpirun each process profiles its own share; the table is rank 0's.
+    std::printf("per op, one profiled step%s (%.1f ms with a synchronisation around every op):\n",
+                comm->size() > 1 ? " of rank 0's share" : "", 1000 * profiled_seconds);
     // GB/s: the op's floor of memory traffic (each input read once, each output written
     // once) over its time; against the device's bandwidth it says how far a memory-bound
     // kernel is from its floor.

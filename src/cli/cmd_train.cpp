@@ -16,8 +16,10 @@
 #include "cli/number_checks.h"
 #include "backends/cuda_devices.h"
 #include "comm/communicator.h"
+#include "comm/failure_agreement.h"
 #include "comm/nccl_communicator.h"
 #include "train/checkpoint.h"
+#include "train/data_parallel.h"
 #include "train/interrupt.h"
 #include "train/trainer.h"
 #include "util/error.h"
@@ -155,7 +157,13 @@ void report_matmul_tunings(const Backend& backend, const Communicator& comm, boo
 }
 
 void run(const Options& opts, Communicator& comm) {
-  TrainOptions train = resolve(opts);
+  // Flags and config are the same on every process, and so are their errors: agreed on, rank
+  // 0 alone reports one (with the process count's, the commonest mistake under mpirun).
+  TrainOptions train = agreeing_on_failure(comm, [&] {
+    TrainOptions resolved = resolve(opts);
+    DataParallel::check_process_count(resolved.config.world_size, comm.size());
+    return resolved;
+  });
   share_out_dir(comm, train.out_dir);
   // One GPU per process; the GPU buffers of a multi-process run are reduced by NCCL,
   // bootstrapped over `comm` (MPI), which keeps the host-side collectives.

@@ -87,10 +87,7 @@ void GradientBuckets::finish() {
 DataParallel::DataParallel(Communicator& comm, GPT& model, GradReduceOptions options) : comm_(comm), model_(model) {
   const int world = model.config().world_size;
   const int processes = comm.size();
-  if (world % processes != 0) {
-    throw UsageError("world_size " + std::to_string(world) + " is not divisible by the " + std::to_string(processes) +
-                     " processes of this run: each process must hold the same number of logical ranks");
-  }
+  check_process_count(world, processes);
   Backend& be = model.backend();
   const bool device_memory = be.native_stream() != nullptr;
   if (processes > 1 && comm.device_buffers() != device_memory) {
@@ -130,6 +127,14 @@ DataParallel::GradientBufferSizes DataParallel::gradient_buffer_sizes(size_t par
     sizes.all = parameters * world_size;
   }
   return sizes;
+}
+
+void DataParallel::check_process_count(int world_size, int processes) {
+  if (world_size % processes != 0) {
+    throw UsageError("world_size " + std::to_string(world_size) + " is not divisible by the " +
+                     std::to_string(processes) +
+                     " processes of this run: each process must hold the same number of logical ranks");
+  }
 }
 
 size_t DataParallel::memory_bytes(size_t parameters, int world_size, int processes, GradReduce mode) {

@@ -75,6 +75,9 @@ class DataParallel {
   // The backend memory the constructor allocates for gradient sums and gathers, with the
   // mode resolved (exact or overlap).
   static size_t memory_bytes(size_t parameters, int world_size, int processes, GradReduce mode);
+  // Throws UsageError unless `processes` divides world_size (checked by the constructor;
+  // callers check it earlier where they can agree on the failure before any collective).
+  static void check_process_count(int world_size, int processes);
 
   int first_rank() const { return first_rank_; }
   int local_ranks() const { return local_ranks_; }

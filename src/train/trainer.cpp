@@ -3,7 +3,6 @@
 #include "train/trainer.h"
 
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "comm/failure_agreement.h"
 #include "data/host_buffer.h"
 #include "data/prefetcher.h"
 #include "data/token_stream.h"
@@ -419,30 +419,17 @@ void TrainingRun::fail_after_saving(const std::function<std::string()>& message)
 // collective a step), and take the first failing process's message.
 TokenBatch TrainingRun::next_batch(int step) {
   std::optional<TokenBatch> batch;
-  std::string error;
+  std::optional<Error> mine;
   try {
     batch.emplace(prefetcher_->next());
   } catch (const Error& e) {
-    error = e.what();
+    mine = e;
   }
-  int failed = error.empty() ? -1 : comm_.rank();
-  if (comm_.size() > 1) {
-    const double mine = error.empty() ? 0 : 1;
-    std::vector<double> all(comm_.size());
-    comm_.all_gather(&mine, all.data(), 1);
-    const auto first = std::find(all.begin(), all.end(), 1.0);
-    failed = first == all.end() ? -1 : static_cast<int>(first - all.begin());
-    if (failed >= 0) {
-      std::array<char, 2048> text{};
-      error.copy(text.data(), text.size() - 1);
-      comm_.broadcast(text.data(), text.size(), failed);
-      error = text.data();
-    }
-  }
-  if (failed < 0) return std::move(*batch);
+  const std::optional<Error> failure = first_failure(comm_, mine);
+  if (!failure) return std::move(*batch);
   fail_after_saving([&] {
-    return error + "; the state before step " + std::to_string(step) + " was saved as " + result_.checkpoint_path +
-           ": mend or replace the shard, then continue with --resume " + result_.checkpoint_path;
+    return std::string(failure->what()) + "; the state before step " + std::to_string(step) + " was saved as " +
+           result_.checkpoint_path + ": mend or replace the shard, then continue with --resume " + result_.checkpoint_path;
   });
 }
 

@@ -33,7 +33,7 @@ class UsageError : public Error {
 // no process aborts the others (which could cut rank 0's save short).
 class AgreedError : public Error {
  public:
-  explicit AgreedError(const std::string& message) : Error(message) {}
+  explicit AgreedError(const std::string& message, ExitCode code = ExitCode::kRuntime) : Error(message, code) {}
 };
 
 // A backend could not allocate memory (host or device): callers that know what the memory

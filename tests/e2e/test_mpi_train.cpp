@@ -175,11 +175,46 @@ TEST_F(MpiTrain, ABadTokenOneProcessReadsStopsEveryProcessWithACheckpoint) {
   EXPECT_TRUE(read_run(dir / "bad", 10).checkpoint == read_run(dir / "whole", 10).checkpoint);
 }
 
-TEST_F(MpiTrain, ProcessCountMustDivideWorldSize) {
-  const std::string command = "OMP_NUM_THREADS=1 " + mpirun(3) + SPEEDRUN_BINARY + common + " --steps 1 --out-dir " +
-                              (dir / "bad") + data_args() + " 2> " + (dir / "err.txt");
-  EXPECT_NE(std::system(command.c_str()), 0);
-  EXPECT_NE(read_bytes(dir / "err.txt").find("not divisible"), std::string::npos) << read_bytes(dir / "err.txt");
+// A mistake every process makes alike, in the process count or in the flags and config,
+// is agreed on before anything starts: rank 0 reports it once, every process exits 2
+// (none aborts the run with its own copy), and no run directory is made.
+TEST_F(MpiTrain, ProcessCountAndConfigErrorsAreReportedOnceByRankZero) {
+  struct Case {
+    int processes;
+    std::string args, what;
+  };
+  for (const Case& c : {Case{3, "", "world_size 4 is not divisible by the 3 processes"},
+                        Case{2, " --set num_heads=3", "num_heads * head_dim must equal model_dim"}}) {
+    SCOPED_TRACE(c.what);
+    const std::string err = dir / "err.txt";
+    const std::string command = "OMP_NUM_THREADS=1 " + mpirun(c.processes) + SPEEDRUN_BINARY + common + c.args +
+                                " --steps 1 --out-dir " + (dir / "bad") + data_args() + " 2> " + err;
+    const int status = std::system(command.c_str());
+    ASSERT_TRUE(WIFEXITED(status)) << command;
+    EXPECT_EQ(WEXITSTATUS(status), 2) << read_bytes(err);
+    const std::string said = read_bytes(err);
+    const size_t at = said.find(c.what);
+    ASSERT_NE(at, std::string::npos) << said;
+    EXPECT_EQ(said.rfind("speedrun: error: ", at), 0u) << said;
+    EXPECT_EQ(said.find(c.what, at + 1), std::string::npos) << "reported more than once:\n" << said;
+    EXPECT_EQ(said.find("error (rank"), std::string::npos) << "a process aborted the run:\n" << said;
+    EXPECT_FALSE(std::filesystem::exists(dir / "bad"));
+  }
+}
+
+// bench under mpirun: every process times its share, rank 0 alone reports, and its per-op
+// table says whose share it profiled.
+TEST_F(MpiTrain, BenchReportsOnceAndLabelsTheProfileAsRankZeros) {
+  const std::string out = dir / "bench.txt";
+  const std::string command = "OMP_NUM_THREADS=1 " + mpirun(2) + SPEEDRUN_BINARY +
+                              " bench --preset micro --set world_size=2 --steps 1 > " + out;
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  const std::string said = read_bytes(out);
+  const std::string label = "per op, one profiled step of rank 0's share (";
+  const size_t at = said.find(label);
+  ASSERT_NE(at, std::string::npos) << said;
+  EXPECT_EQ(said.find("per op", at + 1), std::string::npos) << "reported more than once:\n" << said;
+  EXPECT_NE(said.find(", 2 process(es), "), std::string::npos) << said;
 }
 
 }  // namespace
