@@ -29,6 +29,7 @@
 #include "cli/config_options.h"
 #include "backends/cuda_devices.h"
 #include "comm/communicator.h"
+#include "comm/failure_agreement.h"
 #include "comm/nccl_communicator.h"
 #include "train/data_parallel.h"
 #include "model/attention_mask.h"
@@ -239,22 +240,38 @@ int thread_count() {
 #endif
 }
 
+struct BenchOptions {
+  ConfigOptions config;
+  std::string device = "cpu";
+  BackendFlags backend;
+  ActivationFlags activations;
+  std::string grad_reduce = "auto";
+  int steps = 3;
+  int warmup = 1;
+  int window = -1;
+  int sweep_matmuls = 0;
+  std::string json_path;
+};
+
+// The config to time, with what would otherwise fail only after the timing checked first:
+// where the JSON goes, and the process count.
+Config checked_config(const BenchOptions& opts, int processes) {
+  Config config = opts.config.build();
+  if (!opts.json_path.empty()) {
+    const std::filesystem::path json(opts.json_path);
+    const std::filesystem::path parent = json.parent_path().empty() ? "." : json.parent_path();
+    if (std::filesystem::is_directory(json) || !std::filesystem::is_directory(parent)) {
+      throw UsageError("--json '" + opts.json_path + "' must name a file in an existing directory");
+    }
+  }
+  DataParallel::check_process_count(config.world_size, processes);
+  return config;
+}
+
 }  // namespace
 
 void register_bench_command(CLI::App& app) {
-  struct Options {
-    ConfigOptions config;
-    std::string device = "cpu";
-    BackendFlags backend;
-    ActivationFlags activations;
-    std::string grad_reduce = "auto";
-    int steps = 3;
-    int warmup = 1;
-    int window = -1;
-    int sweep_matmuls = 0;
-    std::string json_path;
-  };
-  auto opts = std::make_shared<Options>();
+  auto opts = std::make_shared<BenchOptions>();
   CLI::App* cmd = app.add_subcommand("bench", "time training steps: per-op time, ms/step, tokens/s");
   opts->config.add_to(cmd, "tiny");
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
@@ -284,17 +301,16 @@ void register_bench_command(CLI::App& app) {
     if (opts->sweep_matmuls > 0 && opts->device != "cuda") {
       throw UsageError("--sweep-matmuls times cuBLASLt's algorithms: it needs --device cuda");
     }
-    Config config = opts->config.build();
-    // Where the JSON goes is checked before minutes of timing, not after.
-    if (!opts->json_path.empty()) {
-      const std::filesystem::path json(opts->json_path);
-      const std::filesystem::path parent = json.parent_path().empty() ? "." : json.parent_path();
-      if (std::filesystem::is_directory(json) || !std::filesystem::is_directory(parent)) {
-        throw UsageError("--json '" + opts->json_path + "' must name a file in an existing directory");
-      }
-    }
-    // Under mpirun every process times its share; rank 0 reports.
+    // Under mpirun every process times its share; rank 0 reports, also the mistakes every
+    // process makes alike in the flags and config (once, every process exiting together).
     std::unique_ptr<Communicator> process_comm = make_process_communicator();
+    Config config;
+    try {
+      config = agreeing_on_failure(*process_comm, [&] { return checked_config(*opts, process_comm->size()); });
+    } catch (const AgreedError& e) {
+      if (process_comm->size() == 1) throw;
+      leave_together(*process_comm, std::string("error: ") + e.what(), static_cast<int>(e.code()));
+    }
     const int visible_gpus = static_cast<int>(query_cuda_devices().devices.size());
     const int device_index = opts->device == "cuda" && visible_gpus > 0
                                  ? gpu_for_local_rank(process_comm->local_rank(), visible_gpus)

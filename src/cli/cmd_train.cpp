@@ -143,19 +143,6 @@ void report_matmul_tunings(const Backend& backend, const Communicator& comm, boo
   std::printf("%s\n", summarize_tunings(tunings).c_str());
 }
 
-// Every process of the run exits with `status` once rank 0 has said `message` (after
-// "speedrun: "): none leaves before, since mpirun ends the whole job at the first non-zero
-// exit and could cut rank 0's save or output short.
-[[noreturn]] void leave_together(Communicator& comm, const std::string& message, int status) {
-  std::fflush(stdout);
-  if (comm.rank() == 0) {
-    std::fprintf(stderr, "speedrun: %s\n", message.c_str());
-    std::fflush(stderr);
-  }
-  comm.barrier();
-  std::exit(status);
-}
-
 void run(const Options& opts, Communicator& comm) {
   // Flags and config are the same on every process, and so are their errors: agreed on, rank
   // 0 alone reports one (with the process count's, the commonest mistake under mpirun).

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,16 @@ std::optional<Error> first_failure(Communicator& comm, const std::optional<Error
   if (mine) std::string(mine->what()).copy(text.data(), text.size() - 1);
   comm.broadcast(text.data(), text.size(), failed);
   return Error(text.data(), static_cast<ExitCode>(static_cast<int>(*first)));
+}
+
+void leave_together(Communicator& comm, const std::string& message, int status) {
+  std::fflush(stdout);
+  if (comm.rank() == 0) {
+    std::fprintf(stderr, "speedrun: %s\n", message.c_str());
+    std::fflush(stderr);
+  }
+  comm.barrier();
+  std::exit(status);
 }
 
 }  // namespace speedrun

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "comm/communicator.h"
@@ -35,5 +36,10 @@ auto agreeing_on_failure(Communicator& comm, Work&& work) {
   }
   return std::move(*result);
 }
+
+// Every process of the run exits with `status` once rank 0 has said `message` (after
+// "speedrun: "): none leaves before, since mpirun ends the whole job at the first non-zero
+// exit and could cut rank 0's save or output short.
+[[noreturn]] void leave_together(Communicator& comm, const std::string& message, int status);
 
 }  // namespace speedrun

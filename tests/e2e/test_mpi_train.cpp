@@ -176,19 +176,22 @@ TEST_F(MpiTrain, ABadTokenOneProcessReadsStopsEveryProcessWithACheckpoint) {
 }
 
 // A mistake every process makes alike, in the process count or in the flags and config,
-// is agreed on before anything starts: rank 0 reports it once, every process exits 2
-// (none aborts the run with its own copy), and no run directory is made.
+// is agreed on before anything starts (train and bench): rank 0 reports it once, every
+// process exits 2 (none aborts the run with its own copy), and no run directory is made.
 TEST_F(MpiTrain, ProcessCountAndConfigErrorsAreReportedOnceByRankZero) {
   struct Case {
     int processes;
     std::string args, what;
   };
-  for (const Case& c : {Case{3, "", "world_size 4 is not divisible by the 3 processes"},
-                        Case{2, " --set num_heads=3", "num_heads * head_dim must equal model_dim"}}) {
-    SCOPED_TRACE(c.what);
+  const std::string train = common + " --steps 1 --out-dir " + (dir / "bad") + data_args();
+  for (const Case& c : {Case{3, train, "world_size 4 is not divisible by the 3 processes"},
+                        Case{2, train + " --set num_heads=3", "num_heads * head_dim must equal model_dim"},
+                        Case{3, " bench --preset micro --set world_size=4 --steps 1", "world_size 4 is not divisible"},
+                        Case{2, " bench --preset micro --set num_heads=3 --steps 1", "num_heads * head_dim"}}) {
+    SCOPED_TRACE(c.args);
     const std::string err = dir / "err.txt";
-    const std::string command = "OMP_NUM_THREADS=1 " + mpirun(c.processes) + SPEEDRUN_BINARY + common + c.args +
-                                " --steps 1 --out-dir " + (dir / "bad") + data_args() + " 2> " + err;
+    const std::string command =
+        "OMP_NUM_THREADS=1 " + mpirun(c.processes) + SPEEDRUN_BINARY + c.args + " > /dev/null 2> " + err;
     const int status = std::system(command.c_str());
     ASSERT_TRUE(WIFEXITED(status)) << command;
     EXPECT_EQ(WEXITSTATUS(status), 2) << read_bytes(err);
