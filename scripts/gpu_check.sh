@@ -15,7 +15,7 @@
 #   2. there: run tool, carry ["build-gpu/carry"], timeout_s 600, command
 #        scripts/gpu_check.sh build-gpu/carry [STAGES] [DEADLINE_S]
 #        STAGES (comma-separated, in this order; default tests,bench,sanitize): tests =
-#        every GPU test; bench = `speedrun bench --device cuda`, the <= 24 GB configuration
+#        every GPU test; bench = `speedrun bench --device cuda`, the most telling variants
 #        first; sanitize = compute-sanitizer memcheck and racecheck on the op tests.
 #        DEADLINE_S (default 540): no item starts after it, and each item's timeout ends
 #        by it, so that one call fits the run tool's 10 minutes and a task's 15 minutes of
@@ -194,10 +194,10 @@ fp8_diagnosis() {
 
 # Training-step benchmarks, the most telling first: each variant is a preset and its flags.
 #   speedrun-124m-relu2: the cuda defaults (bf16 matmuls and activations, attention through
-#     the bf16 flash kernel) keeping all activations but relu(h)^2: the <= 24 GB candidate;
-#   speedrun-124m-recompute: the same recomputing activations (16.3 GiB);
-#   speedrun-124m: the same keeping activations (22.3 GiB: over 24 GB with the context),
-#     with cuBLASLt's first 8 algorithms for each product shape timed alone (--sweep-matmuls);
+#     the bf16 flash kernel) keeping all activations but relu(h)^2 (16.6 GiB planned);
+#   speedrun-124m-recompute: the same recomputing activations (15.0 GiB planned);
+#   speedrun-124m: the same keeping activations (19.7 GiB planned since rotated q and k are
+#     rotated again in the backward: the <= 24 GB candidate with ~1.3 GB of context), with cuBLASLt's first 8 algorithms for each product shape timed alone (--sweep-matmuls);
 #   speedrun-124m-autotune: the same running, for each product plan, the fastest of those 8
 #     (--autotune-matmuls): what the sweep's saving is worth in the step;
 #   speedrun-124m-chunk4096: the same with the head's logits 4096 rows at a time (dW added
