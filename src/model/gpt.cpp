@@ -278,7 +278,7 @@ GPT::TrainingBuffers GPT::carve_training_buffers(const Config& config, Activatio
   auto norm_codes = [&] { return !bf16 ? nullptr : recompute ? shared_norm_codes : arena.take_codes(T * d); };
   // Rotated q and k, attention's inputs, are one buffer each in every mode: the backward
   // rotates the kept normalised q and k again (one rotary pass, the same bits) instead of
-  // keeping both per layer (1.55 GiB at speedrun-124m with bf16 activations). bf16:
+  // keeping both per layer (1.41 GiB less at speedrun-124m with bf16 activations). bf16:
   // attention's inputs and output live on as codes (v recomputed: one set); the inputs have
   // no floats at all, y's are one buffer, only for products that read float32.
   float* shared_q_rot = !bf16 ? take(T * hd) : nullptr;

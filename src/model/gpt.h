@@ -19,14 +19,15 @@ namespace speedrun {
 
 // What the forward keeps for the backward. Every mode keeps q and k normalised but not
 // rotated: the backward rotates them again, one rotary pass for 2 hd values per token and
-// attention layer (1.55 GiB at speedrun-124m with bf16 activations; bit-identical
+// attention layer (1.41 GiB less at speedrun-124m with bf16 activations; bit-identical
 // gradients). kRecompute keeps neither the rmsnorm outputs nor the mixed v nor relu(h)^2
 // but the attention residual x1, and recomputes them in the backward from what it does keep
 // (bit-identical gradients): with float32 activations a decoder layer with attention keeps
 // 10 d floats per token instead of 16 d at the speedrun's shapes, for one more pass of the
-// lambda mixes, rmsnorm and relu^2. kRecomputeRelu2 keeps everything but relu(h)^2, the largest piece
-// with h (4 d per token), and recomputes it from h in the backward: one more relu^2
-// pass; with bf16 activations 3.1 GiB less for speedrun-124m (bit-identical gradients).
+// lambda mixes, rmsnorm and relu^2. kRecomputeRelu2 keeps everything but relu(h)^2, the
+// largest piece with h (4 d per token), and recomputes it from h in the backward: one more
+// relu^2 pass; with bf16 activations 3.1 GiB less for speedrun-124m (bit-identical
+// gradients).
 enum class ActivationMemory { kStore, kRecompute, kRecomputeRelu2 };
 
 // How activations are stored. kBfloat16 is SPEC §6's reference precision: the residual
