@@ -36,6 +36,7 @@ void register_memory_command(CLI::App& app) {
     ActivationFlags activations;
     int processes = 1;
     int head_chunk_rows = 0;
+    std::string grad_reduce = "auto";
     bool json = false;
   };
   auto opts = std::make_shared<Options>();
@@ -49,6 +50,11 @@ void register_memory_command(CLI::App& app) {
   cmd->add_option("--processes", opts->processes, "processes sharing world_size (mpirun -np); the plan is per process")
       ->capture_default_str()
       ->check(whole_number(1));
+  cmd->add_option("--grad-reduce", opts->grad_reduce,
+                  "gradient reduction to plan for: exact, overlap, or auto as train resolves it (overlap on cuda, "
+                  "else exact; see train --help)")
+      ->check(CLI::IsMember({"auto", "exact", "overlap"}))
+      ->capture_default_str();
   cmd->add_flag("--json", opts->json, "print the plan as one JSON object (bytes)");
   cmd->callback([opts] {
     const Config config = opts->config.build();
@@ -60,8 +66,9 @@ void register_memory_command(CLI::App& app) {
       throw UsageError("--processes " + std::to_string(opts->processes) + " does not divide world_size " +
                        std::to_string(config.world_size));
     }
-    // As train: the overlapped reduction (in the model's own gradients) on CUDA, else exact.
-    const GradReduce reduce = resolve_grad_reduce(GradReduce::kAuto, opts->device == "cuda");
+    // As train resolves it: auto is the overlapped reduction (in the model's own gradients) on
+    // CUDA, else exact.
+    const GradReduce reduce = resolve_grad_reduce(parse_grad_reduce(opts->grad_reduce), opts->device == "cuda");
     const RunMemoryPlan run = plan_run_memory(config, activations, head_rows, opts->processes, reduce);
     const GPT::MemoryPlan& plan = run.model;
     const size_t total = run.total_bytes();

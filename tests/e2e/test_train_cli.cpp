@@ -462,6 +462,24 @@ TEST_F(TrainCli, BenchAndTrainTakeTheBackendAndMemoryOptionsAndRefuseFlashOnTheC
                   p["optimizer_bytes"].get<size_t>() + p["gradient_reduction_bytes"].get<size_t>() +
                   p["arena_bytes"].get<size_t>() + p["sequence_bytes"].get<size_t>());
   }
+  // --grad-reduce: planned as train and bench run it (the overlapped reduction sums in the
+  // model's own gradients; auto on the CPU is exact, with its sum buffers).
+  const fs::path overlapped = dir_ / "bench_overlap.json";
+  const RunResult overlap_bench =
+      speedrun("bench --preset micro --steps 1 --grad-reduce overlap --json " + quote(overlapped.string()), dir_);
+  ASSERT_EQ(overlap_bench.exit_code, 0) << overlap_bench.err;
+  const RunResult overlap_plan = speedrun("memory --preset micro --grad-reduce overlap --json", dir_);
+  const RunResult auto_plan = speedrun("memory --preset micro --json", dir_);
+  ASSERT_EQ(overlap_plan.exit_code, 0) << overlap_plan.err;
+  ASSERT_EQ(auto_plan.exit_code, 0) << auto_plan.err;
+  const nlohmann::json o = nlohmann::json::parse(overlap_plan.out), a = nlohmann::json::parse(auto_plan.out);
+  EXPECT_EQ(o["total_bytes"].get<size_t>(),
+            nlohmann::json::parse(read_all(overlapped))["backend_peak_memory_bytes"].get<size_t>());
+  EXPECT_EQ(o["grad_reduce"], "overlap");
+  EXPECT_EQ(a["grad_reduce"], "exact");
+  EXPECT_GT(a["gradient_reduction_bytes"].get<size_t>(), o["gradient_reduction_bytes"].get<size_t>());
+  EXPECT_EQ(speedrun("memory --preset micro --grad-reduce sum", dir_).exit_code, 2);
+
   const RunResult table = speedrun("memory --preset speedrun-124m --device cuda --recompute-activations", dir_);
   ASSERT_EQ(table.exit_code, 0) << table.err;
   EXPECT_TRUE(contains(table.out, "validation sequences of 262144")) << table.out;
