@@ -48,9 +48,19 @@ void register_eval_command(CLI::App& app) {
     const std::string val_glob = opts->val_glob.empty() ? default_data_dir() + "/val_*.bin" : opts->val_glob;
     const std::vector<std::string> val_files = expand_glob(val_glob);
     require_validation_data(val_files, config);
-    auto backend = make_cpu_backend();
+    // A CPU run's numerics as it recorded them (its validation then reproduced bit for bit),
+    // else the float32 reference.
+    const RunNumerics run = read_checkpoint_numerics(opts->checkpoint);
+    BackendOptions backend_options;
+    ActivationOptions activations;
+    if (run.device == "cpu") {
+      backend_options.matmul = parse_matmul_precision(run.matmul);
+      backend_options.head_chunk_rows = run.head_chunk_rows;
+      activations.precision = run.activations == "bf16" ? ActivationPrecision::kBfloat16 : ActivationPrecision::kFloat32;
+    }
+    auto backend = make_cpu_backend(backend_options);
     // Forward passes only: no training activations beyond one block.
-    GPT model(config, *backend, config.attn_block_size, config.val_seq_len);
+    GPT model(config, *backend, config.attn_block_size, config.val_seq_len, activations);
     const int checkpoint_step = load_model(opts->checkpoint, model);
     const int step = opts->step >= 0 ? opts->step : checkpoint_step;
     const double loss = evaluate(model, val_files, config, step);
@@ -62,7 +72,11 @@ void register_eval_command(CLI::App& app) {
     if (opts->json) {
       const nlohmann::json record = {{"val_loss", loss},         {"step", step},
                                      {"window_blocks", window},  {"val_tokens", config.val_tokens},
-                                     {"val_seq_len", config.val_seq_len}, {"checkpoint", opts->checkpoint}};
+                                     {"val_seq_len", config.val_seq_len}, {"checkpoint", opts->checkpoint},
+                                     {"matmul", matmul_precision_name(backend_options.matmul)},
+                                     {"activations", activations.precision == ActivationPrecision::kBfloat16 ? "bf16"
+                                                                                                            : "fp32"},
+                                     {"head_chunk_rows", backend->head_chunk_rows()}};
       std::printf("%s\n", record.dump().c_str());
     } else {
       std::printf("val loss %.6f | step %d | window %d blocks | %lld tokens in sequences of %d\n", loss, step, window,

@@ -97,6 +97,57 @@ std::string resume_command(const Options& opts, const TrainOptions& train, const
   return command;
 }
 
+// --resume continues with the flags that decided the run's bits, recorded in its checkpoint,
+// where they are not given (auto). Given otherwise, or on another device (whose defaults
+// then apply), the run continues as asked, with a warning that it no longer reproduces the
+// uninterrupted run's bits.
+Options with_recorded_numerics(const Options& given, bool speaks) {
+  if (given.train.resume_path.empty()) return given;
+  const RunNumerics run = read_checkpoint_numerics(given.train.resume_path);
+  if (!run.recorded()) return given;
+  auto warn = [&](const std::string& what) {
+    if (speaks) {
+      std::fflush(stdout);
+      std::fprintf(stderr, "speedrun: warning: %s: the resumed steps will not be bit-identical to the run's\n",
+                   what.c_str());
+    }
+  };
+  if (given.device != run.device) {
+    warn("the run trained on " + run.device + " and continues on " + given.device + " with its defaults");
+    return given;
+  }
+  Options opts = given;
+  auto adopt = [&](std::string& value, const std::string& recorded, const char* flag) {
+    if (value == "auto") {
+      value = recorded;
+    } else if (value != recorded) {
+      warn(std::string(flag) + " " + value + " differs from the run's " + recorded);
+    }
+  };
+  adopt(opts.backend.matmul, run.matmul, "--matmul");
+  adopt(opts.backend.attention, run.attention, "--attention-kernel");
+  adopt(opts.activations.precision, run.activations, "--activations");
+  adopt(opts.grad_reduce, run.grad_reduce, "--grad-reduce");
+  if (opts.backend.head_chunk_rows == 0) {
+    opts.backend.head_chunk_rows = run.head_chunk_rows;
+  } else if (opts.backend.head_chunk_rows != run.head_chunk_rows) {
+    warn("--head-chunk-rows " + std::to_string(opts.backend.head_chunk_rows) + " differs from the run's " +
+         std::to_string(run.head_chunk_rows));
+  }
+  return opts;
+}
+
+// What the run records of its resolved flags (RunNumerics).
+RunNumerics numerics_of(const Options& opts, const TrainOptions& train, const Backend& backend) {
+  const BackendOptions resolved = opts.backend.resolve(opts.device, train.config.head_dim);
+  return {opts.device,
+          matmul_precision_name(resolved.matmul),
+          attention_kernel_name(resolved.attention),
+          ActivationFlags::precision_name(train.activations.precision),
+          grad_reduce_name(resolve_grad_reduce(train.grad_reduce.mode, opts.device == "cuda")),
+          backend.head_chunk_rows()};
+}
+
 TrainOptions resolve(const Options& opts) {
   TrainOptions train = opts.train;
   if (!train.resume_path.empty() && !train.init_path.empty()) throw UsageError("--init and --resume exclude each other");
@@ -143,10 +194,12 @@ void report_matmul_tunings(const Backend& backend, const Communicator& comm, boo
   std::printf("%s\n", summarize_tunings(tunings).c_str());
 }
 
-void run(const Options& opts, Communicator& comm) {
+void run(const Options& given, Communicator& comm) {
   // Flags and config are the same on every process, and so are their errors: agreed on, rank
   // 0 alone reports one (with the process count's, the commonest mistake under mpirun).
+  Options opts;
   TrainOptions train = agreeing_on_failure(comm, [&] {
+    opts = with_recorded_numerics(given, comm.rank() == 0 && !given.train.quiet);
     TrainOptions resolved = resolve(opts);
     DataParallel::check_process_count(resolved.config.world_size, comm.size());
     return resolved;
@@ -160,6 +213,7 @@ void run(const Options& opts, Communicator& comm) {
   std::unique_ptr<Communicator> nccl;
   if (on_gpu && comm.size() > 1) nccl = make_nccl_communicator(comm, *backend);
   train.comm = nccl ? nccl.get() : &comm;
+  train.numerics = numerics_of(opts, train, *backend);
   InterruptGuard guard;
   clear_interrupt();
   train.stop_requested = pending_interrupt;
@@ -169,7 +223,7 @@ void run(const Options& opts, Communicator& comm) {
   char message[128];
   std::snprintf(message, sizeof message, "stopped by %s after %d of %d steps; checkpoint saved.",
                 signal_name(result.stopped_by_signal), result.last_step, result.end_step);
-  leave_together(comm, message + ("\nresume with: " + resume_command(opts, train, result.checkpoint_path)),
+  leave_together(comm, message + ("\nresume with: " + resume_command(given, train, result.checkpoint_path)),
                  exit_status_for_signal(result.stopped_by_signal));
 }
 

@@ -1,6 +1,9 @@
 #include "train/checkpoint.h"
 
 #include <filesystem>
+#include <initializer_list>
+#include <limits>
+#include <map>
 #include <set>
 #include <string>
 
@@ -96,16 +99,32 @@ std::string optimizer_state_path(const std::string& model_path) {
   return stem + ".optim.safetensors";
 }
 
-void save_model(const std::string& path, GPT& model, int step) {
+namespace {
+
+// The record as one JSON object in the metadata (none when not recorded).
+void add_numerics(std::map<std::string, std::string>& metadata, const RunNumerics& n) {
+  if (!n.recorded()) return;
+  metadata["numerics"] = nlohmann::json{{"device", n.device},           {"matmul", n.matmul},
+                                        {"attention", n.attention},     {"activations", n.activations},
+                                        {"grad_reduce", n.grad_reduce}, {"head_chunk_rows", n.head_chunk_rows}}
+                             .dump();
+}
+
+}  // namespace
+
+void save_model(const std::string& path, GPT& model, int step, const RunNumerics& numerics) {
   const std::vector<float> params = model.parameters_to_host();
   std::vector<TensorView> tensors;
   for (const ParamSpec& spec : model.layout().specs()) {
     tensors.push_back({spec.name, "F32", spec.shape, as_bytes(params.data() + spec.offset, spec.count)});
   }
-  write_safetensors(path, tensors, common_metadata(model.config(), step));
+  auto metadata = common_metadata(model.config(), step);
+  add_numerics(metadata, numerics);
+  write_safetensors(path, tensors, metadata);
 }
 
-void save_checkpoint(const std::string& path, GPT& model, const Optimizer& optimizer, const TrainingState& state) {
+void save_checkpoint(const std::string& path, GPT& model, const Optimizer& optimizer, const TrainingState& state,
+                     const RunNumerics& numerics) {
   std::vector<std::vector<float>> host;
   std::vector<TensorView> tensors;
   for (const Optimizer::NamedState& s : optimizer.state()) {
@@ -119,12 +138,48 @@ void save_checkpoint(const std::string& path, GPT& model, const Optimizer& optim
   auto metadata = common_metadata(model.config(), state.step);
   metadata["data_shard_index"] = std::to_string(state.data_position.shard_index);
   metadata["data_pos"] = std::to_string(state.data_position.pos);
+  add_numerics(metadata, numerics);
   // The state first: a model file never exists without the state it resumes from.
   write_safetensors(optimizer_state_path(path), tensors, metadata);
-  save_model(path, model, state.step);
+  save_model(path, model, state.step, numerics);
 }
 
 Config read_checkpoint_config(const std::string& path) { return config_from_metadata(SafetensorsFile::open(path)); }
+
+RunNumerics read_checkpoint_numerics(const std::string& path) {
+  const SafetensorsFile file = SafetensorsFile::open(path);
+  const auto it = file.metadata().find("numerics");
+  if (it == file.metadata().end()) return {};
+  const auto malformed = [&](const std::string& what) {
+    return Error(path + ": the 'numerics' metadata " + what + ": '" + it->second + "'");
+  };
+  const nlohmann::json j = nlohmann::json::parse(it->second, nullptr, false);
+  if (!j.is_object()) throw malformed("is not a JSON object");
+  RunNumerics n;
+  // Each field and the values the flags accept: a record naming anything else was not written
+  // by train, and resuming with it would pass it on to a flag.
+  const auto text = [&](const char* key, std::initializer_list<const char*> allowed) {
+    const auto field = j.find(key);
+    if (field == j.end() || !field->is_string()) throw malformed(std::string("has no text '") + key + "'");
+    const std::string value = field->get<std::string>();
+    for (const char* a : allowed) {
+      if (value == a) return value;
+    }
+    throw malformed(std::string("has an unknown ") + key + " '" + value + "'");
+  };
+  n.device = text("device", {"cpu", "cuda"});
+  n.matmul = text("matmul", {"fp32", "bf16"});
+  n.attention = text("attention", {"reference", "flash"});
+  n.activations = text("activations", {"fp32", "bf16"});
+  n.grad_reduce = text("grad_reduce", {"exact", "overlap"});
+  const auto rows = j.find("head_chunk_rows");
+  if (rows == j.end() || !rows->is_number_integer() || rows->get<long long>() < 1 ||
+      rows->get<long long>() > std::numeric_limits<int>::max()) {
+    throw malformed("has no positive whole 'head_chunk_rows'");
+  }
+  n.head_chunk_rows = rows->get<int>();
+  return n;
+}
 
 void require_same_model(const Config& expected, const Config& stored, const std::string& path) {
   static const char* kModelKeys[] = {"vocab_size",      "vocab_pad_multiple", "num_layers",  "model_dim",

@@ -485,7 +485,7 @@ void TrainingRun::save_checkpoint_at_step() {
   if (path == result_.checkpoint_path) return;  // e.g. interrupted right after a periodic save
   result_.checkpoint_path = path;
   if (!leader_) return;
-  save_checkpoint(result_.checkpoint_path, model_, optimizer_, state_);
+  save_checkpoint(result_.checkpoint_path, model_, optimizer_, state_, options_.numerics);
   rotation_.saved(result_.checkpoint_path);
   progress_.note("saved " + result_.checkpoint_path);
 }

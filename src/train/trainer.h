@@ -12,6 +12,7 @@
 #include "model/config.h"
 #include "model/gpt.h"
 #include "optim/optimizer.h"
+#include "train/checkpoint.h"
 #include "train/data_parallel.h"
 #include "train/fault_monitor.h"
 #include "train/progress.h"
@@ -46,6 +47,9 @@ struct TrainOptions {
   // Keep every activation for the backward or recompute the cheap ones (less memory), and
   // the precision the largest are kept in.
   ActivationOptions activations;
+  // The resolved flags that decide the run's bits, recorded in its checkpoints (none: not
+  // recorded).
+  RunNumerics numerics;
 };
 
 struct TrainResult {

@@ -310,6 +310,39 @@ TEST_F(TrainCli, EvalReproducesTheRunsLastValidationLossAndSampleIsSeeded) {
   EXPECT_EQ(g1.out, g2.out);
 }
 
+// A run's checkpoints record the resolved flags that decide its bits (bf16 matmuls and
+// activations, the overlapped reduction, the head's chunk of rows): --resume without them
+// continues the run bit for bit, eval of a CPU run reproduces its validation with them, and
+// resuming with a flag that differs says the steps will differ.
+TEST_F(TrainCli, ResumeAndEvalFollowTheNumericsTheRunRecorded) {
+  const std::string numerics = "--matmul bf16 --activations bf16 --grad-reduce overlap --head-chunk-rows 7 --quiet";
+  ASSERT_EQ(speedrun(train_args("whole", numerics + " --steps 4"), dir_).exit_code, 0);
+  ASSERT_EQ(speedrun(train_args("part", numerics + " --steps 2"), dir_).exit_code, 0);
+  const RunResult resumed =
+      speedrun("train --quiet --steps 4 " + data_args() + " --resume " + quote((dir_ / "part/step_000002.safetensors").string()),
+               dir_);
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_EQ(resumed.err, "");
+  for (const char* file : {"step_000004.safetensors", "step_000004.optim.safetensors"}) {
+    EXPECT_TRUE(read_all(dir_ / "part" / file) == read_all(dir_ / "whole" / file)) << file;
+  }
+  const std::string checkpoint = (dir_ / "whole/step_000004.safetensors").string();
+  const RunResult eval =
+      speedrun("eval --json --ckpt " + quote(checkpoint) + " --val " + quote((*root_ / "data/val_*.bin").string()), dir_);
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const nlohmann::json result = nlohmann::json::parse(eval.out);
+  EXPECT_EQ(result["val_loss"].get<double>(), read_metrics(dir_ / "whole/metrics.jsonl").val_losses.back().second);
+  EXPECT_EQ(result["matmul"], "bf16");
+  EXPECT_EQ(result["activations"], "bf16");
+  EXPECT_EQ(result["head_chunk_rows"], 7);
+
+  const RunResult changed = speedrun("train --steps 5 " + data_args() + " --matmul fp32 --resume " + quote(checkpoint), dir_);
+  ASSERT_EQ(changed.exit_code, 0) << changed.err;
+  EXPECT_TRUE(contains(changed.err, "warning: --matmul fp32 differs from the run's bf16: the resumed steps will not be "
+                                    "bit-identical to the run's"))
+      << changed.err;
+}
+
 TEST_F(TrainCli, PlotWritesSvgAndPngOfSeveralRuns) {
   ASSERT_EQ(speedrun(train_args("first", "--quiet --steps 4"), dir_).exit_code, 0);
   ASSERT_EQ(speedrun(train_args("second", "--quiet --steps 6"), dir_).exit_code, 0);

@@ -377,6 +377,33 @@ TEST_F(CheckpointErrors, MissingOrBadConfigMetadataIsNamed) {
                                                    " is past its config's num_iterations"});
 }
 
+// The record of the run's numerics round-trips, is absent from a checkpoint without it, and
+// a malformed one is refused naming the file and the field (resume would pass it to a flag).
+TEST_F(CheckpointErrors, RunNumericsRoundTripAndAMalformedRecordIsNamed) {
+  EXPECT_FALSE(read_checkpoint_numerics(good_).recorded());
+  const RunNumerics recorded{"cpu", "bf16", "reference", "bf16", "overlap", 7};
+  const std::string with = dir_ / "with.safetensors";
+  save_checkpoint(with, model_, optimizer_, TrainingState{3, {}}, recorded);
+  EXPECT_EQ(read_checkpoint_numerics(with), recorded);
+  EXPECT_EQ(read_checkpoint_numerics(optimizer_state_path(with)), recorded);
+  struct Case {
+    std::string record, what;
+  };
+  for (const Case& c : {Case{"[1]", "is not a JSON object"}, Case{R"({"device": "cpu"})", "has no text 'matmul'"},
+                        Case{R"({"device": "tpu", "matmul": "bf16"})", "has an unknown device 'tpu'"},
+                        Case{R"({"device": "cpu", "matmul": "fp16", "attention": "reference"})",
+                             "has an unknown matmul 'fp16'"},
+                        Case{R"({"device": "cpu", "matmul": "bf16", "attention": "reference", "activations": "bf16",
+                                 "grad_reduce": "exact", "head_chunk_rows": 0})",
+                             "has no positive whole 'head_chunk_rows'"}}) {
+    const std::string bad = rewritten("bad_numerics.safetensors", [&](auto&, auto& metadata) {
+      metadata["numerics"] = c.record;
+    });
+    expect_error([&] { read_checkpoint_numerics(bad); }, ExitCode::kRuntime,
+                 {"bad_numerics.safetensors", "the 'numerics' metadata " + c.what});
+  }
+}
+
 TEST_F(CheckpointErrors, ConfigThatDoesNotMatchIsAUsageErrorNamingTheKey) {
   Config bigger = config_;
   bigger.vocab_size = 400;
