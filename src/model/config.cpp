@@ -201,6 +201,10 @@ void Config::validate() const {
           "logit_softcap must be > 0 and a normal float32 (" + float32_range() + "), got " + show(logit_softcap));
   require(positive_float32(attn_scale),
           "attn_scale must be > 0 and a normal float32 (" + float32_range() + "), got " + show(attn_scale));
+  // q and k are normalised per head (|q.k| <= head_dim): the largest logit must stay finite.
+  require(attn_scale * head_dim <= std::numeric_limits<float>::max(),
+          "attn_scale * head_dim (the largest attention logit, q and k being normalised) must be at most " +
+              show(std::numeric_limits<float>::max()) + ", got " + show(attn_scale) + " * " + str(head_dim));
   require(rotary_base > 1 && positive_float32(rotary_base),
           "rotary_base must be > 1 (frequencies (1/base)^(i/(D/4-1)) fall with i) and at most " +
               show(std::numeric_limits<float>::max()) + ", got " + show(rotary_base));
@@ -213,6 +217,11 @@ void Config::validate() const {
   require(muon_momentum_start >= 0 && muon_momentum_start < 1 && muon_momentum_end >= 0 && muon_momentum_end < 1,
           "Muon momenta (muon_momentum_start, muon_momentum_end) must be in [0, 1)");
   require(rmsnorm_eps >= 0, "rmsnorm_eps must be >= 0");
+  // A zero-initialised table or matrix gives rows of zeros, which rmsnorm with eps 0 turns
+  // into 0 / 0.
+  require(rmsnorm_eps > 0 || (embed_init_std > 0 && matrix_init_scale > 0),
+          "rmsnorm_eps must be > 0 when embed_init_std or matrix_init_scale is 0 (their rows of zeros normalised "
+          "with eps 0 are NaN)");
   require(adam_beta1 >= 0 && adam_beta1 < 1 && adam_beta2 >= 0 && adam_beta2 < 1, "Adam betas must be in [0, 1)");
   require(cooldown_frac >= 0 && cooldown_frac <= 1, "cooldown_frac must be in [0, 1]");
   require(muon_momentum_warmup >= 1, "muon_momentum_warmup must be >= 1");

@@ -188,6 +188,7 @@ const std::vector<BadValue>& bad_values() {
       {"logit_softcap", "0", "must be > 0"},
       {"attn_scale", "-0.12", "must be > 0"},
       {"attn_scale", "1e39", "got 1e+39"},
+      {"attn_scale", "1e38", "the largest attention logit"},  // times micro's head_dim 8: infinite
       {"lr_muon", "-1", "must be >= 0"},
       {"adam_eps", "-1e-10", "must be > 0"},
       {"muon_momentum_end", "1", "must be in [0, 1)"},
@@ -206,6 +207,20 @@ TEST(ConfigErrors, BadValuesViaSetNameKeyAndValue) {
           config.validate();
         },
         ExitCode::kUsage, {bad.key, bad.named});
+  }
+}
+
+// rmsnorm's eps may be 0 unless a zero-initialised table or matrix gives it rows of zeros
+// (0 / 0: every loss NaN from step 0).
+TEST(ConfigErrors, RmsnormEpsZeroOnlyWithoutZeroInitialisation) {
+  for (const char* zeroed : {"embed_init_std", "matrix_init_scale"}) {
+    Config config = Config::preset("micro");
+    config.set_from_string("rmsnorm_eps=0");
+    EXPECT_NO_THROW(config.validate());
+    config.set_from_string(std::string(zeroed) + "=0");
+    expect_error([&] { config.validate(); }, ExitCode::kUsage, {"rmsnorm_eps must be > 0 when", zeroed});
+    config.set_from_string("rmsnorm_eps=1e-7");
+    EXPECT_NO_THROW(config.validate());
   }
 }
 
