@@ -206,7 +206,7 @@ fp8_diagnosis() {
 #   then the flash kernel and the FP8 head's pieces alone, and the small presets (tiny on
 #   flash, micro's head size 8 on reference).
 stage_bench() {
-  local variant preset flags
+  local variant preset flags in_use
   declare -A variant_flags=([micro]="" [tiny]="" [speedrun-124m]="--sweep-matmuls 8"
     [speedrun-124m-reference]="--attention-kernel reference"
     [speedrun-124m-recompute]="--recompute-activations" [speedrun-124m-relu2]="--recompute-relu2"
@@ -241,6 +241,12 @@ stage_bench() {
     rc=$?
     cat "$work/bench.tmp" >>"$out/bench.log"
     record "bench --device cuda $variant" "rc=$rc $(grep -m1 '^step:\|error' "$work/bench.tmp")"
+    # #4's memory target: the device memory in use (context and scratch included) against 24 GB.
+    in_use=$(grep -m1 '^memory plan:' "$work/bench.tmp" | grep -o 'device in use [0-9.]* MiB' | grep -o '[0-9.]*')
+    if [ -n "$in_use" ]; then
+      record "memory $variant" "$(awk -v mib="$in_use" 'BEGIN { gb = mib * 1048576 / 1e9;
+        printf "device in use %.1f MiB = %.2f GB: %s 24 GB", mib, gb, gb <= 24 ? "within" : "OVER" }')"
+    fi
     if grep -q '^attention .*visible pairs' "$work/bench.tmp"; then
       record "attention $variant" "$(grep -m1 '^attention .*visible pairs' "$work/bench.tmp" | cut -c11-130)"
     fi
