@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/activation_flags.h"
 #include "cli/commands.h"
 #include "cli/number_checks.h"
 #include "model/gpt.h"
@@ -52,12 +53,13 @@ void register_eval_command(CLI::App& app) {
     // else the float32 reference.
     const RunNumerics run = read_checkpoint_numerics(opts->checkpoint);
     BackendOptions backend_options;
-    ActivationOptions activations;
+    ActivationFlags activation_flags;
     if (run.device == "cpu") {
       backend_options.matmul = parse_matmul_precision(run.matmul);
       backend_options.head_chunk_rows = run.head_chunk_rows;
-      activations.precision = run.activations == "bf16" ? ActivationPrecision::kBfloat16 : ActivationPrecision::kFloat32;
+      activation_flags.precision = run.activations;
     }
+    const ActivationOptions activations = activation_flags.resolve("cpu");
     auto backend = make_cpu_backend(backend_options);
     // Forward passes only: no training activations beyond one block.
     GPT model(config, *backend, config.attn_block_size, config.val_seq_len, activations);
@@ -74,8 +76,7 @@ void register_eval_command(CLI::App& app) {
                                      {"window_blocks", window},  {"val_tokens", config.val_tokens},
                                      {"val_seq_len", config.val_seq_len}, {"checkpoint", opts->checkpoint},
                                      {"matmul", matmul_precision_name(backend_options.matmul)},
-                                     {"activations", activations.precision == ActivationPrecision::kBfloat16 ? "bf16"
-                                                                                                            : "fp32"},
+                                     {"activations", ActivationFlags::precision_name(activations.precision)},
                                      {"head_chunk_rows", backend->head_chunk_rows()}};
       std::printf("%s\n", record.dump().c_str());
     } else {

@@ -138,8 +138,8 @@ Options with_recorded_numerics(const Options& given, bool speaks) {
 }
 
 // What the run records of its resolved flags (RunNumerics).
-RunNumerics numerics_of(const Options& opts, const TrainOptions& train, const Backend& backend) {
-  const BackendOptions resolved = opts.backend.resolve(opts.device, train.config.head_dim);
+RunNumerics numerics_of(const Options& opts, const TrainOptions& train, const BackendOptions& resolved,
+                        const Backend& backend) {
   return {opts.device,
           matmul_precision_name(resolved.matmul),
           attention_kernel_name(resolved.attention),
@@ -208,12 +208,12 @@ void run(const Options& given, Communicator& comm) {
   // One GPU per process; the GPU buffers of a multi-process run are reduced by NCCL,
   // bootstrapped over `comm` (MPI), which keeps the host-side collectives.
   const bool on_gpu = opts.device == "cuda";
-  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0,
-                              opts.backend.resolve(opts.device, train.config.head_dim));
+  const BackendOptions backend_options = opts.backend.resolve(opts.device, train.config.head_dim);
+  auto backend = make_backend(opts.device, on_gpu ? gpu_of_process(comm) : 0, backend_options);
   std::unique_ptr<Communicator> nccl;
   if (on_gpu && comm.size() > 1) nccl = make_nccl_communicator(comm, *backend);
   train.comm = nccl ? nccl.get() : &comm;
-  train.numerics = numerics_of(opts, train, *backend);
+  train.numerics = numerics_of(opts, train, backend_options, *backend);
   InterruptGuard guard;
   clear_interrupt();
   train.stop_requested = pending_interrupt;
