@@ -7,8 +7,12 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <new>
 #include <set>
+
+#include <unistd.h>
 
 #include "util/atomic_file.h"
 #include "util/error.h"
@@ -60,13 +64,14 @@ uint64_t read_u64_le(const std::byte* p) {
   return value;
 }
 
-// Reads the file, but first checks its size and header length so that a
-// corrupt length is reported without loading a huge file into memory.
-std::vector<std::byte> read_checked_file(const std::string& path) {
+// Opens the file and checks its size and header length before anything else is read, so
+// that a corrupt length is reported without reading a huge file. Returns the file's size;
+// `in` is left at the start of the header text.
+uint64_t open_checked(std::ifstream& in, const std::string& path, uint64_t* header_size) {
   if (const std::string problem = input_file_problem(path); !problem.empty()) {
     throw Error("safetensors file '" + path + "' " + problem);
   }
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  in.open(path, std::ios::binary | std::ios::ate);
   if (!in) throw Error("cannot open safetensors file '" + path + "': " + std::strerror(errno));
   const std::streamoff size = in.tellg();
   if (size < 0) throw Error("cannot read safetensors file '" + path + "': not a regular file");
@@ -76,18 +81,40 @@ std::vector<std::byte> read_checked_file(const std::string& path) {
   }
   std::byte length_bytes[8];
   in.seekg(0);
-  in.read(reinterpret_cast<char*>(length_bytes), 8);
-  const uint64_t header_size = read_u64_le(length_bytes);
-  if (header_size > kMaxHeaderBytes || header_size > file_size - 8) {
-    fail(path, "header length " + std::to_string(header_size) + " is impossible for a file of " +
+  if (!in.read(reinterpret_cast<char*>(length_bytes), 8)) throw Error("cannot read safetensors file '" + path + "'");
+  *header_size = read_u64_le(length_bytes);
+  if (*header_size > kMaxHeaderBytes || *header_size > file_size - 8) {
+    fail(path, "header length " + std::to_string(*header_size) + " is impossible for a file of " +
                    std::to_string(file_size) + " bytes (limit " + std::to_string(kMaxHeaderBytes) + ")");
   }
-  std::vector<std::byte> bytes(file_size);
-  in.seekg(0);
-  if (!in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(file_size))) {
-    throw Error("cannot read safetensors file '" + path + "'");
+  return file_size;
+}
+
+// The machine's memory, or no limit where the system does not say.
+uint64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page_size <= 0) return std::numeric_limits<uint64_t>::max();
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+}
+
+// The data section is read whole: one larger than the machine's memory is refused by name
+// rather than left to the allocator or the out-of-memory killer.
+std::vector<std::byte> read_data_section(std::ifstream& in, const std::string& path, uint64_t data_size) {
+  const uint64_t memory = physical_memory_bytes();
+  if (data_size > memory) {
+    fail(path, "its data section of " + std::to_string(data_size) + " bytes is larger than this machine's memory (" +
+                   std::to_string(memory) + " bytes)");
   }
-  return bytes;
+  std::vector<std::byte> data;
+  try {
+    data.resize(data_size);
+  } catch (const std::bad_alloc&) {
+    fail(path, "no memory for its data section of " + std::to_string(data_size) + " bytes");
+  }
+  if (!in.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data_size))) {
+    throw Error("cannot read safetensors file '" + path + "': its data section ends early");
+  }
+  return data;
 }
 
 std::map<std::string, std::string> parse_metadata(const std::string& path, const OrderedJson& json) {
@@ -239,53 +266,67 @@ void write_safetensors(const std::string& path, const std::vector<TensorView>& t
   writer.commit();
 }
 
-SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  SafetensorsFile file;
-  file.path_ = path;
-  file.file_bytes_ = read_checked_file(path);
-  const uint64_t file_size = file.file_bytes_.size();
-  const uint64_t header_size = read_u64_le(file.file_bytes_.data());
-  file.data_start_ = 8 + header_size;
-  const uint64_t data_size = file_size - file.data_start_;
+SafetensorsHeader SafetensorsHeader::read_from(std::ifstream& in, const std::string& path) {
+  uint64_t header_size = 0;
+  const uint64_t file_size = open_checked(in, path, &header_size);
+  std::string text(header_size, '\0');
+  if (!in.read(text.data(), static_cast<std::streamsize>(header_size))) {
+    throw Error("cannot read safetensors file '" + path + "': its header ends early");
+  }
+  SafetensorsHeader header;
+  header.path_ = path;
+  header.data_start_ = 8 + header_size;
+  header.data_size_ = file_size - header.data_start_;
 
-  const char* header_begin = reinterpret_cast<const char*>(file.file_bytes_.data()) + 8;
-  OrderedJson header;
+  OrderedJson json;
   try {
-    header = OrderedJson::parse(header_begin, header_begin + header_size);
+    json = OrderedJson::parse(text);
   } catch (const nlohmann::json::exception& e) {
     fail(path, std::string("header is not valid JSON: ") + e.what());
   }
-  if (!header.is_object()) fail(path, std::string("header is JSON ") + header.type_name() + ", expected an object");
+  if (!json.is_object()) fail(path, std::string("header is JSON ") + json.type_name() + ", expected an object");
 
   std::vector<std::string> header_order;
-  for (const auto& [key, value] : header.items()) {
+  for (const auto& [key, value] : json.items()) {
     if (key == kMetadataKey) {
-      file.metadata_ = parse_metadata(path, value);
+      header.metadata_ = parse_metadata(path, value);
       continue;
     }
-    file.infos_[key] = parse_tensor_entry(path, key, value, data_size);
+    header.infos_[key] = parse_tensor_entry(path, key, value, header.data_size_);
     header_order.push_back(key);
   }
-  file.names_ = check_layout(path, header_order, file.infos_, data_size);
-  return file;
+  header.names_ = check_layout(path, header_order, header.infos_, header.data_size_);
+  return header;
 }
 
-const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+SafetensorsHeader SafetensorsHeader::read(const std::string& path) {
+  std::ifstream in;
+  return read_from(in, path);
+}
+
+const TensorInfo& SafetensorsHeader::info(const std::string& name) const {
   auto it = infos_.find(name);
   if (it == infos_.end()) fail(path_, "no tensor named '" + name + "'");
   return it->second;
 }
 
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  SafetensorsFile file;
+  std::ifstream in;
+  file.header_ = SafetensorsHeader::read_from(in, path);
+  file.data_ = read_data_section(in, path, file.header_.data_size());
+  return file;
+}
+
 std::span<const std::byte> SafetensorsFile::bytes(const std::string& name) const {
   const TensorInfo& tensor = info(name);
-  return std::span<const std::byte>(file_bytes_).subspan(data_start_ + tensor.data_begin,
-                                                         tensor.data_end - tensor.data_begin);
+  return std::span<const std::byte>(data_).subspan(tensor.data_begin, tensor.data_end - tensor.data_begin);
 }
 
 std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
   const TensorInfo& tensor = info(name);
   if (tensor.dtype != "F32" || tensor.shape != expected_shape) {
-    fail(path_, "tensor '" + name + "' is " + tensor.dtype + " " + shape_text(tensor.shape) + ", expected F32 " +
+    fail(path(), "tensor '" + name + "' is " + tensor.dtype + " " + shape_text(tensor.shape) + ", expected F32 " +
                     shape_text(expected_shape));
   }
   std::span<const std::byte> raw = bytes(name);

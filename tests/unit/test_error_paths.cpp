@@ -419,6 +419,24 @@ TEST_F(CheckpointErrors, RunNumericsRoundTripAndAMalformedRecordIsNamed) {
   }
 }
 
+// resume, eval and sample read a checkpoint's config and numerics before loading it: from its
+// header alone, here of a file whose data section (a hole in a sparse file) exceeds memory.
+TEST_F(CheckpointErrors, ConfigAndNumericsAreReadFromTheHeaderAlone) {
+  const RunNumerics recorded{"cpu", "bf16", "reference", "bf16", "overlap", 7};
+  const std::string with = dir_ / "with.safetensors";
+  save_checkpoint(with, model_, optimizer_, TrainingState{3, {}}, recorded);
+  const nlohmann::json metadata = SafetensorsHeader::read(with).metadata();
+  const std::string huge = dir_ / "huge.safetensors";
+  const uint64_t size = testing::more_than_memory_bytes();
+  if (!testing::write_sparse_safetensors(huge, size, metadata.dump())) {
+    GTEST_SKIP() << "this file system cannot hold a sparse file of " << size << " bytes";
+  }
+  EXPECT_EQ(read_checkpoint_config(huge).to_json(), config_.to_json());
+  EXPECT_EQ(read_checkpoint_numerics(huge), recorded);
+  expect_load_fails(huge, {"huge.safetensors", "larger than this machine's memory"});
+  fs::remove(huge);
+}
+
 TEST_F(CheckpointErrors, ConfigThatDoesNotMatchIsAUsageErrorNamingTheKey) {
   Config bigger = config_;
   bigger.vocab_size = 400;

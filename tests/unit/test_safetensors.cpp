@@ -17,6 +17,7 @@
 
 namespace fs = std::filesystem;
 using speedrun::SafetensorsFile;
+using speedrun::SafetensorsHeader;
 using speedrun::TensorView;
 
 namespace {
@@ -51,20 +52,30 @@ std::span<const std::byte> as_bytes_of(const std::vector<T>& v) {
   return std::as_bytes(std::span<const T>(v));
 }
 
-std::string error_of_open(const fs::path& p) {
+template <typename Reader>
+std::string error_of(const fs::path& p) {
   try {
-    SafetensorsFile::open(p.string());
+    Reader::open_or_read(p.string());
   } catch (const speedrun::Error& e) {
     return e.what();
   }
   return "<no error>";
 }
 
-// Opening must fail with a message naming the file and containing `problem`.
+struct OpenWhole {
+  static void open_or_read(const std::string& path) { SafetensorsFile::open(path); }
+};
+struct ReadHeader {
+  static void open_or_read(const std::string& path) { SafetensorsHeader::read(path); }
+};
+
+// Opening must fail with a message naming the file and containing `problem`; so must reading
+// the header alone, since every problem but the data's size is found in the header.
 void expect_open_error(const fs::path& p, const std::string& problem) {
-  std::string message = error_of_open(p);
-  EXPECT_NE(message.find(p.string()), std::string::npos) << message;
-  EXPECT_NE(message.find(problem), std::string::npos) << "wanted '" << problem << "' in: " << message;
+  for (const std::string& message : {error_of<OpenWhole>(p), error_of<ReadHeader>(p)}) {
+    EXPECT_NE(message.find(p.string()), std::string::npos) << message;
+    EXPECT_NE(message.find(problem), std::string::npos) << "wanted '" << problem << "' in: " << message;
+  }
 }
 
 // Opening a file with this header and data must fail naming the file and `problem`.
@@ -200,6 +211,31 @@ TEST(Safetensors, TruncatedFilesAreRejectedNamingTheFile) {
     write_raw(p, bytes.substr(0, size));
     expect_open_error(p, problem);
   }
+}
+
+// The header alone is read for metadata: here of a file whose data section (a hole in a
+// sparse file) is larger than memory, which a full open refuses by name before allocating.
+TEST(Safetensors, HeaderIsReadWithoutTheDataAndADataSectionLargerThanMemoryIsRefused) {
+  fs::path p = fresh_dir("huge") / "huge.safetensors";
+  const uint64_t size = speedrun::testing::more_than_memory_bytes();
+  if (!speedrun::testing::write_sparse_safetensors(p, size, R"({"step":"5"})")) {
+    GTEST_SKIP() << "this file system cannot hold a sparse file of " << size << " bytes";
+  }
+  const SafetensorsHeader header = SafetensorsHeader::read(p.string());
+  EXPECT_EQ(header.metadata(), (std::map<std::string, std::string>{{"step", "5"}}));
+  EXPECT_EQ(header.names(), std::vector<std::string>{"huge"});
+  EXPECT_EQ(header.info("huge").shape, std::vector<int64_t>{static_cast<int64_t>(size)});
+  EXPECT_EQ(header.data_size(), size);
+  EXPECT_EQ(header.data_start() + size, fs::file_size(p));
+  const std::string refusal = error_of<OpenWhole>(p);
+  EXPECT_NE(refusal.find(p.string()), std::string::npos) << refusal;
+  EXPECT_NE(refusal.find("its data section of " + std::to_string(size) + " bytes is larger than this machine's memory"),
+            std::string::npos)
+      << refusal;
+  // One byte short: the layout is checked against the file's size without reading it.
+  fs::resize_file(p, fs::file_size(p) - 1);
+  expect_open_error(p, "run past the data section");
+  fs::remove(p);
 }
 
 TEST(Safetensors, AbsurdHeaderLengthIsRejected) {
