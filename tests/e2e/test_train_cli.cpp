@@ -310,6 +310,28 @@ TEST_F(TrainCli, EvalReproducesTheRunsLastValidationLossAndSampleIsSeeded) {
   EXPECT_EQ(g1.out, g2.out);
 }
 
+// The CPU's bits do not depend on the thread count (every product is cut into tiles fixed
+// by its shape): a run on two threads writes the one-thread run's checkpoints byte for
+// byte, and eval on three threads reproduces its validation loss. The head's 64 x 50304
+// products are large enough that OpenBLAS would otherwise share each among the threads.
+TEST_F(TrainCli, TheThreadCountChangesNoBit) {
+  ASSERT_EQ(speedrun(train_args("one", "--quiet --steps 6"), dir_).exit_code, 0);
+  const auto on_threads = [&](int threads, const std::string& arguments) {
+    return run_shell("OMP_NUM_THREADS=" + std::to_string(threads) + " " + quote(SPEEDRUN_BINARY) + " " + arguments,
+                     dir_);
+  };
+  const RunResult two = on_threads(2, train_args("two", "--quiet --steps 6"));
+  ASSERT_EQ(two.exit_code, 0) << two.err;
+  for (const char* file : {"step_000006.safetensors", "step_000006.optim.safetensors"}) {
+    EXPECT_TRUE(read_all(dir_ / "one" / file) == read_all(dir_ / "two" / file)) << file;
+  }
+  const RunResult eval = on_threads(3, "eval --json --ckpt " + quote((dir_ / "one/step_000006.safetensors").string()) +
+                                           " --val " + quote((*root_ / "data/val_*.bin").string()));
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  EXPECT_EQ(nlohmann::json::parse(eval.out)["val_loss"].get<double>(),
+            read_metrics(dir_ / "one/metrics.jsonl").val_losses.back().second);
+}
+
 // A run's checkpoints record the resolved flags that decide its bits (bf16 matmuls and
 // activations, the overlapped reduction, the head's chunk of rows): --resume without them
 // continues the run bit for bit, eval of a CPU run reproduces its validation with them, and

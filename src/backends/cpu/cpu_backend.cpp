@@ -1,7 +1,6 @@
 // The CPU backend: float32 everywhere, OpenBLAS for matrix products (called only
 // outside OpenMP regions, so its own threads are not oversubscribed), OpenMP for the
 // rest. Every reduction has a fixed order, so results are bit-identical run to run.
-#include <cblas.h>
 
 #include <algorithm>
 #include <array>
@@ -15,6 +14,7 @@
 #include "backends/allocation_tracker.h"
 #include "backends/backend.h"
 #include "backends/cpu/cpu_fp8_head.h"
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/low_precision.h"
 #include "util/error.h"
@@ -309,8 +309,7 @@ class CpuBackend final : public Backend {
       A = rounded_to_bf16(bf16_a_, A, ta ? K : M, ta ? M : K, lda);
       B = rounded_to_bf16(bf16_b_, B, tb ? N : K, tb ? K : N, ldb);
     }
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
-                lda, B, ldb, beta, C, ldc);
+    sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     scribble_on_loan();
   }
 

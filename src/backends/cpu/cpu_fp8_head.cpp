@@ -6,13 +6,13 @@
 // GPU's tensor cores do without fast accumulation) and the power-of-two inverse scales
 // are applied to the float32 sum, as cuBLASLt's scale factors are. Outputs the reference
 // produced in bf16 (logits, dx) are then rounded to bf16.
-#include <cblas.h>
 
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "backends/cpu/cpu_fp8_head.h"
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/low_precision.h"
 #include "util/error.h"
 
@@ -73,8 +73,7 @@ void fp8_head_forward(Fp8Head& head, float* logits, const float* x, const float*
   const float* w8 = head.weight(W, V, d, requantize_weight);
   if (rows == 0) return;
   const std::vector<float> x8 = quantized_input(x, rows, d);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, V, d, 1.f / (kFp8XScale * kFp8WScale), x8.data(), d,
-              w8, d, 0.f, logits, V);
+  sgemm(false, true, rows, V, d, 1.f / (kFp8XScale * kFp8WScale), x8.data(), d, w8, d, 0.f, logits, V);
   lowp::round_to_bf16_inplace(logits, static_cast<size_t>(rows) * V);
 }
 
@@ -85,12 +84,11 @@ void fp8_head_backward(Fp8Head& head, float* dx, float* dW, const float* dlogits
   const float* w8 = head.weight(W, V, d, false);
   std::vector<float> g8(static_cast<size_t>(rows) * V);
   lowp::scaled_round_to_fp8(g8.data(), dlogits, g8.size(), kFp8GradScale, lowp::Fp8Format::kE5M2);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, V, output_scale / (kFp8GradScale * kFp8WScale),
-              g8.data(), V, w8, d, 0.f, dx, d);
+  sgemm(false, false, rows, d, V, output_scale / (kFp8GradScale * kFp8WScale), g8.data(), V, w8, d, 0.f, dx, d);
   lowp::round_to_bf16_inplace(dx, static_cast<size_t>(rows) * d);
   const std::vector<float> x8 = quantized_input(x, rows, d);
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, V, d, rows, output_scale / (kFp8GradScale * kFp8XScale),
-              g8.data(), V, x8.data(), d, 1.f, dW, d);
+  sgemm(true, false, V, d, rows, output_scale / (kFp8GradScale * kFp8XScale), g8.data(), V, x8.data(), d, 1.f, dW,
+        d);
 }
 
 }  // namespace speedrun::cpu
