@@ -9,12 +9,16 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
+#include "util/utf8.h"
 
 namespace speedrun::cli {
 namespace {
 
 constexpr size_t kPreviewChars = 200;
 constexpr size_t kPreviewTokens = 256;  // plenty for 200 characters
+
+// "1 token", "2 tokens".
+std::string count_of(size_t n, const std::string& noun) { return std::to_string(n) + " " + noun + (n == 1 ? "" : "s"); }
 
 // A directory stands for the .bin files in it, sorted.
 std::vector<std::string> shard_paths(const std::vector<std::string>& arguments) {
@@ -28,36 +32,37 @@ std::vector<std::string> shard_paths(const std::vector<std::string>& arguments) 
     for (const auto& entry : std::filesystem::directory_iterator(argument)) {
       if (entry.path().extension() == ".bin") inside.push_back(entry.path().string());
     }
-    if (inside.empty()) throw UsageError("directory '" + argument + "' holds no .bin shards");
+    if (inside.empty()) throw Error("directory '" + argument + "' holds no .bin shards");
     std::sort(inside.begin(), inside.end());
     paths.insert(paths.end(), inside.begin(), inside.end());
   }
   return paths;
 }
 
-// Cuts text to at most max_chars UTF-8 characters on one line, control characters escaped.
-std::string one_line_preview(const std::string& text, size_t max_chars) {
+// Text on one line, at most max_chars characters of it: control characters and bytes that
+// are not UTF-8 escaped (\n, \t, \xNN), and "..." where it goes on (past max_chars, or
+// beyond the text when `continues`: the document's tokens were cut, maybe inside a character).
+std::string one_line_preview(const std::string& text, size_t max_chars, bool continues) {
   std::string out;
-  size_t chars = 0;
-  for (size_t i = 0; i < text.size() && chars < max_chars;) {
-    unsigned char c = static_cast<unsigned char>(text[i]);
-    size_t length = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
-    if (i + length > text.size()) break;  // a character cut by the token limit
+  size_t i = 0;
+  for (size_t chars = 0; i < text.size() && chars < max_chars; ++chars) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    const size_t length = utf8_sequence_length(text, i);
+    if (length == 0 && continues && text.size() - i < 4) break;  // a character the cut split
     if (c == '\n') {
       out += "\\n";
     } else if (c == '\t') {
       out += "\\t";
-    } else if (c < 0x20 || c == 0x7F) {
+    } else if (length == 0 || c < 0x20 || c == 0x7F) {
       char escaped[8];
       std::snprintf(escaped, sizeof(escaped), "\\x%02x", c);
       out += escaped;
     } else {
       out.append(text, i, length);
     }
-    i += length;
-    ++chars;
+    i += std::max<size_t>(length, 1);
   }
-  if (chars == max_chars) out += "...";
+  if (i < text.size() || continues) out += "...";
   return out;
 }
 
@@ -77,8 +82,12 @@ std::string first_document_preview(const ShardReader& shard, const Tokenizer& to
     }
     ids.push_back(tokens[i]);
   }
-  std::string preview = "\"" + one_line_preview(tokenizer.decode(ids), kPreviewChars) + "\"";
-  if (begin > 1) preview += " (after " + std::to_string(begin - 1) + " tokens continuing an earlier document)";
+  const size_t end = begin + ids.size();
+  const bool continues = end < tokens.size() && tokens[end] != Tokenizer::kEndOfText;
+  std::string preview = "\"" + one_line_preview(tokenizer.decode(ids), kPreviewChars, continues) + "\"";
+  if (begin > 1) {
+    preview += " (after " + count_of(begin - 1, "token") + " continuing an earlier document)";
+  }
   return preview;
 }
 
@@ -107,8 +116,8 @@ void run_inspect(const std::vector<std::string>& arguments) {
     }
     if (!tokenizer) tokenizer.emplace(Tokenizer::load_default());
     size_t documents = std::count(shard->tokens().begin(), shard->tokens().end(), Tokenizer::kEndOfText);
-    std::printf("%s: %zu tokens, %zu %s\n", path.c_str(), shard->num_tokens(), documents,
-                documents == 1 ? "document" : "documents");
+    std::printf("%s: %s, %s\n", path.c_str(), count_of(shard->num_tokens(), "token").c_str(),
+                count_of(documents, "document").c_str());
     std::printf("  first document: %s\n", first_document_preview(*shard, *tokenizer).c_str());
     if (const std::string problem = id_outside_vocabulary(*shard, tokenizer->vocab_size()); !problem.empty()) {
       std::printf("  INVALID (see below)\n");

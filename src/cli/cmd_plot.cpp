@@ -21,7 +21,9 @@ void register_plot_command(CLI::App& app) {
       ->check(CLI::IsMember({"step", "time", "both"}))
       ->capture_default_str();
   cmd->callback([opts] {
-    plot::write_loss_plot(opts->metrics, opts->out, plot::parse_x_axis(opts->x));
+    for (const std::string& warning : plot::write_loss_plot(opts->metrics, opts->out, plot::parse_x_axis(opts->x))) {
+      std::fprintf(stderr, "warning: %s\n", warning.c_str());
+    }
     std::printf("wrote %s\n", opts->out.c_str());
   });
 }

@@ -54,8 +54,9 @@ void write_stdout(const std::string& bytes) {
   }
 }
 
-// Parses whitespace-separated ids; anything but an id in [0, vocab_size) is a usage error.
-std::vector<uint32_t> parse_ids(const std::string& input, size_t vocab_size) {
+// Parses whitespace-separated ids; anything but an id in [0, vocab_size) is an error: of usage
+// when the ids were given with --text, of data when they were read (--file or stdin).
+std::vector<uint32_t> parse_ids(const std::string& input, size_t vocab_size, const std::string& source) {
   std::vector<uint32_t> ids;
   std::istringstream words(input);
   std::string word;
@@ -63,8 +64,10 @@ std::vector<uint32_t> parse_ids(const std::string& input, size_t vocab_size) {
     unsigned long long value = 0;
     const auto [end, error] = std::from_chars(word.data(), word.data() + word.size(), value);
     if (error != std::errc() || end != word.data() + word.size() || value >= vocab_size) {
-      throw UsageError("invalid token id '" + word + "': expected an integer in [0, " + std::to_string(vocab_size) +
-                       ")");
+      const std::string problem =
+          "invalid token id '" + word + "': expected an integer in [0, " + std::to_string(vocab_size) + ")";
+      if (source.empty()) throw UsageError(problem);
+      throw Error(source + ": " + problem);
     }
     ids.push_back(static_cast<uint32_t>(value));
   }
@@ -78,7 +81,10 @@ void run_tokenize(const TokenizeOptions& options) {
   const std::string input = read_input(options);
   const Tokenizer tokenizer = Tokenizer::load_default();
   if (options.decode) {
-    write_stdout(tokenizer.decode(parse_ids(input, tokenizer.vocab_size())));
+    const std::string source = options.text_option->count() > 0 ? ""
+                               : options.file_option->count() > 0 ? "input file '" + options.file + "'"
+                                                                   : std::string("standard input");
+    write_stdout(tokenizer.decode(parse_ids(input, tokenizer.vocab_size(), source)));
     return;
   }
   std::string line;

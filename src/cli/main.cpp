@@ -1,9 +1,25 @@
 // speedrun: trains GPT models with the NanoGPT-speedrun recipe. See README.md.
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
+#include <string>
 
 #include "cli/commands.h"
 #include "util/error.h"
+
+namespace {
+
+// Output the system refused (a full disk, a closed file) makes a successful command fail:
+// a script reading `speedrun eval --json > result.json` must not get status 0 and no result.
+// "" when everything printed reached stdout.
+std::string stdout_failure() {
+  errno = 0;
+  if (std::fflush(stdout) != 0) return std::strerror(errno);
+  return std::ferror(stdout) ? "an earlier write failed" : "";
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"speedrun: train GPT models with the NanoGPT-speedrun recipe"};
@@ -41,6 +57,10 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "speedrun: internal error: %s\n", e.what());
+    return 1;
+  }
+  if (const std::string failure = stdout_failure(); !failure.empty()) {
+    std::fprintf(stderr, "speedrun: error: cannot write to standard output: %s\n", failure.c_str());
     return 1;
   }
   return 0;

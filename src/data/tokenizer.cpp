@@ -21,6 +21,7 @@
 #include "util/error.h"
 #include "util/input_file.h"
 #include "util/paths.h"
+#include "util/utf8.h"
 
 namespace speedrun {
 namespace {
@@ -58,28 +59,6 @@ std::array<uint32_t, 256> byte_to_code_point() {
   uint32_t next = 256;
   for (int b = 0; b < 256; ++b) map[b] = printable(b) ? static_cast<uint32_t>(b) : next++;
   return map;
-}
-
-// Length of the well-formed UTF-8 sequence at s[i] (Unicode table 3-7), 0 when
-// the byte does not start one. Same definition as PCRE2's UTF check.
-size_t utf8_sequence_length(std::string_view s, size_t i) {
-  const auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char b0 = byte(i);
-  if (b0 < 0x80) return 1;
-  const size_t left = s.size() - i;
-  const auto cont = [&](size_t k, unsigned char lo = 0x80, unsigned char hi = 0xBF) {
-    return k < left && byte(i + k) >= lo && byte(i + k) <= hi;
-  };
-  if (b0 >= 0xC2 && b0 <= 0xDF) return cont(1) ? 2 : 0;
-  if (b0 >= 0xE0 && b0 <= 0xEF) {
-    const unsigned char lo = b0 == 0xE0 ? 0xA0 : 0x80, hi = b0 == 0xED ? 0x9F : 0xBF;
-    return cont(1, lo, hi) && cont(2) ? 3 : 0;
-  }
-  if (b0 >= 0xF0 && b0 <= 0xF4) {
-    const unsigned char lo = b0 == 0xF0 ? 0x90 : 0x80, hi = b0 == 0xF4 ? 0x8F : 0xBF;
-    return cont(1, lo, hi) && cont(2) && cont(3) ? 4 : 0;
-  }
-  return 0;
 }
 
 // Decodes one key of encoder.json (UTF-8 of the byte-to-unicode alphabet) to bytes.

@@ -93,6 +93,41 @@ const std::vector<double>& xs(const RunCurves& run, XAxis axis, bool val) {
   return val ? run.val_time : run.train_time;
 }
 
+// The legend's names: each run's directory, with as many of the directories above it as
+// tell apart runs of the same name ("a/run" and "b/run").
+std::vector<std::string> run_names(const std::vector<std::string>& metrics_paths) {
+  std::vector<std::vector<std::string>> directories;  // innermost first
+  for (const std::string& path : metrics_paths) {
+    std::vector<std::string> names;
+    for (const auto& part : std::filesystem::absolute(path).lexically_normal().parent_path()) {
+      if (!part.empty() && part != "/") names.insert(names.begin(), part.string());
+    }
+    if (names.empty()) names.push_back(std::filesystem::path(path).stem().string());
+    directories.push_back(std::move(names));
+  }
+  const auto name_at = [&](size_t run, size_t depth) {
+    const std::vector<std::string>& names = directories[run];
+    std::string name = names[0];
+    for (size_t d = 1; d < std::min(depth, names.size()); ++d) name = names[d] + "/" + name;
+    return name;
+  };
+  std::vector<size_t> depth(metrics_paths.size(), 1);
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (size_t a = 0; a < depth.size(); ++a) {
+      for (size_t b = a + 1; b < depth.size(); ++b) {
+        if (name_at(a, depth[a]) != name_at(b, depth[b])) continue;
+        for (size_t run : {a, b}) {
+          if (depth[run] < directories[run].size()) ++depth[run], changed = true;
+        }
+      }
+    }
+  }
+  std::vector<std::string> names;
+  for (size_t run = 0; run < depth.size(); ++run) names.push_back(name_at(run, depth[run]));
+  return names;
+}
+
 }  // namespace
 
 RunCurves read_run_curves(const std::string& metrics_path) {
@@ -102,13 +137,15 @@ RunCurves read_run_curves(const std::string& metrics_path) {
   std::ifstream in(metrics_path);
   if (!in) throw Error("cannot read metrics file '" + metrics_path + "'");
   RunCurves run;
-  const std::filesystem::path path(metrics_path);
-  run.name = path.parent_path().filename().string();
-  if (run.name.empty() || run.name == "." || run.name == "..") run.name = path.stem().string();
+  run.name = run_names({metrics_path}).front();
   std::string line;
   for (int number = 1; std::getline(in, line); ++number) {
     if (line.empty()) continue;
     const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
+    if (record.is_discarded() && in.eof()) {  // no newline after it: not a whole record
+      run.incomplete_last_line = true;
+      break;
+    }
     if (record.is_discarded() || !record.is_object()) {
       throw Error(metrics_path + ":" + std::to_string(number) + ": not a JSON object");
     }
@@ -274,18 +311,26 @@ std::vector<uint8_t> render_png(const LossChart& chart) {
   return encode_png(canvas.width(), canvas.height(), canvas.rgb());
 }
 
-void write_loss_plot(const std::vector<std::string>& metrics_paths, const std::string& out_path, XAxis x) {
+std::vector<std::string> write_loss_plot(const std::vector<std::string>& metrics_paths, const std::string& out_path,
+                                         XAxis x) {
   const std::string extension = std::filesystem::path(out_path).extension().string();
   if (extension != ".svg" && extension != ".png") {
     throw UsageError("plot output '" + out_path + "' must end in .svg or .png");
   }
   std::vector<RunCurves> runs;
+  std::vector<std::string> warnings;
   for (const std::string& path : metrics_paths) {
     runs.push_back(read_run_curves(path));
+    if (runs.back().incomplete_last_line) {
+      warnings.push_back("metrics file '" + path + "' ends in an incomplete line (a write cut off, or still under "
+                         "way): left out");
+    }
     if (runs.back().train_step.empty() && runs.back().val_step.empty()) {
       throw Error("metrics file '" + path + "' holds no loss to plot (no train_loss or val_loss record)");
     }
   }
+  const std::vector<std::string> names = run_names(metrics_paths);
+  for (size_t i = 0; i < runs.size(); ++i) runs[i].name = names[i];
   const LossChart chart(std::move(runs), x);
   if (extension == ".svg") {
     write_file_atomically(out_path, render_svg(chart));
@@ -293,6 +338,7 @@ void write_loss_plot(const std::vector<std::string>& metrics_paths, const std::s
     const std::vector<uint8_t> png = render_png(chart);
     write_file_atomically(out_path, std::string(png.begin(), png.end()));
   }
+  return warnings;
 }
 
 }  // namespace speedrun::plot

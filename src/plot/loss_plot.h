@@ -15,6 +15,9 @@ struct RunCurves {
   std::string name;  // the metrics file's parent directory name
   std::vector<double> train_step, train_time, train_loss;
   std::vector<double> val_step, val_time, val_loss;
+  // The file ended in a line without its newline that is not JSON: a write cut off (or
+  // still under way, when a running training's file is plotted), left out.
+  bool incomplete_last_line = false;
 };
 
 // Reads train_loss and val_loss records (step, elapsed_s) of a metrics JSONL file.
@@ -55,7 +58,8 @@ std::string render_svg(const LossChart& chart);
 std::vector<uint8_t> render_png(const LossChart& chart);
 
 // Reads the metrics files and writes the chart to out_path: SVG or PNG by its extension.
-void write_loss_plot(const std::vector<std::string>& metrics_paths, const std::string& out_path,
+// Returns warnings for the user: a file whose incomplete last line was left out.
+std::vector<std::string> write_loss_plot(const std::vector<std::string>& metrics_paths, const std::string& out_path,
                      XAxis x = XAxis::kBoth);
 
 }  // namespace speedrun::plot

@@ -1,7 +1,10 @@
 // SVG rendering of the chart's primitives.
 #include "plot/svg_canvas.h"
 
+#include <algorithm>
 #include <cstdio>
+
+#include "util/utf8.h"
 
 namespace speedrun::plot {
 namespace {
@@ -24,15 +27,24 @@ std::string hex(Color c) {
 }  // namespace
 
 std::string xml_escape(const std::string& text) {
+  static const char kReplacement[] = "\xEF\xBF\xBD";  // U+FFFD
   std::string out;
-  for (char c : text) {
+  for (size_t i = 0; i < text.size();) {
+    const size_t length = utf8_sequence_length(text, i);
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    i += std::max<size_t>(length, 1);
+    // XML 1.0 has no way to write invalid UTF-8 or a control character but tab and newlines.
+    if (length == 0 || (c < 0x20 && c != '\t' && c != '\n' && c != '\r')) {
+      out += kReplacement;
+      continue;
+    }
     switch (c) {
       case '&': out += "&amp;"; break;
       case '<': out += "&lt;"; break;
       case '>': out += "&gt;"; break;
       case '"': out += "&quot;"; break;
       case '\'': out += "&apos;"; break;
-      default: out += c;
+      default: out.append(text, i - length, length);
     }
   }
   return out;

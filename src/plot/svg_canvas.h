@@ -23,7 +23,8 @@ class SvgCanvas : public Canvas {
   std::string body_;
 };
 
-// Escapes &, <, >, " and ' for XML text and attribute values.
+// Escapes &, <, >, " and ' for XML text and attribute values; invalid UTF-8 and control
+// characters XML cannot hold (all below 0x20 but tab, newline, return) become U+FFFD.
 std::string xml_escape(const std::string& text);
 
 }  // namespace speedrun::plot

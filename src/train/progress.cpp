@@ -1,6 +1,8 @@
 // Training progress text: live line, plain lines, validation lines, run summary.
 #include "train/progress.h"
 
+#include <iostream>
+
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -132,6 +134,16 @@ void ProgressReporter::note(const std::string& line) {
   out_.flush();
   // The live line comes back at the next step, whatever the refresh interval.
   last_draw_time_ = -1e300;
+}
+
+void ProgressReporter::warn(const std::string& line) {
+  if (options_.mode != ProgressMode::kQuiet) {
+    clear_live_line();
+    out_.flush();
+    last_draw_time_ = -1e300;
+  }
+  std::cerr << line << "\n";
+  std::cerr.flush();
 }
 
 void ProgressReporter::end() {

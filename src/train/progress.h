@@ -43,6 +43,8 @@ class ProgressReporter {
   void validation(int step, double val_loss, double seconds);
   // A line of its own (a checkpoint saved, an interrupt noticed).
   void note(const std::string& line);
+  // A line on stderr that --quiet does not silence ("warning: ..."), clear of the live line.
+  void warn(const std::string& line);
   // Ends a live line so that what follows starts on a fresh line.
   void end();
 

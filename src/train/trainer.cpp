@@ -336,6 +336,10 @@ TrainingRun::TrainingRun(const TrainOptions& options, Backend& backend)
   require_validation_data(val_files_, config_);
   // The metrics file first: a --metrics path that cannot be opened leaves no config behind.
   metrics_.emplace(leader_ ? metrics_path_ : std::string());
+  if (const size_t removed = metrics_->removed_incomplete_bytes(); removed > 0) {
+    progress_.warn("warning: metrics file '" + metrics_path_ + "' ended in an incomplete line (" +
+                   std::to_string(removed) + " bytes of a write that was cut off): removed");
+  }
   if (leader_) {
     write_file_atomically((fs::path(options.out_dir) / "config.json").string(), config_.to_json().dump(2) + "\n");
   }
@@ -497,8 +501,12 @@ void TrainingRun::write_plots() {
     try {
       plot::write_loss_plot({metrics_path_}, path);
     } catch (const Error& e) {
-      // The run's real products (checkpoint, metrics) are safe; a plot is a convenience.
-      progress_.note(std::string("warning: no plot: ") + e.what());
+      // The run's real products (checkpoint, metrics) are safe; a plot is a convenience. An
+      // earlier plot would show the run as it was then, as if it were now: it goes.
+      std::error_code ec;
+      const bool removed = fs::remove(path, ec);
+      const std::string earlier = removed ? " (the earlier " + path + " removed)" : "";
+      progress_.warn(std::string("warning: no plot: ") + e.what() + earlier);
     }
   }
 }

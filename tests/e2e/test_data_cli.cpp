@@ -75,6 +75,34 @@ TEST_F(DataCli, PrepareThenInspect) {
   EXPECT_TRUE(contains(whole_dir.out, "train_000001.bin")) << whole_dir.out;
 }
 
+// The preview shows the first document as it is: "..." only where text was left out, bytes
+// that are not UTF-8 escaped like control characters, counts in the singular where one.
+TEST_F(DataCli, InspectPreviewsTheFirstDocumentAsItIs) {
+  const speedrun::Tokenizer tokenizer = speedrun::Tokenizer::load_default();
+  const auto shard_of = [&](const std::string& name, const std::string& document) {
+    std::vector<uint16_t> tokens = {speedrun::Tokenizer::kEndOfText};
+    for (uint32_t id : tokenizer.encode(document)) tokens.push_back(static_cast<uint16_t>(id));
+    const std::string path = (dir_ / name).string();
+    speedrun::write_shard(path, tokens);
+    return path;
+  };
+  const std::string exact = std::string(199, 'a') + "b", longer = exact + "c";
+  const RunResult r = run_speedrun("inspect " + quote(shard_of("exact.bin", exact)) + " " +
+                                       quote(shard_of("longer.bin", longer)) + " " +
+                                       quote(shard_of("bytes.bin", "caf\xC3\xA9 \xFF\x01 end")) + " " +
+                                       quote(shard_of("one.bin", "")),
+                                   dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "first document: \"" + exact + "\"\n")) << r.out;
+  EXPECT_TRUE(contains(r.out, "first document: \"" + exact + "...\"\n")) << r.out;
+  EXPECT_TRUE(contains(r.out, "first document: \"caf\xC3\xA9 \\xff\\x01 end\"\n")) << r.out;
+  EXPECT_TRUE(contains(r.out, "one.bin: 1 token, 1 document\n")) << r.out;
+  fs::create_directories(dir_ / "empty");  // a directory named on the command line is data
+  const RunResult none = run_speedrun("inspect " + quote((dir_ / "empty").string()), dir_);
+  EXPECT_EQ(none.exit_code, 1);
+  EXPECT_TRUE(contains(none.err, "holds no .bin shards")) << none.err;
+}
+
 TEST_F(DataCli, PrepareRefusesExistingShardsUnlessForced) {
   fs::path out = dir_ / "shards";
   ASSERT_EQ(run_speedrun(prepare_args(out.string()), dir_).exit_code, 0);

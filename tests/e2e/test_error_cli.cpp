@@ -237,6 +237,29 @@ TEST_F(ErrorCli, AMalformedMetricsRecordOnResumeIsNamed) {
                  {metrics.string() + ":1: expected a number in field 'elapsed_s'"});
 }
 
+// A metrics file whose last line a write left incomplete (the machine went down): the
+// resumed run removes that line, says so even with --quiet, appends whole records, and
+// plots them.
+TEST_F(ErrorCli, ResumeMendsAMetricsFileCutOffMidLine) {
+  ASSERT_EQ(train("--steps 2 --out-dir " + out_dir()).exit_code, 0);
+  const fs::path metrics = dir_ / "out" / "metrics.jsonl";
+  const std::string whole = read_all(metrics.string());
+  write_all(metrics, whole.substr(0, whole.size() - 10));
+  const RunResult r = train("--resume " + quote((dir_ / "out" / "step_000002.safetensors").string()) + " --steps 3");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "warning: metrics file '" + metrics.string() + "' ended in an incomplete line (")) << r.err;
+  EXPECT_FALSE(contains(r.err, "no plot")) << r.err;
+  std::istringstream lines(read_all(metrics.string()));
+  int last_step = -1;
+  for (std::string line; std::getline(lines, line);) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_TRUE(record.is_object()) << line;
+    last_step = record["step"].get<int>();
+  }
+  EXPECT_EQ(last_step, 3);
+  EXPECT_TRUE(contains(read_all((dir_ / "out" / "loss.svg").string()), "<polyline")) << "no plot of the run";
+}
+
 // Weights so large (finite) that the forward pass is NaN: eval says so and fails, rather
 // than printing "val loss -nan" with exit 0.
 TEST_F(ErrorCli, EvalOfOverflowedWeightsIsAnError) {
@@ -368,6 +391,22 @@ TEST_F(ErrorCli, NumericFlagsAreCheckedOnTheirText) {
 
 // A directory opens as a stream on Linux: without a check first, reading it fails later
 // with a message that names neither the file nor the problem.
+// Output the system refuses (a full disk here) fails the command with exit 1: a script
+// reading `eval --json > result.json` must not get status 0 and no result.
+TEST_F(ErrorCli, OutputThatCannotBeWrittenIsAFailure) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  const std::string checkpoint = make_checkpoint();
+  for (const std::string& command :
+       {" inspect " + quote(data("val_000000.bin")), std::string(" memory --preset micro"), std::string(" tokenize --text hello"),
+        " eval --json --ckpt " + quote(checkpoint) + " --val " + quote(data("val_*.bin"))}) {
+    SCOPED_TRACE(command);
+    expect_failure(run("(" + quote(SPEEDRUN_BINARY) + command + " > /dev/full)"), 1,
+                   {"cannot write to standard output: "});
+  }
+  const RunResult fine = run(quote(SPEEDRUN_BINARY) + " memory --preset micro");
+  EXPECT_EQ(fine.exit_code, 0) << fine.err;
+}
+
 TEST_F(ErrorCli, ADirectoryGivenAsAnInputFileIsNamedAsSuch) {
   const std::string speedrun = quote(SPEEDRUN_BINARY), data_dir = quote((dir_ / "data").string());
   const struct {

@@ -155,6 +155,29 @@ TEST(WriteErrors, AMetricsLineThatDoesNotFitIsCutBackOff) {
   EXPECT_EQ(read_bytes(path), "{\"step\":0,\"train_loss\":5.5}\n{\"step\":1,\"train_loss\":5.25}\n");
 }
 
+// A file cut off mid-line (the machine went down mid-write) is mended before anything is
+// appended: the incomplete line goes, and the next record starts a line of its own.
+TEST(WriteErrors, AMetricsFileCutOffMidLineLosesTheIncompleteLineBeforeAppending) {
+  TempDir dir("err_metrics_cut");
+  const std::string path = dir / "metrics.jsonl";
+  write_bytes(path, "{\"step\":0,\"train_loss\":5.5}\n{\"step\":1,\"tra");
+  {
+    MetricsWriter metrics(path);
+    EXPECT_EQ(metrics.removed_incomplete_bytes(), 14u);
+    metrics.write({{"step", 1}, {"train_loss", 5.25}});
+  }
+  EXPECT_EQ(read_bytes(path), "{\"step\":0,\"train_loss\":5.5}\n{\"step\":1,\"train_loss\":5.25}\n");
+  EXPECT_EQ(MetricsWriter(path).removed_incomplete_bytes(), 0u);
+  EXPECT_EQ(read_bytes(path), "{\"step\":0,\"train_loss\":5.5}\n{\"step\":1,\"train_loss\":5.25}\n");
+  // Longer than the blocks the end is searched in, and a file of nothing but the cut line.
+  write_bytes(path, "{}\n" + std::string(9000, 'x'));
+  EXPECT_EQ(MetricsWriter(path).removed_incomplete_bytes(), 9000u);
+  EXPECT_EQ(read_bytes(path), "{}\n");
+  write_bytes(path, std::string(5000, 'x'));
+  EXPECT_EQ(MetricsWriter(path).removed_incomplete_bytes(), 5000u);
+  EXPECT_EQ(read_bytes(path), "");
+}
+
 TEST(DataErrors, ValTokensNotDivisibleNamesTheThreeValues) {
   expect_error([] { validation_windows(1000, 2, 64); }, ExitCode::kUsage, {"val_tokens 1000", "128"});
   Config config = Config::preset("micro");

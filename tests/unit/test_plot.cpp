@@ -8,6 +8,7 @@
 
 #include "plot/loss_plot.h"
 #include "plot/png.h"
+#include "plot/svg_canvas.h"
 #include "support/temp_dir.h"
 #include "util/error.h"
 
@@ -119,6 +120,54 @@ TEST(Plot, AResumedTimelineReplacesTheAbandonedOne) {
   EXPECT_EQ(run.train_loss[38], 2.5);
   EXPECT_EQ(run.train_time[39], 91);
   EXPECT_EQ(run.train_loss.back(), 2.3);
+}
+
+// A line without its newline at the end of a file is a write cut off (or a running
+// training's, not yet finished): left out and said, where one in the middle is an error.
+TEST(Plot, AnIncompleteLastLineIsLeftOutAndSaid) {
+  testing::TempDir dir("plot_incomplete");
+  const std::string path = write_metrics(dir, "cut", 3.0);
+  std::ofstream(path, std::ios::app) << "{\"step\":41,\"train_loss\":2.5,\"ela";
+  const RunCurves run = read_run_curves(path);
+  EXPECT_TRUE(run.incomplete_last_line);
+  EXPECT_EQ(run.train_step.back(), 39);
+  const std::vector<std::string> warnings = write_loss_plot({path}, dir / "cut.svg");
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_EQ(warnings[0], "metrics file '" + path + "' ends in an incomplete line (a write cut off, or still under way): "
+                         "left out");
+  EXPECT_TRUE(std::filesystem::exists(dir / "cut.svg"));
+  EXPECT_FALSE(read_run_curves(write_metrics(dir, "whole", 3.0)).incomplete_last_line);
+
+  std::ofstream(path, std::ios::app) << "\n{\"step\":42,\"train_loss\":2.4,\"elapsed_s\":90}\n";  // now whole
+  try {
+    read_run_curves(path);
+    ADD_FAILURE() << "a malformed line before the last was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(path + ":46: not a JSON object"), std::string::npos) << e.what();
+  }
+}
+
+// Runs in directories of the same name are named with the directories above them.
+TEST(Plot, RunsOfTheSameNameAreToldApartInTheLegend) {
+  testing::TempDir dir("plot_names");
+  const std::string a = write_metrics(dir, "a/run", 3.0), b = write_metrics(dir, "b/run", 3.5),
+                    other = write_metrics(dir, "c/other", 4.0);
+  write_loss_plot({a, b, other}, dir / "names.svg");
+  std::ifstream in(dir / "names.svg");
+  const std::string svg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (const char* name : {"data-run=\"a/run\"", "data-run=\"b/run\"", "data-run=\"other\""}) {
+    EXPECT_EQ(count(svg, name), 4) << name;  // train and val, in both panels
+  }
+  EXPECT_EQ(read_run_curves(a).name, "run");
+}
+
+// Run names come from directory names: whatever their bytes, the SVG stays well-formed XML.
+TEST(Plot, XmlEscapeWritesAnyTextAsXmlCanHoldIt) {
+  EXPECT_EQ(xml_escape("a<b&c\"d'e>"), "a&lt;b&amp;c&quot;d&apos;e&gt;");
+  EXPECT_EQ(xml_escape("caf\xC3\xA9 \xE2\x82\xAC\tz"), "caf\xC3\xA9 \xE2\x82\xAC\tz");  // UTF-8 and tab kept
+  EXPECT_EQ(xml_escape("ctl\x01x"), "ctl\xEF\xBF\xBDx");
+  EXPECT_EQ(xml_escape("bad\xFFname\xC3"), "bad\xEF\xBF\xBDname\xEF\xBF\xBD");
+  EXPECT_EQ(xml_escape("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // a surrogate's bytes
 }
 
 TEST(Plot, SvgHasAPolylinePerRunSeriesAndPanelAndALegend) {

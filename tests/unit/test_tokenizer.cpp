@@ -481,4 +481,20 @@ TEST(TokenizeCommand, UsageErrors) {
   }
 }
 
+// Ids read from stdin or a file are data: a bad one exits 1 naming where it came from.
+TEST(TokenizeCommand, ABadIdReadFromAFileOrStdinIsADataError) {
+  const CommandResult from_stdin = run_speedrun("tokenize --decode", "15496 abc");
+  EXPECT_EQ(from_stdin.status, 1);
+  EXPECT_NE(from_stdin.err.find("standard input: invalid token id 'abc'"), std::string::npos) << from_stdin.err;
+  const fs::path dir = fresh_dir("cli_ids_file");
+  write_all(dir / "ids.txt", "15496 50257\n");
+  const CommandResult from_file = run_speedrun("tokenize --decode --file '" + (dir / "ids.txt").string() + "'");
+  EXPECT_EQ(from_file.status, 1);
+  EXPECT_NE(from_file.err.find("input file '" + (dir / "ids.txt").string() + "': invalid token id '50257'"),
+            std::string::npos)
+      << from_file.err;
+  EXPECT_EQ(from_file.out, "");
+  fs::remove_all(dir);
+}
+
 }  // namespace
