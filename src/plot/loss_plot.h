@@ -60,6 +60,6 @@ std::vector<uint8_t> render_png(const LossChart& chart);
 // Reads the metrics files and writes the chart to out_path: SVG or PNG by its extension.
 // Returns warnings for the user: a file whose incomplete last line was left out.
 std::vector<std::string> write_loss_plot(const std::vector<std::string>& metrics_paths, const std::string& out_path,
-                     XAxis x = XAxis::kBoth);
+                                         XAxis x = XAxis::kBoth);
 
 }  // namespace speedrun::plot

@@ -247,7 +247,8 @@ TEST_F(ErrorCli, ResumeMendsAMetricsFileCutOffMidLine) {
   write_all(metrics, whole.substr(0, whole.size() - 10));
   const RunResult r = train("--resume " + quote((dir_ / "out" / "step_000002.safetensors").string()) + " --steps 3");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_TRUE(contains(r.err, "warning: metrics file '" + metrics.string() + "' ended in an incomplete line (")) << r.err;
+  EXPECT_TRUE(contains(r.err, "warning: metrics file '" + metrics.string() + "' ended in an incomplete line ("))
+      << r.err;
   EXPECT_FALSE(contains(r.err, "no plot")) << r.err;
   std::istringstream lines(read_all(metrics.string()));
   int last_step = -1;
@@ -397,7 +398,8 @@ TEST_F(ErrorCli, OutputThatCannotBeWrittenIsAFailure) {
   if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
   const std::string checkpoint = make_checkpoint();
   for (const std::string& command :
-       {" inspect " + quote(data("val_000000.bin")), std::string(" memory --preset micro"), std::string(" tokenize --text hello"),
+       {" inspect " + quote(data("val_000000.bin")), std::string(" memory --preset micro"),
+        std::string(" tokenize --text hello"),
         " eval --json --ckpt " + quote(checkpoint) + " --val " + quote(data("val_*.bin"))}) {
     SCOPED_TRACE(command);
     expect_failure(run("(" + quote(SPEEDRUN_BINARY) + command + " > /dev/full)"), 1,

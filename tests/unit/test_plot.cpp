@@ -133,8 +133,8 @@ TEST(Plot, AnIncompleteLastLineIsLeftOutAndSaid) {
   EXPECT_EQ(run.train_step.back(), 39);
   const std::vector<std::string> warnings = write_loss_plot({path}, dir / "cut.svg");
   ASSERT_EQ(warnings.size(), 1u);
-  EXPECT_EQ(warnings[0], "metrics file '" + path + "' ends in an incomplete line (a write cut off, or still under way): "
-                         "left out");
+  EXPECT_EQ(warnings[0],
+            "metrics file '" + path + "' ends in an incomplete line (a write cut off, or still under way): left out");
   EXPECT_TRUE(std::filesystem::exists(dir / "cut.svg"));
   EXPECT_FALSE(read_run_curves(write_metrics(dir, "whole", 3.0)).incomplete_last_line);
 
