@@ -275,8 +275,7 @@ SafetensorsHeader SafetensorsHeader::read_from(std::ifstream& in, const std::str
   }
   SafetensorsHeader header;
   header.path_ = path;
-  header.data_start_ = 8 + header_size;
-  header.data_size_ = file_size - header.data_start_;
+  header.data_size_ = file_size - 8 - header_size;
 
   OrderedJson json;
   try {

@@ -51,7 +51,6 @@ class SafetensorsHeader {
   std::vector<std::string> names() const { return names_; }  // in file (data offset) order
   bool contains(const std::string& name) const { return infos_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const;
-  uint64_t data_start() const { return data_start_; }  // bytes before the data section
   uint64_t data_size() const { return data_size_; }
 
  private:
@@ -60,7 +59,6 @@ class SafetensorsHeader {
   static SafetensorsHeader read_from(std::ifstream& in, const std::string& path);
 
   std::string path_;
-  uint64_t data_start_ = 0;
   uint64_t data_size_ = 0;
   std::map<std::string, std::string> metadata_;
   std::map<std::string, TensorInfo> infos_;

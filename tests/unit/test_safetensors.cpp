@@ -226,7 +226,6 @@ TEST(Safetensors, HeaderIsReadWithoutTheDataAndADataSectionLargerThanMemoryIsRef
   EXPECT_EQ(header.names(), std::vector<std::string>{"huge"});
   EXPECT_EQ(header.info("huge").shape, std::vector<int64_t>{static_cast<int64_t>(size)});
   EXPECT_EQ(header.data_size(), size);
-  EXPECT_EQ(header.data_start() + size, fs::file_size(p));
   const std::string refusal = error_of<OpenWhole>(p);
   EXPECT_NE(refusal.find(p.string()), std::string::npos) << refusal;
   EXPECT_NE(refusal.find("its data section of " + std::to_string(size) + " bytes is larger than this machine's memory"),
